@@ -1,0 +1,37 @@
+# Two entry points on a fresh machine: `make demo` (main job) and `make test` (the tests).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test ui mlflow-ui serve stream bench clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/kairos demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+ui: $(STAMP)
+	$(BIN)/dagster dev -w workspace.yaml
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///.kairos/mlflow.db --port 5000
+
+serve: $(STAMP)
+	$(BIN)/kairos serve
+
+stream: $(STAMP)
+	$(BIN)/kairos stream
+
+clean:
+	rm -rf .kairos

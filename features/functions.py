@@ -1,0 +1,217 @@
+"""Feature functions shared by the batch job, the streaming job, training and serving.
+
+Everything here is pure: plain dicts, numpy and pandas in, values out. The
+adapters (Spark, Redis, HTTP) call these functions and never re-implement them.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from features.registry import REGISTRY, defaults, ranker_feature_names
+
+SESSION_MAX_ITEMS = 50
+SESSION_HISTORY_FOR_TOWER = 10
+SESSION_CATEGORY_DECAY = 0.8
+SESSION_GAP_CAP_S = 3600.0
+ENGAGEMENT_TYPES = frozenset({"click", "add_to_cart", "purchase", "share"})
+DEVICE_CODES = {"mobile": 0.0, "desktop": 1.0, "tablet": 2.0}
+CTR_PRIOR_CLICKS = 1.0
+CTR_PRIOR_IMPRESSIONS = 20.0
+
+
+# --------------------------------------------------------------------------- session state
+def new_session_state() -> dict[str, Any]:
+    return {"last_items": [], "cat_weights": {}, "length": 0, "clicks": 0, "last_ts": 0}
+
+
+def update_session(state: Mapping[str, Any], event_type: str, item_id: str | None,
+                   category: str | None, ts_ms: int) -> dict[str, Any]:
+    """Fold one event into a session state (returns a new dict; the input is unchanged).
+
+    The streaming job applies this to each event from the stream; the training-set
+    builder replays it over historical events, so both see identical session features.
+    """
+    out = {
+        "last_items": list(state.get("last_items", [])),
+        "cat_weights": dict(state.get("cat_weights", {})),
+        "length": int(state.get("length", 0)) + 1,
+        "clicks": int(state.get("clicks", 0)),
+        "last_ts": max(int(state.get("last_ts", 0)), int(ts_ms)),
+    }
+    if event_type in ENGAGEMENT_TYPES and item_id:
+        if event_type == "click":
+            out["clicks"] += 1
+        items = [i for i in out["last_items"] if i != item_id]
+        out["last_items"] = ([item_id] + items)[:SESSION_MAX_ITEMS]
+        if category:
+            weights = {c: w * SESSION_CATEGORY_DECAY for c, w in out["cat_weights"].items()}
+            weights[category] = weights.get(category, 0.0) + 1.0
+            out["cat_weights"] = {c: round(w, 6) for c, w in weights.items() if w > 1e-4}
+    return out
+
+
+def session_features(state: Mapping[str, Any] | None, item_ids: Iterable[str],
+                     categories: Iterable[str | None], now_ms: int) -> dict[str, np.ndarray]:
+    """Session features for a list of candidate items, from one session state."""
+    item_ids = list(item_ids)
+    categories = list(categories)
+    n = len(item_ids)
+    state = state or new_session_state()
+    weights: Mapping[str, float] = state.get("cat_weights", {})
+    total = float(sum(weights.values()))
+    seen = set(state.get("last_items", []))
+    last_ts = int(state.get("last_ts", 0))
+    gap = SESSION_GAP_CAP_S if last_ts <= 0 else min(max((now_ms - last_ts) / 1000.0, 0.0), SESSION_GAP_CAP_S)
+    share = np.array([weights.get(c, 0.0) / total if total > 0 and c else 0.0 for c in categories], dtype=np.float64)
+    return {
+        "session_length": np.full(n, float(state.get("length", 0))),
+        "session_clicks": np.full(n, float(state.get("clicks", 0))),
+        "session_category_share": share,
+        "session_item_seen": np.array([1.0 if i in seen else 0.0 for i in item_ids]),
+        "seconds_since_last_event": np.full(n, gap),
+    }
+
+
+def replay_session_features(events: pd.DataFrame, item_category: Mapping[str, str]) -> pd.DataFrame:
+    """Session features for every impression, from the events strictly before it in its session.
+
+    Also returns `session_last_items` (JSON list, most recent first): the history the
+    user tower pools at serving time, so the two-tower affinity is replayed too.
+
+    `events` needs event_id, session_id, event_type, item_id, timestamp. Returns one
+    row per impression event: event_id plus the session feature columns.
+    """
+    cols = ["session_length", "session_clicks", "session_category_share", "session_item_seen", "seconds_since_last_event"]
+    if events.empty:
+        return pd.DataFrame(columns=["event_id", *cols, "session_last_items"])
+    ev = events.sort_values(["session_id", "timestamp"], kind="mergesort")
+    out_ids: list[str] = []
+    out_rows: list[list[float]] = []
+    out_hist: list[str] = []
+    sid_arr = ev["session_id"].to_numpy()
+    ts_arr = ev["timestamp"].to_numpy()
+    type_arr = ev["event_type"].to_numpy()
+    item_arr = ev["item_id"].to_numpy()
+    id_arr = ev["event_id"].to_numpy()
+    n = len(ev)
+    i = 0
+    while i < n:
+        sid = sid_arr[i]
+        state = new_session_state()
+        while i < n and sid_arr[i] == sid:
+            # a block of events sharing one timestamp sees only what came strictly before
+            j = i
+            while j < n and sid_arr[j] == sid and ts_arr[j] == ts_arr[i]:
+                j += 1
+            for k in range(i, j):
+                if type_arr[k] == "impression":
+                    item = item_arr[k]
+                    feats = session_features(state, [item], [item_category.get(item)], int(ts_arr[k]))
+                    out_ids.append(id_arr[k])
+                    out_rows.append([float(feats[c][0]) for c in cols])
+                    out_hist.append(json.dumps(state["last_items"][:SESSION_HISTORY_FOR_TOWER]))
+            for k in range(i, j):
+                item = item_arr[k]
+                state = update_session(state, type_arr[k], item, item_category.get(item), int(ts_arr[k]))
+            i = j
+    frame = pd.DataFrame(out_rows, columns=cols)
+    frame.insert(0, "event_id", out_ids)
+    frame["session_last_items"] = out_hist
+    return frame
+
+
+# --------------------------------------------------------------------------- batch aggregates
+def smoothed_ctr(clicks: np.ndarray | float, impressions: np.ndarray | float) -> np.ndarray | float:
+    """CTR with a Beta prior so one lucky click does not read as a 100% CTR."""
+    return (np.asarray(clicks, dtype=float) + CTR_PRIOR_CLICKS) / (np.asarray(impressions, dtype=float) + CTR_PRIOR_IMPRESSIONS)
+
+
+@lru_cache(maxsize=200_000)
+def _parse_counts(raw: str) -> dict[str, float]:
+    return json.loads(raw) if raw else {}
+
+
+def category_affinity(user_category_counts: Iterable[str | Mapping[str, float] | None],
+                      categories: Iterable[str | None]) -> np.ndarray:
+    """Share of a user's recent clicks that fell in each row's item category."""
+    out = []
+    for counts, cat in zip(user_category_counts, categories):
+        if isinstance(counts, str):
+            counts = _parse_counts(counts)
+        if not counts or not cat:
+            out.append(0.0)
+            continue
+        total = float(sum(counts.values()))
+        out.append(counts.get(cat, 0.0) / total if total > 0 else 0.0)
+    return np.asarray(out, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- request-time
+def context_features(ts_ms: np.ndarray | int, device_type: Iterable[str] | str, n: int | None = None) -> dict[str, np.ndarray]:
+    ts = np.asarray(ts_ms, dtype=np.int64)
+    if n is not None and ts.ndim == 0:
+        ts = np.full(n, int(ts))
+    if isinstance(device_type, str):
+        codes = np.full(len(ts), DEVICE_CODES.get(device_type, 0.0))
+    else:
+        codes = np.array([DEVICE_CODES.get(d, 0.0) for d in device_type], dtype=float)
+    return {
+        "hour_of_day": ((ts // 3_600_000) % 24).astype(float),
+        "day_of_week": (((ts // 86_400_000) + 3) % 7).astype(float),  # 1970-01-01 was a Thursday
+        "device_code": codes,
+    }
+
+
+def item_age_hours(publish_ts: np.ndarray, now_ms: np.ndarray | int) -> np.ndarray:
+    age = (np.asarray(now_ms, dtype=float) - np.asarray(publish_ts, dtype=float)) / 3_600_000.0
+    return np.clip(age, 0.0, None)
+
+
+# --------------------------------------------------------------------------- assembly
+def assemble_features(rows: pd.DataFrame) -> pd.DataFrame:
+    """The ranker's feature frame, in registry order, from raw store columns.
+
+    `rows` carries, per (user, item, moment): the user store columns, the item store
+    columns, request_ts, device_type, the session feature columns and
+    embedding_affinity. Missing columns or values fall back to registry defaults.
+    Used verbatim by training (millions of rows) and serving (hundreds of rows).
+    """
+    n = len(rows)
+    dflt = defaults()
+    out: dict[str, np.ndarray] = {}
+
+    def col(name: str) -> np.ndarray:
+        if name in rows:
+            return pd.to_numeric(rows[name], errors="coerce").fillna(dflt.get(name, 0.0)).to_numpy(dtype=float)
+        return np.full(n, dflt.get(name, 0.0))
+
+    for name in ("user_clicks_7d", "user_impressions_30d", "user_ctr_30d", "item_clicks_7d",
+                 "item_impressions_7d", "item_ctr_7d", "embedding_affinity", "session_length",
+                 "session_clicks", "session_category_share", "session_item_seen", "seconds_since_last_event"):
+        out[name] = col(name)
+    if "publish_ts" in rows and "request_ts" in rows:
+        age = item_age_hours(rows["publish_ts"].fillna(0).to_numpy(), rows["request_ts"].to_numpy())
+        missing = rows["publish_ts"].isna().to_numpy()
+        out["item_age_hours"] = np.where(missing, dflt["item_age_hours"], age)
+    else:
+        out["item_age_hours"] = np.full(n, dflt["item_age_hours"])
+    if "user_category_clicks_30d" in rows and "category" in rows:
+        out["user_category_affinity"] = category_affinity(rows["user_category_clicks_30d"].tolist(), rows["category"].tolist())
+    else:
+        out["user_category_affinity"] = np.full(n, dflt["user_category_affinity"])
+    if "request_ts" in rows:
+        ctx = context_features(rows["request_ts"].to_numpy(), rows["device_type"].fillna("mobile").tolist() if "device_type" in rows else "mobile", n)
+    else:
+        ctx = {k: np.full(n, dflt[k]) for k in ("hour_of_day", "day_of_week", "device_code")}
+    out.update(ctx)
+    names = ranker_feature_names()
+    assert set(names) == set(out), f"registry and assembly disagree: {set(names) ^ set(out)}"
+    return pd.DataFrame({name: out[name] for name in names}, index=rows.index)
+
+
+__all__ = [name for name in dir() if not name.startswith("_")] + ["REGISTRY"]

@@ -1,0 +1,86 @@
+"""The feature registry: every feature declared once, as data (Feast-style).
+
+Training reads it to build the model's feature schema; the server reads it to
+assemble the same columns in the same order; the online store reads it to know
+which fields to materialize and which default to use when a value is missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Entity = Literal["user", "item", "user_item", "session", "context"]
+Tier = Literal["batch", "streaming", "request"]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    name: str
+    entity: Entity
+    dtype: Literal["float", "int"]
+    default: float
+    tier: Tier
+    window: str | None = None
+    version: int = 1
+    owner: str = "kairos-ml"
+    description: str = ""
+
+
+REGISTRY: tuple[FeatureSpec, ...] = (
+    # user, batch (daily snapshots in the offline store, materialized to Redis)
+    FeatureSpec("user_clicks_7d", "user", "float", 0.0, "batch", "7d", description="clicks by the user in the last 7 days"),
+    FeatureSpec("user_impressions_30d", "user", "float", 0.0, "batch", "30d", description="impressions shown to the user in 30 days"),
+    FeatureSpec("user_ctr_30d", "user", "float", 0.0, "batch", "30d", description="smoothed click-through rate over 30 days"),
+    # item, batch
+    FeatureSpec("item_clicks_7d", "item", "float", 0.0, "batch", "7d", description="clicks on the item in 7 days (popularity)"),
+    FeatureSpec("item_impressions_7d", "item", "float", 0.0, "batch", "7d", description="impressions of the item in 7 days"),
+    FeatureSpec("item_ctr_7d", "item", "float", 0.0, "batch", "7d", description="smoothed item click-through rate over 7 days"),
+    # item, request time (needs the request clock)
+    FeatureSpec("item_age_hours", "item", "float", 24.0 * 365, "request", description="hours since the item was published"),
+    # user x item
+    FeatureSpec("user_category_affinity", "user_item", "float", 0.0, "batch", "30d", description="share of the user's 30d clicks in the item's category"),
+    FeatureSpec("embedding_affinity", "user_item", "float", 0.0, "request", description="two-tower dot product of user and item vectors"),
+    # session, streaming (kept fresh in Redis by the streaming job)
+    FeatureSpec("session_length", "session", "float", 0.0, "streaming", description="events so far in the session"),
+    FeatureSpec("session_clicks", "session", "float", 0.0, "streaming", description="clicks so far in the session"),
+    FeatureSpec("session_category_share", "session", "float", 0.0, "streaming", description="decayed share of the session's clicks in the item's category"),
+    FeatureSpec("session_item_seen", "session", "float", 0.0, "streaming", description="1 if the item was already engaged in this session"),
+    FeatureSpec("seconds_since_last_event", "session", "float", 3600.0, "streaming", description="seconds since the session's previous event (capped at 1h)"),
+    # context, request time
+    FeatureSpec("hour_of_day", "context", "float", 12.0, "request", description="UTC hour of the request"),
+    FeatureSpec("day_of_week", "context", "float", 0.0, "request", description="UTC day of week, Monday=0"),
+    FeatureSpec("device_code", "context", "float", 0.0, "request", description="device type as a code (mobile 0, desktop 1, tablet 2)"),
+)
+
+BY_NAME: dict[str, FeatureSpec] = {f.name: f for f in REGISTRY}
+
+# Raw per-entity columns stored in the offline and online stores (inputs to the
+# feature functions, not model features themselves).
+USER_STORE_COLUMNS: tuple[str, ...] = ("user_clicks_7d", "user_impressions_30d", "user_ctr_30d", "user_category_clicks_30d")
+ITEM_STORE_COLUMNS: tuple[str, ...] = ("item_clicks_7d", "item_impressions_7d", "item_ctr_7d", "category", "publish_ts")
+
+
+def ranker_feature_names() -> list[str]:
+    """The model's input columns, in registry order."""
+    return [f.name for f in REGISTRY]
+
+
+def features_of(entity: Entity) -> list[FeatureSpec]:
+    return [f for f in REGISTRY if f.entity == entity]
+
+
+def defaults() -> dict[str, float]:
+    return {f.name: f.default for f in REGISTRY}
+
+
+def registry_version() -> str:
+    """A content hash of the registry: changes whenever any declaration changes."""
+    payload = json.dumps([asdict(f) for f in REGISTRY], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def schema_document() -> dict:
+    """The feature schema bundled with every model version."""
+    return {"registry_version": registry_version(), "features": [asdict(f) for f in REGISTRY]}

@@ -1,0 +1,1 @@
+"""Event sources: the simulator, importers, and the event/catalog schemas they share."""

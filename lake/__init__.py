@@ -1,0 +1,1 @@
+"""The offline store: Delta Lake tables behind one adapter."""

@@ -1,0 +1,133 @@
+"""Delta Lake adapter: every table write and read in Kairos goes through `DeltaLake`.
+
+Tables are written with delta-rs (`deltalake`), which needs no JVM jars. Spark
+reads a pinned snapshot of a table by the exact parquet files of that version
+(`spark_read`), or natively with the delta-spark connector where a cluster has it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pandas as pd
+import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+log = logging.getLogger("kairos.lake")
+
+
+class TableMissing(LookupError):
+    """A table was read before any asset wrote it."""
+
+
+@dataclass(frozen=True)
+class TableVersion:
+    table: str
+    version: int
+    rows: int
+
+    def as_tag(self) -> dict[str, str]:
+        return {f"delta.{self.table}.version": str(self.version), f"delta.{self.table}.rows": str(self.rows)}
+
+
+class DeltaLake:
+    """A folder (or object-store prefix) of named Delta tables."""
+
+    def __init__(self, root: str, storage_options: dict[str, str] | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.storage_options = storage_options or None
+        if "://" not in self.root:
+            os.makedirs(self.root, exist_ok=True)
+
+    def uri(self, table: str) -> str:
+        return f"{self.root}/{table}"
+
+    def exists(self, table: str) -> bool:
+        try:
+            DeltaTable(self.uri(table), storage_options=self.storage_options)
+            return True
+        except TableNotFoundError:
+            return False
+
+    def _table(self, table: str, version: int | None = None) -> DeltaTable:
+        try:
+            return DeltaTable(self.uri(table), version=version, storage_options=self.storage_options)
+        except TableNotFoundError as exc:
+            raise TableMissing(
+                f"Delta table '{table}' does not exist at {self.uri(table)}: materialize its asset first "
+                f"(for example `kairos demo`, or the Dagster UI)."
+            ) from exc
+
+    def version(self, table: str) -> int:
+        return int(self._table(table).version())
+
+    def write(self, table: str, data: pd.DataFrame | pa.Table, mode: Literal["overwrite", "append"] = "overwrite",
+              schema: pa.Schema | None = None, partition_by: list[str] | None = None,
+              commit_properties: dict[str, Any] | None = None) -> TableVersion:
+        """Write a frame as a new table version and return that version."""
+        arrow = data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, schema=schema, preserve_index=False)
+        if schema is not None and isinstance(data, pa.Table):
+            arrow = arrow.select(schema.names).cast(schema)
+        kwargs: dict[str, Any] = {"mode": mode, "partition_by": partition_by, "storage_options": self.storage_options}
+        if mode == "overwrite":
+            kwargs["schema_mode"] = "overwrite"
+        if commit_properties:
+            from deltalake import CommitProperties
+            kwargs["commit_properties"] = CommitProperties(custom_metadata={k: str(v) for k, v in commit_properties.items()})
+        write_deltalake(self.uri(table), arrow, **kwargs)
+        version = self.version(table)
+        log.info("wrote %s rows to %s (mode=%s) -> version %s", arrow.num_rows, table, mode, version)
+        return TableVersion(table, version, arrow.num_rows)
+
+    def read(self, table: str, version: int | None = None, columns: list[str] | None = None,
+             filters: list[tuple] | None = None) -> pd.DataFrame:
+        dt = self._table(table, version)
+        return dt.to_pyarrow_table(columns=columns, filters=filters).to_pandas()
+
+    def read_arrow(self, table: str, version: int | None = None, columns: list[str] | None = None) -> pa.Table:
+        return self._table(table, version).to_pyarrow_table(columns=columns)
+
+    def pin(self, table: str) -> TableVersion:
+        """The current version of a table and its row count: what a run records it read."""
+        dt = self._table(table)
+        rows = sum(int(a.get("num_records") or 0) for a in dt.get_add_actions(flatten=True).to_pylist())
+        return TableVersion(table, int(dt.version()), rows)
+
+    def files(self, table: str, version: int) -> list[str]:
+        return list(self._table(table, version).file_uris())
+
+    def history(self, table: str, limit: int = 20) -> list[dict[str, Any]]:
+        return self._table(table).history(limit)
+
+    def delete(self, table: str, predicate: str) -> dict[str, Any]:
+        return self._table(table).delete(predicate)
+
+    def vacuum(self, table: str, retention_hours: int = 168, dry_run: bool = False) -> list[str]:
+        return self._table(table).vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False)
+
+    def optimize(self, table: str) -> dict[str, Any]:
+        return self._table(table).optimize.compact()
+
+
+def spark_read(spark: Any, lake: DeltaLake, table: str, version: int, native: bool | None = None) -> Any:
+    """A Spark DataFrame of exactly `table@version`.
+
+    With the delta-spark connector on the cluster (KAIROS_SPARK_DELTA_NATIVE=1) Spark
+    time-travels natively; otherwise it reads the parquet files that make up that
+    version, which is the same snapshot without the JVM connector.
+    """
+    native = os.environ.get("KAIROS_SPARK_DELTA_NATIVE") == "1" if native is None else native
+    if native:
+        return spark.read.format("delta").option("versionAsOf", version).load(lake.uri(table))
+    files = lake.files(table, version)
+    if not files:
+        raise TableMissing(f"Delta table '{table}' version {version} has no data files")
+    frame = spark.read.option("basePath", lake.uri(table)).parquet(*files)
+    expected = [f.name for f in lake._table(table, version).schema().fields]
+    missing = [c for c in expected if c not in frame.columns]
+    if missing:
+        raise TableMissing(f"snapshot of '{table}' v{version} lacks columns {missing}")
+    return frame.select(*expected)

@@ -1,0 +1,54 @@
+"""The shared feature functions: session folding, point-in-time replay, assembly."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from features.functions import (assemble_features, category_affinity, context_features, new_session_state,
+                                replay_session_features, session_features, update_session)
+from features.registry import ranker_feature_names, registry_version
+
+
+def test_update_session_is_pure_and_tracks_categories() -> None:
+    s0 = new_session_state()
+    s1 = update_session(s0, "click", "i1", "books", 1_000)
+    s2 = update_session(s1, "click", "i2", "books", 2_000)
+    s3 = update_session(s2, "impression", "i3", "music", 3_000)
+    assert s0 == new_session_state()
+    assert s3["last_items"] == ["i2", "i1"]
+    assert s3["length"] == 3 and s3["clicks"] == 2 and s3["last_ts"] == 3_000
+    feats = session_features(s3, ["i1", "i9"], ["books", "music"], 4_000)
+    assert feats["session_category_share"].tolist() == [1.0, 0.0]
+    assert feats["session_item_seen"].tolist() == [1.0, 0.0]
+    assert feats["seconds_since_last_event"].tolist() == [1.0, 1.0]
+
+
+def test_replay_sees_only_strictly_earlier_events() -> None:
+    events = pd.DataFrame({
+        "event_id": ["a", "b", "c", "d"],
+        "session_id": ["s"] * 4,
+        "event_type": ["impression", "click", "impression", "impression"],
+        "item_id": ["i1", "i1", "i2", "i3"],
+        "timestamp": [0, 10, 20, 10],  # d shares the click's timestamp: it must not see the click
+    })
+    out = replay_session_features(events, {"i1": "x", "i2": "x", "i3": "x"}).set_index("event_id")
+    assert out.loc["a", "session_clicks"] == 0
+    assert out.loc["d", "session_clicks"] == 0
+    assert out.loc["c", "session_clicks"] == 1 and out.loc["c", "session_category_share"] == 1.0
+
+
+def test_assemble_uses_registry_order_and_defaults() -> None:
+    rows = pd.DataFrame({"category": ["a", "b"], "user_category_clicks_30d": ['{"a": 3, "b": 1}', None],
+                         "request_ts": [3_600_000 * 5, 0], "publish_ts": [0, None], "device_type": ["desktop", "mobile"]})
+    frame = assemble_features(rows)
+    assert list(frame.columns) == ranker_feature_names()
+    assert frame["user_category_affinity"].tolist() == [0.75, 0.0]
+    assert frame["item_age_hours"].iloc[0] == 5.0 and frame["item_age_hours"].iloc[1] == 24 * 365
+    assert frame["hour_of_day"].tolist() == [5.0, 0.0] and frame["device_code"].tolist() == [1.0, 0.0]
+    assert len(registry_version()) == 12
+
+
+def test_context_and_affinity_helpers() -> None:
+    ctx = context_features(np.array([0, 86_400_000 * 4]), ["tablet", "mobile"])
+    assert ctx["day_of_week"].tolist() == [3.0, 0.0]  # Thursday, then Monday
+    assert category_affinity([{"a": 1.0}], ["a"]).tolist() == [1.0]
