@@ -1,1 +1,1 @@
-"""Kairos: assets."""
+"""Dagster software-defined assets, one module per domain."""

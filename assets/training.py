@@ -1,0 +1,170 @@
+"""Training assets: two-tower → FAISS index → LightGBM ranker → evaluation → gate → MLflow registry.
+
+Large objects pass between these assets through Dagster's IO manager (pickled
+under KAIROS_HOME); the registered bundle is the unit that serves (invariant 4).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Any
+
+import pandas as pd
+from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetIn, Config, MetadataValue, Output,
+                     asset)
+
+from assets.features import ITEM_FEATURES, TRAINING_SET, USER_FEATURES
+from assets.ingestion import BRONZE, ITEMS, LABELS, SILVER, USERS
+from features.registry import registry_version
+from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource
+from orchestration.settings import PROJECT_ROOT
+
+GROUP = "training"
+INDEX_MIN_RECALL = 0.95
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _load_training_inputs(lake: LakeResource) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    store = lake.lake()
+    pins = {t: store.pin(t) for t in (TRAINING_SET, ITEMS, USERS)}
+    frame = store.read(TRAINING_SET, version=pins[TRAINING_SET].version)
+    items = store.read(ITEMS, version=pins[ITEMS].version)
+    users = store.read(USERS, version=pins[USERS].version)
+    return frame, items, users, pins
+
+
+class TwoTowerTrainConfig(Config):
+    dim: int = 64
+    epochs: int = 8
+    temperature: float = 0.05
+    seed: int = 7
+
+
+@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP,
+       description="Two-tower retrieval model (PyTorch, in-batch softmax) and the item embeddings it produces.")
+def two_tower_model(context: AssetExecutionContext, config: TwoTowerTrainConfig, lake: LakeResource) -> Output:
+    from training.two_tower import TwoTowerConfig, train_two_tower
+
+    frame, items, users, pins = _load_training_inputs(lake)
+    tt_config = TwoTowerConfig(dim=config.dim, epochs=config.epochs, temperature=config.temperature, seed=config.seed)
+    result = train_two_tower(frame[frame["split"] == "train"], items, users, tt_config,
+                             valid_rows=frame[frame["split"] == "validation"])
+    metrics = {k: v for k, v in getattr(result, "metrics", {}).items() if isinstance(v, (int, float))}
+    return Output(result, metadata={"items": len(result.item_ids), "users": len(result.user_ids),
+                                    "dim": int(result.item_embeddings.shape[1]),
+                                    "training_set_version": pins[TRAINING_SET].version, **metrics})
+
+
+@asset(group_name=GROUP, check_specs=[AssetCheckSpec("index_recall", asset="faiss_index")],
+       description="HNSW inner-product index over the item embeddings; refused below recall@100 0.95 vs exact search.")
+def faiss_index(context: AssetExecutionContext, two_tower_model: Any):
+    import faiss
+    import numpy as np
+
+    from training.index import build_faiss_index, index_recall_at_k
+
+    emb = two_tower_model.item_embeddings
+    index = build_faiss_index(emb, kind="hnsw")
+    rng = np.random.default_rng(0)
+    queries = emb[rng.choice(len(emb), size=min(200, len(emb)), replace=False)]
+    recall = float(index_recall_at_k(index, emb, queries, k=min(100, len(emb))))
+    yield Output(faiss.serialize_index(index), metadata={"ntotal": int(index.ntotal), "recall_at_100": recall})
+    yield AssetCheckResult(check_name="index_recall", passed=recall >= INDEX_MIN_RECALL,
+                           metadata={"recall_at_100": recall, "threshold": INDEX_MIN_RECALL})
+
+
+class RankerTrainConfig(Config):
+    num_boost_round: int = 300
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    seed: int = 7
+
+
+@asset(deps=[TRAINING_SET], group_name=GROUP,
+       description="LightGBM ranker over the registry's features plus the two-tower affinity.")
+def ranker_model(context: AssetExecutionContext, config: RankerTrainConfig, two_tower_model: Any,
+                 lake: LakeResource) -> Output:
+    from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
+
+    frame, _, _, pins = _load_training_inputs(lake)
+    frame = add_embedding_affinity(frame, two_tower_model)
+    booster = train_ranker(frame[frame["split"] == "train"], frame[frame["split"] == "validation"],
+                           RankerConfig(num_boost_round=config.num_boost_round, learning_rate=config.learning_rate,
+                                        num_leaves=config.num_leaves, seed=config.seed))
+    gains = dict(zip(booster.feature_name(), booster.feature_importance("gain").round(2).tolist()))
+    return Output(booster, metadata={"best_iteration": int(booster.best_iteration or booster.current_iteration()),
+                                     "feature_importance_gain": MetadataValue.json(gains)})
+
+
+@asset(deps=[TRAINING_SET], group_name=GROUP,
+       description="Test-window metrics of the two-stage model beside popularity, logistic regression and two-tower alone.")
+def model_evaluation(context: AssetExecutionContext, two_tower_model: Any, ranker_model: Any,
+                     lake: LakeResource, mlflow: MlflowResource) -> Output:
+    from training.evaluation import evaluate_models
+    from training.registry import champion_metrics
+
+    frame, _, _, _ = _load_training_inputs(lake)
+    metrics = evaluate_models(frame, two_tower_model, ranker_model)
+    metrics["champion"] = champion_metrics(mlflow.settings()) or {}
+    flat = {f"{m}.{k}": round(float(v), 5) for m, vals in metrics.items() for k, v in vals.items()
+            if isinstance(v, (int, float))}
+    context.log.info("evaluation: " + json.dumps(flat))
+    return Output(metrics, metadata={"table": MetadataValue.json(metrics), **flat})
+
+
+class GateSettings(Config):
+    min_ndcg_lift_over_popularity: float = 0.0
+    max_auc_drop_vs_champion: float = 0.005
+
+
+@asset(group_name=GROUP, check_specs=[AssetCheckSpec("gate_passed", asset="validation_gate")],
+       description="Pass/fail with reasons: must beat popularity on NDCG@10 and not lose AUC to the champion.")
+def validation_gate(context: AssetExecutionContext, config: GateSettings, model_evaluation: dict):
+    from training.gates import GateConfig, evaluate_gate
+
+    gate = evaluate_gate(model_evaluation["two_stage"], model_evaluation["popularity"],
+                         model_evaluation.get("champion") or None,
+                         GateConfig(config.min_ndcg_lift_over_popularity, config.max_auc_drop_vs_champion))
+    for reason in gate.reasons:
+        context.log.info(f"gate: {reason}")
+    yield Output(gate, metadata={"passed": gate.passed, "reasons": MetadataValue.json(gate.reasons),
+                                 "checks": MetadataValue.json(gate.checks)})
+    yield AssetCheckResult(check_name="gate_passed", passed=bool(gate.passed),
+                           metadata={"reasons": MetadataValue.json(gate.reasons)})
+
+
+@asset(deps=[BRONZE, SILVER, LABELS, USER_FEATURES, ITEM_FEATURES], group_name=GROUP,
+       description="One MLflow model version = towers + embeddings + FAISS index + ranker + feature schema, with lineage tags; "
+                   "alias 'champion' moves only when the gate passed.")
+def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss_index: bytes, ranker_model: Any,
+                     model_evaluation: dict, validation_gate: Any, lake: LakeResource, mlflow: MlflowResource,
+                     artifacts: ArtifactsResource) -> Output:
+    from training.registry import register_bundle
+    from training.trainer import assemble_bundle
+
+    frame, items, users, pins = _load_training_inputs(lake)
+    store = lake.lake()
+    for t in (BRONZE, SILVER, LABELS, USER_FEATURES, ITEM_FEATURES):
+        pins[t] = store.pin(t)
+    tags: dict[str, str] = {}
+    for p in pins.values():
+        tags.update(p.as_tag())
+    tags.update({"dagster.run_id": context.run_id, "git.sha": git_sha(), "feature_registry.version": registry_version(),
+                 "gate.passed": str(bool(validation_gate.passed))})
+    bundle = assemble_bundle(two_tower_model, faiss_index, ranker_model, frame, users,
+                             manifest={"data_versions": {p.table: p.version for p in pins.values()},
+                                       "dagster_run_id": context.run_id})
+    bundle_dir = bundle.save(artifacts.path("bundles", context.run_id))
+    params = {"training_rows": len(frame), "git_sha": tags["git.sha"]}
+    version = register_bundle(mlflow.settings(), bundle_dir, model_evaluation, params, tags, validation_gate)
+    context.log.info(f"registered model version {version} (champion: {validation_gate.passed})")
+    return Output(str(version), metadata={"model_version": str(version), "champion": bool(validation_gate.passed),
+                                          "tags": MetadataValue.json(tags)})

@@ -1,0 +1,112 @@
+"""Batch features in Spark: daily snapshots for the offline store.
+
+A snapshot stamped `feature_ts = D` (midnight UTC) aggregates only events with
+timestamp < D, so any row joined to it as-of sees the past alone. Snapshots are
+written to Delta; the latest one is what the online store serves.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from features.functions import CTR_PRIOR_CLICKS, CTR_PRIOR_IMPRESSIONS
+from ingestion.schema import DAY_MS
+
+USER_WINDOW_DAYS = 30
+USER_SHORT_WINDOW_DAYS = 7
+ITEM_WINDOW_DAYS = 7
+ENGAGED = ("click",)
+
+
+def _snapshot_days(spark: Any, events: Any) -> Any:
+    """One row per snapshot day: every day after the first event through the day after the last."""
+    from pyspark.sql import functions as F
+
+    bounds = events.agg(F.min("day").alias("lo"), F.max("day").alias("hi")).collect()[0]
+    if bounds["lo"] is None:
+        raise ValueError("no events to build feature snapshots from: materialize silver_events first")
+    return spark.range(int(bounds["lo"]) + 1, int(bounds["hi"]) + 2).withColumnRenamed("id", "snap_day")
+
+
+def _with_day(events: Any) -> Any:
+    from pyspark.sql import functions as F
+
+    return events.withColumn("day", F.floor(F.col("timestamp") / F.lit(DAY_MS)).cast("long"))
+
+
+def _smoothed(clicks: Any, impressions: Any) -> Any:
+    from pyspark.sql import functions as F
+
+    return (clicks + F.lit(CTR_PRIOR_CLICKS)) / (impressions + F.lit(CTR_PRIOR_IMPRESSIONS))
+
+
+def user_snapshots(spark: Any, events: Any, items: Any) -> Any:
+    """user_id, feature_ts, user_clicks_7d, user_impressions_30d, user_ctr_30d, user_category_clicks_30d."""
+    from pyspark.sql import functions as F
+
+    ev = _with_day(events)
+    daily = ev.groupBy("user_id", "day").agg(
+        F.sum(F.when(F.col("event_type").isin(*ENGAGED), 1).otherwise(0)).alias("clicks"),
+        F.sum(F.when(F.col("event_type") == "impression", 1).otherwise(0)).alias("impressions"),
+    )
+    snaps = _snapshot_days(spark, ev)
+    joined = daily.join(
+        F.broadcast(snaps),
+        (daily["day"] < snaps["snap_day"]) & (daily["day"] >= snaps["snap_day"] - USER_WINDOW_DAYS),
+    )
+    agg = joined.groupBy("user_id", "snap_day").agg(
+        F.sum(F.when(F.col("day") >= F.col("snap_day") - USER_SHORT_WINDOW_DAYS, F.col("clicks")).otherwise(0)).cast("double").alias("user_clicks_7d"),
+        F.sum("impressions").cast("double").alias("user_impressions_30d"),
+        F.sum("clicks").cast("double").alias("clicks_30d"),
+    )
+    cat_daily = (
+        ev.where(F.col("event_type").isin(*ENGAGED))
+        .join(items.select("item_id", "category"), "item_id")
+        .groupBy("user_id", "day", "category").agg(F.count("*").alias("c"))
+    )
+    cat = (
+        cat_daily.join(F.broadcast(snaps), (cat_daily["day"] < snaps["snap_day"]) & (cat_daily["day"] >= snaps["snap_day"] - USER_WINDOW_DAYS))
+        .groupBy("user_id", "snap_day", "category").agg(F.sum("c").cast("double").alias("c"))
+        .groupBy("user_id", "snap_day")
+        .agg(F.to_json(F.map_from_entries(F.sort_array(F.collect_list(F.struct("category", "c"))))).alias("user_category_clicks_30d"))
+    )
+    return (
+        agg.join(cat, ["user_id", "snap_day"], "left")
+        .withColumn("user_ctr_30d", _smoothed(F.col("clicks_30d"), F.col("user_impressions_30d")))
+        .withColumn("feature_ts", (F.col("snap_day") * F.lit(DAY_MS)).cast("long"))
+        .select("user_id", "feature_ts", "user_clicks_7d", "user_impressions_30d", "user_ctr_30d", "user_category_clicks_30d")
+    )
+
+
+def item_snapshots(spark: Any, events: Any, items: Any) -> Any:
+    """item_id, feature_ts, item_clicks_7d, item_impressions_7d, item_ctr_7d, category, publish_ts."""
+    from pyspark.sql import functions as F
+
+    ev = _with_day(events).where(F.col("item_id").isNotNull())
+    daily = ev.groupBy("item_id", "day").agg(
+        F.sum(F.when(F.col("event_type").isin(*ENGAGED), 1).otherwise(0)).alias("clicks"),
+        F.sum(F.when(F.col("event_type") == "impression", 1).otherwise(0)).alias("impressions"),
+    )
+    snaps = _snapshot_days(spark, ev)
+    agg = (
+        daily.join(F.broadcast(snaps), (daily["day"] < snaps["snap_day"]) & (daily["day"] >= snaps["snap_day"] - ITEM_WINDOW_DAYS))
+        .groupBy("item_id", "snap_day")
+        .agg(F.sum("clicks").cast("double").alias("item_clicks_7d"), F.sum("impressions").cast("double").alias("item_impressions_7d"))
+    )
+    return (
+        agg.join(items.select("item_id", "category", "publish_ts"), "item_id", "left")
+        .withColumn("item_ctr_7d", _smoothed(F.col("item_clicks_7d"), F.col("item_impressions_7d")))
+        .withColumn("feature_ts", (F.col("snap_day") * F.lit(DAY_MS)).cast("long"))
+        .select("item_id", "feature_ts", "item_clicks_7d", "item_impressions_7d", "item_ctr_7d", "category", "publish_ts")
+    )
+
+
+def final_snapshot(snapshots: Any) -> Any:
+    """The newest snapshot day (covers every event so far): what the online store serves.
+
+    Entities absent from it had no activity inside their windows, so the server
+    falls back to the registry defaults for them, exactly as training did.
+    """
+    from pyspark.sql import functions as F
+
+    newest = snapshots.agg(F.max("feature_ts")).collect()[0][0]
+    return snapshots.where(F.col("feature_ts") == F.lit(newest))

@@ -1,0 +1,216 @@
+"""`kairos` command line: the main demo job and the long-running processes.
+
+    kairos demo      start embedded Redis, materialize every asset, deploy, serve and print ranked lists
+    kairos redis     run the embedded redis-server in the foreground
+    kairos serve     run the BentoML ranking server
+    kairos stream    run the streaming job (Redis Stream -> session keys)
+    kairos ui        run the Dagster UI over this project's instance
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from orchestration.settings import PROJECT_ROOT, Settings
+
+log = logging.getLogger("kairos")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    for noisy in ("py4j", "alembic", "mlflow", "urllib3", "httpx", "faiss", "numexpr", "great_expectations"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def prepare_home(settings: Settings) -> None:
+    """KAIROS_HOME and a DAGSTER_HOME inside it, so `kairos ui` shows the demo's runs."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    dagster_home = Path(os.environ.get("DAGSTER_HOME") or settings.home / "dagster")
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    (dagster_home / "dagster.yaml").touch(exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    os.environ.setdefault("KAIROS_HOME", str(settings.home))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri)
+
+
+def ensure_redis(settings: Settings):
+    """REDIS_URL if set; otherwise start the embedded redis-server and publish its URL."""
+    if settings.redis_url:
+        return None
+    from orchestration.services import start_redis
+
+    server = start_redis(settings.home / "redis")
+    (settings.home / "redis.url").write_text(server.url)
+    os.environ["REDIS_URL"] = server.url
+    return server
+
+
+def materialize_all(settings: Settings, source_config: dict, job_name: str = "full_pipeline") -> dict:
+    """Run a Dagster job in-process against the persistent instance; returns per-step seconds."""
+    from dagster import DagsterInstance
+
+    from orchestration.definitions import defs
+
+    job = defs.resolve_job_def(job_name)
+    run_config = {"ops": {"source_events": {"config": source_config}}} if job_name == "full_pipeline" else {}
+    t0 = time.perf_counter()
+    result = job.execute_in_process(instance=DagsterInstance.get(), run_config=run_config, raise_on_error=True)
+    log.info("Dagster run %s %s in %.1fs", result.run_id, "succeeded" if result.success else "FAILED", time.perf_counter() - t0)
+    return {"run_id": result.run_id, "success": result.success, "seconds": time.perf_counter() - t0}
+
+
+def _print_ranked(title: str, response: dict, categories: dict[str, str]) -> None:
+    print(f"\n{title}  (served_by={response.get('served_by')}, model_version={response.get('model_version')}, "
+          f"latency={response.get('latency_breakdown_ms', {})})")
+    for item in response.get("ranked_items", []):
+        print(f"  {item['rank']:>2}. {item['item_id']:<10} {categories.get(item['item_id'], '?'):<10} score={item['score']:.4f}")
+
+
+def demo(args: argparse.Namespace) -> int:
+    """The main job on embedded defaults: everything real, end to end."""
+    import httpx
+    import redis as redis_lib
+
+    from lake.delta import DeltaLake
+    from serving.server import start_server, stop_server, wait_ready
+    from orchestration.services import free_port
+    from streaming.job import SessionStreamProcessor, publish
+
+    started = time.perf_counter()
+    settings = Settings.from_env()
+    prepare_home(settings)
+    server_redis = ensure_redis(settings)
+    settings = Settings.from_env()
+    print(f"Kairos demo: home={settings.home} redis={settings.redis_url} mlflow={settings.mlflow_tracking_uri}")
+    source = {"source": args.source, "n_users": args.users, "n_items": args.items, "days": args.days, "seed": args.seed}
+    run = materialize_all(settings, source)
+    pipeline_s = run["seconds"]
+
+    items = DeltaLake(settings.lake_uri).read("catalog_items", columns=["item_id", "category"])
+    categories = dict(zip(items["item_id"], items["category"]))
+    port = args.port or free_port()
+    env = {**os.environ, "REDIS_URL": settings.redis_url or "", "KAIROS_HOME": str(settings.home),
+           "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri}
+    proc = start_server(port, env=env)
+    stop = threading.Event()
+    client = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True)
+    processor = SessionStreamProcessor(client, consumer_name="demo")
+    processor.ensure_group()
+    thread = threading.Thread(target=processor.run_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, timeout_s=180)
+        users = DeltaLake(settings.lake_uri).read("catalog_users", columns=["user_id", "device_type"])
+        session_id = f"demo-session-{int(time.time())}"
+        now_ms = int(time.time() * 1000)
+        with httpx.Client(base_url=base, timeout=30) as http:
+            for user_id in users["user_id"].head(3):
+                body = {"user_id": user_id, "surface": "home_feed",
+                        "context": {"session_id": f"{session_id}-{user_id}", "device_type": "mobile", "timestamp_ms": now_ms,
+                                    "geo_region": "eu"},
+                        "request_config": {"num_results": 10, "candidate_pool_size": 200, "max_latency_ms": 100}}
+                _print_ranked(f"Top-10 for {user_id}", http.post("/v1/personalize", json=body).json(), categories)
+
+            user_id = str(users["user_id"].iloc[0])
+            body = {"user_id": user_id, "surface": "home_feed",
+                    "context": {"session_id": session_id, "device_type": "mobile", "timestamp_ms": now_ms, "geo_region": "eu"},
+                    "request_config": {"num_results": 10, "candidate_pool_size": 200, "max_latency_ms": 100}}
+            before = http.post("/v1/personalize", json=body).json()
+            shown = Counter(categories.get(i["item_id"]) for i in before["ranked_items"])
+            target = min(sorted(set(categories.values())), key=lambda c: shown.get(c, 0))
+            clicked = [i for i, c in categories.items() if c == target][:3]
+            events = [{"event_id": f"demo-{session_id}-{k}", "user_id": user_id, "item_id": item, "event_type": "click",
+                       "timestamp": now_ms + 1000 * (k + 1), "session_id": session_id, "position": k,
+                       "page_context": "home_feed", "device_type": "mobile", "dwell_time_ms": 40_000, "schema_version": 1}
+                      for k, item in enumerate(clicked)]
+            publish(client, events)
+            deadline = time.time() + 10
+            while time.time() < deadline and not client.exists(f"kairos:session:{session_id}"):
+                time.sleep(0.01)
+            body["context"]["timestamp_ms"] = now_ms + 5000
+            after = http.post("/v1/personalize", json=body).json()
+            _print_ranked(f"Before clicks, {user_id} (category {target}: {shown.get(target, 0)}/10)", before, categories)
+            after_share = sum(1 for i in after["ranked_items"] if categories.get(i["item_id"]) == target)
+            _print_ranked(f"After three clicks in {target} ({after_share}/10 from {target})", after, categories)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        stop_server(proc)
+        if server_redis is not None:
+            server_redis.stop()
+    print(f"\nDagster run {run['run_id']}: whole asset graph in {pipeline_s:.1f}s; demo wall time {time.perf_counter() - started:.1f}s")
+    print("Open the Dagster UI with `make ui`, MLflow with `make mlflow-ui`.")
+    return 0
+
+
+def cmd_redis(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    prepare_home(settings)
+    from orchestration.services import start_redis
+
+    server = start_redis(settings.home / "redis", port=args.port or None)
+    (settings.home / "redis.url").write_text(server.url)
+    print(f"embedded redis-server at {server.url} (URL written to {settings.home / 'redis.url'}); Ctrl-C stops it")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.server import main as serve_main
+
+    prepare_home(Settings.from_env())
+    return serve_main([] if not args.port else ["--port", str(args.port)]) or 0
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from streaming.job import main as stream_main
+
+    prepare_home(Settings.from_env())
+    return stream_main() or 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    prepare_home(Settings.from_env())
+    os.execvp(str(Path(sys.executable).parent / "dagster"), ["dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml")])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    parser = argparse.ArgumentParser(prog="kairos", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="materialize everything on embedded defaults, deploy, serve, print ranked lists")
+    d.add_argument("--source", default="simulator", choices=["simulator", "movielens-100k"])
+    d.add_argument("--users", type=int, default=300)
+    d.add_argument("--items", type=int, default=400)
+    d.add_argument("--days", type=int, default=14)
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--port", type=int, default=0)
+    d.set_defaults(fn=demo)
+    r = sub.add_parser("redis", help="run the embedded redis-server")
+    r.add_argument("--port", type=int, default=0)
+    r.set_defaults(fn=cmd_redis)
+    s = sub.add_parser("serve", help="run the BentoML ranking server")
+    s.add_argument("--port", type=int, default=0)
+    s.set_defaults(fn=cmd_serve)
+    sub.add_parser("stream", help="run the streaming job").set_defaults(fn=cmd_stream)
+    sub.add_parser("ui", help="run the Dagster UI").set_defaults(fn=cmd_ui)
+    args = parser.parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""The one Dagster `Definitions` of Kairos (`dagster dev -w workspace.yaml`)."""
+from __future__ import annotations
+
+from dagster import Definitions, FilesystemIOManager, load_asset_checks_from_modules, load_assets_from_modules
+
+from assets import features, ingestion, monitoring, serving, training
+from orchestration.jobs import full_pipeline, retrain_job
+from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource, SparkResource
+from orchestration.sensors import daily_retrain, drift_sensor
+from orchestration.settings import Settings
+
+_modules = [ingestion, features, training, serving, monitoring]
+_settings = Settings.from_env()
+
+defs = Definitions(
+    assets=load_assets_from_modules(_modules),
+    asset_checks=load_asset_checks_from_modules(_modules),
+    jobs=[full_pipeline, retrain_job],
+    sensors=[drift_sensor],
+    schedules=[daily_retrain],
+    resources={
+        "lake": LakeResource(),
+        "spark": SparkResource(),
+        "redis": RedisResource(),
+        "mlflow": MlflowResource(),
+        "artifacts": ArtifactsResource(),
+        "io_manager": FilesystemIOManager(base_dir=str(_settings.home / "dagster" / "storage")),
+    },
+)
