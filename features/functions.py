@@ -87,8 +87,6 @@ def replay_session_features(events: pd.DataFrame, item_category: Mapping[str, st
     row per impression event: event_id plus the session feature columns.
     """
     cols = ["session_length", "session_clicks", "session_category_share", "session_item_seen", "seconds_since_last_event"]
-    if events.empty:
-        return pd.DataFrame(columns=["event_id", *cols, "session_last_items"])
     ev = events.sort_values(["session_id", "timestamp"], kind="mergesort")
     out_ids: list[str] = []
     out_rows: list[list[float]] = []
@@ -119,9 +117,10 @@ def replay_session_features(events: pd.DataFrame, item_category: Mapping[str, st
                 item = item_arr[k]
                 state = update_session(state, type_arr[k], item, item_category.get(item), int(ts_arr[k]))
             i = j
-    frame = pd.DataFrame(out_rows, columns=cols)
-    frame.insert(0, "event_id", out_ids)
-    frame["session_last_items"] = out_hist
+    values = np.asarray(out_rows, dtype=np.float64).reshape(len(out_rows), len(cols))
+    frame = pd.DataFrame({"event_id": pd.Series(out_ids, dtype=object),
+                          **{c: values[:, k] for k, c in enumerate(cols)},
+                          "session_last_items": pd.Series(out_hist, dtype=object)})
     return frame
 
 
