@@ -7,10 +7,8 @@ from assets import features, ingestion, monitoring, serving, training
 from orchestration.jobs import full_pipeline, retrain_job
 from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource, SparkResource
 from orchestration.sensors import daily_retrain, drift_sensor
-from orchestration.settings import Settings
 
 _modules = [ingestion, features, training, serving, monitoring]
-_settings = Settings.from_env()
 
 defs = Definitions(
     assets=load_assets_from_modules(_modules),
@@ -24,6 +22,7 @@ defs = Definitions(
         "redis": RedisResource(),
         "mlflow": MlflowResource(),
         "artifacts": ArtifactsResource(),
-        "io_manager": FilesystemIOManager(base_dir=str(_settings.home / "dagster" / "storage")),
+        # pickled model objects go under $DAGSTER_HOME/storage (set by `kairos` to KAIROS_HOME/dagster)
+        "io_manager": FilesystemIOManager(),
     },
 )
