@@ -1,5 +1,4 @@
 """Feature assets: daily snapshots in Spark (offline store), the point-in-time training set."""
-from __future__ import annotations
 
 import json
 

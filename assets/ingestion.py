@@ -1,5 +1,4 @@
 """Ingestion assets: sources → bronze events and catalog → contract → silver events → labels."""
-from __future__ import annotations
 
 import time
 from pathlib import Path

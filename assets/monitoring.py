@@ -1,5 +1,4 @@
 """Monitoring assets: PSI drift of recent behaviour against the training window (Evidently)."""
-from __future__ import annotations
 
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 

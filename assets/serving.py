@@ -1,5 +1,4 @@
 """Serving assets: the latest feature snapshot materialized into Redis (the online store)."""
-from __future__ import annotations
 
 from dagster import AssetExecutionContext, MaterializeResult, asset
 

@@ -3,7 +3,6 @@
 Large objects pass between these assets through Dagster's IO manager (pickled
 under KAIROS_HOME); the registered bundle is the unit that serves (invariant 4).
 """
-from __future__ import annotations
 
 import json
 import os

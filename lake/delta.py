@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
@@ -93,7 +94,8 @@ class DeltaLake:
     def pin(self, table: str) -> TableVersion:
         """The current version of a table and its row count: what a run records it read."""
         dt = self._table(table)
-        rows = sum(int(a.get("num_records") or 0) for a in dt.get_add_actions(flatten=True).to_pylist())
+        actions = pa.table(dt.get_add_actions(flatten=True))  # arro3 table -> pyarrow (Arrow C stream)
+        rows = int(pa.compute.sum(actions.column("num_records")).as_py() or 0) if actions.num_rows else 0
         return TableVersion(table, int(dt.version()), rows)
 
     def files(self, table: str, version: int) -> list[str]:

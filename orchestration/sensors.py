@@ -1,5 +1,4 @@
 """Sensors and schedules: drift requests a retrain; a daily schedule retrains anyway."""
-from __future__ import annotations
 
 import time
 

@@ -1,0 +1,28 @@
+"""The Dagster definitions load as one graph, and the drift sensor's decision logic."""
+from __future__ import annotations
+
+from orchestration.definitions import defs
+from orchestration.sensors import drift_decision
+
+
+def test_one_definitions_with_the_whole_graph() -> None:
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"bronze_events", "silver_events", "labels", "user_features", "item_features", "training_set",
+            "two_tower_model", "faiss_index", "ranker_model", "model_evaluation", "validation_gate",
+            "registered_model", "online_features", "feature_drift"} <= keys
+    checks = {c.to_user_string() for c in graph.asset_check_keys}
+    assert {"silver_events:events_contract", "silver_events:counts_reconcile",
+            "training_set:point_in_time_correct", "faiss_index:index_recall", "validation_gate:gate_passed"} <= checks
+    retrain = set(defs.resolve_job_def("retrain").graph.node_names())
+    assert "registered_model" in retrain and "source_events" not in retrain
+    assert defs.resolve_sensor_def("drift_sensor").job_name == "retrain"
+
+
+def test_drift_decision_respects_threshold_and_interval() -> None:
+    assert drift_decision("ok", 0.05, None, 1000.0)[0] is False
+    assert drift_decision("warn", 0.22, None, 1000.0)[0] is False
+    fire, reason = drift_decision("act", 0.31, None, 1000.0)
+    assert fire and "0.310" in reason
+    assert drift_decision("act", 0.31, last_retrain_ts=900.0, now=1000.0, min_interval_s=3600)[0] is False
+    assert drift_decision("act", 0.31, last_retrain_ts=0.0, now=7200.0, min_interval_s=3600)[0] is True
