@@ -75,7 +75,7 @@ def faiss_index(context: AssetExecutionContext, two_tower_model: Any):
     rng = np.random.default_rng(0)
     queries = emb[rng.choice(len(emb), size=min(200, len(emb)), replace=False)]
     recall = float(index_recall_at_k(index, emb, queries, k=min(100, len(emb))))
-    yield Output(faiss.serialize_index(index), metadata={"ntotal": int(index.ntotal), "recall_at_100": recall})
+    yield Output(faiss.serialize_index(index).tobytes(), metadata={"ntotal": int(index.ntotal), "recall_at_100": recall})
     yield AssetCheckResult(check_name="index_recall", passed=recall >= INDEX_MIN_RECALL,
                            metadata={"recall_at_100": recall, "threshold": INDEX_MIN_RECALL})
 

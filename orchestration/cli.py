@@ -67,6 +67,14 @@ def materialize_all(settings: Settings, source_config: dict, job_name: str = "fu
     return {"run_id": result.run_id, "success": result.success, "seconds": time.perf_counter() - t0}
 
 
+def data_clock_ms(settings: Settings) -> int:
+    """'Now' for demo requests: just after the newest event, so request-time features stay in range."""
+    from lake.delta import DeltaLake
+
+    events = DeltaLake(settings.lake_uri).read("silver_events", columns=["timestamp"])
+    return int(events["timestamp"].max()) + 3_600_000
+
+
 def _print_ranked(title: str, response: dict, categories: dict[str, str]) -> None:
     print(f"\n{title}  (served_by={response.get('served_by')}, model_version={response.get('model_version')}, "
           f"latency={response.get('latency_breakdown_ms', {})})")
@@ -111,7 +119,7 @@ def demo(args: argparse.Namespace) -> int:
         wait_ready(base, timeout_s=180)
         users = DeltaLake(settings.lake_uri).read("catalog_users", columns=["user_id", "device_type"])
         session_id = f"demo-session-{int(time.time())}"
-        now_ms = int(time.time() * 1000)
+        now_ms = data_clock_ms(settings)
         with httpx.Client(base_url=base, timeout=30) as http:
             for user_id in users["user_id"].head(3):
                 body = {"user_id": user_id, "surface": "home_feed",

@@ -13,7 +13,7 @@ import redis as redis_lib
 from dagster import AssetKey, DagsterInstance
 
 from lake.delta import DeltaLake
-from orchestration.cli import materialize_all, prepare_home
+from orchestration.cli import data_clock_ms, materialize_all, prepare_home
 from orchestration.services import EmbeddedRedis, free_port
 from orchestration.settings import Settings
 
@@ -89,7 +89,7 @@ def test_served_over_http_and_three_clicks_move_the_ranking(pipeline) -> None:
         items = lake.read("catalog_items", columns=["item_id", "category"])
         category = dict(zip(items["item_id"], items["category"]))
         user = "u00010"
-        now = int(time.time() * 1000)
+        now = data_clock_ms(settings)
         body = {"user_id": user, "surface": "home_feed",
                 "context": {"session_id": "e2e-s1", "device_type": "mobile", "timestamp_ms": now, "geo_region": "eu"},
                 "request_config": {"num_results": 10, "candidate_pool_size": 200, "max_latency_ms": 200}}

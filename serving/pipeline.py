@@ -1,0 +1,315 @@
+"""The ranking request, end to end, as one pure-ish function (no HTTP): `personalize`.
+
+    validate -> features + session (one Redis round trip) -> session-aware user vector
+    -> candidates (FAISS ANN + popular, deduplicated, engaged items removed, capped)
+    -> rows (user, item, session, context, embedding affinity) -> features.functions.assemble_features
+    -> LightGBM (bundle.rank) -> top num_results
+
+Every request answers (DESIGN invariant 5); `served_by` says which path served it:
+    two_stage                                   the normal path
+    popularity_fallback:redis_unavailable       the online store errored or timed out (bundle popularity)
+    popularity_fallback:no_model                no champion loaded (the store's popular list)
+    popularity_fallback:model_error             retrieval or ranking raised (bundle popularity)
+Only invalid input raises (ValueError), which the HTTP layer maps to 400.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from features.functions import SESSION_HISTORY_FOR_TOWER, assemble_features, session_features
+from features.registry import ITEM_STORE_COLUMNS, USER_STORE_COLUMNS
+
+log = logging.getLogger("kairos.serving")
+
+DEFAULT_NUM_RESULTS = 10
+MAX_NUM_RESULTS = 100
+DEFAULT_POOL = 200
+MAX_POOL = 1000
+POPULAR_CHANNEL_SHARE = 0.25  # share of the pool offered to the popularity channel
+# Re-rank business rule "session intent": when the session shows a clear category intent
+# (>= INTENT_MIN_ENGAGEMENTS engaged items, dominant category >= INTENT_MIN_SHARE of the decayed
+# weights), at least ceil(num_results * INTENT_SLOT_SHARE * share) results come from that
+# category: the ranker's best-scored ones. 0 disables the rule (the learned ranking alone).
+INTENT_SLOT_SHARE = float(os.environ.get("KAIROS_SESSION_INTENT_SLOT_SHARE", "0.3"))
+INTENT_MIN_SHARE = 0.5
+INTENT_MIN_ENGAGEMENTS = 2
+
+TOP_LEVEL = {"user_id", "surface", "context", "request_config"}
+CONTEXT_FIELDS = {"session_id", "device_type", "timestamp_ms", "geo_region"}
+CONFIG_FIELDS = {"num_results", "candidate_pool_size", "max_latency_ms"}
+
+SERVED_TWO_STAGE = "two_stage"
+FALLBACK_REDIS = "popularity_fallback:redis_unavailable"
+FALLBACK_NO_MODEL = "popularity_fallback:no_model"
+FALLBACK_MODEL_ERROR = "popularity_fallback:model_error"
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.RedisError, OSError)
+
+
+REDIS_ERRORS = _redis_errors()
+
+
+def _int_field(value: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"{name} must be an integer between {lo} and {hi}, got {value!r}")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def validate_request(request: Any) -> dict[str, Any]:
+    """The request with defaults filled in; ValueError with a clear message if it is malformed."""
+    if not isinstance(request, Mapping):
+        raise ValueError("request body must be a JSON object")
+    unknown = set(request) - TOP_LEVEL
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(TOP_LEVEL)}")
+    user_id = request.get("user_id")
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise ValueError("user_id is required (a non-empty string)")
+    surface = request.get("surface", "home_feed")
+    if surface is not None and not isinstance(surface, str):
+        raise ValueError("surface must be a string")
+    context = request.get("context") or {}
+    if not isinstance(context, Mapping):
+        raise ValueError("context must be an object")
+    unknown = set(context) - CONTEXT_FIELDS
+    if unknown:
+        raise ValueError(f"unknown context field(s) {sorted(unknown)}; allowed: {sorted(CONTEXT_FIELDS)}")
+    session_id = context.get("session_id")
+    if session_id is not None and not isinstance(session_id, str):
+        raise ValueError("context.session_id must be a string")
+    device_type = context.get("device_type") or "mobile"
+    if not isinstance(device_type, str):
+        raise ValueError("context.device_type must be a string")
+    ts = context.get("timestamp_ms")
+    if ts is not None:
+        ts = _int_field(ts, "context.timestamp_ms", 0, 2**62)
+    geo = context.get("geo_region")
+    if geo is not None and not isinstance(geo, str):
+        raise ValueError("context.geo_region must be a string")
+    config = request.get("request_config") or {}
+    if not isinstance(config, Mapping):
+        raise ValueError("request_config must be an object")
+    unknown = set(config) - CONFIG_FIELDS
+    if unknown:
+        raise ValueError(f"unknown request_config field(s) {sorted(unknown)}; allowed: {sorted(CONFIG_FIELDS)}")
+    num = config.get("num_results", DEFAULT_NUM_RESULTS)
+    num = _int_field(num, "request_config.num_results", 1, MAX_NUM_RESULTS)
+    pool = config.get("candidate_pool_size", DEFAULT_POOL)
+    pool = _int_field(pool, "request_config.candidate_pool_size", 1, MAX_POOL)
+    max_latency = config.get("max_latency_ms")
+    if max_latency is not None and (isinstance(max_latency, bool) or not isinstance(max_latency, (int, float)) or max_latency <= 0):
+        raise ValueError(f"request_config.max_latency_ms must be a positive number, got {max_latency!r}")
+    return {"user_id": user_id, "surface": surface or "home_feed", "session_id": session_id or None,
+            "device_type": device_type, "timestamp_ms": ts, "geo_region": geo,
+            "num_results": num, "candidate_pool_size": max(pool, num), "max_latency_ms": max_latency}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def _popularity_items(ranked: list[str], n: int, exclude: set[str] | None = None) -> list[dict]:
+    exclude = exclude or set()
+    out = []
+    for item in ranked:
+        if item in exclude:
+            continue
+        out.append(item)
+        if len(out) == n:
+            break
+    # a score that is monotone in popularity rank, so clients can still sort/merge
+    return [{"item_id": i, "score": round(1.0 / (k + 1), 6), "rank": k + 1} for k, i in enumerate(out)]
+
+
+def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | None, candidates: list[str],
+               item_cols: Mapping[str, np.ndarray], affinity: np.ndarray, now_ms: int, device_type: str) -> pd.DataFrame:
+    """The raw per-candidate frame assemble_features expects (store columns, not features)."""
+    n = len(candidates)
+    data: dict[str, Any] = {"item_id": candidates}
+    user_row = user_row or {}
+    for col in USER_STORE_COLUMNS:
+        value = user_row.get(col)
+        if col == "user_category_clicks_30d":
+            data[col] = [value if isinstance(value, str) else None] * n
+        else:
+            data[col] = np.full(n, np.nan if value is None else float(value))
+    for col in ITEM_STORE_COLUMNS:
+        data[col] = item_cols[col]
+    data.update(session_features(session, candidates, item_cols["category"].tolist(), now_ms))
+    data["request_ts"] = np.full(n, int(now_ms), dtype=np.int64)
+    data["device_type"] = [device_type] * n
+    data["embedding_affinity"] = affinity.astype(np.float64)
+    return pd.DataFrame(data)
+
+
+def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: int | None = None) -> dict:
+    """Answer one ranking request (see the module docstring). Raises ValueError only on bad input."""
+    t_start = time.perf_counter()
+    req = validate_request(request)
+    now_ms = int(req["timestamp_ms"] if req["timestamp_ms"] is not None else (now_ms if now_ms is not None else time.time() * 1000))
+    n = req["num_results"]
+    response: dict[str, Any] = {
+        "request_id": uuid.uuid4().hex,
+        "user_id": req["user_id"],
+        "surface": req["surface"],
+        "ranked_items": [],
+        "model_version": getattr(bundle, "model_version", None) if bundle is not None else None,
+        "feature_version": None,
+        "served_by": SERVED_TWO_STAGE,
+        "latency_breakdown_ms": {},
+    }
+    lat = {"feature_fetch": 0.0, "candidate_retrieval": 0.0, "ranking_inference": 0.0, "post_processing": 0.0}
+
+    def finish(served_by: str, items: list[dict]) -> dict:
+        t = time.perf_counter()
+        response["served_by"] = served_by
+        response["ranked_items"] = items
+        lat["post_processing"] += _ms(time.perf_counter() - t)
+        lat["total"] = _ms(time.perf_counter() - t_start)
+        response["latency_breakdown_ms"] = lat
+        if served_by != SERVED_TWO_STAGE:
+            log.info("request %s for %s served by %s", response["request_id"], req["user_id"], served_by)
+        return response
+
+    # ---- 1. features + session state: one round trip
+    t = time.perf_counter()
+    user_row = session = version = None
+    table = None
+    try:
+        if store is None:
+            raise ConnectionError("no online store configured")
+        user_row, session, version = store.fetch(req["user_id"], req["session_id"])
+        table = store.item_table(version)
+    except REDIS_ERRORS as exc:
+        lat["feature_fetch"] = _ms(time.perf_counter() - t)
+        log.warning("online store unavailable (%s: %s); serving popularity", type(exc).__name__, exc)
+        if bundle is not None:
+            ranked = bundle.popular(n, segment=req["device_type"])
+        else:
+            ranked = store.last_popular() if store is not None else []
+        return finish(FALLBACK_REDIS, _popularity_items(ranked, n))
+    lat["feature_fetch"] = _ms(time.perf_counter() - t)
+    response["feature_version"] = version
+    seen = list((session or {}).get("last_items", []))
+    seen_set = set(seen)
+
+    # ---- no model: the store's popular list, minus what the session already engaged
+    if bundle is None:
+        try:
+            ranked = store.popular(version) or store.last_popular()
+        except REDIS_ERRORS:
+            ranked = store.last_popular()
+        return finish(FALLBACK_NO_MODEL, _popularity_items(ranked, n, seen_set))
+
+    pool = req["candidate_pool_size"]
+    try:
+        # ---- 2. candidates: session-aware user vector -> ANN, merged with popular
+        t = time.perf_counter()
+        query = np.asarray(bundle.user_vector(req["user_id"], seen[:SESSION_HISTORY_FOR_TOWER]), dtype=np.float32)
+        k = min(pool + len(seen_set), len(bundle.item_ids))
+        ann_ids, _ = bundle.retrieve(query, k)
+        try:
+            popular = store.popular(version) if version else []
+        except REDIS_ERRORS:
+            popular = []
+        popular = popular or bundle.popular(pool)
+        n_pop = max(1, int(pool * POPULAR_CHANNEL_SHARE))
+        candidates: list[str] = []
+        taken: set[str] = set(seen_set)
+        # ANN fills most of the pool; popularity gets a reserved slice so trending items always compete
+        ann_quota = pool - min(n_pop, len(popular))
+        for item in ann_ids:
+            if len(candidates) >= ann_quota:
+                break
+            if item not in taken:
+                taken.add(item)
+                candidates.append(item)
+        for source in (popular, ann_ids):
+            for item in source:
+                if len(candidates) >= pool:
+                    break
+                if item not in taken:
+                    taken.add(item)
+                    candidates.append(item)
+        lat["candidate_retrieval"] = _ms(time.perf_counter() - t)
+        if not candidates:
+            return finish(FALLBACK_MODEL_ERROR, _popularity_items(bundle.popular(n + len(seen_set), segment=req["device_type"]), n, seen_set))
+
+        # ---- 3. features over the shared functions, then the ranker
+        t = time.perf_counter()
+        affinity = bundle.item_vectors(candidates) @ query
+        rows = build_rows(user_row, session, candidates, table.columns_for(candidates), affinity, now_ms, req["device_type"])
+        feats = assemble_features(rows)
+        scores = np.asarray(bundle.rank(feats), dtype=np.float64)
+        if scores.shape[0] != len(candidates) or not np.all(np.isfinite(scores)):
+            raise RuntimeError("ranker returned malformed scores")
+        lat["ranking_inference"] = _ms(time.perf_counter() - t)
+    except Exception as exc:  # noqa: BLE001 - any model failure must still answer
+        log.exception("ranking failed for %s; serving popularity: %s", req["user_id"], exc)
+        return finish(FALLBACK_MODEL_ERROR, _popularity_items(bundle.popular(n + len(seen_set), segment=req["device_type"]), n, seen_set))
+
+    # ---- 4. post-processing: sort, session-intent rule, cut
+    t = time.perf_counter()
+    order = np.argsort(-scores, kind="stable")
+    top, rerank = apply_session_intent(order, n, candidates, table.category, session)
+    if rerank:
+        response["rerank"] = rerank
+    items = [{"item_id": candidates[i], "score": round(float(scores[i]), 6), "rank": r + 1} for r, i in enumerate(top)]
+    lat["post_processing"] = _ms(time.perf_counter() - t)
+    return finish(SERVED_TWO_STAGE, items)
+
+
+def session_intent(session: Mapping[str, Any] | None) -> tuple[str | None, float]:
+    """The session's dominant category and its share of the decayed category weights, if the intent is clear."""
+    if not session or len(session.get("last_items", [])) < INTENT_MIN_ENGAGEMENTS:
+        return None, 0.0
+    weights: Mapping[str, float] = session.get("cat_weights") or {}
+    total = float(sum(weights.values()))
+    if total <= 0:
+        return None, 0.0
+    category, weight = max(weights.items(), key=lambda kv: (kv[1], kv[0]))
+    share = weight / total
+    return (category, share) if share >= INTENT_MIN_SHARE else (None, 0.0)
+
+
+def apply_session_intent(order: np.ndarray, n: int, candidates: list[str], category_of: Mapping[str, Any],
+                         session: Mapping[str, Any] | None) -> tuple[list[int], dict | None]:
+    """Top-n candidate positions (by score) with the session-intent slots filled; and what the rule did."""
+    top = [int(i) for i in order[:n]]
+    target, share = session_intent(session)
+    if target is None or INTENT_SLOT_SHARE <= 0:
+        return top, None
+    slots = min(n, math.ceil(n * INTENT_SLOT_SHARE * share - 1e-9))
+    have = sum(1 for i in top if category_of.get(candidates[i]) == target)
+    if have >= slots:
+        return top, {"session_intent": target, "slots": slots, "promoted": 0}
+    promote = [int(i) for i in order[n:] if category_of.get(candidates[int(i)]) == target][:slots - have]
+    if not promote:
+        return top, {"session_intent": target, "slots": slots, "promoted": 0}
+    # make room by dropping the lowest-scored results outside the intent category
+    rank_of = {int(i): r for r, i in enumerate(order)}
+    others = [i for i in top if category_of.get(candidates[i]) != target]
+    intent = [i for i in top if category_of.get(candidates[i]) == target]
+    n_others = n - len(intent) - len(promote)
+    chosen = intent + promote + others[:max(n_others, 0)]
+    chosen.sort(key=lambda i: rank_of[i])
+    return chosen, {"session_intent": target, "slots": slots, "promoted": len(promote)}
+
+
+__all__ = ["personalize", "validate_request", "build_rows", "session_intent", "apply_session_intent", "SERVED_TWO_STAGE", "FALLBACK_REDIS",
+           "FALLBACK_NO_MODEL", "FALLBACK_MODEL_ERROR"]

@@ -1,0 +1,159 @@
+"""The BentoML ranking service: `POST /v1/personalize` over serving.pipeline.personalize.
+
+    bentoml serve serving.service:KairosRanker       (or `kairos serve`, see serving/server.py)
+
+At start it loads the MLflow champion bundle (training.registry.load_alias) and
+connects the online store to REDIS_URL (or the embedded server's URL) with a short
+socket timeout, so a slow or dead Redis degrades to popularity instead of stalling.
+A background thread re-reads the champion alias every KAIROS_MODEL_POLL_S seconds
+(default 10) and swaps the whole bundle atomically (one attribute assignment) when
+the alias points at a new version: a promotion or rollback goes live in seconds and
+a server started before any model existed picks the first champion up by itself.
+The same thread keeps the current online-store snapshot's item table warm.
+
+Routes: POST /v1/personalize, POST /v1/status (model/feature versions), and BentoML's
+own GET /healthz, /livez, /readyz (ready once the service has initialized: it
+always answers, with fallbacks when a dependency is missing).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+import bentoml
+
+log = logging.getLogger("kairos.service")
+
+MODEL_POLL_S = float(os.environ.get("KAIROS_MODEL_POLL_S", "10"))
+REDIS_TIMEOUT_S = float(os.environ.get("KAIROS_REDIS_TIMEOUT_S", "0.25"))
+THREADS = int(os.environ.get("KAIROS_SERVE_THREADS", "4"))
+ACCESS_LOG = os.environ.get("KAIROS_ACCESS_LOG", "1").lower() not in ("0", "false", "no")
+
+
+def _redis_client():
+    import redis
+
+    from orchestration.resources import redis_url_from_env
+
+    url = os.environ.get("REDIS_URL") or redis_url_from_env()
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=REDIS_TIMEOUT_S,
+                                socket_connect_timeout=REDIS_TIMEOUT_S, health_check_interval=30)
+
+
+@bentoml.service(name="kairos_ranker", workers=1, threads=THREADS, traffic={"timeout": 30},
+                 logging={"access": {"enabled": ACCESS_LOG}})
+class KairosRanker:
+    def __init__(self) -> None:
+        try:
+            import torch
+
+            torch.set_num_threads(1)
+        except Exception:  # noqa: BLE001
+            pass
+        from features.online import OnlineStore
+        from orchestration.settings import Settings
+
+        self.settings = Settings.from_env()
+        self.bundle = None
+        self.store = None
+        self._stop = threading.Event()
+        try:
+            self.store = OnlineStore(_redis_client())
+        except Exception as exc:  # noqa: BLE001 - no Redis configured: serve popularity from the bundle
+            log.warning("online store not configured (%s); requests will use the popularity fallback", exc)
+        self._load_champion()
+        self._warm_store()
+        self._thread = threading.Thread(target=self._refresh_loop, name="kairos-model-refresh", daemon=True)
+        self._thread.start()
+        self._ready = True
+        log.info("KairosRanker ready: model_version=%s", getattr(self.bundle, "model_version", None))
+
+    # ------------------------------------------------------------------ model lifecycle
+    def _load_champion(self) -> None:
+        from training.registry import load_alias
+
+        try:
+            bundle = load_alias(self.settings, alias="champion")
+        except Exception as exc:  # noqa: BLE001 - registry down or empty: keep serving what we have
+            log.warning("could not load the champion: %s", exc)
+            return
+        if bundle is None:
+            if self.bundle is None:
+                log.warning("no champion registered yet; serving popularity until one appears")
+            return
+        old = getattr(self.bundle, "model_version", None)
+        self.bundle = bundle  # one reference swap: requests see the old or the new bundle, never a mix
+        log.info("serving model version %s (was %s)", bundle.model_version, old)
+
+    def _champion_version(self) -> str | None:
+        from training.registry import alias_version
+
+        v = alias_version(self.settings, "champion")
+        return None if v is None else str(v)
+
+    def _warm_store(self) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.warm()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not warm the online store: %s", exc)
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(MODEL_POLL_S):
+            try:
+                current = getattr(self.bundle, "model_version", None)
+                latest = self._champion_version()
+                if latest is not None and latest != (None if current is None else str(current)):
+                    self._load_champion()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("champion check failed: %s", exc)
+            self._warm_store()
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self._stop.set()
+
+    def __is_ready__(self) -> bool:
+        return bool(getattr(self, "_ready", False))
+
+    # ------------------------------------------------------------------ routes
+    @bentoml.api(route="/v1/personalize")
+    def personalize(self, body: dict, /) -> dict:
+        from starlette.responses import JSONResponse, Response
+
+        from serving.pipeline import personalize
+
+        try:
+            # serialized here: skips BentoML's pydantic pass over the output (~1 ms per request)
+            return Response(json.dumps(personalize(body, self.bundle, self.store), separators=(",", ":")),
+                            media_type="application/json")
+        except ValueError as exc:
+            return JSONResponse({"error": "invalid request", "detail": str(exc)}, status_code=400)
+        except Exception as exc:  # noqa: BLE001 - a bug must still not turn into a 5xx for the caller
+            log.exception("unexpected error in personalize")
+            bundle = self.bundle
+            ranked = bundle.popular(10) if bundle is not None else (self.store.last_popular() if self.store else [])
+            return {"request_id": uuid.uuid4().hex, "user_id": body.get("user_id") if isinstance(body, dict) else None,
+                    "ranked_items": [{"item_id": i, "score": round(1.0 / (k + 1), 6), "rank": k + 1} for k, i in enumerate(ranked[:10])],
+                    "model_version": getattr(bundle, "model_version", None), "served_by": "popularity_fallback:internal_error",
+                    "latency_breakdown_ms": {"feature_fetch": 0.0, "candidate_retrieval": 0.0, "ranking_inference": 0.0,
+                                             "post_processing": 0.0, "total": 0.0}, "error": type(exc).__name__}
+
+    @bentoml.api(route="/v1/status")
+    def status(self) -> dict:
+        redis_ok = False
+        version = None
+        if self.store is not None:
+            try:
+                version = self.store.current_version()
+                redis_ok = True
+            except Exception:  # noqa: BLE001
+                redis_ok = False
+        return {"model_version": getattr(self.bundle, "model_version", None), "feature_version": version,
+                "redis_ok": redis_ok, "time_ms": int(time.time() * 1000)}

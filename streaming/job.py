@@ -1,0 +1,315 @@
+"""The near-line streaming job: Redis Stream of events -> session state keys in Redis.
+
+    producers --XADD--> kairos:events --XREADGROUP (group kairos-sessionizer)--> this job
+        valid event   -> features.functions.update_session -> kairos:session:{session_id}
+        invalid event -> kairos:quarantine (with a reason), acknowledged, never silently dropped
+
+Exactly-once effect on the session keys (DESIGN invariant 3): each session's events
+in a batch are applied in one optimistic transaction. We WATCH the session key and
+a per-event marker `kairos:applied:{event_id}`, read both (one MGET), fold the
+events whose marker is absent with the shared update_session, and MULTI/EXEC the
+new state together with the markers. A WatchError (a concurrent writer) retries.
+Entries are XACKed only after EXEC, so a crash between EXEC and XACK leaves them
+pending: whoever reclaims them (XAUTOCLAIM) finds the markers and skips them.
+A duplicate event id (producer retry) is skipped the same way. Durable counters in
+`kairos:stream:counts` (applied, duplicates, quarantined) move in the same transactions,
+so stream length = applied + duplicates + quarantined + pending reconciles at any time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Iterable
+
+import redis
+
+from features.functions import new_session_state, update_session
+from features.online import SESSION_TTL_S, OnlineStore, decode_session, session_key
+from ingestion.schema import EVENT_TYPES, ITEM_EVENT_TYPES
+
+log = logging.getLogger("kairos.streaming")
+
+STREAM = "kairos:events"
+GROUP = "kairos-sessionizer"
+QUARANTINE_STREAM = "kairos:quarantine"
+MARKER_PREFIX = "kairos:applied"
+COUNTS_KEY = "kairos:stream:counts"  # HASH applied / duplicates / quarantined, updated in the same transactions
+MARKER_TTL_S = 86400
+STREAM_MAXLEN = 1_000_000
+QUARANTINE_MAXLEN = 100_000
+ITEM_TABLE_RECHECK_S = 5.0
+
+
+def marker_key(event_id: str) -> str:
+    return f"{MARKER_PREFIX}:{event_id}"
+
+
+def _s(v: Any) -> Any:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def publish(client: Any, events: Iterable[dict], stream: str = STREAM) -> list[str]:
+    """XADD each event (field "event" = its JSON) in one pipeline; returns the stream ids."""
+    pipe = client.pipeline(transaction=False)
+    n = 0
+    for event in events:
+        pipe.xadd(stream, {"event": json.dumps(event, separators=(",", ":"), default=str)},
+                  maxlen=STREAM_MAXLEN, approximate=True)
+        n += 1
+    if not n:
+        return []
+    return [_s(i) for i in pipe.execute()]
+
+
+def validate_event(event: Any) -> str | None:
+    """None if the event can be applied to a session, else the reason it cannot."""
+    if not isinstance(event, dict):
+        return "event is not a JSON object"
+    for name in ("event_id", "user_id", "session_id"):
+        value = event.get(name)
+        if not isinstance(value, str) or not value.strip():
+            return f"missing or empty {name}"
+    etype = event.get("event_type")
+    if etype not in EVENT_TYPES:
+        return f"unknown event_type {etype!r}"
+    if etype in ITEM_EVENT_TYPES:
+        item = event.get("item_id")
+        if not isinstance(item, str) or not item.strip():
+            return f"missing item_id for a {etype} event"
+    ts = event.get("timestamp")
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts <= 0:
+        return f"missing or invalid timestamp {ts!r}"
+    return None
+
+
+class SessionStreamProcessor:
+    """One consumer of the sessionizer group. Safe to run several (different consumer names)."""
+
+    def __init__(self, client: Any, consumer_name: str, stream: str = STREAM, group: str = GROUP,
+                 session_ttl_s: int = SESSION_TTL_S) -> None:
+        self.client = client
+        self.consumer = consumer_name
+        self.stream = stream
+        self.group = group
+        self.session_ttl_s = session_ttl_s
+        self.store = OnlineStore(client)
+        self._categories: dict[str, str | None] = {}
+        self._categories_version: str | None = None
+        self._categories_checked = 0.0
+        self.stats = {"applied": 0, "duplicates": 0, "quarantined": 0, "retries": 0, "batches": 0}
+
+    # ------------------------------------------------------------------ setup
+    def ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # ------------------------------------------------------------------ item categories
+    def _category_map(self) -> dict[str, str | None]:
+        now = time.monotonic()
+        if now - self._categories_checked >= ITEM_TABLE_RECHECK_S or self._categories_version is None:
+            self._categories_checked = now
+            try:
+                version = self.store.current_version()
+                if version and version != self._categories_version:
+                    self._categories = self.store.item_table(version).category
+                    self._categories_version = version
+            except redis.RedisError as exc:  # keep the last map; the next batch retries
+                log.warning("could not refresh the item table: %s", exc)
+        return self._categories
+
+    # ------------------------------------------------------------------ processing
+    def process_once(self, count: int = 100, block_ms: int = 100) -> int:
+        """Read up to `count` new entries (blocking up to block_ms); returns how many were applied."""
+        resp = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms)
+        entries: list[tuple[str, dict]] = []
+        for _stream, msgs in resp or []:
+            entries.extend(msgs)
+        return self._handle(entries)
+
+    def process_pending(self, count: int = 100) -> int:
+        """Re-process entries delivered to this consumer but never acknowledged (after a restart)."""
+        total = 0
+        while True:
+            resp = self.client.xreadgroup(self.group, self.consumer, {self.stream: "0"}, count=count)
+            entries = [m for _s_, msgs in resp or [] for m in msgs]
+            if not entries:
+                return total
+            total += self._handle(entries)
+
+    def reclaim(self, min_idle_ms: int = 60_000, count: int = 100) -> int:
+        """Take over entries another consumer read but never acked (it crashed) and apply them."""
+        total = 0
+        start = "0-0"
+        while True:
+            res = self.client.xautoclaim(self.stream, self.group, self.consumer, min_idle_ms, start_id=start, count=count)
+            next_id, msgs = _s(res[0]), res[1]
+            if msgs:
+                total += self._handle(msgs)
+            if not next_id or next_id == "0-0":
+                return total
+            start = next_id
+
+    def _handle(self, entries: list[tuple[Any, Any]]) -> int:
+        if not entries:
+            return 0
+        self.stats["batches"] += 1
+        valid: "OrderedDict[str, list[tuple[str, dict]]]" = OrderedDict()
+        bad: list[tuple[str, str, str]] = []  # (stream id, raw, reason)
+        for entry_id, fields in entries:
+            entry_id = _s(entry_id)
+            if fields is None:  # entry deleted from the stream while pending
+                bad.append((entry_id, "", "entry deleted from the stream before processing"))
+                continue
+            fields = {_s(k): _s(v) for k, v in fields.items()}
+            raw = fields.get("event", "")
+            try:
+                event = json.loads(raw)
+            except (TypeError, ValueError):
+                bad.append((entry_id, raw or json.dumps(fields), "event is not valid JSON"))
+                continue
+            reason = validate_event(event)
+            if reason:
+                bad.append((entry_id, raw, reason))
+                continue
+            valid.setdefault(event["session_id"], []).append((entry_id, event))
+        if bad:
+            self._quarantine(bad)
+        applied = 0
+        if valid:
+            categories = self._category_map()
+            for sid, items in valid.items():
+                applied += self._apply_session(sid, items, categories)
+        return applied
+
+    def _quarantine(self, bad: list[tuple[str, str, str]]) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        for entry_id, raw, reason in bad:
+            pipe.xadd(QUARANTINE_STREAM, {"event": raw, "reason": reason, "stream_id": entry_id,
+                                          "consumer": self.consumer, "ts_ms": str(int(time.time() * 1000))},
+                      maxlen=QUARANTINE_MAXLEN, approximate=True)
+        pipe.xack(self.stream, self.group, *[b[0] for b in bad])
+        pipe.hincrby(COUNTS_KEY, "quarantined", len(bad))
+        pipe.execute()
+        self.stats["quarantined"] += len(bad)
+        for entry_id, _raw, reason in bad:
+            log.warning("quarantined stream entry %s: %s", entry_id, reason)
+
+    def _apply_session(self, sid: str, items: list[tuple[str, dict]], categories: dict[str, str | None]) -> int:
+        key = session_key(sid)
+        markers = [marker_key(ev["event_id"]) for _, ev in items]
+        while True:
+            with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(key, *markers)
+                    values = pipe.mget([key, *markers])
+                    state = decode_session(values[0]) or new_session_state()
+                    seen_now: set[str] = set()
+                    to_mark: list[str] = []
+                    for (_, ev), mkey, mval in zip(items, markers, values[1:]):
+                        if mval is not None or ev["event_id"] in seen_now:
+                            continue  # already applied (redelivery, reclaim or a duplicate id)
+                        seen_now.add(ev["event_id"])
+                        item = ev.get("item_id")
+                        state = update_session(state, ev["event_type"], item, categories.get(item) if item else None,
+                                               int(ev["timestamp"]))
+                        to_mark.append(mkey)
+                    pipe.multi()
+                    if to_mark:
+                        pipe.set(key, json.dumps(state, separators=(",", ":")), ex=self.session_ttl_s)
+                        for mkey in to_mark:
+                            pipe.set(mkey, "1", ex=MARKER_TTL_S)
+                    pipe.xack(self.stream, self.group, *[eid for eid, _ in items])
+                    if to_mark:
+                        pipe.hincrby(COUNTS_KEY, "applied", len(to_mark))
+                    if len(items) > len(to_mark):
+                        pipe.hincrby(COUNTS_KEY, "duplicates", len(items) - len(to_mark))
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    self.stats["retries"] += 1
+                    continue
+        self.stats["applied"] += len(to_mark)
+        self.stats["duplicates"] += len(items) - len(to_mark)
+        return len(to_mark)
+
+    # ------------------------------------------------------------------ monitoring
+    def lag(self) -> dict[str, Any]:
+        """Pending (delivered, unacked) entries and how far the group is behind the stream head (ms)."""
+        out: dict[str, Any] = {"pending": 0, "lag_ms": 0, "length": 0}
+        try:
+            groups = self.client.xinfo_groups(self.stream)
+            info = self.client.xinfo_stream(self.stream)
+        except redis.ResponseError:
+            return out
+        group = next((g for g in groups if _s(g.get("name")) == self.group), None)
+        out["length"] = int(info.get("length", 0))
+        if group:
+            out["pending"] = int(group.get("pending", 0))
+            last_delivered = _s(group.get("last-delivered-id") or "0-0")
+            last = _s(info.get("last-generated-id") or "0-0")
+            out["lag_ms"] = max(int(last.split("-")[0]) - int(last_delivered.split("-")[0]), 0)
+        return out
+
+    def run_forever(self, stop: threading.Event, count: int = 200, block_ms: int = 100,
+                    log_every_s: float = 10.0, reclaim_every_s: float = 30.0, reclaim_idle_ms: int = 60_000) -> None:
+        """Process until `stop` is set; logs throughput and lag periodically; survives Redis hiccups."""
+        self.ensure_group()
+        try:
+            self.process_pending(count)
+        except redis.RedisError as exc:
+            log.warning("could not re-process pending entries: %s", exc)
+        last_log = last_reclaim = time.monotonic()
+        applied_since = 0
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                applied_since += self.process_once(count=count, block_ms=block_ms)
+                now = time.monotonic()
+                if now - last_reclaim >= reclaim_every_s:
+                    applied_since += self.reclaim(reclaim_idle_ms, count)
+                    last_reclaim = now
+                if now - last_log >= log_every_s:
+                    lag = self.lag()
+                    log.info("streaming %s: %.1f events/s applied, %d pending, lag %d ms, stream length %d, totals %s",
+                             self.consumer, applied_since / (now - last_log), lag["pending"], lag["lag_ms"],
+                             lag["length"], self.stats)
+                    applied_since, last_log = 0, now
+                backoff = 0.1
+            except redis.RedisError as exc:
+                if "NOGROUP" in str(exc):
+                    self.ensure_group()
+                    continue
+                log.warning("redis error in the streaming loop (retrying in %.1fs): %s", backoff, exc)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+
+def main() -> int:
+    """`kairos stream`: run one consumer until SIGINT/SIGTERM."""
+    from orchestration.resources import redis_url_from_env
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    url = os.environ.get("REDIS_URL") or redis_url_from_env()
+    client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
+    consumer = os.environ.get("KAIROS_STREAM_CONSUMER") or f"sessionizer-{os.uname().nodename}-{os.getpid()}"
+    processor = SessionStreamProcessor(client, consumer_name=consumer)
+    processor.ensure_group()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("streaming job %s reading %s as group %s on %s", consumer, STREAM, GROUP, url)
+    processor.run_forever(stop)
+    log.info("streaming job stopped: %s", processor.stats)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""A training set built from the simulator in pure pandas (no Spark): fast fixtures for model tests.
+
+Mirrors training.dataset.build_training_set: one row per impression; label 0.6/0.3/0.1 by
+dwell when the same user clicked the item later in the session (-0.1 for an explicit skip,
+else 0); user/item store columns counted from strictly earlier days (the daily snapshot
+as of the impression's day); session columns replayed with the shared fold; a time split
+(first 70% of days train, next 15% validation, last 15% test).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from features.functions import replay_session_features, smoothed_ctr
+from ingestion.schema import DAY_MS, EVENT_TYPES
+
+USER_WINDOW_DAYS = 30
+USER_SHORT_WINDOW_DAYS = 7
+ITEM_WINDOW_DAYS = 7
+DWELL_LONG_MS = 30_000
+DWELL_MEDIUM_MS = 10_000
+
+
+def clean_events(events: pd.DataFrame) -> pd.DataFrame:
+    """Drop what the contract would quarantine (nulls, unknown types, bad numbers) and exact duplicates."""
+    ev = events.drop_duplicates("event_id")
+    ok = (ev["user_id"].notna() & ev["item_id"].notna() & ev["event_type"].isin(EVENT_TYPES)
+          & (ev["timestamp"] > 0) & (ev["dwell_time_ms"].fillna(0) >= 0) & ev["session_id"].notna())
+    return ev[ok].reset_index(drop=True)
+
+
+def _window_counts(entity_codes: np.ndarray, days: np.ndarray, weights: np.ndarray, n_entities: int, n_days: int,
+                   query_entity: np.ndarray, query_day: np.ndarray, window: int) -> np.ndarray:
+    """Sum of weights for the entity over days [d - window, d - 1] for each query (entity, day d)."""
+    grid = np.zeros((n_entities, n_days + 1))
+    np.add.at(grid, (entity_codes, days + 1), weights)
+    cs = np.cumsum(grid, axis=1)  # cs[e, j] = sum over days < j
+    hi = cs[query_entity, query_day]
+    lo = cs[query_entity, np.clip(query_day - window, 0, None)]
+    return hi - lo
+
+
+def make_training_set(world) -> pd.DataFrame:
+    ev = clean_events(world.events)
+    items = world.items
+    cat_of = dict(zip(items["item_id"], items["category"]))
+    day0 = int(ev["timestamp"].min()) // DAY_MS
+    ev = ev.assign(day=(ev["timestamp"] // DAY_MS - day0).astype(np.int64))
+    n_days = int(ev["day"].max()) + 1
+
+    imp = ev[ev["event_type"] == "impression"][["event_id", "user_id", "item_id", "session_id", "timestamp", "position",
+                                                "device_type", "page_context", "day"]].copy()
+    # labels: the first later click on the same item by the same user in the session
+    clicks = ev[ev["event_type"] == "click"][["session_id", "user_id", "item_id", "timestamp", "dwell_time_ms"]]
+    m = imp[["event_id", "session_id", "user_id", "item_id", "timestamp"]].merge(
+        clicks, on=["session_id", "user_id", "item_id"], suffixes=("", "_click"))
+    m = m[m["timestamp_click"] > m["timestamp"]].sort_values("timestamp_click").drop_duplicates("event_id")
+    dwell = imp["event_id"].map(dict(zip(m["event_id"], m["dwell_time_ms"])))
+    clicked = dwell.notna().to_numpy()
+    d = dwell.fillna(0).to_numpy()
+    label = np.where(d >= DWELL_LONG_MS, 0.6, np.where(d >= DWELL_MEDIUM_MS, 0.3, 0.1))
+    skips = ev[ev["event_type"] == "skip"][["session_id", "item_id"]].drop_duplicates()
+    skipped = pd.MultiIndex.from_frame(imp[["session_id", "item_id"]]).isin(pd.MultiIndex.from_frame(skips))
+    imp["label"] = np.where(clicked, label, np.where(skipped, -0.1, 0.0))
+    imp["label_binary"] = clicked.astype(np.int64)
+
+    # user store columns: counts from days strictly before the impression's day
+    u_codes, u_uni = pd.factorize(pd.concat([ev["user_id"], imp["user_id"]]))
+    u_ev, u_imp = u_codes[: len(ev)], u_codes[len(ev):]
+    is_click = (ev["event_type"] == "click").to_numpy(dtype=float)
+    is_imp = (ev["event_type"] == "impression").to_numpy(dtype=float)
+    ed, qd = ev["day"].to_numpy(), imp["day"].to_numpy()
+    nu = len(u_uni)
+    uc7 = _window_counts(u_ev, ed, is_click, nu, n_days, u_imp, qd, USER_SHORT_WINDOW_DAYS)
+    uc30 = _window_counts(u_ev, ed, is_click, nu, n_days, u_imp, qd, USER_WINDOW_DAYS)
+    ui30 = _window_counts(u_ev, ed, is_imp, nu, n_days, u_imp, qd, USER_WINDOW_DAYS)
+    ua30 = _window_counts(u_ev, ed, np.ones(len(ev)), nu, n_days, u_imp, qd, USER_WINDOW_DAYS)
+    has_user = ua30 > 0  # no snapshot row for a user without events in the window
+    imp["user_clicks_7d"] = np.where(has_user, uc7, np.nan)
+    imp["user_impressions_30d"] = np.where(has_user, ui30, np.nan)
+    imp["user_ctr_30d"] = np.where(has_user, smoothed_ctr(uc30, ui30), np.nan)
+    cats = sorted(set(cat_of.values()))
+    c_index = {c: k for k, c in enumerate(cats)}
+    ev_cat = ev["item_id"].map(cat_of).map(c_index).fillna(-1).to_numpy(dtype=np.int64)
+    per_cat = np.stack([
+        _window_counts(u_ev, ed, is_click * (ev_cat == k), nu, n_days, u_imp, qd, USER_WINDOW_DAYS) for k in range(len(cats))
+    ], axis=1)
+    cache: dict[tuple, str | None] = {}
+    ucc = []
+    for row, ok in zip(per_cat, has_user):
+        key = tuple(row) if ok else None
+        if key not in cache:
+            cache[key] = (json.dumps({cats[k]: float(v) for k, v in enumerate(row) if v > 0}, sort_keys=True)
+                          if ok and row.sum() > 0 else None)
+        ucc.append(cache[key])
+    imp["user_category_clicks_30d"] = pd.Series(ucc, index=imp.index, dtype=object)
+
+    # item store columns
+    i_codes, i_uni = pd.factorize(pd.concat([ev["item_id"], imp["item_id"]]))
+    i_ev, i_imp = i_codes[: len(ev)], i_codes[len(ev):]
+    ni = len(i_uni)
+    ic7 = _window_counts(i_ev, ed, is_click, ni, n_days, i_imp, qd, ITEM_WINDOW_DAYS)
+    ii7 = _window_counts(i_ev, ed, is_imp, ni, n_days, i_imp, qd, ITEM_WINDOW_DAYS)
+    ia7 = _window_counts(i_ev, ed, np.ones(len(ev)), ni, n_days, i_imp, qd, ITEM_WINDOW_DAYS)
+    has_item = ia7 > 0
+    imp["item_clicks_7d"] = np.where(has_item, ic7, np.nan)
+    imp["item_impressions_7d"] = np.where(has_item, ii7, np.nan)
+    imp["item_ctr_7d"] = np.where(has_item, smoothed_ctr(ic7, ii7), np.nan)
+    imp["category"] = imp["item_id"].map(cat_of)
+    imp["publish_ts"] = imp["item_id"].map(dict(zip(items["item_id"], items["publish_ts"])))
+
+    sess = replay_session_features(ev[["event_id", "session_id", "event_type", "item_id", "timestamp"]], cat_of)
+    imp = imp.merge(sess, on="event_id", how="left")
+    for c in ("session_length", "session_clicks", "session_category_share", "session_item_seen"):
+        imp[c] = imp[c].fillna(0.0)
+    imp["seconds_since_last_event"] = imp["seconds_since_last_event"].fillna(3600.0)
+    imp["session_last_items"] = imp["session_last_items"].fillna("[]")
+    imp["query_id"] = imp["session_id"]
+    imp["request_ts"] = imp["timestamp"]
+    imp_days = int(imp["day"].max()) + 1  # late purchases may run past the last impression day
+    train_end, valid_end = int(0.70 * imp_days + 0.5), int(0.85 * imp_days + 0.5)
+    imp["split"] = np.where(imp["day"] < train_end, "train", np.where(imp["day"] < valid_end, "validation", "test"))
+    imp = imp.drop(columns="day").sort_values(["timestamp", "event_id"], kind="mergesort").reset_index(drop=True)
+    return imp

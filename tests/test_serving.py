@@ -1,0 +1,269 @@
+"""The ranking path with a real bundle (trained on the simulator), a real redis-server and a real
+BentoML server process: response contract, in-session adaptation, fallbacks, HTTP status codes."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import redis
+
+from features.online import OnlineStore
+from features.registry import ITEM_STORE_COLUMNS, USER_STORE_COLUMNS
+from orchestration.services import EmbeddedRedis, free_port, start_redis
+from serving.pipeline import (FALLBACK_MODEL_ERROR, FALLBACK_NO_MODEL, FALLBACK_REDIS, SERVED_TWO_STAGE,
+                              personalize, validate_request)
+from streaming.job import SessionStreamProcessor, publish
+from tests._trainset import make_training_set
+
+STAGES = ("feature_fetch", "candidate_retrieval", "ranking_inference", "post_processing")
+
+
+@pytest.fixture(scope="module")
+def trained(small_world):
+    from training.trainer import train_bundle
+
+    training_set = make_training_set(small_world)
+    outcome = train_bundle(training_set, small_world.items, small_world.users)
+    return outcome, training_set
+
+
+@pytest.fixture(scope="module")
+def snapshot(small_world, trained):
+    """The newest feature values per user and item (from the training set's store columns) + popularity."""
+    _, ts = trained
+    latest = ts.sort_values("timestamp")
+    users = latest.drop_duplicates("user_id", keep="last")[["user_id", *USER_STORE_COLUMNS]]
+    item_cols = [c for c in ITEM_STORE_COLUMNS if c not in ("category", "publish_ts")]
+    items = small_world.items[["item_id", "category", "publish_ts"]].merge(
+        latest.drop_duplicates("item_id", keep="last")[["item_id", *item_cols]], on="item_id", how="left")
+    popular = items.sort_values("item_clicks_7d", ascending=False, na_position="last")["item_id"].tolist()
+    now_ms = int(ts["timestamp"].max()) + 3_600_000
+    return users, items, popular, now_ms
+
+
+@pytest.fixture()
+def store(redis_client: redis.Redis, snapshot) -> OnlineStore:
+    users, items, popular, _ = snapshot
+    OnlineStore(redis_client).materialize(users, items, version="t1", popular=popular)
+    return OnlineStore(redis_client)
+
+
+def _request(user: str, session: str | None = None, ts: int | None = None, num: int = 10, pool: int = 200) -> dict:
+    ctx = {"device_type": "mobile", "geo_region": "eu"}
+    if session:
+        ctx["session_id"] = session
+    if ts is not None:
+        ctx["timestamp_ms"] = ts
+    return {"user_id": user, "surface": "home_feed", "context": ctx,
+            "request_config": {"num_results": num, "candidate_pool_size": pool, "max_latency_ms": 100}}
+
+
+def _pct(values, qs=(50, 99)) -> str:
+    p = np.percentile(np.asarray(values, dtype=float), qs)
+    return " ".join(f"p{q} {v:.2f}" for q, v in zip(qs, p))
+
+
+# --------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("body, message", [
+    ({"surface": "home_feed"}, "user_id"),
+    ({"user_id": "u1", "request_config": {"num_results": 0}}, "num_results"),
+    ({"user_id": "u1", "request_config": {"num_results": 101}}, "num_results"),
+    ({"user_id": "u1", "request_config": {"num_results": "ten"}}, "num_results"),
+    ({"user_id": "u1", "debug": True}, "unknown field"),
+    ({"user_id": "u1", "context": {"sessionid": "x"}}, "unknown context field"),
+])
+def test_bad_requests_raise_a_clear_value_error(body: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        validate_request(body)
+
+
+# --------------------------------------------------------------------------- in-process pipeline
+def test_response_contract_and_stage_latencies(trained, store: OnlineStore, snapshot) -> None:
+    bundle = trained[0].bundle
+    users, items, _, now_ms = snapshot
+    resp = personalize(_request("u00010", ts=now_ms), bundle, store)
+    assert resp["served_by"] == SERVED_TWO_STAGE
+    assert resp["user_id"] == "u00010" and resp["request_id"] and resp["model_version"] == bundle.model_version
+    ranked = resp["ranked_items"]
+    assert len(ranked) == 10 and [r["rank"] for r in ranked] == list(range(1, 11))
+    scores = [r["score"] for r in ranked]
+    assert scores == sorted(scores, reverse=True) and len({r["item_id"] for r in ranked}) == 10
+    assert set(resp["latency_breakdown_ms"]) == {*STAGES, "total"}
+    assert personalize(_request("u00010", ts=now_ms, num=3), bundle, store)["ranked_items"] == ranked[:3]
+    # a user the model never saw still gets a personalized-by-context list
+    assert personalize(_request("brand-new-user", ts=now_ms), bundle, store)["served_by"] == SERVED_TWO_STAGE
+
+    # the in-process floor, per stage, at 200 candidates (users cycle so the store is really read)
+    user_ids = users["user_id"].tolist()
+    for k in range(30):  # warm-up: first torch/LightGBM calls, allocator
+        personalize(_request(user_ids[k], ts=now_ms), bundle, store)
+    lat = {k: [] for k in (*STAGES, "total")}
+    for k in range(300):
+        r = personalize(_request(user_ids[k % len(user_ids)], session=f"warm-{k % 7}", ts=now_ms, pool=200), bundle, store)
+        assert r["served_by"] == SERVED_TWO_STAGE
+        for s in lat:
+            lat[s].append(r["latency_breakdown_ms"][s])
+    print("\nin-process latency at 200 candidates (ms): " + "; ".join(f"{s}: {_pct(v)}" for s, v in lat.items()))
+    assert np.percentile(lat["total"], 50) < 50
+
+
+def test_three_clicks_in_a_category_raise_its_share(trained, store: OnlineStore, snapshot, redis_client,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clicks go through the real stream job into the session key; the next request reflects them.
+
+    Reported twice: the learned ranking alone (session-aware user tower + session features in the
+    ranker) and the served ranking (plus the session-intent re-rank rule)."""
+    import serving.pipeline as pipeline
+
+    bundle = trained[0].bundle
+    _, items, _, now_ms = snapshot
+    category = dict(zip(items["item_id"], items["category"]))
+    processor = SessionStreamProcessor(redis_client, consumer_name="test")
+    processor.ensure_group()
+    before_shares, learned_shares, served_shares = [], [], []
+    for n, user in enumerate(["u00003", "u00010", "u00025", "u00042", "u00077"]):
+        before = personalize(_request(user, session=f"adapt-{n}", ts=now_ms), bundle, store)
+        assert "rerank" not in before
+        shown = Counter(category[i["item_id"]] for i in before["ranked_items"])
+        target = min(sorted(set(category.values())), key=lambda c: shown.get(c, 0))
+        clicked = [i for i, c in category.items() if c == target][:3]
+        publish(redis_client, [{"event_id": f"adapt-{n}-{k}", "user_id": user, "item_id": item, "event_type": "click",
+                                "timestamp": now_ms + 1000 * (k + 1), "session_id": f"adapt-{n}", "position": k,
+                                "page_context": "home_feed", "device_type": "mobile", "dwell_time_ms": 40_000,
+                                "schema_version": 1} for k, item in enumerate(clicked)])
+        assert processor.process_once(count=10, block_ms=100) == 3
+        after_req = _request(user, session=f"adapt-{n}", ts=now_ms + 5000)
+        with monkeypatch.context() as m:
+            m.setattr(pipeline, "INTENT_SLOT_SHARE", 0.0)
+            learned = personalize(after_req, bundle, store)
+        served = personalize(after_req, bundle, store)
+        for after in (learned, served):
+            assert after["served_by"] == SERVED_TWO_STAGE and len(after["ranked_items"]) == 10
+            assert not set(clicked) & {i["item_id"] for i in after["ranked_items"]}  # engaged items filtered
+        assert served["rerank"]["session_intent"] == target
+        before_shares.append(shown.get(target, 0))
+        learned_shares.append(sum(1 for i in learned["ranked_items"] if category[i["item_id"]] == target))
+        served_shares.append(sum(1 for i in served["ranked_items"] if category[i["item_id"]] == target))
+    print(f"\nleast-shown category's share of the top-10 before -> after three clicks in it: {before_shares} -> "
+          f"learned ranking {learned_shares}, served (with session-intent rule) {served_shares}")
+    assert sum(learned_shares) > sum(before_shares)  # the model itself moves, on average
+    assert all(a > b for a, b in zip(served_shares, before_shares)), (before_shares, served_shares)
+
+
+def test_fallbacks_always_answer(trained, snapshot, tmp_path: Path, store: OnlineStore) -> None:
+    bundle = trained[0].bundle
+    users, items, popular, now_ms = snapshot
+    # Redis goes away mid-flight: a dedicated redis-server we stop
+    server = start_redis(tmp_path / "redis-down")
+    client = redis.Redis.from_url(server.url, decode_responses=True, socket_timeout=0.2, socket_connect_timeout=0.2)
+    own = OnlineStore(client)
+    own.materialize(users, items, version="d1", popular=popular)
+    assert personalize(_request("u00010", session="s", ts=now_ms), bundle, own)["served_by"] == SERVED_TWO_STAGE
+    server.stop()
+    t = time.perf_counter()
+    down = personalize(_request("u00010", session="s", ts=now_ms), bundle, own)
+    assert down["served_by"] == FALLBACK_REDIS and len(down["ranked_items"]) == 10
+    assert time.perf_counter() - t < 1.0
+    assert down["model_version"] == bundle.model_version
+    t = time.perf_counter()  # circuit open: the next requests do not even try the socket
+    assert personalize(_request("u00010", session="s", ts=now_ms), bundle, own)["served_by"] == FALLBACK_REDIS
+    assert time.perf_counter() - t < 0.1
+    # Redis comes back (same port, empty): requests recover by themselves once the breaker closes
+    revived = start_redis(tmp_path / "redis-back", port=server.port)
+    try:
+        own.materialize(users, items, version="d2", popular=popular)
+        time.sleep(own.breaker_s)
+        deadline = time.time() + 10
+        while (r := personalize(_request("u00010", ts=now_ms), bundle, own))["served_by"] != SERVED_TWO_STAGE:
+            assert time.time() < deadline, r["served_by"]
+            time.sleep(0.05)
+    finally:
+        revived.stop()
+    assert personalize(_request("u00010"), bundle, None)["served_by"] == FALLBACK_REDIS
+
+    # no model: the store's popular list
+    cold = personalize(_request("u00010", ts=now_ms), None, store)
+    assert cold["served_by"] == FALLBACK_NO_MODEL
+    assert [i["item_id"] for i in cold["ranked_items"]] == popular[:10]
+    # no model and no Redis: still an answer (empty if nothing was ever cached)
+    assert personalize(_request("u00010"), None, None)["served_by"] == FALLBACK_REDIS
+
+    # a bundle whose ranker cannot score this feature schema: the model fails, the request does not
+    broken = copy.copy(bundle)
+    broken.manifest = {**bundle.manifest, "ranker_features": [*bundle.manifest.get("ranker_features", []), "no_such_feature"]}
+    failed = personalize(_request("u00010", ts=now_ms), broken, store)
+    assert failed["served_by"] == FALLBACK_MODEL_ERROR and len(failed["ranked_items"]) == 10
+
+
+# --------------------------------------------------------------------------- the real HTTP server
+def test_bentoml_server_over_http(trained, snapshot, store: OnlineStore, redis_server: EmbeddedRedis,
+                                  settings, tmp_path: Path) -> None:
+    from serving.server import start_server, stop_server, wait_ready
+    from training.gates import GateResult
+    from training.registry import register_bundle
+
+    outcome = trained[0]
+    _, _, popular, now_ms = snapshot
+    port = free_port()
+    env = {**os.environ, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url, "KAIROS_MODEL_POLL_S": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = start_server(port, env=env, log_path=tmp_path / "server.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout_s=90)
+        with httpx.Client(base_url=base, timeout=30) as http:
+            assert http.get("/healthz").status_code == 200
+            assert http.get("/readyz").status_code == 200
+            # started before any model exists: popularity from the online store
+            cold = http.post("/v1/personalize", json=_request("u00010", ts=now_ms))
+            assert cold.status_code == 200, cold.text
+            assert cold.json()["served_by"] == FALLBACK_NO_MODEL
+            assert [i["item_id"] for i in cold.json()["ranked_items"]] == popular[:10]
+
+            # register a champion: the server picks it up by itself and swaps the whole bundle
+            bundle_dir = outcome.bundle.save(tmp_path / "bundle")
+            version = register_bundle(settings, bundle_dir, outcome.metrics, outcome.params, {"test": "serving"},
+                                      GateResult(passed=True, reasons=["test"], checks={}))
+            deadline = time.time() + 60
+            body = None
+            while time.time() < deadline:
+                body = http.post("/v1/personalize", json=_request("u00010", ts=now_ms)).json()
+                if body["served_by"] == SERVED_TWO_STAGE:
+                    break
+                time.sleep(0.2)
+            assert body["served_by"] == SERVED_TWO_STAGE and body["model_version"] == version, body
+            assert len(body["ranked_items"]) == 10
+            assert set(body["latency_breakdown_ms"]) >= set(STAGES)
+            status = http.post("/v1/status", json={}).json()
+            assert status["model_version"] == version and status["redis_ok"] and status["feature_version"] == "t1"
+
+            bad = http.post("/v1/personalize", json={**_request("u00010"), "request_config": {"num_results": 0}})
+            assert bad.status_code == 400 and "num_results" in bad.text
+            assert http.post("/v1/personalize", json={"surface": "home_feed"}).status_code == 400
+            assert http.post("/v1/personalize", json={**_request("u00010"), "extra": 1}).status_code == 400
+            assert http.post("/v1/personalize", content=b"[1, 2]", headers={"content-type": "application/json"}).status_code == 400
+
+            # sequential latency over HTTP at 200 candidates
+            users = [f"u{k:05d}" for k in range(120)]
+            for k in range(20):  # warm-up
+                http.post("/v1/personalize", json=_request(users[k], ts=now_ms))
+            wall, total = [], []
+            for k in range(300):
+                t = time.perf_counter()
+                r = http.post("/v1/personalize", json=_request(users[k % 120], session=f"h{k % 5}", ts=now_ms, pool=200))
+                wall.append((time.perf_counter() - t) * 1000)
+                assert r.status_code == 200
+                total.append(r.json()["latency_breakdown_ms"]["total"])
+            print(f"\nHTTP sequential latency at 200 candidates over {len(wall)} requests (ms): client {_pct(wall)}; "
+                  f"server-side total {_pct(total)}")
+    finally:
+        stop_server(proc)
+    assert proc.poll() is not None

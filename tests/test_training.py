@@ -1,0 +1,192 @@
+"""Training: two-tower, FAISS index, LightGBM ranker, evaluation, gate and the bundle round trip."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.functions import assemble_features
+from tests._trainset import make_training_set
+from training.bundle import Bundle
+from training.evaluation import evaluate_models, ranking_metrics
+from training.gates import GateConfig, GateResult, evaluate_gate
+from training.index import build_faiss_index, index_recall_at_k
+from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
+from training.trainer import TrainingOutcome, assemble_bundle, train_bundle
+from training.two_tower import TwoTower, TwoTowerConfig, encode_users, train_two_tower
+
+
+@pytest.fixture(scope="module")
+def trainset(small_world) -> pd.DataFrame:
+    return make_training_set(small_world)
+
+
+@pytest.fixture(scope="module")
+def outcome(trainset, small_world) -> TrainingOutcome:
+    return train_bundle(trainset, small_world.items, small_world.users)
+
+
+def test_training_set_helper_is_point_in_time(trainset) -> None:
+    assert set(trainset["split"]) == {"train", "validation", "test"}
+    order = {"train": 0, "validation": 1, "test": 2}
+    assert trainset["split"].map(order).is_monotonic_increasing  # sorted by time, split by time
+    assert 0.05 < trainset["label_binary"].mean() < 0.6
+    assert set(trainset["label"].round(2).unique()) <= {-0.1, 0.0, 0.1, 0.3, 0.6}
+    assert (trainset["query_id"] == trainset["session_id"]).all()
+    # the first day has no earlier snapshot
+    first_day = trainset["timestamp"] < trainset["timestamp"].min() + 86_400_000 - trainset["timestamp"].min() % 86_400_000
+    assert trainset.loc[first_day, "item_clicks_7d"].isna().all()
+    assert trainset["user_category_clicks_30d"].notna().any()
+    hist = trainset["session_last_items"].map(json.loads)
+    assert (hist.map(len) <= 10).all() and (hist.map(len) > 0).any()
+
+
+def test_two_tower_learns(outcome) -> None:
+    m = outcome.two_tower.metrics
+    assert m["validation_recall_at_50"] > 1.6 * m["random_recall_at_50"], m
+    emb = outcome.two_tower.item_embeddings
+    assert emb.dtype == np.float32 and emb.shape == (len(outcome.two_tower.item_ids), 64)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    # the two-tower affinity alone already ranks better than chance on the test window
+    assert outcome.metrics["two_tower"]["auc"] > 0.55
+
+
+def test_encode_users_unknown_user_and_empty_history(outcome) -> None:
+    tt = outcome.two_tower
+    model = tt.model
+    known = tt.user_row[tt.user_ids[0]]
+    vecs = encode_users(model, [-1, known, -1, 10**9], [[], [], [0, 1, 2], [5]])
+    assert vecs.shape == (4, 64) and vecs.dtype == np.float32
+    assert np.isfinite(vecs).all() and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+    assert not np.allclose(vecs[0], vecs[2])  # the session history moves the vector
+    # unknown item rows in the history are ignored, not an error
+    assert np.allclose(encode_users(model, [known], [[-1, 10**9]])[0], vecs[1], atol=1e-6)
+    assert encode_users(model, [], []).shape == (0, 64)
+
+
+def test_two_tower_is_deterministic(trainset, small_world) -> None:
+    train, valid = trainset[trainset["split"] == "train"], trainset[trainset["split"] == "validation"]
+    cfg = TwoTowerConfig(epochs=2, seed=3)
+    a = train_two_tower(train, small_world.items, small_world.users, cfg, valid_rows=valid)
+    b = train_two_tower(train, small_world.items, small_world.users, cfg, valid_rows=valid)
+    assert np.array_equal(a.item_embeddings, b.item_embeddings)
+    assert a.metrics["validation_recall_at_50"] == b.metrics["validation_recall_at_50"]
+    c = train_two_tower(train, small_world.items, small_world.users, TwoTowerConfig(epochs=2, seed=4))
+    assert not np.array_equal(a.item_embeddings, c.item_embeddings)
+    clone = pickle.loads(pickle.dumps(a))  # passes between Dagster assets pickled
+    assert np.array_equal(clone.item_embeddings, a.item_embeddings) and clone.item_row == a.item_row
+    rebuilt = TwoTower(**json.loads(json.dumps(a.model.config)))
+    rebuilt.load_state_dict(a.model.state_dict())
+    rebuilt.eval()
+    assert np.allclose(encode_users(rebuilt, [0, -1], [[1], []]), encode_users(a.model, [0, -1], [[1], []]))
+
+
+def test_hnsw_recall_vs_exact(outcome) -> None:
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(5_000, 64)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    index = build_faiss_index(emb, kind="hnsw")
+    assert index.hnsw.efSearch >= 128
+    queries = emb[rng.choice(len(emb), 200, replace=False)] + 0.05 * rng.normal(size=(200, 64)).astype(np.float32)
+    recall = index_recall_at_k(index, emb, queries, k=100)
+    assert recall >= 0.95, recall
+    flat = build_faiss_index(emb, kind="flat")
+    assert index_recall_at_k(flat, emb, queries, k=100) == 1.0
+    assert outcome.index_recall_at_100 >= 0.95
+
+
+def test_ranking_metrics_by_hand() -> None:
+    frame = pd.DataFrame({"query_id": ["a"] * 4 + ["b"] * 3 + ["c"] * 2,
+                          "label": [0.6, 0.0, 0.1, 0.0, 0.0, 0.0, 0.3, 0.0, 0.0],
+                          "label_binary": [1, 0, 1, 0, 0, 0, 1, 0, 0]})
+    perfect = ranking_metrics(frame, [4, 3, 3.5, 1, 1, 2, 3, 1, 2])
+    assert perfect["ndcg_at_10"] == pytest.approx(1.0) and perfect["hr_at_10"] == 1.0 and perfect["mrr"] == 1.0
+    assert perfect["queries_with_positive"] == 2.0 and perfect["queries"] == 3.0
+    assert "logloss" not in perfect  # scores are not probabilities
+    worst = ranking_metrics(frame, [1, 3, 2, 4, 3, 2, 1, 1, 1], k=1)
+    assert worst["hr_at_1"] == 0.0 and worst["mrr"] == pytest.approx(1 / 3)
+    # query b, positive last: ideal gain .3 at rank 1 vs at rank 3
+    b = ranking_metrics(frame.iloc[4:7], [3, 2, 1])
+    assert b["ndcg_at_10"] == pytest.approx(1 / np.log2(4))
+    probs = ranking_metrics(frame, np.linspace(0.1, 0.9, 9))
+    assert all(isinstance(v, float) for v in probs.values()) and "logloss" in probs
+    # ties are not broken by the logged order: a constant score averages out
+    many = pd.DataFrame({"query_id": np.repeat(np.arange(400), 10), "label": np.tile([1.0] + [0.0] * 9, 400),
+                         "label_binary": np.tile([1] + [0] * 9, 400)})
+    flat = ranking_metrics(many, np.zeros(len(many)), k=1)
+    assert 0.05 < flat["hr_at_1"] < 0.15
+
+
+def test_two_stage_beats_popularity_and_metrics_are_floats(outcome) -> None:
+    m = outcome.metrics
+    assert set(m) == {"two_stage", "two_tower", "popularity", "logistic_regression"}
+    for vals in m.values():
+        assert all(type(v) is float for v in vals.values())
+        assert {"auc", "ndcg_at_10", "hr_at_10", "mrr"} <= set(vals)
+    assert m["two_stage"]["ndcg_at_10"] > m["popularity"]["ndcg_at_10"], m
+    assert m["two_stage"]["auc"] > m["popularity"]["auc"] + 0.05, m
+    booster = outcome.booster
+    assert booster.feature_name() == list(assemble_features(pd.DataFrame({"a": [1]})).columns)
+
+
+def test_gate_refuses_a_worse_model_and_accepts_a_good_one(outcome, trainset) -> None:
+    frame = add_embedding_affinity(trainset, outcome.two_tower)
+    good = evaluate_gate(outcome.metrics["two_stage"], outcome.metrics["popularity"], None, GateConfig())
+    assert good.passed, good.reasons
+    assert any("no champion yet" in r for r in good.reasons)
+    # a ranker trained on shuffled labels learns nothing
+    shuffled = frame.copy()
+    rng = np.random.default_rng(1)
+    train_mask = (shuffled["split"] == "train").to_numpy()
+    shuffled.loc[train_mask, "label_binary"] = rng.permutation(shuffled.loc[train_mask, "label_binary"].to_numpy())
+    bad_booster = train_ranker(shuffled[shuffled["split"] == "train"], None, RankerConfig(num_boost_round=60))
+    bad = evaluate_models(frame, outcome.two_tower, bad_booster)
+    gate = evaluate_gate(bad["two_stage"], bad["popularity"], outcome.metrics["two_stage"], GateConfig())
+    assert not gate.passed
+    assert not gate.checks["no_auc_regression"]["passed"]
+    assert any(r.startswith("FAIL no_auc_regression") and "AUC" in r for r in gate.reasons), gate.reasons
+    # a demanding lift over popularity is refused with the numbers in the sentence
+    strict = evaluate_gate(outcome.metrics["two_stage"], outcome.metrics["popularity"], None, GateConfig(5.0))
+    assert not strict.passed and "NDCG@10" in strict.reasons[0] and "FAIL" in strict.reasons[0]
+    # the champion check: the same model against itself passes, against a much better champion fails
+    champ = dict(outcome.metrics["two_stage"])
+    assert evaluate_gate(champ, outcome.metrics["popularity"], champ, GateConfig()).passed
+    better = {**champ, "auc": champ["auc"] + 0.01}
+    assert not evaluate_gate(champ, outcome.metrics["popularity"], better, GateConfig()).passed
+    assert evaluate_gate(champ, outcome.metrics["popularity"], {}, GateConfig()).passed
+    clone = pickle.loads(pickle.dumps(gate))
+    assert isinstance(clone, GateResult) and clone.reasons == gate.reasons
+    json.dumps(gate.checks)
+
+
+def test_bundle_round_trip_gives_identical_scores(outcome, trainset, small_world, tmp_path) -> None:
+    import faiss
+
+    bundle = outcome.bundle
+    path = bundle.save(tmp_path / "bundle")
+    loaded = Bundle.load(path, model_version="7")
+    assert loaded.model_version == "7" and loaded.item_ids == bundle.item_ids
+    test = add_embedding_affinity(trainset[trainset["split"] == "test"], outcome.two_tower)
+    feats = assemble_features(test)
+    assert np.array_equal(loaded.rank(feats), bundle.rank(feats))
+    assert np.allclose(bundle.rank(feats), outcome.booster.predict(feats.to_numpy()))
+    uid = small_world.users["user_id"].iloc[3]
+    hist = [small_world.items["item_id"].iloc[5], "not-an-item"]
+    q1, q2 = bundle.user_vector(uid, hist), loaded.user_vector(uid, hist)
+    assert np.array_equal(q1, q2)
+    (ids_a, sc_a), (ids_b, sc_b) = loaded.retrieve(q2, 20), bundle.retrieve(q1, 20)
+    assert ids_a == ids_b and np.allclose(sc_a, sc_b)
+    assert np.isfinite(loaded.user_vector(None, [])).all()
+    # popularity: global covers the catalog, per device and per segment lists exist
+    assert sorted(loaded.popular(10_000)) == sorted(bundle.item_ids)
+    assert {"global", "mobile", "desktop"} <= set(loaded.popularity)
+    assert set(small_world.users["segment"]) <= set(loaded.popularity)
+    assert loaded.popular(5, "no-such-segment") == loaded.popular(5)
+    # the Dagster path: the index passed as serialized bytes
+    again = assemble_bundle(outcome.two_tower, faiss.serialize_index(bundle.index), outcome.booster, trainset,
+                            small_world.users, manifest={"data_versions": {"training_set": 3}})
+    assert again.index.ntotal == len(bundle.item_ids) and again.manifest["data_versions"] == {"training_set": 3}
+    assert again.popularity == bundle.popularity

@@ -1,0 +1,144 @@
+"""Labels: what each impression earned, once its attribution window has closed.
+
+An engagement (click, add_to_cart, purchase, share, skip) is credited to the latest
+impression of the same (user, item) at or before it, if that impression is less
+than `attribution_window_ms` older. An impression is labeled only after its window
+has closed (timestamp + window <= as_of), so a label never changes after it is
+written and never peeks past `as_of` (DESIGN invariant 2: labels come after the
+features, and only from what was known at as_of).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ingestion.schema import HOUR_MS
+
+# The seed's weighted engagement, declared once: the scalar and the vectorized score both read these.
+EVENT_WEIGHTS: dict[str, float] = {"purchase": 1.0, "share": 0.8, "skip": -0.1, "add_to_cart": 0.0, "impression": 0.0}
+CLICK_DWELL_WEIGHTS: tuple[tuple[int, float], ...] = ((30_000, 0.6), (5_000, 0.3), (0, 0.1))  # (min dwell ms, score)
+ENGAGEMENT_EVENT_TYPES: tuple[str, ...] = ("click", "add_to_cart", "purchase", "share", "skip")
+LABEL_MIN, LABEL_MAX = -0.1, 1.0
+
+LABEL_COLUMNS: list[str] = ["event_id", "user_id", "item_id", "session_id", "timestamp", "position", "device_type",
+                            "page_context", "label", "label_binary", "n_engagements"]
+REQUIRED_COLUMNS: tuple[str, ...] = ("event_id", "user_id", "item_id", "event_type", "timestamp")
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    attribution_window_ms: int = 72 * HOUR_MS
+    positive_threshold: float = 0.3
+
+
+def engagement_score(event_type: str, dwell_time_ms: float | None) -> float:
+    """Score of one event: purchases and shares are strong, clicks scale with dwell, skips are negative."""
+    if event_type == "click":
+        dwell = 0.0 if dwell_time_ms is None or (isinstance(dwell_time_ms, float) and math.isnan(dwell_time_ms)) \
+            else float(dwell_time_ms)
+        for min_dwell, score in CLICK_DWELL_WEIGHTS:
+            if dwell >= min_dwell:
+                return score
+        return CLICK_DWELL_WEIGHTS[-1][1]  # negative dwell: a click is still a click
+    return EVENT_WEIGHTS.get(event_type, 0.0)
+
+
+def engagement_scores(event_types: pd.Series, dwell_time_ms: pd.Series) -> np.ndarray:
+    """`engagement_score` over columns (same weights, no Python loop)."""
+    types = event_types.to_numpy(dtype=object)
+    dwell = pd.to_numeric(dwell_time_ms, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+    dwell = np.nan_to_num(dwell, nan=0.0)
+    scores = np.zeros(len(types), dtype="float64")
+    for event_type, weight in EVENT_WEIGHTS.items():
+        scores[types == event_type] = weight
+    is_click = types == "click"
+    click = np.full(len(types), CLICK_DWELL_WEIGHTS[-1][1])
+    for min_dwell, score in reversed(CLICK_DWELL_WEIGHTS):
+        click = np.where(dwell >= min_dwell, score, click)
+    scores[is_click] = click[is_click]
+    return scores
+
+
+def _empty_labels() -> pd.DataFrame:
+    return pd.DataFrame({
+        "event_id": pd.Series([], dtype=object), "user_id": pd.Series([], dtype=object),
+        "item_id": pd.Series([], dtype=object), "session_id": pd.Series([], dtype=object),
+        "timestamp": pd.Series([], dtype="int64"), "position": pd.Series([], dtype="Int64"),
+        "device_type": pd.Series([], dtype=object), "page_context": pd.Series([], dtype=object),
+        "label": pd.Series([], dtype="float64"), "label_binary": pd.Series([], dtype="int64"),
+        "n_engagements": pd.Series([], dtype="int64"),
+    })
+
+
+def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = LabelConfig()) -> pd.DataFrame:
+    """One row per impression whose attribution window closed by `as_of_ms` (exclusive: events at or after
+    as_of are unknown). Columns: LABEL_COLUMNS; label = attributed engagement summed, clipped to
+    [-0.1, 1.0]; label_binary = label >= positive_threshold; impressions nobody engaged with get 0.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in events.columns]
+    if missing:
+        raise ValueError(f"build_labels needs columns {list(REQUIRED_COLUMNS)} but {missing} are missing: "
+                         f"pass silver events (the contract's accepted rows), not a projection of them.")
+    window = int(config.attribution_window_ms)
+    if window <= 0:
+        raise ValueError(f"attribution_window_ms must be positive, got {window}")
+    as_of_ms = int(as_of_ms)
+
+    cols = [c for c in ("event_id", "user_id", "item_id", "event_type", "timestamp", "session_id", "position",
+                        "device_type", "page_context", "dwell_time_ms") if c in events.columns]
+    ev = events[cols]
+    ev = ev[ev["user_id"].notna() & ev["item_id"].notna() & ev["timestamp"].notna()]
+    ev = ev.assign(timestamp=ev["timestamp"].astype("int64"))
+    ev = ev[ev["timestamp"] < as_of_ms].reset_index(drop=True)  # nothing from the future of as_of
+    ts = ev["timestamp"].to_numpy()
+    is_imp = (ev["event_type"] == "impression").to_numpy()
+    # impressions labeled now: their whole window [t, t + window) lies before as_of
+    labeled = is_imp & (ts + window <= as_of_ms)
+    if not labeled.any():
+        return _empty_labels()
+    eng_mask = ev["event_type"].isin(ENGAGEMENT_EVENT_TYPES).to_numpy()
+    # credit per row of `ev` (only impression rows receive any), accumulated by row number: no string joins
+    total = np.zeros(len(ev), dtype="float64")
+    count = np.zeros(len(ev), dtype="int64")
+    if eng_mask.any():
+        eng = ev.loc[eng_mask, ["user_id", "item_id", "timestamp"]]
+        dwell = ev.loc[eng_mask, "dwell_time_ms"] if "dwell_time_ms" in ev else pd.Series(np.nan, index=eng.index)
+        eng = eng.assign(score=engagement_scores(ev.loc[eng_mask, "event_type"], dwell))
+        # every impression competes (one whose window is still open may be the latest before an engagement);
+        # ties at one timestamp go to the impression later in the input (stable sort)
+        right = (ev.loc[is_imp, ["user_id", "item_id", "timestamp"]]
+                 .assign(impression_row=np.flatnonzero(is_imp))
+                 .rename(columns={"timestamp": "impression_ts"})
+                 .sort_values("impression_ts", kind="mergesort"))
+        left = eng.sort_values("timestamp", kind="mergesort")
+        matched = pd.merge_asof(
+            left, right, left_on="timestamp", right_on="impression_ts", by=["user_id", "item_id"],
+            direction="backward", allow_exact_matches=True, tolerance=window - 1,  # the window is half-open
+        )
+        rows = matched["impression_row"].to_numpy(dtype="float64", na_value=np.nan)
+        hit = ~np.isnan(rows)
+        rows = rows[hit].astype("int64")
+        total = np.bincount(rows, weights=matched["score"].to_numpy()[hit], minlength=len(ev))
+        count = np.bincount(rows, minlength=len(ev)).astype("int64")
+
+    out = ev.loc[labeled].drop(columns=[c for c in ("event_type", "dwell_time_ms") if c in ev.columns])
+    out["label"] = total[labeled]
+    out["n_engagements"] = count[labeled]
+    for col in ("session_id", "device_type", "page_context"):
+        if col not in out:
+            out[col] = None
+    if "position" not in out:
+        out["position"] = pd.NA
+    # rounded so that sums like 0.1 + 0.2 meet a 0.3 threshold exactly
+    out["label"] = np.round(np.clip(out["label"].to_numpy(), LABEL_MIN, LABEL_MAX), 6)
+    out["label_binary"] = (out["label"] >= config.positive_threshold).astype("int64")
+    out["position"] = pd.to_numeric(out["position"], errors="coerce").round().astype("Int64")
+    out = out.sort_values("timestamp", kind="mergesort").reset_index(drop=True)  # stable: input order on ties
+    return out[LABEL_COLUMNS]
+
+
+__all__ = ["CLICK_DWELL_WEIGHTS", "ENGAGEMENT_EVENT_TYPES", "EVENT_WEIGHTS", "LABEL_COLUMNS", "LabelConfig",
+           "build_labels", "engagement_score", "engagement_scores"]

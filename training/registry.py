@@ -1,0 +1,195 @@
+"""The MLflow registry: one model version = the whole bundle directory; aliases switch versions.
+
+Every new version gets alias "challenger"; "champion" moves only when the gate passed.
+Serving resolves `models:/<name>@champion`, downloads the bundle once per version into
+a local cache and loads it (Bundle.load), so a rollback is an alias flip.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+
+from orchestration.settings import Settings
+from training.bundle import MANIFEST, Bundle
+
+log = logging.getLogger("kairos.registry")
+
+EXPERIMENT = "kairos"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+BUNDLE_ARTIFACT = "bundle"
+PIP_REQUIREMENTS = ["mlflow", "torch", "lightgbm", "faiss-cpu", "numpy", "pandas"]
+
+
+class BundleModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: rows with `user_id` (optional `history`, `num_results`) -> top item ids by the towers."""
+
+    def load_context(self, context) -> None:
+        self.bundle = Bundle.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        n = int((params or {}).get("num_results", 10))
+        out = []
+        for _, row in frame.iterrows():
+            hist = row.get("history") if "history" in frame else None
+            hist = json.loads(hist) if isinstance(hist, str) else list(hist or [])
+            uid = row.get("user_id")
+            if uid not in self.bundle.user_row and not hist:
+                out.append(self.bundle.popular(n))
+                continue
+            items, _ = self.bundle.retrieve(self.bundle.user_vector(uid, hist), n)
+            out.append(items)
+        return pd.DataFrame({"user_id": frame["user_id"].tolist(), "items": out})
+
+
+def _client(settings: Settings):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+    return MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+
+
+def _experiment_id(client, settings: Settings) -> str:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    Path(settings.mlflow_artifact_root).mkdir(parents=True, exist_ok=True) if "://" not in settings.mlflow_artifact_root else None
+    try:
+        return client.create_experiment(EXPERIMENT, artifact_location=settings.mlflow_artifact_root)
+    except Exception:  # created concurrently
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flatten_metrics(metrics: dict[str, dict], prefix: str = "test") -> dict[str, float]:
+    """{"two_stage": {"auc": .7}} -> {"test.two_stage.auc": .7}; non-numeric and NaN values skipped;
+    the "champion" entry (the previous champion's numbers) is logged as "champion_at_eval.*"."""
+    flat: dict[str, float] = {}
+    for model, vals in (metrics or {}).items():
+        if not isinstance(vals, dict):
+            continue
+        head = "champion_at_eval" if model == "champion" else f"{prefix}.{model}"
+        for k, v in vals.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if math.isnan(float(v)) or math.isinf(float(v)):
+                continue
+            flat[f"{head}.{k}"] = float(v)
+    return flat
+
+
+def register_bundle(settings: Settings, bundle_dir: Path, metrics: dict[str, dict], params: dict,
+                    tags: dict[str, str], gate: Any) -> str:
+    """One run + one registered model version holding the whole bundle directory. Returns the version."""
+    import mlflow
+
+    client = _client(settings)
+    exp_id = _experiment_id(client, settings)
+    gate_dict = asdict(gate) if hasattr(gate, "__dataclass_fields__") else dict(gate)
+    str_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+    gate_tags = {"gate.passed": str(bool(gate_dict["passed"])),
+                 "gate.reasons": " | ".join(gate_dict.get("reasons", []))[:4900]}
+    with mlflow.start_run(experiment_id=exp_id, run_name="kairos-bundle", tags=str_tags) as run:
+        mlflow.log_params({str(k): str(v)[:6000] for k, v in (params or {}).items()})
+        flat = flatten_metrics(metrics)
+        if flat:
+            mlflow.log_metrics(flat)
+        mlflow.log_dict(gate_dict, "gate.json")
+        mlflow.set_tags(gate_tags)
+        manifest_path = Path(bundle_dir) / MANIFEST
+        if manifest_path.exists():
+            mlflow.log_artifact(str(manifest_path), artifact_path="manifest")
+        info = mlflow.pyfunc.log_model(
+            name=BUNDLE_ARTIFACT,
+            python_model=BundleModel(),
+            artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=settings.model_name,
+        )
+        run_id = run.info.run_id
+    version = str(info.registered_model_version)
+    if version in ("None", ""):
+        found = client.search_model_versions(f"name='{settings.model_name}' and run_id='{run_id}'")
+        version = str(max(int(v.version) for v in found))
+    for k, v in {**str_tags, **gate_tags, "run_id": run_id}.items():
+        client.set_model_version_tag(settings.model_name, version, k, v)
+    client.set_registered_model_alias(settings.model_name, CHALLENGER, version)
+    if gate_dict["passed"]:
+        client.set_registered_model_alias(settings.model_name, CHAMPION, version)
+    log.info("registered %s version %s (champion: %s)", settings.model_name, version, gate_dict["passed"])
+    return version
+
+
+def _alias(settings: Settings, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    client = _client(settings)
+    try:
+        return client.get_model_version_by_alias(settings.model_name, alias)
+    except MlflowException:
+        return None
+
+
+def alias_version(settings: Settings, alias: str) -> str | None:
+    mv = _alias(settings, alias)
+    return str(mv.version) if mv is not None else None
+
+
+def champion_metrics(settings: Settings) -> dict | None:
+    """The champion's "two_stage" test metrics (auc, ndcg_at_10, ...), or None without a champion."""
+    mv = _alias(settings, CHAMPION)
+    if mv is None or not mv.run_id:
+        return None
+    run = _client(settings).get_run(mv.run_id)
+    head = "test.two_stage."
+    return {k[len(head):]: float(v) for k, v in run.data.metrics.items() if k.startswith(head)} or None
+
+
+def _find_bundle_dir(root: Path) -> Path:
+    hits = sorted(root.rglob(MANIFEST), key=lambda p: len(p.parts))
+    for p in hits:
+        if p.parent.name != "manifest":
+            return p.parent
+    raise FileNotFoundError(f"no {MANIFEST} under {root}")
+
+
+def load_alias(settings: Settings, alias: str = CHAMPION) -> Bundle | None:
+    """Download (once per version) and load the bundle behind `models:/<name>@<alias>`; None if absent."""
+    import mlflow
+
+    mv = _alias(settings, alias)
+    if mv is None:
+        return None
+    version = str(mv.version)
+    cache = Path(settings.home) / "model_cache" / settings.model_name / version
+    if not (cache / ".complete").exists():
+        if cache.exists():  # a partial download from a crashed process
+            shutil.rmtree(cache, ignore_errors=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=cache.parent))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{settings.model_name}/{version}",
+                                                dst_path=str(tmp), tracking_uri=settings.mlflow_tracking_uri)
+            (tmp / ".complete").write_text(version)
+            try:
+                tmp.rename(cache)
+            except OSError:  # another process won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return Bundle.load(_find_bundle_dir(cache), model_version=version)
