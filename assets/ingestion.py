@@ -8,7 +8,7 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
                      Config, MaterializeResult, MetadataValue, asset, multi_asset)
 
 from ingestion.schema import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA
-from orchestration.resources import LakeResource
+from orchestration.resources import ArtifactsResource, LakeResource
 from orchestration.settings import Settings
 
 BRONZE = "bronze_events"
@@ -78,8 +78,8 @@ def source_events(context: AssetExecutionContext, config: SourceConfig, lake: La
     check_specs=[AssetCheckSpec("events_contract", asset=SILVER), AssetCheckSpec("counts_reconcile", asset=SILVER)],
     description="Events that passed the Great Expectations contract, deduplicated; rejects go to quarantine with reasons.",
 )
-def silver_events(context: AssetExecutionContext, lake: LakeResource):
-    from data_contracts.events import validate_events
+def silver_events(context: AssetExecutionContext, lake: LakeResource, artifacts: ArtifactsResource):
+    from data_contracts.events import build_data_docs, validate_events
 
     store = lake.lake()
     pin = store.pin(BRONZE)
@@ -88,12 +88,14 @@ def silver_events(context: AssetExecutionContext, lake: LakeResource):
     out = store.write(SILVER, result.accepted, schema=EVENT_SCHEMA)
     if len(result.quarantined):
         store.write(QUARANTINE, result.quarantined, mode="append")
+    docs = build_data_docs(result, artifacts.path("data_docs", context.run_id))
     summary = result.summary()
     quarantine_rate = len(result.quarantined) / max(result.n_in, 1)
     yield MaterializeResult(metadata={
         **{k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))},
         "bronze_version": pin.version, "delta_version": out.version, "quarantine_rate": round(quarantine_rate, 5),
         "expectation_failures": MetadataValue.json(result.expectation_failures),
+        "data_docs": MetadataValue.path(str(docs)),
     })
     yield AssetCheckResult(
         check_name="events_contract", passed=quarantine_rate <= 0.05, severity=AssetCheckSeverity.WARN,

@@ -51,7 +51,7 @@ QUARANTINE_SCHEMA: pa.Schema = pa.schema(
     + [("reasons", pa.string()), ("raw_payload", pa.string()), ("run_id", pa.string()), ("quarantined_at", pa.int64())]
 )
 
-_UNREADABLE = "__unreadable"  # suffix of the helper column holding values that could not be coerced
+_UNREADABLE = "__unreadable"  # suffix of the flag column marking values that could not be coerced
 
 
 # --------------------------------------------------------------------------- the rules, as data
@@ -237,7 +237,7 @@ def _coerce_ints(raw: pd.Series, allow_datetimes: bool) -> tuple[pd.Series, pd.S
 
 
 def _typed_frame(events: pd.DataFrame) -> pd.DataFrame:
-    """EVENT_COLUMNS in schema types plus `<int col>__unreadable` helper columns, on a RangeIndex."""
+    """EVENT_COLUMNS in schema types plus `<int col>__unreadable` flag columns, on a RangeIndex."""
     n = len(events)
     cols: dict[str, pd.Series] = {}
     for col in EVENT_COLUMNS:
@@ -247,10 +247,9 @@ def _typed_frame(events: pd.DataFrame) -> pd.DataFrame:
         if col in INT_COLUMNS:
             typed, unreadable = _coerce_ints(raw, allow_datetimes=(col == "timestamp"))
             cols[col] = typed
-            helper = pd.Series(np.full(n, None, dtype=object), index=typed.index)
-            if unreadable.any():
-                helper[unreadable] = raw.reset_index(drop=True)[unreadable].map(repr).astype(object)
-            cols[f"{col}{_UNREADABLE}"] = helper
+            # 1.0 where the value could not be read as an int64 (the value itself is kept in raw_payload);
+            # a float flag rather than the raw object keeps GX's many frame copies cheap
+            cols[f"{col}{_UNREADABLE}"] = pd.Series(np.where(unreadable.to_numpy(), 1.0, np.nan), index=typed.index)
         else:
             cols[col] = _coerce_strings(raw, blank_is_null=col in BLANK_IS_NULL)
     return pd.DataFrame(cols, index=pd.RangeIndex(n), copy=False)  # copy=False: no block consolidation
@@ -365,15 +364,21 @@ def _row_json(row: Mapping[Any, Any]) -> str:
 def _payloads(events: pd.DataFrame, positions: np.ndarray) -> list[str]:
     """The original rows (all their columns, nulls kept) as JSON: what was received, before coercion."""
     rows = events.iloc[positions]
-    if rows.columns.is_unique:
-        try:  # pandas' C encoder: ~20x faster than json.dumps per row, which matters when a whole batch fails
-            text = rows.to_json(orient="records", lines=True, date_format="iso", date_unit="ms",
-                                double_precision=15, force_ascii=False, default_handler=str)
-            lines = text.splitlines()
-            if len(lines) == len(rows):
-                return lines
-        except Exception as exc:  # noqa: BLE001 - any odd value: fall back to the row-by-row encoder
-            log.debug("to_json could not encode quarantined rows (%s); encoding row by row", exc)
+    if not rows.columns.is_unique:  # keep every column: a repeated label gets a #n suffix
+        seen: dict[str, int] = {}
+        names = []
+        for col in map(str, rows.columns):
+            names.append(col if col not in seen else f"{col}#{seen[col]}")
+            seen[col] = seen.get(col, 0) + 1
+        rows = rows.set_axis(names, axis=1)
+    try:  # pandas' C encoder: ~20x faster than json.dumps per row, which matters when a whole batch fails
+        text = rows.to_json(orient="records", lines=True, date_format="iso", date_unit="ms",
+                            double_precision=15, force_ascii=False, default_handler=str)
+        lines = text[:-1].split("\n") if text.endswith("\n") else text.split("\n")  # JSON escapes raw newlines
+        if len(lines) == len(rows):
+            return lines
+    except Exception as exc:  # noqa: BLE001 - any odd value: fall back to the row-by-row encoder
+        log.debug("to_json could not encode quarantined rows (%s); encoding row by row", exc)
     return [_row_json(row) for row in rows.to_dict("records")]
 
 
@@ -488,5 +493,5 @@ def build_data_docs(result: ContractResult, directory: str | Path) -> Path:
     return directory / "index.html"
 
 
-__all__ = ["build_data_docs", "ContractResult", "QUARANTINE_COLUMNS", "QUARANTINE_SCHEMA", "REQUIRED_COLUMNS", "Rule", "build_suite",
-           "empty_quarantine", "event_rules", "validate_events"]
+__all__ = ["ContractResult", "QUARANTINE_COLUMNS", "QUARANTINE_SCHEMA", "REQUIRED_COLUMNS", "Rule", "build_data_docs",
+           "build_suite", "empty_quarantine", "event_rules", "validate_events"]

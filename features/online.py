@@ -228,7 +228,8 @@ class OnlineStore:
         n_users = 0
         records = users.to_dict("records") if len(users) else []
         for start in range(0, len(records), CHUNK):
-            pipe = c.pipeline(transaction=False)
+            # one MULTI per chunk: re-materializing a live version never exposes a deleted-but-unwritten user
+            pipe = c.pipeline(transaction=True)
             for row in records[start:start + CHUNK]:
                 uid = row.get("user_id")
                 if _is_missing(uid):
@@ -257,7 +258,9 @@ class OnlineStore:
         pipe.execute()
         # everything is written: now flip readers to the new version
         c.set(CURRENT_KEY, version)
-        deleted = self._cleanup(keep={version, previous} - {None})
+        # keep the new version and the one before it (readers mid-request, instant rollback)
+        others = [_s(v) for v in c.zrevrange(VERSIONS_KEY, 0, -1) if _s(v) != version]
+        deleted = self._cleanup(keep={version, *others[:1]})
         seconds = time.perf_counter() - t0
         log.info("materialized %d users, %d items as %s in %.2fs (previous %s, deleted %s)",
                  n_users, len(items), version, seconds, previous, deleted)
@@ -398,6 +401,8 @@ class OnlineStore:
             self._load_table(current, self._bulk_client())
         if current:
             self.popular(current)
+            if self._version is None:
+                self._version = current
         return current
 
     def items(self, version: str | None) -> pd.DataFrame:

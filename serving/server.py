@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
         try:
-            return proc.wait(timeout=15)
+            proc.wait(timeout=15)
+            return 0  # an interrupted server is a normal stop
         except subprocess.TimeoutExpired:
             proc.kill()
             return 1

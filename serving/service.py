@@ -23,26 +23,31 @@ import os
 import threading
 import time
 import uuid
-from typing import Any
 
 import bentoml
 
 log = logging.getLogger("kairos.service")
 
 MODEL_POLL_S = float(os.environ.get("KAIROS_MODEL_POLL_S", "10"))
-REDIS_TIMEOUT_S = float(os.environ.get("KAIROS_REDIS_TIMEOUT_S", "0.25"))
+REDIS_TIMEOUT_S = float(os.environ.get("KAIROS_REDIS_TIMEOUT_S", "0.1"))
 THREADS = int(os.environ.get("KAIROS_SERVE_THREADS", "4"))
 ACCESS_LOG = os.environ.get("KAIROS_ACCESS_LOG", "1").lower() not in ("0", "false", "no")
 
 
 def _redis_client():
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     from orchestration.resources import redis_url_from_env
 
     url = os.environ.get("REDIS_URL") or redis_url_from_env()
+    # short timeouts and a single immediate retry (a pooled connection gone stale after a Redis
+    # restart): a slow or dead Redis costs a request at most ~2 timeouts, then the store's circuit
+    # breaker answers from the fallback at once. Bulk loads use a separate long-timeout client.
     return redis.Redis.from_url(url, decode_responses=True, socket_timeout=REDIS_TIMEOUT_S,
-                                socket_connect_timeout=REDIS_TIMEOUT_S, health_check_interval=30)
+                                socket_connect_timeout=REDIS_TIMEOUT_S, health_check_interval=30,
+                                retry=Retry(NoBackoff(), 1))
 
 
 @bentoml.service(name="kairos_ranker", workers=1, threads=THREADS, traffic={"timeout": 30},

@@ -169,7 +169,9 @@ def test_wrong_dtypes_are_coerced_or_quarantined(clean) -> None:
     events.loc[2, "position"] = 1.5
     events.loc[3, "user_id"] = 42
     events.loc[4, "dwell_time_ms"] = np.nan  # a nullable column: null is fine
+    before = events.copy()
     result = validate_events(events, run_id="r", now_ms=NOW)
+    pd.testing.assert_frame_equal(events, before)  # the caller's frame is never modified
     reasons = reasons_of(result)
     assert reasons == {events.loc[0, "event_id"]: ["timestamp_not_null", "timestamp_is_integer"],
                        events.loc[2, "event_id"]: ["position_is_integer"]}

@@ -68,6 +68,10 @@ def test_materialize_flips_current_only_after_a_complete_snapshot(redis_client: 
     # ... anything older is gone
     assert not redis_client.keys("kairos:fs:v1:*")
     assert redis_client.exists(items_key("v2")) and redis_client.get(CURRENT_KEY) == "v3"
+    # re-running the same snapshot (same Delta versions -> same version id) is idempotent and keeps v2
+    store.materialize(_users(5), _items(5), version="v3")
+    assert redis_client.exists(items_key("v2")) and redis_client.exists(user_key("v3", "u00004"))
+    assert redis_client.zrange("kairos:fs:versions", 0, -1) == ["v2", "v3"]
 
     # NaN and missing values are not written (readers fall back to registry defaults); JSON survives
     row = store.fetch("u00001", None)[0]

@@ -3,7 +3,6 @@ BentoML server process: response contract, in-session adaptation, fallbacks, HTT
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from collections import Counter
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pandas as pd
 import pytest
 import redis
 

@@ -9,7 +9,6 @@ features, and only from what was known at as_of).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,8 +36,7 @@ class LabelConfig:
 def engagement_score(event_type: str, dwell_time_ms: float | None) -> float:
     """Score of one event: purchases and shares are strong, clicks scale with dwell, skips are negative."""
     if event_type == "click":
-        dwell = 0.0 if dwell_time_ms is None or (isinstance(dwell_time_ms, float) and math.isnan(dwell_time_ms)) \
-            else float(dwell_time_ms)
+        dwell = 0.0 if dwell_time_ms is None or pd.isna(dwell_time_ms) else float(dwell_time_ms)
         for min_dwell, score in CLICK_DWELL_WEIGHTS:
             if dwell >= min_dwell:
                 return score

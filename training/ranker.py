@@ -84,7 +84,9 @@ def ranker_params(config: RankerConfig, n_rows: int = 0) -> dict[str, Any]:
         "num_threads": config.num_threads or (2 if n_rows >= AUTO_THREADS_MIN_ROWS else 1),
         "verbosity": -1,
     }
-    params["metric"] = ["ndcg"] if config.objective in RANK_OBJECTIVES else ["binary_logloss", "auc"]
+    # early stopping watches the first metric: validation AUC (stopping on logloss halted at ~20 trees and
+    # lost ~0.02 AUC and ~0.018 NDCG@10 on six simulator seeds)
+    params["metric"] = ["ndcg"] if config.objective in RANK_OBJECTIVES else ["auc", "binary_logloss"]
     if config.objective in RANK_OBJECTIVES:
         params["eval_at"] = [10]
     return params
