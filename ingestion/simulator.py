@@ -39,7 +39,8 @@ class SimulatorConfig:
     taste_concentration: float = 0.35
     intent_strength: float = 2.2
     position_decay: float = 0.85
-    # From this day on, user tastes are re-drawn (drift for monitoring tests); None = no shift.
+    # From this day on, tastes are re-drawn and half of every user's taste moves to the last
+    # category (a trend: drift the monitoring must catch); None = no shift.
     shift_day: int | None = None
     seed: int = 7
 
@@ -124,7 +125,11 @@ def simulate(cfg: SimulatorConfig | None = None) -> World:
 
     for day in range(cfg.days):
         if cfg.shift_day is not None and day >= cfg.shift_day and not shifted:
-            tastes = rng.dirichlet(np.full(cfg.n_categories, cfg.taste_concentration), cfg.n_users)
+            # a trend: every user's taste moves halfway toward one category, re-drawn around it
+            trend = np.zeros(cfg.n_categories)
+            trend[cfg.n_categories - 1] = 1.0
+            fresh = rng.dirichlet(np.full(cfg.n_categories, cfg.taste_concentration), cfg.n_users)
+            tastes = 0.5 * fresh + 0.5 * trend
             shifted = True
         day_start = cfg.start_ms + day * DAY_MS
         n_sessions = rng.poisson(cfg.sessions_per_user_day, cfg.n_users)

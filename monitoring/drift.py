@@ -1,0 +1,117 @@
+"""PSI drift of recent behaviour against the training window, computed by Evidently.
+
+Drift is measured on per-session behaviour (clicks, CTR, dwell, time of day,
+device, the share of clicks per category) because those move first when user
+tastes shift; the sensor acts on the PSI thresholds (0.2 warn, 0.25 act).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from features.functions import DEVICE_CODES
+
+log = logging.getLogger("kairos.drift")
+
+
+@dataclass(frozen=True)
+class DriftThresholds:
+    warn: float = 0.2
+    act: float = 0.25
+
+
+@dataclass
+class DriftResult:
+    psi: dict[str, float]
+    max_psi: float
+    status: str  # "ok" | "warn" | "act"
+    drifted_features: list[str] = field(default_factory=list)
+    html_path: str | None = None
+    n_reference: int = 0
+    n_current: int = 0
+
+    def as_metadata(self) -> dict:
+        """Flat scalars for Dagster metadata and run tags (status/max_psi/psi are added by the caller)."""
+        return {"n_reference": self.n_reference, "n_current": self.n_current,
+                "drifted_features": ",".join(self.drifted_features) or "none",
+                **{f"psi.{k}": round(float(v), 5) for k, v in self.psi.items()}}
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10, eps: float = 1e-4) -> float:
+    """Population stability index with quantile bins of the reference (a cross-check for Evidently)."""
+    reference = np.asarray(reference, dtype=float)
+    current = np.asarray(current, dtype=float)
+    reference, current = reference[~np.isnan(reference)], current[~np.isnan(current)]
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 2:
+        return 0.0 if np.allclose(current, reference[0] if len(reference) else 0.0) else float("inf")
+    edges[0], edges[-1] = -np.inf, np.inf
+    ref_p = np.histogram(reference, edges)[0] / max(len(reference), 1)
+    cur_p = np.histogram(current, edges)[0] / max(len(current), 1)
+    ref_p, cur_p = np.clip(ref_p, eps, None), np.clip(cur_p, eps, None)
+    return float(np.sum((cur_p - ref_p) * np.log(cur_p / ref_p)))
+
+
+def event_drift_frame(events: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+    """Per-session behaviour features from raw events (one row per session)."""
+    if events.empty:
+        raise ValueError("no events to compute drift features from: the window is empty")
+    ev = events[["session_id", "user_id", "item_id", "event_type", "timestamp", "device_type", "dwell_time_ms"]]
+    cats = dict(zip(items["item_id"], items["category"]))
+    is_click = ev["event_type"].eq("click")
+    grouped = ev.assign(click=is_click.astype(float), impression=ev["event_type"].eq("impression").astype(float),
+                        dwell=ev["dwell_time_ms"].where(is_click).astype(float)).groupby("session_id")
+    frame = pd.DataFrame({
+        "user_id": grouped["user_id"].first(),
+        "clicks": grouped["click"].sum(),
+        "impressions": grouped["impression"].sum(),
+        "mean_dwell_s": grouped["dwell"].mean() / 1000.0,
+        "hour_of_day": (grouped["timestamp"].min() // 3_600_000) % 24,
+        "device_code": grouped["device_type"].first().map(DEVICE_CODES).fillna(0.0),
+    })
+    frame["ctr"] = frame["clicks"] / frame["impressions"].where(frame["impressions"] > 0)
+    clicks = ev[is_click].assign(category=lambda d: d["item_id"].map(cats).fillna("unknown"))
+    if not clicks.empty:
+        shares = pd.crosstab(clicks["session_id"], clicks["category"], normalize="index")
+        shares.columns = [f"cat_share_{c}" for c in shares.columns]
+        frame = frame.join(shares, how="left")
+    share_cols = [c for c in frame.columns if c.startswith("cat_share_")]
+    frame[share_cols] = frame[share_cols].fillna(0.0)
+    return frame.reset_index()
+
+
+def drift_report(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str],
+                 html_path: str | Path | None = None, thresholds: DriftThresholds = DriftThresholds()) -> DriftResult:
+    """PSI per column (Evidently ValueDrift, method psi), an HTML report, and the ok/warn/act status."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+
+    if reference.empty or current.empty:
+        raise ValueError(f"drift needs rows on both sides (reference {len(reference)}, current {len(current)})")
+    usable = [c for c in columns if c in reference and c in current
+              and reference[c].notna().any() and current[c].notna().any()]
+    if not usable:
+        raise ValueError(f"none of the columns {columns} has values on both sides")
+    definition = DataDefinition(numerical_columns=usable)
+    ref = Dataset.from_pandas(reference[usable].astype(float), data_definition=definition)
+    cur = Dataset.from_pandas(current[usable].astype(float), data_definition=definition)
+    report = Report([ValueDrift(column=c, method="psi", threshold=thresholds.act) for c in usable])
+    snapshot = report.run(cur, ref)
+    values: dict[str, float] = {}
+    for metric in snapshot.dict()["metrics"]:
+        column = metric["config"]["column"]
+        value = metric["value"]
+        values[column] = float(value if np.isfinite(value) else 10.0)
+    if html_path is not None:
+        Path(html_path).parent.mkdir(parents=True, exist_ok=True)
+        snapshot.save_html(str(html_path))
+    max_psi = max(values.values()) if values else 0.0
+    status = "act" if max_psi >= thresholds.act else "warn" if max_psi >= thresholds.warn else "ok"
+    drifted = sorted(c for c, v in values.items() if v >= thresholds.act)
+    log.info("drift: status %s, max PSI %.3f over %s columns (%s reference rows, %s current)", status, max_psi,
+             len(values), len(reference), len(current))
+    return DriftResult(values, max_psi, status, drifted, str(html_path) if html_path else None, len(reference), len(current))
