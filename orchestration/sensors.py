@@ -37,7 +37,7 @@ def drift_sensor(context: SensorEvaluationContext, asset_event: EventLogEntry):
     fire, reason = drift_decision(status, max_psi, last_ts, time.time())
     if not fire:
         return SkipReason(reason)
-    return RunRequest(run_key=f"drift-{asset_event.storage_id}",
+    return RunRequest(run_key=f"drift-{asset_event.run_id or 'runless'}-{asset_event.timestamp:.0f}",
                       tags={"kairos/trigger": "drift", "kairos/reason": reason, "kairos/max_psi": f"{max_psi:.4f}"})
 
 

@@ -26,3 +26,19 @@ def test_drift_decision_respects_threshold_and_interval() -> None:
     assert fire and "0.310" in reason
     assert drift_decision("act", 0.31, last_retrain_ts=900.0, now=1000.0, min_interval_s=3600)[0] is False
     assert drift_decision("act", 0.31, last_retrain_ts=0.0, now=7200.0, min_interval_s=3600)[0] is True
+
+
+def test_drift_sensor_requests_retrain_from_a_real_instance() -> None:
+    from dagster import AssetMaterialization, DagsterInstance, build_sensor_context
+
+    sensor = defs.resolve_sensor_def("drift_sensor")
+    with DagsterInstance.ephemeral() as instance:
+        instance.report_runless_asset_event(AssetMaterialization("feature_drift", metadata={"status": "ok", "max_psi": 0.05}))
+        quiet = sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
+        assert not quiet.run_requests
+        cursor = quiet.cursor
+        instance.report_runless_asset_event(AssetMaterialization("feature_drift", metadata={"status": "act", "max_psi": 0.41}))
+        loud = sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs, cursor=cursor))
+        assert len(loud.run_requests) == 1
+        request = loud.run_requests[0]
+        assert request.tags["kairos/trigger"] == "drift" and "0.410" in request.tags["kairos/reason"]
