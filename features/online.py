@@ -212,6 +212,21 @@ class OnlineStore:
         self._loading: set[str] = set()
         self._bulk: Any = None
 
+    @classmethod
+    def from_url(cls, url: str, timeout_s: float = 0.1, breaker_s: float = 1.0) -> "OnlineStore":
+        """A store on the request path: short socket timeouts and one immediate retry (a pooled
+        connection gone stale after a Redis restart), so a slow or dead Redis costs a request at
+        most ~2 timeouts before the circuit breaker answers from the fallback at once. Bulk item
+        table loads use a separate long-timeout client (see _bulk_client)."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
+                                      socket_connect_timeout=timeout_s, health_check_interval=30,
+                                      retry=Retry(NoBackoff(), 1))
+        return cls(client, breaker_s=breaker_s)
+
     # ------------------------------------------------------------------ keys
     @staticmethod
     def session_key(session_id: str) -> str:

@@ -11,9 +11,12 @@ the alias points at a new version: a promotion or rollback goes live in seconds 
 a server started before any model existed picks the first champion up by itself.
 The same thread keeps the current online-store snapshot's item table warm.
 
-Routes: POST /v1/personalize, POST /v1/status (model/feature versions), and BentoML's
-own GET /healthz, /livez, /readyz (ready once the service has initialized: it
-always answers, with fallbacks when a dependency is missing).
+Routes: POST /v1/personalize (body: PersonalizeRequest; a malformed body or a value out
+of range, e.g. request_config.num_results outside 1..100, is a 400 naming the field),
+POST /v1/status (model/feature versions), and BentoML's own GET /healthz, /livez,
+/readyz (ready once the service has initialized: it always answers, with fallbacks
+when a dependency is missing). A failed dependency never becomes a 5xx: the pipeline
+falls back to popularity and says so in `served_by`.
 """
 from __future__ import annotations
 
@@ -24,7 +27,10 @@ import threading
 import time
 import uuid
 
+from typing import Annotated, Optional
+
 import bentoml
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("kairos.service")
 
@@ -34,20 +40,42 @@ THREADS = int(os.environ.get("KAIROS_SERVE_THREADS", "4"))
 ACCESS_LOG = os.environ.get("KAIROS_ACCESS_LOG", "1").lower() not in ("0", "false", "no")
 
 
-def _redis_client():
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
+def _redis_url() -> str:
     from orchestration.resources import redis_url_from_env
 
-    url = os.environ.get("REDIS_URL") or redis_url_from_env()
-    # short timeouts and a single immediate retry (a pooled connection gone stale after a Redis
-    # restart): a slow or dead Redis costs a request at most ~2 timeouts, then the store's circuit
-    # breaker answers from the fallback at once. Bulk loads use a separate long-timeout client.
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=REDIS_TIMEOUT_S,
-                                socket_connect_timeout=REDIS_TIMEOUT_S, health_check_interval=30,
-                                retry=Retry(NoBackoff(), 1))
+    return os.environ.get("REDIS_URL") or redis_url_from_env()
+
+
+# ---------------------------------------------------------------------------- the HTTP contract
+# The request body, exactly (DESIGN "The ranking request"); unknown fields are refused. BentoML
+# validates the body against these models before the handler runs and answers 400 with the
+# failing field's location (e.g. ["request_config", "num_results"]) on any violation; the same
+# rules are re-checked by serving.pipeline.validate_request for in-process callers.
+class RequestContext(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: Optional[str] = None
+    device_type: Optional[str] = Field(default=None, description="mobile | desktop | tablet")
+    timestamp_ms: Optional[Annotated[int, Field(strict=True, ge=0)]] = Field(
+        default=None, description="the request clock (epoch ms); the server's clock if omitted")
+    geo_region: Optional[str] = None
+
+
+class RequestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_results: Annotated[int, Field(strict=True, ge=1, le=100)] = 10
+    candidate_pool_size: Annotated[int, Field(strict=True, ge=1, le=1000)] = 200
+    max_latency_ms: Optional[Annotated[float, Field(gt=0)]] = None
+
+
+class PersonalizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Annotated[str, Field(min_length=1)]
+    surface: str = "home_feed"
+    context: RequestContext = Field(default_factory=RequestContext)
+    request_config: RequestConfig = Field(default_factory=RequestConfig)
 
 
 @bentoml.service(name="kairos_ranker", workers=1, threads=THREADS, traffic={"timeout": 30},
@@ -68,7 +96,7 @@ class KairosRanker:
         self.store = None
         self._stop = threading.Event()
         try:
-            self.store = OnlineStore(_redis_client())
+            self.store = OnlineStore.from_url(_redis_url(), timeout_s=REDIS_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - no Redis configured: serve popularity from the bundle
             log.warning("online store not configured (%s); requests will use the popularity fallback", exc)
         self._load_champion()
@@ -129,23 +157,25 @@ class KairosRanker:
 
     # ------------------------------------------------------------------ routes
     @bentoml.api(route="/v1/personalize")
-    def personalize(self, body: dict, /) -> dict:
+    def personalize(self, body: PersonalizeRequest, /) -> dict:
         from starlette.responses import JSONResponse, Response
 
         from serving.pipeline import personalize
 
+        request = body.model_dump(exclude_none=True)
         try:
             # serialized here: skips BentoML's pydantic pass over the output (~1 ms per request)
-            return Response(json.dumps(personalize(body, self.bundle, self.store), separators=(",", ":")),
+            return Response(json.dumps(personalize(request, self.bundle, self.store), separators=(",", ":")),
                             media_type="application/json")
         except ValueError as exc:
             return JSONResponse({"error": "invalid request", "detail": str(exc)}, status_code=400)
         except Exception as exc:  # noqa: BLE001 - a bug must still not turn into a 5xx for the caller
             log.exception("unexpected error in personalize")
             bundle = self.bundle
-            ranked = bundle.popular(10) if bundle is not None else (self.store.last_popular() if self.store else [])
-            return {"request_id": uuid.uuid4().hex, "user_id": body.get("user_id") if isinstance(body, dict) else None,
-                    "ranked_items": [{"item_id": i, "score": round(1.0 / (k + 1), 6), "rank": k + 1} for k, i in enumerate(ranked[:10])],
+            n = body.request_config.num_results
+            ranked = bundle.popular(n) if bundle is not None else (self.store.last_popular() if self.store else [])
+            return {"request_id": uuid.uuid4().hex, "user_id": body.user_id,
+                    "ranked_items": [{"item_id": i, "score": round(1.0 / (k + 1), 6), "rank": k + 1} for k, i in enumerate(ranked[:n])],
                     "model_version": getattr(bundle, "model_version", None), "served_by": "popularity_fallback:internal_error",
                     "latency_breakdown_ms": {"feature_fetch": 0.0, "candidate_retrieval": 0.0, "ranking_inference": 0.0,
                                              "post_processing": 0.0, "total": 0.0}, "error": type(exc).__name__}

@@ -8,10 +8,12 @@ Exactly-once effect on the session keys (DESIGN invariant 3): each session's eve
 in a batch are applied in one optimistic transaction. We WATCH the session key and
 a per-event marker `kairos:applied:{event_id}`, read both (one MGET), fold the
 events whose marker is absent with the shared update_session, and MULTI/EXEC the
-new state together with the markers. A WatchError (a concurrent writer) retries.
-Entries are XACKed only after EXEC, so a crash between EXEC and XACK leaves them
-pending: whoever reclaims them (XAUTOCLAIM) finds the markers and skips them.
-A duplicate event id (producer retry) is skipped the same way. Durable counters in
+new state together with the markers and the XACK of the batch's entries. A
+WatchError (a concurrent writer) retries. The acknowledgement commits with the
+update, never before it: a consumer that dies before EXEC leaves its entries pending
+and unapplied, and whoever reclaims them (XAUTOCLAIM, or the same consumer re-reading
+its pending list on restart) applies them once; anything already applied is found by
+its marker and skipped. A duplicate event id (producer retry) is skipped the same way. Durable counters in
 `kairos:stream:counts` (applied, duplicates, quarantined) move in the same transactions,
 so stream length = applied + duplicates + quarantined + pending reconciles at any time.
 """

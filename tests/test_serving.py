@@ -245,6 +245,10 @@ def test_bentoml_server_over_http(trained, snapshot, store: OnlineStore, redis_s
 
             bad = http.post("/v1/personalize", json={**_request("u00010"), "request_config": {"num_results": 0}})
             assert bad.status_code == 400 and "num_results" in bad.text
+            assert bad.json()["detail"][0]["loc"] == ["request_config", "num_results"]  # the pydantic contract
+            assert http.post("/v1/personalize", json={**_request("u00010"), "request_config": {"num_results": 101}}).status_code == 400
+            blank = http.post("/v1/personalize", json=_request("   "))  # passes the schema, refused by the pipeline
+            assert blank.status_code == 400 and "user_id" in blank.json()["detail"]
             assert http.post("/v1/personalize", json={"surface": "home_feed"}).status_code == 400
             assert http.post("/v1/personalize", json={**_request("u00010"), "extra": 1}).status_code == 400
             assert http.post("/v1/personalize", content=b"[1, 2]", headers={"content-type": "application/json"}).status_code == 400
