@@ -1,13 +1,24 @@
-"""Ingestion assets: sources → bronze events and catalog → contract → silver events → labels."""
+"""Ingestion assets: source → bronze events (daily) → contract, dedup, bots → silver + quarantine → labels.
 
+The event assets are partitioned by ingest day (the UTC day a batch arrived), so one
+day can be backfilled from the Dagster UI; a backfill of many days runs as a single
+run (BackfillPolicy.single_run) that walks the days in order. Every write replaces
+exactly its day's rows and is skipped when the content is unchanged, so replaying
+a day changes nothing downstream.
+"""
+
+import functools
+import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, AssetSpec,
-                     Config, MaterializeResult, MetadataValue, asset, multi_asset)
+                     BackfillPolicy, Config, DailyPartitionsDefinition, MaterializeResult, MetadataValue, asset,
+                     multi_asset)
 
-from ingestion.schema import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA
+from ingestion.schema import BRONZE_SCHEMA, DAY_MS, ITEM_SCHEMA, USER_SCHEMA
 from orchestration.resources import ArtifactsResource, LakeResource
 from orchestration.settings import Settings
 
@@ -17,10 +28,13 @@ QUARANTINE = "quarantine_events"
 ITEMS = "catalog_items"
 USERS = "catalog_users"
 LABELS = "labels"
+EVENT_ASSETS = (BRONZE, SILVER, QUARANTINE)
+
+daily_partitions = DailyPartitionsDefinition(start_date=Settings.from_env().partition_start, end_offset=1)
 
 
 class SourceConfig(Config):
-    """Where events come from: the seeded simulator (default) or MovieLens 100K."""
+    """Where events come from: the seeded simulator (default), MovieLens 100K, or any CSV/Parquet log."""
 
     source: str = "simulator"
     n_users: int = 300
@@ -30,99 +44,272 @@ class SourceConfig(Config):
     seed: int = 7
     shift_day: int = -1
     movielens_dir: str = ""
+    path: str = ""            # source="file": a CSV/Parquet interaction log
+    mapping_json: str = ""    # source="file": column mapping, e.g. {"user": "uid", "item": "sku", "timestamp": "ts"}
+
+
+@functools.lru_cache(maxsize=4)
+def _load_source(config_json: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    config = json.loads(config_json)
+    source = config["source"]
+    if source == "simulator":
+        from ingestion.simulator import SimulatorConfig, simulate
+
+        world = simulate(SimulatorConfig(n_users=config["n_users"], n_items=config["n_items"],
+                                         n_categories=config["n_categories"], days=config["days"], seed=config["seed"],
+                                         shift_day=config["shift_day"] if config["shift_day"] >= 0 else None))
+        events, items, users = world.events, world.items, world.users
+    elif source == "movielens-100k":
+        from ingestion.movielens import load_movielens_100k
+
+        path = Path(config["movielens_dir"]) if config["movielens_dir"] else Settings.from_env().movielens_100k_dir
+        events, items, users = load_movielens_100k(path)
+    elif source == "file":
+        from ingestion.generic import ColumnMapping, load_interactions
+
+        if not config["path"] or not config["mapping_json"]:
+            raise ValueError("source='file' needs `path` (a CSV/Parquet log) and `mapping_json` (its column mapping)")
+        events, items, users = load_interactions(config["path"], ColumnMapping.from_json(config["mapping_json"]))
+    else:
+        raise ValueError(f"unknown source '{source}': use 'simulator', 'movielens-100k' or 'file'")
+    if "received_at" not in events:  # historical logs: received when they happened
+        events = events.assign(received_at=pd.to_numeric(events["timestamp"], errors="coerce").fillna(0).astype("int64"))
+    return events, items, users
 
 
 def load_source(config: SourceConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """events, items, users from the configured source."""
-    if config.source == "simulator":
-        from ingestion.simulator import SimulatorConfig, simulate
+    """events (with received_at), items, users from the configured source; cached per config in a process."""
+    return _load_source(config.model_dump_json())
 
-        world = simulate(SimulatorConfig(n_users=config.n_users, n_items=config.n_items, n_categories=config.n_categories,
-                                         days=config.days, seed=config.seed,
-                                         shift_day=config.shift_day if config.shift_day >= 0 else None))
-        return world.events, world.items, world.users
-    if config.source == "movielens-100k":
-        from ingestion.movielens import load_movielens_100k
 
-        path = Path(config.movielens_dir) if config.movielens_dir else Settings.from_env().movielens_100k_dir
-        return load_movielens_100k(path)
-    raise ValueError(f"unknown source '{config.source}': use 'simulator' or 'movielens-100k'")
+def ingest_day(received_at: pd.Series) -> np.ndarray:
+    """The ingest partition (UTC day of arrival) of each event."""
+    from ingestion.refine import event_dates
+
+    return event_dates(received_at.to_numpy(dtype="int64"))
+
+
+def source_partitions(config: SourceConfig) -> list[str]:
+    """The ingest days a source's events arrive on: what a full backfill must cover."""
+    events, _, _ = load_source(config)
+    return sorted(set(ingest_day(events["received_at"])))
+
+
+def _partition_days(context: AssetExecutionContext) -> list[str]:
+    return list(context.partition_keys)
 
 
 @multi_asset(
     specs=[
-        AssetSpec(BRONZE, group_name="ingestion", description="Raw events as received (Delta, append-only history by version)."),
         AssetSpec(ITEMS, group_name="ingestion", description="Item catalog: id, title, category, tags, publish time."),
         AssetSpec(USERS, group_name="ingestion", description="User profiles: segment, device, region, signup time."),
     ],
 )
-def source_events(context: AssetExecutionContext, config: SourceConfig, lake: LakeResource):
-    """Bring a batch of events and the catalog into the lake."""
-    t0 = time.perf_counter()
-    events, items, users = load_source(config)
+def catalog(context: AssetExecutionContext, config: SourceConfig, lake: LakeResource):
+    """The catalog as of now (not partitioned: a snapshot, versioned by Delta)."""
+    _, items, users = load_source(config)
     store = lake.lake()
-    batch_id = f"{config.source}-seed{config.seed}-{len(events)}"
-    ev = store.write(BRONZE, events, schema=EVENT_SCHEMA, commit_properties={"batch_id": batch_id, "run_id": context.run_id})
     it = store.write(ITEMS, items, schema=ITEM_SCHEMA)
     us = store.write(USERS, users, schema=USER_SCHEMA)
-    context.log.info(f"ingested {ev.rows} events, {it.rows} items, {us.rows} users in {time.perf_counter() - t0:.1f}s")
-    yield MaterializeResult(asset_key=BRONZE, metadata={"rows": ev.rows, "delta_version": ev.version, "batch_id": batch_id,
-                                                        "source": config.source})
+    context.log.info(f"catalog: {it.rows} items, {us.rows} users")
     yield MaterializeResult(asset_key=ITEMS, metadata={"rows": it.rows, "delta_version": it.version})
     yield MaterializeResult(asset_key=USERS, metadata={"rows": us.rows, "delta_version": us.version})
 
 
-@asset(
-    deps=[BRONZE],
-    group_name="ingestion",
+@asset(group_name="ingestion", partitions_def=daily_partitions, backfill_policy=BackfillPolicy.single_run(),
+       description="Raw events as received, one batch per ingest day (Delta, partitioned by ingest_date).")
+def bronze_events(context: AssetExecutionContext, config: SourceConfig, lake: LakeResource) -> MaterializeResult:
+    t0 = time.perf_counter()
+    events, _, _ = load_source(config)
+    days = _partition_days(context)
+    arrived = ingest_day(events["received_at"])
+    store = lake.lake()
+    rows, written, skipped, version = 0, 0, 0, -1
+    for i, day in enumerate(days):
+        batch = events[arrived == day].assign(ingest_date=day)
+        out = store.write_batch(BRONZE, batch, batch_id=f"{BRONZE}:{day}", replace_where=f"ingest_date = '{day}'",
+                                schema=BRONZE_SCHEMA, partition_by=["ingest_date"],
+                                commit_properties={"run_id": context.run_id, "source": config.source})
+        rows += out.rows
+        skipped += out.skipped
+        written += not out.skipped
+        version = out.version
+        if len(days) > 5 and (i + 1) % max(len(days) // 5, 1) == 0:
+            context.log.info(f"bronze: {i + 1}/{len(days)} days, {rows} events so far")
+    context.log.info(f"bronze: {rows} events over {len(days)} day(s) in {time.perf_counter() - t0:.1f}s "
+                     f"({skipped} unchanged batches skipped)")
+    return MaterializeResult(metadata={"rows": rows, "days": len(days), "batches_written": written,
+                                       "batches_unchanged": skipped, "delta_version": version, "source": config.source})
+
+
+class RefineSettings(Config):
+    """Thresholds of the bronze → silver step (all in one place, visible in the launchpad)."""
+
+    dedup_window_seconds: int = 300
+    dedup_lookback_days: int = 2       # earlier batches searched for duplicates of this one
+    bot_filter: bool = True
+    bot_max_clicks: int = 100
+    bot_window_seconds: int = 600
+    bot_max_median_dwell_ms: int = 1_000
+    max_future_skew_seconds: int = 300
+    max_quarantine_rate: float = 0.05
+
+    def refine_config(self):
+        from ingestion.bots import BotConfig
+        from ingestion.refine import RefineConfig
+
+        return RefineConfig(dedup_window_ms=self.dedup_window_seconds * 1000,
+                            bots=BotConfig(enabled=self.bot_filter, max_clicks=self.bot_max_clicks,
+                                           window_ms=self.bot_window_seconds * 1000,
+                                           max_median_dwell_ms=self.bot_max_median_dwell_ms),
+                            max_future_skew_ms=self.max_future_skew_seconds * 1000)
+
+
+def _prior_silver(store, day: str, batch: pd.DataFrame, lookback_days: int) -> pd.DataFrame | None:
+    """Silver rows of earlier ingest days whose events happened near this batch's: where its duplicates hide."""
+    from ingestion.refine import event_dates
+
+    if not store.exists(SILVER) or batch.empty:
+        return None
+    ts = pd.to_numeric(batch["timestamp"], errors="coerce")
+    ts = ts[ts > 0]
+    if ts.empty:
+        return None
+    lo = event_dates(np.array([int(ts.min()) - lookback_days * DAY_MS]))[0]
+    hi = event_dates(np.array([int(ts.max()) + DAY_MS]))[0]
+    from ingestion.schema import EVENT_COLUMNS
+
+    prior = store.read(SILVER, columns=EVENT_COLUMNS + ["ingest_date"],
+                       filters=[("event_date", ">=", lo), ("event_date", "<=", hi), ("ingest_date", "<", day)])
+    return prior if len(prior) else None
+
+
+@multi_asset(
+    specs=[
+        AssetSpec(SILVER, deps=[BRONZE], group_name="ingestion", partitions_def=daily_partitions,
+                  description="Events that passed the contract, deduplicated, bots removed (Delta, partitioned by event_date)."),
+        AssetSpec(QUARANTINE, deps=[BRONZE], group_name="ingestion", partitions_def=daily_partitions,
+                  description="Every rejected event with reason(s), raw payload, run id and disposition "
+                              "(contract, duplicate, bot)."),
+    ],
     check_specs=[AssetCheckSpec("events_contract", asset=SILVER), AssetCheckSpec("counts_reconcile", asset=SILVER)],
-    description="Events that passed the Great Expectations contract, deduplicated; rejects go to quarantine with reasons.",
+    backfill_policy=BackfillPolicy.single_run(),
 )
-def silver_events(context: AssetExecutionContext, lake: LakeResource, artifacts: ArtifactsResource):
-    from data_contracts.events import build_data_docs, validate_events
+def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: LakeResource,
+                  artifacts: ArtifactsResource):
+    """Judge each ingest day's bronze batch (contract → dedup → bots) and write silver and quarantine."""
+    from data_contracts.events import build_data_docs
+    from ingestion.refine import REJECT_SCHEMA, SILVER_SCHEMA, bot_report, refine_batch
 
     store = lake.lake()
     pin = store.pin(BRONZE)
-    raw = store.read(BRONZE, version=pin.version)
-    result = validate_events(raw, run_id=context.run_id)
-    out = store.write(SILVER, result.accepted, schema=EVENT_SCHEMA)
-    if len(result.quarantined):
-        store.write(QUARANTINE, result.quarantined, mode="append")
-    docs = build_data_docs(result, artifacts.path("data_docs", context.run_id))
-    summary = result.summary()
-    quarantine_rate = len(result.quarantined) / max(result.n_in, 1)
-    yield MaterializeResult(metadata={
-        **{k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))},
-        "bronze_version": pin.version, "delta_version": out.version, "quarantine_rate": round(quarantine_rate, 5),
-        "expectation_failures": MetadataValue.json(result.expectation_failures),
-        "data_docs": MetadataValue.path(str(docs)),
-    })
+    days = _partition_days(context)
+    rc = config.refine_config()
+    totals = {"in": 0, "accepted": 0, "quarantined": 0, "duplicates": 0, "bot_filtered": 0, "bot_sessions": 0}
+    failures: dict[str, int] = {}
+    dup_reasons: dict[str, int] = {}
+    per_day, bots, results = [], [], {}
+    silver_v = quarantine_v = -1
+    wall_ms = int(time.time() * 1000)
+    for i, day in enumerate(days):
+        raw = store.read(BRONZE, version=pin.version, filters=[("ingest_date", "=", day)])
+        raw = raw.drop(columns=["ingest_date"])
+        # an event that arrived on `day` cannot have happened after that day ended (plus the allowed skew)
+        end_of_day = int(pd.Timestamp(day, tz="UTC").value // 1_000_000) + DAY_MS
+        result = refine_batch(raw, ingest_date=day, run_id=context.run_id,
+                              prior=_prior_silver(store, day, raw, config.dedup_lookback_days),
+                              now_ms=min(wall_ms, end_of_day), config=rc)
+        s = store.write_batch(SILVER, result.accepted, batch_id=f"{SILVER}:{day}", replace_where=f"ingest_date = '{day}'",
+                              schema=SILVER_SCHEMA, partition_by=["event_date"],
+                              commit_properties={"run_id": context.run_id, "bronze_version": pin.version})
+        q = store.write_batch(QUARANTINE, result.rejected, batch_id=f"{QUARANTINE}:{day}",
+                              replace_where=f"ingest_date = '{day}'", schema=REJECT_SCHEMA, partition_by=["ingest_date"],
+                              content_columns=[c for c in REJECT_SCHEMA.names if c not in ("run_id", "quarantined_at")],
+                              commit_properties={"run_id": context.run_id})
+        silver_v, quarantine_v = s.version, q.version
+        for k, v in result.counts().items():
+            totals[k] += v
+        for k, v in result.contract.expectation_failures.items():
+            failures[k] = failures.get(k, 0) + v
+        for k, v in result.duplicate_reasons.items():
+            dup_reasons[k] = dup_reasons.get(k, 0) + v
+        if len(result.bots):
+            bots.append(result.bots.assign(ingest_date=day))
+        per_day.append({"ingest_date": day, **result.counts(), "reconciles": result.reconciles(),
+                        "silver_unchanged": s.skipped})
+        results[day] = result
+        if len(days) > 5 and (i + 1) % max(len(days) // 5, 1) == 0:
+            context.log.info(f"silver: {i + 1}/{len(days)} days, {totals['accepted']} accepted so far")
+    # data docs for the day a reviewer most wants to open: the worst quarantine rate in this run
+    worst = max(results, key=lambda d: results[d].quarantined / max(results[d].n_in, 1)) if results else None
+    docs = build_data_docs(results[worst].contract, artifacts.path("data_docs", context.run_id, worst)) \
+        if worst and results[worst].contract.validation is not None else None
+    quarantine_rate = totals["quarantined"] / max(totals["in"], 1)
+    day_table = pd.DataFrame(per_day)
+    all_bots = pd.concat(bots, ignore_index=True) if bots else pd.DataFrame()
+    meta = {**{("n_in" if k == "in" else k): v for k, v in totals.items()}, "days": len(days),
+            "bronze_version": pin.version, "delta_version": silver_v, "quarantine_rate": round(quarantine_rate, 5),
+            "expectation_failures": MetadataValue.json(failures), "duplicate_reasons": MetadataValue.json(dup_reasons),
+            "bot_sessions_filtered": MetadataValue.json(json.loads(bot_report(all_bots))),
+            "per_day": MetadataValue.md(day_table.to_markdown(index=False) if len(day_table) else "no days")}
+    if docs is not None:
+        meta["data_docs"] = MetadataValue.path(str(docs))
+        meta["data_docs_day"] = worst
+    yield MaterializeResult(asset_key=SILVER, metadata=meta)
+    yield MaterializeResult(asset_key=QUARANTINE, metadata={
+        "rows": totals["quarantined"] + totals["duplicates"] + totals["bot_filtered"], "delta_version": quarantine_v,
+        "contract": totals["quarantined"], "duplicate": totals["duplicates"], "bot": totals["bot_filtered"]})
     yield AssetCheckResult(
-        check_name="events_contract", passed=quarantine_rate <= 0.05, severity=AssetCheckSeverity.WARN,
-        metadata={"quarantined": len(result.quarantined), "quarantine_rate": round(quarantine_rate, 5),
-                  "suite_success": result.success, "failures_by_expectation": MetadataValue.json(result.expectation_failures)},
-        description="At most 5% of events may be quarantined; per-expectation failure counts attached.",
+        check_name="events_contract", passed=quarantine_rate <= config.max_quarantine_rate, severity=AssetCheckSeverity.WARN,
+        metadata={"quarantined": totals["quarantined"], "quarantine_rate": round(quarantine_rate, 5),
+                  "max_quarantine_rate": config.max_quarantine_rate,
+                  "failures_by_expectation": MetadataValue.json(failures)},
+        description="At most max_quarantine_rate of events may fail the contract; per-expectation failure counts attached.",
     )
-    yield AssetCheckResult(
-        check_name="counts_reconcile", passed=result.reconciles(),
-        metadata={"in": result.n_in, "accepted": len(result.accepted), "quarantined": len(result.quarantined),
-                  "duplicates": result.duplicates},
-        description="in = accepted + quarantined + duplicates",
+    yield _reconcile_check(store, days, totals, per_day)
+
+
+def _reconcile_check(store, days: list[str], totals: dict[str, int], per_day: list[dict]) -> AssetCheckResult:
+    """Counts must add up in memory AND in the lake: bronze rows of these days = silver + quarantine rows."""
+    in_lake = {}
+    for table in (BRONZE, SILVER, QUARANTINE):
+        frame = store.read(table, columns=["ingest_date"], filters=[("ingest_date", "in", days)]) if store.exists(table) \
+            else pd.DataFrame({"ingest_date": []})
+        in_lake[table] = len(frame)
+    parts = totals["accepted"] + totals["quarantined"] + totals["duplicates"] + totals["bot_filtered"]
+    passed = (totals["in"] == parts and all(d["reconciles"] for d in per_day)
+              and in_lake[BRONZE] == in_lake[SILVER] + in_lake[QUARANTINE] == totals["in"])
+    return AssetCheckResult(
+        check_name="counts_reconcile", passed=passed,
+        metadata={"in": totals["in"], "accepted": totals["accepted"], "quarantined": totals["quarantined"],
+                  "duplicates": totals["duplicates"], "bot_filtered": totals["bot_filtered"],
+                  "bronze_rows": in_lake[BRONZE], "silver_rows": in_lake[SILVER], "quarantine_rows": in_lake[QUARANTINE]},
+        description="in = accepted + quarantined + duplicates + bot-filtered, per day and in the Delta tables.",
     )
 
 
-@asset(deps=[SILVER], group_name="ingestion",
+class LabelSettings(Config):
+    attribution_window_hours: float = 72.0
+    positive_threshold: float = 0.3
+    easy_negative_ratio: float = 0.0
+
+
+@asset(deps=[SILVER, ITEMS], group_name="ingestion",
        description="One row per impression whose attribution window closed: weighted engagement label and binary label.")
-def labels(context: AssetExecutionContext, lake: LakeResource) -> MaterializeResult:
+def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeResource) -> MaterializeResult:
+    from ingestion.schema import EVENT_COLUMNS
     from training.labels import LabelConfig, build_labels
 
     store = lake.lake()
     pin = store.pin(SILVER)
-    events = store.read(SILVER, version=pin.version)
+    events = store.read(SILVER, version=pin.version, columns=EVENT_COLUMNS)
     as_of = int(events["timestamp"].max()) + 1
-    lab = build_labels(events, as_of_ms=as_of, config=LabelConfig())
+    lab = build_labels(events, as_of_ms=as_of, config=LabelConfig(
+        attribution_window_ms=int(config.attribution_window_hours * 3_600_000),
+        positive_threshold=config.positive_threshold))
     out = store.write(LABELS, lab)
     return MaterializeResult(metadata={
         "rows": len(lab), "positives": int(lab["label_binary"].sum()), "positive_rate": round(float(lab["label_binary"].mean()), 4),
         "silver_version": pin.version, "delta_version": out.version, "as_of_ms": as_of,
+        "attribution_window_hours": config.attribution_window_hours,
     })

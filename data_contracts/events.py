@@ -127,6 +127,7 @@ class ContractResult:
     now_ms: int = 0
     rules: list[Rule] = field(default_factory=list, repr=False)  # the rules this run was judged by
     validation: Any = field(default=None, repr=False)  # the GX ExpectationSuiteValidationResult (COMPLETE)
+    duplicate_rows: pd.DataFrame | None = field(default=None, repr=False)  # EVENT_COLUMNS of the `duplicates` rows
 
     def reconciles(self) -> bool:
         """Nothing lost: every input row is accepted, quarantined or a counted duplicate."""
@@ -464,6 +465,7 @@ def validate_events(events: pd.DataFrame, run_id: str, now_ms: int | None = None
         now_ms=now_ms,
         rules=rules,
         validation=validation,
+        duplicate_rows=_accepted_frame(typed, dup),
     )
     log.info("contract run %s: %s in, %s accepted, %s quarantined, %s duplicates (suite success=%s)",
              run_id, n, len(result.accepted), len(quarantined), result.duplicates, result.success)

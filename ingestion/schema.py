@@ -55,3 +55,6 @@ USER_SCHEMA = pa.schema(
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
+
+# Bronze keeps events as received plus when they arrived and the ingest batch (a UTC day) they arrived in.
+BRONZE_SCHEMA = pa.schema(list(EVENT_SCHEMA) + [("received_at", pa.int64()), ("ingest_date", pa.string())])

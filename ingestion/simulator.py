@@ -4,8 +4,11 @@ Users have latent tastes over categories; every session has an intent category,
 so what a user clicks early in a session predicts what they click next (the
 signal in-session personalization must pick up). Impressions carry positions
 with position bias; clicks carry dwell time; some purchases arrive hours later.
-The simulator can also inject malformed events and duplicates so the contract
-and dedup paths are exercised on every run.
+The simulator also injects what real logs carry, so every filter is exercised on
+every run: malformed events (contract), exact duplicates and client retries with
+new ids a few seconds later (dedup), scripted bot sessions (bot filter), and late
+arrivals (`received_at` hours after `timestamp`, so they land in a later ingest
+batch than the day they happened).
 """
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ class SimulatorConfig:
     start_ms: int = START_MS
     malformed_rate: float = 0.002
     duplicate_rate: float = 0.002
+    retry_rate: float = 0.002          # re-sent with a new event_id 1-120 s later (window duplicates)
+    late_rate: float = 0.005           # received 1-36 h after they happened
+    bot_sessions_per_day: float = 0.3  # scripted sessions: 150-400 clicks in < 10 min, dwell < 300 ms
     taste_concentration: float = 0.35
     intent_strength: float = 2.2
     position_decay: float = 0.85
@@ -178,18 +184,53 @@ def simulate(cfg: SimulatorConfig | None = None) -> World:
                     t = max(click_t, t) + int(rng.integers(5_000, 60_000))
     events = pd.DataFrame(rows, columns=["event_id", "user_id", "item_id", "event_type", "timestamp", "session_id",
                                          "position", "page_context", "device_type", "dwell_time_ms"])
+    events = _inject_bots(events, cfg, rng, iid)
     events = _inject_faults(events, cfg, rng)
     events["schema_version"] = SCHEMA_VERSION
     events["source"] = "simulator"
-    world.events = events[EVENT_COLUMNS].sort_values("timestamp", kind="mergesort").reset_index(drop=True)
+    events["received_at"] = _arrival_times(events["timestamp"].to_numpy(dtype="int64"), cfg, rng)
+    world.events = events[EVENT_COLUMNS + ["received_at"]].sort_values("timestamp", kind="mergesort").reset_index(drop=True)
     log.info("simulated %s events for %s users, %s items over %s days", len(world.events), cfg.n_users, cfg.n_items, cfg.days)
     return world
 
 
+def _arrival_times(ts: np.ndarray, cfg: SimulatorConfig, rng: np.random.Generator) -> np.ndarray:
+    """When the platform received each event: 50 ms-5 s after it happened, hours later for late ones."""
+    delay = rng.integers(50, 5_000, len(ts))
+    late = rng.random(len(ts)) < cfg.late_rate
+    delay[late] = rng.integers(3_600_000, 36 * 3_600_000, int(late.sum()))
+    return np.maximum(ts, cfg.start_ms) + delay  # malformed timestamps still arrive at a real time
+
+
+def _inject_bots(events: pd.DataFrame, cfg: SimulatorConfig, rng: np.random.Generator, item_ids: np.ndarray) -> pd.DataFrame:
+    """Scripted sessions that click hundreds of items in minutes without reading any."""
+    n_bots = int(rng.poisson(cfg.bot_sessions_per_day * cfg.days))
+    if not n_bots:
+        return events
+    frames = []
+    for b in range(n_bots):
+        n = int(rng.integers(150, 400))
+        start = cfg.start_ms + int(rng.integers(0, cfg.days * DAY_MS - 3_600_000))
+        ts = start + np.sort(rng.integers(0, int(rng.integers(120_000, 540_000)), n))
+        frames.append(pd.DataFrame({
+            "event_id": [f"bot-{cfg.seed}-{b}-{i}" for i in range(n)], "user_id": f"bot{b:05d}",
+            "item_id": rng.choice(item_ids, n), "event_type": "click", "timestamp": ts,
+            "session_id": f"bot-session-{cfg.seed}-{b}", "position": rng.integers(0, cfg.slate_size, n),
+            "page_context": "home_feed", "device_type": "desktop", "dwell_time_ms": rng.integers(0, 300, n),
+        }))
+    return pd.concat([events, *frames], ignore_index=True)
+
+
 def _inject_faults(events: pd.DataFrame, cfg: SimulatorConfig, rng: np.random.Generator) -> pd.DataFrame:
-    """Add malformed rows and exact duplicates at the configured rates."""
+    """Add malformed rows, exact duplicates and client retries at the configured rates."""
     n = len(events)
     parts = [events]
+    n_retry = int(round(n * cfg.retry_rate))
+    if n_retry:
+        retry = events.sample(n_retry, random_state=int(rng.integers(1 << 31))).copy()
+        retry["event_id"] = [f"retry-{cfg.seed}-{i}" for i in range(n_retry)]
+        retry["timestamp"] = retry["timestamp"] + rng.integers(1_000, 120_000, n_retry)
+        parts.append(retry)
     n_bad = int(round(n * cfg.malformed_rate))
     if n_bad:
         bad = events.sample(n_bad, random_state=int(rng.integers(1 << 31))).copy()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,6 +35,23 @@ class TableVersion:
         return {f"delta.{self.table}.version": str(self.version), f"delta.{self.table}.rows": str(self.rows)}
 
 
+@dataclass(frozen=True)
+class BatchWrite(TableVersion):
+    batch_id: str = ""
+    content_hash: int = 0
+    skipped: bool = False
+
+
+def content_hash(arrow: pa.Table, columns: list[str] | None = None) -> int:
+    """A stable 63-bit hash of a table's rows (order-insensitive), over `columns` (default: all)."""
+    frame = arrow.select(columns or arrow.column_names).to_pandas()
+    if frame.empty:
+        return 1
+    rows = pd.util.hash_pandas_object(frame, index=False).to_numpy().astype("uint64")
+    total = int(rows.sum(dtype="uint64")) ^ (len(frame) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF)
+    return (total & 0x7FFFFFFFFFFFFFFF) or 1
+
+
 class DeltaLake:
     """A folder (or object-store prefix) of named Delta tables."""
 
@@ -45,6 +63,12 @@ class DeltaLake:
 
     def uri(self, table: str) -> str:
         return f"{self.root}/{table}"
+
+    def tables(self) -> list[str]:
+        """Names of the Delta tables under the root (local lakes; object stores list by convention)."""
+        if "://" in self.root:
+            raise NotImplementedError("listing tables of an object-store lake: pass the table names explicitly")
+        return sorted(p.parent.name for p in Path(self.root).glob("*/_delta_log"))
 
     def exists(self, table: str) -> bool:
         try:
@@ -82,6 +106,39 @@ class DeltaLake:
         version = self.version(table)
         log.info("wrote %s rows to %s (mode=%s) -> version %s", arrow.num_rows, table, mode, version)
         return TableVersion(table, version, arrow.num_rows)
+
+    def write_batch(self, table: str, data: pd.DataFrame | pa.Table, batch_id: str, replace_where: str,
+                    schema: pa.Schema | None = None, partition_by: list[str] | None = None,
+                    content_columns: list[str] | None = None,
+                    commit_properties: dict[str, Any] | None = None) -> BatchWrite:
+        """Idempotently replace one batch (the rows matching `replace_where`) with `data`.
+
+        Replaying a batch is a no-op: the content hash is stored as a Delta app transaction
+        (`app_id = batch:<batch_id>`), so identical content writes no new version, and changed
+        content (a corrected backfill) replaces exactly the old batch's rows, never duplicating them.
+        """
+        arrow = data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, schema=schema, preserve_index=False)
+        if schema is not None:
+            arrow = arrow.select(schema.names).cast(schema)
+        digest = content_hash(arrow, content_columns)
+        app_id = f"batch:{batch_id}"
+        if self.exists(table) and self._table(table).transaction_version(app_id) == digest:
+            version = self.version(table)
+            log.info("%s batch %s unchanged (hash %s): no new version, still v%s", table, batch_id, digest, version)
+            return BatchWrite(table, version, arrow.num_rows, batch_id, digest, skipped=True)
+        from deltalake import CommitProperties, Transaction
+
+        props = CommitProperties(custom_metadata={"batch_id": batch_id, **{k: str(v) for k, v in (commit_properties or {}).items()}},
+                                 app_transactions=[Transaction(app_id, digest)])
+        if self.exists(table):
+            write_deltalake(self.uri(table), arrow, mode="overwrite", predicate=replace_where, partition_by=partition_by,
+                            storage_options=self.storage_options, commit_properties=props)
+        else:
+            write_deltalake(self.uri(table), arrow, mode="append", partition_by=partition_by,
+                            storage_options=self.storage_options, commit_properties=props)
+        version = self.version(table)
+        log.info("%s batch %s: %s rows -> version %s", table, batch_id, arrow.num_rows, version)
+        return BatchWrite(table, version, arrow.num_rows, batch_id, digest, skipped=False)
 
     def read(self, table: str, version: int | None = None, columns: list[str] | None = None,
              filters: list[tuple] | None = None) -> pd.DataFrame:

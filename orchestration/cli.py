@@ -53,22 +53,41 @@ def ensure_redis(settings: Settings):
     return server
 
 
-def materialize_all(settings: Settings, source_config: dict, job_name: str = "full_pipeline") -> dict:
-    """Run a Dagster job in-process against the persistent instance; returns per-step seconds."""
+def materialize_all(settings: Settings, source_config: dict) -> dict:
+    """Backfill every ingest day of the source as one partitioned run, then build everything downstream.
+
+    Two Dagster runs against the persistent instance (a Dagster job cannot mix daily-partitioned
+    and unpartitioned assets); returns the build run's id and per-run seconds.
+    """
     from dagster import DagsterInstance
 
+    from assets.ingestion import SourceConfig, daily_partitions, source_partitions
     from orchestration.definitions import defs
 
-    job = defs.resolve_job_def(job_name)
-    ops: dict = {"source_events": {"config": source_config}} if job_name == "full_pipeline" else {}
+    t0 = time.perf_counter()
+    days = source_partitions(SourceConfig(**source_config))
+    known = set(daily_partitions.get_partition_keys())
+    outside = [d for d in days if d not in known]
+    if outside:
+        raise SystemExit(f"the source's events arrive on days {outside[0]}..{outside[-1]} outside the daily partitions "
+                         f"(start {settings.partition_start}): set KAIROS_PARTITION_START=YYYY-MM-DD to the first day")
+    instance = DagsterInstance.get()
+    ingest = defs.resolve_job_def("ingest_events").execute_in_process(
+        instance=instance, run_config={"ops": {"bronze_events": {"config": source_config}}}, raise_on_error=True,
+        tags={"dagster/asset_partition_range_start": days[0], "dagster/asset_partition_range_end": days[-1]})
+    t_ingest = time.perf_counter() - t0
+    log.info("Dagster ingest run %s: %d days (%s..%s) in %.1fs", ingest.run_id, len(days), days[0], days[-1], t_ingest)
+    ops: dict = {"catalog": {"config": source_config}}
     if source_config.get("source", "").startswith("movielens"):
         # months of sparse public data: split by weeks, not days, so the test window has enough users
         ops["training_set"] = {"config": {"validation_days": 14.0, "test_days": 28.0, "gap_hours": 0.0}}
-    run_config = {"ops": ops}
-    t0 = time.perf_counter()
-    result = job.execute_in_process(instance=DagsterInstance.get(), run_config=run_config, raise_on_error=True)
-    log.info("Dagster run %s %s in %.1fs", result.run_id, "succeeded" if result.success else "FAILED", time.perf_counter() - t0)
-    return {"run_id": result.run_id, "success": result.success, "seconds": time.perf_counter() - t0}
+    build = defs.resolve_job_def("build").execute_in_process(instance=instance, run_config={"ops": ops},
+                                                             raise_on_error=True)
+    seconds = time.perf_counter() - t0
+    log.info("Dagster build run %s %s in %.1fs", build.run_id, "succeeded" if build.success else "FAILED",
+             seconds - t_ingest)
+    return {"run_id": build.run_id, "ingest_run_id": ingest.run_id, "success": ingest.success and build.success,
+            "seconds": seconds, "ingest_seconds": t_ingest, "days": len(days)}
 
 
 def data_clock_ms(settings: Settings) -> int:
@@ -97,6 +116,8 @@ def demo(args: argparse.Namespace) -> int:
     from streaming.job import SessionStreamProcessor, publish
 
     started = time.perf_counter()
+    if args.source.startswith("movielens"):
+        os.environ.setdefault("KAIROS_PARTITION_START", "1997-09-01")  # MovieLens 100K starts 1997-09-20
     settings = Settings.from_env()
     prepare_home(settings)
     server_redis = ensure_redis(settings)
@@ -161,7 +182,8 @@ def demo(args: argparse.Namespace) -> int:
         stop_server(proc)
         if server_redis is not None:
             server_redis.stop()
-    print(f"\nDagster run {run['run_id']}: whole asset graph in {pipeline_s:.1f}s; demo wall time {time.perf_counter() - started:.1f}s")
+    print(f"\nDagster runs {run['ingest_run_id']} (ingest, {run['days']} daily partitions, {run['ingest_seconds']:.1f}s) "
+          f"and {run['run_id']} (build): whole asset graph in {pipeline_s:.1f}s; demo wall time {time.perf_counter() - started:.1f}s")
     print("Open the Dagster UI with `make ui`, MLflow with `make mlflow-ui`.")
     return 0
 

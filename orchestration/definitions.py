@@ -3,19 +3,19 @@ from __future__ import annotations
 
 from dagster import Definitions, FilesystemIOManager, load_asset_checks_from_modules, load_assets_from_modules
 
-from assets import features, ingestion, monitoring, serving, training
-from orchestration.jobs import full_pipeline, retrain_job
+from assets import features, ingestion, maintenance, monitoring, serving, training
+from orchestration.jobs import build_job, ingest_job, maintenance_job, retrain_job
 from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource, SparkResource
-from orchestration.sensors import daily_retrain, drift_sensor
+from orchestration.sensors import daily_ingest, daily_retrain, drift_sensor, weekly_maintenance
 
-_modules = [ingestion, features, training, serving, monitoring]
+_modules = [ingestion, features, training, serving, monitoring, maintenance]
 
 defs = Definitions(
     assets=load_assets_from_modules(_modules),
     asset_checks=load_asset_checks_from_modules(_modules),
-    jobs=[full_pipeline, retrain_job],
+    jobs=[ingest_job, build_job, retrain_job, maintenance_job],
     sensors=[drift_sensor],
-    schedules=[daily_retrain],
+    schedules=[daily_ingest, daily_retrain, weekly_maintenance],
     resources={
         "lake": LakeResource(),
         "spark": SparkResource(),

@@ -1,11 +1,21 @@
-"""Jobs: the whole graph, and the retrain path the drift sensor and the schedule request."""
-from __future__ import annotations
+"""Jobs: daily event ingestion (partitioned), the build of everything downstream, retrain, maintenance."""
 
 from dagster import AssetSelection, define_asset_job
 
-full_pipeline = define_asset_job(
-    "full_pipeline", selection=AssetSelection.all(),
-    description="Every asset: ingest, contract, labels, features, training, gates, registry, online store, drift.",
+from assets.ingestion import EVENT_ASSETS, daily_partitions
+
+_events = AssetSelection.assets(*EVENT_ASSETS)
+_maintenance = AssetSelection.groups("maintenance")
+
+ingest_job = define_asset_job(
+    "ingest_events", selection=_events, partitions_def=daily_partitions,
+    description="One ingest day (or a range, as one run): bronze → contract, dedup, bots → silver + quarantine.",
+)
+
+build_job = define_asset_job(
+    "build", selection=AssetSelection.all() - _events - _maintenance,
+    description="Everything downstream of the events: catalog, labels, features, training, gates, registry, "
+                "online store, drift.",
 )
 
 retrain_job = define_asset_job(
@@ -13,3 +23,6 @@ retrain_job = define_asset_job(
     selection=AssetSelection.assets("labels", "online_features") | AssetSelection.groups("features", "training"),
     description="Relabel, rebuild features and the training set, retrain, gate, register, refresh the online store.",
 )
+
+maintenance_job = define_asset_job("lake_maintenance_job", selection=_maintenance,
+                                   description="OPTIMIZE and VACUUM the Delta tables.")

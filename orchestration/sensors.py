@@ -1,12 +1,12 @@
-"""Sensors and schedules: drift requests a retrain; a daily schedule retrains anyway."""
+"""Sensors and schedules: drift requests a retrain; daily ingestion and retrain; weekly lake maintenance."""
 
 import time
 
 from dagster import (AssetKey, DagsterRunStatus, EventLogEntry, RunRequest, RunsFilter, ScheduleDefinition,
-                     SensorEvaluationContext, SkipReason, asset_sensor)
+                     SensorEvaluationContext, SkipReason, asset_sensor, build_schedule_from_partitioned_job)
 
 from assets.monitoring import FEATURE_DRIFT
-from orchestration.jobs import retrain_job
+from orchestration.jobs import ingest_job, maintenance_job, retrain_job
 
 MIN_RETRAIN_INTERVAL_S = 24 * 3600
 
@@ -43,3 +43,9 @@ def drift_sensor(context: SensorEvaluationContext, asset_event: EventLogEntry):
 
 daily_retrain = ScheduleDefinition(name="daily_retrain", job=retrain_job, cron_schedule="0 3 * * *",
                                    execution_timezone="UTC")
+
+# each day at 00:30 UTC, ingest the day that just ended (its partition key)
+daily_ingest = build_schedule_from_partitioned_job(ingest_job, hour_of_day=0, minute_of_hour=30, name="daily_ingest")
+
+weekly_maintenance = ScheduleDefinition(name="weekly_lake_maintenance", job=maintenance_job, cron_schedule="0 4 * * 0",
+                                        execution_timezone="UTC")

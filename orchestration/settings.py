@@ -28,6 +28,7 @@ class Settings:
     spark_master: str
     redis_url: str | None
     model_name: str = "kairos-ranker"
+    partition_start: str = "2026-01-01"  # first daily partition of the event assets (UTC day)
     shared_dir: Path = field(default_factory=lambda: PROJECT_ROOT.parent / "shared")
 
     @classmethod
@@ -40,6 +41,7 @@ class Settings:
             spark_master=_env("KAIROS_SPARK_MASTER", "local[2]"),
             redis_url=os.environ.get("REDIS_URL") or None,
             model_name=_env("KAIROS_MODEL_NAME", "kairos-ranker"),
+            partition_start=_env("KAIROS_PARTITION_START", "2026-01-01"),
             shared_dir=Path(_env("KAIROS_SHARED_DIR", str(PROJECT_ROOT.parent / "shared"))),
         )
 

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 
 from features.functions import replay_session_features, smoothed_ctr
+from ingestion.bots import bot_mask, bot_sessions
+from ingestion.dedup import window_duplicates
 from ingestion.schema import DAY_MS, EVENT_TYPES
 
 USER_WINDOW_DAYS = 30
@@ -24,11 +26,15 @@ DWELL_MEDIUM_MS = 10_000
 
 
 def clean_events(events: pd.DataFrame) -> pd.DataFrame:
-    """Drop what the contract would quarantine (nulls, unknown types, bad numbers) and exact duplicates."""
+    """Drop what silver would not accept: contract failures (nulls, unknown types, bad numbers), bot sessions,
+    exact and window duplicates (the product's own filters, minus GX)."""
     ev = events.drop_duplicates("event_id")
     ok = (ev["user_id"].notna() & ev["item_id"].notna() & ev["event_type"].isin(EVENT_TYPES)
           & (ev["timestamp"] > 0) & (ev["dwell_time_ms"].fillna(0) >= 0) & ev["session_id"].notna())
-    return ev[ok].reset_index(drop=True)
+    ev = ev[ok].reset_index(drop=True)
+    is_bot, _ = bot_mask(ev, bot_sessions(ev))
+    ev = ev[~is_bot].reset_index(drop=True)
+    return ev[~window_duplicates(ev)].reset_index(drop=True)
 
 
 def _window_counts(entity_codes: np.ndarray, days: np.ndarray, weights: np.ndarray, n_entities: int, n_days: int,

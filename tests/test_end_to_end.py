@@ -52,10 +52,13 @@ def test_every_asset_materialized_with_checks(pipeline) -> None:
         assert instance.get_latest_materialization_event(AssetKey(key)) is not None, key
     meta = instance.get_latest_materialization_event(AssetKey("silver_events")).asset_materialization.metadata
     n_in = meta["n_in"].value
-    assert n_in == meta["accepted"].value + meta["quarantined"].value + meta["duplicates"].value
-    assert meta["quarantined"].value > 0  # the simulator injects malformed events
+    rejected = meta["quarantined"].value + meta["duplicates"].value + meta["bot_filtered"].value
+    assert n_in == meta["accepted"].value + rejected
+    # the simulator injects malformed events, duplicates and bots: each filter had work
+    assert meta["quarantined"].value > 0 and meta["duplicates"].value > 0 and meta["bot_filtered"].value > 0
     lake = DeltaLake(settings.lake_uri)
-    assert lake.pin("quarantine_events").rows == meta["quarantined"].value
+    assert lake.pin("quarantine_events").rows == rejected
+    assert lake.pin("bronze_events").rows == n_in
     checks = instance.get_latest_materialization_event(AssetKey("training_set")).asset_materialization.metadata
     assert checks["rows"].value > 1000
 

@@ -31,3 +31,24 @@ def test_spark_reads_the_pinned_snapshot_not_the_latest(tmp_path) -> None:
     frame = spark_read(spark, lake, "t", 1)
     assert sorted(r["a"] for r in frame.collect()) == [1, 2, 3]
     assert set(frame.columns) == {"a", "d"}
+
+
+def test_write_batch_is_idempotent_and_replaces_only_its_batch(tmp_path) -> None:
+    import pandas as pd
+
+    from lake.delta import DeltaLake
+
+    lake = DeltaLake(str(tmp_path / "lake"))
+    day1 = pd.DataFrame({"v": [1, 2], "ingest_date": ["d1", "d1"]})
+    day2 = pd.DataFrame({"v": [3], "ingest_date": ["d2"]})
+    w1 = lake.write_batch("t", day1, batch_id="t:d1", replace_where="ingest_date = 'd1'", partition_by=["ingest_date"])
+    w2 = lake.write_batch("t", day2, batch_id="t:d2", replace_where="ingest_date = 'd2'", partition_by=["ingest_date"])
+    again = lake.write_batch("t", day1, batch_id="t:d1", replace_where="ingest_date = 'd1'", partition_by=["ingest_date"])
+    assert not w1.skipped and not w2.skipped and again.skipped and again.version == w2.version  # replay: no new version
+    fixed = pd.DataFrame({"v": [10], "ingest_date": ["d1"]})
+    w3 = lake.write_batch("t", fixed, batch_id="t:d1", replace_where="ingest_date = 'd1'", partition_by=["ingest_date"])
+    assert w3.version == w2.version + 1
+    assert sorted(lake.read("t")["v"]) == [3, 10]  # the corrected batch replaced its rows, nothing duplicated
+    assert sorted(lake.read("t", version=w2.version)["v"]) == [1, 2, 3]  # time travel to before the correction
+    assert lake.history("t", limit=1)[0]["batch_id"] == "t:d1"
+    assert lake.tables() == ["t"]

@@ -1,6 +1,8 @@
 """The Dagster definitions load as one graph, and the drift sensor's decision logic."""
 from __future__ import annotations
 
+from dagster import AssetKey
+
 from orchestration.definitions import defs
 from orchestration.sensors import drift_decision
 
@@ -10,12 +12,18 @@ def test_one_definitions_with_the_whole_graph() -> None:
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {"bronze_events", "silver_events", "labels", "user_features", "item_features", "training_set",
             "two_tower_model", "faiss_index", "ranker_model", "model_evaluation", "validation_gate",
-            "registered_model", "online_features", "feature_drift"} <= keys
+            "registered_model", "online_features", "feature_drift", "quarantine_events", "catalog_items",
+            "lake_maintenance"} <= keys
+    assert graph.get(AssetKey("silver_events")).partitions_def is not None  # daily, backfillable per day
+    assert graph.get(AssetKey("labels")).partitions_def is None
     checks = {c.to_user_string() for c in graph.asset_check_keys}
     assert {"silver_events:events_contract", "silver_events:counts_reconcile",
             "training_set:point_in_time_correct", "faiss_index:index_recall", "validation_gate:gate_passed"} <= checks
     retrain = set(defs.resolve_job_def("retrain").graph.node_names())
-    assert "registered_model" in retrain and "source_events" not in retrain
+    assert "registered_model" in retrain and "bronze_events" not in retrain
+    assert {"bronze_events", "silver_events"} <= set(defs.resolve_job_def("ingest_events").graph.node_names())
+    for name in ("daily_ingest", "daily_retrain", "weekly_lake_maintenance"):
+        assert defs.resolve_schedule_def(name).name == name
     assert defs.resolve_sensor_def("drift_sensor").job_name == "retrain"
 
 

@@ -1,0 +1,151 @@
+"""Bronze → silver for one ingest batch: contract, deduplication, bot filtering.
+
+Every input row ends in exactly one place (DESIGN invariant 3):
+  accepted (silver) | quarantined by the contract | duplicate | bot-filtered,
+and every rejected row, whatever the cause, is kept in the quarantine table with
+its reason(s), raw payload, run id and a `disposition` (contract, duplicate, bot).
+So `n_in == accepted + quarantined + duplicates + bot_filtered` always, and the
+reject of any event can be explained and replayed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from data_contracts.events import DEFAULT_MAX_FUTURE_SKEW_MS, QUARANTINE_SCHEMA, ContractResult, validate_events
+from ingestion.bots import BOT_SESSION_COLUMNS, BotConfig, bot_mask, bot_sessions
+from ingestion.dedup import DEFAULT_WINDOW_MS, exact_duplicates, window_duplicates
+from ingestion.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA
+
+# Lake columns added to the event schema: the day an event happened (partition) and the batch it arrived in.
+SILVER_SCHEMA: pa.Schema = pa.schema(list(EVENT_SCHEMA) + [("event_date", pa.string()), ("ingest_date", pa.string())])
+REJECT_SCHEMA: pa.Schema = pa.schema(list(QUARANTINE_SCHEMA) + [("disposition", pa.string()), ("ingest_date", pa.string())])
+DISPOSITIONS: tuple[str, ...] = ("contract", "duplicate", "bot")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    dedup_window_ms: int = DEFAULT_WINDOW_MS
+    bots: BotConfig = field(default_factory=BotConfig)
+    max_future_skew_ms: int = DEFAULT_MAX_FUTURE_SKEW_MS
+
+
+@dataclass
+class RefineResult:
+    accepted: pd.DataFrame   # SILVER_SCHEMA
+    rejected: pd.DataFrame   # REJECT_SCHEMA: contract failures, duplicates and bot events
+    n_in: int
+    quarantined: int
+    duplicates: int
+    bot_filtered: int
+    contract: ContractResult
+    bots: pd.DataFrame = field(repr=False, default_factory=lambda: pd.DataFrame(columns=BOT_SESSION_COLUMNS))
+    duplicate_reasons: dict[str, int] = field(default_factory=dict)
+
+    def reconciles(self) -> bool:
+        """Nothing lost: in = accepted + quarantined + duplicates + bot-filtered, and every reject is stored."""
+        parts = len(self.accepted) + self.quarantined + self.duplicates + self.bot_filtered
+        return self.n_in == parts and len(self.rejected) == self.quarantined + self.duplicates + self.bot_filtered
+
+    def counts(self) -> dict[str, int]:
+        return {"in": self.n_in, "accepted": len(self.accepted), "quarantined": self.quarantined,
+                "duplicates": self.duplicates, "bot_filtered": self.bot_filtered, "bot_sessions": len(self.bots)}
+
+
+def event_dates(timestamps: pd.Series | np.ndarray) -> np.ndarray:
+    """UTC calendar day (YYYY-MM-DD) of epoch-ms timestamps; fast for millions of rows (one strftime per day)."""
+    days = np.asarray(timestamps, dtype="int64") // DAY_MS
+    uniq, inverse = np.unique(days, return_inverse=True)
+    names = pd.to_datetime(uniq * DAY_MS, unit="ms", utc=True).strftime("%Y-%m-%d").to_numpy(dtype=object)
+    return names[inverse]
+
+
+def _payload_json(rows: pd.DataFrame) -> list[str]:
+    if rows.empty:
+        return []
+    text = rows.to_json(orient="records", lines=True, force_ascii=False)
+    return text.rstrip("\n").split("\n")
+
+
+def _rejects(rows: pd.DataFrame, reasons: np.ndarray | list[str], disposition: str, run_id: str,
+             ingest_date: str, now_ms: int) -> pd.DataFrame:
+    """Accepted-shape rows (EVENT_COLUMNS) turned into quarantine rows with a reason and a disposition."""
+    out = rows[EVENT_COLUMNS].reset_index(drop=True).copy()
+    out["reasons"] = list(reasons)
+    out["raw_payload"] = _payload_json(rows[EVENT_COLUMNS])
+    out["run_id"] = run_id
+    out["quarantined_at"] = np.int64(now_ms)
+    out["disposition"] = disposition
+    out["ingest_date"] = ingest_date
+    return out
+
+
+def _typed(frame: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
+    """Columns in schema order with Arrow-stable dtypes (nullable ints, strings), whatever the input."""
+    cols = {}
+    for f in schema:
+        col = frame[f.name] if f.name in frame else pd.Series([None] * len(frame), index=frame.index)
+        if pa.types.is_integer(f.type):
+            cols[f.name] = pd.to_numeric(col, errors="coerce").astype("Int64")
+        else:
+            cols[f.name] = col.astype(object).where(col.notna(), None)
+    return pd.DataFrame(cols, index=frame.index).reset_index(drop=True)
+
+
+def refine_batch(raw: pd.DataFrame, ingest_date: str, run_id: str, prior: pd.DataFrame | None = None,
+                 now_ms: int | None = None, config: RefineConfig = RefineConfig()) -> RefineResult:
+    """Judge one ingest batch. `prior`: silver rows of earlier batches that may hold its duplicates."""
+    now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
+    contract = validate_events(raw, run_id=run_id, now_ms=now_ms, max_future_skew_ms=config.max_future_skew_ms)
+    valid = contract.accepted
+    parts: list[pd.DataFrame] = []
+    if len(contract.quarantined):
+        q = contract.quarantined.copy()
+        q["disposition"], q["ingest_date"] = "contract", ingest_date
+        parts.append(q)
+
+    dup_reasons: dict[str, int] = {"duplicate_event_id": contract.duplicates}
+    if contract.duplicate_rows is not None and len(contract.duplicate_rows):
+        parts.append(_rejects(contract.duplicate_rows, ["duplicate_event_id"] * len(contract.duplicate_rows),
+                              "duplicate", run_id, ingest_date, now_ms))
+    # bots first: a script's retries and repeats are part of its velocity
+    bots = bot_sessions(valid, config.bots)
+    is_bot, bot_reasons = bot_mask(valid, bots)
+    if is_bot.any():
+        parts.append(_rejects(valid[is_bot], bot_reasons[is_bot], "bot", run_id, ingest_date, now_ms))
+    humans = valid[~is_bot]
+    seen_before = exact_duplicates(humans, prior) & ~humans["event_id"].duplicated(keep="first").to_numpy()
+    rest = humans[~seen_before]
+    if seen_before.any():
+        parts.append(_rejects(humans[seen_before], ["duplicate_event_id: seen in an earlier batch"] * int(seen_before.sum()),
+                              "duplicate", run_id, ingest_date, now_ms))
+    dup_reasons["duplicate_event_id"] += int(seen_before.sum())
+    in_window = window_duplicates(rest, prior, config.dedup_window_ms)
+    if in_window.any():
+        reason = f"duplicate_within_window: same user, item, event type and session within {config.dedup_window_ms // 1000}s"
+        parts.append(_rejects(rest[in_window], [reason] * int(in_window.sum()), "duplicate", run_id, ingest_date, now_ms))
+    dup_reasons["duplicate_within_window"] = int(in_window.sum())
+    accepted = rest[~in_window].copy()
+    accepted["event_date"] = event_dates(accepted["timestamp"]) if len(accepted) else []
+    accepted["ingest_date"] = ingest_date
+    rejected = pd.concat([_typed(p, REJECT_SCHEMA) for p in parts], ignore_index=True) if parts \
+        else _typed(pd.DataFrame(columns=REJECT_SCHEMA.names), REJECT_SCHEMA)
+    return RefineResult(
+        accepted=_typed(accepted, SILVER_SCHEMA), rejected=rejected, n_in=len(raw),
+        quarantined=len(contract.quarantined), duplicates=contract.duplicates + int(seen_before.sum()) + int(in_window.sum()),
+        bot_filtered=int(is_bot.sum()), contract=contract, bots=bots, duplicate_reasons=dup_reasons,
+    )
+
+
+def bot_report(bots: pd.DataFrame, limit: int = 20) -> str:
+    """JSON list of the filtered sessions and their figures (for asset metadata)."""
+    return json.dumps(bots.head(limit).to_dict("records"), default=str)
+
+
+__all__ = ["DISPOSITIONS", "REJECT_SCHEMA", "SILVER_SCHEMA", "RefineConfig", "RefineResult", "bot_report", "event_dates",
+           "refine_batch"]
