@@ -198,7 +198,7 @@ def _prior_silver(store, day: str, batch: pd.DataFrame, lookback_days: int) -> p
 def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: LakeResource,
                   artifacts: ArtifactsResource):
     """Judge each ingest day's bronze batch (contract → dedup → bots) and write silver and quarantine."""
-    from data_contracts.events import build_data_docs
+    from data_contracts.events import build_data_docs, validate_events
     from ingestion.refine import REJECT_SCHEMA, SILVER_SCHEMA, bot_report, refine_batch
 
     store = lake.lake()
@@ -206,19 +206,25 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
     days = _partition_days(context)
     rc = config.refine_config()
     totals = {"in": 0, "accepted": 0, "quarantined": 0, "duplicates": 0, "bot_filtered": 0, "bot_sessions": 0}
-    failures: dict[str, int] = {}
     dup_reasons: dict[str, int] = {}
-    per_day, bots, results = [], [], {}
+    per_day, bots = [], []
     silver_v = quarantine_v = -1
-    wall_ms = int(time.time() * 1000)
+    # one GX pass over the whole range (first arrival first), then each day in order: dedup looks back at the
+    # days already written, so a range run and day-by-day runs agree
+    bronze = store.read(BRONZE, version=pin.version, filters=[("ingest_date", "in", days)])
+    bronze = bronze.sort_values(["ingest_date", "received_at"], kind="mergesort").reset_index(drop=True)
+    batch_of = bronze.pop("ingest_date").to_numpy(dtype=object)
+    # an event that arrived by the end of the run's last day cannot have happened after it (plus the allowed skew)
+    end_of_range = int(pd.Timestamp(days[-1], tz="UTC").value // 1_000_000) + DAY_MS
+    now_ms = min(int(time.time() * 1000), end_of_range)
+    contract = validate_events(bronze, run_id=context.run_id, now_ms=now_ms, max_future_skew_ms=rc.max_future_skew_ms)
+    by_day = contract.split(batch_of)
+    context.log.info(f"contract: {contract.n_in} events over {len(days)} day(s), {len(contract.quarantined)} quarantined")
     for i, day in enumerate(days):
-        raw = store.read(BRONZE, version=pin.version, filters=[("ingest_date", "=", day)])
-        raw = raw.drop(columns=["ingest_date"])
-        # an event that arrived on `day` cannot have happened after that day ended (plus the allowed skew)
-        end_of_day = int(pd.Timestamp(day, tz="UTC").value // 1_000_000) + DAY_MS
+        raw = bronze[batch_of == day].reset_index(drop=True)
         result = refine_batch(raw, ingest_date=day, run_id=context.run_id,
                               prior=_prior_silver(store, day, raw, config.dedup_lookback_days),
-                              now_ms=min(wall_ms, end_of_day), config=rc)
+                              now_ms=now_ms, config=rc, contract=by_day.get(day) or contract.empty_share())
         s = store.write_batch(SILVER, result.accepted, batch_id=f"{SILVER}:{day}", replace_where=f"ingest_date = '{day}'",
                               schema=SILVER_SCHEMA, partition_by=["event_date"],
                               commit_properties={"run_id": context.run_id, "bronze_version": pin.version})
@@ -229,21 +235,16 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
         silver_v, quarantine_v = s.version, q.version
         for k, v in result.counts().items():
             totals[k] += v
-        for k, v in result.contract.expectation_failures.items():
-            failures[k] = failures.get(k, 0) + v
         for k, v in result.duplicate_reasons.items():
             dup_reasons[k] = dup_reasons.get(k, 0) + v
         if len(result.bots):
             bots.append(result.bots.assign(ingest_date=day))
         per_day.append({"ingest_date": day, **result.counts(), "reconciles": result.reconciles(),
                         "silver_unchanged": s.skipped})
-        results[day] = result
         if len(days) > 5 and (i + 1) % max(len(days) // 5, 1) == 0:
             context.log.info(f"silver: {i + 1}/{len(days)} days, {totals['accepted']} accepted so far")
-    # data docs for the day a reviewer most wants to open: the worst quarantine rate in this run
-    worst = max(results, key=lambda d: results[d].quarantined / max(results[d].n_in, 1)) if results else None
-    docs = build_data_docs(results[worst].contract, artifacts.path("data_docs", context.run_id, worst)) \
-        if worst and results[worst].contract.validation is not None else None
+    failures = contract.expectation_failures
+    docs = build_data_docs(contract, artifacts.path("data_docs", context.run_id)) if contract.n_in else None
     quarantine_rate = totals["quarantined"] / max(totals["in"], 1)
     day_table = pd.DataFrame(per_day)
     all_bots = pd.concat(bots, ignore_index=True) if bots else pd.DataFrame()
@@ -254,7 +255,6 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
             "per_day": MetadataValue.md(day_table.to_markdown(index=False) if len(day_table) else "no days")}
     if docs is not None:
         meta["data_docs"] = MetadataValue.path(str(docs))
-        meta["data_docs_day"] = worst
     yield MaterializeResult(asset_key=SILVER, metadata=meta)
     yield MaterializeResult(asset_key=QUARANTINE, metadata={
         "rows": totals["quarantined"] + totals["duplicates"] + totals["bot_filtered"], "delta_version": quarantine_v,

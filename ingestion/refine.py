@@ -98,10 +98,18 @@ def _typed(frame: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
 
 
 def refine_batch(raw: pd.DataFrame, ingest_date: str, run_id: str, prior: pd.DataFrame | None = None,
-                 now_ms: int | None = None, config: RefineConfig = RefineConfig()) -> RefineResult:
-    """Judge one ingest batch. `prior`: silver rows of earlier batches that may hold its duplicates."""
+                 now_ms: int | None = None, config: RefineConfig = RefineConfig(),
+                 contract: ContractResult | None = None) -> RefineResult:
+    """Judge one ingest batch. `prior`: silver rows of earlier batches that may hold its duplicates.
+
+    `contract`: this batch's share of a GX run over several batches (ContractResult.split), so a
+    many-day backfill pays for one GX pass; by default the batch is validated here.
+    """
     now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
-    contract = validate_events(raw, run_id=run_id, now_ms=now_ms, max_future_skew_ms=config.max_future_skew_ms)
+    if contract is None:
+        contract = validate_events(raw, run_id=run_id, now_ms=now_ms, max_future_skew_ms=config.max_future_skew_ms)
+    elif contract.n_in != len(raw):
+        raise ValueError(f"the contract result covers {contract.n_in} rows but the batch has {len(raw)}")
     valid = contract.accepted
     parts: list[pd.DataFrame] = []
     if len(contract.quarantined):

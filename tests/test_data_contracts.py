@@ -263,3 +263,21 @@ def test_data_docs_render_the_run(sim_result, tmp_path) -> None:
     assert len(pages) == 1
     html = pages[0].read_text()
     assert "dwell_time_ms" in html and "Unexpected" in html
+
+
+def test_split_of_one_gx_run_matches_validating_each_group(small_world) -> None:
+    raw = small_world.events.reset_index(drop=True)
+    groups = np.where(np.arange(len(raw)) % 3 == 0, "a", "b").astype(object)
+    whole = validate_events(raw, run_id="split", now_ms=2_000_000_000_000)
+    parts = whole.split(groups)
+    assert set(parts) == {"a", "b"}
+    for g, part in parts.items():
+        alone = validate_events(raw[groups == g].reset_index(drop=True), run_id="alone", now_ms=2_000_000_000_000)
+        assert part.n_in == alone.n_in and part.reconciles()
+        assert len(part.quarantined) == len(alone.quarantined)
+        assert part.expectation_failures == alone.expectation_failures
+        assert sorted(part.accepted["event_id"]) == sorted(alone.accepted["event_id"]) or part.duplicates != alone.duplicates
+    assert sum(p.n_in for p in parts.values()) == whole.n_in
+    assert sum(len(p.accepted) for p in parts.values()) == len(whole.accepted)
+    empty = whole.empty_share()
+    assert empty.n_in == 0 and empty.reconciles() and not any(empty.expectation_failures.values())

@@ -68,3 +68,24 @@ def test_range_backfill_in_one_run_covers_every_day_and_reconciles(settings, ins
     # silver is partitioned by the day events happened; late arrivals sit in their event day
     assert (silver["event_date"] <= silver["ingest_date"]).all()
     assert (silver["event_date"] < silver["ingest_date"]).any()
+
+
+def test_lake_maintenance_compacts_without_changing_data(settings, instance) -> None:
+    from assets.maintenance import lake_maintenance
+
+    days = source_partitions(SourceConfig(**SOURCE))
+    for day in days[:3]:  # three single-day runs: many small files
+        assert materialize([bronze_events, silver_events], partition_key=day, run_config=RUN_CONFIG,
+                           resources=RESOURCES, instance=instance).success
+    lake = DeltaLake(settings.lake_uri)
+    before = {t: lake.read(t).sort_values("event_id").reset_index(drop=True) for t in (BRONZE, SILVER)}
+    result = materialize([lake_maintenance], resources=RESOURCES, instance=instance,
+                         run_config={"ops": {"lake_maintenance": {"config": {"retention_hours": 0}}}})
+    assert result.success
+    report = instance.get_latest_materialization_event(AssetKey("lake_maintenance")).asset_materialization.metadata
+    tables = report["report"].value
+    assert set(tables) >= {BRONZE, SILVER, QUARANTINE}
+    assert tables[SILVER]["files_after"] <= tables[SILVER]["files_before"] and report["files_vacuumed"].value > 0
+    for t, frame in before.items():
+        after = lake.read(t).sort_values("event_id").reset_index(drop=True)
+        assert len(after) == len(frame) and after["event_id"].tolist() == frame["event_id"].tolist()
