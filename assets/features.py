@@ -5,7 +5,7 @@ import json
 from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetSpec, Config, MaterializeResult,
                      MetadataValue, asset, multi_asset)
 
-from assets.ingestion import ITEMS, LABELS, SILVER
+from assets.ingestion import ITEMS, LABELS, SILVER, USERS
 from features.registry import registry_version
 from orchestration.resources import LakeResource, SparkResource
 
@@ -16,7 +16,7 @@ TRAINING_SET = "training_set"
 
 @multi_asset(
     specs=[
-        AssetSpec(USER_FEATURES, deps=[SILVER, ITEMS], group_name="features",
+        AssetSpec(USER_FEATURES, deps=[SILVER, ITEMS, USERS], group_name="features",
                   description="Daily user feature snapshots (feature_ts = snapshot midnight; only earlier events)."),
         AssetSpec(ITEM_FEATURES, deps=[SILVER, ITEMS], group_name="features",
                   description="Daily item feature snapshots."),
@@ -26,14 +26,16 @@ def feature_snapshots(context: AssetExecutionContext, lake: LakeResource, spark:
     from features.batch import item_snapshots, user_snapshots
 
     store = lake.lake()
-    ev_pin, it_pin = store.pin(SILVER), store.pin(ITEMS)
+    ev_pin, it_pin, us_pin = store.pin(SILVER), store.pin(ITEMS), store.pin(USERS)
     events = spark.read_table(store, SILVER, ev_pin.version)
     items = spark.read_table(store, ITEMS, it_pin.version)
-    users = user_snapshots(spark.session(), events, items).toPandas()
+    catalog_users = spark.read_table(store, USERS, us_pin.version)
+    users = user_snapshots(spark.session(), events, items, catalog_users).toPandas()
     itemf = item_snapshots(spark.session(), events, items).toPandas()
     u = store.write(USER_FEATURES, users)
     i = store.write(ITEM_FEATURES, itemf)
-    common = {"silver_version": ev_pin.version, "feature_registry_version": registry_version()}
+    common = {"silver_version": ev_pin.version, "catalog_users_version": us_pin.version,
+              "feature_registry_version": registry_version()}
     yield MaterializeResult(asset_key=USER_FEATURES, metadata={"rows": u.rows, "delta_version": u.version,
                                                                "snapshots": int(users["feature_ts"].nunique()), **common})
     yield MaterializeResult(asset_key=ITEM_FEATURES, metadata={"rows": i.rows, "delta_version": i.version,

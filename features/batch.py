@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from features.functions import CTR_PRIOR_CLICKS, CTR_PRIOR_IMPRESSIONS
+from features.registry import CATEGORY_HALF_LIFE_DAYS, USER_STORE_COLUMNS
 from ingestion.schema import DAY_MS
 
 USER_WINDOW_DAYS = 30
@@ -39,42 +40,57 @@ def _smoothed(clicks: Any, impressions: Any) -> Any:
     return (clicks + F.lit(CTR_PRIOR_CLICKS)) / (impressions + F.lit(CTR_PRIOR_IMPRESSIONS))
 
 
-def user_snapshots(spark: Any, events: Any, items: Any) -> Any:
-    """user_id, feature_ts, user_clicks_7d, user_impressions_30d, user_ctr_30d, user_category_clicks_30d."""
+def user_snapshots(spark: Any, events: Any, items: Any, users: Any | None = None) -> Any:
+    """user_id, feature_ts and USER_STORE_COLUMNS: click/impression windows, session length, category maps, signup."""
     from pyspark.sql import functions as F
 
     ev = _with_day(events)
     daily = ev.groupBy("user_id", "day").agg(
         F.sum(F.when(F.col("event_type").isin(*ENGAGED), 1).otherwise(0)).alias("clicks"),
         F.sum(F.when(F.col("event_type") == "impression", 1).otherwise(0)).alias("impressions"),
+        F.count("*").alias("events"),
+        F.countDistinct("session_id").alias("sessions"),
     )
     snaps = _snapshot_days(spark, ev)
     joined = daily.join(
         F.broadcast(snaps),
         (daily["day"] < snaps["snap_day"]) & (daily["day"] >= snaps["snap_day"] - USER_WINDOW_DAYS),
     )
+    recent = F.col("day") >= F.col("snap_day") - USER_SHORT_WINDOW_DAYS
     agg = joined.groupBy("user_id", "snap_day").agg(
-        F.sum(F.when(F.col("day") >= F.col("snap_day") - USER_SHORT_WINDOW_DAYS, F.col("clicks")).otherwise(0)).cast("double").alias("user_clicks_7d"),
+        F.sum(F.when(recent, F.col("clicks")).otherwise(0)).cast("double").alias("user_clicks_7d"),
         F.sum("impressions").cast("double").alias("user_impressions_30d"),
         F.sum("clicks").cast("double").alias("clicks_30d"),
+        F.sum(F.when(recent, F.col("events")).otherwise(0)).cast("double").alias("events_7d"),
+        F.sum(F.when(recent, F.col("sessions")).otherwise(0)).cast("double").alias("sessions_7d"),
     )
     cat_daily = (
         ev.where(F.col("event_type").isin(*ENGAGED))
         .join(items.select("item_id", "category"), "item_id")
         .groupBy("user_id", "day", "category").agg(F.count("*").alias("c"))
     )
+    # a click d days before the snapshot weighs 0.5 ** ((d - 1) / half-life): yesterday counts fully
+    decay = F.pow(F.lit(0.5), (F.col("snap_day") - F.col("day") - 1) / F.lit(CATEGORY_HALF_LIFE_DAYS))
     cat = (
         cat_daily.join(F.broadcast(snaps), (cat_daily["day"] < snaps["snap_day"]) & (cat_daily["day"] >= snaps["snap_day"] - USER_WINDOW_DAYS))
-        .groupBy("user_id", "snap_day", "category").agg(F.sum("c").cast("double").alias("c"))
+        .groupBy("user_id", "snap_day", "category")
+        .agg(F.sum("c").cast("double").alias("c"), F.round(F.sum(F.col("c") * decay), 6).alias("cd"))
         .groupBy("user_id", "snap_day")
-        .agg(F.to_json(F.map_from_entries(F.sort_array(F.collect_list(F.struct("category", "c"))))).alias("user_category_clicks_30d"))
+        .agg(F.to_json(F.map_from_entries(F.sort_array(F.collect_list(F.struct("category", "c"))))).alias("user_category_clicks_30d"),
+             F.to_json(F.map_from_entries(F.sort_array(F.collect_list(F.struct("category", "cd"))))).alias("user_category_decayed_30d"))
     )
-    return (
+    out = (
         agg.join(cat, ["user_id", "snap_day"], "left")
         .withColumn("user_ctr_30d", _smoothed(F.col("clicks_30d"), F.col("user_impressions_30d")))
+        .withColumn("user_avg_session_length_7d",
+                    F.when(F.col("sessions_7d") > 0, F.col("events_7d") / F.col("sessions_7d")).otherwise(F.lit(0.0)))
         .withColumn("feature_ts", (F.col("snap_day") * F.lit(DAY_MS)).cast("long"))
-        .select("user_id", "feature_ts", "user_clicks_7d", "user_impressions_30d", "user_ctr_30d", "user_category_clicks_30d")
     )
+    if users is not None:
+        out = out.join(users.select("user_id", F.col("signup_ts").cast("long").alias("signup_ts")), "user_id", "left")
+    else:
+        out = out.withColumn("signup_ts", F.lit(None).cast("long"))
+    return out.select("user_id", "feature_ts", *USER_STORE_COLUMNS)
 
 
 def item_snapshots(spark: Any, events: Any, items: Any) -> Any:

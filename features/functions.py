@@ -166,6 +166,10 @@ def context_features(ts_ms: np.ndarray | int, device_type: Iterable[str] | str, 
     }
 
 
+def account_age_days(signup_ts: np.ndarray, now_ms: np.ndarray | int) -> np.ndarray:
+    return np.clip((np.asarray(now_ms, dtype=float) - np.asarray(signup_ts, dtype=float)) / 86_400_000.0, 0.0, None)
+
+
 def item_age_hours(publish_ts: np.ndarray, now_ms: np.ndarray | int) -> np.ndarray:
     age = (np.asarray(now_ms, dtype=float) - np.asarray(publish_ts, dtype=float)) / 3_600_000.0
     return np.clip(age, 0.0, None)
@@ -189,7 +193,7 @@ def assemble_features(rows: pd.DataFrame) -> pd.DataFrame:
             return pd.to_numeric(rows[name], errors="coerce").fillna(dflt.get(name, 0.0)).to_numpy(dtype=float)
         return np.full(n, dflt.get(name, 0.0))
 
-    for name in ("user_clicks_7d", "user_impressions_30d", "user_ctr_30d", "item_clicks_7d",
+    for name in ("user_clicks_7d", "user_impressions_30d", "user_ctr_30d", "user_avg_session_length_7d", "item_clicks_7d",
                  "item_impressions_7d", "item_ctr_7d", "embedding_affinity", "session_length",
                  "session_clicks", "session_category_share", "session_item_seen", "seconds_since_last_event"):
         out[name] = col(name)
@@ -199,10 +203,18 @@ def assemble_features(rows: pd.DataFrame) -> pd.DataFrame:
         out["item_age_hours"] = np.where(missing, dflt["item_age_hours"], age)
     else:
         out["item_age_hours"] = np.full(n, dflt["item_age_hours"])
-    if "user_category_clicks_30d" in rows and "category" in rows:
-        out["user_category_affinity"] = category_affinity(rows["user_category_clicks_30d"].tolist(), rows["category"].tolist())
+    for feature, store_col in (("user_category_affinity", "user_category_clicks_30d"),
+                               ("user_category_pref_decayed", "user_category_decayed_30d")):
+        if store_col in rows and "category" in rows:
+            out[feature] = category_affinity(rows[store_col].tolist(), rows["category"].tolist())
+        else:
+            out[feature] = np.full(n, dflt[feature])
+    if "signup_ts" in rows and "request_ts" in rows:
+        signup = pd.to_numeric(rows["signup_ts"], errors="coerce").to_numpy(dtype=float)
+        out["user_account_age_days"] = np.where(np.isnan(signup), dflt["user_account_age_days"],
+                                                account_age_days(np.nan_to_num(signup), rows["request_ts"].to_numpy()))
     else:
-        out["user_category_affinity"] = np.full(n, dflt["user_category_affinity"])
+        out["user_account_age_days"] = np.full(n, dflt["user_account_age_days"])
     if "request_ts" in rows:
         ctx = context_features(rows["request_ts"].to_numpy(), rows["device_type"].fillna("mobile").tolist() if "device_type" in rows else "mobile", n)
     else:

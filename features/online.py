@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from features.registry import ITEM_STORE_COLUMNS, USER_STORE_COLUMNS
+from features.registry import ITEM_STORE_COLUMNS, USER_JSON_COLUMNS, USER_STORE_COLUMNS
 
 log = logging.getLogger("kairos.online")
 
@@ -50,7 +50,7 @@ SESSION_PREFIX = "kairos:session"
 SESSION_TTL_S = 30 * 60
 DEFAULT_TTL_S = 7 * 86400
 CHUNK = 2000
-STRING_USER_COLUMNS = frozenset({"user_category_clicks_30d"})
+STRING_USER_COLUMNS = frozenset(USER_JSON_COLUMNS)
 STRING_ITEM_COLUMNS = frozenset({"category"})
 
 

@@ -33,6 +33,11 @@ REGISTRY: tuple[FeatureSpec, ...] = (
     FeatureSpec("user_clicks_7d", "user", "float", 0.0, "batch", "7d", description="clicks by the user in the last 7 days"),
     FeatureSpec("user_impressions_30d", "user", "float", 0.0, "batch", "30d", description="impressions shown to the user in 30 days"),
     FeatureSpec("user_ctr_30d", "user", "float", 0.0, "batch", "30d", description="smoothed click-through rate over 30 days"),
+    FeatureSpec("user_avg_session_length_7d", "user", "float", 0.0, "batch", "7d",
+                description="events per session over the user's last 7 days (browsers vs. snipers)"),
+    # user, request time (needs the request clock)
+    FeatureSpec("user_account_age_days", "user", "float", 365.0, "request",
+                description="days since signup at request time (new accounts behave differently)"),
     # item, batch
     FeatureSpec("item_clicks_7d", "item", "float", 0.0, "batch", "7d", description="clicks on the item in 7 days (popularity)"),
     FeatureSpec("item_impressions_7d", "item", "float", 0.0, "batch", "7d", description="impressions of the item in 7 days"),
@@ -41,6 +46,8 @@ REGISTRY: tuple[FeatureSpec, ...] = (
     FeatureSpec("item_age_hours", "item", "float", 24.0 * 365, "request", description="hours since the item was published"),
     # user x item
     FeatureSpec("user_category_affinity", "user_item", "float", 0.0, "batch", "30d", description="share of the user's 30d clicks in the item's category"),
+    FeatureSpec("user_category_pref_decayed", "user_item", "float", 0.0, "batch", "30d",
+                description="share of the user's clicks in the item's category, each click decayed with a 7-day half-life"),
     FeatureSpec("embedding_affinity", "user_item", "float", 0.0, "request", description="two-tower dot product of user and item vectors"),
     # session, streaming (kept fresh in Redis by the streaming job)
     FeatureSpec("session_length", "session", "float", 0.0, "streaming", description="events so far in the session"),
@@ -58,7 +65,11 @@ BY_NAME: dict[str, FeatureSpec] = {f.name: f for f in REGISTRY}
 
 # Raw per-entity columns stored in the offline and online stores (inputs to the
 # feature functions, not model features themselves).
-USER_STORE_COLUMNS: tuple[str, ...] = ("user_clicks_7d", "user_impressions_30d", "user_ctr_30d", "user_category_clicks_30d")
+USER_STORE_COLUMNS: tuple[str, ...] = ("user_clicks_7d", "user_impressions_30d", "user_ctr_30d", "user_category_clicks_30d",
+                                       "user_avg_session_length_7d", "user_category_decayed_30d", "signup_ts")
+# user store columns holding JSON maps (category -> weight) rather than numbers
+USER_JSON_COLUMNS: tuple[str, ...] = ("user_category_clicks_30d", "user_category_decayed_30d")
+CATEGORY_HALF_LIFE_DAYS = 7.0
 ITEM_STORE_COLUMNS: tuple[str, ...] = ("item_clicks_7d", "item_impressions_7d", "item_ctr_7d", "category", "publish_ts")
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from features.functions import SESSION_HISTORY_FOR_TOWER, assemble_features, session_features
-from features.registry import ITEM_STORE_COLUMNS, USER_STORE_COLUMNS
+from features.registry import ITEM_STORE_COLUMNS, USER_JSON_COLUMNS, USER_STORE_COLUMNS
 
 log = logging.getLogger("kairos.serving")
 
@@ -144,7 +144,7 @@ def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | 
     user_row = user_row or {}
     for col in USER_STORE_COLUMNS:
         value = user_row.get(col)
-        if col == "user_category_clicks_30d":
+        if col in USER_JSON_COLUMNS:
             data[col] = [value if isinstance(value, str) else None] * n
         else:
             data[col] = np.full(n, np.nan if value is None else float(value))

@@ -16,6 +16,7 @@ import pandas as pd
 from features.functions import replay_session_features, smoothed_ctr
 from ingestion.bots import bot_mask, bot_sessions
 from ingestion.dedup import window_duplicates
+from features.registry import CATEGORY_HALF_LIFE_DAYS
 from ingestion.schema import DAY_MS, EVENT_TYPES
 
 USER_WINDOW_DAYS = 30
@@ -102,6 +103,23 @@ def make_training_set(world) -> pd.DataFrame:
                           if ok and row.sum() > 0 else None)
         ucc.append(cache[key])
     imp["user_category_clicks_30d"] = pd.Series(ucc, index=imp.index, dtype=object)
+    # decayed category counts: a click d days before the snapshot day q weighs 0.5 ** ((q - d - 1) / half-life)
+    grow = 2.0 ** (ed / CATEGORY_HALF_LIFE_DAYS)
+    shrink = 2.0 ** ((1 - qd) / CATEGORY_HALF_LIFE_DAYS)
+    per_cat_decayed = np.stack([
+        _window_counts(u_ev, ed, is_click * (ev_cat == k) * grow, nu, n_days, u_imp, qd, USER_WINDOW_DAYS) * shrink
+        for k in range(len(cats))
+    ], axis=1)
+    imp["user_category_decayed_30d"] = [
+        json.dumps({cats[k]: round(float(v), 6) for k, v in enumerate(row) if v > 1e-12}, sort_keys=True)
+        if ok and row.sum() > 0 else None for row, ok in zip(per_cat_decayed, has_user)]
+    # events per session over 7 days (sessions counted per day, as the Spark job does)
+    ue7 = _window_counts(u_ev, ed, np.ones(len(ev)), nu, n_days, u_imp, qd, USER_SHORT_WINDOW_DAYS)
+    first_of_day = ~ev.duplicated(["user_id", "day", "session_id"]).to_numpy()
+    us7 = _window_counts(u_ev, ed, first_of_day.astype(float), nu, n_days, u_imp, qd, USER_SHORT_WINDOW_DAYS)
+    imp["user_avg_session_length_7d"] = np.where(has_user, np.where(us7 > 0, ue7 / np.maximum(us7, 1), 0.0), np.nan)
+    signup = dict(zip(world.users["user_id"], world.users["signup_ts"]))
+    imp["signup_ts"] = np.where(has_user, imp["user_id"].map(signup).astype(float), np.nan)
 
     # item store columns
     i_codes, i_uni = pd.factorize(pd.concat([ev["item_id"], imp["item_id"]]))

@@ -68,3 +68,40 @@ def test_time_split_has_gap_and_order() -> None:
     order = {"train": 0, "validation": 1, "test": 2}
     seen = [order[s] for s in split if s != "gap"]
     assert seen == sorted(seen)
+
+
+def test_user_snapshot_session_length_decayed_categories_and_signup(spark) -> None:
+    items = pd.DataFrame({"item_id": ["i1", "i2"], "title": ["a", "b"], "category": ["books", "music"],
+                          "tags": ["", ""], "publish_ts": [T0 - DAY_MS, T0 - DAY_MS]})
+    users = pd.DataFrame({"user_id": ["u1"], "segment": ["core"], "device_type": ["mobile"], "geo_region": ["eu"],
+                          "signup_ts": [T0 - 30 * DAY_MS]})
+    events = pd.DataFrame([
+        # day 0: two sessions (s1: 3 events, s2: 1 event); a books click
+        _event("a1", "impression", T0 + HOUR_MS, "i1", "s1"), _event("a2", "click", T0 + HOUR_MS + 1, "i1", "s1"),
+        _event("a3", "impression", T0 + 2 * HOUR_MS, "i2", "s1"), _event("a4", "impression", T0 + 3 * HOUR_MS, "i2", "s2"),
+        # day 7: a music click (7 days after the books click)
+        _event("b1", "click", T0 + 7 * DAY_MS + HOUR_MS, "i2", "s3"),
+    ])
+    snaps = user_snapshots(spark, spark.createDataFrame(events), spark.createDataFrame(items),
+                           spark.createDataFrame(users)).toPandas().set_index("feature_ts")
+    day1 = snaps.loc[T0 + DAY_MS]
+    assert day1["user_avg_session_length_7d"] == 2.0  # 4 events / 2 sessions, strictly before day 1
+    assert day1["signup_ts"] == T0 - 30 * DAY_MS
+    assert json.loads(day1["user_category_decayed_30d"]) == {"books": 1.0}  # yesterday's click counts fully
+    day8 = snaps.loc[T0 + 8 * DAY_MS]
+    decayed = json.loads(day8["user_category_decayed_30d"])
+    assert decayed["music"] == 1.0 and decayed["books"] == pytest.approx(0.5)  # one half-life older
+    assert json.loads(day8["user_category_clicks_30d"]) == {"books": 1.0, "music": 1.0}  # undecayed stays equal
+    assert day8["user_avg_session_length_7d"] == 1.0  # only s3 (1 event) in the last 7 days
+
+
+def test_assembled_account_age_and_decayed_preference() -> None:
+    from features.functions import assemble_features
+    from features.registry import BY_NAME
+
+    rows = pd.DataFrame({"category": ["books", "music", "music"], "request_ts": [T0] * 3, "device_type": ["mobile"] * 3,
+                         "signup_ts": [T0 - 10 * DAY_MS, T0 - 10 * DAY_MS, None],
+                         "user_category_decayed_30d": ['{"books": 0.5, "music": 1.5}'] * 2 + [None]})
+    feats = assemble_features(rows)
+    assert feats["user_account_age_days"].tolist() == [10.0, 10.0, BY_NAME["user_account_age_days"].default]
+    assert feats["user_category_pref_decayed"].tolist() == [0.25, 0.75, 0.0]
