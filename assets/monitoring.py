@@ -1,11 +1,13 @@
-"""Monitoring assets: PSI drift of recent behaviour against the training window (Evidently)."""
+"""Monitoring assets: PSI drift (Evidently), and the impression log with its train/serve skew check."""
 
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+import pandas as pd
+from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, Config,
+                     MaterializeResult, MetadataValue, asset)
 
-from assets.features import TRAINING_SET
+from assets.features import ITEM_FEATURES, TRAINING_SET, USER_FEATURES
 from assets.ingestion import ITEMS, SILVER
 from ingestion.schema import DAY_MS
-from orchestration.resources import ArtifactsResource, LakeResource
+from orchestration.resources import ArtifactsResource, LakeResource, RedisResource
 
 FEATURE_DRIFT = "feature_drift"
 
@@ -45,3 +47,69 @@ def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: Lak
         "psi": MetadataValue.json(result.psi), "report": MetadataValue.path(str(html)),
         **{f"{t}_version": p.version for t, p in pins.items()},
     })
+
+
+IMPRESSION_LOG = "impression_log"
+
+
+class ImpressionLogConfig(Config):
+    max_entries: int = 200_000     # stream entries landed per run
+    skew_sample: int = 2_000       # served rows recomputed offline by the skew check
+    skew_threshold: float = 0.01   # max mismatch rate per feature
+    seed: int = 7
+
+
+@asset(deps=[USER_FEATURES, ITEM_FEATURES, ITEMS], group_name="monitoring",
+       check_specs=[AssetCheckSpec("served_features_match_offline", asset=IMPRESSION_LOG)],
+       description="Every served response (items, positions, scores, propensities, features, model version) from the "
+                   "Redis impression stream, one row per shown item (Delta, appended idempotently by stream id).")
+def impression_log(context: AssetExecutionContext, config: ImpressionLogConfig, lake: LakeResource,
+                   redis: RedisResource):
+    from monitoring.skew import checked_features, recompute_offline, served_feature_frame, skew_report
+    from serving.impressions import read_impressions
+
+    store = lake.lake()
+    after = "0-0"
+    if store.exists(IMPRESSION_LOG):
+        ids = store.read(IMPRESSION_LOG, columns=["stream_id"])["stream_id"]
+        if len(ids):
+            after = max(ids, key=lambda s: tuple(int(x) for x in s.split("-")))
+    new, last = read_impressions(redis.client(), after_id=after, count=config.max_entries)
+    if len(new):
+        batch = f"{new['stream_id'].iloc[0]}..{last}"
+        store.write_batch(IMPRESSION_LOG, new.assign(batch_id=batch), batch_id=f"{IMPRESSION_LOG}:{batch}",
+                          replace_where=f"batch_id = '{batch}'", commit_properties={"run_id": context.run_id})
+    log_pin = store.pin(IMPRESSION_LOG) if store.exists(IMPRESSION_LOG) else None
+    context.log.info(f"impression log: {len(new)} new rows (stream entries after {after}), table has "
+                     f"{log_pin.rows if log_pin else 0}")
+    yield MaterializeResult(metadata={"new_rows": len(new), "last_stream_id": last,
+                                      "rows": log_pin.rows if log_pin else 0,
+                                      "delta_version": log_pin.version if log_pin else -1,
+                                      "served_by": MetadataValue.json(new["served_by"].value_counts().to_dict()
+                                                                      if len(new) else {})})
+    # ---- skew: served features recomputed offline as of each request's time
+    logged = store.read(IMPRESSION_LOG) if log_pin else pd.DataFrame()
+    logged = logged[logged["features"].notna()] if len(logged) else logged
+    if logged.empty:
+        yield AssetCheckResult(check_name="served_features_match_offline", passed=False,
+                               severity=AssetCheckSeverity.WARN, metadata={"rows": 0},
+                               description="No served impressions with logged features yet: nothing to compare.")
+        return
+    sample = logged.sample(min(config.skew_sample, len(logged)), random_state=config.seed).reset_index(drop=True)
+    pins = {t: store.pin(t) for t in (USER_FEATURES, ITEM_FEATURES, ITEMS)}
+    offline = recompute_offline(sample, store.read(USER_FEATURES, version=pins[USER_FEATURES].version),
+                                store.read(ITEM_FEATURES, version=pins[ITEM_FEATURES].version),
+                                store.read(ITEMS, version=pins[ITEMS].version))
+    report = skew_report(served_feature_frame(sample), offline, checked_features(), threshold=config.skew_threshold)
+    worst, rate = report.worst
+    context.log.info(f"skew check over {report.rows} served rows: worst feature {worst} mismatch rate {rate:.4f}")
+    yield AssetCheckResult(
+        check_name="served_features_match_offline", passed=report.passed,
+        metadata={"rows": report.rows, "threshold": config.skew_threshold, "worst_feature": worst,
+                  "worst_mismatch_rate": rate,
+                  "mismatch_rate": MetadataValue.json(dict(zip(report.per_feature["feature"],
+                                                               report.per_feature["mismatch_rate"].round(6)))),
+                  **{f"{t}_version": p.version for t, p in pins.items()}},
+        description="Served feature values recomputed offline as of the request time (same as-of rule and feature "
+                    "functions as training); fails when any feature mismatches on more than the threshold of rows.",
+    )

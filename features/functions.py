@@ -142,7 +142,9 @@ def category_affinity(user_category_counts: Iterable[str | Mapping[str, float] |
     for counts, cat in zip(user_category_counts, categories):
         if isinstance(counts, str):
             counts = _parse_counts(counts)
-        if not counts or not cat:
+        elif not isinstance(counts, Mapping):  # None / NaN: no clicks known
+            counts = None
+        if not counts or not isinstance(cat, str) or not cat:
             out.append(0.0)
             continue
         total = float(sum(counts.values()))

@@ -91,11 +91,31 @@ def materialize_all(settings: Settings, source_config: dict) -> dict:
 
 
 def data_clock_ms(settings: Settings) -> int:
-    """'Now' for demo requests: just after the newest event, so request-time features stay in range."""
+    """'Now' for demo requests: an hour after the newest feature snapshot (the midnight after the last event).
+
+    The online store serves that snapshot; a request stamped after it sees what training would have seen
+    at the same moment, so the train/serve skew check compares like with like.
+    """
     from lake.delta import DeltaLake
 
-    events = DeltaLake(settings.lake_uri).read("silver_events", columns=["timestamp"])
-    return int(events["timestamp"].max()) + 3_600_000
+    lake = DeltaLake(settings.lake_uri)
+    newest = int(lake.read("user_features", columns=["feature_ts"])["feature_ts"].max())
+    last_event = int(lake.read("silver_events", columns=["timestamp"])["timestamp"].max())
+    return max(newest, last_event) + 3_600_000
+
+
+def log_impressions(settings: Settings) -> dict:
+    """Run the `log_impressions` job: land served impressions in Delta and run the skew check."""
+    from dagster import DagsterInstance
+
+    from orchestration.definitions import defs
+
+    result = defs.resolve_job_def("log_impressions").execute_in_process(instance=DagsterInstance.get(),
+                                                                        raise_on_error=True)
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    skew = checks.get("served_features_match_offline")
+    return {"run_id": result.run_id, "skew_passed": bool(skew and skew.passed),
+            "skew": {k: v.value for k, v in (skew.metadata.items() if skew else [])}}
 
 
 def _print_ranked(title: str, response: dict, categories: dict[str, str]) -> None:
@@ -176,6 +196,15 @@ def demo(args: argparse.Namespace) -> int:
             _print_ranked(f"Before clicks, {user_id} (category {target}: {shown.get(target, 0)}/10)", before, categories)
             after_share = sum(1 for i in after["ranked_items"] if categories.get(i["item_id"]) == target)
             _print_ranked(f"After three clicks in {target} ({after_share}/10 from {target})", after, categories)
+            for uid in users["user_id"].head(60):  # some traffic for the impression log and the skew check
+                http.post("/v1/personalize", json={**body, "user_id": uid,
+                                                   "context": {**body["context"], "session_id": f"{session_id}-{uid}"}})
+            status = http.post("/v1/status", json={}).json()
+        time.sleep(0.5)  # the server logs impressions asynchronously
+        skew = log_impressions(settings)
+        print(f"\nImpression log: {status.get('impressions')}; train/serve skew check "
+              f"{'PASSED' if skew['skew_passed'] else 'FAILED'} over {skew['skew'].get('rows')} served rows "
+              f"(worst feature {skew['skew'].get('worst_feature')}: mismatch rate {skew['skew'].get('worst_mismatch_rate')})")
     finally:
         stop.set()
         thread.join(timeout=5)

@@ -4,18 +4,19 @@ from __future__ import annotations
 from dagster import Definitions, FilesystemIOManager, load_asset_checks_from_modules, load_assets_from_modules
 
 from assets import features, ingestion, maintenance, monitoring, serving, training
-from orchestration.jobs import build_job, ingest_job, maintenance_job, retrain_job
+from orchestration.jobs import build_job, impressions_job, ingest_job, maintenance_job, retrain_job
 from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource, SparkResource
-from orchestration.sensors import daily_ingest, daily_retrain, drift_sensor, weekly_maintenance
+from orchestration.sensors import (daily_ingest, daily_retrain, drift_sensor, impressions_every_15_min,
+                                   weekly_maintenance)
 
 _modules = [ingestion, features, training, serving, monitoring, maintenance]
 
 defs = Definitions(
     assets=load_assets_from_modules(_modules),
     asset_checks=load_asset_checks_from_modules(_modules),
-    jobs=[ingest_job, build_job, retrain_job, maintenance_job],
+    jobs=[ingest_job, build_job, retrain_job, maintenance_job, impressions_job],
     sensors=[drift_sensor],
-    schedules=[daily_ingest, daily_retrain, weekly_maintenance],
+    schedules=[daily_ingest, daily_retrain, weekly_maintenance, impressions_every_15_min],
     resources={
         "lake": LakeResource(),
         "spark": SparkResource(),

@@ -6,6 +6,7 @@ from assets.ingestion import EVENT_ASSETS, daily_partitions
 
 _events = AssetSelection.assets(*EVENT_ASSETS)
 _maintenance = AssetSelection.groups("maintenance")
+_served = AssetSelection.assets("impression_log")  # needs traffic: its own job
 
 ingest_job = define_asset_job(
     "ingest_events", selection=_events, partitions_def=daily_partitions,
@@ -13,7 +14,7 @@ ingest_job = define_asset_job(
 )
 
 build_job = define_asset_job(
-    "build", selection=AssetSelection.all() - _events - _maintenance,
+    "build", selection=AssetSelection.all() - _events - _maintenance - _served,
     description="Everything downstream of the events: catalog, labels, features, training, gates, registry, "
                 "online store, drift.",
 )
@@ -26,3 +27,6 @@ retrain_job = define_asset_job(
 
 maintenance_job = define_asset_job("lake_maintenance_job", selection=_maintenance,
                                    description="OPTIMIZE and VACUUM the Delta tables.")
+
+impressions_job = define_asset_job("log_impressions", selection=_served,
+                                   description="Land served impressions from Redis in Delta and run the train/serve skew check.")

@@ -6,7 +6,7 @@ from dagster import (AssetKey, DagsterRunStatus, EventLogEntry, RunRequest, Runs
                      SensorEvaluationContext, SkipReason, asset_sensor, build_schedule_from_partitioned_job)
 
 from assets.monitoring import FEATURE_DRIFT
-from orchestration.jobs import ingest_job, maintenance_job, retrain_job
+from orchestration.jobs import impressions_job, ingest_job, maintenance_job, retrain_job
 
 MIN_RETRAIN_INTERVAL_S = 24 * 3600
 
@@ -49,3 +49,6 @@ daily_ingest = build_schedule_from_partitioned_job(ingest_job, hour_of_day=0, mi
 
 weekly_maintenance = ScheduleDefinition(name="weekly_lake_maintenance", job=maintenance_job, cron_schedule="0 4 * * 0",
                                         execution_timezone="UTC")
+
+impressions_every_15_min = ScheduleDefinition(name="impressions_every_15_min", job=impressions_job,
+                                              cron_schedule="*/15 * * * *", execution_timezone="UTC")

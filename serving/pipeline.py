@@ -19,7 +19,7 @@ import math
 import os
 import time
 import uuid
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -157,8 +157,13 @@ def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | 
     return pd.DataFrame(data)
 
 
-def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: int | None = None) -> dict:
-    """Answer one ranking request (see the module docstring). Raises ValueError only on bad input."""
+def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: int | None = None,
+                log_impression: Callable[[dict], None] | None = None) -> dict:
+    """Answer one ranking request (see the module docstring). Raises ValueError only on bad input.
+
+    `log_impression` receives serving.impressions.impression_record(...) for every answer, with the
+    ranker's feature values for each shown item (DESIGN invariant 6); it must not block.
+    """
     t_start = time.perf_counter()
     req = validate_request(request)
     now_ms = int(req["timestamp_ms"] if req["timestamp_ms"] is not None else (now_ms if now_ms is not None else time.time() * 1000))
@@ -174,6 +179,7 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         "latency_breakdown_ms": {},
     }
     lat = {"feature_fetch": 0.0, "candidate_retrieval": 0.0, "ranking_inference": 0.0, "post_processing": 0.0}
+    shown_features: dict[str, dict[str, float]] = {}
 
     def finish(served_by: str, items: list[dict]) -> dict:
         t = time.perf_counter()
@@ -184,6 +190,13 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         response["latency_breakdown_ms"] = lat
         if served_by != SERVED_TWO_STAGE:
             log.info("request %s for %s served by %s", response["request_id"], req["user_id"], served_by)
+        if log_impression is not None:
+            try:
+                from serving.impressions import impression_record
+
+                log_impression(impression_record(response, req, now_ms, shown_features))
+            except Exception as exc:  # noqa: BLE001 - logging must never fail a request
+                log.warning("impression not logged: %s", exc)
         return response
 
     # ---- 1. features + session state: one round trip
@@ -270,6 +283,11 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
     if rerank:
         response["rerank"] = rerank
     items = [{"item_id": candidates[i], "score": round(float(scores[i]), 6), "rank": r + 1} for r, i in enumerate(top)]
+    if log_impression is not None:  # the exact values the ranker scored, for the log and the skew check
+        values = feats.to_numpy(dtype=np.float64)
+        names = list(feats.columns)
+        for i in top:
+            shown_features[candidates[i]] = {name: float(v) for name, v in zip(names, values[i])}
     lat["post_processing"] = _ms(time.perf_counter() - t)
     return finish(SERVED_TWO_STAGE, items)
 

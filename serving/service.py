@@ -38,6 +38,7 @@ MODEL_POLL_S = float(os.environ.get("KAIROS_MODEL_POLL_S", "10"))
 REDIS_TIMEOUT_S = float(os.environ.get("KAIROS_REDIS_TIMEOUT_S", "0.1"))
 THREADS = int(os.environ.get("KAIROS_SERVE_THREADS", "4"))
 ACCESS_LOG = os.environ.get("KAIROS_ACCESS_LOG", "1").lower() not in ("0", "false", "no")
+IMPRESSION_LOG = os.environ.get("KAIROS_IMPRESSION_LOG", "1").lower() not in ("0", "false", "no")
 
 
 def _redis_url() -> str:
@@ -94,9 +95,14 @@ class KairosRanker:
         self.settings = Settings.from_env()
         self.bundle = None
         self.store = None
+        self.impressions = None
         self._stop = threading.Event()
         try:
             self.store = OnlineStore.from_url(_redis_url(), timeout_s=REDIS_TIMEOUT_S)
+            if IMPRESSION_LOG:
+                from serving.impressions import ImpressionLogger
+
+                self.impressions = ImpressionLogger(self.store.client)
         except Exception as exc:  # noqa: BLE001 - no Redis configured: serve popularity from the bundle
             log.warning("online store not configured (%s); requests will use the popularity fallback", exc)
         self._load_champion()
@@ -151,6 +157,8 @@ class KairosRanker:
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self._stop.set()
+        if self.impressions is not None:
+            self.impressions.close()
 
     def __is_ready__(self) -> bool:
         return bool(getattr(self, "_ready", False))
@@ -165,7 +173,8 @@ class KairosRanker:
         request = body.model_dump(exclude_none=True)
         try:
             # serialized here: skips BentoML's pydantic pass over the output (~1 ms per request)
-            return Response(json.dumps(personalize(request, self.bundle, self.store), separators=(",", ":")),
+            answer = personalize(request, self.bundle, self.store, log_impression=self.impressions)
+            return Response(json.dumps(answer, separators=(",", ":")),
                             media_type="application/json")
         except ValueError as exc:
             return JSONResponse({"error": "invalid request", "detail": str(exc)}, status_code=400)
@@ -191,4 +200,5 @@ class KairosRanker:
             except Exception:  # noqa: BLE001
                 redis_ok = False
         return {"model_version": getattr(self.bundle, "model_version", None), "feature_version": version,
-                "redis_ok": redis_ok, "time_ms": int(time.time() * 1000)}
+                "redis_ok": redis_ok, "time_ms": int(time.time() * 1000),
+                "impressions": self.impressions.stats() if self.impressions is not None else None}

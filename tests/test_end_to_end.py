@@ -13,7 +13,7 @@ import redis as redis_lib
 from dagster import AssetKey, DagsterInstance
 
 from lake.delta import DeltaLake
-from orchestration.cli import data_clock_ms, materialize_all, prepare_home
+from orchestration.cli import data_clock_ms, log_impressions, materialize_all, prepare_home
 from orchestration.services import EmbeddedRedis, free_port
 from orchestration.settings import Settings
 
@@ -126,5 +126,22 @@ def test_served_over_http_and_three_clicks_move_the_ranking(pipeline) -> None:
             assert not set(clicked) & {i["item_id"] for i in after["ranked_items"]}  # consumed items filtered
             bad = http.post("/v1/personalize", json={**body, "request_config": {"num_results": 0}})
             assert bad.status_code == 400
+            users = lake.read("catalog_users", columns=["user_id"])["user_id"].head(40)
+            for uid in users:  # traffic for the impression log
+                ok = http.post("/v1/personalize", json={**body, "user_id": uid,
+                                                        "context": {**body["context"], "session_id": f"e2e-{uid}"}})
+                assert ok.status_code == 200
+            stats = http.post("/v1/status", json={}).json()["impressions"]
+            assert stats["dropped"] == 0
     finally:
         stop_server(proc)
+    time.sleep(0.3)
+    # every answer was logged with its features; recomputed offline as of the request time, they match
+    run = log_impressions(settings)
+    assert run["skew_passed"], run["skew"]
+    assert run["skew"]["rows"] >= 400 and run["skew"]["worst_mismatch_rate"] == 0.0
+    logged = DeltaLake(settings.lake_uri).read("impression_log")
+    assert logged["request_id"].nunique() >= 42 and set(logged["served_by"]) == {"two_stage"}
+    assert (logged.groupby("request_id")["position"].min() == 0).all() and (logged["propensity"] == 1.0).all()
+    again = log_impressions(settings)  # nothing new in the stream: the table does not grow
+    assert len(DeltaLake(settings.lake_uri).read("impression_log")) == len(logged) and again["skew_passed"]
