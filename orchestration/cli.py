@@ -144,8 +144,12 @@ def demo(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     print(f"Kairos demo: home={settings.home} redis={settings.redis_url} mlflow={settings.mlflow_tracking_uri}")
     source = {"source": args.source, "n_users": args.users, "n_items": args.items, "days": args.days, "seed": args.seed}
-    if args.source != "simulator":
+    if args.source == "movielens-100k":
         source = {"source": args.source}
+    elif args.source == "file":
+        if not args.path or not args.mapping:
+            raise SystemExit("--source file needs --path (CSV/Parquet) and --mapping (JSON column mapping)")
+        source = {"source": "file", "path": str(Path(args.path).resolve()), "mapping_json": args.mapping}
     run = materialize_all(settings, source)
     pipeline_s = run["seconds"]
 
@@ -258,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kairos", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="materialize everything on embedded defaults, deploy, serve, print ranked lists")
-    d.add_argument("--source", default="simulator", choices=["simulator", "movielens-100k"])
+    d.add_argument("--source", default="simulator", choices=["simulator", "movielens-100k", "file"])
+    d.add_argument("--path", default="", help="--source file: a CSV/Parquet interaction log")
+    d.add_argument("--mapping", default="", help='--source file: column mapping JSON, e.g. '
+                   '\'{"user": "uid", "item": "sku", "timestamp": "ts", "timestamp_unit": "s"}\'')
     d.add_argument("--users", type=int, default=300)
     d.add_argument("--items", type=int, default=400)
     d.add_argument("--days", type=int, default=14)

@@ -89,3 +89,26 @@ def test_lake_maintenance_compacts_without_changing_data(settings, instance) -> 
     for t, frame in before.items():
         after = lake.read(t).sort_values("event_id").reset_index(drop=True)
         assert len(after) == len(frame) and after["event_id"].tolist() == frame["event_id"].tolist()
+
+
+def test_a_generic_csv_log_ingests_through_the_same_assets(settings, instance, tmp_path) -> None:
+    import pandas as pd
+
+    rows = []
+    for u in range(5):
+        for k in range(6):
+            rows.append({"uid": f"user{u}", "sku": f"sku{k}", "ts": 1_767_240_000 + u * 3600 + k * 60, "kind": "click"})
+    rows.append({"uid": "user0", "sku": "sku0", "ts": 1_767_240_000 + 86_400, "kind": "teleport"})  # unknown type
+    path = tmp_path / "log.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    mapping = '{"user": "uid", "item": "sku", "timestamp": "ts", "event_type": "kind", "timestamp_unit": "s"}'
+    config = {"source": "file", "path": str(path), "mapping_json": mapping}
+    days = source_partitions(SourceConfig(**config))
+    result = materialize([bronze_events, silver_events], run_config={"ops": {"bronze_events": {"config": config}}},
+                         resources=RESOURCES, instance=instance,
+                         tags={"dagster/asset_partition_range_start": days[0],
+                               "dagster/asset_partition_range_end": days[-1]})
+    assert result.success and _check(result, "counts_reconcile").passed
+    lake = DeltaLake(settings.lake_uri)
+    quarantine = lake.read(QUARANTINE)
+    assert len(lake.read(SILVER)) == 30 and quarantine["reasons"].str.contains("event_type_known").sum() == 1
