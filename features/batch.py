@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from features.functions import CTR_PRIOR_CLICKS, CTR_PRIOR_IMPRESSIONS
-from features.registry import CATEGORY_HALF_LIFE_DAYS, USER_STORE_COLUMNS
+from features.registry import CATEGORY_HALF_LIFE_DAYS, CO_ITEMS_TOP_K, ITEM_STORE_COLUMNS, USER_STORE_COLUMNS
 from ingestion.schema import DAY_MS
 
 USER_WINDOW_DAYS = 30
@@ -94,7 +94,7 @@ def user_snapshots(spark: Any, events: Any, items: Any, users: Any | None = None
 
 
 def item_snapshots(spark: Any, events: Any, items: Any) -> Any:
-    """item_id, feature_ts, item_clicks_7d, item_impressions_7d, item_ctr_7d, category, publish_ts."""
+    """item_id, feature_ts and ITEM_STORE_COLUMNS: 7d clicks/impressions/CTR, catalog fields, co-clicked items."""
     from pyspark.sql import functions as F
 
     ev = _with_day(events).where(F.col("item_id").isNotNull())
@@ -110,10 +110,32 @@ def item_snapshots(spark: Any, events: Any, items: Any) -> Any:
     )
     return (
         agg.join(items.select("item_id", "category", "publish_ts"), "item_id", "left")
+        .join(co_items(ev, snaps), ["item_id", "snap_day"], "left")
         .withColumn("item_ctr_7d", _smoothed(F.col("item_clicks_7d"), F.col("item_impressions_7d")))
         .withColumn("feature_ts", (F.col("snap_day") * F.lit(DAY_MS)).cast("long"))
-        .select("item_id", "feature_ts", "item_clicks_7d", "item_impressions_7d", "item_ctr_7d", "category", "publish_ts")
+        .select("item_id", "feature_ts", *ITEM_STORE_COLUMNS)
     )
+
+
+def co_items(ev: Any, snaps: Any) -> Any:
+    """item_id, snap_day, co_items_30d: the item's top co-clicked items (sessions that clicked both) in the
+    30 days before the snapshot, as a JSON map. A pair counts from the day its later click happened."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    clicks = (ev.where(F.col("event_type").isin(*ENGAGED) & F.col("item_id").isNotNull())
+              .select("session_id", "item_id", "day").dropDuplicates(["session_id", "item_id"]))
+    a, b = clicks.alias("a"), clicks.alias("b")
+    pairs = (a.join(b, (F.col("a.session_id") == F.col("b.session_id")) & (F.col("a.item_id") != F.col("b.item_id")))
+             .select(F.col("a.item_id").alias("item_id"), F.col("b.item_id").alias("other"),
+                     F.greatest(F.col("a.day"), F.col("b.day")).alias("day"))
+             .groupBy("item_id", "other", "day").agg(F.count("*").alias("n")))
+    windowed = (pairs.join(F.broadcast(snaps), (pairs["day"] < snaps["snap_day"]) & (pairs["day"] >= snaps["snap_day"] - USER_WINDOW_DAYS))
+                .groupBy("item_id", "snap_day", "other").agg(F.sum("n").cast("double").alias("n")))
+    rank = Window.partitionBy("item_id", "snap_day").orderBy(F.col("n").desc(), F.col("other"))
+    return (windowed.withColumn("_rk", F.row_number().over(rank)).where(F.col("_rk") <= CO_ITEMS_TOP_K)
+            .groupBy("item_id", "snap_day")
+            .agg(F.to_json(F.map_from_entries(F.sort_array(F.collect_list(F.struct("other", "n"))))).alias("co_items_30d")))
 
 
 def final_snapshot(snapshots: Any) -> Any:

@@ -152,6 +152,32 @@ def category_affinity(user_category_counts: Iterable[str | Mapping[str, float] |
     return np.asarray(out, dtype=np.float64)
 
 
+def co_engagement(co_items: Iterable[str | Mapping[str, float] | None],
+                  last_items: Iterable[str | list | None]) -> np.ndarray:
+    """Per row: the share of the item's co-click mass (sessions that clicked both) shared with the
+    session's last SESSION_HISTORY_FOR_TOWER items. 0 without history or co-clicks."""
+    out = []
+    for co, hist in zip(co_items, last_items):
+        if isinstance(co, str):
+            co = _parse_counts(co)
+        elif not isinstance(co, Mapping):
+            co = None
+        if isinstance(hist, str):
+            hist = _parse_list(hist)
+        if not co or not isinstance(hist, (list, tuple)) or not hist:
+            out.append(0.0)
+            continue
+        total = float(sum(co.values()))
+        shared = sum(co.get(i, 0.0) for i in hist[:SESSION_HISTORY_FOR_TOWER])
+        out.append(shared / (1.0 + total))
+    return np.asarray(out, dtype=np.float64)
+
+
+@lru_cache(maxsize=200_000)
+def _parse_list(raw: str) -> tuple:
+    return tuple(json.loads(raw)) if raw else ()
+
+
 # --------------------------------------------------------------------------- request-time
 def context_features(ts_ms: np.ndarray | int, device_type: Iterable[str] | str, n: int | None = None) -> dict[str, np.ndarray]:
     ts = np.asarray(ts_ms, dtype=np.int64)
@@ -211,6 +237,10 @@ def assemble_features(rows: pd.DataFrame) -> pd.DataFrame:
             out[feature] = category_affinity(rows[store_col].tolist(), rows["category"].tolist())
         else:
             out[feature] = np.full(n, dflt[feature])
+    if "co_items_30d" in rows and "session_last_items" in rows:
+        out["co_engagement"] = co_engagement(rows["co_items_30d"].tolist(), rows["session_last_items"].tolist())
+    else:
+        out["co_engagement"] = np.full(n, dflt["co_engagement"])
     if "signup_ts" in rows and "request_ts" in rows:
         signup = pd.to_numeric(rows["signup_ts"], errors="coerce").to_numpy(dtype=float)
         out["user_account_age_days"] = np.where(np.isnan(signup), dflt["user_account_age_days"],

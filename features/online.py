@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from features.registry import ITEM_STORE_COLUMNS, USER_JSON_COLUMNS, USER_STORE_COLUMNS
+from features.registry import ITEM_JSON_COLUMNS, ITEM_STORE_COLUMNS, USER_JSON_COLUMNS, USER_STORE_COLUMNS
 
 log = logging.getLogger("kairos.online")
 
@@ -51,7 +51,7 @@ SESSION_TTL_S = 30 * 60
 DEFAULT_TTL_S = 7 * 86400
 CHUNK = 2000
 STRING_USER_COLUMNS = frozenset(USER_JSON_COLUMNS)
-STRING_ITEM_COLUMNS = frozenset({"category"})
+STRING_ITEM_COLUMNS = frozenset({"category", *ITEM_JSON_COLUMNS})
 
 
 def _s(value: Any) -> str | None:
@@ -175,7 +175,11 @@ class ItemTable:
         ids = frame["item_id"].astype(str).tolist()
         arrays: dict[str, np.ndarray] = {}
         for col in ITEM_STORE_COLUMNS:
-            if col in STRING_ITEM_COLUMNS:
+            if col in ITEM_JSON_COLUMNS:  # parsed once per snapshot, not per request
+                values = frame[col].tolist()
+                arrays[col] = np.empty(len(values) + 1, dtype=object)  # + the sentinel row (None)
+                arrays[col][:-1] = [json.loads(v) if isinstance(v, str) and v else None for v in values]
+            elif col in STRING_ITEM_COLUMNS:
                 arrays[col] = np.append(frame[col].to_numpy(dtype=object), None)
             else:
                 arrays[col] = np.append(frame[col].to_numpy(dtype=float), np.nan)

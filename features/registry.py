@@ -49,6 +49,8 @@ REGISTRY: tuple[FeatureSpec, ...] = (
     FeatureSpec("user_category_pref_decayed", "user_item", "float", 0.0, "batch", "30d",
                 description="share of the user's clicks in the item's category, each click decayed with a 7-day half-life"),
     FeatureSpec("embedding_affinity", "user_item", "float", 0.0, "request", description="two-tower dot product of user and item vectors"),
+    FeatureSpec("co_engagement", "user_item", "float", 0.0, "streaming", "30d",
+                description="share of the item's 30d session co-clicks that involve the session's last items"),
     # session, streaming (kept fresh in Redis by the streaming job)
     FeatureSpec("session_length", "session", "float", 0.0, "streaming", description="events so far in the session"),
     FeatureSpec("session_clicks", "session", "float", 0.0, "streaming", description="clicks so far in the session"),
@@ -70,7 +72,11 @@ USER_STORE_COLUMNS: tuple[str, ...] = ("user_clicks_7d", "user_impressions_30d",
 # user store columns holding JSON maps (category -> weight) rather than numbers
 USER_JSON_COLUMNS: tuple[str, ...] = ("user_category_clicks_30d", "user_category_decayed_30d")
 CATEGORY_HALF_LIFE_DAYS = 7.0
-ITEM_STORE_COLUMNS: tuple[str, ...] = ("item_clicks_7d", "item_impressions_7d", "item_ctr_7d", "category", "publish_ts")
+ITEM_STORE_COLUMNS: tuple[str, ...] = ("item_clicks_7d", "item_impressions_7d", "item_ctr_7d", "category", "publish_ts",
+                                       "co_items_30d")
+# item store columns holding JSON maps: the item's top co-clicked items (item_id -> sessions)
+ITEM_JSON_COLUMNS: tuple[str, ...] = ("co_items_30d",)
+CO_ITEMS_TOP_K = 20
 
 
 def ranker_feature_names() -> list[str]:

@@ -30,7 +30,8 @@ SKIPPED = frozenset({"embedding_affinity"})
 
 
 def checked_features() -> list[str]:
-    return [f.name for f in REGISTRY if f.entity in ("user", "item", "user_item", "context") and f.name not in SKIPPED]
+    return [f.name for f in REGISTRY if f.entity in ("user", "item", "user_item", "context") and f.tier != "streaming"
+            and f.name not in SKIPPED]
 
 
 @dataclass

@@ -151,6 +151,8 @@ def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | 
     for col in ITEM_STORE_COLUMNS:
         data[col] = item_cols[col]
     data.update(session_features(session, candidates, item_cols["category"].tolist(), now_ms))
+    history = list((session or {}).get("last_items", []))[:SESSION_HISTORY_FOR_TOWER]
+    data["session_last_items"] = [history] * n
     data["request_ts"] = np.full(n, int(now_ms), dtype=np.int64)
     data["device_type"] = [device_type] * n
     data["embedding_affinity"] = affinity.astype(np.float64)

@@ -16,7 +16,7 @@ import pandas as pd
 from features.functions import replay_session_features, smoothed_ctr
 from ingestion.bots import bot_mask, bot_sessions
 from ingestion.dedup import window_duplicates
-from features.registry import CATEGORY_HALF_LIFE_DAYS
+from features.registry import CATEGORY_HALF_LIFE_DAYS, CO_ITEMS_TOP_K
 from ingestion.schema import DAY_MS, EVENT_TYPES
 
 USER_WINDOW_DAYS = 30
@@ -132,6 +132,20 @@ def make_training_set(world) -> pd.DataFrame:
     imp["item_clicks_7d"] = np.where(has_item, ic7, np.nan)
     imp["item_impressions_7d"] = np.where(has_item, ii7, np.nan)
     imp["item_ctr_7d"] = np.where(has_item, smoothed_ctr(ic7, ii7), np.nan)
+    # co-clicked items (sessions that clicked both) in the 30 days before the snapshot day, top-K per item
+    clicks = ev.loc[ev["event_type"] == "click", ["session_id", "item_id", "day"]].drop_duplicates(["session_id", "item_id"])
+    pairs = clicks.merge(clicks, on="session_id", suffixes=("", "_o"))
+    pairs = pairs[pairs["item_id"] != pairs["item_id_o"]].assign(pday=lambda f: np.maximum(f["day"], f["day_o"]))
+    co_json: dict[tuple[str, int], str] = {}
+    for q in range(n_days + 1):
+        win = pairs[(pairs["pday"] < q) & (pairs["pday"] >= q - USER_WINDOW_DAYS)]
+        counts = win.groupby(["item_id", "item_id_o"]).size().reset_index(name="n")
+        counts = counts.sort_values(["item_id", "n", "item_id_o"], ascending=[True, False, True])
+        for item, grp in counts.groupby("item_id", sort=False):
+            top = grp.head(CO_ITEMS_TOP_K)
+            co_json[(item, q)] = json.dumps({o: float(n) for o, n in sorted(zip(top["item_id_o"], top["n"]))})
+    imp["co_items_30d"] = [co_json.get((i, int(q))) if ok else None
+                           for i, q, ok in zip(imp["item_id"], imp["day"], has_item)]
     imp["category"] = imp["item_id"].map(cat_of)
     imp["publish_ts"] = imp["item_id"].map(dict(zip(items["item_id"], items["publish_ts"])))
 

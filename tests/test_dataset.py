@@ -105,3 +105,27 @@ def test_assembled_account_age_and_decayed_preference() -> None:
     feats = assemble_features(rows)
     assert feats["user_account_age_days"].tolist() == [10.0, 10.0, BY_NAME["user_account_age_days"].default]
     assert feats["user_category_pref_decayed"].tolist() == [0.25, 0.75, 0.0]
+
+
+def test_item_co_clicks_and_co_engagement(spark) -> None:
+    from features.functions import co_engagement
+
+    items = pd.DataFrame({"item_id": ["i1", "i2", "i3"], "title": ["a", "b", "c"], "category": ["x", "x", "y"],
+                          "tags": ["", "", ""], "publish_ts": [T0 - DAY_MS] * 3})
+    events = pd.DataFrame([
+        # day 0: two sessions click i1 and i2 together; one clicks i1 and i3
+        _event("a1", "click", T0 + HOUR_MS, "i1", "s1"), _event("a2", "click", T0 + HOUR_MS + 5, "i2", "s1"),
+        _event("b1", "click", T0 + 2 * HOUR_MS, "i1", "s2", user="u2"), _event("b2", "click", T0 + 2 * HOUR_MS + 5, "i2", "s2", user="u2"),
+        _event("c1", "click", T0 + 3 * HOUR_MS, "i1", "s3"), _event("c2", "click", T0 + 3 * HOUR_MS + 5, "i3", "s3"),
+        # day 1: i1 with i3 again (not visible to the day-1 snapshot)
+        _event("d1", "click", T0 + DAY_MS + HOUR_MS, "i1", "s4"), _event("d2", "click", T0 + DAY_MS + HOUR_MS + 5, "i3", "s4"),
+    ])
+    snaps = item_snapshots(spark, spark.createDataFrame(events), spark.createDataFrame(items)).toPandas()
+    day1 = snaps[(snaps["feature_ts"] == T0 + DAY_MS)].set_index("item_id")
+    assert json.loads(day1.loc["i1", "co_items_30d"]) == {"i2": 2.0, "i3": 1.0}
+    day2 = snaps[(snaps["feature_ts"] == T0 + 2 * DAY_MS)].set_index("item_id")
+    assert json.loads(day2.loc["i1", "co_items_30d"]) == {"i2": 2.0, "i3": 2.0}
+    # a session that just clicked i2: i1's co-engagement is 2 / (1 + 3); nothing for an empty history
+    values = co_engagement([day1.loc["i1", "co_items_30d"]] * 3, ['["i2"]', [], None])
+    assert values.tolist() == [0.5, 0.0, 0.0]
+    assert co_engagement([{"i2": 2.0, "i3": 1.0}], [["i3", "i2"]]).tolist() == [0.75]  # serving passes dicts/lists
