@@ -122,7 +122,10 @@ class DeltaLake:
             arrow = arrow.select(schema.names).cast(schema)
         digest = content_hash(arrow, content_columns)
         app_id = f"batch:{batch_id}"
-        if self.exists(table) and self._table(table).transaction_version(app_id) == digest:
+        exists = self.exists(table)
+        previous = self._table(table).transaction_version(app_id) if exists else None
+        if exists and (previous == digest or (previous is None and arrow.num_rows == 0)):
+            # unchanged, or an empty batch that never had rows: nothing to replace
             version = self.version(table)
             log.info("%s batch %s unchanged (hash %s): no new version, still v%s", table, batch_id, digest, version)
             return BatchWrite(table, version, arrow.num_rows, batch_id, digest, skipped=True)
@@ -130,7 +133,7 @@ class DeltaLake:
 
         props = CommitProperties(custom_metadata={"batch_id": batch_id, **{k: str(v) for k, v in (commit_properties or {}).items()}},
                                  app_transactions=[Transaction(app_id, digest)])
-        if self.exists(table):
+        if exists:
             write_deltalake(self.uri(table), arrow, mode="overwrite", predicate=replace_where, partition_by=partition_by,
                             storage_options=self.storage_options, commit_properties=props)
         else:
