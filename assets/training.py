@@ -7,6 +7,7 @@ under KAIROS_HOME); the registered bundle is the unit that serves (invariant 4).
 import json
 import os
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -110,11 +111,19 @@ def model_evaluation(context: AssetExecutionContext, two_tower_model: Any, ranke
     from training.evaluation import evaluate_models
     from training.registry import champion_metrics
 
+    from features.functions import assemble_features
+    from training.gates import feature_health, scoring_latency
+    from training.ranker import add_embedding_affinity
+
     frame, _, _, _ = _load_training_inputs(lake)
     metrics = evaluate_models(frame, two_tower_model, ranker_model)
     metrics["champion"] = champion_metrics(mlflow.settings()) or {}
-    flat = {f"{m}.{k}": round(float(v), 5) for m, vals in metrics.items() for k, v in vals.items()
-            if isinstance(v, (int, float))}
+    test = frame[frame["split"] == "test"]
+    x_test = assemble_features(add_embedding_affinity(test, two_tower_model))
+    metrics["scoring_latency"] = scoring_latency(lambda x: ranker_model.predict(x, num_threads=1), x_test.to_numpy())
+    metrics["feature_health"] = feature_health(x_test)
+    flat = {f"{m}.{k}": round(float(v), 5) for m, vals in metrics.items() if isinstance(vals, dict)
+            for k, v in vals.items() if isinstance(v, (int, float))}
     context.log.info("evaluation: " + json.dumps(flat))
     return Output(metrics, metadata={"table": MetadataValue.json(metrics), **flat})
 
@@ -122,16 +131,22 @@ def model_evaluation(context: AssetExecutionContext, two_tower_model: Any, ranke
 class GateSettings(Config):
     min_ndcg_lift_over_popularity: float = 0.0
     max_auc_drop_vs_champion: float = 0.005
+    max_p99_scoring_ms: float = 10.0
+    max_null_rate: float = 0.0
+    min_batch_feature_coverage: float = 0.01
 
 
 @asset(group_name=GROUP, check_specs=[AssetCheckSpec("gate_passed", asset="validation_gate")],
-       description="Pass/fail with reasons: must beat popularity on NDCG@10 and not lose AUC to the champion.")
+       description="Pass/fail with reasons: beat popularity on NDCG@10, keep the champion's AUC, score 200 candidates "
+                   "within the p99 budget, no null or uncovered features.")
 def validation_gate(context: AssetExecutionContext, config: GateSettings, model_evaluation: dict):
     from training.gates import GateConfig, evaluate_gate
 
     gate = evaluate_gate(model_evaluation["two_stage"], model_evaluation["popularity"],
                          model_evaluation.get("champion") or None,
-                         GateConfig(config.min_ndcg_lift_over_popularity, config.max_auc_drop_vs_champion))
+                         GateConfig(config.min_ndcg_lift_over_popularity, config.max_auc_drop_vs_champion,
+                                    config.max_p99_scoring_ms, config.max_null_rate, config.min_batch_feature_coverage),
+                         latency=model_evaluation.get("scoring_latency"), health=model_evaluation.get("feature_health"))
     for reason in gate.reasons:
         context.log.info(f"gate: {reason}")
     yield Output(gate, metadata={"passed": gate.passed, "reasons": MetadataValue.json(gate.reasons),
@@ -163,7 +178,11 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
                                        "dagster_run_id": context.run_id})
     bundle_dir = bundle.save(artifacts.path("bundles", context.run_id))
     params = {"training_rows": len(frame), "git_sha": tags["git.sha"]}
-    version = register_bundle(mlflow.settings(), bundle_dir, model_evaluation, params, tags, validation_gate)
+    importance = dict(zip(ranker_model.feature_name(), ranker_model.feature_importance("gain").round(3).tolist()))
+    report = model_evaluation.get("report_html")
+    version = register_bundle(mlflow.settings(), bundle_dir, model_evaluation, params, tags, validation_gate,
+                              extra_dicts={"feature_importance_gain.json": importance},
+                              extra_files=[Path(report)] if report else None)
     context.log.info(f"registered model version {version} (champion: {validation_gate.passed})")
     return Output(str(version), metadata={"model_version": str(version), "champion": bool(validation_gate.passed),
                                           "tags": MetadataValue.json(tags)})

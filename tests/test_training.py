@@ -190,3 +190,25 @@ def test_bundle_round_trip_gives_identical_scores(outcome, trainset, small_world
                             small_world.users, manifest={"data_versions": {"training_set": 3}})
     assert again.index.ntotal == len(bundle.item_ids) and again.manifest["data_versions"] == {"training_set": 3}
     assert again.popularity == bundle.popularity
+
+
+def test_gate_checks_scoring_latency_and_feature_health(outcome, trainset) -> None:
+    from features.functions import assemble_features
+    from training.gates import feature_health, scoring_latency
+
+    test = add_embedding_affinity(trainset[trainset["split"] == "test"], outcome.two_tower)
+    x = assemble_features(test)
+    latency = scoring_latency(lambda b: outcome.booster.predict(b, num_threads=1), x.to_numpy(), requests=200)
+    assert latency["requests"] == 200 and 0 < latency["p50_ms"] <= latency["p99_ms"]
+    health = feature_health(x)
+    assert set(health) == set(x.columns) and all(h["null_rate"] == 0.0 for h in health.values())
+    assert health["user_clicks_7d"]["coverage"] > 0.1 and health["user_clicks_7d"]["tier"] == "batch"
+    metrics, pop = outcome.metrics["two_stage"], outcome.metrics["popularity"]
+    ok = evaluate_gate(metrics, pop, None, GateConfig(max_p99_scoring_ms=1_000.0), latency=latency, health=health)
+    assert ok.passed and ok.checks["scoring_latency"]["passed"] and ok.checks["feature_health"]["passed"]
+    slow = evaluate_gate(metrics, pop, None, GateConfig(max_p99_scoring_ms=1e-6), latency=latency, health=health)
+    assert not slow.passed and any(r.startswith("FAIL scoring_latency") for r in slow.reasons)
+    broken = {**health, "user_ctr_30d": {"null_rate": 0.2, "coverage": 0.0, "tier": "batch"}}
+    sick = evaluate_gate(metrics, pop, None, GateConfig(max_p99_scoring_ms=1_000.0), latency=latency, health=broken)
+    assert not sick.passed and sick.checks["feature_health"]["null_features"] == {"user_ctr_30d": 0.2}
+    assert "user_ctr_30d" in sick.checks["feature_health"]["uncovered_batch_features"]

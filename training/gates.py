@@ -10,6 +10,48 @@ from typing import Any
 class GateConfig:
     min_ndcg_lift_over_popularity: float = 0.0  # relative: 0.05 = must beat popularity's NDCG@10 by 5%
     max_auc_drop_vs_champion: float = 0.005  # absolute AUC points the candidate may lose to the champion
+    max_p99_scoring_ms: float = 10.0  # ranker scoring of one 200-candidate request, p99 over 1,000 requests
+    max_null_rate: float = 0.0  # NaN share allowed in any assembled feature column
+    min_batch_feature_coverage: float = 0.01  # share of rows where a batch feature differs from its default
+
+
+def scoring_latency(predict: Any, features: Any, requests: int = 1000, rows: int = 200, seed: int = 7) -> dict[str, float]:
+    """p50/p95/p99 ms of `predict` on `requests` random batches of `rows` feature rows (one thread)."""
+    import time
+
+    import numpy as np
+
+    x = np.asarray(features, dtype=np.float64)
+    if len(x) == 0:
+        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan"), "requests": 0}
+    rng = np.random.default_rng(seed)
+    batches = [x[rng.integers(0, len(x), rows)] for _ in range(requests)]
+    predict(batches[0])  # warm-up
+    times = []
+    for b in batches:
+        t = time.perf_counter()
+        predict(b)
+        times.append((time.perf_counter() - t) * 1000)
+    a = np.asarray(times)
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+            "p99_ms": float(np.percentile(a, 99)), "requests": float(requests), "rows_per_request": float(rows)}
+
+
+def feature_health(features: Any) -> dict[str, dict[str, float]]:
+    """Per registry feature: NaN share and coverage (share of rows not equal to the registry default)."""
+    import numpy as np
+
+    from features.registry import BY_NAME
+
+    out = {}
+    for name in features.columns:
+        col = features[name].to_numpy(dtype=np.float64)
+        spec = BY_NAME.get(name)
+        default = spec.default if spec else 0.0
+        out[name] = {"null_rate": float(np.isnan(col).mean()) if len(col) else 0.0,
+                     "coverage": float((~np.isclose(col, default) & ~np.isnan(col)).mean()) if len(col) else 0.0,
+                     "tier": spec.tier if spec else "unknown"}
+    return out
 
 
 @dataclass
@@ -33,9 +75,11 @@ def _num(d: dict | None, key: str) -> float | None:
     return None if math.isnan(v) else v
 
 
-def evaluate_gate(candidate: dict, popularity: dict, champion: dict | None, config: GateConfig) -> GateResult:
-    """Refuse a candidate that does not beat popularity on NDCG@10 by the relative margin, or whose
-    AUC falls more than the allowed drop below the current champion's (no champion: that check passes)."""
+def evaluate_gate(candidate: dict, popularity: dict, champion: dict | None, config: GateConfig,
+                  latency: dict | None = None, health: dict | None = None) -> GateResult:
+    """Refuse a candidate that does not beat popularity on NDCG@10 by the relative margin, whose
+    AUC falls more than the allowed drop below the current champion's (no champion: that check passes),
+    whose p99 scoring latency exceeds the budget, or whose features are null or missing (coverage)."""
     reasons: list[str] = []
     checks: dict[str, dict] = {}
 
@@ -71,4 +115,24 @@ def evaluate_gate(candidate: dict, popularity: dict, champion: dict | None, conf
             f"(may drop at most {config.max_auc_drop_vs_champion:.4f}, floor {floor:.4f}).")
         checks["no_auc_regression"] = {"passed": bool(ok2), "candidate_auc": cand_auc, "champion_auc": champ_auc,
                                        "floor": floor, "max_drop": config.max_auc_drop_vs_champion}
-    return GateResult(passed=bool(ok and ok2), reasons=reasons, checks=checks)
+    ok3 = True
+    if latency is not None:
+        p99 = _num(latency, "p99_ms")
+        ok3 = p99 is not None and p99 <= config.max_p99_scoring_ms
+        reasons.append(f"{'PASS' if ok3 else 'FAIL'} scoring_latency: p99 {p99 if p99 is None else round(p99, 3)} ms "
+                       f"over {int(latency.get('requests', 0))} requests of {int(latency.get('rows_per_request', 0))} "
+                       f"candidates (budget {config.max_p99_scoring_ms} ms).")
+        checks["scoring_latency"] = {"passed": bool(ok3), **latency, "budget_ms": config.max_p99_scoring_ms}
+    ok4 = True
+    if health is not None:
+        nulls = {f: h["null_rate"] for f, h in health.items() if h["null_rate"] > config.max_null_rate}
+        thin = {f: h["coverage"] for f, h in health.items()
+                if h.get("tier") == "batch" and h["coverage"] < config.min_batch_feature_coverage}
+        ok4 = not nulls and not thin
+        reasons.append(f"{'PASS' if ok4 else 'FAIL'} feature_health: "
+                       + (f"null rate above {config.max_null_rate} in {sorted(nulls)}; " if nulls else "no nulls; ")
+                       + (f"batch features almost always at their default (coverage < "
+                          f"{config.min_batch_feature_coverage}): {sorted(thin)}." if thin else "every batch feature covered."))
+        checks["feature_health"] = {"passed": bool(ok4), "null_features": nulls, "uncovered_batch_features": thin,
+                                    "coverage": {f: round(h["coverage"], 4) for f, h in health.items()}}
+    return GateResult(passed=bool(ok and ok2 and ok3 and ok4), reasons=reasons, checks=checks)

@@ -93,8 +93,13 @@ def flatten_metrics(metrics: dict[str, dict], prefix: str = "test") -> dict[str,
 
 
 def register_bundle(settings: Settings, bundle_dir: Path, metrics: dict[str, dict], params: dict,
-                    tags: dict[str, str], gate: Any) -> str:
-    """One run + one registered model version holding the whole bundle directory. Returns the version."""
+                    tags: dict[str, str], gate: Any, extra_dicts: dict[str, Any] | None = None,
+                    extra_files: list[Path] | None = None) -> str:
+    """One run + one registered model version holding the whole bundle directory. Returns the version.
+
+    `extra_dicts` are logged as JSON artifacts (e.g. the full evaluation, feature importance) and
+    `extra_files` as files (e.g. the evaluation HTML report), so a reviewer finds them on the run.
+    """
     import mlflow
 
     client = _client(settings)
@@ -109,6 +114,12 @@ def register_bundle(settings: Settings, bundle_dir: Path, metrics: dict[str, dic
         if flat:
             mlflow.log_metrics(flat)
         mlflow.log_dict(gate_dict, "gate.json")
+        mlflow.log_dict(json.loads(json.dumps(metrics, default=str)), "evaluation.json")
+        for name, doc in (extra_dicts or {}).items():
+            mlflow.log_dict(json.loads(json.dumps(doc, default=str)), name)
+        for path in extra_files or []:
+            if Path(path).exists():
+                mlflow.log_artifact(str(path), artifact_path="reports")
         mlflow.set_tags(gate_tags)
         manifest_path = Path(bundle_dir) / MANIFEST
         if manifest_path.exists():
