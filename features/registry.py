@@ -72,6 +72,10 @@ USER_STORE_COLUMNS: tuple[str, ...] = ("user_clicks_7d", "user_impressions_30d",
 # user store columns holding JSON maps (category -> weight) rather than numbers
 USER_JSON_COLUMNS: tuple[str, ...] = ("user_category_clicks_30d", "user_category_decayed_30d")
 CATEGORY_HALF_LIFE_DAYS = 7.0
+# Snapshots are complete per day (an entity without activity in its windows has no row = all defaults), so a
+# row may only use the snapshot of its own day: an older one would carry counts that have since expired and
+# that the online store (serving the newest snapshot) no longer shows. Training, serving and the skew check agree.
+SNAPSHOT_MAX_AGE_DAYS = 1
 ITEM_STORE_COLUMNS: tuple[str, ...] = ("item_clicks_7d", "item_impressions_7d", "item_ctr_7d", "category", "publish_ts",
                                        "co_items_30d")
 # item store columns holding JSON maps: the item's top co-clicked items (item_id -> sessions)

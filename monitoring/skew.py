@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 
 from features.functions import assemble_features
-from features.registry import REGISTRY, USER_STORE_COLUMNS
+from features.registry import REGISTRY, SNAPSHOT_MAX_AGE_DAYS, USER_STORE_COLUMNS
 
-DEFAULT_MAX_AGE_DAYS = 30
+DEFAULT_MAX_AGE_DAYS = SNAPSHOT_MAX_AGE_DAYS
 SKIPPED = frozenset({"embedding_affinity"})
 
 

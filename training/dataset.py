@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from features.functions import replay_session_features
+from features.registry import SNAPSHOT_MAX_AGE_DAYS
 from ingestion.schema import DAY_MS, HOUR_MS
 
 log = logging.getLogger("kairos.dataset")
@@ -31,7 +32,7 @@ class SplitConfig:
     test_days: float = 2.0
     gap_hours: float = 0.0
     # an as-of match older than this is treated as missing (bounds the join)
-    max_feature_age_days: int = 3
+    max_feature_age_days: int = SNAPSHOT_MAX_AGE_DAYS
 
 
 @dataclass(frozen=True)
