@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
-from features.registry import REGISTRY, defaults, ranker_feature_names
+from features.registry import REGISTRY
 
 SESSION_MAX_ITEMS = 50
 SESSION_HISTORY_FOR_TOWER = 10
@@ -204,57 +204,81 @@ def item_age_hours(publish_ts: np.ndarray, now_ms: np.ndarray | int) -> np.ndarr
 
 
 # --------------------------------------------------------------------------- assembly
-def assemble_features(rows: pd.DataFrame) -> pd.DataFrame:
-    """The ranker's feature frame, in registry order, from raw store columns.
+# --------------------------------------------------------------------------- one function per feature
+FeatureFunction = Callable[[pd.DataFrame], np.ndarray]
+FEATURE_FUNCTIONS: dict[str, FeatureFunction] = {}
 
-    `rows` carries, per (user, item, moment): the user store columns, the item store
-    columns, request_ts, device_type, the session feature columns and
-    embedding_affinity. Missing columns or values fall back to registry defaults.
-    Used verbatim by training (millions of rows) and serving (hundreds of rows).
+
+def feature_function(name: str) -> Callable[[FeatureFunction], FeatureFunction]:
+    """Register how the feature `name` is computed from its registry `inputs` (NaN where unknown)."""
+    def register(fn: FeatureFunction) -> FeatureFunction:
+        FEATURE_FUNCTIONS[name] = fn
+        return fn
+    return register
+
+
+def _numeric(rows: pd.DataFrame, col: str) -> np.ndarray:
+    return pd.to_numeric(rows[col], errors="coerce").to_numpy(dtype=float)
+
+
+@feature_function("user_account_age_days")
+def _account_age(rows: pd.DataFrame) -> np.ndarray:
+    signup = _numeric(rows, "signup_ts")
+    return np.where(np.isnan(signup), np.nan, account_age_days(np.nan_to_num(signup), _numeric(rows, "request_ts")))
+
+
+@feature_function("item_age_hours")
+def _item_age(rows: pd.DataFrame) -> np.ndarray:
+    publish = _numeric(rows, "publish_ts")
+    return np.where(np.isnan(publish), np.nan, item_age_hours(np.nan_to_num(publish), _numeric(rows, "request_ts")))
+
+
+@feature_function("user_category_affinity")
+def _category_affinity(rows: pd.DataFrame) -> np.ndarray:
+    return category_affinity(rows["user_category_clicks_30d"].tolist(), rows["category"].tolist())
+
+
+@feature_function("user_category_pref_decayed")
+def _category_pref_decayed(rows: pd.DataFrame) -> np.ndarray:
+    return category_affinity(rows["user_category_decayed_30d"].tolist(), rows["category"].tolist())
+
+
+@feature_function("co_engagement")
+def _co_engagement(rows: pd.DataFrame) -> np.ndarray:
+    return co_engagement(rows["co_items_30d"].tolist(), rows["session_last_items"].tolist())
+
+
+@feature_function("hour_of_day")
+def _hour(rows: pd.DataFrame) -> np.ndarray:
+    return context_features(rows["request_ts"].to_numpy(dtype=np.int64), "mobile")["hour_of_day"]
+
+
+@feature_function("day_of_week")
+def _weekday(rows: pd.DataFrame) -> np.ndarray:
+    return context_features(rows["request_ts"].to_numpy(dtype=np.int64), "mobile")["day_of_week"]
+
+
+@feature_function("device_code")
+def _device(rows: pd.DataFrame) -> np.ndarray:
+    return np.array([DEVICE_CODES.get(d, 0.0) if isinstance(d, str) else 0.0 for d in rows["device_type"]], dtype=float)
+
+
+def assemble_features(rows: pd.DataFrame) -> pd.DataFrame:
+    """The ranker's feature frame, in registry order, from raw columns: for each registered feature, its
+    function over its declared inputs (or the column of its name), the registry default where an input
+    column is absent or a value unknown. Used verbatim by training (millions of rows) and serving (200 rows),
+    so adding a feature is one declaration in the registry plus, if it is not a plain column, one function.
     """
     n = len(rows)
-    dflt = defaults()
     out: dict[str, np.ndarray] = {}
-
-    def col(name: str) -> np.ndarray:
-        if name in rows:
-            return pd.to_numeric(rows[name], errors="coerce").fillna(dflt.get(name, 0.0)).to_numpy(dtype=float)
-        return np.full(n, dflt.get(name, 0.0))
-
-    for name in ("user_clicks_7d", "user_impressions_30d", "user_ctr_30d", "user_avg_session_length_7d", "item_clicks_7d",
-                 "item_impressions_7d", "item_ctr_7d", "embedding_affinity", "session_length",
-                 "session_clicks", "session_category_share", "session_item_seen", "seconds_since_last_event"):
-        out[name] = col(name)
-    if "publish_ts" in rows and "request_ts" in rows:
-        age = item_age_hours(rows["publish_ts"].fillna(0).to_numpy(), rows["request_ts"].to_numpy())
-        missing = rows["publish_ts"].isna().to_numpy()
-        out["item_age_hours"] = np.where(missing, dflt["item_age_hours"], age)
-    else:
-        out["item_age_hours"] = np.full(n, dflt["item_age_hours"])
-    for feature, store_col in (("user_category_affinity", "user_category_clicks_30d"),
-                               ("user_category_pref_decayed", "user_category_decayed_30d")):
-        if store_col in rows and "category" in rows:
-            out[feature] = category_affinity(rows[store_col].tolist(), rows["category"].tolist())
-        else:
-            out[feature] = np.full(n, dflt[feature])
-    if "co_items_30d" in rows and "session_last_items" in rows:
-        out["co_engagement"] = co_engagement(rows["co_items_30d"].tolist(), rows["session_last_items"].tolist())
-    else:
-        out["co_engagement"] = np.full(n, dflt["co_engagement"])
-    if "signup_ts" in rows and "request_ts" in rows:
-        signup = pd.to_numeric(rows["signup_ts"], errors="coerce").to_numpy(dtype=float)
-        out["user_account_age_days"] = np.where(np.isnan(signup), dflt["user_account_age_days"],
-                                                account_age_days(np.nan_to_num(signup), rows["request_ts"].to_numpy()))
-    else:
-        out["user_account_age_days"] = np.full(n, dflt["user_account_age_days"])
-    if "request_ts" in rows:
-        ctx = context_features(rows["request_ts"].to_numpy(), rows["device_type"].fillna("mobile").tolist() if "device_type" in rows else "mobile", n)
-    else:
-        ctx = {k: np.full(n, dflt[k]) for k in ("hour_of_day", "day_of_week", "device_code")}
-    out.update(ctx)
-    names = ranker_feature_names()
-    assert set(names) == set(out), f"registry and assembly disagree: {set(names) ^ set(out)}"
-    return pd.DataFrame({name: out[name] for name in names}, index=rows.index)
+    for spec in REGISTRY:
+        if not all(c in rows for c in spec.input_columns):
+            out[spec.name] = np.full(n, float(spec.default))
+            continue
+        fn = FEATURE_FUNCTIONS.get(spec.name)
+        values = np.asarray(fn(rows), dtype=float) if fn is not None else _numeric(rows, spec.name)
+        out[spec.name] = np.where(np.isnan(values), float(spec.default), values)
+    return pd.DataFrame(out, index=rows.index)
 
 
 __all__ = [name for name in dir() if not name.startswith("_")] + ["REGISTRY"]

@@ -26,6 +26,14 @@ class FeatureSpec:
     version: int = 1
     owner: str = "kairos-ml"
     description: str = ""
+    # raw columns (store columns, request fields) the feature is computed from; () = a column of its own name.
+    # The computing function is registered under the feature's name in features.functions (@feature_function);
+    # without one the column is passed through. A missing input or value gives `default`.
+    inputs: tuple[str, ...] = ()
+
+    @property
+    def input_columns(self) -> tuple[str, ...]:
+        return self.inputs or (self.name,)
 
 
 REGISTRY: tuple[FeatureSpec, ...] = (
@@ -37,20 +45,25 @@ REGISTRY: tuple[FeatureSpec, ...] = (
                 description="events per session over the user's last 7 days (browsers vs. snipers)"),
     # user, request time (needs the request clock)
     FeatureSpec("user_account_age_days", "user", "float", 365.0, "request",
-                description="days since signup at request time (new accounts behave differently)"),
+                description="days since signup at request time (new accounts behave differently)",
+                inputs=('signup_ts', 'request_ts')),
     # item, batch
     FeatureSpec("item_clicks_7d", "item", "float", 0.0, "batch", "7d", description="clicks on the item in 7 days (popularity)"),
     FeatureSpec("item_impressions_7d", "item", "float", 0.0, "batch", "7d", description="impressions of the item in 7 days"),
     FeatureSpec("item_ctr_7d", "item", "float", 0.0, "batch", "7d", description="smoothed item click-through rate over 7 days"),
     # item, request time (needs the request clock)
-    FeatureSpec("item_age_hours", "item", "float", 24.0 * 365, "request", description="hours since the item was published"),
+    FeatureSpec("item_age_hours", "item", "float", 24.0 * 365, "request", description="hours since the item was published",
+                inputs=('publish_ts', 'request_ts')),
     # user x item
-    FeatureSpec("user_category_affinity", "user_item", "float", 0.0, "batch", "30d", description="share of the user's 30d clicks in the item's category"),
+    FeatureSpec("user_category_affinity", "user_item", "float", 0.0, "batch", "30d", description="share of the user's 30d clicks in the item's category",
+                inputs=('user_category_clicks_30d', 'category')),
     FeatureSpec("user_category_pref_decayed", "user_item", "float", 0.0, "batch", "30d",
-                description="share of the user's clicks in the item's category, each click decayed with a 7-day half-life"),
+                description="share of the user's clicks in the item's category, each click decayed with a 7-day half-life",
+                inputs=('user_category_decayed_30d', 'category')),
     FeatureSpec("embedding_affinity", "user_item", "float", 0.0, "request", description="two-tower dot product of user and item vectors"),
     FeatureSpec("co_engagement", "user_item", "float", 0.0, "streaming", "30d",
-                description="share of the item's 30d session co-clicks that involve the session's last items"),
+                description="share of the item's 30d session co-clicks that involve the session's last items",
+                inputs=('co_items_30d', 'session_last_items')),
     # session, streaming (kept fresh in Redis by the streaming job)
     FeatureSpec("session_length", "session", "float", 0.0, "streaming", description="events so far in the session"),
     FeatureSpec("session_clicks", "session", "float", 0.0, "streaming", description="clicks so far in the session"),
@@ -58,9 +71,12 @@ REGISTRY: tuple[FeatureSpec, ...] = (
     FeatureSpec("session_item_seen", "session", "float", 0.0, "streaming", description="1 if the item was already engaged in this session"),
     FeatureSpec("seconds_since_last_event", "session", "float", 3600.0, "streaming", description="seconds since the session's previous event (capped at 1h)"),
     # context, request time
-    FeatureSpec("hour_of_day", "context", "float", 12.0, "request", description="UTC hour of the request"),
-    FeatureSpec("day_of_week", "context", "float", 0.0, "request", description="UTC day of week, Monday=0"),
-    FeatureSpec("device_code", "context", "float", 0.0, "request", description="device type as a code (mobile 0, desktop 1, tablet 2)"),
+    FeatureSpec("hour_of_day", "context", "float", 12.0, "request", description="UTC hour of the request",
+                inputs=('request_ts',)),
+    FeatureSpec("day_of_week", "context", "float", 0.0, "request", description="UTC day of week, Monday=0",
+                inputs=('request_ts',)),
+    FeatureSpec("device_code", "context", "float", 0.0, "request", description="device type as a code (mobile 0, desktop 1, tablet 2)",
+                inputs=('device_type',)),
 )
 
 BY_NAME: dict[str, FeatureSpec] = {f.name: f for f in REGISTRY}

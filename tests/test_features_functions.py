@@ -52,3 +52,20 @@ def test_context_and_affinity_helpers() -> None:
     ctx = context_features(np.array([0, 86_400_000 * 4]), ["tablet", "mobile"])
     assert ctx["day_of_week"].tolist() == [3.0, 0.0]  # Thursday, then Monday
     assert category_affinity([{"a": 1.0}], ["a"]).tolist() == [1.0]
+
+
+def test_assembly_is_driven_by_the_registry() -> None:
+    """Every declared feature is computed by its registered function over its declared inputs; a missing
+    input column gives the declared default; a plain column needs no function at all."""
+    from features.functions import FEATURE_FUNCTIONS, assemble_features
+    from features.registry import REGISTRY
+
+    for spec in REGISTRY:
+        if spec.inputs:  # derived features must have a function, plain columns must not need one
+            assert spec.name in FEATURE_FUNCTIONS, spec.name
+    empty = assemble_features(pd.DataFrame(index=range(3)))
+    assert list(empty.columns) == [f.name for f in REGISTRY]
+    assert all((empty[f.name] == f.default).all() for f in REGISTRY)
+    rows = pd.DataFrame({"user_clicks_7d": [4.0, None], "publish_ts": [0, 0], "request_ts": [7_200_000, 3_600_000]})
+    feats = assemble_features(rows)
+    assert feats["user_clicks_7d"].tolist() == [4.0, 0.0] and feats["item_age_hours"].tolist() == [2.0, 1.0]
