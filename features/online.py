@@ -192,6 +192,21 @@ class ItemTable:
         arrays = {c: (np.array([None], dtype=object) if c in STRING_ITEM_COLUMNS else np.array([np.nan])) for c in ITEM_STORE_COLUMNS}
         return cls(version=version, frame=frame, arrays=arrays)
 
+    @property
+    def ids(self) -> list[str]:
+        """Item ids in table order (cached: the table never changes once loaded)."""
+        if "_ids" not in self.__dict__:
+            self.__dict__["_ids"] = self.frame["item_id"].astype(str).tolist()
+        return self.__dict__["_ids"]
+
+    @property
+    def co_items(self) -> dict[str, dict[str, float]]:
+        """item_id -> its co-clicked items (parsed once per table)."""
+        if "_co" not in self.__dict__:
+            arr = self.arrays.get("co_items_30d")
+            self.__dict__["_co"] = {} if arr is None else {i: c for i, c in zip(self.ids, arr[:-1]) if c}
+        return self.__dict__["_co"]
+
     def columns_for(self, item_ids: list[str]) -> dict[str, np.ndarray]:
         """Item store columns for candidate ids, aligned; unknown items get NaN/None (-> defaults)."""
         missing = len(self.row)

@@ -26,6 +26,8 @@ import pandas as pd
 
 from features.functions import SESSION_HISTORY_FOR_TOWER, assemble_features, session_features
 from features.registry import ITEM_STORE_COLUMNS, USER_JSON_COLUMNS, USER_STORE_COLUMNS
+from serving.candidates import co_visitation, fresh_items, run_channels
+from serving.rerank import RerankConfig, explore, limit_category_runs, mmr, request_rng
 
 log = logging.getLogger("kairos.serving")
 
@@ -160,7 +162,7 @@ def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | 
 
 
 def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: int | None = None,
-                log_impression: Callable[[dict], None] | None = None) -> dict:
+                log_impression: Callable[[dict], None] | None = None, rerank: RerankConfig | None = None) -> dict:
     """Answer one ranking request (see the module docstring). Raises ValueError only on bad input.
 
     `log_impression` receives serving.impressions.impression_record(...) for every answer, with the
@@ -233,41 +235,37 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
 
     pool = req["candidate_pool_size"]
     try:
-        # ---- 2. candidates: session-aware user vector -> ANN, merged with popular
+        # ---- 2. candidates: ANN on the session-aware user vector, co-visitation, trending, fresh
         t = time.perf_counter()
         query = np.asarray(bundle.user_vector(req["user_id"], seen[:SESSION_HISTORY_FOR_TOWER]), dtype=np.float32)
-        k = min(pool + len(seen_set), len(bundle.item_ids))
-        ann_ids, _ = bundle.retrieve(query, k)
-        try:
-            popular = store.popular(version) if version else []
-        except REDIS_ERRORS:
-            popular = []
-        popular = popular or bundle.popular(pool)
-        n_pop = max(1, int(pool * POPULAR_CHANNEL_SHARE))
-        candidates: list[str] = []
-        taken: set[str] = set(seen_set)
-        # ANN fills most of the pool; popularity gets a reserved slice so trending items always compete
-        ann_quota = pool - min(n_pop, len(popular))
-        for item in ann_ids:
-            if len(candidates) >= ann_quota:
-                break
-            if item not in taken:
-                taken.add(item)
-                candidates.append(item)
-        for source in (popular, ann_ids):
-            for item in source:
-                if len(candidates) >= pool:
-                    break
-                if item not in taken:
-                    taken.add(item)
-                    candidates.append(item)
+
+        def trending(k: int) -> list[str]:
+            segment = bundle.popular(k, segment=req["device_type"])
+            if segment:
+                return segment
+            try:
+                return (store.popular(version) if version else [])[:k]
+            except REDIS_ERRORS:
+                return []
+
+        producers = {
+            "ann": lambda k: bundle.retrieve(query, min(k, len(bundle.item_ids)))[0],
+            "co_visitation": lambda k: co_visitation(table.co_items, seen, k),
+            "trending": trending,
+            "fresh": lambda k: fresh_items(table.ids, table.arrays["publish_ts"][:-1], bundle.item_row, now_ms, k),
+        }
+        candidates, contributed, channel_errors = run_channels(producers, pool, seen_set)
+        response["candidate_channels"] = contributed
+        if channel_errors:
+            response["channel_errors"] = channel_errors
         lat["candidate_retrieval"] = _ms(time.perf_counter() - t)
         if not candidates:
             return finish(FALLBACK_MODEL_ERROR, _popularity_items(bundle.popular(n + len(seen_set), segment=req["device_type"]), n, seen_set))
 
         # ---- 3. features over the shared functions, then the ranker
         t = time.perf_counter()
-        affinity = bundle.item_vectors(candidates) @ query
+        vectors = bundle.item_vectors(candidates)
+        affinity = vectors @ query
         rows = build_rows(user_row, session, candidates, table.columns_for(candidates), affinity, now_ms, req["device_type"])
         feats = assemble_features(rows)
         scores = np.asarray(bundle.rank(feats), dtype=np.float64)
@@ -278,13 +276,21 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         log.exception("ranking failed for %s; serving popularity: %s", req["user_id"], exc)
         return finish(FALLBACK_MODEL_ERROR, _popularity_items(bundle.popular(n + len(seen_set), segment=req["device_type"]), n, seen_set))
 
-    # ---- 4. post-processing: sort, session-intent rule, cut
+    # ---- 4. post-processing: MMR diversity, session-intent slots, category runs, exploration
     t = time.perf_counter()
+    cfg = rerank or RerankConfig()
     order = np.argsort(-scores, kind="stable")
-    top, rerank = apply_session_intent(order, n, candidates, table.category, session)
-    if rerank:
-        response["rerank"] = rerank
-    items = [{"item_id": candidates[i], "score": round(float(scores[i]), 6), "rank": r + 1} for r, i in enumerate(top)]
+    picked = mmr(order, scores, vectors, n, cfg.mmr_lambda)
+    picked_set = set(picked)
+    diversified = np.array(picked + [int(i) for i in order if int(i) not in picked_set])
+    top, intent = apply_session_intent(diversified, n, candidates, table.category, session)
+    if intent:
+        response["rerank"] = intent
+    category = {i: table.category.get(candidates[i]) for i in range(len(candidates))}
+    top = limit_category_runs(top, [int(i) for i in diversified], category, cfg.max_category_run)
+    top, propensity = explore(top, [int(i) for i in order[:pool]], cfg.epsilon, request_rng(response["request_id"]))
+    items = [{"item_id": candidates[i], "score": round(float(scores[i]), 6), "rank": r + 1,
+              "propensity": round(float(propensity[r]), 6)} for r, i in enumerate(top)]
     if log_impression is not None:  # the exact values the ranker scored, for the log and the skew check
         values = feats.to_numpy(dtype=np.float64)
         names = list(feats.columns)

@@ -4,6 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Exploration swaps random slots (seeded per request id); tests that compare rankings need it off.
+# tests/test_rerank.py turns it on explicitly.
+os.environ.setdefault("KAIROS_EXPLORATION_EPSILON", "0")
+
 import pytest
 import redis
 

@@ -3,6 +3,7 @@ BentoML server process: response contract, in-session adaptation, fallbacks, HTT
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import time
 from collections import Counter
@@ -269,3 +270,23 @@ def test_bentoml_server_over_http(trained, snapshot, store: OnlineStore, redis_s
     finally:
         stop_server(proc)
     assert proc.poll() is not None
+
+
+def test_channels_and_exploration_in_a_real_request(trained, store: OnlineStore, snapshot) -> None:
+    from serving.rerank import RerankConfig
+
+    bundle = trained[0].bundle
+    _, _, _, now_ms = snapshot
+    resp = personalize(_request("u00010", session="explore-1", ts=now_ms), bundle, store,
+                       rerank=RerankConfig(mmr_lambda=0.85, max_category_run=3, epsilon=0.5))
+    assert resp["served_by"] == SERVED_TWO_STAGE
+    assert resp["candidate_channels"]["ann"] > 0 and resp["candidate_channels"]["trending"] > 0
+    props = [r["propensity"] for r in resp["ranked_items"]]
+    assert props[0] == 1.0 and all(0 < p <= 1 for p in props) and any(p < 0.5 for p in props[1:])
+    greedy = personalize(_request("u00010", session="explore-1", ts=now_ms), bundle, store,
+                         rerank=RerankConfig(epsilon=0.0))
+    assert all(r["propensity"] == 1.0 for r in greedy["ranked_items"])
+    # no more than 3 of one category in a row when other categories are available
+    cats = [store.item_table(store.current_version()).category.get(r["item_id"]) for r in greedy["ranked_items"]]
+    runs = max(len(list(g)) for _, g in itertools.groupby(cats))
+    assert runs <= 3

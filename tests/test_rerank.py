@@ -1,0 +1,67 @@
+"""Candidate channels and re-ranking: MMR, category runs, exploration with propensities."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from serving.candidates import Channel, co_visitation, fresh_items, run_channels
+from serving.rerank import explore, limit_category_runs, mmr, request_rng
+
+
+def test_mmr_trades_relevance_for_diversity() -> None:
+    scores = np.array([1.0, 0.99, 0.98, 0.5])
+    vectors = np.array([[1, 0], [1, 0], [1, 0], [0, 1]], dtype=np.float32)  # three clones and one different item
+    order = np.argsort(-scores)
+    assert mmr(order, scores, vectors, 2, 1.0) == [0, 1]  # lambda 1: pure relevance
+    assert mmr(order, scores, vectors, 2, 0.5) == [0, 3]  # the different item beats a clone
+
+
+def test_category_runs_are_broken_by_the_next_other_item() -> None:
+    cat = {0: "a", 1: "a", 2: "a", 3: "a", 4: "b", 5: "a"}
+    assert limit_category_runs([0, 1, 2, 3, 5], [4], cat, 2) == [0, 1, 4, 2, 3]
+    assert limit_category_runs([0, 1, 2, 3], [], cat, 2) == [0, 1, 2, 3]  # nothing else to move up: kept
+    assert limit_category_runs([0, 1, 2], [4], cat, 0) == [0, 1, 2]  # 0 = rule off
+
+
+def test_exploration_logs_propensities_and_is_seeded_per_request() -> None:
+    picked, pool = list(range(10)), list(range(200))
+    out, props = explore(picked, pool, 0.5, request_rng("req-1"))
+    again, props2 = explore(picked, pool, 0.5, request_rng("req-1"))
+    assert out == again and props == props2 and out[0] == 0 and props[0] == 1.0
+    swapped = [k for k in range(1, 10) if out[k] != picked[k]]
+    assert swapped and all(props[k] == 0.5 / 190 for k in swapped)
+    assert all(props[k] == 0.5 for k in range(1, 10) if k not in swapped)
+    assert len(set(out)) == 10
+    assert explore(picked, pool, 0.0, request_rng("x")) == (picked, [1.0] * 10)
+    # over many requests about epsilon of the slots explore
+    rates = [sum(o != p for o, p in zip(explore(picked, pool, 0.05, request_rng(f"r{i}"))[0], picked)) / 9
+             for i in range(400)]
+    assert 0.03 < np.mean(rates) < 0.07
+
+
+def test_co_visitation_and_fresh_channels() -> None:
+    co = {"a": {"x": 5.0, "y": 1.0}, "b": {"y": 4.0, "z": 1.0}}
+    assert co_visitation(co, ["a", "b"], 2) == ["x", "y"]  # y: 1 + 4/2 = 3 < x: 5
+    ids = ["old", "new", "unindexed", "future"]
+    now = 100 * 3_600_000
+    publish = np.array([0.0, now - 3_600_000, now - 500 * 3_600_000, now + 3_600_000])
+    assert fresh_items(ids, publish, {"old": 0, "new": 1, "future": 3}, now, 5) == ["new", "unindexed"]
+
+
+def test_channels_merge_dedupe_exclude_and_survive_failures() -> None:
+    def slow(k: int) -> list[str]:
+        time.sleep(0.02)
+        return ["s1"]
+
+    def broken(k: int) -> list[str]:
+        raise RuntimeError("boom")
+
+    producers = {"ann": lambda k: [f"a{i}" for i in range(k)], "trending": lambda k: ["t1", "a1", "seen"],
+                 "co_visitation": broken, "fresh": slow}
+    channels = (Channel("ann", 0.6, 50), Channel("co_visitation", 0.2, 5), Channel("trending", 0.1, 5),
+                Channel("fresh", 0.1, 5))
+    out, contributed, errors = run_channels(producers, 10, {"seen"}, channels)
+    assert len(out) == 10 and len(set(out)) == 10 and "seen" not in out
+    assert out[0] == "t1" and contributed["trending"] == 1 and contributed["ann"] == 9
+    assert set(errors) == {"co_visitation", "fresh"} and "boom" in errors["co_visitation"] and "timeout" in errors["fresh"]
