@@ -131,7 +131,7 @@ def model_evaluation(context: AssetExecutionContext, two_tower_model: Any, ranke
 class GateSettings(Config):
     min_ndcg_lift_over_popularity: float = 0.0
     max_auc_drop_vs_champion: float = 0.005
-    max_p99_scoring_ms: float = 10.0
+    max_p99_scoring_ms: float = 25.0
     max_null_rate: float = 0.0
     min_batch_feature_coverage: float = 0.01
 

@@ -206,9 +206,13 @@ def demo(args: argparse.Namespace) -> int:
             status = http.post("/v1/status", json={}).json()
         time.sleep(0.5)  # the server logs impressions asynchronously
         skew = log_impressions(settings)
-        print(f"\nImpression log: {status.get('impressions')}; train/serve skew check "
-              f"{'PASSED' if skew['skew_passed'] else 'FAILED'} over {skew['skew'].get('rows')} served rows "
-              f"(worst feature {skew['skew'].get('worst_feature')}: mismatch rate {skew['skew'].get('worst_mismatch_rate')})")
+        if skew["skew"].get("rows"):
+            verdict = (f"{'PASSED' if skew['skew_passed'] else 'FAILED'} over {skew['skew'].get('rows')} served rows "
+                       f"(worst feature {skew['skew'].get('worst_feature')}: mismatch rate "
+                       f"{skew['skew'].get('worst_mismatch_rate')})")
+        else:
+            verdict = "not evaluated: no model-served impressions (popularity fallback logs no features)"
+        print(f"\nImpression log: {status.get('impressions')}; train/serve skew check {verdict}")
     finally:
         stop.set()
         thread.join(timeout=5)
