@@ -33,6 +33,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -50,6 +51,7 @@ SESSION_PREFIX = "kairos:session"
 SESSION_TTL_S = 30 * 60
 DEFAULT_TTL_S = 7 * 86400
 CHUNK = 2000
+STALE_CACHE_USERS = 100_000
 STRING_USER_COLUMNS = frozenset(USER_JSON_COLUMNS)
 STRING_ITEM_COLUMNS = frozenset({"category", *ITEM_JSON_COLUMNS})
 
@@ -230,6 +232,9 @@ class OnlineStore:
         self._lock = threading.Lock()
         self._loading: set[str] = set()
         self._bulk: Any = None
+        # the last rows read per user, for the stale path when Redis is slow or down (bounded LRU)
+        self._stale: "OrderedDict[str, tuple[float, dict | None, str | None]]" = OrderedDict()
+        self.stale_capacity = STALE_CACHE_USERS
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float = 0.1, breaker_s: float = 1.0) -> "OnlineStore":
@@ -343,10 +348,28 @@ class OnlineStore:
         if time.monotonic() < self._down_until:
             raise redis.ConnectionError("online store circuit open after a recent failure")
         try:
-            return self._fetch(user_id, session_id)
+            user, session, version = self._fetch(user_id, session_id)
         except (redis.RedisError, OSError):
             self._down_until = time.monotonic() + self.breaker_s
             raise
+        with self._lock:
+            self._stale[user_id] = (time.time(), user, version)
+            self._stale.move_to_end(user_id)
+            while len(self._stale) > self.stale_capacity:
+                self._stale.popitem(last=False)
+        return user, session, version
+
+    def stale(self, user_id: str, max_age_s: float) -> tuple[dict | None, str, float] | None:
+        """(user_row, version, age_s) last read for this user if younger than max_age_s and its item table
+        is still in memory; None otherwise. What the server serves from while Redis is unavailable."""
+        hit = self._stale.get(user_id)
+        if hit is None:
+            return None
+        at, user, version = hit
+        age = time.time() - at
+        if age > max_age_s or version is None or version not in self._tables:
+            return None
+        return user, version, age
 
     def _fetch(self, user_id: str, session_id: str | None) -> tuple[dict | None, dict | None, str | None]:
         known = self._version

@@ -7,6 +7,8 @@
 
 Every request answers (DESIGN invariant 5); `served_by` says which path served it:
     two_stage                                   the normal path
+    two_stage:stale_features                    Redis unavailable: the user's features as this server last
+                                                read them (at most KAIROS_STALE_FEATURES_MAX_AGE_S old, 1 h)
     popularity_fallback:redis_unavailable       the online store errored or timed out (bundle popularity)
     popularity_fallback:no_model                no champion loaded (the store's popular list)
     popularity_fallback:model_error             retrieval or ranking raised (bundle popularity)
@@ -49,6 +51,9 @@ CONTEXT_FIELDS = {"session_id", "device_type", "timestamp_ms", "geo_region"}
 CONFIG_FIELDS = {"num_results", "candidate_pool_size", "max_latency_ms"}
 
 SERVED_TWO_STAGE = "two_stage"
+SERVED_STALE = "two_stage:stale_features"
+# how old the in-process copy of a user's features may be when Redis is unavailable (then popularity)
+STALE_MAX_AGE_S = float(os.environ.get("KAIROS_STALE_FEATURES_MAX_AGE_S", "3600"))
 FALLBACK_REDIS = "popularity_fallback:redis_unavailable"
 FALLBACK_NO_MODEL = "popularity_fallback:no_model"
 FALLBACK_MODEL_ERROR = "popularity_fallback:model_error"
@@ -192,7 +197,7 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         lat["post_processing"] += _ms(time.perf_counter() - t)
         lat["total"] = _ms(time.perf_counter() - t_start)
         response["latency_breakdown_ms"] = lat
-        if served_by != SERVED_TWO_STAGE:
+        if served_by not in (SERVED_TWO_STAGE, SERVED_STALE):
             log.info("request %s for %s served by %s", response["request_id"], req["user_id"], served_by)
         if log_impression is not None:
             try:
@@ -207,6 +212,7 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
     t = time.perf_counter()
     user_row = session = version = None
     table = None
+    served_path = SERVED_TWO_STAGE
     try:
         if store is None:
             raise ConnectionError("no online store configured")
@@ -214,12 +220,22 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         table = store.item_table(version)
     except REDIS_ERRORS as exc:
         lat["feature_fetch"] = _ms(time.perf_counter() - t)
-        log.warning("online store unavailable (%s: %s); serving popularity", type(exc).__name__, exc)
-        if bundle is not None:
-            ranked = bundle.popular(n, segment=req["device_type"])
-        else:
-            ranked = store.last_popular() if store is not None else []
-        return finish(FALLBACK_REDIS, _popularity_items(ranked, n))
+        stale = store.stale(req["user_id"], STALE_MAX_AGE_S) if store is not None and bundle is not None else None
+        if stale is None:
+            log.warning("online store unavailable (%s: %s); serving popularity", type(exc).__name__, exc)
+            if bundle is not None:
+                ranked = bundle.popular(n, segment=req["device_type"])
+            else:
+                ranked = store.last_popular() if store is not None else []
+            return finish(FALLBACK_REDIS, _popularity_items(ranked, n))
+        # the in-process copy of this user's features (no session state: that lives only in Redis)
+        user_row, version, age = stale
+        session = None
+        table = store.item_table(version)
+        served_path = SERVED_STALE
+        response["stale_feature_age_s"] = round(age, 1)
+        log.info("online store unavailable (%s); serving %s from features %.0fs old", type(exc).__name__,
+                 req["user_id"], age)
     lat["feature_fetch"] = _ms(time.perf_counter() - t)
     response["feature_version"] = version
     seen = list((session or {}).get("last_items", []))
@@ -297,7 +313,7 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         for i in top:
             shown_features[candidates[i]] = {name: float(v) for name, v in zip(names, values[i])}
     lat["post_processing"] = _ms(time.perf_counter() - t)
-    return finish(SERVED_TWO_STAGE, items)
+    return finish(served_path, items)
 
 
 def session_intent(session: Mapping[str, Any] | None) -> tuple[str | None, float]:

@@ -17,7 +17,7 @@ import redis
 from features.online import OnlineStore
 from features.registry import ITEM_STORE_COLUMNS, USER_STORE_COLUMNS
 from orchestration.services import EmbeddedRedis, free_port, start_redis
-from serving.pipeline import (FALLBACK_MODEL_ERROR, FALLBACK_NO_MODEL, FALLBACK_REDIS, SERVED_TWO_STAGE,
+from serving.pipeline import (FALLBACK_MODEL_ERROR, FALLBACK_NO_MODEL, FALLBACK_REDIS, SERVED_STALE, SERVED_TWO_STAGE,
                               personalize, validate_request)
 from streaming.job import SessionStreamProcessor, publish
 from tests._trainset import make_training_set
@@ -93,8 +93,14 @@ def test_response_contract_and_stage_latencies(trained, store: OnlineStore, snap
     assert resp["user_id"] == "u00010" and resp["request_id"] and resp["model_version"] == bundle.model_version
     ranked = resp["ranked_items"]
     assert len(ranked) == 10 and [r["rank"] for r in ranked] == list(range(1, 11))
-    scores = [r["score"] for r in ranked]
-    assert scores == sorted(scores, reverse=True) and len({r["item_id"] for r in ranked}) == 10
+    assert len({r["item_id"] for r in ranked}) == 10
+    # re-ranking off (pure relevance, no category rule, no exploration): the list is sorted by score
+    from serving.rerank import RerankConfig
+
+    plain = personalize(_request("u00010", ts=now_ms), bundle, store,
+                        rerank=RerankConfig(mmr_lambda=1.0, max_category_run=0, epsilon=0.0))["ranked_items"]
+    scores = [r["score"] for r in plain]
+    assert scores == sorted(scores, reverse=True)
     assert set(resp["latency_breakdown_ms"]) == {*STAGES, "total"}
     assert personalize(_request("u00010", ts=now_ms, num=3), bundle, store)["ranked_items"] == ranked[:3]
     # a user the model never saw still gets a personalized-by-context list
@@ -168,12 +174,17 @@ def test_fallbacks_always_answer(trained, snapshot, tmp_path: Path, store: Onlin
     assert personalize(_request("u00010", session="s", ts=now_ms), bundle, own)["served_by"] == SERVED_TWO_STAGE
     server.stop()
     t = time.perf_counter()
-    down = personalize(_request("u00010", session="s", ts=now_ms), bundle, own)
-    assert down["served_by"] == FALLBACK_REDIS and len(down["ranked_items"]) == 10
+    # a user read a moment ago: ranked from the in-process copy of their features (no session state)
+    stale = personalize(_request("u00010", session="s", ts=now_ms), bundle, own)
+    assert stale["served_by"] == SERVED_STALE and len(stale["ranked_items"]) == 10
+    assert 0 <= stale["stale_feature_age_s"] < 60 and stale["model_version"] == bundle.model_version
     assert time.perf_counter() - t < 1.0
-    assert down["model_version"] == bundle.model_version
+    # a user never read by this server: popularity
+    down = personalize(_request("u00011", session="s", ts=now_ms), bundle, own)
+    assert down["served_by"] == FALLBACK_REDIS and len(down["ranked_items"]) == 10
+    assert own.stale("u00010", max_age_s=0.0) is None  # too old for the configured max age -> popularity
     t = time.perf_counter()  # circuit open: the next requests do not even try the socket
-    assert personalize(_request("u00010", session="s", ts=now_ms), bundle, own)["served_by"] == FALLBACK_REDIS
+    assert personalize(_request("u00012", session="s", ts=now_ms), bundle, own)["served_by"] == FALLBACK_REDIS
     assert time.perf_counter() - t < 0.1
     # Redis comes back (same port, empty): requests recover by themselves once the breaker closes
     revived = start_redis(tmp_path / "redis-back", port=server.port)
