@@ -235,6 +235,8 @@ class OnlineStore:
         # the last rows read per user, for the stale path when Redis is slow or down (bounded LRU)
         self._stale: "OrderedDict[str, tuple[float, dict | None, str | None]]" = OrderedDict()
         self.stale_capacity = STALE_CACHE_USERS
+        self.table_hits = 0   # item-table lookups answered from memory
+        self.table_loads = 0  # ... and loaded from Redis
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float = 0.1, breaker_s: float = 1.0) -> "OnlineStore":
@@ -448,7 +450,9 @@ class OnlineStore:
             return ItemTable.empty()
         table = self._tables.get(version)
         if table is not None:
+            self.table_hits += 1
             return table
+        self.table_loads += 1
         return self._load_table(version, self.client)
 
     def warm(self) -> str | None:

@@ -39,6 +39,57 @@ REDIS_TIMEOUT_S = float(os.environ.get("KAIROS_REDIS_TIMEOUT_S", "0.1"))
 THREADS = int(os.environ.get("KAIROS_SERVE_THREADS", "4"))
 ACCESS_LOG = os.environ.get("KAIROS_ACCESS_LOG", "1").lower() not in ("0", "false", "no")
 IMPRESSION_LOG = os.environ.get("KAIROS_IMPRESSION_LOG", "1").lower() not in ("0", "false", "no")
+API_KEY = os.environ.get("KAIROS_API_KEY") or None  # set: /v1/* requires the header x-api-key
+
+
+class ApiKeyMiddleware:
+    """Pure-ASGI check of the `x-api-key` header on /v1/* (health, readiness and /metrics stay open)."""
+
+    def __init__(self, app, key: str, prefix: str = "/v1/") -> None:
+        self.app, self.key, self.prefix = app, key.encode(), prefix
+
+    async def __call__(self, scope, receive, send) -> None:
+        import hmac
+
+        if scope.get("type") == "http" and scope.get("path", "").startswith(self.prefix):
+            provided = dict(scope.get("headers") or []).get(b"x-api-key", b"")
+            if not hmac.compare_digest(provided, self.key):
+                body = json.dumps({"error": "unauthorized",
+                                   "detail": "missing or wrong x-api-key header (KAIROS_API_KEY is set)"}).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+class ServingMetrics:
+    """Prometheus series on BentoML's /metrics: latency per stage, served_by counts, candidates per
+    channel, feature-cache hits. Created in the worker (after BentoML set up its metrics registry)."""
+
+    def __init__(self) -> None:
+        from bentoml import metrics
+
+        buckets = (0.25, 0.5, 1, 2, 3, 5, 8, 12, 20, 30, 50, 100, 250)
+        self.stage = metrics.Histogram(name="kairos_stage_latency_ms", documentation="latency per request stage (ms)",
+                                       labelnames=["stage"], buckets=buckets)
+        self.served_by = metrics.Counter(name="kairos_served_by", documentation="answers per serving path",
+                                         labelnames=["served_by"])
+        self.candidates = metrics.Counter(name="kairos_candidates", documentation="candidates contributed per channel",
+                                          labelnames=["channel"])
+        self.cache = metrics.Counter(name="kairos_feature_cache", documentation="item-table lookups served from "
+                                     "memory (hit) or loaded from Redis (miss)", labelnames=["result"])
+
+    def observe(self, response: dict, cache_hits: int, cache_misses: int) -> None:
+        for stage, ms in (response.get("latency_breakdown_ms") or {}).items():
+            self.stage.labels(stage=stage).observe(float(ms))
+        self.served_by.labels(served_by=str(response.get("served_by"))).inc()
+        for channel, n in (response.get("candidate_channels") or {}).items():
+            self.candidates.labels(channel=channel).inc(n)
+        if cache_hits:
+            self.cache.labels(result="hit").inc(cache_hits)
+        if cache_misses:
+            self.cache.labels(result="miss").inc(cache_misses)
 
 
 def _redis_url() -> str:
@@ -96,7 +147,13 @@ class KairosRanker:
         self.bundle = None
         self.store = None
         self.impressions = None
+        self.metrics = None
+        self._cache_seen = (0, 0)
         self._stop = threading.Event()
+        try:
+            self.metrics = ServingMetrics()
+        except Exception as exc:  # noqa: BLE001 - metrics are an aid, never a reason not to serve
+            log.warning("Prometheus metrics unavailable: %s", exc)
         try:
             self.store = OnlineStore.from_url(_redis_url(), timeout_s=REDIS_TIMEOUT_S)
             if IMPRESSION_LOG:
@@ -174,6 +231,7 @@ class KairosRanker:
         try:
             # serialized here: skips BentoML's pydantic pass over the output (~1 ms per request)
             answer = personalize(request, self.bundle, self.store, log_impression=self.impressions)
+            self._observe(answer)
             return Response(json.dumps(answer, separators=(",", ":")),
                             media_type="application/json")
         except ValueError as exc:
@@ -189,6 +247,17 @@ class KairosRanker:
                     "latency_breakdown_ms": {"feature_fetch": 0.0, "candidate_retrieval": 0.0, "ranking_inference": 0.0,
                                              "post_processing": 0.0, "total": 0.0}, "error": type(exc).__name__}
 
+    def _observe(self, answer: dict) -> None:
+        if self.metrics is None:
+            return
+        try:
+            hits, misses = (self.store.table_hits, self.store.table_loads) if self.store is not None else (0, 0)
+            seen_hits, seen_misses = self._cache_seen
+            self._cache_seen = (hits, misses)
+            self.metrics.observe(answer, hits - seen_hits, misses - seen_misses)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("metrics not recorded: %s", exc)
+
     @bentoml.api(route="/v1/status")
     def status(self) -> dict:
         redis_ok = False
@@ -202,3 +271,7 @@ class KairosRanker:
         return {"model_version": getattr(self.bundle, "model_version", None), "feature_version": version,
                 "redis_ok": redis_ok, "time_ms": int(time.time() * 1000),
                 "impressions": self.impressions.stats() if self.impressions is not None else None}
+
+
+if API_KEY:
+    KairosRanker.add_asgi_middleware(ApiKeyMiddleware, key=API_KEY)

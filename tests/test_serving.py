@@ -223,13 +223,19 @@ def test_bentoml_server_over_http(trained, snapshot, store: OnlineStore, redis_s
     outcome = trained[0]
     _, _, popular, now_ms = snapshot
     port = free_port()
-    env = {**os.environ, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url, "KAIROS_MODEL_POLL_S": "1"}
+    env = {**os.environ, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url, "KAIROS_MODEL_POLL_S": "1",
+           "KAIROS_API_KEY": "s3cret"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = start_server(port, env=env, log_path=tmp_path / "server.log")
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, timeout_s=90)
-        with httpx.Client(base_url=base, timeout=30) as http:
+        with httpx.Client(base_url=base, timeout=30) as anonymous:  # API key configured: /v1/* is closed
+            refused = anonymous.post("/v1/personalize", json=_request("u00010", ts=now_ms))
+            assert refused.status_code == 401 and "x-api-key" in refused.json()["detail"]
+            wrong = anonymous.post("/v1/personalize", json=_request("u00010"), headers={"x-api-key": "nope"})
+            assert wrong.status_code == 401 and anonymous.get("/readyz").status_code == 200
+        with httpx.Client(base_url=base, timeout=30, headers={"x-api-key": "s3cret"}) as http:
             assert http.get("/healthz").status_code == 200
             assert http.get("/readyz").status_code == 200
             # started before any model exists: popularity from the online store
@@ -254,6 +260,10 @@ def test_bentoml_server_over_http(trained, snapshot, store: OnlineStore, redis_s
             assert set(body["latency_breakdown_ms"]) >= set(STAGES)
             status = http.post("/v1/status", json={}).json()
             assert status["model_version"] == version and status["redis_ok"] and status["feature_version"] == "t1"
+            metrics = http.get("/metrics").text  # Prometheus: per-stage latency, serving paths, channels, cache
+            assert 'kairos_served_by_total{served_by="two_stage"}' in metrics
+            assert 'kairos_stage_latency_ms_bucket{' in metrics and 'stage="ranking_inference"' in metrics
+            assert 'kairos_candidates_total{channel="ann"}' in metrics and 'kairos_feature_cache_total{result="hit"}' in metrics
 
             bad = http.post("/v1/personalize", json={**_request("u00010"), "request_config": {"num_results": 0}})
             assert bad.status_code == 400 and "num_results" in bad.text
