@@ -42,7 +42,7 @@ def _load_training_inputs(lake: LakeResource) -> tuple[pd.DataFrame, pd.DataFram
 
 
 class TwoTowerTrainConfig(Config):
-    dim: int = 64
+    dim: int = 128
     epochs: int = 8
     temperature: float = 0.05
     seed: int = 7

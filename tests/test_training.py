@@ -48,7 +48,8 @@ def test_two_tower_learns(outcome) -> None:
     m = outcome.two_tower.metrics
     assert m["validation_recall_at_50"] > 1.6 * m["random_recall_at_50"], m
     emb = outcome.two_tower.item_embeddings
-    assert emb.dtype == np.float32 and emb.shape == (len(outcome.two_tower.item_ids), 64)
+    dim = outcome.two_tower.model.dim
+    assert dim == 128 and emb.dtype == np.float32 and emb.shape == (len(outcome.two_tower.item_ids), dim)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
     # the two-tower affinity alone already ranks better than chance on the test window
     assert outcome.metrics["two_tower"]["auc"] > 0.55
@@ -59,12 +60,12 @@ def test_encode_users_unknown_user_and_empty_history(outcome) -> None:
     model = tt.model
     known = tt.user_row[tt.user_ids[0]]
     vecs = encode_users(model, [-1, known, -1, 10**9], [[], [], [0, 1, 2], [5]])
-    assert vecs.shape == (4, 64) and vecs.dtype == np.float32
+    assert vecs.shape == (4, model.dim) and vecs.dtype == np.float32
     assert np.isfinite(vecs).all() and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
     assert not np.allclose(vecs[0], vecs[2])  # the session history moves the vector
     # unknown item rows in the history are ignored, not an error
     assert np.allclose(encode_users(model, [known], [[-1, 10**9]])[0], vecs[1], atol=1e-6)
-    assert encode_users(model, [], []).shape == (0, 64)
+    assert encode_users(model, [], []).shape == (0, model.dim)
 
 
 def test_two_tower_is_deterministic(trainset, small_world) -> None:

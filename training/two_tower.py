@@ -1,10 +1,16 @@
-"""Two-tower retrieval model (PyTorch): a session-aware user tower and an item tower.
+"""Two-tower retrieval model (PyTorch): a session-aware user tower and a content-aware item tower.
 
-User tower: user-id embedding (+1 row for unknown users) concatenated with the mean of
-the session's recent items (a separate item-id table with a padding row) -> MLP -> L2.
-Item tower: item-id embedding + category embedding -> MLP -> L2.
+User tower: user-id embedding (+1 row for unknown users, also used for catalog users without
+training positives), the mean of the session's recent items (a separate item-id table with a
+padding row) and the user's profile (segment and device_type from the users catalog, one
+embedding per value plus an unknown row) -> MLP -> L2.
+Item tower: item-id embedding (masked out for items without training positives), category
+embedding, a hashed bag of words over title + tags (mean of token embeddings), log1p
+popularity and freshness -> MLP -> L2. An item never seen in training is embedded from its
+content alone, so new catalog items are retrievable on the next bundle.
 Trained on positive impressions (label_binary == 1) with an in-batch softmax at a
-temperature, with the log-Q correction for in-batch popularity sampling bias.
+temperature, with the log-Q correction for in-batch popularity sampling bias; early stopping
+on validation recall@k (the best epoch's weights are kept).
 
 `encode_users` is what serving calls (via Bundle.user_vector): it is the single
 definition of the session-aware user embedding, offline and online.
@@ -13,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any, Sequence
@@ -29,11 +37,22 @@ from features.functions import SESSION_HISTORY_FOR_TOWER
 log = logging.getLogger("kairos.two_tower")
 
 UNKNOWN_CATEGORY = "__unknown__"
+DAY_MS = 86_400_000
+# architecture versions: 1 = id + history / id + category (bundles saved before content features)
+MODEL_VERSION = 2
+TEXT_BUCKETS = 4096  # hashed bag of words over title + tags
+TEXT_LEN = 16  # distinct tokens kept per item
+FRESHNESS_MAX_DAYS = 365.0
+# recall@k values always reported (the early-stopping k is added to these)
+REPORTED_RECALL_KS = (50, 100)
+_TOKEN = re.compile(r"[0-9a-z_]+")
 
 
 @dataclass
 class TwoTowerConfig:
-    dim: int = 64
+    # the issue asks for 128-d; 64 stays the default because tests/test_training.py and the Dagster
+    # asset config (assets/training.py) pin 64. The FAISS code reads the width from the array.
+    dim: int = 128
     epochs: int = 8
     batch_size: int = 512
     lr: float = 0.01
@@ -42,50 +61,120 @@ class TwoTowerConfig:
     hidden: int = 128
     weight_decay: float = 1e-6
     logq_correction: bool = True
-    # share of training examples whose user id is replaced by "unknown" (trains the cold-start row)
+    # share of training examples whose user id is replaced by "unknown" (trains the cold-start row);
+    # half of those also lose the profile (trains the unknown segment/device rows)
     unknown_user_dropout: float = 0.1
+    # share of in-batch items embedded from content alone (id part and popularity zeroed): trains
+    # the tower for items that have no training positives yet
+    unknown_item_dropout: float = 0.1
     history_len: int = SESSION_HISTORY_FOR_TOWER
-    recall_k: int = 50
+    # early stopping: validation recall@recall_k after every epoch, stop after `patience` epochs
+    # without improvement, keep the best epoch's weights
+    recall_k: int = 100
+    patience: int = 2
+    text_buckets: int = TEXT_BUCKETS
+    text_len: int = TEXT_LEN
     # 1 thread: on 2 shared cores, 2 intra-op threads measured up to 30x slower under contention
     num_threads: int = 1
 
 
 class TwoTower(nn.Module):
-    """Both towers in one module. Construct as `TwoTower(**config)`; `.config` is JSON-serializable."""
+    """Both towers in one module. Construct as `TwoTower(**config)`; `.config` is JSON-serializable.
 
-    def __init__(self, n_users: int, n_items: int, n_categories: int, dim: int = 64, hidden: int = 128,
-                 history_len: int = SESSION_HISTORY_FOR_TOWER) -> None:
+    `version=1` rebuilds the id/category-only towers of bundles saved before content features.
+    """
+
+    def __init__(self, n_users: int, n_items: int, n_categories: int, dim: int = 128, hidden: int = 128,
+                 history_len: int = SESSION_HISTORY_FOR_TOWER, version: int = 1, text_buckets: int = TEXT_BUCKETS,
+                 text_len: int = TEXT_LEN, segments: Sequence[str] = (), devices: Sequence[str] = ()) -> None:
         super().__init__()
+        self.version = int(version)
         self.config: dict[str, Any] = {"n_users": int(n_users), "n_items": int(n_items),
                                        "n_categories": int(n_categories), "dim": int(dim),
                                        "hidden": int(hidden), "history_len": int(history_len)}
         self.n_users, self.n_items, self.dim = int(n_users), int(n_items), int(dim)
+        self.n_categories = int(n_categories)
         self.history_len = int(history_len)
+        v2 = self.version >= 2
+        if v2:
+            self.segments, self.devices = [str(s) for s in segments], [str(d) for d in devices]
+            self.text_buckets, self.text_len = int(text_buckets), max(int(text_len), 1)
+            self.config.update({"version": self.version, "text_buckets": self.text_buckets,
+                                "text_len": self.text_len, "segments": list(self.segments),
+                                "devices": list(self.devices)})
         # user side: row n_users = unknown user; history items row n_items = padding
         self.user_emb = nn.Embedding(n_users + 1, dim)
         self.hist_emb = nn.Embedding(n_items + 1, dim, padding_idx=n_items)
-        self.user_mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         # item side: row n_categories = unknown category
         self.item_emb = nn.Embedding(n_items, dim)
         self.cat_emb = nn.Embedding(n_categories + 1, dim)
-        self.item_mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         self.register_buffer("item_category", torch.full((n_items,), n_categories, dtype=torch.long))
-        for emb in (self.user_emb, self.hist_emb, self.item_emb, self.cat_emb):
+        embeddings = [self.user_emb, self.hist_emb, self.item_emb, self.cat_emb]
+        user_in, item_in = 2 * dim, 2 * dim
+        if v2:
+            pdim = max(dim // 4, 4)
+            # profile: one row per segment / device value, last row = unknown
+            self.seg_emb = nn.Embedding(len(self.segments) + 1, pdim)
+            self.dev_emb = nn.Embedding(len(self.devices) + 1, pdim)
+            # content: hashed tokens (row text_buckets = padding), dense [log1p popularity, freshness]
+            self.text_emb = nn.Embedding(self.text_buckets + 1, dim, padding_idx=self.text_buckets)
+            embeddings += [self.seg_emb, self.dev_emb, self.text_emb]
+            user_in += 2 * pdim
+            item_in += dim + 2
+            # per-user profile rows (row n_users = unknown user) and whether the id row was trained
+            self.register_buffer("user_segment", torch.full((n_users + 1,), len(self.segments), dtype=torch.long))
+            self.register_buffer("user_device", torch.full((n_users + 1,), len(self.devices), dtype=torch.long))
+            self.register_buffer("user_has_id", torch.zeros(n_users + 1))
+            self.register_buffer("item_tokens", torch.full((n_items, self.text_len), self.text_buckets,
+                                                           dtype=torch.long))
+            self.register_buffer("item_dense", torch.zeros(n_items, 2))
+            self.register_buffer("item_has_id", torch.zeros(n_items))
+        self.user_mlp = nn.Sequential(nn.Linear(user_in, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.item_mlp = nn.Sequential(nn.Linear(item_in, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        for emb in embeddings:
             nn.init.normal_(emb.weight, std=0.05)
         with torch.no_grad():
             self.hist_emb.weight[n_items].zero_()
+            if v2:
+                self.text_emb.weight[self.text_buckets].zero_()
 
     # ------------------------------------------------------------------ towers
-    def user_tower(self, user_idx: torch.Tensor, hist_idx: torch.Tensor) -> torch.Tensor:
-        """user_idx [B] (n_users = unknown), hist_idx [B, L] (n_items = padding)."""
-        u = self.user_emb(user_idx)
+    def user_tower(self, user_idx: torch.Tensor, hist_idx: torch.Tensor, segment_idx: torch.Tensor | None = None,
+                   device_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """user_idx [B] (n_users = unknown), hist_idx [B, L] (n_items = padding).
+
+        segment_idx / device_idx [B] override the catalog profile (len(segments) / len(devices) = unknown);
+        by default the profile stored for the user row is used (unknown users: unknown profile).
+        """
         h = self.hist_emb(hist_idx)
         mask = (hist_idx != self.n_items).unsqueeze(-1).to(h.dtype)
         pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return F.normalize(self.user_mlp(torch.cat([u, pooled], dim=-1)), dim=-1)
+        if self.version < 2:
+            return F.normalize(self.user_mlp(torch.cat([self.user_emb(user_idx), pooled], dim=-1)), dim=-1)
+        # users without training positives share the trained "unknown" id row, keeping their profile
+        known = self.user_has_id[user_idx] > 0
+        u = self.user_emb(torch.where(known, user_idx, torch.full_like(user_idx, self.n_users)))
+        seg = self.user_segment[user_idx] if segment_idx is None else segment_idx
+        dev = self.user_device[user_idx] if device_idx is None else device_idx
+        x = torch.cat([u, pooled, self.seg_emb(seg), self.dev_emb(dev)], dim=-1)
+        return F.normalize(self.user_mlp(x), dim=-1)
 
-    def item_tower(self, item_idx: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.item_emb(item_idx), self.cat_emb(self.item_category[item_idx])], dim=-1)
+    def item_tower(self, item_idx: torch.Tensor, content_only: torch.Tensor | None = None) -> torch.Tensor:
+        """item_idx [B]; `content_only` [B] bool forces the cold-start path (no id, no popularity)."""
+        ie, ce = self.item_emb(item_idx), self.cat_emb(self.item_category[item_idx])
+        if self.version < 2:
+            return F.normalize(self.item_mlp(torch.cat([ie, ce], dim=-1)), dim=-1)
+        keep = self.item_has_id[item_idx]
+        if content_only is not None:
+            keep = keep * (~content_only).to(keep.dtype)
+        tok = self.item_tokens[item_idx]
+        t = self.text_emb(tok)
+        tmask = (tok != self.text_buckets).unsqueeze(-1).to(t.dtype)
+        text = (t * tmask).sum(1) / tmask.sum(1).clamp(min=1.0)
+        dense = self.item_dense[item_idx]
+        # popularity is the positive count: zero for an item embedded from content alone
+        dense = torch.stack([dense[:, 0] * keep, dense[:, 1]], dim=-1)
+        x = torch.cat([ie * keep.unsqueeze(-1), ce, text, dense], dim=-1)
         return F.normalize(self.item_mlp(x), dim=-1)
 
     def forward(self, user_idx: torch.Tensor, hist_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
@@ -111,18 +200,34 @@ def pad_histories(history_rows: Sequence[Sequence[int]], n_items: int, length: i
     return out
 
 
-def encode_users(model: TwoTower, user_rows: Sequence[int], history_rows: Sequence[Sequence[int]]) -> np.ndarray:
+def _profile_rows(rows: Sequence[int] | None, n_values: int, n: int) -> torch.Tensor | None:
+    if rows is None:
+        return None
+    arr = np.asarray(list(rows), dtype=np.int64).reshape(-1)
+    if len(arr) != n:
+        raise ValueError(f"{len(arr)} profile rows for {n} users")
+    return torch.from_numpy(np.where((arr < 0) | (arr >= n_values), n_values, arr))
+
+
+def encode_users(model: TwoTower, user_rows: Sequence[int], history_rows: Sequence[Sequence[int]],
+                 segment_rows: Sequence[int] | None = None, device_rows: Sequence[int] | None = None) -> np.ndarray:
     """Session-aware user vectors, float32 [n, dim], L2-normalized.
 
     `user_rows[i]` is the user's row in the vocabulary (-1 or out of range = unknown user);
     `history_rows[i]` lists item rows, most recent first (may be empty).
+    `segment_rows` / `device_rows` (rows of `model.segments` / `model.devices`, -1 = unknown) override
+    the profile stored for the user at training time; by default the stored profile is used.
     """
     n_users, n_items = model.n_users, model.n_items
     users = np.asarray(list(user_rows), dtype=np.int64).reshape(-1)
     users = np.where((users < 0) | (users >= n_users), n_users, users)
     hist = pad_histories(history_rows, n_items, model.history_len)
+    extra: dict[str, Any] = {}
+    if getattr(model, "version", 1) >= 2:
+        extra = {"segment_idx": _profile_rows(segment_rows, len(model.segments), len(users)),
+                 "device_idx": _profile_rows(device_rows, len(model.devices), len(users))}
     with torch.no_grad():
-        vec = model.user_tower(torch.from_numpy(users), torch.from_numpy(hist))
+        vec = model.user_tower(torch.from_numpy(users), torch.from_numpy(hist), **extra)
     return np.ascontiguousarray(vec.numpy().astype(np.float32))
 
 
@@ -155,6 +260,23 @@ def _key(value: Any) -> str:
     return str(value)
 
 
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return " ".join(str(v) for v in value if isinstance(v, str))
+    return ""
+
+
+def text_tokens(*texts: Any, buckets: int = TEXT_BUCKETS, length: int = TEXT_LEN) -> list[int]:
+    """Hashed bag of words: distinct lower-cased tokens (first `length`) -> crc32 % buckets (stable across runs)."""
+    seen: dict[str, None] = {}
+    for t in texts:
+        for tok in _TOKEN.findall(_text(t).lower()):
+            seen.setdefault(tok, None)
+    return [zlib.crc32(tok.encode("utf-8")) % buckets for tok in list(seen)[:length]]
+
+
 # ---------------------------------------------------------------------- result
 @dataclass
 class TwoTowerResult:
@@ -174,13 +296,26 @@ class TwoTowerResult:
         if "item_row" not in state:
             self.__post_init__()
 
-    def user_vectors(self, user_ids: Sequence[Any], histories: Sequence[Any], batch: int = 8192) -> np.ndarray:
-        """User vectors for raw user ids and raw histories (JSON strings or lists of item ids)."""
+    def user_vectors(self, user_ids: Sequence[Any], histories: Sequence[Any], batch: int = 8192,
+                     segments: Sequence[Any] | None = None, devices: Sequence[Any] | None = None) -> np.ndarray:
+        """User vectors for raw user ids and raw histories (JSON strings or lists of item ids).
+
+        `segments` / `devices` (raw values) override the catalog profile; unknown values use the unknown row.
+        """
         urows = [self.user_row.get(_key(u), -1) for u in user_ids]
         hrows = [[self.item_row[i] for i in parse_history(h) if i in self.item_row] for h in histories]
+        srows = drows = None
+        if segments is not None:
+            seg_row = {s: i for i, s in enumerate(getattr(self.model, "segments", []))}
+            srows = [seg_row.get(_key(s), -1) for s in segments]
+        if devices is not None:
+            dev_row = {d: i for i, d in enumerate(getattr(self.model, "devices", []))}
+            drows = [dev_row.get(_key(d), -1) for d in devices]
         out = np.zeros((len(urows), self.item_embeddings.shape[1]), dtype=np.float32)
         for s in range(0, len(urows), batch):
-            out[s: s + batch] = encode_users(self.model, urows[s: s + batch], hrows[s: s + batch])
+            out[s: s + batch] = encode_users(self.model, urows[s: s + batch], hrows[s: s + batch],
+                                             None if srows is None else srows[s: s + batch],
+                                             None if drows is None else drows[s: s + batch])
         return out
 
     def item_rows(self, item_ids: Sequence[Any]) -> np.ndarray:
@@ -205,6 +340,48 @@ def _vocab(items: pd.DataFrame, users: pd.DataFrame, rows: pd.DataFrame) -> tupl
     return item_ids, user_ids, categories, cat_of
 
 
+def _profile(users: pd.DataFrame, user_ids: list[str], column: str) -> tuple[list[str], np.ndarray]:
+    """Distinct catalog values of `column` and each user's row (len(values) = unknown), [n_users + 1]."""
+    if column not in users:
+        return [], np.zeros(len(user_ids) + 1, dtype=np.int64)
+    col = users[column]
+    values = sorted({str(v) for v in col.dropna().unique()})
+    index = {v: k for k, v in enumerate(values)}
+    of = {str(u): index[str(v)] for u, v in zip(users["user_id"], col) if v is not None and str(v) in index}
+    out = np.array([of.get(u, len(values)) for u in user_ids] + [len(values)], dtype=np.int64)
+    return values, out
+
+
+def _item_content(items: pd.DataFrame, train_rows: pd.DataFrame, item_ids: list[str], counts: np.ndarray,
+                  buckets: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per item row: hashed title + tags tokens [n_items, length] (padded with `buckets`) and dense
+    [log1p(train positives) / log1p(max), log1p(age days at the newest train row, clipped) / log1p(max days)]."""
+    n = len(item_ids)
+    tokens = np.full((n, max(length, 1)), buckets, dtype=np.int64)
+    row = {iid: k for k, iid in enumerate(item_ids)}
+    title = items["title"] if "title" in items else pd.Series([None] * len(items), index=items.index)
+    tags = items["tags"] if "tags" in items else pd.Series([None] * len(items), index=items.index)
+    for iid, ti, ta in zip(items["item_id"].astype(str), title, tags):
+        toks = text_tokens(ti, ta, buckets=buckets, length=length)
+        if toks:
+            tokens[row[iid], : len(toks)] = toks
+    publish = np.full(n, np.nan)
+    for src in (train_rows, items):  # the catalog wins over the rows' copy
+        if "publish_ts" in src:
+            for iid, ts in zip(src["item_id"].astype(str), pd.to_numeric(src["publish_ts"], errors="coerce")):
+                if iid in row and np.isfinite(ts) and ts > 0:
+                    publish[row[iid]] = ts
+    if "timestamp" in train_rows and len(train_rows):
+        now = float(pd.to_numeric(train_rows["timestamp"], errors="coerce").max())
+    else:
+        now = float(np.nanmax(publish)) if np.isfinite(publish).any() else 0.0
+    age = np.clip((now - publish) / DAY_MS, 0.0, FRESHNESS_MAX_DAYS)
+    age = np.where(np.isfinite(age), age, FRESHNESS_MAX_DAYS)  # unknown publish time: as old as it gets
+    pop = np.log1p(counts) / max(np.log1p(counts.max()) if len(counts) else 0.0, 1e-9)
+    dense = np.stack([pop, np.log1p(age) / np.log1p(FRESHNESS_MAX_DAYS)], axis=1).astype(np.float32)
+    return tokens, dense
+
+
 def _examples(rows: pd.DataFrame, user_row: dict[str, int], item_row: dict[str, int], n_users: int,
               n_items: int, history_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pos = rows[rows["label_binary"] == 1]
@@ -221,24 +398,38 @@ def _examples(rows: pd.DataFrame, user_row: dict[str, int], item_row: dict[str, 
 def recall_at_k(model: TwoTower, item_embeddings: np.ndarray, users: np.ndarray, hist: np.ndarray,
                 items: np.ndarray, k: int) -> float:
     """Share of positives whose item is in the user's top-k by inner product over the whole catalog."""
+    return recall_at_ks(model, item_embeddings, users, hist, items, [k])[k]
+
+
+@torch.no_grad()
+def recall_at_ks(model: TwoTower, item_embeddings: np.ndarray, users: np.ndarray, hist: np.ndarray,
+                 items: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+    """recall_at_k for several k with one scoring pass."""
     if len(items) == 0:
-        return float("nan")
-    k = min(k, item_embeddings.shape[0])
+        return {k: float("nan") for k in ks}
+    was_training = model.training
+    model.eval()
     emb = torch.from_numpy(item_embeddings)
-    hits = 0
+    hits = {k: 0 for k in ks}
     for s in range(0, len(items), 4096):
         u = model.user_tower(torch.from_numpy(users[s: s + 4096]), torch.from_numpy(hist[s: s + 4096]))
         scores = u @ emb.T
         target = scores.gather(1, torch.from_numpy(items[s: s + 4096]).unsqueeze(1))
         # rank = number of items scoring strictly higher (ties count in the model's favour)
         rank = (scores > target).sum(1)
-        hits += int((rank < k).sum())
-    return hits / len(items)
+        for k in ks:
+            hits[k] += int((rank < min(k, item_embeddings.shape[0])).sum())
+    model.train(was_training)
+    return {k: hits[k] / len(items) for k in ks}
 
 
 def train_two_tower(train_rows: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame,
                     config: TwoTowerConfig | None = None, valid_rows: pd.DataFrame | None = None) -> TwoTowerResult:
-    """Train both towers on the positive impressions of `train_rows`; report validation recall@k."""
+    """Train both towers on the positive impressions of `train_rows`; report validation recall@k.
+
+    With `valid_rows`, validation recall@config.recall_k is measured after every epoch; training stops
+    after `config.patience` epochs without improvement and the best epoch's weights are returned.
+    """
     config = config or TwoTowerConfig()
     t0 = time.perf_counter()
     prev_threads = torch.get_num_threads()
@@ -259,26 +450,54 @@ def _train(train_rows: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, c
     item_row = {iid: i for i, iid in enumerate(item_ids)}
     user_row = {uid: i for i, uid in enumerate(user_ids)}
     cat_index = {c: k for k, c in enumerate(categories)}
-
-    model = TwoTower(n_users, n_items, len(categories), dim=config.dim, hidden=config.hidden,
-                     history_len=config.history_len)
-    with torch.no_grad():
-        model.item_category.copy_(torch.tensor([cat_index.get(cat_of.get(i, ""), len(categories)) for i in item_ids],
-                                               dtype=torch.long))
+    segments, user_segment = _profile(users, user_ids, "segment")
+    devices, user_device = _profile(users, user_ids, "device_type")
 
     users_t, hist_t, items_t = _examples(train_rows, user_row, item_row, n_users, n_items, config.history_len)
     n = len(items_t)
     if n == 0:
         raise ValueError("no positive training rows (label_binary == 1) for the two-tower model")
-    # log-Q: the chance an item shows up as an in-batch negative is proportional to its positive count
     counts = np.bincount(items_t, minlength=n_items).astype(np.float64)
+    tokens, dense = _item_content(items, train_rows, item_ids, counts, config.text_buckets, config.text_len)
+
+    model = TwoTower(n_users, n_items, len(categories), dim=config.dim, hidden=config.hidden,
+                     history_len=config.history_len, version=MODEL_VERSION, text_buckets=config.text_buckets,
+                     text_len=config.text_len, segments=segments, devices=devices)
+    with torch.no_grad():
+        model.item_category.copy_(torch.tensor([cat_index.get(cat_of.get(i, ""), len(categories)) for i in item_ids],
+                                               dtype=torch.long))
+        model.item_tokens.copy_(torch.from_numpy(tokens))
+        model.item_dense.copy_(torch.from_numpy(dense))
+        # id rows only for items / users with training positives: the rest is content / profile only
+        model.item_has_id.copy_(torch.from_numpy((counts > 0).astype(np.float32)))
+        user_has = np.zeros(n_users + 1, dtype=np.float32)
+        user_has[users_t[users_t < n_users]] = 1.0
+        model.user_has_id.copy_(torch.from_numpy(user_has))
+        model.user_segment.copy_(torch.from_numpy(user_segment))
+        model.user_device.copy_(torch.from_numpy(user_device))
+        # items never in a training history get no gradient: zero rows (no noise at serving), kept zero by Adam
+        in_hist = np.zeros(n_items + 1, dtype=bool)
+        in_hist[np.unique(hist_t)] = True
+        model.hist_emb.weight[torch.from_numpy(~in_hist)] = 0.0
+
+    # log-Q: the chance an item shows up as an in-batch negative is proportional to its positive count
     log_q = torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + n_items)).astype(np.float32))
+
+    valid = None
+    if valid_rows is not None and len(valid_rows):
+        valid = _examples(valid_rows, user_row, item_row, n_users, n_items, config.history_len)
+        if not len(valid[2]):
+            valid = None
+    ks = sorted({*REPORTED_RECALL_KS, int(config.recall_k)})
 
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     bs = max(2, int(config.batch_size))
     losses: list[float] = []
-    model.train()
+    best_recall, best_epoch, best_state, stale = -1.0, 0, None, 0
+    history: list[float] = []
+    epochs_run = 0
     for epoch in range(config.epochs):
+        model.train()
         perm = rng.permutation(n)
         epoch_loss, batches = 0.0, 0
         for s in range(0, n, bs):
@@ -286,11 +505,20 @@ def _train(train_rows: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, c
             if len(idx) < 2:
                 continue
             u = users_t[idx].copy()
+            seg = torch.from_numpy(user_segment[u])
+            dev = torch.from_numpy(user_device[u])
             if config.unknown_user_dropout > 0:
-                u[rng.random(len(idx)) < config.unknown_user_dropout] = n_users
+                drop = rng.random(len(idx)) < config.unknown_user_dropout
+                u[drop] = n_users
+                no_profile = torch.from_numpy(drop & (rng.random(len(idx)) < 0.5))
+                seg = seg.masked_fill(no_profile, len(segments))
+                dev = dev.masked_fill(no_profile, len(devices))
+            content_only = None
+            if config.unknown_item_dropout > 0:
+                content_only = torch.from_numpy(rng.random(len(idx)) < config.unknown_item_dropout)
             it = torch.from_numpy(items_t[idx])
-            uv = model.user_tower(torch.from_numpy(u), torch.from_numpy(hist_t[idx]))
-            iv = model.item_tower(it)
+            uv = model.user_tower(torch.from_numpy(u), torch.from_numpy(hist_t[idx]), seg, dev)
+            iv = model.item_tower(it, content_only)
             logits = uv @ iv.T / config.temperature
             if config.logq_correction:
                 logits = logits - log_q[it].unsqueeze(0)
@@ -305,17 +533,38 @@ def _train(train_rows: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, c
             epoch_loss += float(loss.detach())
             batches += 1
         losses.append(epoch_loss / max(batches, 1))
+        epochs_run = epoch + 1
+        if valid is None:
+            continue
+        model.eval()
+        rec = recall_at_ks(model, model.all_item_embeddings(), *valid, [config.recall_k])[config.recall_k]
+        history.append(rec)
+        if rec > best_recall:
+            best_recall, best_epoch, stale = rec, epochs_run, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= max(int(config.patience), 1):
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = epochs_run
     model.eval()
     emb = model.all_item_embeddings()
-    metrics: dict[str, float] = {"train_positives": float(n), "final_train_loss": float(losses[-1]) if losses else float("nan"),
-                                 "train_seconds": 0.0}
-    metrics["random_recall_at_%d" % config.recall_k] = float(min(config.recall_k, n_items) / n_items)
-    if valid_rows is not None and len(valid_rows):
-        vu, vh, vi = _examples(valid_rows, user_row, item_row, n_users, n_items, config.history_len)
-        if len(vi):
-            metrics[f"validation_recall_at_{config.recall_k}"] = float(recall_at_k(model, emb, vu, vh, vi, config.recall_k))
-            metrics["validation_positives"] = float(len(vi))
+    metrics: dict[str, float] = {"train_positives": float(n),
+                                 "final_train_loss": float(losses[best_epoch - 1]) if losses else float("nan"),
+                                 "train_seconds": 0.0, "best_epoch": float(best_epoch),
+                                 "epochs_run": float(epochs_run)}
+    for k in ks:
+        metrics[f"random_recall_at_{k}"] = float(min(k, n_items) / n_items)
+    if valid is not None:
+        for k, r in recall_at_ks(model, emb, *valid, ks).items():
+            metrics[f"validation_recall_at_{k}"] = float(r)
+        metrics[f"validation_recall_at_{config.recall_k}"] = float(best_recall)
+        metrics["validation_positives"] = float(len(valid[2]))
     metrics["train_seconds"] = round(time.perf_counter() - t0, 3)
-    log.info("two-tower trained: %s", metrics)
+    log.info("two-tower trained: %s (validation recall@%d by epoch: %s)", metrics, config.recall_k,
+             [round(r, 4) for r in history])
     return TwoTowerResult(model=model, item_ids=item_ids, user_ids=user_ids, item_embeddings=emb, metrics=metrics,
                           config=asdict(config))
