@@ -37,6 +37,7 @@ log = logging.getLogger("kairos.service")
 MODEL_POLL_S = float(os.environ.get("KAIROS_MODEL_POLL_S", "10"))
 REDIS_TIMEOUT_S = float(os.environ.get("KAIROS_REDIS_TIMEOUT_S", "0.1"))
 THREADS = int(os.environ.get("KAIROS_SERVE_THREADS", "4"))
+WORKERS = int(os.environ.get("KAIROS_SERVE_WORKERS", "1"))  # processes; each loads the bundle
 ACCESS_LOG = os.environ.get("KAIROS_ACCESS_LOG", "1").lower() not in ("0", "false", "no")
 IMPRESSION_LOG = os.environ.get("KAIROS_IMPRESSION_LOG", "1").lower() not in ("0", "false", "no")
 API_KEY = os.environ.get("KAIROS_API_KEY") or None  # set: /v1/* requires the header x-api-key
@@ -130,7 +131,7 @@ class PersonalizeRequest(BaseModel):
     request_config: RequestConfig = Field(default_factory=RequestConfig)
 
 
-@bentoml.service(name="kairos_ranker", workers=1, threads=THREADS, traffic={"timeout": 30},
+@bentoml.service(name="kairos_ranker", workers=WORKERS, threads=THREADS, traffic={"timeout": 30},
                  logging={"access": {"enabled": ACCESS_LOG}})
 class KairosRanker:
     def __init__(self) -> None:

@@ -1,0 +1,193 @@
+"""Ranking endpoint benchmark: load over HTTP, the in-process floor per stage, and a Redis-kill fault test.
+
+    .venv/bin/python bench/ranking.py                      # 4 and 8 concurrent clients, 20 s each, then the fault test
+    .venv/bin/python bench/ranking.py --clients 4 --seconds 10 --no-fault
+
+Builds a fresh world through the real asset graph (Dagster, Spark, Delta, MLflow) in a
+temporary KAIROS_HOME with an embedded redis-server, starts the BentoML server, and
+drives it with concurrent httpx clients at 200 candidates. Prints p50/p95/p99,
+throughput, status codes and `served_by` counts; the in-process floor per stage; and,
+for the fault test, Redis is SAVEd, killed mid-load and restarted from its dump:
+zero 5xx is required, `served_by` must show the fallback while it is down, and the
+two-stage path must come back by itself.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _body(user: str, session: str, now_ms: int) -> dict:
+    return {"user_id": user, "surface": "home_feed",
+            "context": {"session_id": session, "device_type": "mobile", "timestamp_ms": now_ms, "geo_region": "eu"},
+            "request_config": {"num_results": 10, "candidate_pool_size": 200, "max_latency_ms": 100}}
+
+
+def load(base: str, users: list[str], now_ms: int, clients: int, seconds: float,
+         during: Callable[[], None] | None = None) -> dict:
+    """`clients` threads post requests back to back for `seconds`; returns latencies, codes, served_by over time."""
+    import httpx
+
+    stop = time.time() + seconds
+    lat: list[float] = []
+    codes: Counter = Counter()
+    served: list[tuple[float, str]] = []
+    lock = threading.Lock()
+    t0 = time.time()
+
+    def worker(k: int) -> None:
+        with httpx.Client(base_url=base, timeout=10) as http:
+            i = k
+            while time.time() < stop:
+                t = time.perf_counter()
+                try:
+                    r = http.post("/v1/personalize", json=_body(users[i % len(users)], f"bench-{k}-{i % 7}", now_ms))
+                    code = r.status_code
+                    path = r.json().get("served_by", "?") if code == 200 else f"http_{code}"
+                except Exception as exc:  # noqa: BLE001 - a transport error is a failure, counted
+                    code, path = 599, type(exc).__name__
+                dt = (time.perf_counter() - t) * 1000
+                with lock:
+                    lat.append(dt)
+                    codes[code] += 1
+                    served.append((time.time() - t0, path))
+                i += clients
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    for th in threads:
+        th.start()
+    if during is not None:
+        during()
+    for th in threads:
+        th.join()
+    wall = time.time() - t0
+    a = np.asarray(lat) if lat else np.asarray([np.nan])
+    return {"clients": clients, "requests": len(lat), "rps": len(lat) / wall, "p50": float(np.percentile(a, 50)),
+            "p95": float(np.percentile(a, 95)), "p99": float(np.percentile(a, 99)), "codes": dict(codes),
+            "served_by": dict(Counter(p for _, p in served)), "timeline": served}
+
+
+def in_process_floor(settings, users: list[str], now_ms: int, n: int = 300) -> dict[str, tuple[float, float]]:
+    from features.online import OnlineStore
+    from serving.pipeline import personalize
+    from training.registry import load_alias
+
+    bundle = load_alias(settings, alias="champion")
+    store = OnlineStore.from_url(settings.redis_url, timeout_s=0.5)
+    store.warm()
+    stages: dict[str, list[float]] = {}
+    for k in range(n + 30):
+        r = personalize(_body(users[k % len(users)], f"floor-{k % 7}", now_ms), bundle, store)
+        if k >= 30:
+            for s, v in r["latency_breakdown_ms"].items():
+                stages.setdefault(s, []).append(v)
+    return {s: (float(np.percentile(v, 50)), float(np.percentile(v, 99))) for s, v in stages.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--no-fault", action="store_true")
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="kairos-bench-ranking-"))
+    os.environ["KAIROS_HOME"] = str(home)
+    for k in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI", "REDIS_URL"):
+        os.environ.pop(k, None)
+    os.environ.setdefault("KAIROS_ACCESS_LOG", "0")
+    from lake.delta import DeltaLake
+    from orchestration.cli import data_clock_ms, materialize_all, prepare_home
+    from orchestration.services import free_port, start_redis
+    from orchestration.settings import Settings
+    from serving.server import start_server, stop_server, wait_ready
+
+    settings = Settings.from_env()
+    prepare_home(settings)
+    redis_dir = home / "redis"
+    redis = start_redis(redis_dir)
+    os.environ["REDIS_URL"] = redis.url
+    settings = Settings.from_env()
+    print(f"[bench] building the world through the asset graph in {home} ...", flush=True)
+    run = materialize_all(settings, {"source": "simulator"})
+    print(f"[bench] asset graph: {run['seconds']:.0f}s", flush=True)
+    users = DeltaLake(settings.lake_uri).read("catalog_users", columns=["user_id"])["user_id"].tolist()
+    now_ms = data_clock_ms(settings)
+
+    floor = in_process_floor(settings, users, now_ms)
+    print("\nIn-process floor, one request at a time, 200 candidates (p50 / p99 ms):")
+    for s, (p50, p99) in floor.items():
+        print(f"  {s:<22} {p50:7.2f} / {p99:7.2f}")
+
+    port = free_port()
+    env = {**os.environ, "KAIROS_HOME": str(home), "REDIS_URL": redis.url, "KAIROS_ACCESS_LOG": "0",
+           "KAIROS_IMPRESSION_LOG": os.environ.get("KAIROS_IMPRESSION_LOG", "1")}
+    proc = start_server(port, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout_s=180, proc=proc)
+        load(base, users, now_ms, 2, 3.0)  # warm-up
+        print("\nHTTP load, 200 candidates, one BentoML worker:")
+        print(f"  {'clients':>7} {'requests':>8} {'req/s':>7} {'p50':>7} {'p95':>7} {'p99':>7}  codes / served_by")
+        for c in args.clients:
+            r = load(base, users, now_ms, c, args.seconds)
+            print(f"  {c:>7} {r['requests']:>8} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f}  "
+                  f"{r['codes']} {r['served_by']}", flush=True)
+        if not args.no_fault:
+            import redis as redis_lib
+
+            client = redis_lib.Redis.from_url(redis.url)
+            client.save()  # the restart below comes back with the same data, as a real Redis with persistence would
+            box: dict = {}
+
+            def chaos() -> None:
+                time.sleep(4)
+                box["down_at"] = time.time()
+                redis.stop()
+                time.sleep(4)
+                box["revived"] = start_redis(redis_dir, port=redis.port)
+                box["up_at"] = time.time()
+
+            r = load(base, users, now_ms, 4, 16.0, during=chaos)
+            timeline = r["timeline"]  # (seconds since the load started, served_by); chaos runs on that clock
+            phases = {"before": Counter(), "redis down": Counter(), "after restart": Counter()}
+            first_two_stage_after = None
+            for t, path in timeline:
+                if t < 4:
+                    phases["before"][path] += 1
+                elif t < 8:
+                    phases["redis down"][path] += 1
+                else:
+                    phases["after restart"][path] += 1
+                    if path == "two_stage" and first_two_stage_after is None:
+                        first_two_stage_after = t - 8
+            five_xx = sum(n for code, n in r["codes"].items() if int(code) >= 500)
+            print("\nFault test: Redis killed 4 s into a 16 s load (4 clients), restarted 4 s later:")
+            print(f"  requests {r['requests']}, status codes {r['codes']}, 5xx: {five_xx}")
+            for phase, counts in phases.items():
+                print(f"  {phase:<14} {dict(counts)}")
+            print(f"  two_stage again {first_two_stage_after:.2f} s after the restart" if first_two_stage_after is not None
+                  else "  two_stage did NOT come back")
+            print(f"  latency during the fault run: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms")
+            if box.get("revived") is not None:
+                box["revived"].stop()
+    finally:
+        stop_server(proc)
+        redis.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
