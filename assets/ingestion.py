@@ -291,25 +291,28 @@ def _reconcile_check(store, days: list[str], totals: dict[str, int], per_day: li
 class LabelSettings(Config):
     attribution_window_hours: float = 72.0
     positive_threshold: float = 0.3
-    easy_negative_ratio: float = 0.0
+    easy_negative_ratio: float = 0.0  # sampled unshown catalog items per positive (0 = hard negatives only)
+    seed: int = 17
 
 
 @asset(deps=[SILVER, ITEMS], group_name="ingestion",
        description="One row per impression whose attribution window closed: weighted engagement label and binary label.")
 def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeResource) -> MaterializeResult:
     from ingestion.schema import EVENT_COLUMNS
-    from training.labels import LabelConfig, build_labels
+    from training.labels import LabelConfig, build_labels, label_summary
 
     store = lake.lake()
     pin = store.pin(SILVER)
     events = store.read(SILVER, version=pin.version, columns=EVENT_COLUMNS)
+    catalog = store.read(ITEMS, columns=["item_id"])["item_id"].tolist() if store.exists(ITEMS) else None
     as_of = int(events["timestamp"].max()) + 1
-    lab = build_labels(events, as_of_ms=as_of, config=LabelConfig(
+    lab = build_labels(events, as_of_ms=as_of, catalog_item_ids=catalog, config=LabelConfig(
         attribution_window_ms=int(config.attribution_window_hours * 3_600_000),
-        positive_threshold=config.positive_threshold))
+        positive_threshold=config.positive_threshold, easy_negative_ratio=config.easy_negative_ratio,
+        seed=config.seed))
     out = store.write(LABELS, lab)
     return MaterializeResult(metadata={
-        "rows": len(lab), "positives": int(lab["label_binary"].sum()), "positive_rate": round(float(lab["label_binary"].mean()), 4),
+        **label_summary(lab), "positives": int(lab["label_binary"].sum()),
         "silver_version": pin.version, "delta_version": out.version, "as_of_ms": as_of,
-        "attribution_window_hours": config.attribution_window_hours,
+        "attribution_window_hours": config.attribution_window_hours, "easy_negative_ratio": config.easy_negative_ratio,
     })

@@ -187,3 +187,36 @@ def test_matches_the_definition_on_simulated_events(small_world) -> None:
     got = {eid: (lab, n) for eid, lab, n in zip(labels["event_id"], labels["label"], labels["n_engagements"])}
     assert got == expected
     assert labels["label_binary"].sum() > 0 and (labels["label"] < 0).sum() > 0
+
+
+def test_negative_kinds_and_sampled_easy_negatives() -> None:
+    from training.labels import label_summary
+
+    t0 = 1_767_225_600_000
+    rows = []
+    for u in range(4):
+        for k in range(3):
+            rows.append({"event_id": f"imp-{u}-{k}", "user_id": f"u{u}", "item_id": f"i{k}", "event_type": "impression",
+                         "timestamp": t0 + k * 1000, "session_id": f"s{u}", "position": k, "dwell_time_ms": 0})
+        rows.append({"event_id": f"clk-{u}", "user_id": f"u{u}", "item_id": "i0", "event_type": "click",
+                     "timestamp": t0 + 5000, "session_id": f"s{u}", "position": 0, "dwell_time_ms": 40_000})
+    events = pd.DataFrame(rows)
+    catalog = [f"i{k}" for k in range(50)]
+    as_of = t0 + 100 * 3_600_000
+    plain = build_labels(events, as_of, LabelConfig())
+    assert set(plain["negative_kind"]) == {"positive", "hard"} and (plain["negative_kind"] == "positive").sum() == 4
+    two = build_labels(events, as_of, LabelConfig(easy_negative_ratio=2.0), catalog_item_ids=catalog)
+    easy = two[two["negative_kind"] == "easy"]
+    assert len(easy) == 8 and (easy["label"] == 0.0).all() and (easy["label_binary"] == 0).all()
+    assert not easy["item_id"].isin(["i0", "i1", "i2"]).any()  # never an item the user was shown
+    assert easy["position"].isna().all() and easy.groupby("user_id").size().to_dict() == {f"u{u}": 2 for u in range(4)}
+    again = build_labels(events, as_of, LabelConfig(easy_negative_ratio=2.0), catalog_item_ids=catalog)
+    pd.testing.assert_frame_equal(two, again)  # seeded
+    other = build_labels(events, as_of, LabelConfig(easy_negative_ratio=2.0, seed=99), catalog_item_ids=catalog)
+    assert set(other.loc[other["negative_kind"] == "easy", "item_id"]) != set(easy["item_id"])
+    half = build_labels(events, as_of, LabelConfig(easy_negative_ratio=0.5), catalog_item_ids=catalog)
+    assert 0 <= (half["negative_kind"] == "easy").sum() <= 4
+    tiny = build_labels(events, as_of, LabelConfig(easy_negative_ratio=3.0), catalog_item_ids=["i0", "i1", "i2"])
+    assert (tiny["negative_kind"] == "easy").sum() == 0  # every catalog item was shown: nothing to sample
+    summary = label_summary(two)
+    assert summary["rows"] == len(two) == summary["positive_rows"] + summary["hard_rows"] + summary["easy_rows"]

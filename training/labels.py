@@ -10,6 +10,7 @@ features, and only from what was known at as_of).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ ENGAGEMENT_EVENT_TYPES: tuple[str, ...] = ("click", "add_to_cart", "purchase", "
 LABEL_MIN, LABEL_MAX = -0.1, 1.0
 
 LABEL_COLUMNS: list[str] = ["event_id", "user_id", "item_id", "session_id", "timestamp", "position", "device_type",
-                            "page_context", "label", "label_binary", "n_engagements"]
+                            "page_context", "label", "label_binary", "n_engagements", "negative_kind"]
 REQUIRED_COLUMNS: tuple[str, ...] = ("event_id", "user_id", "item_id", "event_type", "timestamp")
 
 
@@ -31,6 +32,8 @@ REQUIRED_COLUMNS: tuple[str, ...] = ("event_id", "user_id", "item_id", "event_ty
 class LabelConfig:
     attribution_window_ms: int = 72 * HOUR_MS
     positive_threshold: float = 0.3
+    easy_negative_ratio: float = 0.0  # sampled unshown items per positive (fractions sample the remainder)
+    seed: int = 17
 
 
 def engagement_score(event_type: str, dwell_time_ms: float | None) -> float:
@@ -67,11 +70,12 @@ def _empty_labels() -> pd.DataFrame:
         "timestamp": pd.Series([], dtype="int64"), "position": pd.Series([], dtype="Int64"),
         "device_type": pd.Series([], dtype=object), "page_context": pd.Series([], dtype=object),
         "label": pd.Series([], dtype="float64"), "label_binary": pd.Series([], dtype="int64"),
-        "n_engagements": pd.Series([], dtype="int64"),
+        "n_engagements": pd.Series([], dtype="int64"), "negative_kind": pd.Series([], dtype=object),
     })
 
 
-def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = LabelConfig()) -> pd.DataFrame:
+def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = LabelConfig(),
+                 catalog_item_ids: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per impression whose attribution window closed by `as_of_ms` (exclusive: events at or after
     as_of are unknown). Columns: LABEL_COLUMNS; label = attributed engagement summed, clipped to
     [-0.1, 1.0]; label_binary = label >= positive_threshold; impressions nobody engaged with get 0.
@@ -134,9 +138,70 @@ def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = Labe
     out["label"] = np.round(np.clip(out["label"].to_numpy(), LABEL_MIN, LABEL_MAX), 6)
     out["label_binary"] = (out["label"] >= config.positive_threshold).astype("int64")
     out["position"] = pd.to_numeric(out["position"], errors="coerce").round().astype("Int64")
+    out["negative_kind"] = np.where(out["label_binary"].to_numpy() == 1, "positive", "hard").astype(object)
+    if config.easy_negative_ratio > 0:
+        catalog = catalog_item_ids if catalog_item_ids is not None else ev["item_id"].dropna().unique()
+        shown = ev.loc[is_imp, ["user_id", "item_id"]]
+        easy = sample_easy_negatives(out[out["label_binary"] == 1], shown, np.asarray(list(catalog), dtype=object),
+                                     config.easy_negative_ratio, config.seed)
+        if len(easy):
+            out = pd.concat([out, easy], ignore_index=True)
     out = out.sort_values("timestamp", kind="mergesort").reset_index(drop=True)  # stable: input order on ties
     return out[LABEL_COLUMNS]
 
 
+def sample_easy_negatives(positives: pd.DataFrame, shown: pd.DataFrame, catalog: np.ndarray, ratio: float,
+                          seed: int, attempts: int = 4) -> pd.DataFrame:
+    """Per positive row, round(ratio) catalog items (a fractional remainder drawn with its probability) that its
+    user was never shown; each copies the positive's user, session, moment and context with label 0."""
+    if positives.empty or len(catalog) == 0 or ratio <= 0:
+        return pd.DataFrame(columns=LABEL_COLUMNS)
+    rng = np.random.default_rng(seed)
+    whole, frac = int(np.floor(ratio)), ratio - np.floor(ratio)
+    k = whole + (rng.random(len(positives)) < frac).astype(int)
+    k_max = int(k.max()) if len(k) else 0
+    if k_max == 0:
+        return pd.DataFrame(columns=LABEL_COLUMNS)
+    users, user_codes = np.unique(np.concatenate([positives["user_id"].astype(str).to_numpy(),
+                                                  shown["user_id"].astype(str).to_numpy()]), return_inverse=True)
+    item_index = {item: i for i, item in enumerate(catalog)}
+    n_items = len(catalog)
+    pos_users = user_codes[: len(positives)]
+    shown_items = shown["item_id"].map(item_index)
+    ok = shown_items.notna().to_numpy()
+    seen = set((user_codes[len(positives):][ok].astype(np.int64) * n_items
+                + shown_items[ok].to_numpy(dtype=np.int64)).tolist())
+    draws = rng.integers(0, n_items, size=(len(positives), k_max * attempts))
+    rows, picks = [], []
+    for r in range(len(positives)):
+        need, got = int(k[r]), []
+        base = int(pos_users[r]) * n_items
+        for item in draws[r]:
+            if len(got) == need:
+                break
+            if base + int(item) not in seen and int(item) not in got:
+                got.append(int(item))
+        rows.extend([r] * len(got))
+        picks.extend(got)
+    if not rows:
+        return pd.DataFrame(columns=LABEL_COLUMNS)
+    src = positives.iloc[rows].reset_index(drop=True)
+    nth = pd.Series(rows).groupby(rows).cumcount().to_numpy()
+    easy = pd.DataFrame({
+        "event_id": [f"easy:{e}:{j}" for e, j in zip(src["event_id"], nth)], "user_id": src["user_id"],
+        "item_id": catalog[np.asarray(picks)], "session_id": src["session_id"], "timestamp": src["timestamp"],
+        "position": pd.array([pd.NA] * len(src), dtype="Int64"), "device_type": src["device_type"],
+        "page_context": src["page_context"], "label": 0.0, "label_binary": 0, "n_engagements": 0,
+        "negative_kind": "easy"})
+    return easy[LABEL_COLUMNS]
+
+
+def label_summary(labels: pd.DataFrame) -> dict[str, float]:
+    """Rows, positive rate and counts per negative_kind (asset metadata)."""
+    kinds = labels["negative_kind"].value_counts().to_dict() if "negative_kind" in labels else {}
+    return {"rows": len(labels), "positive_rate": round(float(labels["label_binary"].mean()), 4) if len(labels) else 0.0,
+            **{f"{k}_rows": int(kinds.get(k, 0)) for k in ("positive", "hard", "easy")}}
+
+
 __all__ = ["CLICK_DWELL_WEIGHTS", "ENGAGEMENT_EVENT_TYPES", "EVENT_WEIGHTS", "LABEL_COLUMNS", "LabelConfig",
-           "build_labels", "engagement_score", "engagement_scores"]
+           "build_labels", "engagement_score", "engagement_scores", "label_summary", "sample_easy_negatives"]
