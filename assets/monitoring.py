@@ -89,7 +89,9 @@ def impression_log(context: AssetExecutionContext, config: ImpressionLogConfig, 
                                                                       if len(new) else {})})
     # ---- skew: served features recomputed offline as of each request's time
     logged = store.read(IMPRESSION_LOG) if log_pin else pd.DataFrame()
-    logged = logged[logged["features"].notna()] if len(logged) else logged
+    if len(logged):  # what users were actually shown, with the features it was scored on (not shadow answers)
+        shown = ~logged["shadow"].fillna(False).astype(bool) if "shadow" in logged else True
+        logged = logged[logged["features"].notna() & shown]
     if logged.empty:
         yield AssetCheckResult(check_name="served_features_match_offline", passed=False,
                                severity=AssetCheckSeverity.WARN, metadata={"rows": 0},

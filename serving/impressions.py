@@ -26,7 +26,7 @@ IMPRESSION_STREAM = "kairos:impressions"
 STREAM_MAXLEN = 1_000_000
 IMPRESSION_COLUMNS: list[str] = ["stream_id", "request_id", "user_id", "session_id", "device_type", "request_ts",
                                  "model_version", "feature_version", "served_by", "item_id", "position", "score",
-                                 "propensity", "features"]
+                                 "propensity", "features", "experiment", "arm", "shadow"]
 
 
 def impression_record(response: Mapping[str, Any], request: Mapping[str, Any], now_ms: int,
@@ -41,6 +41,8 @@ def impression_record(response: Mapping[str, Any], request: Mapping[str, Any], n
         "model_version": None if response.get("model_version") is None else str(response.get("model_version")),
         "feature_version": response.get("feature_version"), "served_by": response.get("served_by"),
         "items": items, "features": dict(features or {}),
+        "experiment": (response.get("experiment") or {}).get("name"), "arm": (response.get("experiment") or {}).get("arm"),
+        "shadow": bool(response.get("shadow", False)),
     }
 
 
@@ -127,6 +129,8 @@ def read_impressions(client: Any, after_id: str = "0-0", count: int = 100_000,
                 "item_id": it["item_id"], "position": int(it["position"]), "score": float(it["score"]),
                 "propensity": float(it["propensity"]),
                 "features": json.dumps(feats.get(it["item_id"])) if it["item_id"] in feats else None,
+                "experiment": record.get("experiment"), "arm": record.get("arm"),
+                "shadow": bool(record.get("shadow", False)),
             })
     frame = pd.DataFrame(rows, columns=IMPRESSION_COLUMNS)
     return frame, last

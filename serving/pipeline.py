@@ -167,7 +167,8 @@ def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | 
 
 
 def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: int | None = None,
-                log_impression: Callable[[dict], None] | None = None, rerank: RerankConfig | None = None) -> dict:
+                log_impression: Callable[[dict], None] | None = None, rerank: RerankConfig | None = None,
+                request_id: str | None = None) -> dict:
     """Answer one ranking request (see the module docstring). Raises ValueError only on bad input.
 
     `log_impression` receives serving.impressions.impression_record(...) for every answer, with the
@@ -178,7 +179,7 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
     now_ms = int(req["timestamp_ms"] if req["timestamp_ms"] is not None else (now_ms if now_ms is not None else time.time() * 1000))
     n = req["num_results"]
     response: dict[str, Any] = {
-        "request_id": uuid.uuid4().hex,
+        "request_id": request_id or uuid.uuid4().hex,
         "user_id": req["user_id"],
         "surface": req["surface"],
         "ranked_items": [],

@@ -163,7 +163,18 @@ class KairosRanker:
                 self.impressions = ImpressionLogger(self.store.client)
         except Exception as exc:  # noqa: BLE001 - no Redis configured: serve popularity from the bundle
             log.warning("online store not configured (%s); requests will use the popularity fallback", exc)
+        from serving.experiments import Experiment, shadow_enabled
+
+        self.experiment = Experiment.from_env()
+        self.shadow = shadow_enabled()
+        self.challenger = None
+        self._shadow_pool = None
+        if self.shadow:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kairos-shadow")
         self._load_champion()
+        self._load_challenger()
         self._warm_store()
         self._thread = threading.Thread(target=self._refresh_loop, name="kairos-model-refresh", daemon=True)
         self._thread.start()
@@ -187,6 +198,25 @@ class KairosRanker:
         self.bundle = bundle  # one reference swap: requests see the old or the new bundle, never a mix
         log.info("serving model version %s (was %s)", bundle.model_version, old)
 
+    def _load_challenger(self) -> None:
+        """The `challenger` alias, when an experiment or shadow mode needs it and it differs from the champion."""
+        if self.experiment is None and not self.shadow:
+            return
+        from training.registry import alias_version, load_alias
+
+        try:
+            version = alias_version(self.settings, "challenger")
+            champion = getattr(self.bundle, "model_version", None)
+            if version is None or str(version) == str(champion):
+                self.challenger = None
+                return
+            if str(getattr(self.challenger, "model_version", "")) != str(version):
+                self.challenger = load_alias(self.settings, alias="challenger")
+                log.info("challenger model version %s loaded (experiment %s, shadow %s)", version,
+                         self.experiment, self.shadow)
+        except Exception as exc:  # noqa: BLE001 - no challenger: everyone gets the champion
+            log.warning("could not load the challenger: %s", exc)
+
     def _champion_version(self) -> str | None:
         from training.registry import alias_version
 
@@ -208,6 +238,7 @@ class KairosRanker:
                 latest = self._champion_version()
                 if latest is not None and latest != (None if current is None else str(current)):
                     self._load_champion()
+                self._load_challenger()
             except Exception as exc:  # noqa: BLE001
                 log.warning("champion check failed: %s", exc)
             self._warm_store()
@@ -228,10 +259,22 @@ class KairosRanker:
 
         from serving.pipeline import personalize
 
+        from serving.experiments import CHALLENGER_ARM, assign
+
         request = body.model_dump(exclude_none=True)
         try:
+            champion, challenger = self.bundle, self.challenger
+            arm = assign(self.experiment, body.user_id) if challenger is not None else "champion"
+            bundle = challenger if arm == CHALLENGER_ARM else champion
             # serialized here: skips BentoML's pydantic pass over the output (~1 ms per request)
-            answer = personalize(request, self.bundle, self.store, log_impression=self.impressions)
+            answer = personalize(request, bundle, self.store,
+                                 log_impression=None if self.impressions is None else
+                                 (lambda rec, arm=arm: self.impressions({**rec, "experiment": getattr(
+                                     self.experiment, "name", None), "arm": arm})))
+            if self.experiment is not None:
+                answer["experiment"] = {"name": self.experiment.name, "arm": arm}
+            if self._shadow_pool is not None and challenger is not None and arm != CHALLENGER_ARM:
+                self._shadow_pool.submit(self._shadow_score, request, challenger, answer["request_id"])
             self._observe(answer)
             return Response(json.dumps(answer, separators=(",", ":")),
                             media_type="application/json")
@@ -247,6 +290,17 @@ class KairosRanker:
                     "model_version": getattr(bundle, "model_version", None), "served_by": "popularity_fallback:internal_error",
                     "latency_breakdown_ms": {"feature_fetch": 0.0, "candidate_retrieval": 0.0, "ranking_inference": 0.0,
                                              "post_processing": 0.0, "total": 0.0}, "error": type(exc).__name__}
+
+    def _shadow_score(self, request: dict, challenger, request_id: str) -> None:
+        """Score the same request with the challenger and log it flagged `shadow` (never shown)."""
+        from serving.pipeline import personalize
+
+        try:
+            personalize(request, challenger, self.store, request_id=f"{request_id}:shadow",
+                        log_impression=None if self.impressions is None else
+                        (lambda rec: self.impressions({**rec, "shadow": True, "arm": "challenger"})))
+        except Exception as exc:  # noqa: BLE001 - shadow traffic must never disturb serving
+            log.debug("shadow scoring failed: %s", exc)
 
     def _observe(self, answer: dict) -> None:
         if self.metrics is None:
