@@ -27,12 +27,18 @@ METRICS = ("ndcg_at_10", "hr_at_10", "mrr", "auc")
 def _one(name: str) -> dict:
     from dagster import AssetKey, DagsterInstance
 
-    from orchestration.cli import materialize_all, prepare_home
+    from orchestration.cli import ensure_redis, materialize_all, prepare_home
     from orchestration.settings import Settings
 
     settings = Settings.from_env()
     prepare_home(settings)
-    run = materialize_all(settings, SOURCES[name])
+    redis = ensure_redis(settings)  # the online store is part of the graph: an embedded redis-server
+    settings = Settings.from_env()
+    try:
+        run = materialize_all(settings, SOURCES[name])
+    finally:
+        if redis is not None:
+            redis.stop()
     instance = DagsterInstance.get()
     evaluation = instance.get_latest_materialization_event(AssetKey("model_evaluation")).asset_materialization.metadata
     gate = instance.get_latest_materialization_event(AssetKey("validation_gate")).asset_materialization.metadata
@@ -51,7 +57,7 @@ def main() -> int:
     for name in args.sources:
         with tempfile.TemporaryDirectory() as home:
             env = {**os.environ, "KAIROS_HOME": home}
-            for k in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI"):
+            for k in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI", "REDIS_URL"):
                 env.pop(k, None)
             if name.startswith("movielens"):
                 env.setdefault("KAIROS_PARTITION_START", "1997-09-01")
