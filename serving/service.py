@@ -122,6 +122,14 @@ class RequestConfig(BaseModel):
     max_latency_ms: Optional[Annotated[float, Field(gt=0)]] = None
 
 
+class EventsRequest(BaseModel):
+    """A batch of raw events; each is judged on its own (per-event errors, never a whole-batch 400)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: Annotated[list, Field(min_length=1, max_length=1000)]
+
+
 class PersonalizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -312,6 +320,23 @@ class KairosRanker:
             self.metrics.observe(answer, hits - seen_hits, misses - seen_misses)
         except Exception as exc:  # noqa: BLE001
             log.debug("metrics not recorded: %s", exc)
+
+    @bentoml.api(route="/v1/events")
+    def events(self, body: EventsRequest, /) -> dict:
+        """Event intake: valid events go to the Redis stream the streaming job reads, invalid ones to the
+        quarantine stream; the answer lists accepted ids and per-event errors."""
+        from starlette.responses import JSONResponse
+
+        from streaming.job import intake
+
+        if self.store is None:
+            return JSONResponse({"error": "event intake unavailable", "detail": "no Redis configured"}, status_code=503)
+        try:
+            return intake(self.store.client, list(body.events))
+        except Exception as exc:  # noqa: BLE001 - Redis down: the producer must retry, nothing was accepted
+            log.warning("event intake failed: %s", exc)
+            return JSONResponse({"error": "event intake unavailable", "detail": f"{type(exc).__name__}: {exc}; "
+                                 "nothing was accepted, retry the batch"}, status_code=503)
 
     @bentoml.api(route="/v1/status")
     def status(self) -> dict:

@@ -30,9 +30,10 @@ from typing import Any, Iterable
 
 import redis
 
+from data_contracts.events import DEFAULT_MAX_FUTURE_SKEW_MS, MAX_DWELL_MS
 from features.functions import new_session_state, update_session
 from features.online import SESSION_TTL_S, OnlineStore, decode_session, session_key
-from ingestion.schema import EVENT_TYPES, ITEM_EVENT_TYPES
+from ingestion.schema import EVENT_TYPES, ITEM_EVENT_TYPES, SCHEMA_VERSION
 
 log = logging.getLogger("kairos.streaming")
 
@@ -86,7 +87,45 @@ def validate_event(event: Any) -> str | None:
     ts = event.get("timestamp")
     if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts <= 0:
         return f"missing or invalid timestamp {ts!r}"
+    # the rest of the batch contract (data_contracts/events.py), per event: same limits, same names
+    dwell = event.get("dwell_time_ms")
+    if dwell is not None and (isinstance(dwell, bool) or not isinstance(dwell, (int, float)) or not 0 <= dwell <= MAX_DWELL_MS):
+        return f"dwell_time_ms_in_range: {dwell!r} is outside [0, {MAX_DWELL_MS}]"
+    position = event.get("position")
+    if position is not None and (isinstance(position, bool) or not isinstance(position, (int, float)) or position < 0):
+        return f"position_non_negative: {position!r}"
+    version = event.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        return f"schema_version_current: {version!r} is not {SCHEMA_VERSION}"
     return None
+
+
+def intake(client: Any, events: list[Any], now_ms: int | None = None, stream: str = STREAM,
+           max_future_skew_ms: int = DEFAULT_MAX_FUTURE_SKEW_MS) -> dict[str, Any]:
+    """`POST /v1/events`: validate each event; valid ones are XADDed to the stream, invalid ones are written
+    to the quarantine stream with their reason and answered per event. Nothing is dropped silently."""
+    now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
+    good: list[dict] = []
+    errors: list[dict[str, Any]] = []
+    pipe = client.pipeline(transaction=False)
+    for index, event in enumerate(events):
+        reason = validate_event(event)
+        if reason is None and event["timestamp"] > now_ms + max_future_skew_ms:
+            reason = f"timestamp_in_range: {event['timestamp']} is more than {max_future_skew_ms} ms ahead of the server clock"
+        if reason is None:
+            good.append(event)
+            continue
+        event_id = event.get("event_id") if isinstance(event, dict) else None
+        errors.append({"index": index, "event_id": event_id, "reason": reason})
+        pipe.xadd(QUARANTINE_STREAM, {"event": json.dumps(event, default=str), "reason": reason, "stream_id": "",
+                                      "consumer": "intake", "ts_ms": str(now_ms)},
+                  maxlen=QUARANTINE_MAXLEN, approximate=True)
+    if errors:
+        pipe.hincrby(COUNTS_KEY, "intake_quarantined", len(errors))
+        pipe.execute()
+    ids = publish(client, good, stream=stream) if good else []
+    return {"accepted": [e["event_id"] for e in good], "stream_ids": ids, "errors": errors,
+            "counts": {"received": len(events), "accepted": len(good), "quarantined": len(errors)}}
 
 
 class SessionStreamProcessor:

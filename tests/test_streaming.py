@@ -154,3 +154,23 @@ def test_freshness_event_to_session_key(redis_client: redis.Redis) -> None:
     p50, p99 = np.percentile(lat, [50, 99])
     print(f"\nfreshness publish->session key over {len(lat)} events: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
     assert p99 < 100  # DESIGN target is 20 ms; the bound here leaves room for a loaded CI box
+
+
+def test_event_intake_accepts_valid_events_and_answers_errors_per_event(redis_client) -> None:
+    from streaming.job import intake
+
+    now = 1_767_225_600_000
+    good = {"event_id": "in-1", "user_id": "u1", "item_id": "i1", "event_type": "click", "timestamp": now,
+            "session_id": "s-in", "position": 0, "dwell_time_ms": 5_000, "schema_version": 1}
+    batch = [good, {**good, "event_id": "in-2", "event_type": "teleport"}, {**good, "event_id": "in-3", "dwell_time_ms": -5},
+             {**good, "event_id": "in-4", "timestamp": now + 3_600_000}, "not an object",
+             {**good, "event_id": "in-5", "item_id": None}, {**good, "event_id": "in-6", "schema_version": 2}]
+    out = intake(redis_client, batch, now_ms=now, stream="test:intake")
+    assert out["accepted"] == ["in-1"] and len(out["stream_ids"]) == 1
+    assert out["counts"] == {"received": 7, "accepted": 1, "quarantined": 6}
+    reasons = {e["index"]: e["reason"] for e in out["errors"]}
+    assert "event_type" in reasons[1] and "dwell_time_ms_in_range" in reasons[2] and "timestamp_in_range" in reasons[3]
+    assert "not a JSON object" in reasons[4] and "item_id" in reasons[5] and "schema_version_current" in reasons[6]
+    assert redis_client.xlen("test:intake") == 1
+    quarantined = redis_client.xrange(QUARANTINE_STREAM)
+    assert len(quarantined) == 6 and {q[1]["reason"] for q in quarantined} == set(reasons.values())
