@@ -30,6 +30,10 @@ class FeatureSpec:
     # The computing function is registered under the feature's name in features.functions (@feature_function);
     # without one the column is passed through. A missing input or value gives `default`.
     inputs: tuple[str, ...] = ()
+    # (min, max) a valid value lies in, None = unbounded on that side: declared from the feature's meaning
+    # (shares in [0, 1], counts >= 0, hour 0..23), not fitted to data. Monitoring counts values outside it
+    # (monitoring/health.py); it is not part of the feature's definition, so registry_version ignores it.
+    valid_range: tuple[float | None, float | None] = (None, None)
 
     @property
     def input_columns(self) -> tuple[str, ...]:
@@ -38,48 +42,50 @@ class FeatureSpec:
 
 REGISTRY: tuple[FeatureSpec, ...] = (
     # user, batch (daily snapshots in the offline store, materialized to Redis)
-    FeatureSpec("user_clicks_7d", "user", "float", 0.0, "batch", "7d", description="clicks by the user in the last 7 days"),
-    FeatureSpec("user_impressions_30d", "user", "float", 0.0, "batch", "30d", description="impressions shown to the user in 30 days"),
-    FeatureSpec("user_ctr_30d", "user", "float", 0.0, "batch", "30d", description="smoothed click-through rate over 30 days"),
+    FeatureSpec("user_clicks_7d", "user", "float", 0.0, "batch", "7d", description="clicks by the user in the last 7 days", valid_range=(0.0, None)),
+    FeatureSpec("user_impressions_30d", "user", "float", 0.0, "batch", "30d", description="impressions shown to the user in 30 days", valid_range=(0.0, None)),
+    FeatureSpec("user_ctr_30d", "user", "float", 0.0, "batch", "30d", description="smoothed click-through rate over 30 days", valid_range=(0.0, 1.0)),
     FeatureSpec("user_avg_session_length_7d", "user", "float", 0.0, "batch", "7d",
-                description="events per session over the user's last 7 days (browsers vs. snipers)"),
+                description="events per session over the user's last 7 days (browsers vs. snipers)", valid_range=(0.0, None)),
     # user, request time (needs the request clock)
     FeatureSpec("user_account_age_days", "user", "float", 365.0, "request",
                 description="days since signup at request time (new accounts behave differently)",
-                inputs=('signup_ts', 'request_ts')),
+                inputs=('signup_ts', 'request_ts'), valid_range=(0.0, None)),
     # item, batch
-    FeatureSpec("item_clicks_7d", "item", "float", 0.0, "batch", "7d", description="clicks on the item in 7 days (popularity)"),
-    FeatureSpec("item_impressions_7d", "item", "float", 0.0, "batch", "7d", description="impressions of the item in 7 days"),
-    FeatureSpec("item_ctr_7d", "item", "float", 0.0, "batch", "7d", description="smoothed item click-through rate over 7 days"),
+    FeatureSpec("item_clicks_7d", "item", "float", 0.0, "batch", "7d", description="clicks on the item in 7 days (popularity)", valid_range=(0.0, None)),
+    FeatureSpec("item_impressions_7d", "item", "float", 0.0, "batch", "7d", description="impressions of the item in 7 days", valid_range=(0.0, None)),
+    FeatureSpec("item_ctr_7d", "item", "float", 0.0, "batch", "7d", description="smoothed item click-through rate over 7 days", valid_range=(0.0, 1.0)),
     # item, request time (needs the request clock)
     FeatureSpec("item_age_hours", "item", "float", 24.0 * 365, "request", description="hours since the item was published",
-                inputs=('publish_ts', 'request_ts')),
+                inputs=('publish_ts', 'request_ts'), valid_range=(0.0, None)),
     # user x item
     FeatureSpec("user_category_affinity", "user_item", "float", 0.0, "batch", "30d", description="share of the user's 30d clicks in the item's category",
-                inputs=('user_category_clicks_30d', 'category')),
+                inputs=('user_category_clicks_30d', 'category'), valid_range=(0.0, 1.0)),
     FeatureSpec("user_category_pref_decayed", "user_item", "float", 0.0, "batch", "30d",
                 description="share of the user's clicks in the item's category, each click decayed with a 7-day half-life",
-                inputs=('user_category_decayed_30d', 'category')),
-    FeatureSpec("embedding_affinity", "user_item", "float", 0.0, "request", description="two-tower dot product of user and item vectors"),
+                inputs=('user_category_decayed_30d', 'category'), valid_range=(0.0, 1.0)),
+    FeatureSpec("embedding_affinity", "user_item", "float", 0.0, "request", description="two-tower dot product of user and item vectors", valid_range=(-1.0, 1.0)),
     FeatureSpec("co_engagement", "user_item", "float", 0.0, "streaming", "30d",
                 description="share of the item's 30d session co-clicks that involve the session's last items",
-                inputs=('co_items_30d', 'session_last_items')),
+                inputs=('co_items_30d', 'session_last_items'), valid_range=(0.0, 1.0)),
     # session, streaming (kept fresh in Redis by the streaming job)
-    FeatureSpec("session_length", "session", "float", 0.0, "streaming", description="events so far in the session"),
-    FeatureSpec("session_clicks", "session", "float", 0.0, "streaming", description="clicks so far in the session"),
-    FeatureSpec("session_category_share", "session", "float", 0.0, "streaming", description="decayed share of the session's clicks in the item's category"),
-    FeatureSpec("session_item_seen", "session", "float", 0.0, "streaming", description="1 if the item was already engaged in this session"),
-    FeatureSpec("seconds_since_last_event", "session", "float", 3600.0, "streaming", description="seconds since the session's previous event (capped at 1h)"),
+    FeatureSpec("session_length", "session", "float", 0.0, "streaming", description="events so far in the session", valid_range=(0.0, None)),
+    FeatureSpec("session_clicks", "session", "float", 0.0, "streaming", description="clicks so far in the session", valid_range=(0.0, None)),
+    FeatureSpec("session_category_share", "session", "float", 0.0, "streaming", description="decayed share of the session's clicks in the item's category", valid_range=(0.0, 1.0)),
+    FeatureSpec("session_item_seen", "session", "float", 0.0, "streaming", description="1 if the item was already engaged in this session", valid_range=(0.0, 1.0)),
+    FeatureSpec("seconds_since_last_event", "session", "float", 3600.0, "streaming", description="seconds since the session's previous event (capped at 1h)", valid_range=(0.0, 3600.0)),
     # context, request time
     FeatureSpec("hour_of_day", "context", "float", 12.0, "request", description="UTC hour of the request",
-                inputs=('request_ts',)),
+                inputs=('request_ts',), valid_range=(0.0, 23.0)),
     FeatureSpec("day_of_week", "context", "float", 0.0, "request", description="UTC day of week, Monday=0",
-                inputs=('request_ts',)),
+                inputs=('request_ts',), valid_range=(0.0, 6.0)),
     FeatureSpec("device_code", "context", "float", 0.0, "request", description="device type as a code (mobile 0, desktop 1, tablet 2)",
-                inputs=('device_type',)),
+                inputs=('device_type',), valid_range=(0.0, 2.0)),
 )
 
 BY_NAME: dict[str, FeatureSpec] = {f.name: f for f in REGISTRY}
+# declaration fields that describe how a feature is monitored, not how it is computed (left out of the hash)
+MONITORING_ONLY_FIELDS = frozenset({"valid_range"})
 
 # Raw per-entity columns stored in the offline and online stores (inputs to the
 # feature functions, not model features themselves).
@@ -114,7 +120,8 @@ def defaults() -> dict[str, float]:
 
 def registry_version() -> str:
     """A content hash of the registry: changes whenever any declaration changes."""
-    payload = json.dumps([asdict(f) for f in REGISTRY], sort_keys=True)
+    payload = json.dumps([{k: v for k, v in asdict(f).items() if k not in MONITORING_ONLY_FIELDS} for f in REGISTRY],
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
