@@ -15,7 +15,13 @@ and unapplied, and whoever reclaims them (XAUTOCLAIM, or the same consumer re-re
 its pending list on restart) applies them once; anything already applied is found by
 its marker and skipped. A duplicate event id (producer retry) is skipped the same way. Durable counters in
 `kairos:stream:counts` (applied, duplicates, quarantined) move in the same transactions,
-so stream length = applied + duplicates + quarantined + pending reconciles at any time.
+so entries added = applied + duplicates + quarantined + pending reconciles at any time.
+
+The same transaction folds the events into a user-level key `kairos:user_recent_cats:{user}`
+(recent categories with decay, last items, counters; TTL 7 days), with the same shared function.
+
+Retention and backpressure live in streaming/retention.py (trim only what every group finished,
+429 for producers past the backlog limit); the bronze dual write in streaming/bronze.py.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import redis
@@ -34,6 +41,7 @@ from data_contracts.events import DEFAULT_MAX_FUTURE_SKEW_MS, MAX_DWELL_MS
 from features.functions import new_session_state, update_session
 from features.online import SESSION_TTL_S, OnlineStore, decode_session, session_key
 from ingestion.schema import EVENT_TYPES, ITEM_EVENT_TYPES, SCHEMA_VERSION
+from streaming.retention import DEFAULT_MAX_BACKLOG, check_backpressure, stream_lag, trim_processed
 
 log = logging.getLogger("kairos.streaming")
 
@@ -43,7 +51,8 @@ QUARANTINE_STREAM = "kairos:quarantine"
 MARKER_PREFIX = "kairos:applied"
 COUNTS_KEY = "kairos:stream:counts"  # HASH applied / duplicates / quarantined, updated in the same transactions
 MARKER_TTL_S = 86400
-STREAM_MAXLEN = 1_000_000
+USER_RECENT_PREFIX = "kairos:user_recent_cats"
+USER_RECENT_TTL_S = 7 * 86400
 QUARANTINE_MAXLEN = 100_000
 ITEM_TABLE_RECHECK_S = 5.0
 
@@ -52,17 +61,25 @@ def marker_key(event_id: str) -> str:
     return f"{MARKER_PREFIX}:{event_id}"
 
 
+def user_recent_key(user_id: str) -> str:
+    """The user-level fold of recent events (categories with decay), across the user's sessions."""
+    return f"{USER_RECENT_PREFIX}:{user_id}"
+
+
 def _s(v: Any) -> Any:
     return v.decode() if isinstance(v, bytes) else v
 
 
 def publish(client: Any, events: Iterable[dict], stream: str = STREAM) -> list[str]:
-    """XADD each event (field "event" = its JSON) in one pipeline; returns the stream ids."""
+    """XADD each event (field "event" = its JSON) in one pipeline; returns the stream ids.
+
+    No MAXLEN: trimming by length would drop entries nobody processed. The job trims what every
+    consumer group finished (streaming/retention.py); producers going through `intake` are refused
+    with Backpressure when the backlog is over its limit."""
     pipe = client.pipeline(transaction=False)
     n = 0
     for event in events:
-        pipe.xadd(stream, {"event": json.dumps(event, separators=(",", ":"), default=str)},
-                  maxlen=STREAM_MAXLEN, approximate=True)
+        pipe.xadd(stream, {"event": json.dumps(event, separators=(",", ":"), default=str)})
         n += 1
     if not n:
         return []
@@ -101,10 +118,14 @@ def validate_event(event: Any) -> str | None:
 
 
 def intake(client: Any, events: list[Any], now_ms: int | None = None, stream: str = STREAM,
-           max_future_skew_ms: int = DEFAULT_MAX_FUTURE_SKEW_MS) -> dict[str, Any]:
+           max_future_skew_ms: int = DEFAULT_MAX_FUTURE_SKEW_MS, max_backlog: int = DEFAULT_MAX_BACKLOG) -> dict[str, Any]:
     """`POST /v1/events`: validate each event; valid ones are XADDed to the stream, invalid ones are written
-    to the quarantine stream with their reason and answered per event. Nothing is dropped silently."""
+    to the quarantine stream with their reason and answered per event. Nothing is dropped silently.
+
+    Raises streaming.retention.Backpressure (nothing written) when the unprocessed backlog plus this
+    batch would pass `max_backlog`: the producer retries the whole batch later (HTTP 429)."""
     now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
+    check_backpressure(client, stream, len(events), max_backlog)
     good: list[dict] = []
     errors: list[dict[str, Any]] = []
     pipe = client.pipeline(transaction=False)
@@ -132,12 +153,13 @@ class SessionStreamProcessor:
     """One consumer of the sessionizer group. Safe to run several (different consumer names)."""
 
     def __init__(self, client: Any, consumer_name: str, stream: str = STREAM, group: str = GROUP,
-                 session_ttl_s: int = SESSION_TTL_S) -> None:
+                 session_ttl_s: int = SESSION_TTL_S, user_ttl_s: int = USER_RECENT_TTL_S) -> None:
         self.client = client
         self.consumer = consumer_name
         self.stream = stream
         self.group = group
         self.session_ttl_s = session_ttl_s
+        self.user_ttl_s = user_ttl_s
         self.store = OnlineStore(client)
         self._categories: dict[str, str | None] = {}
         self._categories_version: str | None = None
@@ -246,25 +268,33 @@ class SessionStreamProcessor:
     def _apply_session(self, sid: str, items: list[tuple[str, dict]], categories: dict[str, str | None]) -> int:
         key = session_key(sid)
         markers = [marker_key(ev["event_id"]) for _, ev in items]
+        users = list(dict.fromkeys(ev["user_id"] for _, ev in items))
+        ukeys = [user_recent_key(u) for u in users]
         while True:
             with self.client.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(key, *markers)
-                    values = pipe.mget([key, *markers])
+                    pipe.watch(key, *ukeys, *markers)
+                    values = pipe.mget([key, *ukeys, *markers])
                     state = decode_session(values[0]) or new_session_state()
+                    user_states = {u: decode_session(v) or new_session_state()
+                                   for u, v in zip(users, values[1:1 + len(users)])}
                     seen_now: set[str] = set()
                     to_mark: list[str] = []
-                    for (_, ev), mkey, mval in zip(items, markers, values[1:]):
+                    for (_, ev), mkey, mval in zip(items, markers, values[1 + len(users):]):
                         if mval is not None or ev["event_id"] in seen_now:
                             continue  # already applied (redelivery, reclaim or a duplicate id)
                         seen_now.add(ev["event_id"])
                         item = ev.get("item_id")
-                        state = update_session(state, ev["event_type"], item, categories.get(item) if item else None,
-                                               int(ev["timestamp"]))
+                        category = categories.get(item) if item else None
+                        state = update_session(state, ev["event_type"], item, category, int(ev["timestamp"]))
+                        user_states[ev["user_id"]] = update_session(user_states[ev["user_id"]], ev["event_type"], item,
+                                                                    category, int(ev["timestamp"]))
                         to_mark.append(mkey)
                     pipe.multi()
                     if to_mark:
                         pipe.set(key, json.dumps(state, separators=(",", ":")), ex=self.session_ttl_s)
+                        for u, ukey in zip(users, ukeys):
+                            pipe.set(ukey, json.dumps(user_states[u], separators=(",", ":")), ex=self.user_ttl_s)
                         for mkey in to_mark:
                             pipe.set(mkey, "1", ex=MARKER_TTL_S)
                     pipe.xack(self.stream, self.group, *[eid for eid, _ in items])
@@ -283,31 +313,24 @@ class SessionStreamProcessor:
 
     # ------------------------------------------------------------------ monitoring
     def lag(self) -> dict[str, Any]:
-        """Pending (delivered, unacked) entries and how far the group is behind the stream head (ms)."""
-        out: dict[str, Any] = {"pending": 0, "lag_ms": 0, "length": 0}
-        try:
-            groups = self.client.xinfo_groups(self.stream)
-            info = self.client.xinfo_stream(self.stream)
-        except redis.ResponseError:
-            return out
-        group = next((g for g in groups if _s(g.get("name")) == self.group), None)
-        out["length"] = int(info.get("length", 0))
-        if group:
-            out["pending"] = int(group.get("pending", 0))
-            last_delivered = _s(group.get("last-delivered-id") or "0-0")
-            last = _s(info.get("last-generated-id") or "0-0")
-            out["lag_ms"] = max(int(last.split("-")[0]) - int(last_delivered.split("-")[0]), 0)
-        return out
+        """This group's pending entries and lag (age in ms of its oldest unfinished entry), and the stream length."""
+        out = stream_lag(self.client, self.stream)
+        mine = out["groups"].get(self.group, {})
+        return {"pending": int(mine.get("pending", 0)), "lag_ms": int(mine.get("lag_ms", 0)), "length": out["length"]}
 
     def run_forever(self, stop: threading.Event, count: int = 200, block_ms: int = 100,
-                    log_every_s: float = 10.0, reclaim_every_s: float = 30.0, reclaim_idle_ms: int = 60_000) -> None:
-        """Process until `stop` is set; logs throughput and lag periodically; survives Redis hiccups."""
+                    log_every_s: float = 10.0, reclaim_every_s: float = 30.0, reclaim_idle_ms: int = 60_000,
+                    trim_every_s: float = 1.0) -> None:
+        """Process until `stop` is set: first this consumer's own pending entries and whatever a dead consumer
+        left idle for reclaim_idle_ms, then new entries; trims what every group finished; logs throughput and
+        lag periodically; survives Redis hiccups."""
         self.ensure_group()
         try:
             self.process_pending(count)
+            self.reclaim(reclaim_idle_ms, count)
         except redis.RedisError as exc:
             log.warning("could not re-process pending entries: %s", exc)
-        last_log = last_reclaim = time.monotonic()
+        last_log = last_reclaim = last_trim = time.monotonic()
         applied_since = 0
         backoff = 0.1
         while not stop.is_set():
@@ -317,6 +340,9 @@ class SessionStreamProcessor:
                 if now - last_reclaim >= reclaim_every_s:
                     applied_since += self.reclaim(reclaim_idle_ms, count)
                     last_reclaim = now
+                if now - last_trim >= trim_every_s:
+                    trim_processed(self.client, self.stream)
+                    last_trim = now
                 if now - last_log >= log_every_s:
                     lag = self.lag()
                     log.info("streaming %s: %.1f events/s applied, %d pending, lag %d ms, stream length %d, totals %s",
@@ -333,22 +359,86 @@ class SessionStreamProcessor:
                 backoff = min(backoff * 2, 5.0)
 
 
-def main() -> int:
-    """`kairos stream`: run one consumer until SIGINT/SIGTERM."""
+@dataclass
+class StreamJobOptions:
+    """Knobs of one streaming job process (CLI flags, the Dagster op's config)."""
+
+    consumer: str = ""
+    batch: int = 200
+    block_ms: int = 100
+    reclaim_idle_ms: int = 60_000
+    reclaim_every_s: float = 30.0
+    session_ttl_s: int = SESSION_TTL_S
+    user_ttl_s: int = USER_RECENT_TTL_S
+    bronze: bool = True
+    bronze_window_ms: int = 10_000
+
+    def consumer_name(self) -> str:
+        return self.consumer or f"sessionizer-{os.uname().nodename}-{os.getpid()}"
+
+
+def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJobOptions) -> dict[str, Any]:
+    """The streaming job: the sessionizer in this thread and, with a lake, the bronze dual writer in another,
+    until `stop` is set. Returns both sides' counters."""
+    from streaming.bronze import BronzeWriter
+
+    processor = SessionStreamProcessor(client, consumer_name=opts.consumer_name(), session_ttl_s=opts.session_ttl_s,
+                                       user_ttl_s=opts.user_ttl_s)
+    processor.ensure_group()
+    writer = thread = None
+    if lake is not None and opts.bronze:
+        writer = BronzeWriter(client, lake, STREAM, window_ms=opts.bronze_window_ms, owner=processor.consumer)
+        writer.ensure_group()
+        thread = threading.Thread(target=writer.run_forever, args=(stop,), name="kairos-bronze", daemon=True)
+        thread.start()
+    try:
+        processor.run_forever(stop, count=opts.batch, block_ms=opts.block_ms, reclaim_idle_ms=opts.reclaim_idle_ms,
+                              reclaim_every_s=opts.reclaim_every_s)
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join(timeout=60)
+    return {"sessions": dict(processor.stats), "bronze": dict(writer.stats) if writer else None}
+
+
+def parse_args(argv: list[str] | None) -> StreamJobOptions:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="kairos stream", description="Redis Stream -> session keys (+ bronze dual write)")
+    d = StreamJobOptions()
+    p.add_argument("--consumer", default=os.environ.get("KAIROS_STREAM_CONSUMER", ""),
+                   help="consumer name in the group (default: host and pid); reuse it to resume its pending entries")
+    p.add_argument("--batch", type=int, default=d.batch, help="entries per XREADGROUP")
+    p.add_argument("--reclaim-idle-ms", type=int, default=d.reclaim_idle_ms,
+                   help="take over another consumer's unacknowledged entries idle this long (XAUTOCLAIM)")
+    p.add_argument("--session-ttl-s", type=int, default=int(os.environ.get("KAIROS_SESSION_TTL_S", d.session_ttl_s)),
+                   help="a session key expires after this much inactivity")
+    p.add_argument("--no-bronze", action="store_true", help="do not append micro-batches to the bronze Delta table")
+    p.add_argument("--bronze-window-ms", type=int, default=int(os.environ.get("KAIROS_BRONZE_WINDOW_MS", d.bronze_window_ms)),
+                   help="stream time per bronze micro-batch (a divisor of a day)")
+    a = p.parse_args(argv)
+    return StreamJobOptions(consumer=a.consumer, batch=a.batch, reclaim_idle_ms=a.reclaim_idle_ms,
+                            session_ttl_s=a.session_ttl_s, bronze=not a.no_bronze, bronze_window_ms=a.bronze_window_ms)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`kairos stream` / `python -m streaming.job`: run one consumer (and the bronze writer) until SIGINT/SIGTERM."""
+    from lake.delta import DeltaLake
     from orchestration.resources import redis_url_from_env
+    from orchestration.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts = parse_args(argv)
     url = os.environ.get("REDIS_URL") or redis_url_from_env()
     client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
-    consumer = os.environ.get("KAIROS_STREAM_CONSUMER") or f"sessionizer-{os.uname().nodename}-{os.getpid()}"
-    processor = SessionStreamProcessor(client, consumer_name=consumer)
-    processor.ensure_group()
+    lake = DeltaLake(Settings.from_env().lake_uri) if opts.bronze else None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("streaming job %s reading %s as group %s on %s", consumer, STREAM, GROUP, url)
-    processor.run_forever(stop)
-    log.info("streaming job stopped: %s", processor.stats)
+    log.info("streaming job %s reading %s as group %s on %s; bronze dual write %s", opts.consumer_name(), STREAM, GROUP,
+             url, f"to {lake.uri('bronze_events')} every {opts.bronze_window_ms} ms" if lake else "off")
+    stats = run_job(client, lake, stop, opts)
+    log.info("streaming job stopped: %s", stats)
     return 0
 
 
