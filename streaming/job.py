@@ -4,9 +4,9 @@
         valid event   -> features.functions.update_session -> kairos:session:{session_id}
         invalid event -> kairos:quarantine (with a reason), acknowledged, never silently dropped
 
-Exactly-once effect on the session keys (DESIGN invariant 3): each session's events
-in a batch are applied in one optimistic transaction. We WATCH the session key and
-a per-event marker `kairos:applied:{event_id}`, read both (one MGET), fold the
+Exactly-once effect on the session keys (DESIGN invariant 3): each user's events
+in a batch are applied in one optimistic transaction. We WATCH its session keys, its
+user-level key and a per-event marker `kairos:applied:{event_id}`, read them all (one MGET), fold the
 events whose marker is absent with the shared update_session, and MULTI/EXEC the
 new state together with the markers and the XACK of the batch's entries. A
 WatchError (a concurrent writer) retries. The acknowledgement commits with the
@@ -242,14 +242,14 @@ class SessionStreamProcessor:
             if reason:
                 bad.append((entry_id, raw, reason))
                 continue
-            valid.setdefault(event["session_id"], []).append((entry_id, event))
+            valid.setdefault(event["user_id"], []).append((entry_id, event))
         if bad:
             self._quarantine(bad)
         applied = 0
         if valid:
             categories = self._category_map()
-            for sid, items in valid.items():
-                applied += self._apply_session(sid, items, categories)
+            for user, items in valid.items():
+                applied += self._apply_user(user, items, categories)
         return applied
 
     def _quarantine(self, bad: list[tuple[str, str, str]]) -> None:
@@ -265,36 +265,39 @@ class SessionStreamProcessor:
         for entry_id, _raw, reason in bad:
             log.warning("quarantined stream entry %s: %s", entry_id, reason)
 
-    def _apply_session(self, sid: str, items: list[tuple[str, dict]], categories: dict[str, str | None]) -> int:
-        key = session_key(sid)
+    def _apply_user(self, user: str, items: list[tuple[str, dict]], categories: dict[str, str | None]) -> int:
+        """One transaction per user per batch: its sessions' keys and its user-level key, folded in stream order."""
+        sids = list(dict.fromkeys(ev["session_id"] for _, ev in items))
+        skeys = [session_key(s) for s in sids]
+        ukey = user_recent_key(user)
         markers = [marker_key(ev["event_id"]) for _, ev in items]
-        users = list(dict.fromkeys(ev["user_id"] for _, ev in items))
-        ukeys = [user_recent_key(u) for u in users]
         while True:
             with self.client.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(key, *ukeys, *markers)
-                    values = pipe.mget([key, *ukeys, *markers])
-                    state = decode_session(values[0]) or new_session_state()
-                    user_states = {u: decode_session(v) or new_session_state()
-                                   for u, v in zip(users, values[1:1 + len(users)])}
+                    pipe.watch(ukey, *skeys, *markers)
+                    values = pipe.mget([ukey, *skeys, *markers])
+                    user_state = decode_session(values[0]) or new_session_state()
+                    states = {s: decode_session(v) or new_session_state() for s, v in zip(sids, values[1:1 + len(sids)])}
+                    touched: set[str] = set()
                     seen_now: set[str] = set()
                     to_mark: list[str] = []
-                    for (_, ev), mkey, mval in zip(items, markers, values[1 + len(users):]):
+                    for (_, ev), mkey, mval in zip(items, markers, values[1 + len(sids):]):
                         if mval is not None or ev["event_id"] in seen_now:
                             continue  # already applied (redelivery, reclaim or a duplicate id)
                         seen_now.add(ev["event_id"])
                         item = ev.get("item_id")
                         category = categories.get(item) if item else None
-                        state = update_session(state, ev["event_type"], item, category, int(ev["timestamp"]))
-                        user_states[ev["user_id"]] = update_session(user_states[ev["user_id"]], ev["event_type"], item,
-                                                                    category, int(ev["timestamp"]))
+                        sid = ev["session_id"]
+                        states[sid] = update_session(states[sid], ev["event_type"], item, category, int(ev["timestamp"]))
+                        user_state = update_session(user_state, ev["event_type"], item, category, int(ev["timestamp"]))
+                        touched.add(sid)
                         to_mark.append(mkey)
                     pipe.multi()
                     if to_mark:
-                        pipe.set(key, json.dumps(state, separators=(",", ":")), ex=self.session_ttl_s)
-                        for u, ukey in zip(users, ukeys):
-                            pipe.set(ukey, json.dumps(user_states[u], separators=(",", ":")), ex=self.user_ttl_s)
+                        for sid in touched:
+                            pipe.set(session_key(sid), json.dumps(states[sid], separators=(",", ":")),
+                                     ex=self.session_ttl_s)
+                        pipe.set(ukey, json.dumps(user_state, separators=(",", ":")), ex=self.user_ttl_s)
                         for mkey in to_mark:
                             pipe.set(mkey, "1", ex=MARKER_TTL_S)
                     pipe.xack(self.stream, self.group, *[eid for eid, _ in items])

@@ -174,3 +174,66 @@ def test_event_intake_accepts_valid_events_and_answers_errors_per_event(redis_cl
     assert redis_client.xlen("test:intake") == 1
     quarantined = redis_client.xrange(QUARANTINE_STREAM)
     assert len(quarantined) == 6 and {q[1]["reason"] for q in quarantined} == set(reasons.values())
+
+
+def test_user_level_recent_categories_fold_across_sessions(redis_client) -> None:
+    from features.functions import new_session_state, update_session
+    from streaming.job import user_recent_key
+
+    _catalog(redis_client)
+    proc = SessionStreamProcessor(redis_client, consumer_name="c1")
+    proc.ensure_group()
+    events = [_click("ua", "i1", 1, session="sa"), _click("ub", "i3", 2, session="sb"), _click("uc", "i2", 3, session="sa")]
+    publish(redis_client, events + [_click("ub", "i3", 2, session="sb")])  # a retry of ub changes nothing
+    assert proc.process_once(count=10, block_ms=50) == 3
+    expected = new_session_state()
+    for ev in events:  # the same shared fold, over the user's events in stream order
+        expected = update_session(expected, ev["event_type"], ev["item_id"], f"cat_{int(ev['item_id'][1:]) % 2}",
+                                  ev["timestamp"])
+    user = json.loads(redis_client.get(user_recent_key("u1")))
+    assert user == expected and set(user["cat_weights"]) == {"cat_0", "cat_1"}
+    assert 7 * 86400 - 5 < redis_client.ttl(user_recent_key("u1")) <= 7 * 86400
+    assert 0 < redis_client.ttl(session_key("sa")) <= 30 * 60  # sessions expire after 30 min of inactivity
+
+
+def test_trim_removes_only_what_every_group_finished(redis_client) -> None:
+    from streaming.bronze import BRONZE_GROUP
+    from streaming.retention import stream_lag, trim_processed
+
+    _catalog(redis_client)
+    publish(redis_client, [_click(f"t{k}", "i1", k, session=f"t{k % 5}") for k in range(30)])
+    assert trim_processed(redis_client, STREAM) == 0  # no consumer group yet: nobody said they are done
+    proc = SessionStreamProcessor(redis_client, consumer_name="c1")
+    proc.ensure_group()
+    redis_client.xgroup_create(STREAM, BRONZE_GROUP, id="0")
+    assert proc.process_once(count=20, block_ms=20) == 20
+    ids = [e[0] for e in redis_client.xrange(STREAM)]
+    assert trim_processed(redis_client, STREAM) == 0  # bronze has landed nothing yet
+    redis_client.xgroup_setid(STREAM, BRONZE_GROUP, ids[24])  # bronze is further than the sessionizer
+    # a consumer read 5 more and died before acknowledging them: they must survive the trim
+    redis_client.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=5)
+    assert trim_processed(redis_client, STREAM) == 20 and redis_client.xlen(STREAM) == 10
+    assert [e[0] for e in redis_client.xrange(STREAM)] == ids[20:]
+    lag = stream_lag(redis_client, STREAM)
+    assert lag["length"] == 10 and lag["groups"][GROUP]["pending"] == 5 and lag["groups"][GROUP]["lag_ms"] >= 0
+    time.sleep(0.01)
+    assert proc.reclaim(min_idle_ms=1) == 5 and proc.process_once(count=20, block_ms=20) == 5
+    redis_client.xgroup_setid(STREAM, BRONZE_GROUP, ids[-1])
+    assert trim_processed(redis_client, STREAM) == 10 and redis_client.xlen(STREAM) == 0
+    assert stream_lag(redis_client, STREAM)["groups"][GROUP] == {"pending": 0, "last_delivered_id": ids[-1], "lag_ms": 0}
+    assert _session(redis_client, "t0")["length"] == 6  # every event applied once, none lost to the trim
+
+
+def test_intake_refuses_a_batch_past_the_backlog_limit(redis_client) -> None:
+    import pytest
+
+    from streaming.job import intake
+    from streaming.retention import Backpressure
+
+    good = [_click(f"bp{k}", "i1", k) for k in range(8)]
+    assert intake(redis_client, good[:6], now_ms=T0 + 60_000, max_backlog=10)["counts"]["accepted"] == 6
+    with pytest.raises(Backpressure, match="retry in") as err:
+        intake(redis_client, good[6:] + [{"event_id": "bad"}] * 3, now_ms=T0 + 60_000, max_backlog=10)
+    assert err.value.backlog == 6 and err.value.limit == 10
+    assert redis_client.xlen(STREAM) == 6 and not redis_client.exists(QUARANTINE_STREAM)  # nothing written
+    assert intake(redis_client, good[6:], now_ms=T0 + 60_000, max_backlog=10)["counts"]["accepted"] == 2
