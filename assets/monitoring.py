@@ -66,7 +66,7 @@ class ImpressionLogConfig(Config):
 def impression_log(context: AssetExecutionContext, config: ImpressionLogConfig, lake: LakeResource,
                    redis: RedisResource):
     from monitoring.skew import checked_features, recompute_offline, served_feature_frame, skew_report
-    from serving.impressions import read_impressions
+    from serving.impressions import IMPRESSION_SCHEMA, read_impressions
 
     store = lake.lake()
     after = "0-0"
@@ -78,6 +78,7 @@ def impression_log(context: AssetExecutionContext, config: ImpressionLogConfig, 
     if len(new):
         batch = f"{new['stream_id'].iloc[0]}..{last}"
         store.write_batch(IMPRESSION_LOG, new.assign(batch_id=batch), batch_id=f"{IMPRESSION_LOG}:{batch}",
+                          schema=IMPRESSION_SCHEMA,
                           replace_where=f"batch_id = '{batch}'", commit_properties={"run_id": context.run_id})
     log_pin = store.pin(IMPRESSION_LOG) if store.exists(IMPRESSION_LOG) else None
     context.log.info(f"impression log: {len(new)} new rows (stream entries after {after}), table has "

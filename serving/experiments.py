@@ -1,7 +1,14 @@
-"""Online experiments: deterministic champion/challenger assignment and shadow scoring.
+"""Online experiments: deterministic champion/challenger assignment, shadow scoring, canary, interleaving.
 
     KAIROS_EXPERIMENT="ranker-v2:0.10"   10% of users (by hash of experiment and user) get the challenger
+    KAIROS_EXPERIMENT_MODE=interleave     ... and those users get a team-draft interleaving of champion and
+                                          challenger (serving/interleaving.py) instead of the challenger alone
     KAIROS_SHADOW=1                       the challenger also scores every champion request, logged, never shown
+    KAIROS_CANARY_SHARE=0.2               overrides the canary share the registry's rollout state sets
+
+Without env settings the registry's rollout state (training/rollout.py) drives the server: stage
+`shadow` scores the challenger in shadow, stage `canary` sends `rollout.canary_share` of users (by
+hash bucket of experiment "canary-v<version>") to the `canary` alias. Env settings always win.
 
 Assignment is a pure function of (experiment name, user id): the same user always lands
 in the same arm across requests, servers and restarts, and renaming the experiment
@@ -16,12 +23,17 @@ from dataclasses import dataclass
 
 CHAMPION_ARM = "champion"
 CHALLENGER_ARM = "challenger"
+CANARY_ARM = "canary"
+INTERLEAVE_ARM = "interleave"
+SPLIT, INTERLEAVE = "split", "interleave"
 
 
 @dataclass(frozen=True)
 class Experiment:
     name: str
     challenger_share: float  # 0..1
+    treatment_arm: str = CHALLENGER_ARM  # the arm name users in the share get (canary: "canary")
+    mode: str = SPLIT  # split: the treatment alone; interleave: team-draft of champion and treatment
 
     @classmethod
     def from_env(cls) -> "Experiment | None":
@@ -36,7 +48,10 @@ class Experiment:
             raise ValueError(f"KAIROS_EXPERIMENT must look like 'name:0.1', got {raw!r}") from exc
         if not name or not 0.0 <= value <= 1.0:
             raise ValueError(f"KAIROS_EXPERIMENT must look like 'name:0.1' with a share in [0, 1], got {raw!r}")
-        return cls(name, value)
+        mode = os.environ.get("KAIROS_EXPERIMENT_MODE", SPLIT).strip().lower() or SPLIT
+        if mode not in (SPLIT, INTERLEAVE):
+            raise ValueError(f"KAIROS_EXPERIMENT_MODE must be '{SPLIT}' or '{INTERLEAVE}', got {mode!r}")
+        return cls(name, value, mode=mode)
 
 
 def bucket(experiment: str, user_id: str) -> float:
@@ -48,11 +63,59 @@ def bucket(experiment: str, user_id: str) -> float:
 def assign(experiment: Experiment | None, user_id: str) -> str:
     if experiment is None or experiment.challenger_share <= 0:
         return CHAMPION_ARM
-    return CHALLENGER_ARM if bucket(experiment.name, user_id) < experiment.challenger_share else CHAMPION_ARM
+    return experiment.treatment_arm if bucket(experiment.name, user_id) < experiment.challenger_share else CHAMPION_ARM
 
 
 def shadow_enabled() -> bool:
     return os.environ.get("KAIROS_SHADOW", "0").lower() in ("1", "true", "yes")
 
 
-__all__ = ["CHALLENGER_ARM", "CHAMPION_ARM", "Experiment", "assign", "bucket", "shadow_enabled"]
+@dataclass(frozen=True)
+class ServingPlan:
+    """What a server does with the candidate model: which alias it loads, who gets it, shadow or not."""
+
+    experiment: Experiment | None
+    shadow: bool
+    candidate_alias: str  # "challenger" (env experiments, shadow stage) or "canary"
+    source: str  # "env" | "registry" | "none"
+
+    @property
+    def needs_candidate(self) -> bool:
+        return self.experiment is not None or self.shadow
+
+
+def serving_plan(env_experiment: Experiment | None, env_shadow: bool, rollout: object | None,
+                 env_canary_share: float | None = None) -> ServingPlan:
+    """Env settings win; else the registry's rollout stage decides (shadow, or a canary share by hash bucket).
+
+    `rollout` is a training.rollout.RolloutState (anything with stage, version, canary_share).
+    """
+    if env_experiment is not None:
+        return ServingPlan(env_experiment, env_shadow, CHALLENGER_ARM, "env")
+    stage = getattr(rollout, "stage", None)
+    version = getattr(rollout, "version", None)
+    if stage == "canary" and version:
+        share = env_canary_share if env_canary_share is not None else float(getattr(rollout, "canary_share", 0.0))
+        return ServingPlan(Experiment(f"canary-v{version}", share, treatment_arm=CANARY_ARM), env_shadow, CANARY_ARM,
+                           "registry")
+    if stage == "shadow" and version:
+        return ServingPlan(None, True, CHALLENGER_ARM, "registry")
+    return ServingPlan(None, env_shadow, CHALLENGER_ARM, "env" if env_shadow else "none")
+
+
+def canary_share_from_env() -> float | None:
+    """KAIROS_CANARY_SHARE (0..1) or None; a malformed value is an error naming the variable."""
+    raw = os.environ.get("KAIROS_CANARY_SHARE", "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"KAIROS_CANARY_SHARE must be a number in [0, 1], got {raw!r}") from exc
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"KAIROS_CANARY_SHARE must be in [0, 1], got {raw!r}")
+    return value
+
+
+__all__ = ["CANARY_ARM", "CHALLENGER_ARM", "CHAMPION_ARM", "INTERLEAVE", "INTERLEAVE_ARM", "SPLIT", "Experiment",
+           "ServingPlan", "assign", "bucket", "canary_share_from_env", "serving_plan", "shadow_enabled"]

@@ -19,6 +19,7 @@ import threading
 from typing import Any, Mapping
 
 import pandas as pd
+import pyarrow as pa
 
 log = logging.getLogger("kairos.impressions")
 
@@ -26,7 +27,18 @@ IMPRESSION_STREAM = "kairos:impressions"
 STREAM_MAXLEN = 1_000_000
 IMPRESSION_COLUMNS: list[str] = ["stream_id", "request_id", "user_id", "session_id", "device_type", "request_ts",
                                  "model_version", "feature_version", "served_by", "item_id", "position", "score",
-                                 "propensity", "features", "experiment", "arm", "shadow"]
+                                 "propensity", "features", "experiment", "arm", "shadow", "latency_ms", "team"]
+
+# the Delta table's column types, explicit: a batch where a column is all null (no experiment yet, no
+# interleaving team) must not fix that column's type to Null and refuse every later batch
+IMPRESSION_SCHEMA = pa.schema([
+    ("stream_id", pa.string()), ("request_id", pa.string()), ("user_id", pa.string()), ("session_id", pa.string()),
+    ("device_type", pa.string()), ("request_ts", pa.int64()), ("model_version", pa.string()),
+    ("feature_version", pa.string()), ("served_by", pa.string()), ("item_id", pa.string()), ("position", pa.int64()),
+    ("score", pa.float64()), ("propensity", pa.float64()), ("features", pa.string()), ("experiment", pa.string()),
+    ("arm", pa.string()), ("shadow", pa.bool_()), ("latency_ms", pa.float64()), ("team", pa.string()),
+    ("batch_id", pa.string()),
+])
 
 
 def impression_record(response: Mapping[str, Any], request: Mapping[str, Any], now_ms: int,
@@ -34,7 +46,8 @@ def impression_record(response: Mapping[str, Any], request: Mapping[str, Any], n
     """What one response showed and why: items, positions, scores, propensities, and their feature values."""
     items = [{"item_id": it["item_id"], "position": int(it["rank"]) - 1, "score": float(it["score"]),
               # a deterministic policy shows its top-k with probability 1 (exploration will log < 1)
-              "propensity": float(it.get("propensity", 1.0))} for it in response.get("ranked_items", [])]
+              "propensity": float(it.get("propensity", 1.0)),
+              **({"team": it["team"]} if it.get("team") else {})} for it in response.get("ranked_items", [])]
     return {
         "request_id": response.get("request_id"), "user_id": request.get("user_id"),
         "session_id": request.get("session_id"), "device_type": request.get("device_type"), "request_ts": int(now_ms),
@@ -43,6 +56,8 @@ def impression_record(response: Mapping[str, Any], request: Mapping[str, Any], n
         "items": items, "features": dict(features or {}),
         "experiment": (response.get("experiment") or {}).get("name"), "arm": (response.get("experiment") or {}).get("arm"),
         "shadow": bool(response.get("shadow", False)),
+        # per-request server-side latency (the pipeline's total), per arm: the canary's p99 guardrail
+        "latency_ms": (response.get("latency_breakdown_ms") or {}).get("total"),
     }
 
 
@@ -131,9 +146,11 @@ def read_impressions(client: Any, after_id: str = "0-0", count: int = 100_000,
                 "features": json.dumps(feats.get(it["item_id"])) if it["item_id"] in feats else None,
                 "experiment": record.get("experiment"), "arm": record.get("arm"),
                 "shadow": bool(record.get("shadow", False)),
+                "latency_ms": None if record.get("latency_ms") is None else float(record["latency_ms"]),
+                "team": it.get("team"),
             })
     frame = pd.DataFrame(rows, columns=IMPRESSION_COLUMNS)
     return frame, last
 
 
-__all__ = ["IMPRESSION_COLUMNS", "IMPRESSION_STREAM", "ImpressionLogger", "impression_record", "read_impressions"]
+__all__ = ["IMPRESSION_COLUMNS", "IMPRESSION_SCHEMA", "IMPRESSION_STREAM", "ImpressionLogger", "impression_record", "read_impressions"]

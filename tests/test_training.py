@@ -168,7 +168,7 @@ def test_bundle_round_trip_gives_identical_scores(outcome, trainset, small_world
 
     bundle = outcome.bundle
     path = bundle.save(tmp_path / "bundle")
-    loaded = Bundle.load(path, model_version="7")
+    loaded = Bundle.load(path, model_version="7", allow_untrusted_path=True)
     assert loaded.model_version == "7" and loaded.item_ids == bundle.item_ids
     test = add_embedding_affinity(trainset[trainset["split"] == "test"], outcome.two_tower)
     feats = assemble_features(test)

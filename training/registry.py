@@ -19,7 +19,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 from orchestration.settings import Settings
-from training.bundle import MANIFEST, Bundle
+from training.bundle import CACHE_DIR, MANIFEST, Bundle, file_sha256
 
 log = logging.getLogger("kairos.registry")
 
@@ -28,13 +28,30 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 BUNDLE_ARTIFACT = "bundle"
 PIP_REQUIREMENTS = ["mlflow", "torch", "lightgbm", "faiss-cpu", "numpy", "pandas"]
+MANIFEST_SHA_TAG = "bundle.manifest_sha256"
+
+
+def promotion_tags(alias: str, by: str, reason: str, at_ms: int | None = None) -> dict[str, str]:
+    """Model-version tags recording who/what moved an alias to the version, when and why (read by lineage)."""
+    import time
+
+    at = int(time.time() * 1000) if at_ms is None else int(at_ms)
+    return {f"promoted.{alias}.at": str(at), f"promoted.{alias}.by": by[:500], f"promoted.{alias}.reason": reason[:4900]}
+
+
+def record_promotion(settings: Settings, version: str, alias: str, by: str, reason: str) -> None:
+    """Stamp a promotion on the model version (aliases themselves keep no history)."""
+    client = _client(settings)
+    for k, v in promotion_tags(alias, by, reason).items():
+        client.set_model_version_tag(settings.model_name, str(version), k, v)
 
 
 class BundleModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: rows with `user_id` (optional `history`, `num_results`) -> top item ids by the towers."""
 
     def load_context(self, context) -> None:
-        self.bundle = Bundle.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
+        # MLflow resolved this path from the registry itself; the file digests are still verified
+        self.bundle = Bundle.load(Path(context.artifacts[BUNDLE_ARTIFACT]), allow_untrusted_path=True)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -136,11 +153,15 @@ def register_bundle(settings: Settings, bundle_dir: Path, metrics: dict[str, dic
     if version in ("None", ""):
         found = client.search_model_versions(f"name='{settings.model_name}' and run_id='{run_id}'")
         version = str(max(int(v.version) for v in found))
-    for k, v in {**str_tags, **gate_tags, "run_id": run_id}.items():
+    integrity = {MANIFEST_SHA_TAG: file_sha256(manifest_path)} if manifest_path.exists() else {}
+    for k, v in {**str_tags, **gate_tags, **integrity, "run_id": run_id}.items():
         client.set_model_version_tag(settings.model_name, version, k, v)
     client.set_registered_model_alias(settings.model_name, CHALLENGER, version)
+    by = f"dagster run {str_tags['dagster.run_id']}" if str_tags.get("dagster.run_id") else "training.registry.register_bundle"
+    record_promotion(settings, version, CHALLENGER, by, "newly registered version")
     if gate_dict["passed"]:
         client.set_registered_model_alias(settings.model_name, CHAMPION, version)
+        record_promotion(settings, version, CHAMPION, by, "validation gate passed")
     log.info("registered %s version %s (champion: %s)", settings.model_name, version, gate_dict["passed"])
     return version
 
@@ -186,7 +207,7 @@ def load_alias(settings: Settings, alias: str = CHAMPION) -> Bundle | None:
     if mv is None:
         return None
     version = str(mv.version)
-    cache = Path(settings.home) / "model_cache" / settings.model_name / version
+    cache = Path(settings.home) / CACHE_DIR / settings.model_name / version
     if not (cache / ".complete").exists():
         if cache.exists():  # a partial download from a crashed process
             shutil.rmtree(cache, ignore_errors=True)
@@ -203,4 +224,6 @@ def load_alias(settings: Settings, alias: str = CHAMPION) -> Bundle | None:
         except Exception:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return Bundle.load(_find_bundle_dir(cache), model_version=version)
+    return Bundle.load(_find_bundle_dir(cache), model_version=version,
+                       manifest_sha256=(mv.tags or {}).get(MANIFEST_SHA_TAG),
+                       trusted_roots=[Path(settings.home) / CACHE_DIR])
