@@ -244,13 +244,15 @@ class OnlineStore:
         connection gone stale after a Redis restart), so a slow or dead Redis costs a request at
         most ~2 timeouts before the circuit breaker answers from the fallback at once. Bulk item
         table loads use a separate long-timeout client (see _bulk_client)."""
-        import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
-                                      socket_connect_timeout=timeout_s, health_check_interval=30,
-                                      retry=Retry(NoBackoff(), 1))
+        from orchestration.settings import redis_client
+
+        # password / TLS from the environment (REDIS_PASSWORD, rediss://, KAIROS_REDIS_TLS_*)
+        client = redis_client(url, decode_responses=True, socket_timeout=timeout_s,
+                              socket_connect_timeout=timeout_s, health_check_interval=30,
+                              retry=Retry(NoBackoff(), 1))
         return cls(client, breaker_s=breaker_s)
 
     # ------------------------------------------------------------------ keys

@@ -62,10 +62,11 @@ class RedisResource(ConfigurableResource):
     url: str = ""
 
     def client(self):
-        import redis
+        from orchestration.settings import redis_client
 
-        return redis.Redis.from_url(self.url or redis_url_from_env(), decode_responses=True,
-                                    socket_timeout=5, socket_connect_timeout=5)
+        # password / TLS from the environment (REDIS_PASSWORD, rediss://, KAIROS_REDIS_TLS_*)
+        return redis_client(self.url or redis_url_from_env(), decode_responses=True,
+                            socket_timeout=5, socket_connect_timeout=5)
 
 
 class MlflowResource(ConfigurableResource):

@@ -55,6 +55,11 @@ class EmbeddedRedis:
 
 
 def start_redis(workdir: Path, port: int | None = None, password: str | None = None) -> EmbeddedRedis:
+    """Start redis-server on 127.0.0.1; with `password` it runs with `requirepass`.
+
+    The returned URL never carries the password: clients read it from REDIS_PASSWORD
+    (orchestration.settings.redis_client), so it is not written to redis.url or logs.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -62,8 +67,7 @@ def start_redis(workdir: Path, port: int | None = None, password: str | None = N
     if password:
         args += ["--requirepass", password]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    auth = f":{password}@" if password else ""
-    url = f"redis://{auth}127.0.0.1:{port}/0"
+    url = f"redis://127.0.0.1:{port}/0"
     deadline = time.time() + 10
     while time.time() < deadline:
         if proc.poll() is not None:

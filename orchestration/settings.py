@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,3 +54,80 @@ class Settings:
     @property
     def mlflow_artifact_root(self) -> str:
         return _env("KAIROS_MLFLOW_ARTIFACTS", str(self.home / "mlartifacts"))
+
+
+# ---------------------------------------------------------------------------------------------- Redis
+# Every Redis client of Kairos is built by `redis_client` so credentials and TLS are configured once,
+# and only from the environment (never in code, URLs checked into config, or files):
+#   REDIS_URL                  redis://host:6379/0, or rediss://… for TLS
+#   REDIS_USERNAME, REDIS_PASSWORD   ACL user / password (used when the URL carries none)
+#   KAIROS_REDIS_TLS=1         upgrade a redis:// URL to TLS
+#   KAIROS_REDIS_TLS_CA        CA bundle that signed the server certificate
+#   KAIROS_REDIS_TLS_CERT / KAIROS_REDIS_TLS_KEY   client certificate and key (mutual TLS)
+#   KAIROS_REDIS_TLS_VERIFY    required (default) | none (self-signed test servers only)
+
+
+def redis_connection_kwargs(url: str) -> tuple[str, dict[str, Any]]:
+    """(url, extra redis.Redis.from_url kwargs) with credentials and TLS options from the environment."""
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if scheme == "redis" and os.environ.get("KAIROS_REDIS_TLS", "").lower() in ("1", "true", "yes"):
+        scheme = "rediss"
+        url = urlunsplit(("rediss", *parts[1:]))
+    kwargs: dict[str, Any] = {}
+    if not parts.password and os.environ.get("REDIS_PASSWORD"):
+        kwargs["password"] = os.environ["REDIS_PASSWORD"]
+        if os.environ.get("REDIS_USERNAME") and not parts.username:
+            kwargs["username"] = os.environ["REDIS_USERNAME"]
+    if scheme == "rediss":
+        if os.environ.get("KAIROS_REDIS_TLS_CA"):
+            kwargs["ssl_ca_certs"] = os.environ["KAIROS_REDIS_TLS_CA"]
+        if os.environ.get("KAIROS_REDIS_TLS_CERT"):
+            kwargs["ssl_certfile"] = os.environ["KAIROS_REDIS_TLS_CERT"]
+            kwargs["ssl_keyfile"] = os.environ.get("KAIROS_REDIS_TLS_KEY") or None
+        kwargs["ssl_cert_reqs"] = "none" if os.environ.get("KAIROS_REDIS_TLS_VERIFY", "").lower() == "none" else "required"
+    return url, kwargs
+
+
+def redis_client(url: str, **kwargs: Any) -> Any:
+    """A redis.Redis for `url` with the environment's password and TLS settings (decode_responses by default)."""
+    import redis
+
+    url, extra = redis_connection_kwargs(url)
+    kwargs.setdefault("decode_responses", True)
+    return redis.Redis.from_url(url, **{**extra, **kwargs})
+
+
+def redact_url(url: str | None) -> str:
+    """The URL with any password replaced by ***, for logs and printed banners."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}{':' + str(parts.port) if parts.port else ''}"
+    return urlunsplit((parts.scheme, netloc, *parts[2:]))
+
+
+def privacy_key(settings: "Settings") -> bytes:
+    """The key of the keyed user hashes (audit log, exclusion list): KAIROS_PRIVACY_KEY.
+
+    Without it, one random key is generated once under KAIROS_HOME (mode 0600) so the embedded
+    defaults work; set KAIROS_PRIVACY_KEY in production (the same value everywhere: a different key
+    makes the exclusion list stop matching).
+    """
+    env = os.environ.get("KAIROS_PRIVACY_KEY")
+    if env:
+        return env.encode()
+    path = settings.home / "privacy.key"
+    if not path.exists():
+        import secrets
+
+        settings.home.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it first
+            return path.read_text().strip().encode()
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()

@@ -4,11 +4,20 @@ One bundle = user/item towers + item embeddings + FAISS index + LightGBM ranker 
 feature schema + popularity fallback + provenance. It is registered in MLflow as
 one model version and switched by alias as one unit (DESIGN invariant 4), so the
 server can never mix an index from one training run with a ranker from another.
+
+Integrity: `save` records the sha256 of every bundle file in the manifest (`files_sha256`),
+and the registry records the manifest's own sha256 as a model-version tag. `load` refuses a
+bundle whose files do not match, and a directory outside the registry's download cache
+(`KAIROS_HOME/model_cache`) unless the caller opts in (`allow_untrusted_path=True`, training
+and tests). No format in a bundle is a pickle: torch weights load with `weights_only=True`,
+numpy with `allow_pickle=False`, FAISS and LightGBM read their own binary/text formats.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +37,59 @@ USER_VOCAB = "user_vocab.json"
 FAISS_INDEX = "faiss.index"
 RANKER = "ranker.txt"
 POPULARITY = "popularity.json"
+FILES_SHA256 = "files_sha256"
+CACHE_DIR = "model_cache"  # under KAIROS_HOME: where training.registry downloads registered versions
+
+
+class BundleIntegrityError(RuntimeError):
+    """A bundle's files do not match its manifest, or it does not come from the registry."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_digests(path: Path) -> dict[str, str]:
+    """sha256 of every file of a bundle directory except the manifest itself, by relative path."""
+    path = Path(path)
+    return {p.relative_to(path).as_posix(): file_sha256(p) for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+
+
+def verify_bundle_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Raise BundleIntegrityError unless the directory holds exactly the files the manifest lists, unchanged."""
+    expected = manifest.get(FILES_SHA256)
+    if not isinstance(expected, dict) or not expected:
+        raise BundleIntegrityError(f"bundle at {path} has no '{FILES_SHA256}' in its manifest: it was saved by an "
+                                   "older Kairos or edited by hand; retrain and register it again")
+    actual = bundle_digests(path)
+    changed = sorted(k for k in expected if actual.get(k) != expected[k])
+    extra = sorted(set(actual) - set(expected))
+    if changed or extra:
+        raise BundleIntegrityError(f"bundle at {path} does not match its manifest (changed or missing: {changed}, "
+                                   f"unexpected: {extra}); refusing to load it. Delete the folder and let the "
+                                   "server download the version from the registry again")
+
+
+def trusted_bundle_roots() -> list[Path]:
+    """Where a served bundle may come from: the registry download cache under KAIROS_HOME."""
+    from orchestration.settings import Settings
+
+    return [(Settings.from_env().home / CACHE_DIR).resolve()]
+
+
+def check_bundle_origin(path: Path, roots: list[Path] | None = None) -> None:
+    """Refuse a bundle directory outside the registry download cache (no model files from arbitrary paths)."""
+    real = Path(os.path.realpath(path))
+    roots = [Path(os.path.realpath(r)) for r in (roots or trusted_bundle_roots())]
+    if not any(real == r or r in real.parents for r in roots):
+        raise BundleIntegrityError(f"refusing to load a model bundle from {path}: serving loads bundles only from "
+                                   f"the MLflow registry cache ({', '.join(map(str, roots))}); register the bundle "
+                                   "and load it with training.registry.load_alias")
 
 
 @dataclass
@@ -99,12 +161,20 @@ class Bundle:
             "n_items": len(self.item_ids),
             "n_users": len(self.user_ids),
             **self.manifest,
+            FILES_SHA256: bundle_digests(path),  # after every file is written; the manifest itself is not listed
         }
         (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         return path
 
     @classmethod
-    def load(cls, path: Path, model_version: str = "unregistered") -> "Bundle":
+    def load(cls, path: Path, model_version: str = "unregistered", allow_untrusted_path: bool = False,
+             manifest_sha256: str | None = None, trusted_roots: list[Path] | None = None) -> "Bundle":
+        """Load a saved bundle after checking where it comes from and that its files are intact.
+
+        `manifest_sha256` (the registry's tag) pins the manifest too, so a bundle cannot be
+        re-signed by rewriting its manifest. `allow_untrusted_path` skips only the origin check
+        (training round trips, tests); the file digests are always verified.
+        """
         import faiss
         import lightgbm as lgb
         import torch
@@ -112,7 +182,16 @@ class Bundle:
         from training.two_tower import TwoTower
 
         path = Path(path)
+        if not allow_untrusted_path:
+            check_bundle_origin(path, trusted_roots)
+        if not (path / MANIFEST).exists():
+            raise BundleIntegrityError(f"no {MANIFEST} in {path}: not a Kairos bundle")
+        if manifest_sha256 is not None and file_sha256(path / MANIFEST) != manifest_sha256:
+            raise BundleIntegrityError(f"the manifest at {path} differs from the one registered (sha256 "
+                                       f"{manifest_sha256[:12]}…); refusing to load it. Delete the folder so the "
+                                       "version is downloaded from the registry again")
         manifest = json.loads((path / MANIFEST).read_text())
+        verify_bundle_files(path, manifest)
         if manifest.get("feature_registry_version") != registry_version():
             log.warning("bundle was trained with feature registry %s, this code has %s",
                         manifest.get("feature_registry_version"), registry_version())
@@ -124,7 +203,7 @@ class Bundle:
             towers=towers,
             item_ids=json.loads((path / ITEM_VOCAB).read_text()),
             user_ids=json.loads((path / USER_VOCAB).read_text()),
-            item_embeddings=np.load(path / ITEM_EMBEDDINGS),
+            item_embeddings=np.load(path / ITEM_EMBEDDINGS, allow_pickle=False),
             index=faiss.read_index(str(path / FAISS_INDEX)),
             ranker=lgb.Booster(model_file=str(path / RANKER)),
             popularity=json.loads((path / POPULARITY).read_text()),
