@@ -18,6 +18,7 @@ from assets.features import ITEM_FEATURES, TRAINING_SET, USER_FEATURES
 from assets.ingestion import BRONZE, ITEMS, LABELS, SILVER, USERS
 from features.registry import registry_version
 from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource
+from compliance.versions import source_version
 from orchestration.settings import PROJECT_ROOT
 
 GROUP = "training"
@@ -48,7 +49,7 @@ class TwoTowerTrainConfig(Config):
     seed: int = 7
 
 
-@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP,
+@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP, code_version=source_version(__file__, "training/two_tower.py"),
        description="Two-tower retrieval model (PyTorch, in-batch softmax) and the item embeddings it produces.")
 def two_tower_model(context: AssetExecutionContext, config: TwoTowerTrainConfig, lake: LakeResource) -> Output:
     from training.two_tower import TwoTowerConfig, train_two_tower
@@ -64,6 +65,7 @@ def two_tower_model(context: AssetExecutionContext, config: TwoTowerTrainConfig,
 
 
 @asset(group_name=GROUP, check_specs=[AssetCheckSpec("index_recall", asset="faiss_index")],
+       code_version=source_version(__file__, "training/index.py"),
        description="HNSW inner-product index over the item embeddings; refused below recall@100 0.95 vs exact search.")
 def faiss_index(context: AssetExecutionContext, two_tower_model: Any):
     import faiss
@@ -86,28 +88,63 @@ class RankerTrainConfig(Config):
     learning_rate: float = 0.05
     num_leaves: int = 31
     seed: int = 7
+    objective: str = "binary"  # or "lambdarank" / "rank_xendcg" (scores are then not probabilities: no logloss/ECE)
+    use_tuned_params: bool = False  # take the knobs found by the `ranker_tuning` asset (job tune_ranker)
 
 
-@asset(deps=[TRAINING_SET], group_name=GROUP,
+@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP, code_version=source_version(__file__, "training/ranker.py"),
        description="LightGBM ranker over the registry's features plus the two-tower affinity.")
 def ranker_model(context: AssetExecutionContext, config: RankerTrainConfig, two_tower_model: Any,
-                 lake: LakeResource) -> Output:
+                 lake: LakeResource, artifacts: ArtifactsResource) -> Output:
     from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
 
     frame, _, _, pins = _load_training_inputs(lake)
     frame = add_embedding_affinity(frame, two_tower_model)
-    booster = train_ranker(frame[frame["split"] == "train"], frame[frame["split"] == "validation"],
-                           RankerConfig(num_boost_round=config.num_boost_round, learning_rate=config.learning_rate,
-                                        num_leaves=config.num_leaves, seed=config.seed))
+    ranker_config = RankerConfig(num_boost_round=config.num_boost_round, learning_rate=config.learning_rate,
+                                 num_leaves=config.num_leaves, seed=config.seed, objective=config.objective)
+    if config.use_tuned_params:
+        from training.tuning import load_tuned
+
+        ranker_config = load_tuned(artifacts.path("tuning"), ranker_config)
+        context.log.info(f"ranker uses tuned parameters: {ranker_config}")
+    booster = train_ranker(frame[frame["split"] == "train"], frame[frame["split"] == "validation"], ranker_config)
     gains = dict(zip(booster.feature_name(), booster.feature_importance("gain").round(2).tolist()))
     return Output(booster, metadata={"best_iteration": int(booster.best_iteration or booster.current_iteration()),
                                      "feature_importance_gain": MetadataValue.json(gains)})
 
 
-@asset(deps=[TRAINING_SET], group_name=GROUP,
+class TuningConfig(Config):
+    trials: int = 12
+    seed: int = 7
+
+
+@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name="tuning", code_version=source_version(__file__, "training/tuning.py"),
+       description="Optional: seeded random search over the ranker's LightGBM knobs, scored by validation NDCG@10; "
+                   "ranker_model takes the best with use_tuned_params: true.")
+def ranker_tuning(context: AssetExecutionContext, config: TuningConfig, two_tower_model: Any, lake: LakeResource,
+                  artifacts: ArtifactsResource) -> Output:
+    from training.ranker import add_embedding_affinity
+    from training.tuning import save_tuned, tune_ranker
+
+    frame, _, _, pins = _load_training_inputs(lake)
+    frame = add_embedding_affinity(frame, two_tower_model)
+    result = tune_ranker(frame[frame["split"] == "train"], frame[frame["split"] == "validation"],
+                         trials=config.trials, seed=config.seed)
+    path = save_tuned({**result, "training_set_version": pins[TRAINING_SET].version}, artifacts.path("tuning"))
+    context.log.info(f"tuning: best {result['metric']} {result['best'][result['metric']]:.4f} "
+                     f"(default {result['default'][result['metric']]:.4f}); saved to {path}")
+    return Output(result["best"], metadata={"best": MetadataValue.json(result["best"]),
+                                            "lift_over_default": float(result["lift_over_default"]),
+                                            "trials": MetadataValue.md(pd.DataFrame(result["trials"]).to_markdown(index=False)),
+                                            "path": MetadataValue.path(str(path)),
+                                            "training_set_version": pins[TRAINING_SET].version})
+
+
+@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP,
+       code_version=source_version(__file__, "training/evaluation.py", "training/gates.py"),
        description="Test-window metrics of the two-stage model beside popularity, logistic regression and two-tower alone.")
 def model_evaluation(context: AssetExecutionContext, two_tower_model: Any, ranker_model: Any,
-                     lake: LakeResource, mlflow: MlflowResource) -> Output:
+                     lake: LakeResource, mlflow: MlflowResource, artifacts: ArtifactsResource) -> Output:
     from training.evaluation import evaluate_models
     from training.registry import champion_metrics
 
@@ -115,9 +152,22 @@ def model_evaluation(context: AssetExecutionContext, two_tower_model: Any, ranke
     from training.gates import feature_health, scoring_latency
     from training.ranker import add_embedding_affinity
 
+    from training.evaluation import evaluate_bundle, evaluation_report_html
+    from training.registry import CHAMPION, load_alias
+
     frame, _, _, _ = _load_training_inputs(lake)
     metrics = evaluate_models(frame, two_tower_model, ranker_model)
-    metrics["champion"] = champion_metrics(mlflow.settings()) or {}
+    # the champion re-scored on this very test window (comparable AUC); its logged metrics as a fallback
+    champion, source = {}, "none: no champion yet"
+    try:
+        bundle = load_alias(mlflow.settings(), CHAMPION)
+        if bundle is not None:
+            champion, source = evaluate_bundle(frame, bundle), f"version {bundle.model_version} re-scored on this test window"
+    except Exception as exc:  # noqa: BLE001 - an unreadable champion must not block evaluating the candidate
+        context.log.warning(f"champion could not be re-scored ({type(exc).__name__}: {exc}); using its logged metrics")
+        champion, source = champion_metrics(mlflow.settings()) or {}, "logged metrics of its own run (older window)"
+    metrics["champion"] = champion
+    metrics["champion_source"] = source
     test = frame[frame["split"] == "test"]
     x_test = assemble_features(add_embedding_affinity(test, two_tower_model))
     metrics["scoring_latency"] = scoring_latency(lambda x: ranker_model.predict(x, num_threads=1), x_test.to_numpy())
@@ -125,7 +175,10 @@ def model_evaluation(context: AssetExecutionContext, two_tower_model: Any, ranke
     flat = {f"{m}.{k}": round(float(v), 5) for m, vals in metrics.items() if isinstance(vals, dict)
             for k, v in vals.items() if isinstance(v, (int, float))}
     context.log.info("evaluation: " + json.dumps(flat))
-    return Output(metrics, metadata={"table": MetadataValue.json(metrics), **flat})
+    report = evaluation_report_html(metrics, artifacts.path("reports", context.run_id) / "evaluation.html")
+    metrics["report_html"] = str(report)
+    return Output(metrics, metadata={"table": MetadataValue.json(metrics), "report": MetadataValue.path(str(report)),
+                                     "champion_source": source, **flat})
 
 
 class GateSettings(Config):
@@ -134,9 +187,13 @@ class GateSettings(Config):
     max_p99_scoring_ms: float = 25.0
     max_null_rate: float = 0.0
     min_batch_feature_coverage: float = 0.01
+    # True: a passing version becomes champion at once (the demo). False: it enters the staged rollout
+    # (shadow -> canary -> promote, assets/rollout.py) and the champion moves only when the canary passes.
+    auto_promote: bool = True
 
 
 @asset(group_name=GROUP, check_specs=[AssetCheckSpec("gate_passed", asset="validation_gate")],
+       code_version=source_version(__file__, "training/gates.py"),
        description="Pass/fail with reasons: beat popularity on NDCG@10, keep the champion's AUC, score 200 candidates "
                    "within the p99 budget, no null or uncovered features.")
 def validation_gate(context: AssetExecutionContext, config: GateSettings, model_evaluation: dict):
@@ -149,13 +206,15 @@ def validation_gate(context: AssetExecutionContext, config: GateSettings, model_
                          latency=model_evaluation.get("scoring_latency"), health=model_evaluation.get("feature_health"))
     for reason in gate.reasons:
         context.log.info(f"gate: {reason}")
+    gate.checks["rollout"] = {"auto_promote": bool(config.auto_promote)}  # read by registered_model
     yield Output(gate, metadata={"passed": gate.passed, "reasons": MetadataValue.json(gate.reasons),
                                  "checks": MetadataValue.json(gate.checks)})
     yield AssetCheckResult(check_name="gate_passed", passed=bool(gate.passed),
                            metadata={"reasons": MetadataValue.json(gate.reasons)})
 
 
-@asset(deps=[BRONZE, SILVER, LABELS, USER_FEATURES, ITEM_FEATURES], group_name=GROUP,
+@asset(deps=[BRONZE, SILVER, LABELS, USER_FEATURES, ITEM_FEATURES, TRAINING_SET, ITEMS, USERS], group_name=GROUP,
+       code_version=source_version(__file__, "training/trainer.py", "training/bundle.py", "training/registry.py"),
        description="One MLflow model version = towers + embeddings + FAISS index + ranker + feature schema, with lineage tags; "
                    "alias 'champion' moves only when the gate passed.")
 def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss_index: bytes, ranker_model: Any,
@@ -182,7 +241,8 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
     report = model_evaluation.get("report_html")
     version = register_bundle(mlflow.settings(), bundle_dir, model_evaluation, params, tags, validation_gate,
                               extra_dicts={"feature_importance_gain.json": importance},
-                              extra_files=[Path(report)] if report else None)
+                              extra_files=[Path(report)] if report else None,
+                              auto_promote=bool(validation_gate.checks.get("rollout", {}).get("auto_promote", True)))
     context.log.info(f"registered model version {version} (champion: {validation_gate.passed})")
     return Output(str(version), metadata={"model_version": str(version), "champion": bool(validation_gate.passed),
                                           "tags": MetadataValue.json(tags)})

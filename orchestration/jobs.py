@@ -7,6 +7,8 @@ from assets.ingestion import EVENT_ASSETS, daily_partitions
 _events = AssetSelection.assets(*EVENT_ASSETS)
 _maintenance = AssetSelection.groups("maintenance")
 _served = AssetSelection.assets("impression_log")  # needs traffic: its own job
+_tuning = AssetSelection.groups("tuning")  # optional, on demand: its own job
+_rollout = AssetSelection.groups("rollout")  # judges live traffic: its own job (with the impression log it reads)
 
 ingest_job = define_asset_job(
     "ingest_events", selection=_events, partitions_def=daily_partitions,
@@ -14,7 +16,7 @@ ingest_job = define_asset_job(
 )
 
 build_job = define_asset_job(
-    "build", selection=AssetSelection.all() - _events - _maintenance - _served,
+    "build", selection=AssetSelection.all() - _events - _maintenance - _served - _tuning - _rollout,
     description="Everything downstream of the events: catalog, labels, features, training, gates, registry, "
                 "online store, drift.",
 )
@@ -30,3 +32,11 @@ maintenance_job = define_asset_job("lake_maintenance_job", selection=_maintenanc
 
 impressions_job = define_asset_job("log_impressions", selection=_served,
                                    description="Land served impressions from Redis in Delta and run the train/serve skew check.")
+
+tune_job = define_asset_job("tune_ranker", selection=_tuning,
+                            description="Random search over the ranker's LightGBM knobs on the validation window "
+                                        "(then retrain with ranker_model config use_tuned_params: true).")
+
+rollout_job = define_asset_job("rollout", selection=_served | _rollout,
+                               description="Land impressions, compare the shadowed challenger, evaluate the canary per "
+                                           "arm, then start the canary, promote or roll back (assets/rollout.py).")

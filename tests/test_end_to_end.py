@@ -61,6 +61,12 @@ def test_every_asset_materialized_with_checks(pipeline) -> None:
     assert lake.pin("bronze_events").rows == n_in
     checks = instance.get_latest_materialization_event(AssetKey("training_set")).asset_materialization.metadata
     assert checks["rows"].value > 1000
+    # the evaluation page a reviewer opens from the asset: every model side by side, no champion yet
+    ev = instance.get_latest_materialization_event(AssetKey("model_evaluation")).asset_materialization.metadata
+    page = Path(ev["report"].value).read_text(encoding="utf-8")
+    for model in ("two_stage", "two_tower", "popularity", "popularity_segment", "co_occurrence", "logistic_regression"):
+        assert f"<td>{model}</td>" in page, model
+    assert "retrieval_recall_at_100" in page and ev["champion_source"].value.startswith("none")
 
 
 def test_champion_registered_with_lineage(pipeline) -> None:

@@ -150,3 +150,60 @@ def test_report_escapes_and_handles_missing_calibration(tmp_path) -> None:
     text = evaluation_report_html(res, tmp_path / "r.html").read_text()
     assert "&lt;b&gt;model&lt;/b&gt;" in text and "<b>model" not in text
     assert "calibration" in text.lower() and "ndcg_at_20" in text
+
+
+def test_retrieval_recall_on_the_test_window(outcome, trainset) -> None:
+    from training.two_tower import retrieval_recall
+
+    test = trainset[trainset["split"] == "test"]
+    r = retrieval_recall(outcome.two_tower, test, ks=(10, 100))
+    assert r["positives"] == float((test["label_binary"] == 1).sum()) > 0
+    assert 0 <= r["recall_at_10"] <= r["recall_at_100"] <= 1
+    assert r["random_recall_at_100"] == pytest.approx(min(100, len(outcome.two_tower.item_ids)) / len(outcome.two_tower.item_ids))
+    # the towers learned something: well above picking 10 items at random
+    assert r["recall_at_10"] > 2 * r["random_recall_at_10"], r
+    # evaluate_models carries it on the two-tower row, where the report shows it
+    assert outcome.metrics["two_tower"]["retrieval_recall_at_100"] == pytest.approx(
+        retrieval_recall(outcome.two_tower, test)["recall_at_100"])
+
+
+def test_a_saved_bundle_rescored_matches_the_model_it_was_built_from(outcome, trainset, tmp_path) -> None:
+    """The champion is compared on the candidate's own test window: re-scoring a bundle loaded from disk
+    must reproduce the in-memory model's metrics exactly (same affinity, same features, same ranker)."""
+    from training.bundle import Bundle
+    from training.evaluation import evaluate_bundle
+    from training.ranker import add_embedding_affinity
+
+    bundle = Bundle.load(outcome.bundle.save(tmp_path / "bundle"), model_version="3")
+    frame = add_embedding_affinity(trainset, outcome.two_tower)
+    again = evaluate_bundle(frame, bundle)
+    for key in ("auc", "ndcg_at_10", "ndcg_at_20", "mrr"):
+        assert again[key] == pytest.approx(outcome.metrics["two_stage"][key], abs=1e-9), key
+    assert again["model_version"] == 3.0
+    bundle.manifest["ranker_features"] = [*bundle.manifest["ranker_features"], "feature_from_the_future"]
+    with pytest.raises(KeyError, match="feature_from_the_future"):
+        evaluate_bundle(frame, bundle)
+
+
+def test_tuning_is_seeded_and_never_worse_than_the_default(outcome, trainset, tmp_path) -> None:
+    from training.ranker import RankerConfig, add_embedding_affinity
+    from training.tuning import SPACE, load_tuned, sample_params, save_tuned, tune_ranker
+
+    a, b = sample_params(np.random.default_rng(5)), sample_params(np.random.default_rng(5))
+    assert a == b and set(a) == set(SPACE)
+    for name, (lo, hi, _) in SPACE.items():
+        assert lo <= a[name] <= hi
+    frame = add_embedding_affinity(trainset, outcome.two_tower)
+    base = RankerConfig(num_boost_round=80)
+    result = tune_ranker(frame[frame["split"] == "train"], frame[frame["split"] == "validation"], trials=3, seed=1, base=base)
+    key = result["metric"]
+    assert [t["trial"] for t in result["trials"]] == [0, 1, 2]
+    assert result["default"]["learning_rate"] == base.learning_rate
+    assert result["best"][key] == max(t[key] for t in result["trials"]) and result["lift_over_default"] >= 0
+    with pytest.raises(FileNotFoundError, match="ranker_tuning"):
+        load_tuned(tmp_path / "none", base)
+    save_tuned(result, tmp_path / "tuning")
+    tuned = load_tuned(tmp_path / "tuning", base)
+    assert tuned.num_leaves == result["best"]["num_leaves"] and tuned.learning_rate == result["best"]["learning_rate"]
+    with pytest.raises(ValueError, match="both classes"):
+        tune_ranker(frame[frame["split"] == "train"], frame.iloc[:0], trials=1)

@@ -122,9 +122,13 @@ def test_ranking_metrics_by_hand() -> None:
 
 
 def test_two_stage_beats_popularity_and_metrics_are_floats(outcome) -> None:
+    from training.evaluation import model_names
+
     m = outcome.metrics
-    assert set(m) == {"two_stage", "two_tower", "popularity", "logistic_regression"}
-    for vals in m.values():
+    assert set(model_names(m)) == {"two_stage", "two_tower", "popularity", "popularity_segment", "co_occurrence",
+                                   "logistic_regression"}
+    for name in model_names(m):
+        vals = m[name]
         assert all(type(v) is float for v in vals.values())
         assert {"auc", "ndcg_at_10", "hr_at_10", "mrr"} <= set(vals)
     assert m["two_stage"]["ndcg_at_10"] > m["popularity"]["ndcg_at_10"], m

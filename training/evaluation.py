@@ -270,7 +270,7 @@ def _json_records(table: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 # keys of evaluate_models' result that are not a model's metrics dict
-EXTRA_KEYS = ("calibration", "slices")
+EXTRA_KEYS = ("calibration", "slices", "scoring_latency", "feature_health", "champion_source", "report_html")
 
 
 def model_names(results: dict[str, Any]) -> list[str]:
@@ -312,6 +312,11 @@ def evaluate_models(frame: pd.DataFrame, tt: Any, booster: Any, k: int = 10) -> 
         lr = fit_logistic_regression(train)
         results["logistic_regression"] = ranking_metrics(test, lr.predict_proba(x_test.to_numpy(dtype=np.float64))[:, 1], k,
                                                          probabilities=True, also_k=also)
+    from training.two_tower import retrieval_recall
+
+    if hasattr(tt, "item_row") and hasattr(tt, "model"):
+        results["two_tower"].update({f"retrieval_{m}": v for m, v in retrieval_recall(tt, test).items()
+                                     if m.startswith(("recall_at_", "random_recall_at_"))})
     for name, scores in (("two_stage", two_stage), ("popularity", popularity)):
         results[name]["catalog_coverage"] = catalog_coverage(test, scores, k)
         if "category" in test:
@@ -327,9 +332,41 @@ def evaluate_models(frame: pd.DataFrame, tt: Any, booster: Any, k: int = 10) -> 
     return results
 
 
+def bundle_two_tower(bundle: Any) -> Any:
+    """A registered bundle's towers in the shape training produces (TwoTowerResult), so the same
+    affinity and feature code scores an old model exactly as it scores a new one."""
+    from training.two_tower import TwoTowerResult
+
+    return TwoTowerResult(model=bundle.towers, item_ids=list(bundle.item_ids), user_ids=list(bundle.user_ids),
+                          item_embeddings=bundle.item_embeddings)
+
+
+def evaluate_bundle(frame: pd.DataFrame, bundle: Any, k: int = 10) -> dict[str, float]:
+    """The two-stage metrics of a registered bundle (e.g. the current champion) on `frame`'s test split.
+
+    A candidate must be compared with the champion on the *same* test window: the champion's own
+    run measured it on an older window, whose AUC is not comparable. Raises KeyError when the
+    bundle's feature schema asks for a feature this code no longer assembles.
+    """
+    from training.ranker import add_embedding_affinity
+
+    test = frame[frame["split"] == "test"].drop(columns=["embedding_affinity"], errors="ignore")
+    if test.empty:
+        raise ValueError("no test rows to evaluate on (split == 'test')")
+    rows = add_embedding_affinity(test, bundle_two_tower(bundle))
+    x = assemble_features(rows)
+    missing = [c for c in bundle.manifest.get("ranker_features", []) if c not in x]
+    if missing:
+        raise KeyError(f"bundle {bundle.model_version} needs features this code does not assemble: {missing}")
+    scores = np.asarray(bundle.rank(x), dtype=np.float64).reshape(-1)
+    out = ranking_metrics(test, scores, k, probabilities=None, also_k=(20,))
+    out["model_version"] = float(bundle.model_version) if str(bundle.model_version).isdigit() else float("nan")
+    return out
+
+
 # --------------------------------------------------------------------------- report
 REPORT_METRICS = ("auc", "logloss", "ndcg_at_10", "ndcg_at_20", "hr_at_10", "mrr", "catalog_coverage",
-                  "intra_list_diversity", "ece")
+                  "intra_list_diversity", "ece", "retrieval_recall_at_100", "retrieval_random_recall_at_100")
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 2em}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}
 th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}caption{text-align:left;font-weight:bold;padding:4px 0}"""

@@ -423,6 +423,26 @@ def recall_at_ks(model: TwoTower, item_embeddings: np.ndarray, users: np.ndarray
     return {k: hits[k] / len(items) for k in ks}
 
 
+def retrieval_recall(tt: "TwoTowerResult", rows: pd.DataFrame, ks: Sequence[int] = REPORTED_RECALL_KS) -> dict[str, float]:
+    """Recall@k of the retrieval stage on `rows`' positives (e.g. the test window), over the whole catalog.
+
+    The ranker can only reorder what retrieval returns: this is the ceiling of the two-stage model,
+    reported beside the chance level (k / catalog size). Positives on items outside the vocabulary
+    count as misses (a new item retrievable by content is in the vocabulary).
+    """
+    n_items, n_users = len(tt.item_ids), len(tt.user_ids)
+    history_len = int(tt.model.history_len)
+    pos = rows[rows["label_binary"] == 1]
+    users, hist, items = _examples(pos, tt.user_row, tt.item_row, n_users, n_items, history_len)
+    out: dict[str, float] = {"positives": float(len(pos)), "positives_in_vocabulary": float(len(items))}
+    found = recall_at_ks(tt.model, tt.item_embeddings, users, hist, items, list(ks))
+    share = len(items) / len(pos) if len(pos) else float("nan")
+    for k in ks:
+        out[f"recall_at_{k}"] = float(found[k] * share) if len(items) else float("nan")
+        out[f"random_recall_at_{k}"] = float(min(k, n_items) / max(n_items, 1))
+    return out
+
+
 def train_two_tower(train_rows: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame,
                     config: TwoTowerConfig | None = None, valid_rows: pd.DataFrame | None = None) -> TwoTowerResult:
     """Train both towers on the positive impressions of `train_rows`; report validation recall@k.
