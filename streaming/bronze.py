@@ -41,7 +41,7 @@ log = logging.getLogger("kairos.streaming.bronze")
 BRONZE_TABLE = "bronze_events"  # = assets.ingestion.BRONZE (tests/test_streaming_bronze.py checks they agree)
 BRONZE_GROUP = "kairos-bronze"
 DEFAULT_WINDOW_MS = int(os.environ.get("KAIROS_BRONZE_WINDOW_MS", "10000"))
-LOCK_TTL_MS = 30_000
+LOCK_TTL_MS = 10_000  # a writer killed with the lock held is replaced after this long
 _MAX_SEQ = 18446744073709551615
 
 _INT_COLUMNS = [f.name for f in EVENT_SCHEMA if str(f.type) == "int64"]
@@ -108,12 +108,13 @@ class BronzeWriter:
     """Lands closed windows of the stream in bronze, idempotently; one active writer per stream (a Redis lock)."""
 
     def __init__(self, client: Any, lake: Any, stream: str, window_ms: int = DEFAULT_WINDOW_MS,
-                 table: str = BRONZE_TABLE, group: str = BRONZE_GROUP, owner: str | None = None) -> None:
+                 table: str = BRONZE_TABLE, group: str = BRONZE_GROUP, owner: str | None = None,
+                 lock_ttl_ms: int = LOCK_TTL_MS) -> None:
         if window_ms <= 0 or DAY_MS % window_ms:
             raise ValueError(f"bronze window {window_ms} ms must divide a day (86400000 ms), e.g. 1000, 5000, 10000, "
                              "60000, so a micro-batch never spans two ingest days")
         self.client, self.lake, self.stream = client, lake, stream
-        self.window_ms, self.table, self.group = window_ms, table, group
+        self.window_ms, self.table, self.group, self.lock_ttl_ms = window_ms, table, group, lock_ttl_ms
         self.owner = owner or f"bronze-{os.uname().nodename}-{os.getpid()}"
         self.lock_key = f"kairos:bronze:lock:{stream}"
         self._renew = client.register_script(
@@ -130,9 +131,9 @@ class BronzeWriter:
 
     def acquire(self) -> bool:
         """Take or keep the writer lock (two writers would race on the same Delta commits)."""
-        if self.client.set(self.lock_key, self.owner, nx=True, px=LOCK_TTL_MS):
+        if self.client.set(self.lock_key, self.owner, nx=True, px=self.lock_ttl_ms):
             return True
-        return bool(self._renew(keys=[self.lock_key], args=[self.owner, LOCK_TTL_MS]))
+        return bool(self._renew(keys=[self.lock_key], args=[self.owner, self.lock_ttl_ms]))
 
     def release(self) -> None:
         if _s(self.client.get(self.lock_key)) == self.owner:

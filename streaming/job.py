@@ -375,6 +375,7 @@ class StreamJobOptions:
     user_ttl_s: int = USER_RECENT_TTL_S
     bronze: bool = True
     bronze_window_ms: int = 10_000
+    bronze_lock_ttl_ms: int = 10_000
 
     def consumer_name(self) -> str:
         return self.consumer or f"sessionizer-{os.uname().nodename}-{os.getpid()}"
@@ -390,7 +391,8 @@ def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJo
     processor.ensure_group()
     writer = thread = None
     if lake is not None and opts.bronze:
-        writer = BronzeWriter(client, lake, STREAM, window_ms=opts.bronze_window_ms, owner=processor.consumer)
+        writer = BronzeWriter(client, lake, STREAM, window_ms=opts.bronze_window_ms, owner=processor.consumer,
+                              lock_ttl_ms=opts.bronze_lock_ttl_ms)
         writer.ensure_group()
         thread = threading.Thread(target=writer.run_forever, args=(stop,), name="kairos-bronze", daemon=True)
         thread.start()
@@ -419,9 +421,12 @@ def parse_args(argv: list[str] | None) -> StreamJobOptions:
     p.add_argument("--no-bronze", action="store_true", help="do not append micro-batches to the bronze Delta table")
     p.add_argument("--bronze-window-ms", type=int, default=int(os.environ.get("KAIROS_BRONZE_WINDOW_MS", d.bronze_window_ms)),
                    help="stream time per bronze micro-batch (a divisor of a day)")
+    p.add_argument("--bronze-lock-ttl-ms", type=int, default=d.bronze_lock_ttl_ms,
+                   help="one bronze writer at a time: a dead writer's lock expires after this long")
     a = p.parse_args(argv)
     return StreamJobOptions(consumer=a.consumer, batch=a.batch, reclaim_idle_ms=a.reclaim_idle_ms,
-                            session_ttl_s=a.session_ttl_s, bronze=not a.no_bronze, bronze_window_ms=a.bronze_window_ms)
+                            session_ttl_s=a.session_ttl_s, bronze=not a.no_bronze, bronze_window_ms=a.bronze_window_ms,
+                            bronze_lock_ttl_ms=a.bronze_lock_ttl_ms)
 
 
 def main(argv: list[str] | None = None) -> int:
