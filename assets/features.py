@@ -6,19 +6,22 @@ from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, As
                      MetadataValue, asset, multi_asset)
 
 from assets.ingestion import ITEMS, LABELS, SILVER, USERS
+from compliance.versions import delta_data_version, source_version
 from features.registry import registry_version
 from orchestration.resources import LakeResource, SparkResource
 
 USER_FEATURES = "user_features"
 ITEM_FEATURES = "item_features"
 TRAINING_SET = "training_set"
+SNAPSHOT_CODE = source_version(__file__, "features/batch.py", "features/functions.py", "features/registry.py")
+TRAINING_SET_CODE = source_version(__file__, "training/dataset.py", "features/functions.py", "features/registry.py")
 
 
 @multi_asset(
     specs=[
-        AssetSpec(USER_FEATURES, deps=[SILVER, ITEMS, USERS], group_name="features",
+        AssetSpec(USER_FEATURES, deps=[SILVER, ITEMS, USERS], group_name="features", code_version=SNAPSHOT_CODE,
                   description="Daily user feature snapshots (feature_ts = snapshot midnight; only earlier events)."),
-        AssetSpec(ITEM_FEATURES, deps=[SILVER, ITEMS], group_name="features",
+        AssetSpec(ITEM_FEATURES, deps=[SILVER, ITEMS], group_name="features", code_version=SNAPSHOT_CODE,
                   description="Daily item feature snapshots."),
     ],
 )
@@ -37,9 +40,11 @@ def feature_snapshots(context: AssetExecutionContext, lake: LakeResource, spark:
     common = {"silver_version": ev_pin.version, "catalog_users_version": us_pin.version,
               "feature_registry_version": registry_version()}
     yield MaterializeResult(asset_key=USER_FEATURES, metadata={"rows": u.rows, "delta_version": u.version,
-                                                               "snapshots": int(users["feature_ts"].nunique()), **common})
+                                                               "snapshots": int(users["feature_ts"].nunique()), **common},
+                            data_version=delta_data_version(USER_FEATURES, u.version))
     yield MaterializeResult(asset_key=ITEM_FEATURES, metadata={"rows": i.rows, "delta_version": i.version,
-                                                               "snapshots": int(itemf["feature_ts"].nunique()), **common})
+                                                               "snapshots": int(itemf["feature_ts"].nunique()), **common},
+                            data_version=delta_data_version(ITEM_FEATURES, i.version))
 
 
 class TrainingSetConfig(Config):
@@ -51,6 +56,7 @@ class TrainingSetConfig(Config):
 @asset(
     deps=[LABELS, USER_FEATURES, ITEM_FEATURES, SILVER, ITEMS],
     group_name="features",
+    code_version=TRAINING_SET_CODE,
     check_specs=[AssetCheckSpec("point_in_time_correct", asset=TRAINING_SET)],
     description="Labels joined as-of to feature snapshots and replayed session features; split by time with a gap.",
 )
@@ -75,7 +81,7 @@ def training_set(context: AssetExecutionContext, config: TrainingSetConfig, lake
         "splits": MetadataValue.json(frame["split"].value_counts().to_dict()),
         "split_boundaries": MetadataValue.json(bounds.as_dict()),
         "positive_rate": round(float(frame["label_binary"].mean()), 4),
-    })
+    }, data_version=delta_data_version(TRAINING_SET, out.version))
     yield AssetCheckResult(check_name="point_in_time_correct", passed=leaks == 0,
                            metadata={"rows_with_future_features": leaks},
                            description="Every joined feature snapshot is stamped strictly before its row's event time.")

@@ -18,6 +18,8 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
                      BackfillPolicy, Config, DailyPartitionsDefinition, MaterializeResult, MetadataValue, asset,
                      multi_asset)
 
+from compliance.exclusion import drop_forgotten
+from compliance.versions import delta_data_version, source_version
 from ingestion.schema import BRONZE_SCHEMA, DAY_MS, ITEM_SCHEMA, USER_SCHEMA
 from orchestration.resources import ArtifactsResource, LakeResource
 from orchestration.settings import Settings
@@ -29,6 +31,12 @@ ITEMS = "catalog_items"
 USERS = "catalog_users"
 LABELS = "labels"
 EVENT_ASSETS = (BRONZE, SILVER, QUARANTINE)
+# code versions (compliance/versions.py): this module + the library code each asset runs
+SOURCE_CODE = source_version(__file__, "ingestion/simulator.py", "ingestion/movielens.py", "ingestion/generic.py",
+                             "ingestion/schema.py", "compliance/exclusion.py")
+REFINE_CODE = source_version(__file__, "ingestion/refine.py", "ingestion/bots.py", "ingestion/dedup.py",
+                             "data_contracts/events.py")
+LABELS_CODE = source_version(__file__, "training/labels.py", "compliance/exclusion.py")
 
 daily_partitions = DailyPartitionsDefinition(start_date=Settings.from_env().partition_start, end_offset=1)
 
@@ -101,29 +109,38 @@ def _partition_days(context: AssetExecutionContext) -> list[str]:
 
 @multi_asset(
     specs=[
-        AssetSpec(ITEMS, group_name="ingestion", description="Item catalog: id, title, category, tags, publish time."),
-        AssetSpec(USERS, group_name="ingestion", description="User profiles: segment, device, region, signup time."),
+        AssetSpec(ITEMS, group_name="ingestion", code_version=SOURCE_CODE,
+                  description="Item catalog: id, title, category, tags, publish time."),
+        AssetSpec(USERS, group_name="ingestion", code_version=SOURCE_CODE,
+                  description="User profiles: segment, device, region, signup time (forgotten users excluded)."),
     ],
 )
 def catalog(context: AssetExecutionContext, config: SourceConfig, lake: LakeResource):
     """The catalog as of now (not partitioned: a snapshot, versioned by Delta)."""
     _, items, users = load_source(config)
     store = lake.lake()
+    users, forgotten = drop_forgotten(users, store)  # the right to be forgotten survives a re-ingest
     it = store.write(ITEMS, items, schema=ITEM_SCHEMA)
     us = store.write(USERS, users, schema=USER_SCHEMA)
     context.log.info(f"catalog: {it.rows} items, {us.rows} users")
-    yield MaterializeResult(asset_key=ITEMS, metadata={"rows": it.rows, "delta_version": it.version})
-    yield MaterializeResult(asset_key=USERS, metadata={"rows": us.rows, "delta_version": us.version})
+    yield MaterializeResult(asset_key=ITEMS, metadata={"rows": it.rows, "delta_version": it.version},
+                            data_version=delta_data_version(ITEMS, it.version))
+    yield MaterializeResult(asset_key=USERS, metadata={"rows": us.rows, "delta_version": us.version,
+                                                       "forgotten_users_excluded": forgotten},
+                            data_version=delta_data_version(USERS, us.version))
 
 
 @asset(group_name="ingestion", partitions_def=daily_partitions, backfill_policy=BackfillPolicy.single_run(),
-       description="Raw events as received, one batch per ingest day (Delta, partitioned by ingest_date).")
+       code_version=SOURCE_CODE,
+       description="Raw events as received, one batch per ingest day (Delta, partitioned by ingest_date); "
+                   "events of forgotten users are never stored again.")
 def bronze_events(context: AssetExecutionContext, config: SourceConfig, lake: LakeResource) -> MaterializeResult:
     t0 = time.perf_counter()
     events, _, _ = load_source(config)
     days = _partition_days(context)
-    arrived = ingest_day(events["received_at"])
     store = lake.lake()
+    events, forgotten = drop_forgotten(events, store)
+    arrived = ingest_day(events["received_at"])
     rows, written, skipped, version = 0, 0, 0, -1
     for i, day in enumerate(days):
         batch = events[arrived == day].assign(ingest_date=day)
@@ -139,7 +156,9 @@ def bronze_events(context: AssetExecutionContext, config: SourceConfig, lake: La
     context.log.info(f"bronze: {rows} events over {len(days)} day(s) in {time.perf_counter() - t0:.1f}s "
                      f"({skipped} unchanged batches skipped)")
     return MaterializeResult(metadata={"rows": rows, "days": len(days), "batches_written": written,
-                                       "batches_unchanged": skipped, "delta_version": version, "source": config.source})
+                                       "batches_unchanged": skipped, "delta_version": version, "source": config.source,
+                                       "forgotten_user_events_excluded": forgotten},
+                             data_version=delta_data_version(BRONZE, version) if version >= 0 else None)
 
 
 class RefineSettings(Config):
@@ -186,9 +205,9 @@ def _prior_silver(store, day: str, batch: pd.DataFrame, lookback_days: int) -> p
 
 @multi_asset(
     specs=[
-        AssetSpec(SILVER, deps=[BRONZE], group_name="ingestion", partitions_def=daily_partitions,
+        AssetSpec(SILVER, deps=[BRONZE], group_name="ingestion", partitions_def=daily_partitions, code_version=REFINE_CODE,
                   description="Events that passed the contract, deduplicated, bots removed (Delta, partitioned by event_date)."),
-        AssetSpec(QUARANTINE, deps=[BRONZE], group_name="ingestion", partitions_def=daily_partitions,
+        AssetSpec(QUARANTINE, deps=[BRONZE], group_name="ingestion", partitions_def=daily_partitions, code_version=REFINE_CODE,
                   description="Every rejected event with reason(s), raw payload, run id and disposition "
                               "(contract, duplicate, bot)."),
     ],
@@ -255,10 +274,12 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
             "per_day": MetadataValue.md(day_table.to_markdown(index=False) if len(day_table) else "no days")}
     if docs is not None:
         meta["data_docs"] = MetadataValue.path(str(docs))
-    yield MaterializeResult(asset_key=SILVER, metadata=meta)
+    yield MaterializeResult(asset_key=SILVER, metadata=meta,
+                            data_version=delta_data_version(SILVER, silver_v) if silver_v >= 0 else None)
     yield MaterializeResult(asset_key=QUARANTINE, metadata={
         "rows": totals["quarantined"] + totals["duplicates"] + totals["bot_filtered"], "delta_version": quarantine_v,
-        "contract": totals["quarantined"], "duplicate": totals["duplicates"], "bot": totals["bot_filtered"]})
+        "contract": totals["quarantined"], "duplicate": totals["duplicates"], "bot": totals["bot_filtered"]},
+        data_version=delta_data_version(QUARANTINE, quarantine_v) if quarantine_v >= 0 else None)
     yield AssetCheckResult(
         check_name="events_contract", passed=quarantine_rate <= config.max_quarantine_rate, severity=AssetCheckSeverity.WARN,
         metadata={"quarantined": totals["quarantined"], "quarantine_rate": round(quarantine_rate, 5),
@@ -295,8 +316,9 @@ class LabelSettings(Config):
     seed: int = 17
 
 
-@asset(deps=[SILVER, ITEMS], group_name="ingestion",
-       description="One row per impression whose attribution window closed: weighted engagement label and binary label.")
+@asset(deps=[SILVER, ITEMS], group_name="ingestion", code_version=LABELS_CODE,
+       description="One row per impression whose attribution window closed: weighted engagement label and binary label "
+                   "(forgotten users excluded).")
 def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeResource) -> MaterializeResult:
     from ingestion.schema import EVENT_COLUMNS
     from training.labels import LabelConfig, build_labels, label_summary
@@ -304,6 +326,7 @@ def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeReso
     store = lake.lake()
     pin = store.pin(SILVER)
     events = store.read(SILVER, version=pin.version, columns=EVENT_COLUMNS)
+    events, forgotten = drop_forgotten(events, store)  # training honours the exclusion list
     catalog = store.read(ITEMS, columns=["item_id"])["item_id"].tolist() if store.exists(ITEMS) else None
     as_of = int(events["timestamp"].max()) + 1
     lab = build_labels(events, as_of_ms=as_of, catalog_item_ids=catalog, config=LabelConfig(
@@ -315,4 +338,5 @@ def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeReso
         **label_summary(lab), "positives": int(lab["label_binary"].sum()),
         "silver_version": pin.version, "delta_version": out.version, "as_of_ms": as_of,
         "attribution_window_hours": config.attribution_window_hours, "easy_negative_ratio": config.easy_negative_ratio,
-    })
+        "forgotten_user_events_excluded": forgotten,
+    }, data_version=delta_data_version(LABELS, out.version))

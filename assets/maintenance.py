@@ -11,6 +11,7 @@ import time
 
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 
+from compliance.versions import source_version
 from orchestration.resources import LakeResource
 
 
@@ -20,7 +21,9 @@ class MaintenanceConfig(Config):
     dry_run: bool = False
 
 
-@asset(group_name="maintenance", description="OPTIMIZE (compact) and VACUUM every Delta table in the lake.")
+@asset(group_name="maintenance", code_version=source_version(__file__, "lake/delta.py"),
+       description="OPTIMIZE (compact) and VACUUM every Delta table in the lake. It reads no table's content, so it "
+                   "declares no upstream assets (it runs on its own schedule, not when data changes).")
 def lake_maintenance(context: AssetExecutionContext, config: MaintenanceConfig, lake: LakeResource) -> MaterializeResult:
     store = lake.lake()
     tables = config.tables or store.tables()

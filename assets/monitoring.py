@@ -6,6 +6,7 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
 
 from assets.features import ITEM_FEATURES, TRAINING_SET, USER_FEATURES
 from assets.ingestion import ITEMS, SILVER
+from compliance.versions import source_version
 from ingestion.schema import DAY_MS
 from orchestration.resources import ArtifactsResource, LakeResource, RedisResource
 
@@ -19,6 +20,7 @@ class DriftConfig(Config):
 
 
 @asset(deps=[SILVER, ITEMS, TRAINING_SET], group_name="monitoring",
+       code_version=source_version(__file__, "monitoring/drift.py"),
        description="PSI per behavioural feature: the last days of events versus the training window (Evidently report).")
 def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: LakeResource,
                   artifacts: ArtifactsResource) -> MaterializeResult:
@@ -60,6 +62,7 @@ class ImpressionLogConfig(Config):
 
 
 @asset(deps=[USER_FEATURES, ITEM_FEATURES, ITEMS], group_name="monitoring",
+       code_version=source_version(__file__, "serving/impressions.py", "monitoring/skew.py"),
        check_specs=[AssetCheckSpec("served_features_match_offline", asset=IMPRESSION_LOG)],
        description="Every served response (items, positions, scores, propensities, features, model version) from the "
                    "Redis impression stream, one row per shown item (Delta, appended idempotently by stream id).")

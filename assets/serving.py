@@ -1,15 +1,18 @@
 """Serving assets: the latest feature snapshot materialized into Redis (the online store)."""
 
-from dagster import AssetExecutionContext, MaterializeResult, asset
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, asset
 
 from assets.features import ITEM_FEATURES, USER_FEATURES
+from assets.ingestion import ITEMS
+from compliance.versions import source_version
 from orchestration.resources import LakeResource, RedisResource
 
 ONLINE_FEATURES = "online_features"
 POPULAR_LIST_SIZE = 500
 
 
-@asset(deps=[USER_FEATURES, ITEM_FEATURES], group_name="serving",
+@asset(deps=[USER_FEATURES, ITEM_FEATURES, ITEMS], group_name="serving",
+       code_version=source_version(__file__, "features/online.py"),
        description="The newest snapshot in Redis under a version key; readers switch to it atomically.")
 def online_features(context: AssetExecutionContext, lake: LakeResource, redis: RedisResource) -> MaterializeResult:
     from features.online import OnlineStore
@@ -22,7 +25,7 @@ def online_features(context: AssetExecutionContext, lake: LakeResource, redis: R
     newest = items["feature_ts"].max()
     items = items[items["feature_ts"] == newest]
     # every catalog item is servable, even one without recent activity (defaults apply)
-    catalog = store.read("catalog_items", columns=["item_id", "category", "publish_ts"])
+    catalog = store.read(ITEMS, columns=["item_id", "category", "publish_ts"])
     items = catalog.merge(items.drop(columns=["category", "publish_ts"]), on="item_id", how="left")
     items["feature_ts"] = items["feature_ts"].fillna(newest)
     popular = items.sort_values("item_clicks_7d", ascending=False, na_position="last")["item_id"].head(POPULAR_LIST_SIZE).tolist()
@@ -33,4 +36,4 @@ def online_features(context: AssetExecutionContext, lake: LakeResource, redis: R
     meta = {"version": version, "users": len(users), "items": len(items),
             "user_features_version": u_pin.version, "item_features_version": i_pin.version, "snapshot_ts": int(newest)}
     meta.update({k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str, bool))})
-    return MaterializeResult(metadata=meta)
+    return MaterializeResult(metadata=meta, data_version=DataVersion(version))  # the Redis snapshot version
