@@ -1,14 +1,30 @@
-"""Sensors and schedules: drift requests a retrain; daily ingestion and retrain; weekly lake maintenance."""
+"""Sensors and schedules: drift requests a retrain; freshness refreshes the online store; daily ingestion and
+retrain; hourly monitoring; weekly lake maintenance."""
 
+import math
+import os
 import time
 
 from dagster import (AssetKey, DagsterRunStatus, EventLogEntry, RunRequest, RunsFilter, ScheduleDefinition,
-                     SensorEvaluationContext, SkipReason, asset_sensor, build_schedule_from_partitioned_job)
+                     SensorEvaluationContext, SkipReason, asset_sensor, build_schedule_from_partitioned_job, sensor)
 
 from assets.monitoring import FEATURE_DRIFT
-from orchestration.jobs import impressions_job, ingest_job, maintenance_job, retrain_job
+from orchestration.jobs import (impressions_job, ingest_job, maintenance_job, monitor_job, refresh_online_job,
+                                retrain_job, rollout_job)
+from orchestration.resources import RedisResource
 
 MIN_RETRAIN_INTERVAL_S = 24 * 3600
+# a retrain that is queued or running counts as the latest one: drift must not stack a second behind it
+IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+
+
+def retrain_min_interval_s() -> float:
+    """KAIROS_RETRAIN_MIN_INTERVAL_S (default 24 h): the least time between drift-triggered retrains, read per tick."""
+    raw = os.environ.get("KAIROS_RETRAIN_MIN_INTERVAL_S", "")
+    try:
+        return float(raw) if raw.strip() else float(MIN_RETRAIN_INTERVAL_S)
+    except ValueError:
+        raise ValueError(f"KAIROS_RETRAIN_MIN_INTERVAL_S must be a number of seconds, got {raw!r}") from None
 
 
 def drift_decision(status: str, max_psi: float, last_retrain_ts: float | None, now: float,
@@ -28,17 +44,19 @@ def drift_sensor(context: SensorEvaluationContext, asset_event: EventLogEntry):
     meta = mat.metadata if mat else {}
     status = str(meta["status"].value) if "status" in meta else "ok"
     max_psi = float(meta["max_psi"].value) if "max_psi" in meta else 0.0
-    runs = context.instance.get_runs(RunsFilter(job_name=retrain_job.name, statuses=[DagsterRunStatus.SUCCESS]), limit=1)
-    last = runs[0] if runs else None
+    records = context.instance.get_run_records(
+        RunsFilter(job_name=retrain_job.name, statuses=[DagsterRunStatus.SUCCESS, *IN_FLIGHT]), limit=1)
     last_ts = None
-    if last is not None:
-        record = context.instance.get_run_record_by_id(last.run_id)
-        last_ts = record.end_time if record else None
-    fire, reason = drift_decision(status, max_psi, last_ts, time.time())
+    if records:  # newest first: a finished retrain counts from its end, one in flight from its creation
+        record = records[0]
+        last_ts = record.end_time or record.create_timestamp.timestamp()
+    min_interval = retrain_min_interval_s()
+    fire, reason = drift_decision(status, max_psi, last_ts, time.time(), min_interval)
     if not fire:
         return SkipReason(reason)
     return RunRequest(run_key=f"drift-{asset_event.run_id or 'runless'}-{asset_event.timestamp:.0f}",
-                      tags={"kairos/trigger": "drift", "kairos/reason": reason, "kairos/max_psi": f"{max_psi:.4f}"})
+                      tags={"kairos/trigger": "drift", "kairos/reason": reason, "kairos/max_psi": f"{max_psi:.4f}",
+                            "kairos/min_interval_s": f"{min_interval:.0f}"})
 
 
 daily_retrain = ScheduleDefinition(name="daily_retrain", job=retrain_job, cron_schedule="0 3 * * *",
@@ -52,3 +70,83 @@ weekly_maintenance = ScheduleDefinition(name="weekly_lake_maintenance", job=main
 
 impressions_every_15_min = ScheduleDefinition(name="impressions_every_15_min", job=impressions_job,
                                               cron_schedule="*/15 * * * *", execution_timezone="UTC")
+
+ROLLOUT_INTERVAL_S = 300
+
+
+def rollout_tick(stage: str, version: str | None, now: float, interval_s: float = ROLLOUT_INTERVAL_S) -> str | None:
+    """The run key of a rollout evaluation due now (one per stage, version and interval), or None when no
+    rollout is in progress (pure, so it is tested without Dagster or MLflow)."""
+    if stage not in ("shadow", "canary") or not version:
+        return None
+    return f"rollout-{stage}-v{version}-{int(now // interval_s)}"
+
+
+@sensor(job=rollout_job, minimum_interval_seconds=ROLLOUT_INTERVAL_S,
+        description="While a version is in shadow or canary (registry rollout stage), evaluates it every 5 minutes: "
+                    "the rollout job promotes it, holds, or rolls it back.")
+def rollout_sensor(context: SensorEvaluationContext):
+    from orchestration.settings import Settings
+    from training.rollout import rollout_state
+
+    state = rollout_state(Settings.from_env())
+    key = rollout_tick(state.stage, state.version, time.time())
+    if key is None:
+        return SkipReason(f"no rollout in progress (stage {state.stage}, champion {state.champion})")
+    return RunRequest(run_key=key, tags={"kairos/trigger": "rollout", "kairos/stage": state.stage,
+                                         "kairos/version": str(state.version)})
+
+
+# --------------------------------------------------------------------------- freshness of the online store
+FRESHNESS_MIN_INTERVAL_S = 3600
+
+
+def freshness_min_interval_s() -> float:
+    """KAIROS_FRESHNESS_MIN_INTERVAL_S (default 1 h): the least time between two refreshes the sensor requests."""
+    return float(os.environ.get("KAIROS_FRESHNESS_MIN_INTERVAL_S") or FRESHNESS_MIN_INTERVAL_S)
+
+
+def freshness_decision(stale: dict[str, float], last_request_ts: float | None, now: float,
+                       min_interval_s: float = FRESHNESS_MIN_INTERVAL_S) -> tuple[bool, str]:
+    """Whether stale tiers should request a refresh, and why (pure, so it is tested without Dagster or Redis)."""
+    if not stale:
+        return False, "online features are fresh (batch snapshot and streaming session keys within their limits)"
+    what = ", ".join(f"{t} {'never written' if math.isinf(a) else f'{a:.0f}s old'}" for t, a in sorted(stale.items()))
+    if last_request_ts is not None and now - last_request_ts < min_interval_s:
+        return False, f"stale: {what}; a refresh was requested {now - last_request_ts:.0f}s ago (min {min_interval_s:.0f}s)"
+    return True, f"stale: {what}"
+
+
+@sensor(job=refresh_online_job, minimum_interval_seconds=60,
+        description="Alerts when the online store goes stale: the batch snapshot in Redis older than "
+                    "KAIROS_FRESHNESS_BATCH_MAX_AGE_S or a streamed event unapplied for longer than "
+                    "KAIROS_FRESHNESS_STREAMING_MAX_AGE_S. Requests a refresh of online_features (batch) and "
+                    "feature_health (whose online_features_fresh check records the alert), tagged with the tier and age.")
+def freshness_sensor(context: SensorEvaluationContext, redis: RedisResource):
+    from monitoring.health import FreshnessThresholds, online_freshness, stale_tiers
+
+    now = time.time()
+    thresholds = FreshnessThresholds.from_env()
+    try:
+        fresh = online_freshness(redis.client(), now)
+    except Exception as exc:  # noqa: BLE001 - the tick fails visibly: the online store itself is unreachable
+        raise RuntimeError(f"freshness sensor cannot read the online store ({type(exc).__name__}: {exc}): check that "
+                           f"Redis is up and REDIS_URL points at it") from exc
+    stale = stale_tiers(fresh, thresholds)
+    last = float(context.cursor) if context.cursor else None
+    fire, reason = freshness_decision(stale, last, now, freshness_min_interval_s())
+    if not fire:
+        return SkipReason(reason)
+    context.update_cursor(str(now))
+    # a stale batch tier is fixed by rewriting the snapshot; a stuck streaming job is a process to restart, so for
+    # it the run only re-measures feature health (its failed check is the alert in the UI)
+    selection = [AssetKey("online_features"), AssetKey("feature_health")] if "batch" in stale else [AssetKey("feature_health")]
+    tags = {"kairos/trigger": "freshness", "kairos/stale_tiers": ",".join(sorted(stale)), "kairos/reason": reason}
+    for tier, age in stale.items():
+        tags[f"kairos/stale_{tier}_age_s"] = "inf" if math.isinf(age) else f"{age:.0f}"
+        tags[f"kairos/{tier}_max_age_s"] = f"{thresholds.limit(tier):.0f}"
+    return RunRequest(run_key=f"freshness-{'+'.join(sorted(stale))}-{int(now)}", asset_selection=selection, tags=tags)
+
+
+hourly_monitoring = ScheduleDefinition(name="hourly_monitoring", job=monitor_job, cron_schedule="5 * * * *",
+                                       execution_timezone="UTC")

@@ -1,6 +1,7 @@
 """The MLflow registry: one model version = the whole bundle directory; aliases switch versions.
 
-Every new version gets alias "challenger"; "champion" moves only when the gate passed.
+Every new version gets alias "challenger"; "champion" moves only when the gate passed (directly with
+auto_promote, else through the staged rollout in training/rollout.py).
 Serving resolves `models:/<name>@champion`, downloads the bundle once per version into
 a local cache and loads it (Bundle.load), so a rollback is an alias flip.
 """
@@ -111,8 +112,12 @@ def flatten_metrics(metrics: dict[str, dict], prefix: str = "test") -> dict[str,
 
 def register_bundle(settings: Settings, bundle_dir: Path, metrics: dict[str, dict], params: dict,
                     tags: dict[str, str], gate: Any, extra_dicts: dict[str, Any] | None = None,
-                    extra_files: list[Path] | None = None) -> str:
+                    extra_files: list[Path] | None = None, auto_promote: bool = True) -> str:
     """One run + one registered model version holding the whole bundle directory. Returns the version.
+
+    A version that passed the gate becomes `champion` directly when `auto_promote` (the old champion
+    stays loadable as `previous_champion`); otherwise it enters the staged rollout (shadow -> canary ->
+    promote, training/rollout.py). A failed gate only moves `challenger`.
 
     `extra_dicts` are logged as JSON artifacts (e.g. the full evaluation, feature importance) and
     `extra_files` as files (e.g. the evaluation HTML report), so a reviewer finds them on the run.
@@ -159,10 +164,17 @@ def register_bundle(settings: Settings, bundle_dir: Path, metrics: dict[str, dic
     client.set_registered_model_alias(settings.model_name, CHALLENGER, version)
     by = f"dagster run {str_tags['dagster.run_id']}" if str_tags.get("dagster.run_id") else "training.registry.register_bundle"
     record_promotion(settings, version, CHALLENGER, by, "newly registered version")
+    stage = "challenger only (gate failed)"
     if gate_dict["passed"]:
-        client.set_registered_model_alias(settings.model_name, CHAMPION, version)
-        record_promotion(settings, version, CHAMPION, by, "validation gate passed")
-    log.info("registered %s version %s (champion: %s)", settings.model_name, version, gate_dict["passed"])
+        from training.rollout import promote, start_rollout
+
+        if auto_promote:
+            promote(settings, version, reason="gate passed (auto_promote)")
+            record_promotion(settings, version, CHAMPION, by, "validation gate passed (auto_promote)")
+            stage = "promoted"
+        else:
+            stage = start_rollout(settings, version, reason="gate passed")
+    log.info("registered %s version %s (%s)", settings.model_name, version, stage)
     return version
 
 

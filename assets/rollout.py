@@ -1,0 +1,168 @@
+"""Rollout assets: shadow report -> canary evaluation -> rollout decision (job `rollout`, sensor `rollout_sensor`).
+
+A version that passed the gate with `auto_promote: false` is in stage `shadow` (training/rollout.py):
+servers score it beside the champion and log it flagged `shadow`. `shadow_report` compares the two on
+those identical requests; `rollout_decision` then starts the canary (alias `canary`, a share of users
+by hash bucket). `canary_evaluation` measures each arm from the impression log (error rate, p99
+latency, CTR with clicks from the event stream) and `rollout_decision` promotes (alias flip, the old
+champion kept as `previous_champion`) or rolls the canary back. The decisions are pure functions in
+training/rollout.py; these assets only read, call them and flip aliases.
+"""
+
+import json
+from typing import Any
+
+import pandas as pd
+from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, AssetKey, Config,
+                     MetadataValue, Output, asset)
+
+from orchestration.resources import LakeResource, MlflowResource, RedisResource
+
+GROUP = "rollout"
+IMPRESSION_LOG = "impression_log"
+
+
+def _read_log(lake: LakeResource) -> pd.DataFrame | None:
+    store = lake.lake()
+    return store.read(IMPRESSION_LOG) if store.exists(IMPRESSION_LOG) else None
+
+
+def read_click_events(client: Any, since_ms: int = 0, count: int = 500_000) -> pd.DataFrame:
+    """Click events (user, item, timestamp) from the event stream the server's /v1/events intake and the
+    clients publish to, added since `since_ms` (stream ids are arrival times)."""
+    from streaming.job import STREAM
+
+    rows = []
+    for _, fields in client.xrange(STREAM, min=f"{int(since_ms)}-0" if since_ms else "-", max="+", count=count):
+        raw = fields.get("event") or fields.get(b"event")
+        try:
+            event = json.loads(raw)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(event, dict) and event.get("event_type") == "click":
+            rows.append((event.get("user_id"), event.get("item_id"), event.get("timestamp")))
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+
+
+class ShadowSettings(Config):
+    min_requests: int = 30          # shadow-scored requests before a verdict
+    max_error_rate: float = 0.01    # shadow answers that fell back
+    max_score_psi: float = -1.0     # < 0: report only (a retrained model is expected to score differently)
+    min_overlap_at_10: float = -1.0  # < 0: report only
+
+
+@asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP,
+       check_specs=[AssetCheckSpec("shadow_healthy", asset="shadow_report")],
+       description="Challenger vs champion on identical requests (shadow rows of the impression log): score PSI/KS, "
+                   "overlap@10 and rank correlation of the lists; proceed / hold / refuse.")
+def shadow_report(context: AssetExecutionContext, config: ShadowSettings, lake: LakeResource, mlflow: MlflowResource):
+    from training.rollout import SHADOW, ShadowGuardrails, compare_shadow, rollout_state, shadow_inputs, shadow_verdict
+
+    state = rollout_state(mlflow.settings())
+    if state.stage != SHADOW or not state.version:
+        yield Output({"status": "idle", "stage": state.stage}, metadata={"status": "idle", "stage": state.stage})
+        yield AssetCheckResult(check_name="shadow_healthy", passed=True, metadata={"status": "idle"})
+        return
+    inputs = shadow_inputs(_read_log(lake), state.version)
+    comparison = compare_shadow(inputs["champion_scores"], inputs["challenger_scores"], inputs["champion_lists"],
+                                inputs["challenger_lists"])
+    verdict = shadow_verdict(comparison, inputs["shadow_errors"], ShadowGuardrails(
+        min_requests=config.min_requests, max_error_rate=config.max_error_rate,
+        max_score_psi=config.max_score_psi if config.max_score_psi >= 0 else None,
+        min_overlap_at_k=config.min_overlap_at_10 if config.min_overlap_at_10 >= 0 else None))
+    for reason in verdict.reasons:
+        context.log.info(f"shadow v{state.version}: {reason}")
+    report = {"status": "evaluated", "version": state.version, "champion": state.champion, **verdict.as_dict()}
+    yield Output(report, metadata={"status": "evaluated", "decision": verdict.decision, "version": state.version,
+                                   "reasons": MetadataValue.json(verdict.reasons),
+                                   "comparison": MetadataValue.json(comparison.as_dict())})
+    yield AssetCheckResult(check_name="shadow_healthy", passed=verdict.decision != "refuse",
+                           metadata={"decision": verdict.decision, "reasons": MetadataValue.json(verdict.reasons)})
+
+
+class CanarySettings(Config):
+    max_error_rate_increase: float = 0.01
+    max_p99_latency_ms: float = 50.0
+    max_p99_latency_ratio: float = 1.5
+    max_ctr_relative_drop: float = 0.10
+    ctr_alpha: float = 0.05
+    min_requests: int = 50
+    min_impressions: int = 300
+    click_window_minutes: float = 30.0  # a click credits an impression of the same user and item this recent
+
+
+@asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP,
+       check_specs=[AssetCheckSpec("canary_within_guardrails", asset="canary_evaluation")],
+       description="Per arm of the canary (impression log + clicks from the event stream): error rate, p99 latency, "
+                   "CTR; promote / hold / rollback against the guardrails.")
+def canary_evaluation(context: AssetExecutionContext, config: CanarySettings, lake: LakeResource,
+                      redis: RedisResource, mlflow: MlflowResource):
+    from training.rollout import (CANARY_STAGE, Guardrails, arm_metrics, canary_experiment_name, canary_verdict,
+                                  rollout_state)
+
+    state = rollout_state(mlflow.settings())
+    if state.stage != CANARY_STAGE or not state.version:
+        yield Output({"status": "idle", "stage": state.stage}, metadata={"status": "idle", "stage": state.stage})
+        yield AssetCheckResult(check_name="canary_within_guardrails", passed=True, metadata={"status": "idle"})
+        return
+    clicks = read_click_events(redis.client(), since_ms=state.stage_started_ms)
+    metrics = arm_metrics(_read_log(lake), clicks, int(config.click_window_minutes * 60_000),
+                          experiment=canary_experiment_name(state.version))
+    verdict = canary_verdict(metrics, Guardrails(
+        max_error_rate_increase=config.max_error_rate_increase, max_p99_latency_ms=config.max_p99_latency_ms,
+        max_p99_latency_ratio=config.max_p99_latency_ratio, max_ctr_relative_drop=config.max_ctr_relative_drop,
+        ctr_alpha=config.ctr_alpha, min_requests=config.min_requests, min_impressions=config.min_impressions))
+    for reason in verdict.reasons:
+        context.log.info(f"canary v{state.version}: {reason}")
+    result = {"status": "evaluated", "version": state.version, "champion": state.champion,
+              "arms": {a: m.as_dict() for a, m in metrics.items()}, **verdict.as_dict()}
+    yield Output(result, metadata={"status": "evaluated", "decision": verdict.decision, "version": state.version,
+                                   "share": state.canary_share, "clicks_read": len(clicks),
+                                   "reasons": MetadataValue.json(verdict.reasons),
+                                   "arms": MetadataValue.json(result["arms"])})
+    yield AssetCheckResult(check_name="canary_within_guardrails", passed=verdict.decision != "rollback",
+                           severity=AssetCheckSeverity.ERROR,
+                           metadata={"decision": verdict.decision, "reasons": MetadataValue.json(verdict.reasons)})
+
+
+class RolloutDecisionSettings(Config):
+    canary_share: float = 0.10      # share of users (hash bucket) the canary serves once shadow passed
+    force_rollback: bool = False    # operator switch: champion -> previous_champion now
+
+
+@asset(group_name=GROUP,
+       description="Applies the verdicts: shadow passed -> canary; canary passed -> promote (champion alias flip, old "
+                   "champion kept as previous_champion); a breach -> rollback (canary dropped; champion untouched).")
+def rollout_decision(context: AssetExecutionContext, config: RolloutDecisionSettings, shadow_report: dict,
+                     canary_evaluation: dict, mlflow: MlflowResource) -> Output:
+    from training.rollout import (REFUSED, ROLLED_BACK, Verdict, abort_canary, next_action, promote, rollback,
+                                  rollout_state, start_canary)
+
+    settings = mlflow.settings()
+    state = rollout_state(settings)
+
+    def verdict(report: dict) -> Verdict | None:
+        if report.get("status") != "evaluated" or report.get("version") != state.version:
+            return None  # idle, or evaluated for a version the rollout has moved past
+        return Verdict(report["decision"], list(report.get("reasons", [])), {})
+
+    action, reason = next_action(state, verdict(shadow_report), verdict(canary_evaluation), config.force_rollback)
+    effect: dict[str, Any] = {}
+    if action == "start_canary":
+        start_canary(settings, state.version, config.canary_share, reason=reason)
+        effect = {"canary": state.version, "share": config.canary_share}
+    elif action == "promote":
+        effect = promote(settings, state.version, reason=reason)
+    elif action == "abort_canary":
+        effect = abort_canary(settings, reason, stage=ROLLED_BACK)
+    elif action == "refuse":
+        effect = abort_canary(settings, reason, stage=REFUSED)
+    elif action == "rollback_champion":
+        effect = rollback(settings, reason=reason)
+    after = rollout_state(settings)
+    context.log.info(f"rollout: {action} ({reason}) -> stage {after.stage}, champion {after.champion}")
+    return Output({"action": action, "reason": reason, "stage": after.stage, "champion": after.champion, **effect},
+                  metadata={"action": action, "reason": reason[:2000], "stage_before": state.stage,
+                            "stage": after.stage, "version": str(state.version), "champion": str(after.champion),
+                            "previous_champion": str(after.previous_champion),
+                            "alias_flip_seconds": float(effect.get("seconds", 0.0))})
