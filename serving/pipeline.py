@@ -29,7 +29,7 @@ import pandas as pd
 from features.functions import SESSION_HISTORY_FOR_TOWER, assemble_features, session_features
 from features.registry import ITEM_STORE_COLUMNS, USER_JSON_COLUMNS, USER_STORE_COLUMNS
 from serving.candidates import co_visitation, fresh_items, run_channels
-from serving.rerank import RerankConfig, explore, limit_category_runs, mmr, request_rng
+from serving.rerank import RerankConfig, explore, limit_category_runs, mmr, request_rng, thompson
 
 log = logging.getLogger("kairos.serving")
 
@@ -305,7 +305,11 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         response["rerank"] = intent
     category = {i: table.category.get(candidates[i]) for i in range(len(candidates))}
     top = limit_category_runs(top, [int(i) for i in diversified], category, cfg.max_category_run)
-    top, propensity = explore(top, [int(i) for i in order[:pool]], cfg.epsilon, request_rng(response["request_id"]))
+    if cfg.exploration == "thompson":
+        top, propensity = thompson(top, [int(i) for i in order[:pool]], scores, cfg.thompson_strength,
+                                   request_rng(response["request_id"]), cfg.thompson_draws)
+    else:
+        top, propensity = explore(top, [int(i) for i in order[:pool]], cfg.epsilon, request_rng(response["request_id"]))
     items = [{"item_id": candidates[i], "score": round(float(scores[i]), 6), "rank": r + 1,
               "propensity": round(float(propensity[r]), 6)} for r, i in enumerate(top)]
     if log_impression is not None:  # the exact values the ranker scored, for the log and the skew check

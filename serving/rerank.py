@@ -2,10 +2,13 @@
 
     mmr            pick greedily by  lambda * relevance - (1 - lambda) * max cosine to what is already picked
     max_run        no more than N items of one category in a row (the next best other item moves up)
-    exploration    epsilon-greedy: each slot after the first keeps its item with probability 1 - epsilon,
-                   or shows a uniformly drawn item from the rest of the pool; every shown item carries the
-                   probability with which this policy would show it there (its propensity), for
-                   off-policy evaluation of tomorrow's models
+    exploration    epsilon-greedy (default): each slot after the first keeps its item with probability
+                   1 - epsilon, or shows a uniformly drawn item from the rest of the pool;
+                   Thompson sampling (KAIROS_EXPLORATION=thompson): each candidate's click probability is
+                   drawn from a Beta posterior centred on the ranker's score (KAIROS_THOMPSON_STRENGTH
+                   pseudo-observations: more = less exploration) and the slots are filled in order of the
+                   draws. Either way every shown item carries the probability with which this policy
+                   would show it in that slot (its propensity), for off-policy evaluation of tomorrow's models
 
 All pure functions over indices into the candidate list, seeded per request so a replay
 of the same request id gives the same list.
@@ -20,11 +23,23 @@ from typing import Any, Mapping
 import numpy as np
 
 
+EXPLORATIONS = ("epsilon_greedy", "thompson")
+
+
 @dataclass(frozen=True)
 class RerankConfig:
     mmr_lambda: float = float(os.environ.get("KAIROS_MMR_LAMBDA", "0.85"))  # 1.0 = pure relevance
     max_category_run: int = int(os.environ.get("KAIROS_MAX_CATEGORY_RUN", "3"))  # 0 = off
     epsilon: float = float(os.environ.get("KAIROS_EXPLORATION_EPSILON", "0.05"))  # 0 = no exploration
+    exploration: str = os.environ.get("KAIROS_EXPLORATION", "epsilon_greedy")  # or "thompson"
+    thompson_strength: float = float(os.environ.get("KAIROS_THOMPSON_STRENGTH", "50"))  # Beta pseudo-counts
+    thompson_draws: int = 200  # Monte Carlo draws that estimate each shown item's propensity
+
+    def __post_init__(self) -> None:
+        if self.exploration not in EXPLORATIONS:
+            raise ValueError(f"KAIROS_EXPLORATION must be one of {EXPLORATIONS}, got {self.exploration!r}")
+        if self.thompson_strength <= 0:
+            raise ValueError(f"KAIROS_THOMPSON_STRENGTH must be > 0, got {self.thompson_strength}")
 
 
 def request_rng(request_id: str) -> np.random.Generator:
@@ -93,4 +108,31 @@ def explore(picked: list[int], pool: list[int], epsilon: float, rng: np.random.G
     return out, props
 
 
-__all__ = ["RerankConfig", "explore", "limit_category_runs", "mmr", "request_rng"]
+def thompson(picked: list[int], pool: list[int], scores: np.ndarray, strength: float, rng: np.random.Generator,
+             draws: int = 200) -> tuple[list[int], list[float]]:
+    """Thompson sampling over the re-ranked head: the `len(picked)` slots are refilled from picked + the
+    best of the rest of the pool (2 x slots in all) by one draw of Beta(strength * p + 1, strength * (1 - p) + 1),
+    p = the ranker's score clipped to [0, 1] (a binary ranker's probability; rank scores are min-max scaled).
+
+    Slot 0 stays exploited as with epsilon-greedy (the top answer is never a coin toss). The propensity
+    of each shown item is the share of `draws` further posterior draws (same seed stream) that put it in
+    the same slot, floored at 1 / (draws + 1) so IPS weights stay finite.
+    """
+    n = len(picked)
+    if n <= 1:
+        return list(picked), [1.0] * n
+    rest = [i for i in pool if i not in set(picked)]
+    head = list(picked[1:]) + rest[: max(0, 2 * n - len(picked))]
+    s = np.asarray(scores, dtype=np.float64)[head]
+    if s.min() < 0.0 or s.max() > 1.0:  # not probabilities: scale, keep the order
+        s = (s - s.min()) / (s.max() - s.min()) if s.max() > s.min() else np.full(len(s), 0.5)
+    a, b = strength * s + 1.0, strength * (1.0 - s) + 1.0
+    sample = rng.beta(a, b)
+    chosen = np.argsort(-sample, kind="stable")[: n - 1]
+    out = [picked[0]] + [head[j] for j in chosen]
+    sims = np.argsort(-rng.beta(a[None, :], b[None, :], size=(draws, len(head))), axis=1, kind="stable")[:, : n - 1]
+    props = [1.0] + [max(float((sims[:, slot] == j).mean()), 1.0 / (draws + 1)) for slot, j in enumerate(chosen)]
+    return out, props
+
+
+__all__ = ["EXPLORATIONS", "RerankConfig", "explore", "limit_category_runs", "mmr", "request_rng", "thompson"]

@@ -65,3 +65,34 @@ def test_channels_merge_dedupe_exclude_and_survive_failures() -> None:
     assert len(out) == 10 and len(set(out)) == 10 and "seen" not in out
     assert out[0] == "t1" and contributed["trending"] == 1 and contributed["ann"] == 9
     assert set(errors) == {"co_visitation", "fresh"} and "boom" in errors["co_visitation"] and "timeout" in errors["fresh"]
+
+
+def test_thompson_sampling_explores_by_uncertainty_and_logs_true_propensities() -> None:
+    import pytest
+
+    from serving.rerank import RerankConfig, thompson
+
+    rng0 = np.random.default_rng(0)
+    scores = np.sort(rng0.uniform(0.05, 0.6, 40))[::-1].copy()  # candidate i has the i-th best probability
+    picked, pool = list(range(10)), list(range(40))
+    out, props = thompson(picked, pool, scores, 50.0, request_rng("req-t"))
+    assert (out, props) == thompson(picked, pool, scores, 50.0, request_rng("req-t"))  # seeded per request
+    assert out[0] == 0 and props[0] == 1.0 and len(set(out)) == 10 and set(out) <= set(range(20))
+    assert all(1 / 201 <= p <= 1.0 for p in props)
+    # the logged propensity is what the policy really does: re-run the same policy many times and count
+    counts: dict[tuple[int, int], int] = {}
+    runs = 3000
+    for i in range(runs):
+        o, _ = thompson(picked, pool, scores, 50.0, request_rng(f"r{i}"))
+        for slot, item in enumerate(o):
+            counts[(slot, item)] = counts.get((slot, item), 0) + 1
+    for slot in range(1, 10):
+        empirical = counts.get((slot, out[slot]), 0) / runs
+        assert props[slot] == pytest.approx(empirical, abs=0.06), (slot, props[slot], empirical)
+    # more pseudo-observations = more confidence = closer to the greedy order
+    def changed(strength: float) -> float:
+        return np.mean([sum(a != b for a, b in zip(thompson(picked, pool, scores, strength, request_rng(f"s{i}"))[0], picked))
+                        for i in range(200)])
+    assert changed(5000.0) < changed(50.0) < changed(2.0)
+    with pytest.raises(ValueError, match="KAIROS_EXPLORATION"):
+        RerankConfig(exploration="ucb")

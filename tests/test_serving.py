@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import os
 import time
 from collections import Counter
@@ -235,6 +236,13 @@ def test_bentoml_server_over_http(trained, snapshot, store: OnlineStore, redis_s
             assert refused.status_code == 401 and "x-api-key" in refused.json()["detail"]
             wrong = anonymous.post("/v1/personalize", json=_request("u00010"), headers={"x-api-key": "nope"})
             assert wrong.status_code == 401 and anonymous.get("/readyz").status_code == 200
+            # the OpenAPI schema names the endpoints and the request fields (a client can be generated from it)
+            spec = anonymous.get("/docs.json")
+            assert spec.status_code == 200, spec.text[:300]
+            doc = json.dumps(spec.json())
+            assert "/v1/personalize" in spec.json()["paths"] and "/v1/events" in spec.json()["paths"]
+            for field in ("user_id", "surface", "candidate_pool_size", "num_results", "geo_region"):
+                assert field in doc, field
         with httpx.Client(base_url=base, timeout=30, headers={"x-api-key": "s3cret"}) as http:
             assert http.get("/healthz").status_code == 200
             assert http.get("/readyz").status_code == 200
@@ -311,3 +319,10 @@ def test_channels_and_exploration_in_a_real_request(trained, store: OnlineStore,
     cats = [store.item_table(store.current_version()).category.get(r["item_id"]) for r in greedy["ranked_items"]]
     runs = max(len(list(g)) for _, g in itertools.groupby(cats))
     assert runs <= 3
+    # Thompson sampling as the exploration policy: propensities below 1 logged, the top slot exploited
+    ts_cfg = RerankConfig(exploration="thompson", thompson_strength=20.0)
+    a = personalize(_request("u00010", session="explore-ts", ts=now_ms), bundle, store, rerank=ts_cfg)
+    assert a["served_by"] == SERVED_TWO_STAGE and len(a["ranked_items"]) == 10
+    props = [r["propensity"] for r in a["ranked_items"]]
+    assert props[0] == 1.0 and all(0 < p <= 1 for p in props) and min(props[1:]) < 1.0
+    assert a["ranked_items"][0]["item_id"] == greedy["ranked_items"][0]["item_id"]
