@@ -4,9 +4,9 @@
         valid event   -> features.functions.update_session -> kairos:session:{session_id}
         invalid event -> kairos:quarantine (with a reason), acknowledged, never silently dropped
 
-Exactly-once effect on the session keys (DESIGN invariant 3): each user's events
-in a batch are applied in one optimistic transaction. We WATCH its session keys, its
-user-level key and a per-event marker `kairos:applied:{event_id}`, read them all (one MGET), fold the
+Exactly-once effect on the session keys (DESIGN invariant 3): a batch's events are
+applied in one optimistic transaction (one per user when another consumer conflicts).
+We WATCH the session keys, the user-level keys and a per-event marker `kairos:applied:{event_id}`, read them all (one MGET), fold the
 events whose marker is absent with the shared update_session, and MULTI/EXEC the
 new state together with the markers and the XACK of the batch's entries. A
 WatchError (a concurrent writer) retries. The acknowledgement commits with the
@@ -41,7 +41,7 @@ from data_contracts.events import DEFAULT_MAX_FUTURE_SKEW_MS, MAX_DWELL_MS
 from features.functions import new_session_state, update_session
 from features.online import SESSION_TTL_S, OnlineStore, decode_session, session_key
 from ingestion.schema import EVENT_TYPES, ITEM_EVENT_TYPES, SCHEMA_VERSION
-from streaming.retention import DEFAULT_MAX_BACKLOG, check_backpressure, stream_lag, trim_processed
+from streaming.retention import DEFAULT_MAX_BACKLOG, check_backpressure, parse_id, stream_lag, trim_processed
 
 log = logging.getLogger("kairos.streaming")
 
@@ -248,8 +248,7 @@ class SessionStreamProcessor:
         applied = 0
         if valid:
             categories = self._category_map()
-            for user, items in valid.items():
-                applied += self._apply_user(user, items, categories)
+            applied += self._apply(valid, categories)
         return applied
 
     def _quarantine(self, bad: list[tuple[str, str, str]]) -> None:
@@ -265,41 +264,49 @@ class SessionStreamProcessor:
         for entry_id, _raw, reason in bad:
             log.warning("quarantined stream entry %s: %s", entry_id, reason)
 
-    def _apply_user(self, user: str, items: list[tuple[str, dict]], categories: dict[str, str | None]) -> int:
-        """One transaction per user per batch: its sessions' keys and its user-level key, folded in stream order."""
+    def _apply(self, groups: "OrderedDict[str, list[tuple[str, dict]]]", categories: dict[str, str | None]) -> int:
+        """Apply a batch's valid events in ONE optimistic transaction (WATCH + MGET + MULTI/EXEC: three round
+        trips per batch, not per user), folding them in stream order into session and user-level keys.
+
+        Another consumer touching one of these keys meanwhile (WatchError) makes a multi-user batch fall back
+        to one transaction per user, each retried until it commits, so contention never repeats a big batch."""
+        users = list(groups)
+        items = sorted((x for u in users for x in groups[u]), key=lambda x: parse_id(x[0]))
         sids = list(dict.fromkeys(ev["session_id"] for _, ev in items))
-        skeys = [session_key(s) for s in sids]
-        ukey = user_recent_key(user)
+        ukeys = [user_recent_key(u) for u in users]
         markers = [marker_key(ev["event_id"]) for _, ev in items]
+        n_u, n_s = len(users), len(sids)
         while True:
             with self.client.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(ukey, *skeys, *markers)
-                    values = pipe.mget([ukey, *skeys, *markers])
-                    user_state = decode_session(values[0]) or new_session_state()
-                    states = {s: decode_session(v) or new_session_state() for s, v in zip(sids, values[1:1 + len(sids)])}
-                    touched: set[str] = set()
+                    pipe.watch(*ukeys, *[session_key(s) for s in sids], *markers)
+                    values = pipe.mget([*ukeys, *[session_key(s) for s in sids], *markers])
+                    user_states = {u: decode_session(v) or new_session_state() for u, v in zip(users, values[:n_u])}
+                    states = {s: decode_session(v) or new_session_state() for s, v in zip(sids, values[n_u:n_u + n_s])}
+                    touched_s: set[str] = set()
+                    touched_u: set[str] = set()
                     seen_now: set[str] = set()
                     to_mark: list[str] = []
-                    for (_, ev), mkey, mval in zip(items, markers, values[1 + len(sids):]):
+                    for (_, ev), mkey, mval in zip(items, markers, values[n_u + n_s:]):
                         if mval is not None or ev["event_id"] in seen_now:
                             continue  # already applied (redelivery, reclaim or a duplicate id)
                         seen_now.add(ev["event_id"])
                         item = ev.get("item_id")
                         category = categories.get(item) if item else None
-                        sid = ev["session_id"]
-                        states[sid] = update_session(states[sid], ev["event_type"], item, category, int(ev["timestamp"]))
-                        user_state = update_session(user_state, ev["event_type"], item, category, int(ev["timestamp"]))
-                        touched.add(sid)
+                        sid, user, ts = ev["session_id"], ev["user_id"], int(ev["timestamp"])
+                        states[sid] = update_session(states[sid], ev["event_type"], item, category, ts)
+                        user_states[user] = update_session(user_states[user], ev["event_type"], item, category, ts)
+                        touched_s.add(sid)
+                        touched_u.add(user)
                         to_mark.append(mkey)
                     pipe.multi()
-                    if to_mark:
-                        for sid in touched:
-                            pipe.set(session_key(sid), json.dumps(states[sid], separators=(",", ":")),
-                                     ex=self.session_ttl_s)
-                        pipe.set(ukey, json.dumps(user_state, separators=(",", ":")), ex=self.user_ttl_s)
-                        for mkey in to_mark:
-                            pipe.set(mkey, "1", ex=MARKER_TTL_S)
+                    for sid in touched_s:
+                        pipe.set(session_key(sid), json.dumps(states[sid], separators=(",", ":")), ex=self.session_ttl_s)
+                    for user in touched_u:
+                        pipe.set(user_recent_key(user), json.dumps(user_states[user], separators=(",", ":")),
+                                 ex=self.user_ttl_s)
+                    for mkey in to_mark:
+                        pipe.set(mkey, "1", ex=MARKER_TTL_S)
                     pipe.xack(self.stream, self.group, *[eid for eid, _ in items])
                     if to_mark:
                         pipe.hincrby(COUNTS_KEY, "applied", len(to_mark))
@@ -309,7 +316,8 @@ class SessionStreamProcessor:
                     break
                 except redis.WatchError:
                     self.stats["retries"] += 1
-                    continue
+                    if n_u > 1:
+                        return sum(self._apply(OrderedDict([(u, groups[u])]), categories) for u in users)
         self.stats["applied"] += len(to_mark)
         self.stats["duplicates"] += len(items) - len(to_mark)
         return len(to_mark)
