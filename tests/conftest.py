@@ -51,3 +51,19 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("KAIROS_LAKE_URI", raising=False)
     return Settings.from_env()
+
+
+@pytest.fixture(scope="session")
+def trainset(small_world: World):
+    """The small world's point-in-time training set (built once: Spark is the slow part)."""
+    from tests._trainset import make_training_set
+
+    return make_training_set(small_world)
+
+
+@pytest.fixture(scope="session")
+def outcome(trainset, small_world: World):
+    """A bundle trained in-process on `trainset` (two-tower, FAISS, ranker, evaluation); treat as read-only."""
+    from training.trainer import train_bundle
+
+    return train_bundle(trainset, small_world.items, small_world.users)

@@ -9,24 +9,13 @@ import pandas as pd
 import pytest
 
 from features.functions import assemble_features
-from tests._trainset import make_training_set
 from training.bundle import Bundle
 from training.evaluation import evaluate_models, ranking_metrics
 from training.gates import GateConfig, GateResult, evaluate_gate
 from training.index import build_faiss_index, index_recall_at_k
 from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
-from training.trainer import TrainingOutcome, assemble_bundle, train_bundle
+from training.trainer import assemble_bundle
 from training.two_tower import TwoTower, TwoTowerConfig, encode_users, train_two_tower
-
-
-@pytest.fixture(scope="module")
-def trainset(small_world) -> pd.DataFrame:
-    return make_training_set(small_world)
-
-
-@pytest.fixture(scope="module")
-def outcome(trainset, small_world) -> TrainingOutcome:
-    return train_bundle(trainset, small_world.items, small_world.users)
 
 
 def test_training_set_helper_is_point_in_time(trainset) -> None:
