@@ -93,6 +93,42 @@ class ServingMetrics:
             self.cache.labels(result="miss").inc(cache_misses)
 
 
+class StreamMetrics:
+    """Prometheus gauges of the event stream on /metrics, refreshed by a daemon thread every
+    KAIROS_STREAM_METRICS_S (5 s): per consumer group the age of the oldest entry it has not finished
+    (`kairos-sessionizer`: session freshness lag; `kairos-bronze`: stream -> Delta table lag) and its
+    pending entries, and the stream length (after the job's trims: the unprocessed backlog)."""
+
+    def __init__(self, client) -> None:
+        from bentoml import metrics
+
+        self.client = client
+        self.lag = metrics.Gauge(name="kairos_stream_lag_ms", labelnames=["group"],
+                                 documentation="age of the oldest stream entry the consumer group has not finished (ms)")
+        self.pending = metrics.Gauge(name="kairos_stream_pending", labelnames=["group"],
+                                     documentation="entries delivered to the group and not yet acknowledged")
+        self.length = metrics.Gauge(name="kairos_stream_length",
+                                    documentation="entries in the event stream (the unprocessed backlog after trims)")
+
+    def refresh(self) -> dict:
+        from streaming.job import STREAM
+        from streaming.retention import stream_lag
+
+        lag = stream_lag(self.client, STREAM)
+        self.length.set(lag["length"])
+        for group, g in lag["groups"].items():
+            self.lag.labels(group=group).set(g["lag_ms"])
+            self.pending.labels(group=group).set(g["pending"])
+        return lag
+
+    def run(self, stop: threading.Event, every_s: float) -> None:
+        while not stop.wait(every_s):
+            try:
+                self.refresh()
+            except Exception as exc:  # noqa: BLE001 - a metric is an aid, never a reason to fail
+                log.debug("stream metrics not refreshed: %s", exc)
+
+
 def _redis_url() -> str:
     from orchestration.resources import redis_url_from_env
 
@@ -186,6 +222,7 @@ class KairosRanker:
         self._warm_store()
         self._thread = threading.Thread(target=self._refresh_loop, name="kairos-model-refresh", daemon=True)
         self._thread.start()
+        self._start_stream_metrics()
         self._ready = True
         log.info("KairosRanker ready: model_version=%s", getattr(self.bundle, "model_version", None))
 
@@ -321,18 +358,35 @@ class KairosRanker:
         except Exception as exc:  # noqa: BLE001
             log.debug("metrics not recorded: %s", exc)
 
+    def _start_stream_metrics(self) -> None:
+        self.stream_metrics = None
+        if self.store is None:
+            return
+        try:
+            self.stream_metrics = StreamMetrics(self.store.client)
+            threading.Thread(target=self.stream_metrics.run, name="kairos-stream-metrics", daemon=True,
+                             args=(self._stop, float(os.environ.get("KAIROS_STREAM_METRICS_S", "5")))).start()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("stream lag metrics unavailable: %s", exc)
+
     @bentoml.api(route="/v1/events")
     def events(self, body: EventsRequest, /) -> dict:
         """Event intake: valid events go to the Redis stream the streaming job reads, invalid ones to the
-        quarantine stream; the answer lists accepted ids and per-event errors."""
+        quarantine stream; the answer lists accepted ids and per-event errors. A backlog past
+        KAIROS_STREAM_MAX_BACKLOG is a 429 with Retry-After: nothing was accepted, retry the batch."""
         from starlette.responses import JSONResponse
 
         from streaming.job import intake
+        from streaming.retention import Backpressure
 
         if self.store is None:
             return JSONResponse({"error": "event intake unavailable", "detail": "no Redis configured"}, status_code=503)
         try:
             return intake(self.store.client, list(body.events))
+        except Backpressure as exc:
+            return JSONResponse({"error": "backpressure", "detail": str(exc), "retry_after_s": exc.retry_after_s,
+                                 "backlog": exc.backlog, "limit": exc.limit}, status_code=429,
+                                headers={"Retry-After": str(exc.retry_after_s)})
         except Exception as exc:  # noqa: BLE001 - Redis down: the producer must retry, nothing was accepted
             log.warning("event intake failed: %s", exc)
             return JSONResponse({"error": "event intake unavailable", "detail": f"{type(exc).__name__}: {exc}; "
@@ -348,9 +402,25 @@ class KairosRanker:
                 redis_ok = True
             except Exception:  # noqa: BLE001
                 redis_ok = False
+        plan = self.plan
         return {"model_version": getattr(self.bundle, "model_version", None), "feature_version": version,
+                "challenger_version": getattr(self.challenger, "model_version", None),
+                "rollout": None if plan is None else {"source": plan.source, "shadow": plan.shadow,
+                                                      "candidate_alias": plan.candidate_alias,
+                                                      "experiment": getattr(plan.experiment, "name", None),
+                                                      "share": getattr(plan.experiment, "challenger_share", None)},
                 "redis_ok": redis_ok, "time_ms": int(time.time() * 1000),
-                "impressions": self.impressions.stats() if self.impressions is not None else None}
+                "impressions": self.impressions.stats() if self.impressions is not None else None,
+                "stream": self._stream_status()}
+
+    def _stream_status(self) -> dict | None:
+        """Event-stream length and per-group lag (also on /metrics as kairos_stream_*)."""
+        if getattr(self, "stream_metrics", None) is None:
+            return None
+        try:
+            return self.stream_metrics.refresh()
+        except Exception as exc:  # noqa: BLE001
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 if API_KEY:
