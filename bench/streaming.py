@@ -99,6 +99,19 @@ def _start_job(url: str, home: Path, consumer: str, window_ms: int = 1000) -> su
                             stderr=subprocess.STDOUT)
 
 
+def _wait_applied(client, event: dict, timeout_s: float) -> None:
+    """Publish one event and wait until the job applied it (the job process is up and reading)."""
+    from features.online import session_key
+    from streaming.job import publish
+
+    publish(client, [event])
+    deadline = time.time() + timeout_s
+    while not client.exists(session_key(event["session_id"])):
+        if time.time() > deadline:
+            raise RuntimeError(f"the streaming job applied nothing within {timeout_s} s: see its log under KAIROS_HOME")
+        time.sleep(0.05)
+
+
 def freshness(url: str, home: Path, rates: list[int], seconds: float) -> None:
     import redis
 
@@ -110,7 +123,8 @@ def freshness(url: str, home: Path, rates: list[int], seconds: float) -> None:
     _catalog(client, 400)
     job = _start_job(url, home, "fresh")
     try:
-        time.sleep(3)  # the job's imports
+        _wait_applied(client, {"event_id": "warm-up", "user_id": "warm", "session_id": "warm-up", "item_id": "i1",
+                               "event_type": "click", "timestamp": T0, "schema_version": 1}, timeout_s=120)
         print("\n2. Freshness XADD -> session key readable (real job process, bronze dual write on):")
         for rate in rates:
             stop = threading.Event()
@@ -179,6 +193,8 @@ def adaptation(home: Path, redis_server, n_users: int) -> None:
     port = free_port()
     proc = start_server(port, env={**os.environ, "KAIROS_ACCESS_LOG": "0"})
     job = _start_job(redis_server.url, home, "adapt")
+    _wait_applied(client, {"event_id": "warm-up", "user_id": "warm", "session_id": "warm-up", "item_id": "i1",
+                           "event_type": "click", "timestamp": now_ms, "schema_version": 1}, timeout_s=120)
     rng = random.Random(3)
     before, after, lift_users = [], [], 0
     try:

@@ -9,6 +9,8 @@ from dagster import (AssetKey, DagsterRunStatus, EventLogEntry, RunRequest, Runs
                      SensorEvaluationContext, SkipReason, asset_sensor, build_schedule_from_partitioned_job, sensor)
 
 from assets.monitoring import FEATURE_DRIFT
+from assets.streaming import STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING, drain_stream, lag_decision
+from orchestration.resources import RedisResource
 from orchestration.jobs import (impressions_job, ingest_job, maintenance_job, monitor_job, refresh_online_job,
                                 retrain_job, rollout_job)
 from orchestration.resources import RedisResource
@@ -150,3 +152,22 @@ def freshness_sensor(context: SensorEvaluationContext, redis: RedisResource):
 
 hourly_monitoring = ScheduleDefinition(name="hourly_monitoring", job=monitor_job, cron_schedule="5 * * * *",
                                        execution_timezone="UTC")
+
+
+@sensor(job=drain_stream, minimum_interval_seconds=30,
+        description="Alerts when the streaming consumer lags (oldest unfinished event older than "
+                    "KAIROS_STREAM_LAG_ALERT_MS, default 60 s, or KAIROS_STREAM_LAG_ALERT_PENDING, default 10,000, "
+                    "pending) and launches a bounded draining consumer run; at most one per 5 minutes.")
+def stream_lag_sensor(context: SensorEvaluationContext, redis: RedisResource):
+    from streaming.job import GROUP, STREAM
+    from streaming.retention import stream_lag
+
+    lag = stream_lag(redis.client(), STREAM)
+    fire, reason = lag_decision(lag, GROUP, max_lag_ms=int(os.environ.get("KAIROS_STREAM_LAG_ALERT_MS", STREAM_LAG_ALERT_MS)),
+                                max_pending=int(os.environ.get("KAIROS_STREAM_LAG_ALERT_PENDING", STREAM_LAG_ALERT_PENDING)))
+    if not fire:
+        return SkipReason(reason)
+    context.log.warning(f"ALERT stream lag: {reason}")
+    return RunRequest(run_key=f"stream-lag-{int(time.time() // 300)}",
+                      tags={"kairos/trigger": "stream_lag", "kairos/alert": reason[:250],
+                            "kairos/lag_ms": str(lag["groups"].get(GROUP, {}).get("lag_ms", -1))})
