@@ -3,7 +3,7 @@
     kairos demo      start embedded Redis, materialize every asset, deploy, serve and print ranked lists
     kairos redis     run the embedded redis-server in the foreground
     kairos serve     run the BentoML ranking server
-    kairos stream    run the streaming job (Redis Stream -> session keys)
+    kairos stream    run the streaming job (Redis Stream -> session keys + bronze micro-batches; --help: flags)
     kairos ui        run the Dagster UI over this project's instance
 """
 from __future__ import annotations
@@ -250,9 +250,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_stream(args: argparse.Namespace) -> int:
     from streaming.job import main as stream_main
+    from streaming.options import options_from_args
 
     prepare_home(Settings.from_env())
-    return stream_main() or 0
+    return stream_main(opts=options_from_args(args)) or 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -282,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="run the BentoML ranking server")
     s.add_argument("--port", type=int, default=0)
     s.set_defaults(fn=cmd_serve)
-    sub.add_parser("stream", help="run the streaming job").set_defaults(fn=cmd_stream)
+    from streaming.options import add_arguments as add_stream_arguments
+
+    st = sub.add_parser("stream", help="run the streaming job (Redis Stream -> session keys + bronze micro-batches)")
+    add_stream_arguments(st).set_defaults(fn=cmd_stream)
     sub.add_parser("ui", help="run the Dagster UI").set_defaults(fn=cmd_ui)
     args = parser.parse_args(argv)
     return int(args.fn(args) or 0)

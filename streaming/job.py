@@ -32,7 +32,6 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 import redis
@@ -41,6 +40,7 @@ from data_contracts.events import DEFAULT_MAX_FUTURE_SKEW_MS, MAX_DWELL_MS
 from features.functions import new_session_state, update_session
 from features.online import SESSION_TTL_S, OnlineStore, decode_session, session_key
 from ingestion.schema import EVENT_TYPES, ITEM_EVENT_TYPES, SCHEMA_VERSION
+from streaming.options import StreamJobOptions, parse_args
 from streaming.retention import DEFAULT_MAX_BACKLOG, check_backpressure, parse_id, stream_lag, trim_processed
 
 log = logging.getLogger("kairos.streaming")
@@ -370,32 +370,14 @@ class SessionStreamProcessor:
                 backoff = min(backoff * 2, 5.0)
 
 
-@dataclass
-class StreamJobOptions:
-    """Knobs of one streaming job process (CLI flags, the Dagster op's config)."""
-
-    consumer: str = ""
-    batch: int = 200
-    block_ms: int = 100
-    reclaim_idle_ms: int = 60_000
-    reclaim_every_s: float = 30.0
-    session_ttl_s: int = SESSION_TTL_S
-    user_ttl_s: int = USER_RECENT_TTL_S
-    bronze: bool = True
-    bronze_window_ms: int = 10_000
-    bronze_lock_ttl_ms: int = 10_000
-
-    def consumer_name(self) -> str:
-        return self.consumer or f"sessionizer-{os.uname().nodename}-{os.getpid()}"
-
-
 def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJobOptions) -> dict[str, Any]:
     """The streaming job: the sessionizer in this thread and, with a lake, the bronze dual writer in another,
     until `stop` is set. Returns both sides' counters."""
     from streaming.bronze import BronzeWriter
 
-    processor = SessionStreamProcessor(client, consumer_name=opts.consumer_name(), session_ttl_s=opts.session_ttl_s,
-                                       user_ttl_s=opts.user_ttl_s)
+    processor = SessionStreamProcessor(client, consumer_name=opts.consumer_name(),
+                                       session_ttl_s=opts.session_ttl_s or SESSION_TTL_S,
+                                       user_ttl_s=opts.user_ttl_s or USER_RECENT_TTL_S)
     processor.ensure_group()
     writer = thread = None
     if lake is not None and opts.bronze:
@@ -414,37 +396,14 @@ def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJo
     return {"sessions": dict(processor.stats), "bronze": dict(writer.stats) if writer else None}
 
 
-def parse_args(argv: list[str] | None) -> StreamJobOptions:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="kairos stream", description="Redis Stream -> session keys (+ bronze dual write)")
-    d = StreamJobOptions()
-    p.add_argument("--consumer", default=os.environ.get("KAIROS_STREAM_CONSUMER", ""),
-                   help="consumer name in the group (default: host and pid); reuse it to resume its pending entries")
-    p.add_argument("--batch", type=int, default=d.batch, help="entries per XREADGROUP")
-    p.add_argument("--reclaim-idle-ms", type=int, default=d.reclaim_idle_ms,
-                   help="take over another consumer's unacknowledged entries idle this long (XAUTOCLAIM)")
-    p.add_argument("--session-ttl-s", type=int, default=int(os.environ.get("KAIROS_SESSION_TTL_S", d.session_ttl_s)),
-                   help="a session key expires after this much inactivity")
-    p.add_argument("--no-bronze", action="store_true", help="do not append micro-batches to the bronze Delta table")
-    p.add_argument("--bronze-window-ms", type=int, default=int(os.environ.get("KAIROS_BRONZE_WINDOW_MS", d.bronze_window_ms)),
-                   help="stream time per bronze micro-batch (a divisor of a day)")
-    p.add_argument("--bronze-lock-ttl-ms", type=int, default=d.bronze_lock_ttl_ms,
-                   help="one bronze writer at a time: a dead writer's lock expires after this long")
-    a = p.parse_args(argv)
-    return StreamJobOptions(consumer=a.consumer, batch=a.batch, reclaim_idle_ms=a.reclaim_idle_ms,
-                            session_ttl_s=a.session_ttl_s, bronze=not a.no_bronze, bronze_window_ms=a.bronze_window_ms,
-                            bronze_lock_ttl_ms=a.bronze_lock_ttl_ms)
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, opts: StreamJobOptions | None = None) -> int:
     """`kairos stream` / `python -m streaming.job`: run one consumer (and the bronze writer) until SIGINT/SIGTERM."""
     from lake.delta import DeltaLake
     from orchestration.resources import redis_url_from_env
     from orchestration.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    opts = parse_args(argv)
+    opts = opts or parse_args(argv)
     url = os.environ.get("REDIS_URL") or redis_url_from_env()
     client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
     lake = DeltaLake(Settings.from_env().lake_uri) if opts.bronze else None
