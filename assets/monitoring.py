@@ -1,4 +1,11 @@
-"""Monitoring assets: PSI drift (Evidently), and the impression log with its train/serve skew check."""
+"""Monitoring assets: PSI drift (Evidently), feature health, served-model health, off-policy evaluation, and the
+impression log with its train/serve skew check.
+
+Every asset reads pinned Delta versions and Redis through resources and hands frames to the pure functions in
+monitoring/ (drift, health, ope, skew); thresholds are Dagster `Config`.
+"""
+
+import math
 
 import pandas as pd
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, Config,
@@ -6,25 +13,61 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
 
 from assets.features import ITEM_FEATURES, TRAINING_SET, USER_FEATURES
 from assets.ingestion import ITEMS, SILVER
+from assets.serving import ONLINE_FEATURES
 from compliance.versions import source_version
-from ingestion.schema import DAY_MS
-from orchestration.resources import ArtifactsResource, LakeResource, RedisResource
+from ingestion.schema import DAY_MS, HOUR_MS
+from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource
 
 FEATURE_DRIFT = "feature_drift"
+IMPRESSION_LOG = "impression_log"
+FEATURE_HEALTH = "feature_health"
+SERVED_MODEL_HEALTH = "served_model_health"
+OFF_POLICY_EVALUATION = "off_policy_evaluation"
 
 
 class DriftConfig(Config):
     recent_days: float = 2.0
     warn_psi: float = 0.2
     act_psi: float = 0.25
+    # ranker features: the serving window is the impression log's last recent_days when it holds at least
+    # min_served_rows shown two-stage rows, else the training set's newest recent_days (no traffic yet)
+    min_served_rows: int = 200
+    max_reference_rows: int = 50_000  # seeded sample of the train split (PSI bins need thousands, not millions)
+    # off by default: on short or young histories windowed counts (30d impressions...) trend while their
+    # windows fill, and user-level features are clustered by user, so their PSI is loud without a real shift
+    # (README: measured figures); the behaviour PSI above is what the sensor acts on unless this is set
+    ranker_psi_drives_status: bool = False
+    seed: int = 7
 
 
-@asset(deps=[SILVER, ITEMS, TRAINING_SET], group_name="monitoring",
+def _ranker_windows(store, config: DriftConfig, pins: dict) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """(reference, current, current source) frames of ranker features: the train split vs the serving window."""
+    from features.functions import assemble_features
+    from monitoring.drift import served_feature_window
+
+    frame = store.read(TRAINING_SET, version=pins[TRAINING_SET].version)
+    train = frame[frame["split"] == "train"]
+    if len(train) > config.max_reference_rows:
+        train = train.sample(config.max_reference_rows, random_state=config.seed)
+    reference = assemble_features(train)
+    current, source = pd.DataFrame(), "training_set"
+    if store.exists(IMPRESSION_LOG):
+        current = served_feature_window(store.read(IMPRESSION_LOG), config.recent_days)
+        source = "impression_log"
+    if len(current) < config.min_served_rows:
+        recent = frame[frame["timestamp"] > int(frame["timestamp"].max()) - int(config.recent_days * DAY_MS)]
+        current, source = assemble_features(recent), "training_set"
+    return reference, current, source
+
+
+@asset(deps=[SILVER, ITEMS, TRAINING_SET, IMPRESSION_LOG], group_name="monitoring",
        code_version=source_version(__file__, "monitoring/drift.py"),
-       description="PSI per behavioural feature: the last days of events versus the training window (Evidently report).")
+       description="PSI per behavioural feature (last days of events vs the training window) and per ranker feature "
+                   "(served features vs the training split), with Evidently HTML reports; status drives retraining.")
 def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: LakeResource,
                   artifacts: ArtifactsResource) -> MaterializeResult:
-    from monitoring.drift import DriftThresholds, drift_report, event_drift_frame
+    from monitoring.drift import (DriftThresholds, drift_report, event_drift_frame, feature_statuses,
+                                  ranker_feature_drift)
 
     store = lake.lake()
     pins = {t: store.pin(t) for t in (SILVER, ITEMS, TRAINING_SET)}
@@ -40,18 +83,32 @@ def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: Lak
     reference = event_drift_frame(ref_events, items)
     current = event_drift_frame(cur_events, items)
     columns = [c for c in reference.columns if c in current.columns and c not in ("session_id", "user_id")]
-    html = artifacts.path("reports", context.run_id) / "drift.html"
-    result = drift_report(reference, current, columns, html_path=html,
-                          thresholds=DriftThresholds(warn=config.warn_psi, act=config.act_psi))
-    context.log.info(f"drift status {result.status}: max PSI {result.max_psi:.3f}")
+    reports = artifacts.path("reports", context.run_id)
+    html = reports / "drift.html"
+    thresholds = DriftThresholds(warn=config.warn_psi, act=config.act_psi)
+    result = drift_report(reference, current, columns, html_path=html, thresholds=thresholds)
+    # the ranker's own features: what the model was trained on vs what it is scoring now
+    ref_f, cur_f, source = _ranker_windows(store, config, pins)
+    ranker_html = reports / "ranker_feature_drift.html"
+    ranker = ranker_feature_drift(ref_f, cur_f, html_path=ranker_html, thresholds=thresholds)
+    status, max_psi = result.status, float(result.max_psi)
+    if config.ranker_psi_drives_status and ranker.max_psi > max_psi:
+        status, max_psi = ranker.status, float(ranker.max_psi)
+    context.log.info(f"drift status {status}: behaviour max PSI {result.max_psi:.3f} ({result.status}), ranker "
+                     f"features max PSI {ranker.max_psi:.3f} ({ranker.status}, {len(cur_f)} rows from {source})")
     return MaterializeResult(metadata={
-        **result.as_metadata(), "status": result.status, "max_psi": float(result.max_psi),
+        **result.as_metadata(), "status": status, "max_psi": max_psi,
+        "behaviour_status": result.status, "behaviour_max_psi": float(result.max_psi),
         "psi": MetadataValue.json(result.psi), "report": MetadataValue.path(str(html)),
+        "ranker_status": ranker.status, "ranker_max_psi": float(ranker.max_psi),
+        "ranker_drifted_features": ",".join(ranker.drifted_features) or "none",
+        "ranker_psi": MetadataValue.json({k: round(v, 5) for k, v in ranker.psi.items()}),
+        "ranker_feature_status": MetadataValue.json(feature_statuses(ranker, thresholds)),
+        "ranker_report": MetadataValue.path(str(ranker_html)),
+        "ranker_current_source": source, "ranker_n_reference": ranker.n_reference, "ranker_n_current": ranker.n_current,
+        "ranker_psi_drives_status": config.ranker_psi_drives_status,
         **{f"{t}_version": p.version for t, p in pins.items()},
     })
-
-
-IMPRESSION_LOG = "impression_log"
 
 
 class ImpressionLogConfig(Config):
@@ -119,3 +176,240 @@ def impression_log(context: AssetExecutionContext, config: ImpressionLogConfig, 
         description="Served feature values recomputed offline as of the request time (same as-of rule and feature "
                     "functions as training); fails when any feature mismatches on more than the threshold of rows.",
     )
+
+
+# --------------------------------------------------------------------------- feature health
+class FeatureHealthConfig(Config):
+    recent_days: float = 2.0           # the newest days of the training set are the offline window measured
+    max_null_rate: float = 0.5         # per feature group: worst feature's share of rows served the default
+    max_out_of_range_rate: float = 0.001  # per feature group: share of values outside the registry's valid_range
+    # staleness limits in seconds; < 0 = from the environment (KAIROS_FRESHNESS_BATCH_MAX_AGE_S, default 26 h;
+    # KAIROS_FRESHNESS_STREAMING_MAX_AGE_S, default 120 s) so the sensor and this check agree
+    batch_max_age_s: float = -1.0
+    streaming_max_age_s: float = -1.0
+    online_sample_users: int = 500
+
+
+def freshness_thresholds(batch_max_age_s: float = -1.0, streaming_max_age_s: float = -1.0):
+    """The environment's freshness thresholds, overridden by any non-negative value given."""
+    from monitoring.health import FreshnessThresholds
+
+    env = FreshnessThresholds.from_env()
+    return FreshnessThresholds(batch_max_age_s=batch_max_age_s if batch_max_age_s >= 0 else env.batch_max_age_s,
+                               streaming_max_age_s=streaming_max_age_s if streaming_max_age_s >= 0
+                               else env.streaming_max_age_s)
+
+
+def _age(value: float | None) -> float:
+    """Metadata-safe age: -1 = unknown (no data), a large sentinel for 'never written'."""
+    if value is None:
+        return -1.0
+    return 1e12 if math.isinf(value) else round(float(value), 3)
+
+
+@asset(deps=[TRAINING_SET, ONLINE_FEATURES, IMPRESSION_LOG], group_name="monitoring",
+       check_specs=[AssetCheckSpec("feature_nulls_within_threshold", asset=FEATURE_HEALTH),
+                    AssetCheckSpec("features_in_valid_range", asset=FEATURE_HEALTH),
+                    AssetCheckSpec("online_features_fresh", asset=FEATURE_HEALTH)],
+       description="Per feature group (user, item, user_item, session, context): null rate, out-of-range rate "
+                   "(registry valid_range) and staleness of the newest online value (Redis).")
+def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, lake: LakeResource,
+                   redis: RedisResource):
+    import time
+
+    from features.online import CURRENT_KEY
+    from monitoring.drift import MODEL_OUTPUT_FEATURES, served_feature_window
+    from monitoring.health import (feature_quality, group_staleness, group_summary, online_freshness,
+                                   online_null_rates, served_out_of_range, stale_tiers)
+    from features.registry import ranker_feature_names
+
+    store = lake.lake()
+    pin = store.pin(TRAINING_SET)
+    frame = store.read(TRAINING_SET, version=pin.version)
+    recent = frame[frame["timestamp"] > int(frame["timestamp"].max()) - int(config.recent_days * DAY_MS)]
+    # the model's own output is computed per request from the bundle: not in the offline tables
+    measured = [f for f in ranker_feature_names() if f not in MODEL_OUTPUT_FEATURES]
+    quality = feature_quality(recent, measured)
+    groups = group_summary(quality)
+    served = served_feature_window(store.read(IMPRESSION_LOG), config.recent_days) if store.exists(IMPRESSION_LOG) \
+        else pd.DataFrame()
+    served_oor = served_out_of_range(served) if len(served) else pd.DataFrame()
+    if len(served_oor):
+        for entity, entry in group_summary(served_oor, ("served_out_of_range_rate",)).items():
+            groups.setdefault(entity, {}).update(entry)
+    client = redis.client()
+    fresh = online_freshness(client, time.time())
+    thresholds = freshness_thresholds(config.batch_max_age_s, config.streaming_max_age_s)
+    stale = stale_tiers(fresh, thresholds)
+    by_group = group_staleness({t: (math.inf if t in stale and stale[t] == math.inf else info.get("age_s"))
+                                for t, info in fresh.items()})
+    for entity, age in by_group.items():
+        groups.setdefault(entity, {})["staleness_s"] = _age(age)
+    online_nulls = online_null_rates(client, client.get(CURRENT_KEY), sample_users=config.online_sample_users)
+    context.log.info(f"feature health over {len(recent)} recent rows: groups {groups}; stale tiers {stale or 'none'}")
+    flat = {}
+    for entity, entry in groups.items():
+        for key in ("null_rate", "out_of_range_rate", "served_out_of_range_rate", "staleness_s"):
+            if key in entry:
+                flat[f"{key}.{entity}"] = entry[key]
+    yield MaterializeResult(metadata={
+        "rows": len(recent), "served_rows": len(served), "training_set_version": pin.version,
+        "groups": MetadataValue.json(groups),
+        "features": MetadataValue.json(quality.round(6).to_dict("records")),
+        "online_null_rate": MetadataValue.json(online_nulls),
+        "freshness": MetadataValue.json({t: {k: (_age(v) if k == "age_s" else v) for k, v in info.items()}
+                                         for t, info in fresh.items()}),
+        "staleness_s.batch": _age(fresh["batch"].get("age_s") if "batch" not in stale else stale["batch"]),
+        "staleness_s.streaming": _age(fresh["streaming"].get("age_s")),
+        "stale_tiers": ",".join(sorted(stale)) or "none", **flat,
+    })
+    worst_null = max(groups.items(), key=lambda kv: kv[1].get("null_rate", 0.0))
+    yield AssetCheckResult(
+        check_name="feature_nulls_within_threshold",
+        passed=all(g.get("null_rate", 0.0) <= config.max_null_rate for g in groups.values()),
+        metadata={"threshold": config.max_null_rate, "worst_group": worst_null[0],
+                  "worst_null_rate": worst_null[1].get("null_rate", 0.0),
+                  "worst_feature": worst_null[1].get("null_rate_worst_feature", "")},
+        description="Per feature group, the worst feature's share of recent rows that fell back to the registry "
+                    "default (a missing snapshot row or input).")
+    oor = {e: max(g.get("out_of_range_rate", 0.0), g.get("served_out_of_range_rate", 0.0)) for e, g in groups.items()}
+    yield AssetCheckResult(
+        check_name="features_in_valid_range", passed=all(v <= config.max_out_of_range_rate for v in oor.values()),
+        metadata={"threshold": config.max_out_of_range_rate, "out_of_range_rate": MetadataValue.json(oor)},
+        description="Share of offline and served feature values outside the registry's declared valid_range.")
+    yield AssetCheckResult(
+        check_name="online_features_fresh", passed=not stale,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"stale_tiers": ",".join(sorted(stale)) or "none",
+                  "batch_max_age_s": thresholds.batch_max_age_s, "streaming_max_age_s": thresholds.streaming_max_age_s,
+                  **{f"age_s.{t}": _age(a) for t, a in stale.items()}},
+        description="The live snapshot in Redis is younger than the batch limit and no streamed event has waited "
+                    "longer than the streaming limit to reach the session keys.")
+
+
+# --------------------------------------------------------------------------- served model health
+class ServedHealthConfig(Config):
+    window_days: float = 7.0               # impressions of the last days of the log
+    attribution_window_hours: float = 72.0  # the labels' window (training/labels.py)
+
+
+def _served_window(store, window_days: float) -> pd.DataFrame:
+    log = store.read(IMPRESSION_LOG)
+    if log.empty:
+        return log
+    ts = log["request_ts"].astype("int64")
+    return log[ts > int(ts.max()) - int(window_days * DAY_MS)].reset_index(drop=True)
+
+
+def _attributed(store, log: pd.DataFrame, window_hours: float) -> pd.DataFrame:
+    """Shown impressions with clicks credited from silver events (shadow rows were never shown: no clicks)."""
+    from monitoring.health import attribute_engagement
+
+    shown = log[~log["shadow"].fillna(False).astype(bool)]
+    start = int(shown["request_ts"].min()) if len(shown) else 0
+    events = store.read(SILVER, columns=["event_id", "user_id", "item_id", "event_type", "timestamp", "dwell_time_ms"],
+                        filters=[("timestamp", ">=", start)])
+    return attribute_engagement(shown, events, int(window_hours * HOUR_MS))
+
+
+@asset(deps=[IMPRESSION_LOG, SILVER], group_name="monitoring",
+       description="Per served model version: score distribution (quantiles, histogram), prediction entropy, and "
+                   "CTR at positions 1, 3 and 10 with clicks attributed from silver events as labels are.")
+def served_model_health(context: AssetExecutionContext, config: ServedHealthConfig, lake: LakeResource) -> MaterializeResult:
+    from monitoring.health import served_model_health as health
+
+    store = lake.lake()
+    if not store.exists(IMPRESSION_LOG):
+        context.log.info("no impression log yet: nothing served to measure")
+        return MaterializeResult(metadata={"rows": 0, "models": MetadataValue.json({})})
+    log = _served_window(store, config.window_days)
+    shown = _attributed(store, log, config.attribution_window_hours)
+    shadow = log[log["shadow"].fillna(False).astype(bool)]
+    frame = pd.concat([shown, shadow], ignore_index=True) if len(shadow) else shown
+    models = health(frame) if len(frame) else {}
+    flat = {}
+    for version, entry in models.items():
+        for key in ("ctr_at_1", "ctr_at_3", "ctr_at_10", "mean_binary_entropy_bits", "mean_slate_entropy"):
+            if key in entry and entry[key] is not None and not (isinstance(entry[key], float) and math.isnan(entry[key])):
+                flat[f"{key}.{version}"] = entry[key]
+        if entry["scores"].get("n"):
+            flat[f"score_p50.{version}"] = entry["scores"]["quantiles"]["p50"]
+    context.log.info(f"served model health over {len(log)} logged rows: {flat}")
+    return MaterializeResult(metadata={"rows": len(log), "shown_rows": len(shown), "clicks": int(shown["clicked"].sum())
+                                       if len(shown) else 0, "models": MetadataValue.json(models), **flat,
+                                       "impression_log_version": store.version(IMPRESSION_LOG)})
+
+
+# --------------------------------------------------------------------------- off-policy evaluation
+class OPEConfig(Config):
+    window_days: float = 7.0
+    attribution_window_hours: float = 72.0
+    # the challenger's policy over the logged slate (monitoring/ope.slate_target_probabilities): epsilon-greedy
+    # like serving/rerank.explore; < 0 = the serving default (KAIROS_EXPLORATION_EPSILON)
+    epsilon: float = -1.0
+    temperature: float = 0.0   # > 0: a softmax (Plackett-Luce) policy over the challenger's scores
+    max_weight: float = 10.0
+    n_bootstrap: int = 500
+    seed: int = 7
+
+
+def challenger_scores(bundle, logged: pd.DataFrame) -> pd.Series:
+    """The challenger's ranker scores for logged shown items, from the logged feature values; embedding_affinity
+    is the challenger's own (user tower without session history, which the log does not hold) on rows another
+    model version served."""
+    import numpy as np
+
+    from monitoring.skew import served_feature_frame
+
+    feats = served_feature_frame(logged)
+    other = (logged["model_version"].astype(str) != str(bundle.model_version)).to_numpy()
+    if other.any():
+        aff = feats["embedding_affinity"].to_numpy(dtype=float).copy()
+        vectors = {}
+        for k in np.flatnonzero(other):
+            user = str(logged["user_id"].iloc[k])
+            if user not in vectors:
+                vectors[user] = bundle.user_vector(user, [])
+            aff[k] = float(bundle.item_vectors([str(logged["item_id"].iloc[k])])[0] @ vectors[user])
+        feats["embedding_affinity"] = aff
+    return pd.Series(bundle.rank(feats), index=logged.index)
+
+
+@asset(deps=[IMPRESSION_LOG, SILVER, "registered_model"], group_name="monitoring",
+       description="The challenger's expected CTR estimated from the champion's logged propensities (IPS, clipped "
+                   "IPS, SNIPS with bootstrap CIs and effective sample size) before it serves.")
+def off_policy_evaluation(context: AssetExecutionContext, config: OPEConfig, lake: LakeResource,
+                          mlflow: MlflowResource) -> MaterializeResult:
+    from monitoring.ope import evaluate_policy, slate_target_probabilities
+    from serving.rerank import RerankConfig
+    from training.registry import CHALLENGER, CHAMPION, alias_version, load_alias
+
+    settings = mlflow.settings()
+    champion, challenger = alias_version(settings, CHAMPION), alias_version(settings, CHALLENGER)
+    base = {"champion_version": champion or "none", "challenger_version": challenger or "none"}
+    store = lake.lake()
+    if challenger is None or challenger == champion:
+        context.log.info(f"no challenger distinct from the champion ({base}): nothing to evaluate")
+        return MaterializeResult(metadata={**base, "status": "no_challenger"})
+    if not store.exists(IMPRESSION_LOG):
+        return MaterializeResult(metadata={**base, "status": "no_traffic"})
+    log = _served_window(store, config.window_days)
+    log = log[~log["shadow"].fillna(False).astype(bool) & log["features"].notna()
+              & log["served_by"].fillna("").str.startswith("two_stage") & (log["propensity"] > 0)]
+    if log.empty:
+        return MaterializeResult(metadata={**base, "status": "no_traffic"})
+    rows = _attributed(store, log, config.attribution_window_hours)
+    bundle = load_alias(settings, CHALLENGER)
+    epsilon = config.epsilon if config.epsilon >= 0 else RerankConfig().epsilon
+    scores = challenger_scores(bundle, rows)
+    target = slate_target_probabilities(rows, scores.to_numpy(), epsilon=epsilon, temperature=config.temperature)
+    result = evaluate_policy(rows.assign(reward=rows["clicked"].astype(float)), target, max_weight=config.max_weight,
+                             n_bootstrap=config.n_bootstrap, seed=config.seed)
+    context.log.info(f"OPE of challenger v{challenger} on {result.n} logged rows: IPS {result.ips:.4f} "
+                     f"{result.ci['ips']}, SNIPS {result.snips:.4f}, logged CTR {result.logged_value:.4f}, "
+                     f"ESS {result.ess:.1f}")
+    return MaterializeResult(metadata={
+        **base, "status": "estimated", **result.as_metadata(), "epsilon": epsilon, "temperature": config.temperature,
+        "snips_lift_over_logged": round(result.snips - result.logged_value, 6),
+        "logged_model_versions": MetadataValue.json(rows["model_version"].astype(str).value_counts().to_dict()),
+    })

@@ -41,6 +41,11 @@ class DriftResult:
                 **{f"psi.{k}": round(float(v), 5) for k, v in self.psi.items()}}
 
 
+def psi_status(value: float, thresholds: DriftThresholds = DriftThresholds()) -> str:
+    """"ok" below warn, "warn" from warn, "act" from act."""
+    return "act" if value >= thresholds.act else "warn" if value >= thresholds.warn else "ok"
+
+
 def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10, eps: float = 1e-4) -> float:
     """Population stability index with quantile bins of the reference (a cross-check for Evidently)."""
     reference = np.asarray(reference, dtype=float)
@@ -85,8 +90,12 @@ def event_drift_frame(events: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame
 
 
 def drift_report(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str],
-                 html_path: str | Path | None = None, thresholds: DriftThresholds = DriftThresholds()) -> DriftResult:
-    """PSI per column (Evidently ValueDrift, method psi), an HTML report, and the ok/warn/act status."""
+                 html_path: str | Path | None = None, thresholds: DriftThresholds = DriftThresholds(),
+                 status_columns: list[str] | None = None) -> DriftResult:
+    """PSI per column (Evidently ValueDrift, method psi), an HTML report, and the ok/warn/act status.
+
+    `status_columns` (default: all) are the columns whose PSI decides the status; the others are reported
+    for a person to read (e.g. features that move with the clock by construction)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
 
@@ -109,9 +118,57 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, columns: list[s
     if html_path is not None:
         Path(html_path).parent.mkdir(parents=True, exist_ok=True)
         snapshot.save_html(str(html_path))
-    max_psi = max(values.values()) if values else 0.0
-    status = "act" if max_psi >= thresholds.act else "warn" if max_psi >= thresholds.warn else "ok"
-    drifted = sorted(c for c, v in values.items() if v >= thresholds.act)
+    deciding = {c: v for c, v in values.items() if status_columns is None or c in status_columns}
+    max_psi = max(deciding.values()) if deciding else 0.0
+    status = psi_status(max_psi, thresholds)
+    drifted = sorted(c for c, v in deciding.items() if v >= thresholds.act)
     log.info("drift: status %s, max PSI %.3f over %s columns (%s reference rows, %s current)", status, max_psi,
              len(values), len(reference), len(current))
     return DriftResult(values, max_psi, status, drifted, str(html_path) if html_path else None, len(reference), len(current))
+
+
+# --------------------------------------------------------------------------- the ranker's own features
+# Features whose distribution moves with the clock by construction (a later window has later hours, other
+# weekdays, older accounts and items) and the model's own output: their PSI is reported, never acted on.
+CLOCK_DRIVEN_FEATURES: tuple[str, ...] = ("hour_of_day", "day_of_week", "user_account_age_days", "item_age_hours")
+MODEL_OUTPUT_FEATURES: tuple[str, ...] = ("embedding_affinity",)
+
+
+def ranker_drift_columns() -> tuple[list[str], list[str]]:
+    """(actionable, informational) ranker features, in registry order."""
+    from features.registry import ranker_feature_names
+
+    info = set(CLOCK_DRIVEN_FEATURES) | set(MODEL_OUTPUT_FEATURES)
+    names = ranker_feature_names()
+    return [n for n in names if n not in info], [n for n in names if n in info]
+
+
+def ranker_feature_drift(reference: pd.DataFrame, current: pd.DataFrame, html_path: str | Path | None = None,
+                         thresholds: DriftThresholds = DriftThresholds()) -> DriftResult:
+    """PSI of every ranker feature (frames in registry columns, as assemble_features returns them or as the
+    impression log holds them); the status is decided by the actionable features only."""
+    actionable, informational = ranker_drift_columns()
+    return drift_report(reference, current, actionable + informational, html_path=html_path, thresholds=thresholds,
+                        status_columns=actionable)
+
+
+def feature_statuses(result: DriftResult, thresholds: DriftThresholds = DriftThresholds()) -> dict[str, str]:
+    """Per feature: ok / warn / act, or info for the clock-driven and model-output features."""
+    _, informational = ranker_drift_columns()
+    return {c: ("info" if c in informational else psi_status(v, thresholds)) for c, v in result.psi.items()}
+
+
+def served_feature_window(logged: pd.DataFrame, recent_days: float) -> pd.DataFrame:
+    """The ranker features the two-stage model scored on shown answers (not shadow, not fallbacks) over the
+    last `recent_days` of the impression log, one column per feature."""
+    from monitoring.skew import served_feature_frame
+
+    if logged.empty:
+        return pd.DataFrame()
+    shown = ~logged["shadow"].fillna(False).astype(bool) if "shadow" in logged else pd.Series(True, index=logged.index)
+    rows = logged[shown & logged["features"].notna() & logged["served_by"].fillna("").str.startswith("two_stage")]
+    if rows.empty:
+        return pd.DataFrame()
+    ts = rows["request_ts"].astype("int64")
+    rows = rows[ts > int(ts.max()) - int(recent_days * 86_400_000)]
+    return served_feature_frame(rows)

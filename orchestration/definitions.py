@@ -5,21 +5,22 @@ from dagster import Definitions, FilesystemIOManager, load_asset_checks_from_mod
 
 from assets import features, ingestion, maintenance, monitoring, rollout, serving, training
 from assets.streaming import drain_stream
-from orchestration.jobs import (build_job, impressions_job, ingest_job, maintenance_job, retrain_job, rollout_job,
-                                tune_job)
+from orchestration.jobs import (build_job, impressions_job, ingest_job, maintenance_job, monitor_job,
+                                refresh_online_job, retrain_job, rollout_job, tune_job)
 from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource, SparkResource
 from orchestration.sensors import stream_lag_sensor
-from orchestration.sensors import (daily_ingest, daily_retrain, drift_sensor, impressions_every_15_min,
-                                   rollout_sensor, weekly_maintenance)
+from orchestration.sensors import (daily_ingest, daily_retrain, drift_sensor, freshness_sensor, hourly_monitoring,
+                                   impressions_every_15_min, rollout_sensor, weekly_maintenance)
 
 _modules = [ingestion, features, training, serving, monitoring, maintenance, rollout]
 
 defs = Definitions(
     assets=load_assets_from_modules(_modules),
     asset_checks=load_asset_checks_from_modules(_modules),
-    jobs=[ingest_job, build_job, retrain_job, maintenance_job, impressions_job, tune_job, rollout_job, drain_stream],
-    sensors=[drift_sensor, rollout_sensor, stream_lag_sensor],
-    schedules=[daily_ingest, daily_retrain, weekly_maintenance, impressions_every_15_min],
+    jobs=[ingest_job, build_job, retrain_job, maintenance_job, impressions_job, tune_job, rollout_job, monitor_job,
+          refresh_online_job, drain_stream],
+    sensors=[drift_sensor, rollout_sensor, freshness_sensor, stream_lag_sensor],
+    schedules=[daily_ingest, daily_retrain, weekly_maintenance, impressions_every_15_min, hourly_monitoring],
     resources={
         "lake": LakeResource(),
         "spark": SparkResource(),

@@ -9,6 +9,7 @@ _maintenance = AssetSelection.groups("maintenance")
 _served = AssetSelection.assets("impression_log")  # needs traffic: its own job
 _tuning = AssetSelection.groups("tuning")  # optional, on demand: its own job
 _rollout = AssetSelection.groups("rollout")  # judges live traffic: its own job (with the impression log it reads)
+_served_health = AssetSelection.assets("served_model_health", "off_policy_evaluation")  # read traffic: monitor job
 
 ingest_job = define_asset_job(
     "ingest_events", selection=_events, partitions_def=daily_partitions,
@@ -16,7 +17,7 @@ ingest_job = define_asset_job(
 )
 
 build_job = define_asset_job(
-    "build", selection=AssetSelection.all() - _events - _maintenance - _served - _tuning - _rollout,
+    "build", selection=AssetSelection.all() - _events - _maintenance - _served - _served_health - _tuning - _rollout,
     description="Everything downstream of the events: catalog, labels, features, training, gates, registry, "
                 "online store, drift.",
 )
@@ -40,3 +41,12 @@ tune_job = define_asset_job("tune_ranker", selection=_tuning,
 rollout_job = define_asset_job("rollout", selection=_served | _rollout,
                                description="Land impressions, compare the shadowed challenger, evaluate the canary per "
                                            "arm, then start the canary, promote or roll back (assets/rollout.py).")
+
+monitor_job = define_asset_job(
+    "monitor", selection=AssetSelection.assets("feature_health") | _served_health,
+    description="Feature health (nulls, ranges, staleness), served-model health (scores, entropy, CTR@k) and the "
+                "off-policy estimate of the challenger from the impression log.")
+
+refresh_online_job = define_asset_job(
+    "refresh_online_store", selection=AssetSelection.assets("online_features", "feature_health"),
+    description="Rewrite the newest feature snapshot to Redis and re-measure feature health (freshness sensor).")
