@@ -206,5 +206,47 @@ def slate_target_probabilities(log: pd.DataFrame, scores: Any, epsilon: float = 
     return out
 
 
-__all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_MAX_WEIGHT", "OPEResult", "clipped_ips", "effective_sample_size",
+# --------------------------------------------------------------------------- a logged bandit with a known answer
+@dataclass(frozen=True)
+class SyntheticBandit:
+    """Reward means mu(x, a), a logging policy and a target policy (softmax over seeded logits, full support);
+    contexts are uniform, so the target's true value is mean_x sum_a pi(a|x) mu(x, a) exactly."""
+
+    mu: np.ndarray
+    logging: np.ndarray
+    target: np.ndarray
+
+    @classmethod
+    def make(cls, seed: int = 0, n_contexts: int = 5, n_actions: int = 6) -> "SyntheticBandit":
+        rng = np.random.default_rng(seed)
+        mu = rng.uniform(0.02, 0.4, size=(n_contexts, n_actions))
+        logging = _softmax(rng.normal(0, 1.0, size=(n_contexts, n_actions)))
+        target = _softmax(3.0 * mu / mu.max() + rng.normal(0, 0.5, size=(n_contexts, n_actions)))  # favours good arms
+        return cls(mu, logging, target)
+
+    @property
+    def true_value(self) -> float:
+        return float(np.mean(np.sum(self.target * self.mu, axis=1)))
+
+    @property
+    def logging_value(self) -> float:
+        return float(np.mean(np.sum(self.logging * self.mu, axis=1)))
+
+    def log(self, n: int, seed: int) -> pd.DataFrame:
+        """n logged rounds: request_id, reward (Bernoulli), propensity (logger's), pi (target's), seeded."""
+        rng = np.random.default_rng(seed)
+        x = rng.integers(0, self.mu.shape[0], size=n)
+        a = (rng.random(n)[:, None] > self.logging[x].cumsum(axis=1)).sum(axis=1)
+        a = np.minimum(a, self.mu.shape[1] - 1)
+        r = (rng.random(n) < self.mu[x, a]).astype(float)
+        return pd.DataFrame({"request_id": np.arange(n), "reward": r, "propensity": self.logging[x, a],
+                             "pi": self.target[x, a]})
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+__all__ = ["DEFAULT_BOOTSTRAP", "SyntheticBandit", "DEFAULT_MAX_WEIGHT", "OPEResult", "clipped_ips", "effective_sample_size",
            "evaluate_policy", "importance_weights", "ips", "slate_target_probabilities", "snips"]

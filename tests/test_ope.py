@@ -5,45 +5,25 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monitoring.ope import (clipped_ips, effective_sample_size, evaluate_policy, importance_weights, ips,
-                            slate_target_probabilities, snips)
+from monitoring.ope import (SyntheticBandit, clipped_ips, effective_sample_size, evaluate_policy, importance_weights,
+                            ips, slate_target_probabilities, snips)
 
-N_CONTEXTS, N_ACTIONS = 5, 6
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+def _world(seed: int = 0) -> SyntheticBandit:
+    return SyntheticBandit.make(seed)
 
 
-def _world(seed: int = 0):
-    """Reward means mu(x, a), a logging policy p0(a | x) and a target policy pi(a | x), all known."""
-    rng = np.random.default_rng(seed)
-    mu = rng.uniform(0.02, 0.4, size=(N_CONTEXTS, N_ACTIONS))
-    logging = _softmax(rng.normal(0, 1.0, size=(N_CONTEXTS, N_ACTIONS)))
-    target = _softmax(3.0 * mu / mu.max() + rng.normal(0, 0.5, size=(N_CONTEXTS, N_ACTIONS)))  # favours good actions
-    truth = float(np.mean(np.sum(target * mu, axis=1)))  # contexts are uniform
-    return mu, logging, target, truth
-
-
-def _log(world, n: int, seed: int) -> pd.DataFrame:
-    mu, logging, target, _ = world
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, N_CONTEXTS, size=n)
-    cum = logging[x].cumsum(axis=1)
-    a = (rng.random(n)[:, None] > cum).sum(axis=1)
-    r = (rng.random(n) < mu[x, a]).astype(float)
-    return pd.DataFrame({"request_id": np.arange(n), "reward": r, "propensity": logging[x, a], "pi": target[x, a]})
+def _log(world: SyntheticBandit, n: int, seed: int) -> pd.DataFrame:
+    return world.log(n, seed)
 
 
 def test_ips_is_unbiased_and_its_interval_covers_the_truth() -> None:
     world = _world()
-    truth = world[3]
+    truth = world.true_value
     estimates = [ips(d["reward"], d["propensity"], d["pi"]) for d in (_log(world, 2000, s) for s in range(300))]
     se = np.std(estimates) / np.sqrt(len(estimates))
     assert abs(np.mean(estimates) - truth) < 3 * se, (np.mean(estimates), truth, se)
     # the logged (on-policy) value is clearly different: the estimator is doing real work
-    logged_value = float(np.mean(np.sum(world[1] * world[0], axis=1)))
+    logged_value = world.logging_value
     assert abs(logged_value - truth) > 10 * se
     covered = 0
     for s in range(60):
@@ -64,12 +44,12 @@ def test_snips_has_lower_variance_than_ips() -> None:
     v_snips = np.var([snips(d["reward"], d["propensity"], d["pi"]) for d in logs])
     assert v_snips < 0.8 * v_ips, (v_snips, v_ips)
     m_snips = np.mean([snips(d["reward"], d["propensity"], d["pi"]) for d in logs])
-    assert abs(m_snips - world[3]) < 0.01  # its O(1/n) bias is small
+    assert abs(m_snips - world.true_value) < 0.01  # its O(1/n) bias is small
 
 
 def test_clipping_biases_toward_zero_and_lowers_variance() -> None:
     world = _world(5)
-    truth = world[3]
+    truth = world.true_value
     logs = [_log(world, 1000, s) for s in range(300)]
     w_max = max(importance_weights(d["propensity"], d["pi"]).max() for d in logs)
     tight = [clipped_ips(d["reward"], d["propensity"], d["pi"], max_weight=1.0) for d in logs]
