@@ -182,27 +182,30 @@ def slate_target_probabilities(log: pd.DataFrame, scores: Any, epsilon: float = 
     s = np.asarray(scores, dtype=float)
     if len(s) != len(log):
         raise ValueError(f"scores ({len(s)}) must align with the log ({len(log)} rows)")
-    out = np.zeros(len(log))
-    frame = pd.DataFrame({"req": log[request_col].to_numpy(), "pos": log[position_col].to_numpy(),
-                          "score": s, "row": np.arange(len(log))})
-    for _, group in frame.groupby("req", sort=False):
-        g = group.sort_values("pos", kind="mergesort")
-        sc, rows = g["score"].to_numpy(), g["row"].to_numpy()
-        m_total = len(g)
-        for k in range(m_total):
-            remaining = sc[k:]
-            m = len(remaining)
-            if temperature > 0:
-                z = np.exp((remaining - remaining.max()) / temperature)
-                greedy = z[0] / z.sum()
-            else:
-                best = remaining.max()
-                ties = np.flatnonzero(remaining == best)
-                greedy = 1.0 / len(ties) if 0 in ties else 0.0
-            eps = 0.0 if k == 0 or m == 1 else epsilon
-            uniform = eps / (m - 1) if m > 1 else 0.0
-            # P(logged item) = exploit it, or explore onto it (exploring never picks the greedy choice itself)
-            out[rows[k]] = (1.0 - eps) * greedy + uniform * (1.0 - greedy)
+    if len(s) == 0:
+        return np.zeros(0)
+    # vectorized over all requests: walk each request bottom-up (position descending), so "what remains at slot k"
+    # is a running (suffix) aggregate: how many items, the best score, how many tie with it, the softmax mass
+    req = pd.factorize(log[request_col])[0]
+    pos = log[position_col].to_numpy()
+    order = np.lexsort((-pos, req))
+    frame = pd.DataFrame({"req": req[order], "score": s[order]})
+    by_req = frame.groupby("req", sort=False)
+    remaining = by_req.cumcount().to_numpy() + 1                     # m: items at this slot or below
+    first_slot = remaining == by_req["score"].transform("size").to_numpy()
+    if temperature > 0:
+        z = np.exp((frame["score"] - by_req["score"].transform("max")).to_numpy() / temperature)
+        greedy = z / frame.assign(z=z).groupby("req", sort=False)["z"].cumsum().to_numpy()
+    else:
+        best = by_req["score"].cummax().to_numpy()
+        ties = frame.groupby(["req", "score"], sort=False).cumcount().to_numpy() + 1  # same score, at or below
+        greedy = np.where(frame["score"].to_numpy() == best, 1.0 / ties, 0.0)
+    eps = np.where(first_slot | (remaining == 1), 0.0, epsilon)
+    uniform = np.where(remaining > 1, eps / np.maximum(remaining - 1, 1), 0.0)
+    # P(logged item) = exploit it, or explore onto it (exploring never picks the greedy choice itself)
+    prob = (1.0 - eps) * greedy + uniform * (1.0 - greedy)
+    out = np.empty(len(s))
+    out[order] = prob
     return out
 
 

@@ -8,6 +8,7 @@ import pytest
 from monitoring.ope import (SyntheticBandit, clipped_ips, effective_sample_size, evaluate_policy, importance_weights,
                             ips, slate_target_probabilities, snips)
 
+
 def _world(seed: int = 0) -> SyntheticBandit:
     return SyntheticBandit.make(seed)
 
@@ -110,3 +111,13 @@ def test_slate_probabilities_are_a_distribution_per_slot_and_match_epsilon_greed
     # a softmax policy spreads probability: the best item gets less than the greedy 1 - eps
     soft = slate_target_probabilities(log, scores[order], epsilon=eps, temperature=1.0)
     assert 0 < soft[1] < 1 - eps
+
+
+def test_slate_probabilities_share_ties_and_handle_many_requests() -> None:
+    log = pd.DataFrame({"request_id": ["a"] * 3 + ["b"] * 3, "position": [2, 0, 1, 0, 1, 2]})
+    # request a, slots 0..2 hold scores 0.9, 0.5, 0.5 (given out of order); request b's slot 1 ties with slot 2
+    scores = np.array([0.5, 0.9, 0.5, 0.3, 0.2, 0.2])
+    probs = slate_target_probabilities(log, scores, epsilon=0.1)
+    # a: slot 0 is the best (certain); slot 1 ties with slot 2: greedy 1/2, exploring onto it 0.1 * (1/2) / 1
+    assert probs[1] == 1.0 and probs[2] == pytest.approx(0.9 * 0.5 + 0.1 * 0.5) and probs[0] == 1.0
+    assert probs[3] == 1.0 and probs[4] == pytest.approx(0.9 * 0.5 + 0.1 * 0.5) and probs[5] == 1.0
