@@ -38,6 +38,24 @@ DEFAULT_CHANNELS: tuple[Channel, ...] = (
 )
 
 
+CANDIDATE_BUDGET_SHARE = 0.4  # of a request's max_latency_ms that candidate generation may spend
+
+
+def channels_for_budget(max_latency_ms: float | None,
+                        channels: tuple[Channel, ...] = DEFAULT_CHANNELS) -> tuple[Channel, ...]:
+    """The channels with their time budgets shrunk to fit a request's own latency budget.
+
+    Candidate generation gets CANDIDATE_BUDGET_SHARE of `max_latency_ms`, split in proportion to the
+    default budgets; a budget never grows past its default (a generous client does not make a slow
+    channel welcome). None = the defaults.
+    """
+    if max_latency_ms is None:
+        return channels
+    total = sum(c.timeout_ms for c in channels)
+    scale = min(1.0, CANDIDATE_BUDGET_SHARE * float(max_latency_ms) / total) if total > 0 else 1.0
+    return tuple(Channel(c.name, c.share, c.timeout_ms * scale) for c in channels)
+
+
 def co_visitation(co_items: Mapping[str, Mapping[str, float] | None], last_items: list[str], k: int) -> list[str]:
     """Items most co-clicked with the session's last items (more recent items weigh more)."""
     scores: dict[str, float] = {}
@@ -109,4 +127,5 @@ def run_channels(producers: Mapping[str, Callable[[int], list[str]]], pool: int,
     return out, contributed, errors
 
 
-__all__ = ["Channel", "DEFAULT_CHANNELS", "co_visitation", "fresh_items", "run_channels"]
+__all__ = ["CANDIDATE_BUDGET_SHARE", "Channel", "DEFAULT_CHANNELS", "channels_for_budget", "co_visitation", "fresh_items",
+           "run_channels"]

@@ -28,7 +28,7 @@ import pandas as pd
 
 from features.functions import SESSION_HISTORY_FOR_TOWER, assemble_features, session_features
 from features.registry import ITEM_STORE_COLUMNS, USER_JSON_COLUMNS, USER_STORE_COLUMNS
-from serving.candidates import co_visitation, fresh_items, run_channels
+from serving.candidates import channels_for_budget, co_visitation, fresh_items, run_channels
 from serving.rerank import RerankConfig, explore, limit_category_runs, mmr, request_rng, thompson
 
 log = logging.getLogger("kairos.serving")
@@ -198,6 +198,8 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         lat["post_processing"] += _ms(time.perf_counter() - t)
         lat["total"] = _ms(time.perf_counter() - t_start)
         response["latency_breakdown_ms"] = lat
+        if req["max_latency_ms"] is not None and lat["total"] > req["max_latency_ms"]:
+            response["over_budget"] = True  # answered anyway (never a 5xx), but the caller should know
         if served_by not in (SERVED_TWO_STAGE, SERVED_STALE):
             log.info("request %s for %s served by %s", response["request_id"], req["user_id"], served_by)
         if log_impression is not None:
@@ -271,7 +273,8 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
             "trending": trending,
             "fresh": lambda k: fresh_items(table.ids, table.arrays["publish_ts"][:-1], bundle.item_row, now_ms, k),
         }
-        candidates, contributed, channel_errors = run_channels(producers, pool, seen_set)
+        candidates, contributed, channel_errors = run_channels(producers, pool, seen_set,
+                                                               channels_for_budget(req["max_latency_ms"]))
         response["candidate_channels"] = contributed
         if channel_errors:
             response["channel_errors"] = channel_errors

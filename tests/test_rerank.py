@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from serving.candidates import Channel, co_visitation, fresh_items, run_channels
 from serving.rerank import explore, limit_category_runs, mmr, request_rng
@@ -68,8 +69,6 @@ def test_channels_merge_dedupe_exclude_and_survive_failures() -> None:
 
 
 def test_thompson_sampling_explores_by_uncertainty_and_logs_true_propensities() -> None:
-    import pytest
-
     from serving.rerank import RerankConfig, thompson
 
     rng0 = np.random.default_rng(0)
@@ -96,3 +95,25 @@ def test_thompson_sampling_explores_by_uncertainty_and_logs_true_propensities() 
     assert changed(5000.0) < changed(50.0) < changed(2.0)
     with pytest.raises(ValueError, match="KAIROS_EXPLORATION"):
         RerankConfig(exploration="ucb")
+
+
+def test_channel_budgets_follow_the_request_budget() -> None:
+    from serving.candidates import CANDIDATE_BUDGET_SHARE, DEFAULT_CHANNELS, channels_for_budget
+
+    assert channels_for_budget(None) == DEFAULT_CHANNELS
+    assert channels_for_budget(10_000) == DEFAULT_CHANNELS  # never above the defaults
+    tight = channels_for_budget(20.0)
+    total = sum(c.timeout_ms for c in tight)
+    assert total == pytest.approx(CANDIDATE_BUDGET_SHARE * 20.0)
+    ratios = {c.name: c.timeout_ms / d.timeout_ms for c, d in zip(tight, DEFAULT_CHANNELS)}
+    assert len({round(r, 9) for r in ratios.values()}) == 1  # split in proportion to the defaults
+    # a channel slower than its shrunk budget is dropped, the request still fills its pool from the others
+    def slow_ann(k: int) -> list[str]:
+        time.sleep(0.01)
+        return [f"a{i}" for i in range(k)]
+
+    producers = {"ann": slow_ann, "trending": lambda k: [f"t{i}" for i in range(k)]}
+    out, contributed, errors = run_channels(producers, 10, set(), tight)
+    assert "timeout" in errors["ann"] and contributed["trending"] == len(out) > 0
+    out, _, errors = run_channels(producers, 10, set(), channels_for_budget(100.0))
+    assert not errors and len(out) == 10
