@@ -131,6 +131,10 @@ def test_evaluate_models_reports_everything(outcome, trainset, tmp_path) -> None
     assert page.exists() and text.startswith("<!DOCTYPE html>")
     assert "ndcg_at_20" in text and "calibration" in text.lower() and "user_new" in text and "co_occurrence" in text
     assert "http" not in text and "<script" not in text  # self-contained
+    from training.evaluation import evaluation_plot_png
+
+    png = evaluation_plot_png(res, tmp_path / "report" / "evaluation.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 def test_report_escapes_and_handles_missing_calibration(tmp_path) -> None:

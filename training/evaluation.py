@@ -270,7 +270,8 @@ def _json_records(table: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 # keys of evaluate_models' result that are not a model's metrics dict
-EXTRA_KEYS = ("calibration", "slices", "scoring_latency", "feature_health", "champion_source", "report_html")
+EXTRA_KEYS = ("calibration", "slices", "scoring_latency", "feature_health", "champion_source", "report_html",
+              "report_plot")
 
 
 def model_names(results: dict[str, Any]) -> list[str]:
@@ -410,4 +411,36 @@ def evaluation_report_html(results: dict[str, Any], path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc, encoding="utf-8")
+    return out
+
+
+def evaluation_plot_png(results: dict[str, Any], path: str | Path) -> Path:
+    """One PNG for the MLflow run: NDCG@10 / HR@10 per model (the side-by-side a reviewer looks for first)
+    and the two-stage reliability diagram (predicted vs observed click rate per bin)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in model_names(results) if "ndcg_at_10" in results[m]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = np.arange(len(models))
+    for offset, metric in ((-0.2, "ndcg_at_10"), (0.2, "hr_at_10")):
+        left.bar(x + offset, [float(results[m].get(metric, np.nan)) for m in models], width=0.4, label=metric)
+    left.set_xticks(x, models, rotation=30, ha="right")
+    left.set_title("test window: models side by side")
+    left.legend()
+    calib = [r for r in results.get("calibration") or [] if r.get("count")]
+    right.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect")
+    if calib:
+        right.plot([r["mean_predicted"] for r in calib], [r["observed_rate"] for r in calib], marker="o", label="two_stage")
+    right.set_xlabel("mean predicted probability")
+    right.set_ylabel("observed click rate")
+    right.set_title("two-stage reliability" + ("" if calib else " (no probabilities)"))
+    right.legend()
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
     return out
