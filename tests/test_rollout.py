@@ -276,3 +276,26 @@ def test_rollout_assets_take_a_version_from_shadow_to_champion_and_roll_back_a_b
     out = _materialize(tmp_path, redis_server, {"rollout_decision": {"config": {"force_rollback": True}}})
     assert out["action"] == "rollback_champion" and rollout_state(settings).champion == v1
     assert json.dumps(out, default=str)
+
+
+def test_rollout_sensor_runs_the_rollout_job_only_while_a_rollout_is_in_progress(settings) -> None:
+    from dagster import DagsterInstance, build_sensor_context
+
+    from orchestration.definitions import defs
+    from orchestration.sensors import rollout_tick
+
+    assert rollout_tick("promoted", "3", 1000.0) is None and rollout_tick("shadow", None, 1000.0) is None
+    assert rollout_tick("canary", "3", 1000.0, 300) == rollout_tick("canary", "3", 1100.0, 300) != \
+        rollout_tick("canary", "3", 1300.0, 300)
+    sensor = defs.resolve_sensor_def("rollout_sensor")
+    assert sensor.job_name == "rollout"
+    v1, v2 = _versions(settings, 2)
+    promote(settings, v1)
+    with DagsterInstance.ephemeral() as instance:
+        idle = sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
+        assert not idle.run_requests and "no rollout in progress" in idle.skip_message
+        start_rollout(settings, v2)
+        busy = sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
+        assert len(busy.run_requests) == 1
+        assert {k: v for k, v in busy.run_requests[0].tags.items() if k.startswith("kairos/")} == {
+            "kairos/trigger": "rollout", "kairos/stage": "shadow", "kairos/version": v2}
