@@ -16,6 +16,7 @@ import pandas as pd
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, AssetKey, Config,
                      MetadataValue, Output, asset)
 
+from compliance.versions import source_version
 from orchestration.resources import LakeResource, MlflowResource, RedisResource
 
 GROUP = "rollout"
@@ -51,7 +52,7 @@ class ShadowSettings(Config):
     min_overlap_at_10: float = -1.0  # < 0: report only
 
 
-@asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP,
+@asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP, code_version=source_version(__file__, "training/rollout.py"),
        check_specs=[AssetCheckSpec("shadow_healthy", asset="shadow_report")],
        description="Challenger vs champion on identical requests (shadow rows of the impression log): score PSI/KS, "
                    "overlap@10 and rank correlation of the lists; proceed / hold / refuse.")
@@ -91,7 +92,7 @@ class CanarySettings(Config):
     click_window_minutes: float = 30.0  # a click credits an impression of the same user and item this recent
 
 
-@asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP,
+@asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP, code_version=source_version(__file__, "training/rollout.py"),
        check_specs=[AssetCheckSpec("canary_within_guardrails", asset="canary_evaluation")],
        description="Per arm of the canary (impression log + clicks from the event stream): error rate, p99 latency, "
                    "CTR; promote / hold / rollback against the guardrails.")
@@ -130,7 +131,7 @@ class RolloutDecisionSettings(Config):
     force_rollback: bool = False    # operator switch: champion -> previous_champion now
 
 
-@asset(group_name=GROUP,
+@asset(group_name=GROUP, code_version=source_version(__file__, "training/rollout.py"),
        description="Applies the verdicts: shadow passed -> canary; canary passed -> promote (champion alias flip, old "
                    "champion kept as previous_champion); a breach -> rollback (canary dropped; champion untouched).")
 def rollout_decision(context: AssetExecutionContext, config: RolloutDecisionSettings, shadow_report: dict,
@@ -152,7 +153,7 @@ def rollout_decision(context: AssetExecutionContext, config: RolloutDecisionSett
         start_canary(settings, state.version, config.canary_share, reason=reason)
         effect = {"canary": state.version, "share": config.canary_share}
     elif action == "promote":
-        effect = promote(settings, state.version, reason=reason)
+        effect = promote(settings, state.version, reason=reason, by=f"dagster run {context.run_id} (rollout_decision)")
     elif action == "abort_canary":
         effect = abort_canary(settings, reason, stage=ROLLED_BACK)
     elif action == "refuse":

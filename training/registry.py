@@ -169,8 +169,7 @@ def register_bundle(settings: Settings, bundle_dir: Path, metrics: dict[str, dic
         from training.rollout import promote, start_rollout
 
         if auto_promote:
-            promote(settings, version, reason="gate passed (auto_promote)")
-            record_promotion(settings, version, CHAMPION, by, "validation gate passed (auto_promote)")
+            promote(settings, version, reason="gate passed (auto_promote)", by=by)
             stage = "promoted"
         else:
             stage = start_rollout(settings, version, reason="gate passed")

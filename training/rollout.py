@@ -6,8 +6,8 @@ The registry's aliases say what serves; the registered model's tags say where a 
     challenger          the newest registered version (set by training.registry.register_bundle)
     canary              the version a configured share of users gets, by hash bucket (canary stage only)
     previous_champion   the champion before the last promotion: `rollback` restores it in one alias flip
-    tag rollout.stage   none | shadow | canary | promoted | rolled_back | refused
-    tag rollout.version the version under rollout; rollout.canary_share; rollout.reason; rollout.stage_started_ms
+    tag rollout.state   JSON: stage (none | shadow | canary | promoted | rolled_back | refused), version (the one
+                        under rollout), canary_share, reason, stage_started_ms: one tag, so a stage change is one write
 
 The decisions are pure functions (`compare_shadow`, `shadow_verdict`, `canary_verdict`, `next_action`)
 over numbers read from the impression log, so they are tested without MLflow; the alias flips
@@ -28,11 +28,7 @@ CHALLENGER = "challenger"
 CANARY = "canary"
 PREVIOUS_CHAMPION = "previous_champion"
 
-STAGE_TAG = "rollout.stage"
-VERSION_TAG = "rollout.version"
-SHARE_TAG = "rollout.canary_share"
-REASON_TAG = "rollout.reason"
-STARTED_TAG = "rollout.stage_started_ms"
+STATE_TAG = "rollout.state"
 
 NONE, SHADOW, CANARY_STAGE, PROMOTED, ROLLED_BACK, REFUSED = "none", "shadow", "canary", "promoted", "rolled_back", "refused"
 STAGES = (NONE, SHADOW, CANARY_STAGE, PROMOTED, ROLLED_BACK, REFUSED)
@@ -62,18 +58,18 @@ class RolloutState:
 
     @classmethod
     def from_registry(cls, tags: Mapping[str, str], aliases: Mapping[str, str]) -> "RolloutState":
-        """Parse the registered model's tags; unknown or missing values mean 'no rollout'."""
-        stage = tags.get(STAGE_TAG, NONE)
+        """Parse the registered model's `rollout.state` tag; a missing or unreadable one means 'no rollout'."""
+        import json
+
         try:
-            share = float(tags.get(SHARE_TAG, 0.0))
-        except ValueError:
-            share = 0.0
-        try:
-            started = int(tags.get(STARTED_TAG, 0))
-        except ValueError:
-            started = 0
-        return cls(stage=stage if stage in STAGES else NONE, version=tags.get(VERSION_TAG) or None,
-                   canary_share=min(max(share, 0.0), 1.0), reason=tags.get(REASON_TAG, ""),
+            raw = json.loads(tags.get(STATE_TAG) or "{}")
+            stage = str(raw.get("stage", NONE))
+            share = float(raw.get("canary_share", 0.0))
+            started = int(raw.get("stage_started_ms", 0))
+        except (ValueError, TypeError, AttributeError):
+            raw, stage, share, started = {}, NONE, 0.0, 0
+        return cls(stage=stage if stage in STAGES else NONE, version=str(raw.get("version") or "") or None,
+                   canary_share=min(max(share, 0.0), 1.0), reason=str(raw.get("reason", "")),
                    stage_started_ms=started, aliases={str(k): str(v) for k, v in aliases.items()})
 
 
@@ -116,11 +112,12 @@ def _ks(a: np.ndarray, b: np.ndarray) -> float:
 
 def _spearman(a: Sequence[str], b: Sequence[str]) -> float | None:
     """Spearman correlation of the positions of the items both lists share (None below 2 shared items)."""
-    common = [i for i in a if i in set(b)]
+    pos_b = {item: r for r, item in enumerate(b)}
+    common = [i for i in a if i in pos_b]
     if len(common) < 2:
         return None
-    pos_b = {item: r for r, item in enumerate(b)}
-    ra = np.argsort(np.argsort([a.index(i) for i in common]))
+    pos_a = {item: r for r, item in enumerate(a)}
+    ra = np.argsort(np.argsort([pos_a[i] for i in common]))
     rb = np.argsort(np.argsort([pos_b[i] for i in common]))
     if np.std(ra) == 0 or np.std(rb) == 0:
         return None
@@ -415,12 +412,11 @@ def rollout_state(settings: Any) -> RolloutState:
 
 def _set_stage(client: Any, settings: Any, stage: str, version: str | None, reason: str,
                share: float | None = None) -> None:
-    tags = {STAGE_TAG: stage, VERSION_TAG: str(version or ""), REASON_TAG: reason[:4900],
-            STARTED_TAG: str(int(time.time() * 1000))}
-    if share is not None:
-        tags[SHARE_TAG] = str(share)
-    for k, v in tags.items():
-        client.set_registered_model_tag(settings.model_name, k, v)
+    import json
+
+    state = {"stage": stage, "version": str(version or ""), "canary_share": float(share or 0.0),
+             "reason": reason[:4000], "stage_started_ms": int(time.time() * 1000)}
+    client.set_registered_model_tag(settings.model_name, STATE_TAG, json.dumps(state))
 
 
 def _delete_alias(client: Any, settings: Any, alias: str) -> None:
@@ -432,8 +428,9 @@ def _delete_alias(client: Any, settings: Any, alias: str) -> None:
         pass
 
 
-def promote(settings: Any, version: str, reason: str = "promoted") -> dict[str, Any]:
-    """champion -> `version`; the old champion stays loadable as `previous_champion`; the canary ends."""
+def promote(settings: Any, version: str, reason: str = "promoted", by: str = "training.rollout.promote") -> dict[str, Any]:
+    """champion -> `version`; the old champion stays loadable as `previous_champion`; the canary ends.
+    `by` (who/what promoted) and `reason` are stamped on the version (promoted.champion.*) for its lineage."""
     t = time.perf_counter()
     client = _client(settings)
     state = rollout_state(settings)
@@ -441,11 +438,15 @@ def promote(settings: Any, version: str, reason: str = "promoted") -> dict[str, 
     if old is not None and old != str(version):
         client.set_registered_model_alias(settings.model_name, PREVIOUS_CHAMPION, old)
     client.set_registered_model_alias(settings.model_name, CHAMPION, str(version))
+    flipped = time.perf_counter() - t
     if state.aliases.get(CANARY):
         _delete_alias(client, settings, CANARY)
     _set_stage(client, settings, PROMOTED, str(version), reason, share=0.0)
+    from training.registry import record_promotion
+
+    record_promotion(settings, str(version), CHAMPION, by, reason)
     return {"champion": str(version), "previous_champion": old if old != str(version) else state.previous_champion,
-            "seconds": time.perf_counter() - t}
+            "seconds": flipped, "total_seconds": time.perf_counter() - t}
 
 
 def start_rollout(settings: Any, version: str, reason: str = "gate passed") -> str:
@@ -479,7 +480,10 @@ def abort_canary(settings: Any, reason: str, stage: str = ROLLED_BACK) -> dict[s
 
 
 def rollback(settings: Any, reason: str = "manual rollback") -> dict[str, Any]:
-    """champion -> previous_champion in one alias flip (the servers pick it up on their next poll)."""
+    """champion -> previous_champion in one alias flip (the servers pick it up on their next poll).
+
+    `seconds` is the time until the champion alias points at the previous version (what serving
+    sees); `total_seconds` includes the bookkeeping after it (aliases, stage tag)."""
     t = time.perf_counter()
     client = _client(settings)
     state = rollout_state(settings)
@@ -489,11 +493,12 @@ def rollback(settings: Any, reason: str = "manual rollback") -> dict[str, Any]:
                            f"set a champion explicitly with promote(settings, '<version>')")
     demoted = state.champion
     client.set_registered_model_alias(settings.model_name, CHAMPION, previous)
+    flipped = time.perf_counter() - t
     _delete_alias(client, settings, PREVIOUS_CHAMPION)
     if state.aliases.get(CANARY):
         _delete_alias(client, settings, CANARY)
     _set_stage(client, settings, ROLLED_BACK, demoted, f"{reason}: champion {demoted} -> {previous}", share=0.0)
-    return {"champion": previous, "demoted": demoted, "seconds": time.perf_counter() - t}
+    return {"champion": previous, "demoted": demoted, "seconds": flipped, "total_seconds": time.perf_counter() - t}
 
 
 __all__ = ["ArmMetrics", "arm_metrics", "shadow_inputs", "Guardrails", "RolloutState", "ShadowComparison", "ShadowGuardrails", "Verdict",
