@@ -37,16 +37,19 @@ def drained(lag: dict[str, Any]) -> bool:
 
 def lag_decision(lag: dict[str, Any], group: str, max_lag_ms: int = STREAM_LAG_ALERT_MS,
                  max_pending: int = STREAM_LAG_ALERT_PENDING) -> tuple[bool, str]:
-    """Whether the consumer lag calls for an alert (and a draining run), and why."""
-    g = lag["groups"].get(group)
-    if g is None:
+    """Whether the consumer lag calls for an alert (and a draining run), and why. Every group counts (the
+    sessionizer: session freshness; kairos-bronze: stream -> table); `group` must exist once events arrive."""
+    if group not in lag["groups"]:
         if lag["length"]:
             return True, f"{lag['length']} entries in {lag['stream']} and no consumer group {group}: start `kairos stream`"
         return False, f"{lag['stream']} is empty and has no consumer group yet"
-    if g["lag_ms"] > max_lag_ms or g["pending"] > max_pending:
-        return True, (f"consumer lag {g['lag_ms']} ms (threshold {max_lag_ms}), {g['pending']} pending "
+    name, g = max(lag["groups"].items(), key=lambda kv: (kv[1]["lag_ms"], kv[1]["pending"]))
+    over = [n for n, x in lag["groups"].items() if x["lag_ms"] > max_lag_ms or x["pending"] > max_pending]
+    if over:
+        name, g = over[0], lag["groups"][over[0]]
+        return True, (f"group {name}: consumer lag {g['lag_ms']} ms (threshold {max_lag_ms}), {g['pending']} pending "
                       f"(threshold {max_pending}), stream length {lag['length']}")
-    return False, f"consumer lag {g['lag_ms']} ms and {g['pending']} pending are within thresholds"
+    return False, f"consumer lag {g['lag_ms']} ms (worst group {name}) and pending are within thresholds"
 
 
 @op(description="Run the streaming consumer (session keys + bronze dual write) until drained or max_seconds.")

@@ -393,6 +393,10 @@ def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJo
         stop.set()
         if thread is not None:
             thread.join(timeout=60)
+        try:  # a clean stop leaves only unfinished entries in the stream
+            trim_processed(client, STREAM)
+        except redis.RedisError as exc:
+            log.warning("final trim failed: %s", exc)
     return {"sessions": dict(processor.stats), "bronze": dict(writer.stats) if writer else None}
 
 
@@ -405,13 +409,15 @@ def main(argv: list[str] | None = None, opts: StreamJobOptions | None = None) ->
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = opts or parse_args(argv)
     url = os.environ.get("REDIS_URL") or redis_url_from_env()
-    client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
+    from orchestration.settings import redact_url, redis_client
+
+    client = redis_client(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)  # password/TLS from env
     lake = DeltaLake(Settings.from_env().lake_uri) if opts.bronze else None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     log.info("streaming job %s reading %s as group %s on %s; bronze dual write %s", opts.consumer_name(), STREAM, GROUP,
-             url, f"to {lake.uri('bronze_events')} every {opts.bronze_window_ms} ms" if lake else "off")
+             redact_url(url), f"to {lake.uri('bronze_events')} every {opts.bronze_window_ms} ms" if lake else "off")
     stats = run_job(client, lake, stop, opts)
     log.info("streaming job stopped: %s", stats)
     return 0

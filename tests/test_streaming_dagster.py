@@ -27,6 +27,9 @@ def test_lag_decision_thresholds() -> None:
     ok = {"stream": STREAM, "length": 3, "groups": {GROUP: {"pending": 2, "lag_ms": 900}}}
     assert not lag_decision(ok, GROUP, max_lag_ms=1000)[0] and lag_decision(ok, GROUP, max_lag_ms=500)[0]
     assert lag_decision(ok, GROUP, max_pending=1)[0]
+    bronze_behind = {**ok, "groups": {**ok["groups"], "kairos-bronze": {"pending": 0, "lag_ms": 90_000}}}
+    fire, why = lag_decision(bronze_behind, GROUP)
+    assert fire and "kairos-bronze" in why
     assert drained({"groups": {GROUP: {"pending": 0, "lag_ms": 0}}}) and not drained(ok)
 
 
