@@ -71,31 +71,40 @@ def throughput(url: str, n: int, home: Path) -> None:
         publish(client, events[k:k + 5000])
     proc = SessionStreamProcessor(client, consumer_name="bench")
     proc.ensure_group()
-    t = time.perf_counter()
+
+    def redis_cpu() -> float:
+        info = client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    t, cpu, rcpu = time.perf_counter(), time.process_time(), redis_cpu()
     while proc.process_once(count=500, block_ms=1) or proc.lag()["pending"]:
         pass
-    secs = time.perf_counter() - t
+    secs, cpu, rcpu = time.perf_counter() - t, time.process_time() - cpu, redis_cpu() - rcpu
     assert proc.stats["applied"] == n, proc.stats
-    print(f"\n1. Throughput, one process pinned to one core, {n} events (3,000 users, 6,000 sessions):")
+    load = os.getloadavg()[0]
+    print(f"\n1. Throughput, one process pinned to one core, {n} events (3,000 users, 6,000 sessions), "
+          f"load average {load:.1f} on {os.cpu_count()} cores:")
     print(f"   sessionizer (session + user keys, markers, XACK: one transaction per batch of 500): "
-          f"{n / secs:,.0f} events/s ({secs:.1f} s)")
+          f"{n / secs:,.0f} events/s wall ({secs:.1f} s); {n / cpu:,.0f} events per CPU-second of the job "
+          f"(what one free core sustains); redis-server {1e6 * rcpu / n:.0f} us CPU per event")
     writer = BronzeWriter(client, DeltaLake(str(home / "lake-throughput")), STREAM, window_ms=1000, owner="bench")
     writer.ensure_group()
     time.sleep(1.0)  # let the last window close
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     batches = writer.flush()
-    secs = time.perf_counter() - t
+    secs, cpu = time.perf_counter() - t, time.process_time() - cpu
     rows = sum(b.rows for b in batches)
     print(f"   bronze dual write (JSON -> bronze rows -> Delta, idempotent batches): {rows:,} rows in {len(batches)} "
-          f"micro-batches, {rows / secs:,.0f} rows/s ({secs:.1f} s)")
+          f"micro-batches, {rows / secs:,.0f} rows/s wall ({secs:.1f} s), {rows / cpu:,.0f} rows per CPU-second")
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
 
 
-def _start_job(url: str, home: Path, consumer: str, window_ms: int = 1000) -> subprocess.Popen:
+def _start_job(url: str, home: Path, consumer: str, bronze: bool = True) -> subprocess.Popen:
+    """`python -m streaming.job` with its defaults (10 s bronze windows) as its own process."""
     env = {**os.environ, "REDIS_URL": url, "KAIROS_HOME": str(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     log = open(home / f"stream-{consumer}.log", "ab")
     return subprocess.Popen([sys.executable, "-m", "streaming.job", "--consumer", consumer,
-                             "--bronze-window-ms", str(window_ms)], cwd=str(ROOT), env=env, stdout=log,
+                             *([] if bronze else ["--no-bronze"])], cwd=str(ROOT), env=env, stdout=log,
                             stderr=subprocess.STDOUT)
 
 
@@ -112,7 +121,7 @@ def _wait_applied(client, event: dict, timeout_s: float) -> None:
         time.sleep(0.05)
 
 
-def freshness(url: str, home: Path, rates: list[int], seconds: float) -> None:
+def freshness(url: str, home: Path, rates: list[int], seconds: float, bronze: bool = True) -> None:
     import redis
 
     from features.online import session_key
@@ -121,11 +130,12 @@ def freshness(url: str, home: Path, rates: list[int], seconds: float) -> None:
     client = redis.Redis.from_url(url, decode_responses=True)
     client.flushdb()
     _catalog(client, 400)
-    job = _start_job(url, home, "fresh")
+    job = _start_job(url, home, f"fresh-{'bronze' if bronze else 'nobronze'}", bronze=bronze)
     try:
         _wait_applied(client, {"event_id": "warm-up", "user_id": "warm", "session_id": "warm-up", "item_id": "i1",
                                "event_type": "click", "timestamp": T0, "schema_version": 1}, timeout_s=120)
-        print("\n2. Freshness XADD -> session key readable (real job process, bronze dual write on):")
+        print(f"\n2. Freshness XADD -> session key readable (real job process, bronze dual write "
+              f"{'on' if bronze else 'off'}, load average {os.getloadavg()[0]:.1f}):")
         for rate in rates:
             stop = threading.Event()
             background = _events(int(rate * seconds * 1.5) + 10, 3000, 400, seed=rate, prefix=f"bg{rate}-")
@@ -269,6 +279,7 @@ def main() -> int:
     try:
         throughput(server.url, args.events, home)
         freshness(server.url, home, args.rates, args.seconds)
+        freshness(server.url, home, args.rates[:1], args.seconds, bronze=False)
         if not args.no_adaptation:
             adaptation(home, server, args.users)
     finally:

@@ -157,9 +157,9 @@ class BronzeWriter:
         newest = parse_id(_s(info.get("last-generated-id") or "0-0"))[0]
         if max(server_time_ms(self.client), newest) < end:
             return None  # the window may still receive entries
+        # always the whole window, even if the cursor points inside it (set by hand): its batch id and content
+        # are then those of the original write (a no-op), or it lands rows nobody wrote; never a partial window
         entries = self.client.xrange(self.stream, min=f"{start}-0", max=f"{end - 1}-{_MAX_SEQ}")
-        if cursor != "0-0":
-            entries = [e for e in entries if parse_id(_s(e[0])) > parse_id(cursor)]
         first, last = _s(entries[0][0]), _s(entries[-1][0])
         frame, unusable = bronze_rows(entries)
         day = event_dates(np.array([start]))[0]
