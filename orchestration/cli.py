@@ -5,6 +5,8 @@
     kairos serve     run the BentoML ranking server
     kairos stream    run the streaming job (Redis Stream -> session keys + bronze micro-batches; --help: flags)
     kairos ui        run the Dagster UI over this project's instance
+    kairos lineage   the lineage of a model version (--version N) or of a served request (--request-id R)
+    kairos forget    forget a user everywhere (--user U --by NAME --reason TEXT), with an audit entry
 """
 from __future__ import annotations
 
@@ -128,7 +130,6 @@ def _print_ranked(title: str, response: dict, categories: dict[str, str]) -> Non
 def demo(args: argparse.Namespace) -> int:
     """The main job on embedded defaults: everything real, end to end."""
     import httpx
-    import redis as redis_lib
 
     from lake.delta import DeltaLake
     from serving.server import start_server, stop_server, wait_ready
@@ -142,7 +143,10 @@ def demo(args: argparse.Namespace) -> int:
     prepare_home(settings)
     server_redis = ensure_redis(settings)
     settings = Settings.from_env()
-    print(f"Kairos demo: home={settings.home} redis={settings.redis_url} mlflow={settings.mlflow_tracking_uri}")
+    from orchestration.settings import redact_url, redis_client
+
+    print(f"Kairos demo: home={settings.home} redis={redact_url(settings.redis_url)} "
+          f"mlflow={redact_url(settings.mlflow_tracking_uri)}")
     source = {"source": args.source, "n_users": args.users, "n_items": args.items, "days": args.days, "seed": args.seed}
     if args.source == "movielens-100k":
         source = {"source": args.source}
@@ -160,7 +164,7 @@ def demo(args: argparse.Namespace) -> int:
            "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri}
     proc = start_server(port, env=env)
     stop = threading.Event()
-    client = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True)
+    client = redis_client(settings.redis_url)  # password / TLS from the environment
     processor = SessionStreamProcessor(client, consumer_name="demo")
     processor.ensure_group()
     thread = threading.Thread(target=processor.run_forever, args=(stop,), daemon=True)
@@ -256,6 +260,69 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return stream_main(opts=options_from_args(args)) or 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """Print the lineage of a model version, or of the version that answered a request."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from compliance.lineage import lineage_for_version, render_html, request_lineage, summary
+
+    settings = Settings.from_env()
+    prepare_home(settings)
+    if bool(args.version) == bool(args.request_id):
+        raise SystemExit("kairos lineage: give exactly one of --version N or --request-id R")
+    try:
+        if args.request_id:
+            client = None
+            try:
+                from orchestration.resources import redis_url_from_env
+                from orchestration.settings import redis_client
+
+                client = redis_client(redis_url_from_env(settings), socket_timeout=10)
+            except RuntimeError:  # no Redis configured: the Delta impression log alone
+                pass
+            doc = request_lineage(settings, args.request_id, redis_client=client)
+            lineage = doc["lineage"]
+        else:
+            lineage = lineage_for_version(settings, str(args.version))
+            doc = lineage
+    except LookupError as exc:
+        raise SystemExit(str(exc)) from exc
+    if args.html:
+        Path(args.html).write_text(render_html(lineage))
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    else:
+        if args.request_id:
+            r = doc["request"]
+            print(f"request {r['request_id']} ({r['source']}): user {r['user_id']} at {r['request_at']}, "
+                  f"served_by {r['served_by']}, model version {r['model_version']}, feature version "
+                  f"{r['feature_version']}, {len(r['items'])} items")
+        print(summary(lineage))
+        if args.html:
+            print(f"HTML report written to {args.html}")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Forget a user in every store (Redis, Delta + vacuum), exclude them from ingestion/training, audit it."""
+    from compliance.forget import forget_user
+
+    settings = Settings.from_env()
+    prepare_home(settings)
+    try:
+        row = forget_user(settings, args.user, requested_by=args.by, reason=args.reason,
+                          retention_hours=args.retention_hours)
+    except ValueError as exc:
+        raise SystemExit(f"kairos forget: {exc}") from exc
+    deleted = json.loads(row["deleted"])
+    print(f"forgot user (hash {row['user_hash'][:16]}…), audit request {row['request_id']}: "
+          f"{row['total_deleted']} rows/keys/entries deleted")
+    for what, n in sorted(deleted.items()):
+        print(f"  {what:<32} {n}")
+    print("old table versions purged now" if args.retention_hours <= 0 else
+          f"old table versions readable for {args.retention_hours} h more (lake_maintenance vacuums them)")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     prepare_home(Settings.from_env())
     os.execvp(str(Path(sys.executable).parent / "dagster"), ["dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml")])
@@ -288,6 +355,19 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("stream", help="run the streaming job (Redis Stream -> session keys + bronze micro-batches)")
     add_stream_arguments(st).set_defaults(fn=cmd_stream)
     sub.add_parser("ui", help="run the Dagster UI").set_defaults(fn=cmd_ui)
+    ln = sub.add_parser("lineage", help="lineage of a model version or of a served request")
+    ln.add_argument("--version", default="", help="registered model version")
+    ln.add_argument("--request-id", default="", help="a served request id (impression log or Redis stream)")
+    ln.add_argument("--json", action="store_true", help="print the whole lineage document as JSON")
+    ln.add_argument("--html", default="", help="also write the HTML report to this path")
+    ln.set_defaults(fn=cmd_lineage)
+    fg = sub.add_parser("forget", help="right to be forgotten: delete a user everywhere, exclude, audit")
+    fg.add_argument("--user", required=True)
+    fg.add_argument("--by", required=True, help="who requested / executed it (goes to the audit log)")
+    fg.add_argument("--reason", required=True, help="why (e.g. the ticket of the data-subject request)")
+    fg.add_argument("--retention-hours", type=float, default=0.0,
+                    help="0 (default): purge old table versions now; H: keep H hours of time travel")
+    fg.set_defaults(fn=cmd_forget)
     args = parser.parse_args(argv)
     return int(args.fn(args) or 0)
 

@@ -77,3 +77,160 @@ def test_code_versions_follow_the_source(tmp_path) -> None:
     assert graph.get(AssetKey("labels")).code_version != graph.get(AssetKey("training_set")).code_version
     with pytest.raises(FileNotFoundError, match="code_version"):
         source_version("no/such/module.py")
+
+
+# ---------------------------------------------------------------------------------------------- the document
+def _inputs() -> dict:
+    """Hand-made inputs in the shape collect_inputs returns (two ingest runs, one build run)."""
+    mats = [
+        {"asset": "silver_events", "run_id": "ingest-1", "timestamp": 10.0, "partition": "2026-01-01",
+         "data_version": "silver_events@v3", "code_version": "aaa", "delta_version": 3, "rows": 90},
+        {"asset": "silver_events", "run_id": "ingest-2", "timestamp": 20.0, "partition": "2026-01-02",
+         "data_version": "silver_events@v5", "code_version": "aaa", "delta_version": 5, "rows": 120},
+        {"asset": "training_set", "run_id": "build-1", "timestamp": 30.0, "partition": None,
+         "data_version": "training_set@v2", "code_version": "bbb", "delta_version": 2, "rows": 400},
+        {"asset": "registered_model", "run_id": "build-1", "timestamp": 40.0, "partition": None,
+         "data_version": "x", "code_version": "ccc", "delta_version": None, "rows": None},
+    ]
+    checks = [
+        {"asset": "silver_events", "check": "events_contract", "passed": True, "severity": "WARN", "run_id": "ingest-1",
+         "metadata": {}},
+        {"asset": "silver_events", "check": "events_contract", "passed": False, "severity": "WARN",
+         "run_id": "ingest-2", "metadata": {"quarantine_rate": 0.2}},
+        {"asset": "training_set", "check": "point_in_time_correct", "passed": True, "severity": "ERROR",
+         "run_id": "build-1", "metadata": {}},
+    ]
+    tags = {"delta.silver_events.version": "4", "delta.silver_events.rows": "100",
+            "delta.training_set.version": "2", "delta.training_set.rows": "400", "dagster.run_id": "build-1",
+            "git.sha": "abc123", "feature_registry.version": "reg1", "gate.passed": "True",
+            "promoted.challenger.at": "1767225600000", "promoted.challenger.by": "dagster run build-1",
+            "promoted.challenger.reason": "newly registered version",
+            "promoted.champion.at": "1767229200000", "promoted.champion.by": "<script>alert(1)</script>",
+            "promoted.champion.reason": "gate passed"}
+    return {"model_version": {"name": "kairos-ranker", "version": "7", "run_id": "r7", "tags": tags,
+                              "creation_timestamp": 1767225600000, "aliases": ["champion"]},
+            "run": {"run_id": "r7", "params": {"training_rows": "400"}, "metrics": {"test.two_stage.auc": 0.71}},
+            "artifacts": {"gate.json": {"passed": True, "reasons": ["PASS beats_popularity: 0.3 > 0.2"], "checks": {}},
+                          "evaluation.json": {"two_stage": {"auc": 0.71}, "popularity": {"auc": 0.6}, "rows": 5}},
+            "dagster": {"run": {"run_id": "build-1", "job": "build"}, "materializations": mats, "checks": checks},
+            "delta": {"silver_events": {"current_version": 9, "committed_at": "2026-01-01T00:00:00+00:00",
+                                        "operation": "WRITE", "time_travel": "available"}},
+            "feature_registry_now": "reg2", "generated_at_ms": 1767230000000}
+
+
+def test_build_lineage_joins_registry_dagster_and_delta() -> None:
+    from compliance.lineage import build_lineage
+
+    lin = build_lineage(**_inputs())
+    assert lin == build_lineage(**_inputs())  # pure
+    tables = lin["data"]["tables"]
+    # silver v4 was read: ingest-1 wrote v3 and ingest-2 wrote v5, so v4 comes from the newest at or below it
+    assert tables["silver_events"]["produced_by_run"] == "ingest-1" and tables["silver_events"]["rows"] == 100
+    assert tables["silver_events"]["operation"] == "WRITE" and tables["silver_events"]["current_version"] == 9
+    assert tables["training_set"] == {**tables["training_set"], "version": 2, "produced_by_run": "build-1",
+                                      "data_version": "training_set@v2", "code_version": "bbb"}
+    # the contract results are those of the run that produced the data read, not a later failing one
+    assert [(c["check"], c["run_id"], c["passed"]) for c in lin["contracts"]] == [("events_contract", "ingest-1", True)]
+    assert lin["dagster"]["data_runs"] == ["build-1", "ingest-1"]
+    assert lin["code"]["asset_code_versions"] == {"registered_model": "ccc", "silver_events": "aaa", "training_set": "bbb"}
+    assert lin["code"]["feature_registry_changed_since"] is True and lin["code"]["git_sha"] == "abc123"
+    assert [p["alias"] for p in lin["promotions"]] == ["challenger", "champion"]
+    assert lin["promotions"][1]["at"] == "2026-01-01T01:00:00+00:00"
+    assert lin["gate"] == {"passed": True, "reasons": ["PASS beats_popularity: 0.3 > 0.2"], "checks": {}}
+    assert set(lin["evaluation"]) == {"two_stage", "popularity"}
+
+
+def test_render_html_is_self_contained_and_escaped() -> None:
+    from compliance.lineage import build_lineage, render_html
+
+    page = render_html(build_lineage(**_inputs()))
+    assert page.startswith("<!doctype html>") and "<script" not in page and "&lt;script&gt;" in page
+    assert "http://" not in page and "https://" not in page and "<link" not in page  # nothing fetched
+    for text in ("kairos-ranker version 7", "silver_events", "ingest-1", "events_contract", "abc123", "Gate: PASSED"):
+        assert text in page, text
+
+
+# ---------------------------------------------------------------------------------------------- on a real world
+@pytest.fixture(scope="module")
+def world():
+    from tests._compliance_world import compliance_world, world_env
+
+    w = compliance_world()
+    with world_env(w):
+        yield w
+
+
+@pytest.mark.e2e
+def test_lineage_logged_at_registration(world) -> None:
+    import json as _json
+
+    import mlflow
+    from dagster import DagsterInstance
+
+    from training.registry import _client
+
+    settings, version = world["settings"], world["version"]
+    mv = _client(settings).get_model_version(settings.model_name, version)
+    assert mv.tags["lineage.uri"] == f"runs:/{mv.run_id}/lineage/lineage.html"
+    run = _client(settings).get_run(mv.run_id)
+    doc = _json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/lineage/lineage.json"))
+    assert doc["model"]["version"] == version and doc["dagster"]["training_run"]["run_id"] == world["run"]["run_id"]
+    assert "<!doctype html>" in mlflow.artifacts.load_text(f"{run.info.artifact_uri}/lineage/lineage.html")
+    event = DagsterInstance.get().get_latest_materialization_event(AssetKey("registered_model"))
+    meta = event.asset_materialization.metadata
+    assert meta["lineage_uri"].value == mv.tags["lineage.uri"]
+    from pathlib import Path
+
+    assert Path(meta["lineage_html"].value).exists()
+    assert event.asset_materialization.tags["dagster/code_version"] == \
+        defs.resolve_asset_graph().get(AssetKey("registered_model")).code_version
+
+
+@pytest.mark.e2e
+def test_lineage_of_a_version_from_the_cli(world, capsys) -> None:
+    import json as _json
+
+    from orchestration.cli import main
+
+    settings, version, run = world["settings"], world["version"], world["run"]
+    assert main(["lineage", "--version", version, "--json"]) == 0
+    lin = _json.loads(capsys.readouterr().out)
+    tables = lin["data"]["tables"]
+    assert {"bronze_events", "silver_events", "labels", "training_set", "user_features", "catalog_items"} <= set(tables)
+    assert tables["silver_events"]["produced_by_run"] == run["ingest_run_id"]
+    assert tables["training_set"]["produced_by_run"] == run["run_id"]
+    assert tables["training_set"]["data_version"] == f"training_set@v{tables['training_set']['version']}"
+    checks = {(c["asset"], c["check"]) for c in lin["contracts"]}
+    assert {("silver_events", "events_contract"), ("silver_events", "counts_reconcile")} <= checks
+    assert all(c["run_id"] == run["ingest_run_id"] for c in lin["contracts"])
+    graph = defs.resolve_asset_graph()
+    for asset in ("two_tower_model", "ranker_model", "training_set", "labels"):
+        assert lin["code"]["asset_code_versions"][asset] == graph.get(AssetKey(asset)).code_version, asset
+    assert len(lin["code"]["git_sha"]) == 40 and lin["gate"]["reasons"]
+    assert lin["training"]["params"]["training_rows"] == str(tables["training_set"]["rows"])
+    by = {p["alias"]: p for p in lin["promotions"]}
+    assert by["challenger"]["by"] == f"dagster run {run['run_id']}" and by["challenger"]["at"]
+    assert main(["lineage", "--version", version]) == 0
+    text = capsys.readouterr().out
+    assert f"version {version}" in text and "events_contract" in text
+
+
+@pytest.mark.e2e
+def test_lineage_of_a_served_request(world, capsys, tmp_path) -> None:
+    import json as _json
+
+    from orchestration.cli import main
+
+    version, other = world["version"], world["other"]
+    # landed in the Delta impression log by the log_impressions job
+    assert main(["lineage", "--request-id", "req-landed-other", "--json", "--html", str(tmp_path / "l.html")]) == 0
+    doc = _json.loads(capsys.readouterr().out)
+    assert doc["request"]["source"] == "delta:impression_log" and doc["request"]["user_id"] == other
+    assert doc["request"]["model_version"] == version and doc["lineage"]["model"]["version"] == version
+    assert len(doc["request"]["items"]) == 5 and (tmp_path / "l.html").read_text().startswith("<!doctype html>")
+    # still only in the Redis impression stream
+    assert main(["lineage", "--request-id", "req-in-redis-only", "--json"]) == 0
+    doc = _json.loads(capsys.readouterr().out)
+    assert doc["request"]["source"] == "redis:kairos:impressions" and doc["lineage"]["model"]["version"] == version
+    with pytest.raises(SystemExit, match="neither in the impression_log"):
+        main(["lineage", "--request-id", "no-such-request"])
