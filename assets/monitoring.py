@@ -208,6 +208,7 @@ def _age(value: float | None) -> float:
 
 
 @asset(deps=[TRAINING_SET, ONLINE_FEATURES, IMPRESSION_LOG], group_name="monitoring",
+       code_version=source_version(__file__, "monitoring/health.py"),
        check_specs=[AssetCheckSpec("feature_nulls_within_threshold", asset=FEATURE_HEALTH),
                     AssetCheckSpec("features_in_valid_range", asset=FEATURE_HEALTH),
                     AssetCheckSpec("online_features_fresh", asset=FEATURE_HEALTH)],
@@ -312,7 +313,7 @@ def _attributed(store, log: pd.DataFrame, window_hours: float) -> pd.DataFrame:
     return attribute_engagement(shown, events, int(window_hours * HOUR_MS))
 
 
-@asset(deps=[IMPRESSION_LOG, SILVER], group_name="monitoring",
+@asset(deps=[IMPRESSION_LOG, SILVER], group_name="monitoring", code_version=source_version(__file__, "monitoring/health.py"),
        description="Per served model version: score distribution (quantiles, histogram), prediction entropy, and "
                    "CTR at positions 1, 3 and 10 with clicks attributed from silver events as labels are.")
 def served_model_health(context: AssetExecutionContext, config: ServedHealthConfig, lake: LakeResource) -> MaterializeResult:
@@ -376,6 +377,7 @@ def challenger_scores(bundle, logged: pd.DataFrame) -> pd.Series:
 
 
 @asset(deps=[IMPRESSION_LOG, SILVER, "registered_model"], group_name="monitoring",
+       code_version=source_version(__file__, "monitoring/ope.py"),
        description="The challenger's expected CTR estimated from the champion's logged propensities (IPS, clipped "
                    "IPS, SNIPS with bootstrap CIs and effective sample size) before it serves.")
 def off_policy_evaluation(context: AssetExecutionContext, config: OPEConfig, lake: LakeResource,

@@ -20,8 +20,8 @@ def _asset_keys() -> set[str]:
 
 
 def _tables_read(assets_def, known: set[str]) -> set[str]:
-    """Asset names an asset's code refers to: constants bound to asset names and string literals, in its
-    compute function and the module-level helpers it calls (one level)."""
+    """Asset names an asset's code reads: constants bound to asset names, and string literals passed to lake
+    reads, in its compute function and the module-level helpers it calls (one level)."""
     fn = assets_def.op.compute_fn.decorated_fn
     module = inspect.getmodule(fn)
     sources = [inspect.getsource(fn)]
@@ -36,7 +36,10 @@ def _tables_read(assets_def, known: set[str]) -> set[str]:
             value = getattr(module, const, None)
             if isinstance(value, str) and value in known:
                 found.add(value)
-        found.update(s for s in re.findall(r"""["']([a-z_]+)["']""", body) if s in known)
+        # string literals only where the lake is read (a literal may also be a dict key that happens to match)
+        literals = re.findall(r"""\.(?:read|pin|read_arrow|exists|version|files)\(\s*["']([a-z_]+)["']""", body)
+        literals += re.findall(r"""read_table\([^,()]+,\s*["']([a-z_]+)["']""", body)
+        found.update(s for s in literals if s in known)
     return found
 
 
