@@ -207,17 +207,21 @@ class KairosRanker:
                 self.impressions = ImpressionLogger(self.store.client)
         except Exception as exc:  # noqa: BLE001 - no Redis configured: serve popularity from the bundle
             log.warning("online store not configured (%s); requests will use the popularity fallback", exc)
-        from serving.experiments import Experiment, shadow_enabled
+        from concurrent.futures import ThreadPoolExecutor
 
-        self.experiment = Experiment.from_env()
-        self.shadow = shadow_enabled()
+        from serving.experiments import Experiment, canary_share_from_env, shadow_enabled
+
+        self._env_experiment = Experiment.from_env()
+        self._env_shadow = shadow_enabled()
+        self._env_canary_share = canary_share_from_env()
+        self.experiment = self._env_experiment
+        self.shadow = self._env_shadow
+        self.plan = None
         self.challenger = None
-        self._shadow_pool = None
-        if self.shadow:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kairos-shadow")
+        self._previous = None  # the last champion, kept in memory: a rollback to it is one reference swap
+        self._shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kairos-shadow")
         self._load_champion()
+        self._apply_rollout()
         self._load_challenger()
         self._warm_store()
         self._thread = threading.Thread(target=self._refresh_loop, name="kairos-model-refresh", daemon=True)
@@ -228,10 +232,15 @@ class KairosRanker:
 
     # ------------------------------------------------------------------ model lifecycle
     def _load_champion(self) -> None:
-        from training.registry import load_alias
+        from training.registry import alias_version, load_alias
 
         try:
-            bundle = load_alias(self.settings, alias="champion")
+            previous = self._previous
+            wanted = alias_version(self.settings, "champion")
+            if previous is not None and wanted is not None and str(previous.model_version) == str(wanted):
+                bundle = previous  # a rollback to the version served before: no download, no load
+            else:
+                bundle = load_alias(self.settings, alias="champion")
         except Exception as exc:  # noqa: BLE001 - registry down or empty: keep serving what we have
             log.warning("could not load the champion: %s", exc)
             return
@@ -240,23 +249,46 @@ class KairosRanker:
                 log.warning("no champion registered yet; serving popularity until one appears")
             return
         old = getattr(self.bundle, "model_version", None)
+        if self.bundle is not None and str(old) != str(bundle.model_version):
+            self._previous = self.bundle
         self.bundle = bundle  # one reference swap: requests see the old or the new bundle, never a mix
         log.info("serving model version %s (was %s)", bundle.model_version, old)
 
+    def _apply_rollout(self) -> None:
+        """Env experiment/shadow settings win; else the registry's rollout stage (shadow, canary share)."""
+        from serving.experiments import serving_plan
+        from training.rollout import rollout_state
+
+        state = None
+        if self._env_experiment is None:
+            try:
+                state = rollout_state(self.settings)
+            except Exception as exc:  # noqa: BLE001 - registry unreachable: keep the current plan
+                log.warning("could not read the rollout state: %s", exc)
+                return
+        plan = serving_plan(self._env_experiment, self._env_shadow, state, self._env_canary_share)
+        if plan != self.plan:
+            log.info("serving plan: experiment %s, shadow %s, candidate alias %s (from %s)", plan.experiment,
+                     plan.shadow, plan.candidate_alias, plan.source)
+        self.plan, self.experiment, self.shadow = plan, plan.experiment, plan.shadow
+
     def _load_challenger(self) -> None:
-        """The `challenger` alias, when an experiment or shadow mode needs it and it differs from the champion."""
-        if self.experiment is None and not self.shadow:
+        """The candidate alias (`challenger`, or `canary` in a canary), when an experiment or shadow mode
+        needs it and it differs from the champion."""
+        if self.plan is None or not self.plan.needs_candidate:
+            self.challenger = None
             return
         from training.registry import alias_version, load_alias
 
+        alias = self.plan.candidate_alias
         try:
-            version = alias_version(self.settings, "challenger")
+            version = alias_version(self.settings, alias)
             champion = getattr(self.bundle, "model_version", None)
             if version is None or str(version) == str(champion):
                 self.challenger = None
                 return
             if str(getattr(self.challenger, "model_version", "")) != str(version):
-                self.challenger = load_alias(self.settings, alias="challenger")
+                self.challenger = load_alias(self.settings, alias=alias)
                 log.info("challenger model version %s loaded (experiment %s, shadow %s)", version,
                          self.experiment, self.shadow)
         except Exception as exc:  # noqa: BLE001 - no challenger: everyone gets the champion
@@ -283,6 +315,7 @@ class KairosRanker:
                 latest = self._champion_version()
                 if latest is not None and latest != (None if current is None else str(current)):
                     self._load_champion()
+                self._apply_rollout()
                 self._load_challenger()
             except Exception as exc:  # noqa: BLE001
                 log.warning("champion check failed: %s", exc)
@@ -304,21 +337,27 @@ class KairosRanker:
 
         from serving.pipeline import personalize
 
-        from serving.experiments import CHALLENGER_ARM, assign
+        from serving.experiments import CHAMPION_ARM, INTERLEAVE, INTERLEAVE_ARM, assign
 
         request = body.model_dump(exclude_none=True)
+        arm = CHAMPION_ARM
+        experiment = self.experiment
         try:
             champion, challenger = self.bundle, self.challenger
-            arm = assign(self.experiment, body.user_id) if challenger is not None else "champion"
-            bundle = challenger if arm == CHALLENGER_ARM else champion
-            # serialized here: skips BentoML's pydantic pass over the output (~1 ms per request)
-            answer = personalize(request, bundle, self.store,
-                                 log_impression=None if self.impressions is None else
-                                 (lambda rec, arm=arm: self.impressions({**rec, "experiment": getattr(
-                                     self.experiment, "name", None), "arm": arm})))
-            if self.experiment is not None:
-                answer["experiment"] = {"name": self.experiment.name, "arm": arm}
-            if self._shadow_pool is not None and challenger is not None and arm != CHALLENGER_ARM:
+            arm = assign(experiment, body.user_id) if challenger is not None else CHAMPION_ARM
+            bundle = challenger if arm != CHAMPION_ARM else champion
+            if arm != CHAMPION_ARM and experiment.mode == INTERLEAVE:
+                arm = INTERLEAVE_ARM
+                answer = self._interleaved(request, champion, challenger, experiment.name)
+            else:
+                # serialized here: skips BentoML's pydantic pass over the output (~1 ms per request)
+                answer = personalize(request, bundle, self.store,
+                                     log_impression=None if self.impressions is None else
+                                     (lambda rec, arm=arm: self.impressions({**rec, "experiment": getattr(
+                                         experiment, "name", None), "arm": arm})))
+            if experiment is not None:
+                answer["experiment"] = {"name": experiment.name, "arm": arm}
+            if self.shadow and challenger is not None and arm == CHAMPION_ARM:
                 self._shadow_pool.submit(self._shadow_score, request, challenger, answer["request_id"])
             self._observe(answer)
             return Response(json.dumps(answer, separators=(",", ":")),
@@ -330,11 +369,44 @@ class KairosRanker:
             bundle = self.bundle
             n = body.request_config.num_results
             ranked = bundle.popular(n) if bundle is not None else (self.store.last_popular() if self.store else [])
-            return {"request_id": uuid.uuid4().hex, "user_id": body.user_id,
-                    "ranked_items": [{"item_id": i, "score": round(1.0 / (k + 1), 6), "rank": k + 1} for k, i in enumerate(ranked[:n])],
-                    "model_version": getattr(bundle, "model_version", None), "served_by": "popularity_fallback:internal_error",
-                    "latency_breakdown_ms": {"feature_fetch": 0.0, "candidate_retrieval": 0.0, "ranking_inference": 0.0,
-                                             "post_processing": 0.0, "total": 0.0}, "error": type(exc).__name__}
+            answer = {"request_id": uuid.uuid4().hex, "user_id": body.user_id,
+                      "ranked_items": [{"item_id": i, "score": round(1.0 / (k + 1), 6), "rank": k + 1} for k, i in enumerate(ranked[:n])],
+                      "model_version": getattr(bundle, "model_version", None), "served_by": "popularity_fallback:internal_error",
+                      "latency_breakdown_ms": {"feature_fetch": 0.0, "candidate_retrieval": 0.0, "ranking_inference": 0.0,
+                                               "post_processing": 0.0, "total": 0.0}, "error": type(exc).__name__}
+            self._log_error(answer, request, experiment, arm)
+            return answer
+
+    def _log_error(self, answer: dict, request: dict, experiment, arm: str) -> None:
+        """An internal error counts against its arm in the impression log (the canary's error guardrail)."""
+        if self.impressions is None:
+            return
+        try:
+            from serving.impressions import impression_record
+
+            ctx = request.get("context") or {}
+            rec = impression_record(answer, {"user_id": request.get("user_id"), "session_id": ctx.get("session_id"),
+                                             "device_type": ctx.get("device_type")}, int(time.time() * 1000), None)
+            self.impressions({**rec, "experiment": getattr(experiment, "name", None), "arm": arm})
+        except Exception as exc:  # noqa: BLE001
+            log.debug("error impression not logged: %s", exc)
+
+    def _interleaved(self, request: dict, champion, challenger, experiment_name: str) -> dict:
+        """Team-draft interleaving of both models' answers; the impression log records each slot's team."""
+        from serving.interleaving import TEAM_A, TEAM_B, interleave_answers
+        from serving.pipeline import personalize
+        from serving.rerank import request_rng
+
+        records: dict[str, dict] = {}
+        a = personalize(request, champion, self.store, log_impression=lambda r: records.__setitem__(TEAM_A, r))
+        b = personalize(request, challenger, self.store, request_id=a["request_id"],
+                        log_impression=lambda r: records.__setitem__(TEAM_B, r))
+        n = int((request.get("request_config") or {}).get("num_results", 10))
+        answer, record = interleave_answers(a, b, n, request_rng(a["request_id"] + ":interleave"),
+                                            records.get(TEAM_A), records.get(TEAM_B))
+        if self.impressions is not None and record is not None:
+            self.impressions({**record, "experiment": experiment_name, "arm": "interleave"})
+        return answer
 
     def _shadow_score(self, request: dict, challenger, request_id: str) -> None:
         """Score the same request with the challenger and log it flagged `shadow` (never shown)."""
