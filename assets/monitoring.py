@@ -219,10 +219,10 @@ def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, 
     import time
 
     from features.online import CURRENT_KEY
+    from features.registry import ranker_feature_names
     from monitoring.drift import MODEL_OUTPUT_FEATURES, served_feature_window
     from monitoring.health import (feature_quality, group_staleness, group_summary, online_freshness,
                                    online_null_rates, served_out_of_range, stale_tiers)
-    from features.registry import ranker_feature_names
 
     store = lake.lake()
     pin = store.pin(TRAINING_SET)
@@ -242,8 +242,7 @@ def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, 
     fresh = online_freshness(client, time.time())
     thresholds = freshness_thresholds(config.batch_max_age_s, config.streaming_max_age_s)
     stale = stale_tiers(fresh, thresholds)
-    by_group = group_staleness({t: (math.inf if t in stale and stale[t] == math.inf else info.get("age_s"))
-                                for t, info in fresh.items()})
+    by_group = group_staleness({t: stale.get(t, info.get("age_s")) for t, info in fresh.items()})
     for entity, age in by_group.items():
         groups.setdefault(entity, {})["staleness_s"] = _age(age)
     online_nulls = online_null_rates(client, client.get(CURRENT_KEY), sample_users=config.online_sample_users)
@@ -365,13 +364,12 @@ def challenger_scores(bundle, logged: pd.DataFrame) -> pd.Series:
     feats = served_feature_frame(logged)
     other = (logged["model_version"].astype(str) != str(bundle.model_version)).to_numpy()
     if other.any():
+        rows = logged[other]
+        codes, users = pd.factorize(rows["user_id"].astype(str))
+        user_vecs = np.stack([bundle.user_vector(u, []) for u in users])
+        item_vecs = bundle.item_vectors(rows["item_id"].astype(str).tolist())
         aff = feats["embedding_affinity"].to_numpy(dtype=float).copy()
-        vectors = {}
-        for k in np.flatnonzero(other):
-            user = str(logged["user_id"].iloc[k])
-            if user not in vectors:
-                vectors[user] = bundle.user_vector(user, [])
-            aff[k] = float(bundle.item_vectors([str(logged["item_id"].iloc[k])])[0] @ vectors[user])
+        aff[other] = np.einsum("ij,ij->i", item_vecs, user_vecs[codes])
         feats["embedding_affinity"] = aff
     return pd.Series(bundle.rank(feats), index=logged.index)
 

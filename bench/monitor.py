@@ -3,6 +3,7 @@ scale, and what PSI says on the simulator with and without a taste shift.
 
     .venv/bin/python bench/monitor.py                  # everything (a few minutes on 2 cores)
     .venv/bin/python bench/monitor.py --skip-psi       # OPE accuracy and throughput only
+    .venv/bin/python bench/monitor.py --only-psi       # the PSI table only
 
 Prints, per estimator (IPS, clipped IPS, SNIPS) and sample size: bias, standard deviation, RMSE against the
 analytic value of the target policy, and the coverage of the 95% bootstrap interval; seconds for
@@ -96,27 +97,29 @@ def bench_psi(worlds: list[tuple[int, int]]) -> None:
     from monitoring.drift import drift_report, event_drift_frame, ranker_drift_columns, ranker_feature_drift
     from tests._trainset import make_training_set
 
-    print("\nPSI on the simulator (reference = training window, current = the last 2 days):")
+    print("\nPSI on the simulator: first half of the days (reference) vs the second half (current); a shifted world "
+          "changes tastes at the midpoint")
     print(f"{'users':>6} {'days':>5} {'shift':>6} {'behaviour max':>14} {'status':>7} {'ranker max':>11} "
-          f"{'status':>7}  worst ranker features")
+          f"{'status':>7}  worst behaviour / ranker features")
+    actionable, _ = ranker_drift_columns()
     for users, days in worlds:
-        for shift in (None, days - 4):
+        for shift in (None, days // 2):
             world = simulate(SimulatorConfig(n_users=users, n_items=150, n_categories=6, days=days, seed=11,
                                              shift_day=shift, malformed_rate=0, duplicate_rate=0))
             ev = world.events
-            cut = int(ev["timestamp"].max()) - 2 * DAY_MS
+            cut = world.config.start_ms + (days // 2) * DAY_MS
             ref = event_drift_frame(ev[ev["timestamp"] < cut], world.items)
             cur = event_drift_frame(ev[ev["timestamp"] >= cut], world.items)
             cols = [c for c in ref.columns if c in cur.columns and c not in ("session_id", "user_id")]
             behaviour = drift_report(ref, cur, cols)
             ts = make_training_set(world)
-            recent = ts[ts["timestamp"] > int(ts["timestamp"].max()) - 2 * DAY_MS]
-            ranker = ranker_feature_drift(assemble_features(ts[ts["split"] == "train"]), assemble_features(recent))
-            actionable, _ = ranker_drift_columns()
-            worst = sorted(((v, k) for k, v in ranker.psi.items() if k in actionable), reverse=True)[:3]
+            ranker = ranker_feature_drift(assemble_features(ts[ts["timestamp"] < cut]),
+                                          assemble_features(ts[ts["timestamp"] >= cut]))
+            worst_b = max(behaviour.psi.items(), key=lambda kv: kv[1])
+            worst_r = sorted(((v, k) for k, v in ranker.psi.items() if k in actionable), reverse=True)[:2]
             print(f"{users:>6} {days:>5} {str(shift):>6} {behaviour.max_psi:>14.3f} {behaviour.status:>7} "
-                  f"{ranker.max_psi:>11.3f} {ranker.status:>7}  "
-                  + ", ".join(f"{k} {v:.2f}" for v, k in worst))
+                  f"{ranker.max_psi:>11.3f} {ranker.status:>7}  {worst_b[0]} {worst_b[1]:.2f} / "
+                  + ", ".join(f"{k} {v:.2f}" for v, k in worst_r))
 
 
 def main() -> int:
@@ -126,9 +129,11 @@ def main() -> int:
     parser.add_argument("--coverage-reps", type=int, default=100)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--skip-psi", action="store_true")
+    parser.add_argument("--only-psi", action="store_true")
     args = parser.parse_args()
-    bench_ope_accuracy(args.sizes, args.replicates, args.coverage_reps)
-    bench_throughput(args.rows)
+    if not args.only_psi:
+        bench_ope_accuracy(args.sizes, args.replicates, args.coverage_reps)
+        bench_throughput(args.rows)
     if not args.skip_psi:
         bench_psi([(120, 10), (400, 21)])
     return 0

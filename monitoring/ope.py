@@ -141,9 +141,13 @@ def evaluate_policy(log: pd.DataFrame, target_probability: Any, reward_col: str 
     # per-cluster sums make every bootstrap replicate O(clusters), not O(rows)
     sums = np.stack([np.bincount(codes, weights=x, minlength=n_clusters)
                      for x in (w * r, np.minimum(w, max_weight) * r, w, np.ones_like(r))])
-    draws = rng.integers(0, n_clusters, size=(n_bootstrap, n_clusters))
-    counts = np.stack([np.bincount(d, minlength=n_clusters) for d in draws])  # [B, clusters]
-    boot = counts @ sums.T  # [B, 4]: sum wr, sum clipped wr, sum w, rows
+    boot = np.empty((n_bootstrap, 4))  # per replicate: sum wr, sum clipped wr, sum w, rows
+    chunk = max(1, min(n_bootstrap, 20_000_000 // max(n_clusters, 1)))  # bounds memory to ~160 MB of counts
+    for start in range(0, n_bootstrap, chunk):
+        stop = min(start + chunk, n_bootstrap)
+        draws = rng.integers(0, n_clusters, size=(stop - start, n_clusters))
+        counts = np.stack([np.bincount(d, minlength=n_clusters) for d in draws])  # [chunk, clusters]
+        boot[start:stop] = counts @ sums.T
     with np.errstate(invalid="ignore", divide="ignore"):
         reps = np.column_stack([boot[:, 0] / boot[:, 3], boot[:, 1] / boot[:, 3], boot[:, 0] / boot[:, 2]])
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
