@@ -1,10 +1,10 @@
 """Monitoring: drift of the ranker's features, feature health, served-model health, off-policy evaluation of a real
 registered challenger, and the freshness / drift sensors against a real DagsterInstance and a real Redis.
 
-One module fixture builds a small world: the pandas training set (tests/_trainset.py) in Delta, two bundles in a
-SQLite MLflow (champion + challenger), the newest snapshot in Redis, real in-process answers of the champion with
-epsilon-greedy exploration logged through the impression stream, and seeded clicks on what was shown landing in
-silver. The four monitoring assets then run in one real Dagster materialization.
+One module fixture builds a small world: the suite's pandas training set in Delta, the suite's trained bundle serving
+as champion (in process), a different challenger registered in a SQLite MLflow, the newest snapshot in Redis, real
+in-process answers of the champion with epsilon-greedy exploration logged through the impression stream, and seeded
+clicks on what was shown landing in silver. The four monitoring assets then run in one real Dagster materialization.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from lake.delta import DeltaLake
 from monitoring.health import (FreshnessThresholds, attribute_engagement, feature_quality, group_staleness,
                                prediction_entropy, stale_tiers)
 from orchestration.settings import Settings
-from tests._trainset import clean_events, make_training_set
+from tests._trainset import clean_events
 
 EPSILON = 0.2
 N_REQUESTS = 80
@@ -37,7 +37,7 @@ def _click_probability(position: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, redis_server, small_world):
+def world(tmp_path_factory, redis_server, small_world, trainset, outcome):
     from assets.monitoring import feature_drift, feature_health, off_policy_evaluation, served_model_health
     from features.online import OnlineStore
     from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource
@@ -61,12 +61,12 @@ def world(tmp_path_factory, redis_server, small_world):
     client.flushdb()
     lake = DeltaLake(settings.lake_uri)
 
-    ts = make_training_set(small_world)
+    ts = trainset
     lake.write("training_set", ts)
     lake.write("catalog_items", small_world.items)
-    # the serving model (in process, not registered: an MLflow registration costs seconds) and a genuinely
+    # the serving model (the suite's shared bundle, in process: an MLflow registration costs seconds) and a genuinely
     # different challenger (other seeds, a smaller ranker) registered behind a failed gate: alias challenger only
-    champion = train_bundle(ts, small_world.items, small_world.users, tt_config=TwoTowerConfig(epochs=1)).bundle
+    champion = outcome.bundle
     chall = train_bundle(ts, small_world.items, small_world.users, tt_config=TwoTowerConfig(epochs=1, seed=3),
                          ranker_config=RankerConfig(num_leaves=7, seed=3, num_boost_round=60))
     failed = GateResult(False, ["FAIL test: held back as challenger"], {})
