@@ -49,7 +49,7 @@ def ensure_redis(settings: Settings):
         return None
     from orchestration.services import start_redis
 
-    server = start_redis(settings.home / "redis")
+    server = start_redis(settings.home / "redis", password=os.environ.get("REDIS_PASSWORD") or None)
     (settings.home / "redis.url").write_text(server.url)
     os.environ["REDIS_URL"] = server.url
     return server
@@ -234,7 +234,8 @@ def cmd_redis(args: argparse.Namespace) -> int:
     prepare_home(settings)
     from orchestration.services import start_redis
 
-    server = start_redis(settings.home / "redis", port=args.port or None)
+    # with REDIS_PASSWORD set the server requires it (requirepass); clients read the same variable
+    server = start_redis(settings.home / "redis", port=args.port or None, password=os.environ.get("REDIS_PASSWORD") or None)
     (settings.home / "redis.url").write_text(server.url)
     print(f"embedded redis-server at {server.url} (URL written to {settings.home / 'redis.url'}); Ctrl-C stops it")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -13,7 +13,7 @@ import redis
 from features.online import OnlineStore
 from orchestration.resources import RedisResource
 from orchestration.services import start_redis
-from orchestration.settings import redact_url, redis_client, redis_connection_kwargs
+from orchestration.settings import Settings, redact_url, redis_client, redis_connection_kwargs
 from training.bundle import MANIFEST, RANKER, Bundle, BundleIntegrityError, file_sha256
 from training.gates import GateResult
 from training.registry import MANIFEST_SHA_TAG, _client, _find_bundle_dir, load_alias, register_bundle
@@ -157,3 +157,20 @@ def test_served_bundles_come_from_the_registry_and_are_verified(settings, tmp_pa
     (cached / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleIntegrityError, match="differs from the one registered"):
         load_alias(settings, "champion")
+
+
+def test_embedded_redis_uses_the_password_from_the_environment(settings, monkeypatch) -> None:
+    """`kairos demo`/`kairos redis` start the embedded server with requirepass when REDIS_PASSWORD is set."""
+    from orchestration.cli import ensure_redis
+
+    monkeypatch.delenv("REDIS_URL", raising=False)  # restored (removed) after the test
+    monkeypatch.setenv("REDIS_PASSWORD", PASSWORD)
+    server = ensure_redis(Settings.from_env())
+    try:
+        assert PASSWORD not in (settings.home / "redis.url").read_text()
+        assert redis_client(server.url).ping()
+        monkeypatch.delenv("REDIS_PASSWORD")
+        with pytest.raises(redis.AuthenticationError):
+            redis_client(server.url).ping()
+    finally:
+        server.stop()
