@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import redis
 
 from serving.interleaving import attribute_clicks, interleave_answers, interleaving_winner, team_draft
 from serving.impressions import ImpressionLogger, impression_record, read_impressions
@@ -112,3 +113,90 @@ def test_interleaving_finds_the_ranker_simulated_users_prefer() -> None:
 def test_team_draft_respects_n(n: int) -> None:
     merged, teams = team_draft([f"a{i}" for i in range(5)], [f"b{i}" for i in range(5)], n, np.random.default_rng(0))
     assert len(merged) == min(n, 10) == len(teams)
+
+
+# ------------------------------------------------------------------------------- through a real server
+from tests.test_serving import _request, snapshot, store, trained  # noqa: E402,F401 - shared fixtures
+
+
+def _inverted(outcome, training_set):
+    """The same bundle with a ranker trained on inverted labels: it ranks what users like last."""
+    import dataclasses
+
+    import lightgbm as lgb
+
+    from features.functions import assemble_features
+    from training.ranker import add_embedding_affinity
+
+    train = training_set[training_set["split"] == "train"]
+    cols = outcome.bundle.manifest.get("ranker_features") or outcome.booster.feature_name()
+    x = assemble_features(add_embedding_affinity(train, outcome.two_tower))[cols].to_numpy(float)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "seed": 7, "num_threads": 1},
+                        lgb.Dataset(x, label=1 - train["label_binary"].to_numpy(), feature_name=list(cols)), 60)
+    return dataclasses.replace(outcome.bundle, ranker=booster)
+
+
+@pytest.mark.e2e
+def test_interleaving_mode_on_a_real_server(trained, snapshot, store, small_world, redis_server, settings,
+                                            tmp_path) -> None:
+    """KAIROS_EXPERIMENT_MODE=interleave: every answer is a team draft of champion and challenger, each
+    slot's team is logged, and simulated users (the world's tastes) make the champion win."""
+    import os
+    import time
+
+    import httpx
+
+    from orchestration.services import free_port
+    from serving.server import start_server, stop_server, wait_ready
+    from training.gates import GateResult
+    from training.registry import register_bundle
+
+    outcome, training_set = trained
+    _, _, _, now_ms = snapshot
+    champion_dir = outcome.bundle.save(tmp_path / "champion")
+    challenger_dir = _inverted(outcome, training_set).save(tmp_path / "challenger")
+    v1 = register_bundle(settings, champion_dir, outcome.metrics, {}, {"test": "interleave"},
+                         GateResult(True, ["test"], {}))
+    v2 = register_bundle(settings, challenger_dir, outcome.metrics, {}, {"test": "interleave"},
+                         GateResult(False, ["test: challenger only"], {}))
+    port = free_port()
+    env = {**os.environ, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url, "KAIROS_MODEL_POLL_S": "1",
+           "KAIROS_EXPERIMENT": "ilv:1.0", "KAIROS_EXPERIMENT_MODE": "interleave", "KAIROS_ACCESS_LOG": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = start_server(port, env=env, log_path=tmp_path / "server.log")
+    world = small_world
+    rng = np.random.default_rng(11)
+    clicks = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, timeout_s=120, proc=proc)
+        with httpx.Client(base_url=base, timeout=30) as http:
+            deadline = time.time() + 60
+            while time.time() < deadline and http.post("/v1/status", json={}).json().get("challenger_version") != v2:
+                time.sleep(0.2)
+            for k in range(80):
+                user = f"u{k % 120:05d}"
+                body = http.post("/v1/personalize", json=_request(user, session=f"ilv-{k}", ts=now_ms + k)).json()
+                assert body["experiment"] == {"name": "ilv", "arm": "interleave"}, body
+                assert body["interleaving"] == {"champion": v1, "challenger": v2}
+                teams = [it["team"] for it in body["ranked_items"]]
+                assert len(teams) == 10 and abs(teams.count("champion") - teams.count("challenger")) <= 1
+                u = int(user[1:])
+                for it in body["ranked_items"]:
+                    i = int(it["item_id"][1:])
+                    rel = world.item_quality[i] + 3.0 * world.tastes[u, world.item_cat[i]]
+                    if rng.random() < 0.85 ** (it["rank"] - 1) / (1.0 + np.exp(-(rel - 2.2))):
+                        clicks.append({"user_id": user, "item_id": it["item_id"], "timestamp": now_ms + k + 1})
+            deadline = time.time() + 10
+            while time.time() < deadline and http.post("/v1/status", json={}).json()["impressions"]["queued"]:
+                time.sleep(0.1)
+            time.sleep(0.3)
+    finally:
+        stop_server(proc)
+    logged, _ = read_impressions(redis.Redis.from_url(redis_server.url, decode_responses=True))
+    logged = logged[logged["experiment"] == "ilv"]
+    assert logged["request_id"].nunique() == 80 and set(logged["team"]) == {"champion", "challenger"}
+    assert (logged["arm"] == "interleave").all() and logged["latency_ms"].notna().all()
+    result = interleaving_winner(logged, pd.DataFrame(clicks), window_ms=1000)
+    print(f"\ninterleaving over 80 requests: {result}")
+    assert result["winner"] == "champion" and result["p_value"] < 0.01, result
