@@ -190,16 +190,6 @@ class FeatureHealthConfig(Config):
     online_sample_users: int = 500
 
 
-def freshness_thresholds(batch_max_age_s: float = -1.0, streaming_max_age_s: float = -1.0):
-    """The environment's freshness thresholds, overridden by any non-negative value given."""
-    from monitoring.health import FreshnessThresholds
-
-    env = FreshnessThresholds.from_env()
-    return FreshnessThresholds(batch_max_age_s=batch_max_age_s if batch_max_age_s >= 0 else env.batch_max_age_s,
-                               streaming_max_age_s=streaming_max_age_s if streaming_max_age_s >= 0
-                               else env.streaming_max_age_s)
-
-
 def _age(value: float | None) -> float:
     """Metadata-safe age: -1 = unknown (no data), a large sentinel for 'never written'."""
     if value is None:
@@ -221,8 +211,8 @@ def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, 
     from features.online import CURRENT_KEY
     from features.registry import ranker_feature_names
     from monitoring.drift import MODEL_OUTPUT_FEATURES, served_feature_window
-    from monitoring.health import (feature_quality, group_staleness, group_summary, online_freshness,
-                                   online_null_rates, served_out_of_range, stale_tiers)
+    from monitoring.health import (FreshnessThresholds, feature_quality, group_staleness, group_summary,
+                                   online_freshness, online_null_rates, served_out_of_range, stale_tiers)
 
     store = lake.lake()
     pin = store.pin(TRAINING_SET)
@@ -240,7 +230,7 @@ def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, 
             groups.setdefault(entity, {}).update(entry)
     client = redis.client()
     fresh = online_freshness(client, time.time())
-    thresholds = freshness_thresholds(config.batch_max_age_s, config.streaming_max_age_s)
+    thresholds = FreshnessThresholds.from_env(config.batch_max_age_s, config.streaming_max_age_s)
     stale = stale_tiers(fresh, thresholds)
     by_group = group_staleness({t: stale.get(t, info.get("age_s")) for t, info in fresh.items()})
     for entity, age in by_group.items():

@@ -148,10 +148,21 @@ class FreshnessThresholds:
     streaming_max_age_s: float = 120.0
 
     @classmethod
-    def from_env(cls) -> "FreshnessThresholds":
-        return cls(batch_max_age_s=float(os.environ.get("KAIROS_FRESHNESS_BATCH_MAX_AGE_S", cls.batch_max_age_s)),
-                   streaming_max_age_s=float(os.environ.get("KAIROS_FRESHNESS_STREAMING_MAX_AGE_S",
-                                                            cls.streaming_max_age_s)))
+    def from_env(cls, batch_max_age_s: float = -1.0, streaming_max_age_s: float = -1.0) -> "FreshnessThresholds":
+        """KAIROS_FRESHNESS_BATCH_MAX_AGE_S / KAIROS_FRESHNESS_STREAMING_MAX_AGE_S (else the defaults); a
+        non-negative argument overrides its variable (asset config)."""
+        def pick(given: float, var: str, default: float) -> float:
+            if given >= 0:
+                return float(given)
+            raw = os.environ.get(var, "").strip()
+            try:
+                return float(raw) if raw else default
+            except ValueError:
+                raise ValueError(f"{var} must be a number of seconds, got {raw!r}") from None
+
+        return cls(batch_max_age_s=pick(batch_max_age_s, "KAIROS_FRESHNESS_BATCH_MAX_AGE_S", cls.batch_max_age_s),
+                   streaming_max_age_s=pick(streaming_max_age_s, "KAIROS_FRESHNESS_STREAMING_MAX_AGE_S",
+                                            cls.streaming_max_age_s))
 
     def limit(self, tier: str) -> float:
         return {"batch": self.batch_max_age_s, "streaming": self.streaming_max_age_s}.get(tier, math.inf)

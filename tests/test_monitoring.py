@@ -321,7 +321,14 @@ def test_feature_quality_counts_nulls_and_declared_ranges() -> None:
     assert BY_NAME["hour_of_day"].valid_range == (0.0, 23.0)
 
 
-def test_staleness_rules() -> None:
+def test_staleness_rules(monkeypatch) -> None:
+    monkeypatch.setenv("KAIROS_FRESHNESS_BATCH_MAX_AGE_S", "7200")
+    monkeypatch.delenv("KAIROS_FRESHNESS_STREAMING_MAX_AGE_S", raising=False)
+    assert FreshnessThresholds.from_env() == FreshnessThresholds(7200.0, 120.0)
+    assert FreshnessThresholds.from_env(batch_max_age_s=60).batch_max_age_s == 60.0  # asset config wins
+    monkeypatch.setenv("KAIROS_FRESHNESS_STREAMING_MAX_AGE_S", "2 minutes")
+    with pytest.raises(ValueError, match="KAIROS_FRESHNESS_STREAMING_MAX_AGE_S must be a number"):
+        FreshnessThresholds.from_env()
     limits = FreshnessThresholds(batch_max_age_s=100, streaming_max_age_s=10)
     fresh = {"batch": {"age_s": 50.0}, "streaming": {"age_s": 0.0}}
     assert stale_tiers(fresh, limits) == {}
