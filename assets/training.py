@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetIn, Config, MetadataValue, Output,
-                     asset)
+from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetIn, Config, DataVersion, MetadataValue,
+                     Output, asset)
 
 from assets.features import ITEM_FEATURES, TRAINING_SET, USER_FEATURES
 from assets.ingestion import BRONZE, ITEMS, LABELS, SILVER, USERS
@@ -256,4 +256,5 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
                                           "lineage_uri": lineage["uri"],
                                           "lineage": MetadataValue.json({k: lineage["lineage"][k] for k in
                                                                          ("model", "code", "gate", "promotions")}),
-                                          "data_read": MetadataValue.json(lineage["lineage"]["data"]["tables"])})
+                                          "data_read": MetadataValue.json(lineage["lineage"]["data"]["tables"])},
+                  data_version=DataVersion(f"{mlflow.settings().model_name}/v{version}"))

@@ -187,6 +187,10 @@ def test_lineage_logged_at_registration(world) -> None:
     assert Path(meta["lineage_html"].value).exists()
     assert event.asset_materialization.tags["dagster/code_version"] == \
         defs.resolve_asset_graph().get(AssetKey("registered_model")).code_version
+    assert event.asset_materialization.tags["dagster/data_version"] == f"{settings.model_name}/v{version}"
+    # Delta-backed assets report the table version they wrote as their data version
+    silver = DagsterInstance.get().get_latest_materialization_event(AssetKey("silver_events")).asset_materialization
+    assert silver.tags["dagster/data_version"] == f"silver_events@v{silver.metadata['delta_version'].value}"
 
 
 @pytest.mark.e2e
