@@ -194,17 +194,23 @@ def test_feature_health_groups_and_checks(world) -> None:
     assert checks["online_features_fresh"].passed
 
 
-def test_feature_health_check_fails_when_the_snapshot_is_too_old(world) -> None:
-    from assets.monitoring import feature_health
+def test_monitor_job_from_the_definitions_fails_checks_past_their_thresholds(world) -> None:
+    from orchestration.definitions import defs
 
-    result = materialize([feature_health], resources=world["resources"], instance=DagsterInstance.ephemeral(),
-                         run_config={"ops": {"feature_health": {"config": {"batch_max_age_s": 0.0,
-                                                                           "max_null_rate": 0.01}}}})
+    # the real `monitor` job with the Definitions' own resources (lake, Redis, MLflow from the environment)
+    result = defs.resolve_job_def("monitor").execute_in_process(
+        instance=DagsterInstance.ephemeral(),
+        run_config={"ops": {"feature_health": {"config": {"batch_max_age_s": 0.0, "max_null_rate": 0.01}},
+                            "off_policy_evaluation": {"config": {"epsilon": EPSILON, "n_bootstrap": 100}}}})
+    assert result.success
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert not checks["online_features_fresh"].passed
     assert checks["online_features_fresh"].metadata["stale_tiers"].value == "batch"
     assert not checks["feature_nulls_within_threshold"].passed  # users without a snapshot row exceed 1%
     assert checks["feature_nulls_within_threshold"].metadata["worst_group"].value in ("user", "user_item")
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert meta["off_policy_evaluation"]["status"].value == "estimated"
+    assert meta["served_model_health"]["rows"].value == len(world["served"])
 
 
 def test_served_model_health_ctr_scores_and_entropy(world) -> None:
