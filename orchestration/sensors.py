@@ -13,7 +13,6 @@ from assets.streaming import STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING, drai
 from orchestration.resources import RedisResource
 from orchestration.jobs import (impressions_job, ingest_job, maintenance_job, monitor_job, refresh_online_job,
                                 retrain_job, rollout_job)
-from orchestration.resources import RedisResource
 
 MIN_RETRAIN_INTERVAL_S = 24 * 3600
 # a retrain that is queued or running counts as the latest one: drift must not stack a second behind it
