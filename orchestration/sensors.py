@@ -11,6 +11,7 @@ from dagster import (AssetKey, DagsterRunStatus, EventLogEntry, RunRequest, Runs
 from assets.monitoring import FEATURE_DRIFT
 from assets.streaming import STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING, drain_stream, lag_decision
 from orchestration.resources import RedisResource
+from orchestration.resources import MlflowResource
 from orchestration.jobs import (impressions_job, ingest_job, maintenance_job, monitor_job, refresh_online_job,
                                 retrain_job, rollout_job)
 
@@ -86,11 +87,10 @@ def rollout_tick(stage: str, version: str | None, now: float, interval_s: float 
 @sensor(job=rollout_job, minimum_interval_seconds=ROLLOUT_INTERVAL_S,
         description="While a version is in shadow or canary (registry rollout stage), evaluates it every 5 minutes: "
                     "the rollout job promotes it, holds, or rolls it back.")
-def rollout_sensor(context: SensorEvaluationContext):
-    from orchestration.settings import Settings
+def rollout_sensor(context: SensorEvaluationContext, mlflow: MlflowResource):
     from training.rollout import rollout_state
 
-    state = rollout_state(Settings.from_env())
+    state = rollout_state(mlflow.settings())
     key = rollout_tick(state.stage, state.version, time.time())
     if key is None:
         return SkipReason(f"no rollout in progress (stage {state.stage}, champion {state.champion})")

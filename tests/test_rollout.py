@@ -287,15 +287,18 @@ def test_rollout_sensor_runs_the_rollout_job_only_while_a_rollout_is_in_progress
     assert rollout_tick("promoted", "3", 1000.0) is None and rollout_tick("shadow", None, 1000.0) is None
     assert rollout_tick("canary", "3", 1000.0, 300) == rollout_tick("canary", "3", 1100.0, 300) != \
         rollout_tick("canary", "3", 1300.0, 300)
+    from orchestration.resources import MlflowResource
+
     sensor = defs.resolve_sensor_def("rollout_sensor")
     assert sensor.job_name == "rollout"
+    resources = {"mlflow": MlflowResource()}
     v1, v2 = _versions(settings, 2)
     promote(settings, v1)
     with DagsterInstance.ephemeral() as instance:
-        idle = sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
+        idle = sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs, resources=resources))
         assert not idle.run_requests and "no rollout in progress" in idle.skip_message
         start_rollout(settings, v2)
-        busy = sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
+        busy = sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs, resources=resources))
         assert len(busy.run_requests) == 1
         assert {k: v for k, v in busy.run_requests[0].tags.items() if k.startswith("kairos/")} == {
             "kairos/trigger": "rollout", "kairos/stage": "shadow", "kairos/version": v2}
