@@ -23,6 +23,8 @@ IMPRESSION_LOG = "impression_log"
 FEATURE_HEALTH = "feature_health"
 SERVED_MODEL_HEALTH = "served_model_health"
 OFF_POLICY_EVALUATION = "off_policy_evaluation"
+# what monitoring.drift.served_feature_window reads from the impression log
+SERVED_FEATURE_COLUMNS = ["request_ts", "features", "shadow", "served_by"]
 
 
 class DriftConfig(Config):
@@ -52,7 +54,7 @@ def _ranker_windows(store, config: DriftConfig, pins: dict) -> tuple[pd.DataFram
     reference = assemble_features(train)
     current, source = pd.DataFrame(), "training_set"
     if store.exists(IMPRESSION_LOG):
-        current = served_feature_window(store.read(IMPRESSION_LOG), config.recent_days)
+        current = served_feature_window(store.read(IMPRESSION_LOG, columns=SERVED_FEATURE_COLUMNS), config.recent_days)
         source = "impression_log"
     if len(current) < config.min_served_rows:
         recent = frame[frame["timestamp"] > int(frame["timestamp"].max()) - int(config.recent_days * DAY_MS)]
@@ -222,8 +224,8 @@ def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, 
     measured = [f for f in ranker_feature_names() if f not in MODEL_OUTPUT_FEATURES]
     quality = feature_quality(recent, measured)
     groups = group_summary(quality)
-    served = served_feature_window(store.read(IMPRESSION_LOG), config.recent_days) if store.exists(IMPRESSION_LOG) \
-        else pd.DataFrame()
+    served = served_feature_window(store.read(IMPRESSION_LOG, columns=SERVED_FEATURE_COLUMNS), config.recent_days) \
+        if store.exists(IMPRESSION_LOG) else pd.DataFrame()
     served_oor = served_out_of_range(served) if len(served) else pd.DataFrame()
     if len(served_oor):
         for entity, entry in group_summary(served_oor, ("served_out_of_range_rate",)).items():
