@@ -50,3 +50,30 @@ def test_empty_window_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="empty"):
         event_drift_frame(pd.DataFrame(columns=["session_id", "user_id", "item_id", "event_type", "timestamp",
                                                 "device_type", "dwell_time_ms"]), pd.DataFrame({"item_id": [], "category": []}))
+
+
+def test_ranker_psi_acts_on_data_features_and_only_reports_clock_driven_ones() -> None:
+    import json
+
+    import pandas as pd
+
+    from features.registry import ranker_feature_names
+    from monitoring.drift import feature_statuses, ranker_feature_drift, served_feature_window
+
+    rng = np.random.default_rng(1)
+    names = ranker_feature_names()
+    ref = pd.DataFrame({n: rng.normal(0, 1, 3000) for n in names})
+    cur = pd.DataFrame({n: rng.normal(0, 1, 3000) for n in names})
+    cur["day_of_week"] = ref["day_of_week"] + 5.0  # a later window has other weekdays: not drift
+    quiet = ranker_feature_drift(ref, cur)
+    assert quiet.status == "ok" and quiet.psi["day_of_week"] > 1.0
+    assert feature_statuses(quiet)["day_of_week"] == "info" and feature_statuses(quiet)["user_ctr_30d"] == "ok"
+    cur["user_ctr_30d"] = cur["user_ctr_30d"] + 1.0  # a real shift in a data feature
+    loud = ranker_feature_drift(ref, cur)
+    assert loud.status == "act" and loud.drifted_features == ["user_ctr_30d"]
+    # the serving window: shown two-stage answers only, the last days of the log
+    logged = pd.DataFrame({"request_ts": [0, 3 * 86_400_000, 3 * 86_400_000, 3 * 86_400_000],
+                           "features": [json.dumps({"user_ctr_30d": v}) for v in (0.1, 0.2, 0.3, 0.4)],
+                           "shadow": [False, False, True, False],
+                           "served_by": ["two_stage", "two_stage", "two_stage", "popularity_fallback:no_model"]})
+    assert served_feature_window(logged, recent_days=2.0)["user_ctr_30d"].tolist() == [0.2]
