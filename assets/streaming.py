@@ -74,7 +74,10 @@ def consume_stream(context: OpExecutionContext, config: DrainConfig, redis: Redi
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    stats = run_job(client, lake.lake() if config.bronze else None, stop, opts)
+    from orchestration.resources import redis_url_from_env
+
+    stats = run_job(client, lake.lake() if config.bronze else None, stop, opts,
+                    redis_url=redis.url or redis_url_from_env())
     after = stream_lag(client, STREAM)
     secs = time.monotonic() - started
     context.log.info(f"stream consumer {opts.consumer}: {stats} in {secs:.1f}s; lag before {before['groups']}, "

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
+import queue
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -218,4 +220,55 @@ class BronzeWriter:
                 pass
 
 
-__all__ = ["BRONZE_GROUP", "BRONZE_TABLE", "BronzeBatch", "BronzeWriter", "bronze_rows", "window_of"]
+def _writer_main(redis_url: str, root: str, storage_options: dict | None, stream: str, window_ms: int, owner: str,
+                 lock_ttl_ms: int, stop: Any, results: Any, parent_pid: int) -> None:
+    """Entry point of the writer process; it stops with its parent (SIGKILL included: the parent pid changes)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from lake.delta import DeltaLake
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
+    writer = BronzeWriter(client, DeltaLake(root, storage_options), stream, window_ms=window_ms, owner=owner,
+                          lock_ttl_ms=lock_ttl_ms)
+
+    def orphan_watch() -> None:
+        while not stop.wait(0.5):
+            if os.getppid() != parent_pid:
+                log.warning("bronze writer: the streaming job (pid %s) is gone; stopping", parent_pid)
+                stop.set()
+
+    threading.Thread(target=orphan_watch, daemon=True).start()
+    writer.run_forever(stop)
+    results.put(dict(writer.stats))
+
+
+class WriterProcess:
+    """The bronze writer in its own process, so its JSON parsing and Arrow conversion never hold the GIL the
+    sessionizer needs (session freshness is the latency-critical path; the dual write is not)."""
+
+    def __init__(self, redis_url: str, lake: Any, stream: str, window_ms: int, owner: str,
+                 lock_ttl_ms: int = LOCK_TTL_MS) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.stop = ctx.Event()
+        self.results = ctx.Queue()
+        self.process = ctx.Process(target=_writer_main, name="kairos-bronze", daemon=True,
+                                   args=(redis_url, lake.root, lake.storage_options, stream, window_ms, owner,
+                                         lock_ttl_ms, self.stop, self.results, os.getpid()))
+
+    def start(self) -> "WriterProcess":
+        self.process.start()
+        return self
+
+    def close(self, timeout_s: float = 60.0) -> dict | None:
+        """Stop after the current window and return the writer's counters (None if it did not answer)."""
+        self.stop.set()
+        try:
+            stats = self.results.get(timeout=timeout_s)
+        except queue.Empty:
+            stats = None
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.terminate()
+        return stats
+
+
+__all__ = ["BRONZE_GROUP", "BRONZE_TABLE", "BronzeBatch", "BronzeWriter", "WriterProcess", "bronze_rows", "window_of"]

@@ -370,22 +370,28 @@ class SessionStreamProcessor:
                 backoff = min(backoff * 2, 5.0)
 
 
-def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJobOptions) -> dict[str, Any]:
-    """The streaming job: the sessionizer in this thread and, with a lake, the bronze dual writer in another,
-    until `stop` is set. Returns both sides' counters."""
-    from streaming.bronze import BronzeWriter
+def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJobOptions,
+            redis_url: str | None = None) -> dict[str, Any]:
+    """The streaming job until `stop` is set: the sessionizer in this thread and, with a lake, the bronze dual
+    writer in its own process (given `redis_url`; else in a thread). Returns both sides' counters."""
+    from streaming.bronze import BronzeWriter, WriterProcess
 
     processor = SessionStreamProcessor(client, consumer_name=opts.consumer_name(),
                                        session_ttl_s=opts.session_ttl_s or SESSION_TTL_S,
                                        user_ttl_s=opts.user_ttl_s or USER_RECENT_TTL_S)
     processor.ensure_group()
-    writer = thread = None
+    writer = thread = child = None
     if lake is not None and opts.bronze:
         writer = BronzeWriter(client, lake, STREAM, window_ms=opts.bronze_window_ms, owner=processor.consumer,
                               lock_ttl_ms=opts.bronze_lock_ttl_ms)
-        writer.ensure_group()
-        thread = threading.Thread(target=writer.run_forever, args=(stop,), name="kairos-bronze", daemon=True)
-        thread.start()
+        writer.ensure_group()  # before any trim: from now on nothing bronze has not landed is trimmed
+        if redis_url:
+            child = WriterProcess(redis_url, lake, STREAM, opts.bronze_window_ms, processor.consumer,
+                                  opts.bronze_lock_ttl_ms).start()
+        else:
+            thread = threading.Thread(target=writer.run_forever, args=(stop,), name="kairos-bronze", daemon=True)
+            thread.start()
+    bronze_stats = None
     try:
         processor.run_forever(stop, count=opts.batch, block_ms=opts.block_ms, reclaim_idle_ms=opts.reclaim_idle_ms,
                               reclaim_every_s=opts.reclaim_every_s)
@@ -393,11 +399,14 @@ def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJo
         stop.set()
         if thread is not None:
             thread.join(timeout=60)
+            bronze_stats = dict(writer.stats)
+        if child is not None:
+            bronze_stats = child.close()
         try:  # a clean stop leaves only unfinished entries in the stream
             trim_processed(client, STREAM)
         except redis.RedisError as exc:
             log.warning("final trim failed: %s", exc)
-    return {"sessions": dict(processor.stats), "bronze": dict(writer.stats) if writer else None}
+    return {"sessions": dict(processor.stats), "bronze": bronze_stats}
 
 
 def main(argv: list[str] | None = None, opts: StreamJobOptions | None = None) -> int:
@@ -418,7 +427,7 @@ def main(argv: list[str] | None = None, opts: StreamJobOptions | None = None) ->
         signal.signal(sig, lambda *_: stop.set())
     log.info("streaming job %s reading %s as group %s on %s; bronze dual write %s", opts.consumer_name(), STREAM, GROUP,
              redact_url(url), f"to {lake.uri('bronze_events')} every {opts.bronze_window_ms} ms" if lake else "off")
-    stats = run_job(client, lake, stop, opts)
+    stats = run_job(client, lake, stop, opts, redis_url=url)
     log.info("streaming job stopped: %s", stats)
     return 0
 

@@ -59,7 +59,8 @@ def _counts(client: redis.Redis) -> Counter:
 
 
 def _kill_when(client: redis.Redis, proc: subprocess.Popen, applied_at_least: int, log_path: Path) -> int:
-    """SIGKILL the job once it has applied `applied_at_least` events; returns the entries it left pending."""
+    """SIGKILL the job once it has applied `applied_at_least` events, while a batch is in flight (read, not yet
+    committed); returns the entries it left pending."""
     deadline = time.time() + 90
     while _counts(client)["applied"] < applied_at_least:
         if proc.poll() is not None:
@@ -67,6 +68,8 @@ def _kill_when(client: redis.Redis, proc: subprocess.Popen, applied_at_least: in
         if time.time() > deadline:
             raise AssertionError(f"streaming job too slow:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.005)
+    while not client.xpending(STREAM, GROUP)["pending"] and time.time() < deadline:
+        pass  # a batch is read but not yet committed: kill now, mid-batch
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     return int(client.xpending(STREAM, GROUP)["pending"])
