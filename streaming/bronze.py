@@ -225,8 +225,9 @@ def _writer_main(redis_url: str, root: str, storage_options: dict | None, stream
     """Entry point of the writer process; it stops with its parent (SIGKILL included: the parent pid changes)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from lake.delta import DeltaLake
+    from orchestration.settings import redis_client
 
-    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
+    client = redis_client(redis_url, socket_timeout=5, socket_connect_timeout=5)  # password/TLS from env, as the job
     writer = BronzeWriter(client, DeltaLake(root, storage_options), stream, window_ms=window_ms, owner=owner,
                           lock_ttl_ms=lock_ttl_ms)
 

@@ -6,16 +6,17 @@
 
 Exactly-once effect on the session keys (DESIGN invariant 3): a batch's events are
 applied in one optimistic transaction (one per user when another consumer conflicts).
-We WATCH the session keys, the user-level keys and a per-event marker `kairos:applied:{event_id}`, read them all (one MGET), fold the
-events whose marker is absent with the shared update_session, and MULTI/EXEC the
-new state together with the markers and the XACK of the batch's entries. A
-WatchError (a concurrent writer) retries. The acknowledgement commits with the
-update, never before it: a consumer that dies before EXEC leaves its entries pending
-and unapplied, and whoever reclaims them (XAUTOCLAIM, or the same consumer re-reading
-its pending list on restart) applies them once; anything already applied is found by
-its marker and skipped. A duplicate event id (producer retry) is skipped the same way. Durable counters in
-`kairos:stream:counts` (applied, duplicates, quarantined) move in the same transactions,
-so entries added = applied + duplicates + quarantined + pending reconciles at any time.
+We WATCH the session keys, the user-level keys and a per-event marker
+`kairos:applied:{event_id}`, read them all (one MGET), fold the events whose marker is
+absent with the shared update_session, in stream order, and MULTI/EXEC the new states
+together with the markers and the XACK of the batch's entries. A WatchError (a
+concurrent writer) retries. The acknowledgement commits with the update, never before
+it: a consumer that dies before EXEC leaves its entries pending and unapplied, and
+whoever reclaims them (XAUTOCLAIM, or the same consumer re-reading its pending list on
+restart) applies them once; anything already applied is found by its marker and
+skipped. A duplicate event id (producer retry) is skipped the same way. Durable
+counters in `kairos:stream:counts` (applied, duplicates, quarantined) move in the same
+transactions, so entries added = applied + duplicates + quarantined + pending at any time.
 
 The same transaction folds the events into a user-level key `kairos:user_recent_cats:{user}`
 (recent categories with decay, last items, counters; TTL 7 days), with the same shared function.
@@ -355,10 +356,11 @@ class SessionStreamProcessor:
                     trim_processed(self.client, self.stream)
                     last_trim = now
                 if now - last_log >= log_every_s:
-                    lag = self.lag()
-                    log.info("streaming %s: %.1f events/s applied, %d pending, lag %d ms, stream length %d, totals %s",
-                             self.consumer, applied_since / (now - last_log), lag["pending"], lag["lag_ms"],
-                             lag["length"], self.stats)
+                    lag = stream_lag(self.client, self.stream)
+                    groups = ", ".join(f"{n}: lag {g['lag_ms']} ms, {g['pending']} pending"
+                                       for n, g in lag["groups"].items())
+                    log.info("streaming %s: %.1f events/s applied; stream length %d; %s; totals %s", self.consumer,
+                             applied_since / (now - last_log), lag["length"], groups, self.stats)
                     applied_since, last_log = 0, now
                 backoff = 0.1
             except redis.RedisError as exc:
