@@ -216,11 +216,12 @@ def validation_gate(context: AssetExecutionContext, config: GateSettings, model_
 @asset(deps=[BRONZE, SILVER, LABELS, USER_FEATURES, ITEM_FEATURES, TRAINING_SET, ITEMS, USERS], group_name=GROUP,
        code_version=source_version(__file__, "training/trainer.py", "training/bundle.py", "training/registry.py",
                                    "compliance/lineage.py"),
+       check_specs=[AssetCheckSpec("lineage_complete", asset="registered_model")],
        description="One MLflow model version = towers + embeddings + FAISS index + ranker + feature schema, with lineage tags; "
                    "alias 'champion' moves only when the gate passed.")
 def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss_index: bytes, ranker_model: Any,
                      model_evaluation: dict, validation_gate: Any, lake: LakeResource, mlflow: MlflowResource,
-                     artifacts: ArtifactsResource) -> Output:
+                     artifacts: ArtifactsResource):
     from training.registry import register_bundle
     from training.trainer import assemble_bundle
 
@@ -245,12 +246,12 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
                               extra_files=[Path(report)] if report else None,
                               auto_promote=bool(validation_gate.checks.get("rollout", {}).get("auto_promote", True)))
     context.log.info(f"registered model version {version} (champion: {validation_gate.passed})")
-    from compliance.lineage import publish_lineage
+    from compliance.lineage import lineage_gaps, publish_lineage
 
     # lineage.json/.html on the MLflow run (tag lineage.uri on the version) and here on the asset
     lineage = publish_lineage(mlflow.settings(), str(version), artifacts.path("lineage", context.run_id),
                               instance=context.instance)
-    return Output(str(version), metadata={"model_version": str(version), "champion": bool(validation_gate.passed),
+    yield Output(str(version), metadata={"model_version": str(version), "champion": bool(validation_gate.passed),
                                           "tags": MetadataValue.json(tags),
                                           "lineage_html": MetadataValue.path(str(lineage["html_path"])),
                                           "lineage_uri": lineage["uri"],
@@ -258,3 +259,7 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
                                                                          ("model", "code", "gate", "promotions")}),
                                           "data_read": MetadataValue.json(lineage["lineage"]["data"]["tables"])},
                   data_version=DataVersion(f"{mlflow.settings().model_name}/v{version}"))
+    gaps = lineage_gaps(lineage["lineage"])
+    yield AssetCheckResult(check_name="lineage_complete", passed=not gaps, metadata={"gaps": MetadataValue.json(gaps)},
+                           description="Every Delta version read traces to the Dagster run that wrote it, the silver "
+                                       "contract results are found, and code/registry versions and the gate are recorded.")

@@ -37,12 +37,14 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 import pyarrow as pa
 
 from compliance.exclusion import COMPLIANCE_TABLES, FORGOTTEN_USERS, PRIVACY_AUDIT, user_hash
+from training.bundle import USER_VOCAB
 from lake.delta import DeltaLake
 from orchestration.settings import Settings, privacy_key
 
@@ -54,7 +56,7 @@ FORGOTTEN_SCHEMA = pa.schema([("user_hash", pa.string()), ("forgotten_at_ms", pa
 AUDIT_SCHEMA = pa.schema([("request_id", pa.string()), ("user_hash", pa.string()), ("requested_by", pa.string()),
                           ("reason", pa.string()), ("requested_at_ms", pa.int64()), ("completed_at_ms", pa.int64()),
                           ("retention_hours", pa.float64()), ("purged_by_ms", pa.int64()), ("deleted", pa.string()),
-                          ("total_deleted", pa.int64())])
+                          ("total_deleted", pa.int64()), ("pending", pa.string())])
 
 
 # ---------------------------------------------------------------------------------------------- pure
@@ -96,14 +98,48 @@ def entry_mentions_user(fields: dict[str, Any], user_id: str) -> bool:
 
 
 def audit_row(request_id: str, uhash: str, requested_by: str, reason: str, requested_at_ms: int, completed_at_ms: int,
-              retention_hours: float, deleted: dict[str, int]) -> dict[str, Any]:
-    """One privacy_audit row: who, why, when, which user (keyed hash), what was deleted where, and by when
-    no old table version can expose the user any more."""
+              retention_hours: float, deleted: dict[str, int], pending: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One privacy_audit row: who, why, when, which user (keyed hash), what was deleted where, by when no old
+    table version can expose the user any more, and what still holds the user (with the action that clears it)."""
     purged_by = completed_at_ms + int(retention_hours * 3_600_000)
     return {"request_id": request_id, "user_hash": uhash, "requested_by": requested_by, "reason": reason,
             "requested_at_ms": requested_at_ms, "completed_at_ms": completed_at_ms,
             "retention_hours": float(retention_hours), "purged_by_ms": purged_by,
-            "deleted": json.dumps(deleted, sort_keys=True), "total_deleted": int(sum(deleted.values()))}
+            "deleted": json.dumps(deleted, sort_keys=True), "total_deleted": int(sum(deleted.values())),
+            "pending": json.dumps(pending or {}, sort_keys=True)}
+
+
+def files_naming_user(root: Path, user_id: str, skip: Iterable[Path] = (), max_bytes: int = 64 << 20) -> list[str]:
+    """Files under `root` whose bytes spell the user id as a whole token (outside the `skip` folders):
+    operational leftovers such as Dagster's event log (asset metadata like the bot-session report), data-docs
+    HTML or run logs. Compressed formats are not looked into; files above `max_bytes` are skipped."""
+    import re
+
+    token = re.compile(rb"(?<![A-Za-z0-9_])" + re.escape(str(user_id).encode()) + rb"(?![A-Za-z0-9_])")
+    skipped = [Path(p).resolve() for p in skip]
+    hits = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or any(s == path.resolve() or s in path.resolve().parents for s in skipped):
+            continue
+        try:
+            if path.stat().st_size <= max_bytes and token.search(path.read_bytes()):
+                hits.append(str(path.relative_to(root)))
+        except OSError:
+            continue
+    return hits
+
+
+def model_files_with_user(root: Path, user_id: str) -> list[str]:
+    """Model bundles under `root` (training scratch, registry download cache, local MLflow artifacts) whose user
+    vocabulary still lists the user: their towers hold the user's embedding until those versions are replaced."""
+    hits = []
+    for vocab in sorted(root.rglob(USER_VOCAB)):
+        try:
+            if str(user_id) in json.loads(vocab.read_text()):
+                hits.append(str(vocab.parent.relative_to(root)))
+        except (ValueError, OSError):
+            continue
+    return hits
 
 
 # ---------------------------------------------------------------------------------------------- Delta
@@ -243,9 +279,22 @@ def forget_user(settings: Settings, user_id: str, requested_by: str, reason: str
     deleted: dict[str, int] = forget_in_redis(redis_client, user_id, sessions, events)
     # 3 + 4. Delta rows, then vacuum by the policy
     deleted.update({f"delta.{t}": n for t, n in forget_in_lake(lake, user_id, retention_hours).items()})
-    # 5. audit
+    # 5. audit, with what still holds the user: model bundles trained before the request
+    models = model_files_with_user(settings.home, user_id)
+    pending: dict[str, Any] = {}
+    if models:
+        pending.update({"model_bundles": models,
+                        "action": "retrain (the next model excludes the user; it also overwrites the training "
+                                  "intermediates in DAGSTER_HOME/storage), then delete the old model versions listed"})
+    lake_dir = [Path(settings.lake_uri)] if "://" not in settings.lake_uri else []
+    others = [f for f in files_naming_user(settings.home, user_id, skip=lake_dir)
+              if not any(f.startswith(m + "/") for m in models)]
+    if others:
+        pending.update({"other_files": others,
+                        "other_files_note": "operational records naming the user (Dagster event log metadata, "
+                                            "data docs, reports): they expire with those tools' retention"})
     row = audit_row(request_id, uhash, str(requested_by), str(reason), started, int(time.time() * 1000),
-                    retention_hours, deleted)
+                    retention_hours, deleted, pending)
     lake.write(PRIVACY_AUDIT, pd.DataFrame([row]), mode="append", schema=AUDIT_SCHEMA)
     log.info("forgot user %s… for %s: %d rows/keys/entries deleted (%s)", uhash[:12], requested_by,
              row["total_deleted"], "purged now" if retention_hours <= 0 else f"time travel kept {retention_hours} h")

@@ -10,6 +10,7 @@ version, the git SHA, and every promotion (who/what moved which alias, when, why
     collect_inputs(settings, version)  -> raw inputs (adapters: MLflow, Dagster instance, Delta)
     build_lineage(**inputs)            -> the lineage dict (pure: same inputs, same document)
     render_html(lineage)               -> one self-contained, escaped HTML page
+    lineage_gaps(lineage)              -> what it cannot account for (the `lineage_complete` asset check)
     publish_lineage(settings, version) -> lineage.json + lineage.html logged on the MLflow run,
                                           tag `lineage.uri` on the version
     request_lineage(settings, request_id) -> the served request, its model version and its lineage
@@ -153,6 +154,33 @@ def build_lineage(model_version: Mapping[str, Any], run: Mapping[str, Any], arti
         "promotions": promotions(tags),
         "rollout": rollout,
     }
+
+
+REQUIRED_CONTRACTS = (("silver_events", "events_contract"), ("silver_events", "counts_reconcile"))
+
+
+def lineage_gaps(lineage: Mapping[str, Any]) -> list[str]:
+    """What a lineage cannot account for (empty = complete): data read that no recorded run produced, the
+    data contract results of the silver version read, the code version, the registry version, the gate."""
+    gaps: list[str] = []
+    tables = lineage.get("data", {}).get("tables", {})
+    if not tables:
+        gaps.append("no Delta table versions recorded on the model version (delta.<table>.version tags)")
+    for table, info in tables.items():
+        if not info.get("produced_by_run"):
+            gaps.append(f"{table} v{info.get('version')}: no Dagster materialization in the instance wrote it")
+    found = {(c.get("asset"), c.get("check")) for c in lineage.get("contracts", [])}
+    if "silver_events" in tables:
+        gaps += [f"no {check} result for the {asset} version read" for asset, check in REQUIRED_CONTRACTS
+                 if (asset, check) not in found]
+    code = lineage.get("code", {})
+    if code.get("git_sha") in (None, "", "unknown"):
+        gaps.append("git SHA unknown (not built from a git checkout)")
+    if not code.get("feature_registry_version"):
+        gaps.append("feature registry version missing")
+    if not lineage.get("gate", {}).get("reasons"):
+        gaps.append("no gate verdict recorded")
+    return gaps
 
 
 def _cell(value: Any) -> str:

@@ -321,6 +321,16 @@ def cmd_forget(args: argparse.Namespace) -> int:
         print(f"  {what:<32} {n}")
     print("old table versions purged now" if args.retention_hours <= 0 else
           f"old table versions readable for {args.retention_hours} h more (lake_maintenance vacuums them)")
+    pending = json.loads(row["pending"] or "{}")
+    if pending.get("model_bundles"):
+        print(f"still holding the user: {len(pending['model_bundles'])} model bundle(s) trained before the request; "
+              f"to do: {pending['action']}")
+        for path in pending["model_bundles"]:
+            print(f"  {path}")
+    if pending.get("other_files"):
+        print(f"other files under KAIROS_HOME naming the user ({pending['other_files_note']}):")
+        for path in pending["other_files"]:
+            print(f"  {path}")
     return 0
 
 

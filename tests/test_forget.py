@@ -130,6 +130,14 @@ def test_audit_entry_records_who_why_and_what(forgotten) -> None:
     assert deleted["redis_user_keys"] >= 2 and deleted["redis_session_keys"] >= 1
     assert deleted["redis_stream_entries"] >= 3 + 1  # three live events + the impression still in the stream
     assert entry["total_deleted"] == sum(deleted.values())
+    # what still holds the user is named, with the action that clears it: bundles trained before the request
+    pending = json.loads(entry["pending"])
+    assert pending["model_bundles"] and "retrain" in pending["action"]
+    for folder in pending["model_bundles"]:
+        assert uid in json.loads((settings.home / folder / "user_vocab.json").read_text())
+    # any other file under KAIROS_HOME still spelling the id is listed (and truly does); never a lake file
+    for f in pending.get("other_files", []):
+        assert not f.startswith("lake/") and uid.encode() in (settings.home / f).read_bytes(), f
     lake = DeltaLake(settings.lake_uri)
     for table in (PRIVACY_AUDIT, FORGOTTEN_USERS):  # the compliance tables never hold the raw id
         assert uid not in lake.read(table).to_json()

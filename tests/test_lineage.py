@@ -141,6 +141,15 @@ def test_build_lineage_joins_registry_dagster_and_delta() -> None:
     assert lin["promotions"][1]["at"] == "2026-01-01T01:00:00+00:00"
     assert lin["gate"] == {"passed": True, "reasons": ["PASS beats_popularity: 0.3 > 0.2"], "checks": {}}
     assert set(lin["evaluation"]) == {"two_stage", "popularity"}
+    # the completeness check names what cannot be accounted for
+    from compliance.lineage import lineage_gaps
+
+    assert lineage_gaps(lin) == ["no counts_reconcile result for the silver_events version read"]
+    orphan = _inputs()
+    orphan["dagster"]["materializations"] = [m for m in orphan["dagster"]["materializations"]
+                                             if m["asset"] != "training_set"]
+    assert "training_set v2: no Dagster materialization in the instance wrote it" in \
+        lineage_gaps(build_lineage(**orphan))
 
 
 def test_render_html_is_self_contained_and_escaped() -> None:
@@ -188,6 +197,12 @@ def test_lineage_logged_at_registration(world) -> None:
     assert event.asset_materialization.tags["dagster/code_version"] == \
         defs.resolve_asset_graph().get(AssetKey("registered_model")).code_version
     assert event.asset_materialization.tags["dagster/data_version"] == f"{settings.model_name}/v{version}"
+    from dagster import DagsterEventType
+
+    checks = [e.dagster_event.event_specific_data for e in
+              DagsterInstance.get().all_logs(world["run"]["run_id"], of_type=DagsterEventType.ASSET_CHECK_EVALUATION)]
+    complete = [c for c in checks if c.check_name == "lineage_complete"]
+    assert len(complete) == 1 and complete[0].passed, complete
     # Delta-backed assets report the table version they wrote as their data version
     silver = DagsterInstance.get().get_latest_materialization_event(AssetKey("silver_events")).asset_materialization
     assert silver.tags["dagster/data_version"] == f"silver_events@v{silver.metadata['delta_version'].value}"
