@@ -204,11 +204,14 @@ def test_drift_retrain_shadow_canary_promote_then_refuse_a_broken_model(loop_env
     assert v1 is not None
     instance = DagsterInstance.get()
     t_world = time.perf_counter() - t0
+    before = instance.get_latest_materialization_event(AssetKey("feature_drift")).asset_materialization.metadata
 
     # ---- 1. tastes shift; the shifted days come in; PSI passes the act threshold
     _ingest(instance, SHIFTED)
     drift = instance.get_latest_materialization_event(AssetKey("feature_drift")).asset_materialization.metadata
     assert drift["status"].value == "act" and drift["max_psi"].value >= 0.25, drift["max_psi"].value
+    assert drift["max_psi"].value > 2 * before["max_psi"].value, (before["max_psi"].value, drift["max_psi"].value)
+    assert "cat_share_cat_07" in drift["drifted_features"].value  # the trend category moved
 
     # ---- 2. the drift sensor, evaluated against the real instance, requests the retrain job
     tick = defs.resolve_sensor_def("drift_sensor").evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
