@@ -8,8 +8,10 @@ stream, the first landed in Delta by the `log_impressions` job, the second still
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -65,6 +67,7 @@ def compliance_world() -> dict[str, Any]:
 
     home = Path(tempfile.mkdtemp(prefix="kairos-compliance-"))
     redis = start_redis(home / "redis")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)  # registered after redis' stop: runs before it
     world: dict[str, Any] = {"home": home / "kairos", "redis": redis}
     with world_env(world):
         settings = Settings.from_env()
