@@ -69,7 +69,7 @@ def _ranker_windows(store, config: DriftConfig, pins: dict) -> tuple[pd.DataFram
 def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: LakeResource,
                   artifacts: ArtifactsResource) -> MaterializeResult:
     from monitoring.drift import (DriftThresholds, drift_report, event_drift_frame, feature_statuses,
-                                  ranker_feature_drift)
+                                  ranker_feature_drift, whole_sessions)
 
     store = lake.lake()
     pins = {t: store.pin(t) for t in (SILVER, ITEMS, TRAINING_SET)}
@@ -77,11 +77,21 @@ def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: Lak
     items = store.read(ITEMS, version=pins[ITEMS].version)
     ts = store.read(TRAINING_SET, version=pins[TRAINING_SET].version, columns=["timestamp", "split"])
     train_ts = ts.loc[ts["split"] == "train", "timestamp"]
-    ref_events = events[(events["timestamp"] >= train_ts.min()) & (events["timestamp"] <= train_ts.max())]
-    recent_start = int(events["timestamp"].max()) - int(config.recent_days * DAY_MS)
-    cur_events = events[events["timestamp"] > max(recent_start, int(train_ts.max()))]
+    # whole, closed sessions by their start: cutting by event time truncates the sessions on the edges
+    # (too little data for that, e.g. a few hours of events: the windows cut by event time, as a fallback)
+    data_end = int(events["timestamp"].max())
+    recent_start = data_end - int(config.recent_days * DAY_MS)
+    ref_events = whole_sessions(events, int(train_ts.min()), int(train_ts.max()), data_end)
+    if ref_events.empty:
+        ref_events = events[(events["timestamp"] >= train_ts.min()) & (events["timestamp"] <= train_ts.max())]
+    cur_events = whole_sessions(events, max(recent_start, int(train_ts.max()) + 1), data_end, data_end)
     if cur_events.empty:
-        cur_events = events[events["timestamp"] > recent_start]
+        cur_events = whole_sessions(events, recent_start, data_end, data_end)
+    if cur_events.empty:
+        context.log.warning("no closed session started in the recent window: drift on events cut by time")
+        cur_events = events[events["timestamp"] > max(recent_start, int(train_ts.max()))]
+        if cur_events.empty:
+            cur_events = events[events["timestamp"] > recent_start]
     reference = event_drift_frame(ref_events, items)
     current = event_drift_frame(cur_events, items)
     columns = [c for c in reference.columns if c in current.columns and c not in ("session_id", "user_id")]

@@ -152,7 +152,7 @@ def model_evaluation(context: AssetExecutionContext, two_tower_model: Any, ranke
     from training.gates import feature_health, scoring_latency
     from training.ranker import add_embedding_affinity
 
-    from training.evaluation import evaluate_bundle, evaluation_report_html
+    from training.evaluation import evaluate_bundle, evaluation_plot_png, evaluation_report_html
     from training.registry import CHAMPION, load_alias
 
     frame, _, _, _ = _load_training_inputs(lake)
@@ -177,6 +177,7 @@ def model_evaluation(context: AssetExecutionContext, two_tower_model: Any, ranke
     context.log.info("evaluation: " + json.dumps(flat))
     report = evaluation_report_html(metrics, artifacts.path("reports", context.run_id) / "evaluation.html")
     metrics["report_html"] = str(report)
+    metrics["report_plot"] = str(evaluation_plot_png(metrics, artifacts.path("reports", context.run_id) / "evaluation.png"))
     return Output(metrics, metadata={"table": MetadataValue.json(metrics), "report": MetadataValue.path(str(report)),
                                      "champion_source": source, **flat})
 
@@ -238,12 +239,15 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
                              manifest={"data_versions": {p.table: p.version for p in pins.values()},
                                        "dagster_run_id": context.run_id})
     bundle_dir = bundle.save(artifacts.path("bundles", context.run_id))
-    params = {"training_rows": len(frame), "git_sha": tags["git.sha"]}
+    params = {"training_rows": len(frame), "git_sha": tags["git.sha"],
+              **{f"two_tower.{k}": v for k, v in (getattr(two_tower_model, "config", None) or {}).items()},
+              **{f"ranker.{k}": v for k, v in (ranker_model.params or {}).items()},
+              "ranker.best_iteration": int(ranker_model.best_iteration or ranker_model.current_iteration())}
     importance = dict(zip(ranker_model.feature_name(), ranker_model.feature_importance("gain").round(3).tolist()))
     report = model_evaluation.get("report_html")
     version = register_bundle(mlflow.settings(), bundle_dir, model_evaluation, params, tags, validation_gate,
                               extra_dicts={"feature_importance_gain.json": importance},
-                              extra_files=[Path(report)] if report else None,
+                              extra_files=[Path(f) for f in (report, model_evaluation.get("report_plot")) if f],
                               auto_promote=bool(validation_gate.checks.get("rollout", {}).get("auto_promote", True)))
     context.log.info(f"registered model version {version} (champion: {validation_gate.passed})")
     from compliance.lineage import lineage_gaps, publish_lineage

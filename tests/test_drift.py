@@ -77,3 +77,40 @@ def test_ranker_psi_acts_on_data_features_and_only_reports_clock_driven_ones() -
                            "shadow": [False, False, True, False],
                            "served_by": ["two_stage", "two_stage", "two_stage", "popularity_fallback:no_model"]})
     assert served_feature_window(logged, recent_days=2.0)["user_ctr_30d"].tolist() == [0.2]
+
+
+def test_small_windows_and_cut_sessions_do_not_read_as_drift(tmp_path) -> None:
+    """A stationary world, windows as feature_drift takes them (training days vs the newest 2 days): cutting
+    by event time truncates the sessions on the edges, and ~130 sessions carry ~0.08 PSI of pure noise."""
+    from monitoring.drift import psi_noise_floor, whole_sessions
+
+    world = simulate(SimulatorConfig(n_users=150, n_items=200, days=10, seed=3, malformed_rate=0, duplicate_rate=0))
+    ev = world.events
+    ev = ev[ev["session_id"].notna() & ev["item_id"].notna()]
+    end = int(ev["timestamp"].max())
+    train_end, recent = end - 4 * DAY_MS, end - 2 * DAY_MS
+    cols = ["clicks", "impressions", "ctr", "hour_of_day", "mean_dwell_s"]
+    # whole sessions: every event of a session that starts in the window and has ended
+    sess = whole_sessions(ev, recent, end)
+    spans = ev.groupby("session_id")["timestamp"].agg(["min", "max"])
+    kept = spans.loc[sess["session_id"].unique()]
+    assert (kept["min"] >= recent).all() and (kept["max"] <= end - 30 * 60 * 1000).all()
+    assert len(sess) == int(ev["session_id"].isin(kept.index).sum())  # no session cut short
+    # the noise floor: about (bins - 1)(1/n + 1/m), and what two same-distribution samples really show
+    rng = np.random.default_rng(0)
+    draws = [psi(rng.normal(size=600), rng.normal(size=130)) for _ in range(200)]
+    assert psi_noise_floor(600, 130) == pytest.approx(np.mean(draws), rel=0.35)
+    ref = event_drift_frame(whole_sessions(ev, int(ev["timestamp"].min()), train_end), world.items)
+    cur = event_drift_frame(sess, world.items)
+    corrected = drift_report(ref, cur, cols, html_path=tmp_path / "q.html")
+    assert corrected.status == "ok", (corrected.psi, corrected.noise_floor)
+    assert corrected.as_metadata()["psi_noise_floor"] == pytest.approx(psi_noise_floor(len(ref), len(cur)), abs=1e-5)
+    # a real shift still acts through the floor
+    shifted = simulate(SimulatorConfig(n_users=150, n_items=200, days=10, seed=3, shift_day=8, malformed_rate=0,
+                                       duplicate_rate=0)).events
+    shifted = shifted[shifted["session_id"].notna() & shifted["item_id"].notna()]
+    ref_s = event_drift_frame(whole_sessions(shifted, int(shifted["timestamp"].min()), train_end), world.items)
+    cur_s = event_drift_frame(whole_sessions(shifted, recent, end), world.items)
+    share_cols = [c for c in cur_s.columns if c.startswith("cat_share_") and c in ref_s.columns]
+    loud = drift_report(ref_s, cur_s, share_cols + cols)
+    assert loud.status == "act" and any(c.startswith("cat_share_") for c in loud.drifted_features), loud.psi

@@ -7,7 +7,7 @@ with the immediate purge and with a 168 h retention policy, and prints seconds p
 scanned per second. The delete predicate hashes the id (so the Delta log never names the user),
 which means every file is scanned: the cost is linear in the table size.
 
-    .venv/bin/python bench/compliance.py --rows 200000 1000000
+    .venv/bin/python bench/privacy.py --rows 200000 1000000
 """
 from __future__ import annotations
 
