@@ -227,7 +227,7 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         if stale is None:
             log.warning("online store unavailable (%s: %s); serving popularity", type(exc).__name__, exc)
             if bundle is not None:
-                ranked = bundle.popular(n, segment=req["device_type"])
+                ranked = bundle.popular(n, segment=req["device_type"], region=req["geo_region"])
             else:
                 ranked = store.last_popular() if store is not None else []
             return finish(FALLBACK_REDIS, _popularity_items(ranked, n))
@@ -259,7 +259,7 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         query = np.asarray(bundle.user_vector(req["user_id"], seen[:SESSION_HISTORY_FOR_TOWER]), dtype=np.float32)
 
         def trending(k: int) -> list[str]:
-            segment = bundle.popular(k, segment=req["device_type"])
+            segment = bundle.popular(k, segment=req["device_type"], region=req["geo_region"])
             if segment:
                 return segment
             try:
@@ -280,7 +280,7 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
             response["channel_errors"] = channel_errors
         lat["candidate_retrieval"] = _ms(time.perf_counter() - t)
         if not candidates:
-            return finish(FALLBACK_MODEL_ERROR, _popularity_items(bundle.popular(n + len(seen_set), segment=req["device_type"]), n, seen_set))
+            return finish(FALLBACK_MODEL_ERROR, _popularity_items(bundle.popular(n + len(seen_set), segment=req["device_type"], region=req["geo_region"]), n, seen_set))
 
         # ---- 3. features over the shared functions, then the ranker
         t = time.perf_counter()
@@ -294,7 +294,7 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         lat["ranking_inference"] = _ms(time.perf_counter() - t)
     except Exception as exc:  # noqa: BLE001 - any model failure must still answer
         log.exception("ranking failed for %s; serving popularity: %s", req["user_id"], exc)
-        return finish(FALLBACK_MODEL_ERROR, _popularity_items(bundle.popular(n + len(seen_set), segment=req["device_type"]), n, seen_set))
+        return finish(FALLBACK_MODEL_ERROR, _popularity_items(bundle.popular(n + len(seen_set), segment=req["device_type"], region=req["geo_region"]), n, seen_set))
 
     # ---- 4. post-processing: MMR diversity, session-intent slots, category runs, exploration
     t = time.perf_counter()

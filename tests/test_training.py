@@ -206,3 +206,25 @@ def test_gate_checks_scoring_latency_and_feature_health(outcome, trainset) -> No
     sick = evaluate_gate(metrics, pop, None, GateConfig(max_p99_scoring_ms=1_000.0), latency=latency, health=broken)
     assert not sick.passed and sick.checks["feature_health"]["null_features"] == {"user_ctr_30d": 0.2}
     assert "user_ctr_30d" in sick.checks["feature_health"]["uncovered_batch_features"]
+
+
+def test_cold_start_popularity_by_device_and_region() -> None:
+    """A cold user gets the items popular in their (device, region) segment, then device, region, global."""
+    from training.bundle import Bundle
+    from training.trainer import popularity_lists
+
+    frame = pd.DataFrame({"split": "train", "label_binary": 1,
+                          "user_id": ["a", "a", "b", "c", "c", "c", "d"],
+                          "item_id": ["i1", "i1", "i2", "i3", "i3", "i3", "i2"],
+                          "device_type": ["mobile", "mobile", "mobile", "desktop", "desktop", "desktop", "desktop"]})
+    users = pd.DataFrame({"user_id": ["a", "b", "c", "d"], "geo_region": ["eu", "us", "eu", "us"], "segment": "s"})
+    lists = popularity_lists(frame, users, ["i1", "i2", "i3", "i4"])
+    assert lists["global"][:3] == ["i3", "i1", "i2"] and lists["global"][-1] == "i4"
+    assert lists["mobile|eu"][0] == "i1" and lists["mobile|us"][0] == "i2" and lists["desktop|us"][0] == "i2"
+    assert lists["region:eu"][0] == "i3" and lists["mobile"][0] == "i1"
+    bundle = Bundle(towers=None, item_ids=["i1", "i2", "i3", "i4"], user_ids=[], item_embeddings=np.zeros((4, 2)),
+                    index=None, ranker=None, popularity=lists)
+    assert bundle.popular(1, segment="mobile", region="us") == ["i2"]
+    assert bundle.popular(1, segment="mobile", region="mars") == ["i1"]  # unknown region: the device's list
+    assert bundle.popular(1, segment="tv", region="eu") == ["i3"]  # unknown device: the region's list
+    assert bundle.popular(2) == ["i3", "i1"]

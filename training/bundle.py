@@ -137,9 +137,16 @@ class Bundle:
         cols = self.manifest.get("ranker_features", ranker_feature_names())
         return self.ranker.predict(features[cols].to_numpy(dtype=np.float64), num_threads=1)
 
-    def popular(self, n: int, segment: str | None = None) -> list[str]:
-        ranked = self.popularity.get(segment or "global") or self.popularity.get("global", [])
-        return ranked[:n]
+    def popular(self, n: int, segment: str | None = None, region: str | None = None) -> list[str]:
+        """Most popular items for a cold user: the (device, region) segment's list, else the device's,
+        else the region's, else the global one (a list exists only where the segment had training clicks)."""
+        keys = ([f"{segment}|{region}"] if segment and region else []) + ([segment] if segment else []) \
+            + ([f"region:{region}"] if region else []) + ["global"]
+        for key in keys:
+            ranked = self.popularity.get(key)
+            if ranked:
+                return ranked[:n]
+        return []
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: Path) -> Path:

@@ -19,8 +19,9 @@ log = logging.getLogger("kairos.trainer")
 
 
 def popularity_lists(frame: pd.DataFrame, users: pd.DataFrame | None, item_ids: list[str]) -> dict[str, list[str]]:
-    """{"global": items by train-split clicks (desc, then every other item), one list per device_type
-    and one per user segment (each falls back to the global order after its own clicked items)."""
+    """{"global": items by train-split clicks (desc, then every other item), one list per device_type,
+    per region ("region:<r>"), per (device, region) ("<device>|<region>", falling back to the device's
+    order) and per user segment (each falls back to the global order after its own clicked items)."""
     train = frame[frame["split"] == "train"] if "split" in frame else frame
     clicks = train[train["label_binary"] == 1]
     known = set(item_ids)
@@ -38,6 +39,15 @@ def popularity_lists(frame: pd.DataFrame, users: pd.DataFrame | None, item_ids: 
     if "device_type" in clicks:
         for dev in sorted(d for d in frame["device_type"].dropna().unique()):
             out[str(dev)] = ranked(clicks[clicks["device_type"] == dev], glob)
+    if users is not None and "geo_region" in users and len(clicks):
+        # cold start by (device, region): a mobile user in one region is not a desktop user in another
+        region = clicks["user_id"].map(dict(zip(users["user_id"], users["geo_region"])))
+        for reg in sorted(r for r in region.dropna().unique()):
+            in_region = clicks[region == reg]
+            out[f"region:{reg}"] = ranked(in_region, glob)
+            if "device_type" in in_region:
+                for dev in sorted(d for d in in_region["device_type"].dropna().unique()):
+                    out[f"{dev}|{reg}"] = ranked(in_region[in_region["device_type"] == dev], out.get(str(dev), glob))
     if users is not None and "segment" in users and len(clicks):
         seg_of = dict(zip(users["user_id"], users["segment"]))
         seg = clicks["user_id"].map(seg_of)
