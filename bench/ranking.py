@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ranking.py                      # 4 and 8 concurrent clients, 20 s each, then the fault test
     .venv/bin/python bench/ranking.py --clients 4 --seconds 10 --no-fault
+    .venv/bin/python bench/ranking.py --rates 10 20 30     # open-loop p99 at fixed arrival rates (default)
 
 Builds a fresh world through the real asset graph (Dagster, Spark, Delta, MLflow) in a
 temporary KAIROS_HOME with an embedded redis-server, starts the BentoML server, and
@@ -79,6 +80,44 @@ def load(base: str, users: list[str], now_ms: int, clients: int, seconds: float,
             "served_by": dict(Counter(p for _, p in served)), "timeline": served}
 
 
+def open_loop(base: str, users: list[str], now_ms: int, rate: float, seconds: float) -> dict:
+    """Requests sent at a fixed rate whatever the server does (an open loop, like real traffic), latency
+    measured from each request's *scheduled* send time, so a stalled server cannot hide its queue
+    (no coordinated omission). Says what the endpoint's p99 is at a given load, below saturation."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = threading.local()
+    lat: list[float] = []
+    codes: Counter = Counter()
+    lock = threading.Lock()
+
+    def one(i: int, scheduled: float) -> None:
+        http = getattr(local, "http", None)
+        if http is None:
+            http = local.http = httpx.Client(base_url=base, timeout=10)
+        try:
+            code = http.post("/v1/personalize", json=_body(users[i % len(users)], f"open-{i % 13}", now_ms)).status_code
+        except Exception:  # noqa: BLE001 - a transport error is a failure, counted
+            code = 599
+        with lock:
+            lat.append((time.perf_counter() - scheduled) * 1000)
+            codes[code] += 1
+
+    n = int(rate * seconds)
+    t0 = time.perf_counter() + 0.05
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        for i in range(n):
+            scheduled = t0 + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, i, scheduled)
+    a = np.asarray(lat)
+    return {"rate": rate, "requests": len(lat), "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "codes": dict(codes)}
+
+
 def in_process_floor(settings, users: list[str], now_ms: int, n: int = 300) -> dict[str, tuple[float, float]]:
     from features.online import OnlineStore
     from serving.pipeline import personalize
@@ -101,6 +140,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--no-fault", action="store_true")
+    parser.add_argument("--rates", type=float, nargs="*", default=[10.0, 20.0, 30.0],
+                        help="open-loop request rates (req/s) to report the p99 at; none to skip")
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="kairos-bench-ranking-"))
@@ -145,6 +186,13 @@ def main() -> int:
             r = load(base, users, now_ms, c, args.seconds)
             print(f"  {c:>7} {r['requests']:>8} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f}  "
                   f"{r['codes']} {r['served_by']}", flush=True)
+        if args.rates:
+            print("\nOpen loop (fixed arrival rate, latency from the scheduled send time), 200 candidates:")
+            print(f"  {'req/s':>7} {'requests':>8} {'p50':>7} {'p95':>7} {'p99':>7}  codes")
+            for rate in args.rates:
+                r = open_loop(base, users, now_ms, rate, args.seconds)
+                print(f"  {rate:>7.0f} {r['requests']:>8} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f}  {r['codes']}",
+                      flush=True)
         if not args.no_fault:
             import redis as redis_lib
 
