@@ -43,6 +43,7 @@ def load(base: str, users: list[str], now_ms: int, clients: int, seconds: float,
 
     stop = time.time() + seconds
     lat: list[float] = []
+    inside: list[float] = []  # the pipeline's own total, as the server reports it
     codes: Counter = Counter()
     served: list[tuple[float, str]] = []
     lock = threading.Lock()
@@ -56,12 +57,16 @@ def load(base: str, users: list[str], now_ms: int, clients: int, seconds: float,
                 try:
                     r = http.post("/v1/personalize", json=_body(users[i % len(users)], f"bench-{k}-{i % 7}", now_ms))
                     code = r.status_code
-                    path = r.json().get("served_by", "?") if code == 200 else f"http_{code}"
+                    body = r.json() if code == 200 else {}
+                    path = body.get("served_by", "?") if code == 200 else f"http_{code}"
+                    pipeline_ms = (body.get("latency_breakdown_ms") or {}).get("total")
                 except Exception as exc:  # noqa: BLE001 - a transport error is a failure, counted
-                    code, path = 599, type(exc).__name__
+                    code, path, pipeline_ms = 599, type(exc).__name__, None
                 dt = (time.perf_counter() - t) * 1000
                 with lock:
                     lat.append(dt)
+                    if pipeline_ms is not None:
+                        inside.append(float(pipeline_ms))
                     codes[code] += 1
                     served.append((time.time() - t0, path))
                 i += clients
@@ -77,6 +82,7 @@ def load(base: str, users: list[str], now_ms: int, clients: int, seconds: float,
     a = np.asarray(lat) if lat else np.asarray([np.nan])
     return {"clients": clients, "requests": len(lat), "rps": len(lat) / wall, "p50": float(np.percentile(a, 50)),
             "p95": float(np.percentile(a, 95)), "p99": float(np.percentile(a, 99)), "codes": dict(codes),
+            "pipeline_p50": float(np.percentile(inside, 50)) if inside else float("nan"),
             "served_by": dict(Counter(p for _, p in served)), "timeline": served}
 
 
@@ -180,11 +186,23 @@ def main() -> int:
     try:
         wait_ready(base, timeout_s=180, proc=proc)
         load(base, users, now_ms, 2, 3.0)  # warm-up
-        print("\nHTTP load, 200 candidates, one BentoML worker:")
-        print(f"  {'clients':>7} {'requests':>8} {'req/s':>7} {'p50':>7} {'p95':>7} {'p99':>7}  codes / served_by")
+        import httpx
+
+        with httpx.Client(base_url=base, timeout=10) as http:  # the HTTP floor: a route that does nothing
+            probe = []
+            for _ in range(300):
+                t = time.perf_counter()
+                http.get("/healthz")
+                probe.append((time.perf_counter() - t) * 1000)
+        print(f"\nHTTP floor (GET /healthz, 1 client): p50 {np.percentile(probe, 50):.2f} ms, "
+              f"p99 {np.percentile(probe, 99):.2f} ms")
+        print("\nHTTP load, 200 candidates, one BentoML worker (pipeline = the server's own total, p50):")
+        print(f"  {'clients':>7} {'requests':>8} {'req/s':>7} {'p50':>7} {'p95':>7} {'p99':>7} {'pipeline':>8}  "
+              "codes / served_by")
         for c in args.clients:
             r = load(base, users, now_ms, c, args.seconds)
-            print(f"  {c:>7} {r['requests']:>8} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f}  "
+            print(f"  {c:>7} {r['requests']:>8} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} "
+                  f"{r['pipeline_p50']:>8.1f}  "
                   f"{r['codes']} {r['served_by']}", flush=True)
         if args.rates:
             print("\nOpen loop (fixed arrival rate, latency from the scheduled send time), 200 candidates:")
