@@ -1,7 +1,5 @@
 """Feature assets: daily snapshots in Spark (offline store), the point-in-time training set."""
 
-import json
-
 from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetSpec, Config, MaterializeResult,
                      MetadataValue, asset, multi_asset)
 

@@ -5,13 +5,12 @@ under KAIROS_HOME); the registered bundle is the unit that serves (invariant 4).
 """
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetIn, Config, DataVersion, MetadataValue,
+from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Config, DataVersion, MetadataValue,
                      Output, asset)
 
 from assets.features import ITEM_FEATURES, TRAINING_SET, USER_FEATURES

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import shutil
 import tempfile
 import time
@@ -18,26 +17,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 SOURCE = {"source": "simulator", "n_users": 60, "n_items": 80, "days": 8, "seed": 3}
-ENV_KEYS = ("KAIROS_HOME", "REDIS_URL", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
 _WORLD: dict[str, Any] = {}
 
 
 @contextlib.contextmanager
 def world_env(world: dict[str, Any]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    os.environ.update({"KAIROS_HOME": str(world["home"]), "REDIS_URL": world["redis"].url,
-                       "DAGSTER_HOME": str(world["home"] / "dagster"), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("KAIROS_LAKE_URI", None)
-    try:
+    from tests._env import kairos_env
+
+    with kairos_env(world["home"], world["redis"].url, DAGSTER_HOME=str(world["home"] / "dagster"),
+                    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _serve(settings: Any, client: Any, user_id: str, request_id: str, bundle: Any) -> None:

@@ -16,6 +16,7 @@ from lake.delta import DeltaLake
 from orchestration.cli import data_clock_ms, log_impressions, materialize_all, prepare_home
 from orchestration.services import EmbeddedRedis, free_port
 from orchestration.settings import Settings
+from tests._env import kairos_env
 
 pytestmark = pytest.mark.e2e
 
@@ -25,21 +26,12 @@ SOURCE = {"source": "simulator", "n_users": 150, "n_items": 200, "days": 10, "se
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis):
     home = tmp_path_factory.mktemp("kairos-e2e")
-    saved = {k: os.environ.get(k) for k in ("KAIROS_HOME", "REDIS_URL", "DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ["KAIROS_HOME"] = str(home)
-    os.environ["REDIS_URL"] = redis_server.url
-    os.environ.pop("DAGSTER_HOME", None)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    redis_lib.Redis.from_url(redis_server.url).flushdb()
-    settings = Settings.from_env()
-    prepare_home(settings)
-    run = materialize_all(settings, SOURCE)
-    yield settings, run
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with kairos_env(home, redis_server.url):
+        redis_lib.Redis.from_url(redis_server.url).flushdb()
+        settings = Settings.from_env()
+        prepare_home(settings)
+        run = materialize_all(settings, SOURCE)
+        yield settings, run
 
 
 def test_every_asset_materialized_with_checks(pipeline) -> None:

@@ -214,7 +214,7 @@ def test_lineage_of_a_version_from_the_cli(world, capsys) -> None:
 
     from orchestration.cli import main
 
-    settings, version, run = world["settings"], world["version"], world["run"]
+    version, run = world["version"], world["run"]
     assert main(["lineage", "--version", version, "--json"]) == 0
     lin = _json.loads(capsys.readouterr().out)
     tables = lin["data"]["tables"]

@@ -29,6 +29,7 @@ from lake.delta import DeltaLake
 from orchestration.cli import data_clock_ms, materialize_all, prepare_home
 from orchestration.services import EmbeddedRedis, free_port
 from orchestration.settings import Settings
+from tests._env import kairos_env
 
 pytestmark = pytest.mark.e2e
 
@@ -49,20 +50,11 @@ ROLLOUT = {"shadow_report": {"config": {"min_requests": 30}},
 @pytest.fixture(scope="module")
 def loop_env(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis):
     home = tmp_path_factory.mktemp("kairos-loop")
-    saved = {k: os.environ.get(k) for k in ("KAIROS_HOME", "REDIS_URL", "DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ["KAIROS_HOME"] = str(home)
-    os.environ["REDIS_URL"] = redis_server.url
-    os.environ.pop("DAGSTER_HOME", None)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    redis_lib.Redis.from_url(redis_server.url).flushdb()
-    settings = Settings.from_env()
-    prepare_home(settings)
-    yield settings
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with kairos_env(home, redis_server.url):
+        redis_lib.Redis.from_url(redis_server.url).flushdb()
+        settings = Settings.from_env()
+        prepare_home(settings)
+        yield settings
 
 
 def _ingest(instance: DagsterInstance, source: dict) -> None:

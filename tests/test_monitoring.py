@@ -8,9 +8,9 @@ clicks on what was shown landing in silver. The four monitoring assets then run 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from lake.delta import DeltaLake
 from monitoring.health import (FreshnessThresholds, attribute_engagement, feature_quality, group_staleness,
                                prediction_entropy, stale_tiers)
 from orchestration.settings import Settings
+from tests._env import kairos_env
 from tests._trainset import clean_events
 
 EPSILON = 0.2
@@ -51,11 +52,8 @@ def world(tmp_path_factory, redis_server, small_world, trainset, outcome):
     from training.two_tower import TwoTowerConfig
 
     home = tmp_path_factory.mktemp("kairos-monitoring")
-    saved = {k: os.environ.get(k) for k in ("KAIROS_HOME", "REDIS_URL", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI")}
-    os.environ["KAIROS_HOME"] = str(home)
-    os.environ["REDIS_URL"] = redis_server.url
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("KAIROS_LAKE_URI", None)
+    env = contextlib.ExitStack()
+    env.enter_context(kairos_env(home, redis_server.url))
     settings = Settings.from_env()
     client = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
     client.flushdb()
@@ -132,11 +130,7 @@ def world(tmp_path_factory, redis_server, small_world, trainset, outcome):
     yield {"settings": settings, "lake": lake, "client": client, "served": shown, "training_set": ts, "meta": meta,
            "checks": checks, "success": result.success, "resources": resources, "versions": (v1, v2),
            "seconds": seconds, "home": home}
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    env.close()
 
 
 def _v(meta, key):
