@@ -231,12 +231,13 @@ class KairosRanker:
         log.info("KairosRanker ready: model_version=%s", getattr(self.bundle, "model_version", None))
 
     # ------------------------------------------------------------------ model lifecycle
-    def _load_champion(self) -> None:
+    def _load_champion(self, wanted: str | None = None) -> None:
+        """Serve the champion alias (`wanted`: its version when the caller has just read it)."""
         from training.registry import alias_version, load_alias
 
         try:
             previous = self._previous
-            wanted = alias_version(self.settings, "champion")
+            wanted = wanted if wanted is not None else alias_version(self.settings, "champion")
             if previous is not None and wanted is not None and str(previous.model_version) == str(wanted):
                 bundle = previous  # a rollback to the version served before: no download, no load
             else:
@@ -314,7 +315,7 @@ class KairosRanker:
                 current = getattr(self.bundle, "model_version", None)
                 latest = self._champion_version()
                 if latest is not None and latest != (None if current is None else str(current)):
-                    self._load_champion()
+                    self._load_champion(latest)
                 self._apply_rollout()
                 self._load_challenger()
             except Exception as exc:  # noqa: BLE001

@@ -36,7 +36,7 @@ import redis
 
 from ingestion.refine import event_dates
 from ingestion.schema import BRONZE_SCHEMA, DAY_MS, EVENT_SCHEMA
-from streaming.retention import parse_id, server_time_ms
+from streaming.retention import as_text as _s, ensure_group, parse_id, server_time_ms
 
 log = logging.getLogger("kairos.streaming.bronze")
 
@@ -50,8 +50,6 @@ _INT_COLUMNS = [f.name for f in EVENT_SCHEMA if str(f.type) == "int64"]
 _STR_COLUMNS = [f.name for f in EVENT_SCHEMA if str(f.type) == "string"]
 
 
-def _s(v: Any) -> Any:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 def _as_int(v: Any) -> int | None:
@@ -125,11 +123,7 @@ class BronzeWriter:
 
     def ensure_group(self) -> None:
         """The group starts at the stream's beginning: every entry already there is owed to bronze."""
-        try:
-            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(self.client, self.stream, self.group)
 
     def acquire(self) -> bool:
         """Take or keep the writer lock (two writers would race on the same Delta commits)."""

@@ -42,7 +42,8 @@ from features.functions import new_session_state, update_session
 from features.online import SESSION_TTL_S, OnlineStore, decode_session, session_key
 from ingestion.schema import EVENT_TYPES, ITEM_EVENT_TYPES, SCHEMA_VERSION
 from streaming.options import StreamJobOptions, parse_args
-from streaming.retention import DEFAULT_MAX_BACKLOG, check_backpressure, parse_id, stream_lag, trim_processed
+from streaming.retention import (DEFAULT_MAX_BACKLOG, as_text as _s, check_backpressure, ensure_group, parse_id,
+                                 stream_lag, trim_processed)
 
 log = logging.getLogger("kairos.streaming")
 
@@ -67,8 +68,6 @@ def user_recent_key(user_id: str) -> str:
     return f"{USER_RECENT_PREFIX}:{user_id}"
 
 
-def _s(v: Any) -> Any:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 def publish(client: Any, events: Iterable[dict], stream: str = STREAM) -> list[str]:
@@ -169,11 +168,7 @@ class SessionStreamProcessor:
 
     # ------------------------------------------------------------------ setup
     def ensure_group(self) -> None:
-        try:
-            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(self.client, self.stream, self.group)
 
     # ------------------------------------------------------------------ item categories
     def _category_map(self) -> dict[str, str | None]:

@@ -24,8 +24,20 @@ import redis
 DEFAULT_MAX_BACKLOG = int(os.environ.get("KAIROS_STREAM_MAX_BACKLOG", "1000000"))
 
 
-def _s(v: Any) -> Any:
+def as_text(v: Any) -> Any:
+    """A Redis reply as text whatever the client's decode_responses setting."""
     return v.decode() if isinstance(v, bytes) else v
+
+
+
+def ensure_group(client: Any, stream: str, group: str) -> None:
+    """Create the consumer group at the stream's beginning (every entry already there is owed to it);
+    a group that exists is left where it is."""
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
 
 
 def parse_id(stream_id: str) -> tuple[int, int]:
@@ -71,13 +83,13 @@ def group_positions(client: Any, stream: str) -> list[GroupPosition]:
         return []
     out = []
     for g in groups:
-        name = _s(g.get("name"))
+        name = as_text(g.get("name"))
         pending = int(g.get("pending", 0))
         oldest = None
         if pending:
             summary = client.xpending(stream, name)
-            oldest = _s(summary.get("min")) if summary else None
-        out.append(GroupPosition(name, _s(g.get("last-delivered-id") or "0-0"), pending, oldest))
+            oldest = as_text(summary.get("min")) if summary else None
+        out.append(GroupPosition(name, as_text(g.get("last-delivered-id") or "0-0"), pending, oldest))
     return out
 
 
@@ -107,7 +119,7 @@ def stream_lag(client: Any, stream: str) -> dict[str, Any]:
     for g in group_positions(client, stream):
         first = client.xrange(stream, min="(" + g.last_delivered, max="+", count=1) if g.last_delivered != "0-0" \
             else client.xrange(stream, min="-", max="+", count=1)
-        oldest_ms = [parse_id(_s(first[0][0]))[0]] if first else []
+        oldest_ms = [parse_id(as_text(first[0][0]))[0]] if first else []
         if g.pending and g.oldest_pending:
             oldest_ms.append(parse_id(g.oldest_pending)[0])
         out["groups"][g.name] = {"pending": g.pending, "last_delivered_id": g.last_delivered,

@@ -27,3 +27,18 @@ def kairos_env(home: Path, redis_url: str, **extra: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def fresh_home(home: Path, redis_url: str) -> Iterator[object]:
+    """kairos_env on an empty Redis database and a prepared KAIROS_HOME; yields its Settings."""
+    import redis
+
+    from orchestration.cli import prepare_home
+    from orchestration.settings import Settings
+
+    with kairos_env(home, redis_url):
+        redis.Redis.from_url(redis_url).flushdb()
+        settings = Settings.from_env()
+        prepare_home(settings)
+        yield settings

@@ -13,10 +13,9 @@ import redis as redis_lib
 from dagster import AssetKey, DagsterInstance
 
 from lake.delta import DeltaLake
-from orchestration.cli import data_clock_ms, log_impressions, materialize_all, prepare_home
+from orchestration.cli import data_clock_ms, log_impressions, materialize_all
 from orchestration.services import EmbeddedRedis, free_port
-from orchestration.settings import Settings
-from tests._env import kairos_env
+from tests._env import fresh_home
 
 pytestmark = pytest.mark.e2e
 
@@ -26,12 +25,8 @@ SOURCE = {"source": "simulator", "n_users": 150, "n_items": 200, "days": 10, "se
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis):
     home = tmp_path_factory.mktemp("kairos-e2e")
-    with kairos_env(home, redis_server.url):
-        redis_lib.Redis.from_url(redis_server.url).flushdb()
-        settings = Settings.from_env()
-        prepare_home(settings)
-        run = materialize_all(settings, SOURCE)
-        yield settings, run
+    with fresh_home(home, redis_server.url) as settings:
+        yield settings, materialize_all(settings, SOURCE)
 
 
 def test_every_asset_materialized_with_checks(pipeline) -> None:

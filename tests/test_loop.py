@@ -22,14 +22,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import redis as redis_lib
 from dagster import AssetKey, DagsterInstance, build_sensor_context
 
 from lake.delta import DeltaLake
-from orchestration.cli import data_clock_ms, materialize_all, prepare_home
+from orchestration.cli import data_clock_ms, materialize_all
 from orchestration.services import EmbeddedRedis, free_port
 from orchestration.settings import Settings
-from tests._env import kairos_env
+from tests._env import fresh_home
 
 pytestmark = pytest.mark.e2e
 
@@ -50,10 +49,7 @@ ROLLOUT = {"shadow_report": {"config": {"min_requests": 30}},
 @pytest.fixture(scope="module")
 def loop_env(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis):
     home = tmp_path_factory.mktemp("kairos-loop")
-    with kairos_env(home, redis_server.url):
-        redis_lib.Redis.from_url(redis_server.url).flushdb()
-        settings = Settings.from_env()
-        prepare_home(settings)
+    with fresh_home(home, redis_server.url) as settings:
         yield settings
 
 

@@ -28,12 +28,9 @@ def ranking_metrics(frame: pd.DataFrame, scores: Any, k: int = 10, probabilities
     score are broken by a fixed pseudo-random order, never by the logged order (which carries
     the logging policy's position bias). `probabilities=None` infers it from the score range.
     """
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if len(s) != len(frame):
-        raise ValueError(f"{len(s)} scores for {len(frame)} rows")
+    s = _finite_scores(scores, len(frame))
     yb = frame["label_binary"].to_numpy(dtype=np.float64)
     gain = np.clip(frame["label"].to_numpy(dtype=np.float64) if "label" in frame else yb, 0.0, None)
-    s = np.where(np.isfinite(s), s, np.nanmin(s[np.isfinite(s)]) if np.isfinite(s).any() else 0.0)
     out: dict[str, float] = {"rows": float(len(s)), "positive_rate": float(yb.mean()) if len(yb) else float("nan")}
     ks = [k] + [c for c in dict.fromkeys(also_k) if c != k]
     if len(s) == 0:
