@@ -1,5 +1,7 @@
 """Feature assets: daily snapshots in Spark (offline store), the point-in-time training set."""
 
+from typing import Optional
+
 from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetSpec, Config, MaterializeResult,
                      MetadataValue, asset, multi_asset)
 
@@ -48,6 +50,9 @@ def feature_snapshots(context: AssetExecutionContext, lake: LakeResource, spark:
 class TrainingSetConfig(Config):
     validation_days: float = 2.0
     test_days: float = 2.0
+    # if set, the test window starts at this quantile of the labeled rows' timestamps (test_days is ignored):
+    # 0.8 = the last 20% of the log, whatever its time span
+    test_quantile: Optional[float] = None
     gap_hours: float = 0.0
 
 
@@ -67,7 +72,8 @@ def training_set(context: AssetExecutionContext, config: TrainingSetConfig, lake
     items = store.read(ITEMS, version=pins[ITEMS].version)
     frame, bounds = build_training_set(spark.session(), read[LABELS], read[SILVER], read[USER_FEATURES],
                                        read[ITEM_FEATURES], items,
-                                       SplitConfig(config.validation_days, config.test_days, config.gap_hours))
+                                       SplitConfig(config.validation_days, config.test_days, config.gap_hours,
+                                                   test_quantile=config.test_quantile))
     out = store.write(TRAINING_SET, frame)
     leaks = 0
     for col in ("user_id_feature_ts", "item_id_feature_ts"):

@@ -312,7 +312,10 @@ def _reconcile_check(store, days: list[str], totals: dict[str, int], per_day: li
 class LabelSettings(Config):
     attribution_window_hours: float = 72.0
     positive_threshold: float = 0.3
-    easy_negative_ratio: float = 0.0  # sampled unshown catalog items per positive (0 = hard negatives only)
+    # catalog negatives per positive (0 = hard negatives only): without them a ranker trained on impressions
+    # learns to re-order what was shown, not to rank the whole catalog it is asked to rank when serving
+    easy_negative_ratio: float = 2.0
+    negative_popularity_alpha: float = 0.5  # draw ~ (engagements + 1) ** alpha; 0 = uniform over the catalog
     seed: int = 17
 
 
@@ -332,11 +335,11 @@ def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeReso
     lab = build_labels(events, as_of_ms=as_of, catalog_item_ids=catalog, config=LabelConfig(
         attribution_window_ms=int(config.attribution_window_hours * 3_600_000),
         positive_threshold=config.positive_threshold, easy_negative_ratio=config.easy_negative_ratio,
-        seed=config.seed))
+        negative_popularity_alpha=config.negative_popularity_alpha, seed=config.seed))
     out = store.write(LABELS, lab)
     return MaterializeResult(metadata={
         **label_summary(lab), "positives": int(lab["label_binary"].sum()),
         "silver_version": pin.version, "delta_version": out.version, "as_of_ms": as_of,
         "attribution_window_hours": config.attribution_window_hours, "easy_negative_ratio": config.easy_negative_ratio,
-        "forgotten_user_events_excluded": forgotten,
+        "negative_popularity_alpha": config.negative_popularity_alpha, "forgotten_user_events_excluded": forgotten,
     }, data_version=delta_data_version(LABELS, out.version))

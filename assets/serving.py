@@ -3,32 +3,30 @@
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, asset
 
 from assets.features import ITEM_FEATURES, USER_FEATURES
-from assets.ingestion import ITEMS
+from assets.ingestion import ITEMS, SILVER
 from compliance.versions import source_version
 from orchestration.resources import LakeResource, RedisResource
 
 ONLINE_FEATURES = "online_features"
-POPULAR_LIST_SIZE = 500
 
 
-@asset(deps=[USER_FEATURES, ITEM_FEATURES, ITEMS], group_name="serving",
-       code_version=source_version(__file__, "features/online.py"),
+@asset(deps=[USER_FEATURES, ITEM_FEATURES, ITEMS, SILVER], group_name="serving",
+       code_version=source_version(__file__, "features/online.py", "features/history.py"),
        description="The newest snapshot in Redis under a version key; readers switch to it atomically.")
 def online_features(context: AssetExecutionContext, lake: LakeResource, redis: RedisResource) -> MaterializeResult:
     from features.online import OnlineStore
 
+    from features.history import consumed_items, serving_snapshot
+
     store = lake.lake()
-    u_pin, i_pin = store.pin(USER_FEATURES), store.pin(ITEM_FEATURES)
-    users = store.read(USER_FEATURES, version=u_pin.version)
-    items = store.read(ITEM_FEATURES, version=i_pin.version)
-    users = users[users["feature_ts"] == users["feature_ts"].max()]
-    newest = items["feature_ts"].max()
-    items = items[items["feature_ts"] == newest]
-    # every catalog item is servable, even one without recent activity (defaults apply)
+    u_pin, i_pin, s_pin = store.pin(USER_FEATURES), store.pin(ITEM_FEATURES), store.pin(SILVER)
     catalog = store.read(ITEMS, columns=["item_id", "category", "publish_ts"])
-    items = catalog.merge(items.drop(columns=["category", "publish_ts"]), on="item_id", how="left")
-    items["feature_ts"] = items["feature_ts"].fillna(newest)
-    popular = items.sort_values("item_clicks_7d", ascending=False, na_position="last")["item_id"].head(POPULAR_LIST_SIZE).tolist()
+    # what each user already consumed: excluded by the server, pooled by the user tower without a session
+    consumed = consumed_items(store.read(SILVER, version=s_pin.version,
+                                         columns=["user_id", "item_id", "event_type", "timestamp"]))
+    users, items, popular, newest = serving_snapshot(store.read(USER_FEATURES, version=u_pin.version),
+                                                     store.read(ITEM_FEATURES, version=i_pin.version), catalog,
+                                                     consumed=consumed)
     version = f"u{u_pin.version}-i{i_pin.version}-{int(newest)}"
     online = OnlineStore(redis.client())
     result = online.materialize(users, items, version=version, popular=popular)

@@ -139,11 +139,46 @@ def ranker_tuning(context: AssetExecutionContext, config: TuningConfig, two_towe
                                             "training_set_version": pins[TRAINING_SET].version})
 
 
-@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP,
-       code_version=source_version(__file__, "training/evaluation.py", "training/gates.py"),
+class CatalogEvalConfig(Config):
+    k: int = 10
+    ablations: bool = True  # also score the served pipeline without exploration / MMR (their cost on the metric)
+    sessions: bool = True  # the next-item session protocol beside session-kNN
+    max_session_cases: int = 2000
+
+
+def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfig, lake: LakeResource, frame: pd.DataFrame,
+                        items: pd.DataFrame, users: pd.DataFrame, two_tower_model: Any, faiss_index: bytes,
+                        ranker_model: Any, champion: Any | None) -> dict:
+    """The served top-K over the whole catalog at the test window's start, beside the baselines (serving/offline.py)."""
+    import time
+
+    from serving.offline import evaluate_catalog
+    from training.trainer import assemble_bundle
+
+    store = lake.lake()
+    test = frame[frame["split"] == "test"]
+    split_ms = int(test["timestamp"].min())
+    candidate = assemble_bundle(two_tower_model, faiss_index, ranker_model, frame, users)
+    candidate.model_version = "candidate"
+    t = time.perf_counter()
+    result = evaluate_catalog({"served": candidate, "champion": champion},
+                              store.read(LABELS), store.read(SILVER, columns=["user_id", "item_id", "event_type", "timestamp",
+                                                                               "session_id"]),
+                              store.read(USER_FEATURES), store.read(ITEM_FEATURES), items, users, split_ms,
+                              k=config.k, ablations=config.ablations, sessions=config.sessions,
+                              max_session_cases=config.max_session_cases)
+    context.log.info(f"catalog evaluation at {split_ms} over {result['split']['users']} test users "
+                     f"({result['split']['warm_users']} warm) in {time.perf_counter() - t:.1f}s: "
+                     + ", ".join(f"{name} {m[f'ndcg_at_{config.k}']:.4f}" for name, m in result["systems"].items()))
+    return result
+
+
+@asset(deps=[TRAINING_SET, ITEMS, USERS, LABELS, SILVER, USER_FEATURES, ITEM_FEATURES], group_name=GROUP,
+       code_version=source_version(__file__, "training/evaluation.py", "training/gates.py", "training/catalog_eval.py",
+                                   "training/baselines.py", "serving/offline.py", "serving/pipeline.py"),
        description="Test-window metrics of the two-stage model beside popularity, logistic regression and two-tower alone.")
-def model_evaluation(context: AssetExecutionContext, two_tower_model: Any, ranker_model: Any,
-                     lake: LakeResource, mlflow: MlflowResource, artifacts: ArtifactsResource) -> Output:
+def model_evaluation(context: AssetExecutionContext, config: CatalogEvalConfig, two_tower_model: Any, ranker_model: Any,
+                     faiss_index: bytes, lake: LakeResource, mlflow: MlflowResource, artifacts: ArtifactsResource) -> Output:
     from training.evaluation import evaluate_models
     from training.registry import champion_metrics
 
@@ -154,10 +189,11 @@ def model_evaluation(context: AssetExecutionContext, two_tower_model: Any, ranke
     from training.evaluation import evaluate_bundle, evaluation_plot_png, evaluation_report_html
     from training.registry import CHAMPION, load_alias
 
-    frame, _, _, _ = _load_training_inputs(lake)
+    frame, items, users, _ = _load_training_inputs(lake)
     metrics = evaluate_models(frame, two_tower_model, ranker_model)
     # the champion re-scored on this very test window (comparable AUC); its logged metrics as a fallback
     champion, source = {}, "none: no champion yet"
+    bundle = None
     try:
         bundle = load_alias(mlflow.settings(), CHAMPION)
         if bundle is not None:
@@ -167,6 +203,8 @@ def model_evaluation(context: AssetExecutionContext, two_tower_model: Any, ranke
         champion, source = champion_metrics(mlflow.settings()) or {}, "logged metrics of its own run (older window)"
     metrics["champion"] = champion
     metrics["champion_source"] = source
+    metrics["catalog"] = _catalog_evaluation(context, config, lake, frame, items, users, two_tower_model, faiss_index,
+                                             ranker_model, bundle)
     test = frame[frame["split"] == "test"]
     x_test = assemble_features(add_embedding_affinity(test, two_tower_model))
     metrics["scoring_latency"] = scoring_latency(lambda x: ranker_model.predict(x, num_threads=1), x_test.to_numpy())
@@ -187,6 +225,9 @@ class GateSettings(Config):
     max_p99_scoring_ms: float = 25.0
     max_null_rate: float = 0.0
     min_batch_feature_coverage: float = 0.01
+    min_lift_over_best_baseline: float = 0.0
+    max_ndcg_drop_vs_champion: float = 0.02
+    min_test_users: int = 30
     # True: a passing version becomes champion at once (the demo). False: it enters the staged rollout
     # (shadow -> canary -> promote, assets/rollout.py) and the champion moves only when the canary passes.
     auto_promote: bool = True
@@ -202,8 +243,11 @@ def validation_gate(context: AssetExecutionContext, config: GateSettings, model_
     gate = evaluate_gate(model_evaluation["two_stage"], model_evaluation["popularity"],
                          model_evaluation.get("champion") or None,
                          GateConfig(config.min_ndcg_lift_over_popularity, config.max_auc_drop_vs_champion,
-                                    config.max_p99_scoring_ms, config.max_null_rate, config.min_batch_feature_coverage),
-                         latency=model_evaluation.get("scoring_latency"), health=model_evaluation.get("feature_health"))
+                                    config.max_p99_scoring_ms, config.max_null_rate, config.min_batch_feature_coverage,
+                                    config.min_lift_over_best_baseline, config.max_ndcg_drop_vs_champion,
+                                    config.min_test_users),
+                         latency=model_evaluation.get("scoring_latency"), health=model_evaluation.get("feature_health"),
+                         catalog=model_evaluation.get("catalog"))
     for reason in gate.reasons:
         context.log.info(f"gate: {reason}")
     gate.checks["rollout"] = {"auto_promote": bool(config.auto_promote)}  # read by registered_model

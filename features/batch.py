@@ -108,9 +108,10 @@ def item_snapshots(spark: Any, events: Any, items: Any) -> Any:
         .groupBy("item_id", "snap_day")
         .agg(F.sum("clicks").cast("double").alias("item_clicks_7d"), F.sum("impressions").cast("double").alias("item_impressions_7d"))
     )
+    # outer: an item co-clicked inside the 30-day window keeps its neighbours even without clicks in the last 7 days
     return (
-        agg.join(items.select("item_id", "category", "publish_ts"), "item_id", "left")
-        .join(co_items(ev, snaps), ["item_id", "snap_day"], "left")
+        agg.join(co_items(ev, snaps), ["item_id", "snap_day"], "outer")
+        .join(items.select("item_id", "category", "publish_ts"), "item_id", "left")
         .withColumn("item_ctr_7d", _smoothed(F.col("item_clicks_7d"), F.col("item_impressions_7d")))
         .withColumn("feature_ts", (F.col("snap_day") * F.lit(DAY_MS)).cast("long"))
         .select("item_id", "feature_ts", *ITEM_STORE_COLUMNS)

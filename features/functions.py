@@ -16,9 +16,14 @@ from features.registry import REGISTRY
 
 SESSION_MAX_ITEMS = 50
 SESSION_HISTORY_FOR_TOWER = 10
+USER_HISTORY_ITEMS = 10  # the user's latest consumed items user_history_co_engagement reads (features/history.py)
 SESSION_CATEGORY_DECAY = 0.8
 SESSION_GAP_CAP_S = 3600.0
 ENGAGEMENT_TYPES = frozenset({"click", "add_to_cart", "purchase", "share"})
+# a sampled catalog negative replayed beside the real events: it gets the session features an impression
+# at that moment would get, and changes no state (training/dataset.py adds them, training/labels.py samples them)
+CANDIDATE_EVENT = "candidate"
+FEATURE_QUERY_TYPES = frozenset({"impression", CANDIDATE_EVENT})
 DEVICE_CODES = {"mobile": 0.0, "desktop": 1.0, "tablet": 2.0}
 CTR_PRIOR_CLICKS = 1.0
 CTR_PRIOR_IMPRESSIONS = 20.0
@@ -78,7 +83,7 @@ def session_features(state: Mapping[str, Any] | None, item_ids: Iterable[str],
 
 
 def replay_session_features(events: pd.DataFrame, item_category: Mapping[str, str]) -> pd.DataFrame:
-    """Session features for every impression, from the events strictly before it in its session.
+    """Session features for every impression (and CANDIDATE_EVENT row), from the events strictly before it in its session.
 
     Also returns `session_last_items` (JSON list, most recent first): the history the
     user tower pools at serving time, so the two-tower affinity is replayed too.
@@ -107,13 +112,15 @@ def replay_session_features(events: pd.DataFrame, item_category: Mapping[str, st
             while j < n and sid_arr[j] == sid and ts_arr[j] == ts_arr[i]:
                 j += 1
             for k in range(i, j):
-                if type_arr[k] == "impression":
+                if type_arr[k] in FEATURE_QUERY_TYPES:
                     item = item_arr[k]
                     feats = session_features(state, [item], [item_category.get(item)], int(ts_arr[k]))
                     out_ids.append(id_arr[k])
                     out_rows.append([float(feats[c][0]) for c in cols])
                     out_hist.append(json.dumps(state["last_items"][:SESSION_HISTORY_FOR_TOWER]))
             for k in range(i, j):
+                if type_arr[k] == CANDIDATE_EVENT:  # a sampled catalog negative: asks, never happened
+                    continue
                 item = item_arr[k]
                 state = update_session(state, type_arr[k], item, item_category.get(item), int(ts_arr[k]))
             i = j
@@ -152,10 +159,40 @@ def category_affinity(user_category_counts: Iterable[str | Mapping[str, float] |
     return np.asarray(out, dtype=np.float64)
 
 
+def tower_history(session_items: Iterable[str] | None, user_items: Iterable[str] | None,
+                  limit: int = SESSION_HISTORY_FOR_TOWER) -> list[str]:
+    """What the user tower pools: the session's latest items, then the user's latest consumed ones (most
+    recent first, distinct). A returning user without a live session is still known by what they did."""
+    out: list[str] = []
+    for item in [*(session_items or ()), *(user_items or ())]:
+        if item not in out:
+            out.append(item)
+            if len(out) == limit:
+                break
+    return out
+
+
+def tower_history_column(rows: pd.DataFrame) -> list[str]:
+    """tower_history per row of a training frame (session_last_items, user_recent_items: JSON lists)."""
+    n = len(rows)
+    sess = rows["session_last_items"].tolist() if "session_last_items" in rows else [None] * n
+    user = rows["user_recent_items"].tolist() if "user_recent_items" in rows else [None] * n
+    cache: dict[tuple, str] = {}
+    out = []
+    for a, b in zip(sess, user):
+        key = (a if isinstance(a, str) else json.dumps(list(a)) if isinstance(a, (list, tuple)) else "[]",
+               b if isinstance(b, str) else json.dumps(list(b)) if isinstance(b, (list, tuple)) else "[]")
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = json.dumps(tower_history(_parse_list(key[0]), _parse_list(key[1])))
+        out.append(hit)
+    return out
+
+
 def co_engagement(co_items: Iterable[str | Mapping[str, float] | None],
-                  last_items: Iterable[str | list | None]) -> np.ndarray:
+                  last_items: Iterable[str | list | None], limit: int = SESSION_HISTORY_FOR_TOWER) -> np.ndarray:
     """Per row: the share of the item's co-click mass (sessions that clicked both) shared with the
-    session's last SESSION_HISTORY_FOR_TOWER items. 0 without history or co-clicks."""
+    `limit` latest items of the history (the session's, or the user's). 0 without history or co-clicks."""
     out = []
     for co, hist in zip(co_items, last_items):
         if isinstance(co, str):
@@ -168,7 +205,7 @@ def co_engagement(co_items: Iterable[str | Mapping[str, float] | None],
             out.append(0.0)
             continue
         total = float(sum(co.values()))
-        shared = sum(co.get(i, 0.0) for i in hist[:SESSION_HISTORY_FOR_TOWER])
+        shared = sum(co.get(i, 0.0) for i in hist[:limit])
         out.append(shared / (1.0 + total))
     return np.asarray(out, dtype=np.float64)
 
@@ -246,6 +283,11 @@ def _category_pref_decayed(rows: pd.DataFrame) -> np.ndarray:
 @feature_function("co_engagement")
 def _co_engagement(rows: pd.DataFrame) -> np.ndarray:
     return co_engagement(rows["co_items_30d"].tolist(), rows["session_last_items"].tolist())
+
+
+@feature_function("user_history_co_engagement")
+def _history_co_engagement(rows: pd.DataFrame) -> np.ndarray:
+    return co_engagement(rows["co_items_30d"].tolist(), rows["user_recent_items"].tolist(), limit=USER_HISTORY_ITEMS)
 
 
 @feature_function("hour_of_day")

@@ -40,7 +40,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from features.registry import ITEM_JSON_COLUMNS, ITEM_STORE_COLUMNS, USER_JSON_COLUMNS, USER_STORE_COLUMNS
+from features.registry import (ITEM_JSON_COLUMNS, ITEM_STORE_COLUMNS, USER_HISTORY_COLUMNS, USER_JSON_COLUMNS,
+                               USER_STORE_COLUMNS)
 
 log = logging.getLogger("kairos.online")
 
@@ -52,7 +53,7 @@ SESSION_TTL_S = 30 * 60
 DEFAULT_TTL_S = 7 * 86400
 CHUNK = 2000
 STALE_CACHE_USERS = 100_000
-STRING_USER_COLUMNS = frozenset(USER_JSON_COLUMNS)
+STRING_USER_COLUMNS = frozenset(USER_JSON_COLUMNS) | frozenset(USER_HISTORY_COLUMNS)
 STRING_ITEM_COLUMNS = frozenset({"category", *ITEM_JSON_COLUMNS})
 
 
@@ -97,7 +98,7 @@ def _is_missing(value: Any) -> bool:
 
 def _user_mapping(row: Mapping[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
-    for col in USER_STORE_COLUMNS:
+    for col in (*USER_STORE_COLUMNS, *USER_HISTORY_COLUMNS):
         value = row.get(col)
         if _is_missing(value):
             continue

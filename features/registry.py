@@ -68,6 +68,10 @@ REGISTRY: tuple[FeatureSpec, ...] = (
     FeatureSpec("co_engagement", "user_item", "float", 0.0, "streaming", "30d",
                 description="share of the item's 30d session co-clicks that involve the session's last items",
                 inputs=('co_items_30d', 'session_last_items'), valid_range=(0.0, 1.0)),
+    FeatureSpec("user_history_co_engagement", "user_item", "float", 0.0, "streaming", "30d",
+                description="share of the item's 30d session co-clicks that involve the user's 10 latest consumed items "
+                            "(item-to-item over the user's whole history, not only this session: what SAR ranks by)",
+                inputs=('co_items_30d', 'user_recent_items'), valid_range=(0.0, 1.0)),
     # session, streaming (kept fresh in Redis by the streaming job)
     FeatureSpec("session_length", "session", "float", 0.0, "streaming", description="events so far in the session", valid_range=(0.0, None)),
     FeatureSpec("session_clicks", "session", "float", 0.0, "streaming", description="clicks so far in the session", valid_range=(0.0, None)),
@@ -93,6 +97,9 @@ USER_STORE_COLUMNS: tuple[str, ...] = ("user_clicks_7d", "user_impressions_30d",
                                        "user_avg_session_length_7d", "user_category_decayed_30d", "signup_ts")
 # user store columns holding JSON maps (category -> weight) rather than numbers
 USER_JSON_COLUMNS: tuple[str, ...] = ("user_category_clicks_30d", "user_category_decayed_30d")
+# user columns the online store holds beside the snapshot's (features/history.py): not ranker inputs,
+# what the server excludes (already consumed) and pools in the user tower when the session is empty
+USER_HISTORY_COLUMNS: tuple[str, ...] = ("consumed_items",)
 CATEGORY_HALF_LIFE_DAYS = 7.0
 # Snapshots are complete per day (an entity without activity in its windows has no row = all defaults), so a
 # row may only use the snapshot of its own day: an older one would carry counts that have since expired and

@@ -4,6 +4,7 @@
     co_visitation  items co-clicked in past sessions with the session's last items (item-to-item)
     trending       the most clicked items in the user's segment (device) last week
     fresh          catalog items newer than the model's index, newest first (new items get a chance)
+    recently_engaged  the session's and the user's consumed items, on surfaces that allow repeats
 
 Channels are merged in order of their quota, deduplicated, items already engaged in the
 session removed, and the pool capped. A channel that raises or overruns its budget is
@@ -35,6 +36,8 @@ DEFAULT_CHANNELS: tuple[Channel, ...] = (
     Channel("co_visitation", 0.15, 5.0),
     Channel("trending", 0.15, 2.0),
     Channel("fresh", 0.10, 5.0),
+    # only on surfaces that allow repeats (RerankConfig.repeat_surfaces): what the user engaged with lately
+    Channel("recently_engaged", 0.10, 2.0),
 )
 
 
@@ -104,7 +107,8 @@ def run_channels(producers: Mapping[str, Callable[[int], list[str]]], pool: int,
     out: list[str] = []
     contributed: dict[str, int] = {}
     # every channel first takes its own quota (ANN last, as the filler), then the rest fills from ANN
-    order = [c for c in channels if c.name != "ann"] + [c for c in channels if c.name == "ann"]
+    asked = [c for c in channels if c.name in producers]
+    order = [c for c in asked if c.name != "ann"] + [c for c in asked if c.name == "ann"]
     for ch in order:
         quota = max(1, int(round(pool * ch.share))) if ch.name != "ann" else pool
         n = 0

@@ -16,6 +16,7 @@ Only invalid input raises (ValueError), which the HTTP layer maps to 400.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,9 +27,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from features.functions import SESSION_HISTORY_FOR_TOWER, assemble_features, session_features
+from features.functions import SESSION_HISTORY_FOR_TOWER, assemble_features, session_features, tower_history
+from features.history import USER_RECENT_ITEMS
 from features.registry import ITEM_STORE_COLUMNS, USER_JSON_COLUMNS, USER_STORE_COLUMNS
-from serving.candidates import channels_for_budget, co_visitation, fresh_items, run_channels
+from serving.candidates import DEFAULT_CHANNELS, Channel, channels_for_budget, co_visitation, fresh_items, run_channels
 from serving.rerank import RerankConfig, explore, limit_category_runs, mmr, request_rng, thompson
 
 log = logging.getLogger("kairos.serving")
@@ -143,9 +145,23 @@ def _popularity_items(ranked: list[str], n: int, exclude: set[str] | None = None
     return [{"item_id": i, "score": round(1.0 / (k + 1), 6), "rank": k + 1} for k, i in enumerate(out)]
 
 
+def consumed_history(user_row: Mapping[str, Any] | None) -> list[str]:
+    """The user's consumed items, most recent first (features/history.py), from the online store's row."""
+    raw = (user_row or {}).get("consumed_items")
+    if not isinstance(raw, str) or not raw:
+        return []
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        return []
+    return [str(i) for i in items] if isinstance(items, list) else []
+
+
 def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | None, candidates: list[str],
-               item_cols: Mapping[str, np.ndarray], affinity: np.ndarray, now_ms: int, device_type: str) -> pd.DataFrame:
-    """The raw per-candidate frame assemble_features expects (store columns, not features)."""
+               item_cols: Mapping[str, np.ndarray], affinity: np.ndarray, now_ms: int, device_type: str,
+               recent: list[str] | None = None) -> pd.DataFrame:
+    """The raw per-candidate frame assemble_features expects (store columns, not features); `recent` = the
+    user's latest consumed items (features.history.USER_RECENT_ITEMS of them, most recent first)."""
     n = len(candidates)
     data: dict[str, Any] = {"item_id": candidates}
     user_row = user_row or {}
@@ -160,6 +176,7 @@ def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | 
     data.update(session_features(session, candidates, item_cols["category"].tolist(), now_ms))
     history = list((session or {}).get("last_items", []))[:SESSION_HISTORY_FOR_TOWER]
     data["session_last_items"] = [history] * n
+    data["user_recent_items"] = [list(recent or [])[:USER_RECENT_ITEMS]] * n
     data["request_ts"] = np.full(n, int(now_ms), dtype=np.int64)
     data["device_type"] = [device_type] * n
     data["embedding_affinity"] = affinity.astype(np.float64)
@@ -168,11 +185,12 @@ def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | 
 
 def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: int | None = None,
                 log_impression: Callable[[dict], None] | None = None, rerank: RerankConfig | None = None,
-                request_id: str | None = None) -> dict:
+                request_id: str | None = None, channels: tuple[Channel, ...] | None = None) -> dict:
     """Answer one ranking request (see the module docstring). Raises ValueError only on bad input.
 
     `log_impression` receives serving.impressions.impression_record(...) for every answer, with the
-    ranker's feature values for each shown item (DESIGN invariant 6); it must not block.
+    ranker's feature values for each shown item (DESIGN invariant 6); it must not block. `channels`
+    replaces the candidate channels (the offline replay keeps their shares and lifts their time budgets).
     """
     t_start = time.perf_counter()
     req = validate_request(request)
@@ -242,7 +260,12 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
     lat["feature_fetch"] = _ms(time.perf_counter() - t)
     response["feature_version"] = version
     seen = list((session or {}).get("last_items", []))
-    seen_set = set(seen)
+    cfg = rerank or RerankConfig()
+    consumed = consumed_history(user_row)
+    repeats = req["surface"] in cfg.repeat_surfaces
+    # what the user already consumed (session + history) is not recommended again, unless the surface
+    # allows repeats (then the "recently_engaged" channel offers it to the ranker like any candidate)
+    seen_set = set() if repeats else set(seen) | set(consumed)
 
     # ---- no model: the store's popular list, minus what the session already engaged
     if bundle is None:
@@ -256,16 +279,18 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
     try:
         # ---- 2. candidates: ANN on the session-aware user vector, co-visitation, trending, fresh
         t = time.perf_counter()
-        query = np.asarray(bundle.user_vector(req["user_id"], seen[:SESSION_HISTORY_FOR_TOWER]), dtype=np.float32)
+        query = np.asarray(bundle.user_vector(req["user_id"], tower_history(seen, consumed)), dtype=np.float32)
 
         def trending(k: int) -> list[str]:
-            segment = bundle.popular(k, segment=req["device_type"], region=req["geo_region"])
-            if segment:
-                return segment
+            # what is popular now (the online snapshot's recent clicks) interleaved with what the user's segment
+            # clicked over the training window: recency carries cold users, the segment their context
             try:
-                return (store.popular(version) if version else [])[:k]
+                recent = (store.popular(version) if version else [])[:k]
             except REDIS_ERRORS:
-                return []
+                recent = []
+            segment = bundle.popular(k, segment=req["device_type"], region=req["geo_region"])
+            merged = [i for pair in zip(recent, segment) for i in pair] + recent[len(segment):] + segment[len(recent):]
+            return list(dict.fromkeys(merged))[:k]
 
         producers = {
             "ann": lambda k: bundle.retrieve(query, min(k, len(bundle.item_ids)))[0],
@@ -273,8 +298,12 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
             "trending": trending,
             "fresh": lambda k: fresh_items(table.ids, table.arrays["publish_ts"][:-1], bundle.item_row, now_ms, k),
         }
+        if not seen and consumed:  # no live session: co-visitation starts from the user's latest consumption
+            producers["co_visitation"] = lambda k: co_visitation(table.co_items, consumed, k)
+        if repeats:
+            producers["recently_engaged"] = lambda k: list(dict.fromkeys(seen + consumed))[:k]
         candidates, contributed, channel_errors = run_channels(producers, pool, seen_set,
-                                                               channels_for_budget(req["max_latency_ms"]))
+                                                               channels_for_budget(req["max_latency_ms"], channels or DEFAULT_CHANNELS))
         response["candidate_channels"] = contributed
         if channel_errors:
             response["channel_errors"] = channel_errors
@@ -286,7 +315,8 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         t = time.perf_counter()
         vectors = bundle.item_vectors(candidates)
         affinity = vectors @ query
-        rows = build_rows(user_row, session, candidates, table.columns_for(candidates), affinity, now_ms, req["device_type"])
+        rows = build_rows(user_row, session, candidates, table.columns_for(candidates), affinity, now_ms, req["device_type"],
+                          consumed)
         feats = assemble_features(rows)
         scores = np.asarray(bundle.rank(feats), dtype=np.float64)
         if scores.shape[0] != len(candidates) or not np.all(np.isfinite(scores)):
@@ -298,7 +328,6 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
 
     # ---- 4. post-processing: MMR diversity, session-intent slots, category runs, exploration
     t = time.perf_counter()
-    cfg = rerank or RerankConfig()
     order = np.argsort(-scores, kind="stable")
     picked = mmr(order, scores, vectors, n, cfg.mmr_lambda)
     picked_set = set(picked)
@@ -361,5 +390,5 @@ def apply_session_intent(order: np.ndarray, n: int, candidates: list[str], categ
     return chosen, {"session_intent": target, "slots": slots, "promoted": len(promote)}
 
 
-__all__ = ["personalize", "validate_request", "build_rows", "session_intent", "apply_session_intent", "SERVED_TWO_STAGE", "FALLBACK_REDIS",
+__all__ = ["personalize", "validate_request", "build_rows", "consumed_history", "session_intent", "apply_session_intent", "SERVED_TWO_STAGE", "FALLBACK_REDIS",
            "FALLBACK_NO_MODEL", "FALLBACK_MODEL_ERROR"]

@@ -39,7 +39,7 @@ SHIFTED = {**WORLD, "days": 13, "shift_day": 10}  # three more days, user tastes
 # champion re-scored on the same shifted window (the default 0.005). The latency budget is loosened for a
 # 2-core machine shared with other jobs. auto_promote off: the version goes through shadow and canary.
 GATE = {"validation_gate": {"config": {"auto_promote": False, "min_ndcg_lift_over_popularity": -0.15,
-                                       "max_p99_scoring_ms": 100.0}}}
+                                       "min_lift_over_best_baseline": -0.15, "max_p99_scoring_ms": 100.0}}}
 ROLLOUT = {"shadow_report": {"config": {"min_requests": 30}},
            # p99 budget for a 2-core machine shared with other jobs; the CTR guardrail is the one under test
            "canary_evaluation": {"config": {"min_requests": 40, "min_impressions": 300, "max_p99_latency_ms": 250.0}},

@@ -326,3 +326,57 @@ def test_channels_and_exploration_in_a_real_request(trained, store: OnlineStore,
     props = [r["propensity"] for r in a["ranked_items"]]
     assert props[0] == 1.0 and all(0 < p <= 1 for p in props) and min(props[1:]) < 1.0
     assert a["ranked_items"][0]["item_id"] == greedy["ranked_items"][0]["item_id"]
+
+
+def _with_consumed(users, consumed: dict[str, list[str]]):
+    out = users.copy()
+    out["consumed_items"] = out["user_id"].map(lambda u: json.dumps(consumed[u]) if u in consumed else None)
+    return out
+
+
+def test_consumed_items_excluded_and_repeat_surfaces(trained, snapshot, redis_client) -> None:
+    """What the user already consumed (materialized with the user's row) is never recommended again, except
+    on a surface configured for repeats, where the recently_engaged channel offers it to the ranker."""
+    from serving.offline import REPLAY_CHANNELS  # no time budgets: a busy test machine must not drop a channel
+    from serving.rerank import RerankConfig
+
+    outcome, _ = trained
+    users, items, popular, now_ms = snapshot
+    user = str(users["user_id"].iloc[0])
+    plain = RerankConfig(mmr_lambda=1.0, max_category_run=0, epsilon=0.0)
+    OnlineStore(redis_client).materialize(users, items, version="c0", popular=popular)
+    before = [r["item_id"] for r in personalize(_request(user, ts=now_ms), outcome.bundle, OnlineStore(redis_client),
+                                                rerank=plain)["ranked_items"]]
+    consumed = before[:5]
+    OnlineStore(redis_client).materialize(_with_consumed(users, {user: consumed}), items, version="c1", popular=popular)
+    store = OnlineStore(redis_client)
+    answer = personalize(_request(user, ts=now_ms), outcome.bundle, store, rerank=plain)
+    after = [r["item_id"] for r in answer["ranked_items"]]
+    assert answer["served_by"] == SERVED_TWO_STAGE and len(after) == 10
+    assert not set(after) & set(consumed)
+    again = personalize({**_request(user, ts=now_ms), "surface": "watch_again"}, outcome.bundle, store,
+                        rerank=RerankConfig(mmr_lambda=1.0, max_category_run=0, epsilon=0.0,
+                                            repeat_surfaces=("watch_again",)), channels=REPLAY_CHANNELS)
+    assert again["candidate_channels"].get("recently_engaged", 0) >= 1
+    assert set(r["item_id"] for r in again["ranked_items"]) & set(consumed)
+
+
+def test_offline_replay_serves_what_the_online_store_serves(trained, snapshot, redis_client) -> None:
+    """serving/offline.SnapshotStore (the catalog evaluation's feature source) gives personalize exactly the
+    answers the Redis online store gives for the same snapshot: the evaluation scores what users get."""
+    from serving.offline import REPLAY_CHANNELS, SnapshotStore, replay_request, served_recommender
+
+    outcome, _ = trained
+    users, items, popular, now_ms = snapshot
+    users = _with_consumed(users, {str(users["user_id"].iloc[1]): [str(items["item_id"].iloc[0])]})
+    OnlineStore(redis_client).materialize(users, items, version="p1", popular=popular)
+    online = OnlineStore(redis_client)
+    offline = SnapshotStore(users, items, popular, version="p1")
+    recommend = served_recommender(outcome.bundle, offline, now_ms)
+    for user in users["user_id"].astype(str).head(8):
+        online_items = [r["item_id"] for r in personalize(replay_request(user, now_ms, 10, "home_feed"), outcome.bundle,
+                                                          online, request_id=f"eval-{user}-{now_ms}",
+                                                          channels=REPLAY_CHANNELS)["ranked_items"]]
+        offline_items, personal = recommend(user, 10)
+        assert personal
+        assert offline_items == online_items, user

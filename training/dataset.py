@@ -14,7 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from features.functions import replay_session_features
+from features.functions import CANDIDATE_EVENT, replay_session_features
+from features.history import CONSUMED_TYPES, recent_items_before
 from features.registry import SNAPSHOT_MAX_AGE_DAYS
 from ingestion.schema import DAY_MS, HOUR_MS
 
@@ -33,6 +34,8 @@ class SplitConfig:
     gap_hours: float = 0.0
     # an as-of match older than this is treated as missing (bounds the join)
     max_feature_age_days: int = SNAPSHOT_MAX_AGE_DAYS
+    # if set, the test window starts at this quantile of the rows' timestamps instead (test_days ignored)
+    test_quantile: float | None = None
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,15 @@ class SplitBoundaries:
         return asdict(self)
 
 
-def split_boundaries(max_ts: int, config: SplitConfig) -> SplitBoundaries:
+def split_boundaries(max_ts: int, config: SplitConfig, timestamps: Any = None) -> SplitBoundaries:
     end = int(max_ts) + 1
     test_start = end - int(config.test_days * DAY_MS)
+    if config.test_quantile is not None:
+        import numpy as np
+
+        if timestamps is None or not 0.0 < config.test_quantile < 1.0:
+            raise ValueError(f"test_quantile must be in (0, 1) and needs the rows' timestamps, got {config.test_quantile}")
+        test_start = int(np.quantile(np.asarray(timestamps, dtype=np.int64), config.test_quantile))
     gap = int(config.gap_hours * HOUR_MS)
     valid_start = test_start - gap - int(config.validation_days * DAY_MS)
     return SplitBoundaries(valid_start, test_start, end, gap)
@@ -114,7 +123,11 @@ def build_training_set(spark: Any, labels: Any, events: Any, user_snaps: Any, it
     with_user = as_of_join(spark, lab, user_snaps, "user_id", config.max_feature_age_days)
     with_item = as_of_join(spark, with_user, item_snaps, "item_id", config.max_feature_age_days)
     item_category = dict(zip(items["item_id"], items["category"]))
-    sess = session_features_spark(spark, events, item_category)
+    replay = events.select("event_id", "session_id", "event_type", "item_id", "timestamp")
+    if "negative_kind" in labels.columns:  # catalog negatives get the session state of their moment, like impressions
+        replay = replay.unionByName(labels.where(F.col("negative_kind") == "easy").select(
+            "event_id", "session_id", F.lit(CANDIDATE_EVENT).alias("event_type"), "item_id", "timestamp"))
+    sess = session_features_spark(spark, replay, item_category)
     catalog = spark.createDataFrame(items[["item_id", "category", "publish_ts"]])
     full = (
         with_item.join(sess, "event_id", "left")
@@ -125,11 +138,15 @@ def build_training_set(spark: Any, labels: Any, events: Any, user_snaps: Any, it
     pdf = full.toPandas()
     if pdf.empty:
         raise ValueError("the training set is empty: no labeled impressions (is the attribution window longer than the data?)")
-    bounds = split_boundaries(int(pdf["timestamp"].max()), config)
+    bounds = split_boundaries(int(pdf["timestamp"].max()), config, pdf["timestamp"].to_numpy())
     pdf["split"] = assign_split(pdf["timestamp"], bounds)
     pdf = pdf[pdf["split"] != "gap"].sort_values(["timestamp", "event_id"], kind="mergesort").reset_index(drop=True)
     for c in SESSION_COLUMNS[:-1]:
         pdf[c] = pdf[c].fillna(0.0)
     pdf["session_last_items"] = pdf["session_last_items"].fillna(json.dumps([]))
+    # the user's latest consumed items before each row (what the server reads from the online store's user row)
+    consumed = (events.where(F.col("event_type").isin(*sorted(CONSUMED_TYPES)))
+                .select("user_id", "item_id", "event_type", "timestamp").toPandas())
+    pdf["user_recent_items"] = recent_items_before(consumed, pdf)
     log.info("training set: %s rows (%s)", len(pdf), pdf["split"].value_counts().to_dict())
     return pdf, bounds

@@ -267,7 +267,7 @@ def _json_records(table: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 # keys of evaluate_models' result that are not a model's metrics dict
-EXTRA_KEYS = ("calibration", "slices", "scoring_latency", "feature_health", "champion_source", "report_html",
+EXTRA_KEYS = ("catalog", "calibration", "slices", "scoring_latency", "feature_health", "champion_source", "report_html",
               "report_plot")
 
 

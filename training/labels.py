@@ -33,6 +33,9 @@ class LabelConfig:
     attribution_window_ms: int = 72 * HOUR_MS
     positive_threshold: float = 0.3
     easy_negative_ratio: float = 0.0  # sampled unshown items per positive (fractions sample the remainder)
+    # catalog negatives drawn with probability ~ (item's engagements + 1) ** alpha: 0 = uniform over the
+    # catalog, 1 = as popular as items are engaged (the ranker must then separate taste from popularity)
+    negative_popularity_alpha: float = 0.0
     seed: int = 17
 
 
@@ -142,8 +145,13 @@ def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = Labe
     if config.easy_negative_ratio > 0:
         catalog = catalog_item_ids if catalog_item_ids is not None else ev["item_id"].dropna().unique()
         shown = ev.loc[is_imp, ["user_id", "item_id"]]
-        easy = sample_easy_negatives(out[out["label_binary"] == 1], shown, np.asarray(list(catalog), dtype=object),
-                                     config.easy_negative_ratio, config.seed)
+        catalog = np.asarray(list(catalog), dtype=object)
+        weights = None
+        if config.negative_popularity_alpha > 0:
+            counts = ev.loc[eng_mask, "item_id"].value_counts()
+            weights = (pd.Series(catalog).map(counts).fillna(0.0).to_numpy(dtype=np.float64) + 1.0) ** config.negative_popularity_alpha
+        easy = sample_easy_negatives(out[out["label_binary"] == 1], shown, catalog, config.easy_negative_ratio,
+                                     config.seed, weights=weights)
         if len(easy):
             out = pd.concat([out, easy], ignore_index=True)
     out = out.sort_values("timestamp", kind="mergesort").reset_index(drop=True)  # stable: input order on ties
@@ -151,9 +159,11 @@ def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = Labe
 
 
 def sample_easy_negatives(positives: pd.DataFrame, shown: pd.DataFrame, catalog: np.ndarray, ratio: float,
-                          seed: int, attempts: int = 4) -> pd.DataFrame:
+                          seed: int, attempts: int = 4, weights: np.ndarray | None = None) -> pd.DataFrame:
     """Per positive row, round(ratio) catalog items (a fractional remainder drawn with its probability) that its
-    user was never shown; each copies the positive's user, session, moment and context with label 0."""
+    user was never shown, drawn uniformly or with `weights` (e.g. popularity); each copies the positive's user,
+    session, moment and context with label 0, and its event id names the positive (`easy:<event_id>:<n>`) so
+    the training set replays the same session state for it (training/dataset.py)."""
     if positives.empty or len(catalog) == 0 or ratio <= 0:
         return pd.DataFrame(columns=LABEL_COLUMNS)
     rng = np.random.default_rng(seed)
@@ -171,7 +181,11 @@ def sample_easy_negatives(positives: pd.DataFrame, shown: pd.DataFrame, catalog:
     ok = shown_items.notna().to_numpy()
     seen = set((user_codes[len(positives):][ok].astype(np.int64) * n_items
                 + shown_items[ok].to_numpy(dtype=np.int64)).tolist())
-    draws = rng.integers(0, n_items, size=(len(positives), k_max * attempts))
+    if weights is None:
+        draws = rng.integers(0, n_items, size=(len(positives), k_max * attempts))
+    else:
+        p = np.asarray(weights, dtype=np.float64)
+        draws = rng.choice(n_items, size=(len(positives), k_max * attempts), p=p / p.sum())
     rows, picks = [], []
     for r in range(len(positives)):
         need, got = int(k[r]), []

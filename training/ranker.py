@@ -1,7 +1,6 @@
 """The LightGBM ranker over the registry's features (shared assembly) plus the two-tower affinity."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.functions import assemble_features
+from features.functions import assemble_features, tower_history_column
 from features.registry import ranker_feature_names
 
 log = logging.getLogger("kairos.ranker")
@@ -20,7 +19,7 @@ AUTO_THREADS_MIN_ROWS = 200_000
 
 
 def add_embedding_affinity(rows: pd.DataFrame, tt: Any, batch: int = 8192) -> pd.DataFrame:
-    """A copy of `rows` with `embedding_affinity` = <user vector(user_id, session_last_items), item vector>.
+    """A copy of `rows` with `embedding_affinity` = <user vector(user_id, tower_history), item vector>.
 
     Unknown items get the registry default (0.0), exactly as the server does for items
     missing from the bundle's vocabulary (their item vector is zero).
@@ -31,8 +30,7 @@ def add_embedding_affinity(rows: pd.DataFrame, tt: Any, batch: int = 8192) -> pd
         out["embedding_affinity"] = np.zeros(0)
         return out
     item_rows = tt.item_rows(out["item_id"].tolist())
-    hist = out["session_last_items"] if "session_last_items" in out else pd.Series([None] * n, index=out.index)
-    hist = hist.map(lambda h: h if isinstance(h, str) else json.dumps(list(h)) if isinstance(h, (list, tuple)) else "[]")
+    hist = pd.Series(tower_history_column(out), index=out.index)  # session items, then the user's latest
     # one user vector per distinct (user, history): the impressions of one page share it
     keys = pd.MultiIndex.from_arrays([out["user_id"].astype(object).where(out["user_id"].notna(), ""), hist.to_numpy()])
     codes, uniq = pd.factorize(keys)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from features.functions import SESSION_HISTORY_FOR_TOWER
+from features.functions import SESSION_HISTORY_FOR_TOWER, tower_history_column
 
 log = logging.getLogger("kairos.two_tower")
 
@@ -389,7 +389,7 @@ def _examples(rows: pd.DataFrame, user_row: dict[str, int], item_row: dict[str, 
     keep = items >= 0
     pos, items = pos[keep], items[keep]
     users = np.array([user_row.get(u, n_users) for u in pos["user_id"].astype(str)], dtype=np.int64)
-    hist_col = pos["session_last_items"] if "session_last_items" in pos else pd.Series([None] * len(pos))
+    hist_col = tower_history_column(pos)  # the session's items, then the user's latest consumed (as served)
     hists = [[item_row[i] for i in parse_history(h) if i in item_row] for h in hist_col]
     return users, pad_histories(hists, n_items, history_len), items
 
