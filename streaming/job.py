@@ -313,8 +313,12 @@ class SessionStreamProcessor:
         last_log = last_reclaim = last_trim = time.monotonic()
         applied_since = 0
         backoff = 0.1
+        resync = False  # after a Redis error: a batch may be read (pending on us) but never committed
         while not stop.is_set():
             try:
+                if resync:  # re-apply our own pending entries now, not after reclaim_idle_ms
+                    applied_since += self.process_pending(count)
+                    resync = False
                 applied_since += self.process_once(count=count, block_ms=block_ms)
                 now = time.monotonic()
                 if now - last_reclaim >= reclaim_every_s:
@@ -337,6 +341,7 @@ class SessionStreamProcessor:
                     log.error("ALERT consumer group %s was missing on %s (Redis lost its data?): re-created at the "
                               "stream's beginning", self.group, self.stream)
                     continue
+                resync = True
                 log.warning("redis error in the streaming loop (retrying in %.1fs): %s", backoff, exc)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
