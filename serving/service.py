@@ -186,7 +186,9 @@ def _label_metrics_by_route() -> None:
 def _publish_400_as_sent() -> None:
     """BentoML publishes a 400 whose `detail` is a string, but its validation errors send a list of
     {loc, msg, type}; publish what is sent (string or list), so clients and schemathesis agree with the server."""
-    import _bentoml_sdk.service.openapi as sdk_openapi
+    import importlib
+
+    sdk_openapi = importlib.import_module("_bentoml_sdk.service.openapi")
     from bentoml._internal.service.openapi.specification import Schema
 
     if getattr(sdk_openapi, "_kairos_400", False):
