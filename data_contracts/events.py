@@ -164,7 +164,9 @@ def _rule_fails(rule: Rule, event: Mapping[str, Any]) -> bool:
     column = rule.kwargs["column"]
     if rule.expectation == "ExpectColumnValuesToBeNull" and column.endswith(_UNREADABLE):
         raw = event.get(column[: -len(_UNREADABLE)])
-        return raw is not None and _event_int(raw) is None
+        if raw is None or (isinstance(raw, float) and math.isnan(raw)) or raw == "":
+            return False  # missing, as in the batch frame (NaN is pandas' null): the not-null rules judge it
+        return _event_int(raw) is None
     value = _event_value(event, column)
     if rule.expectation == "ExpectColumnValuesToNotBeNull":
         return value is None
