@@ -77,8 +77,9 @@ def _json_response(status: int, payload: dict, headers: list | None = None) -> t
 
 
 class BodyLimitMiddleware:
-    """Pure-ASGI request body limit: a body over `max_bytes` is a 413 before any handler parses (or echoes)
-    it. A declared Content-Length is checked up front; a chunked body is read up to the limit and replayed."""
+    """Pure-ASGI request guard: a body over `max_bytes` is a 413 before any handler parses (or echoes) it (a
+    declared Content-Length is checked up front; a chunked body is read up to the limit and replayed), and a
+    /v1/* body that is not JSON is a 415 (BentoML answered a multipart body with a 500)."""
 
     def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -94,7 +95,15 @@ class BodyLimitMiddleware:
         if scope.get("type") != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+        if scope.get("path", "").startswith("/v1/") and media not in (b"application/json", b""):
+            start, body = _json_response(415, {"error": "unsupported media type", "detail":
+                                               f"Content-Type {media.decode(errors='replace')!r}: send application/json"})
+            await send(start)
+            await send(body)
+            return
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(send, declared.decode())
             return
@@ -305,8 +314,28 @@ ID_MAX = 256  # = data_contracts.events.MAX_ID_LENGTH: ids are Redis keys; a meg
 LABEL_MAX = 64
 
 
+def openapi30(schema: dict) -> None:
+    """pydantic writes JSON Schema 2020-12 (`anyOf [X, {type: null}]`, a numeric `exclusiveMinimum`); BentoML
+    publishes it as OpenAPI 3.0.2, where both are invalid (schemathesis cannot generate from them). Rewrite a
+    model's properties in 3.0 terms: `nullable: true` and `minimum` + `exclusiveMinimum: true`."""
+    for prop in (schema.get("properties") or {}).values():
+        variants = prop.get("anyOf")
+        if variants and any(v.get("type") == "null" for v in variants):
+            rest = [v for v in variants if v.get("type") != "null"]
+            prop.pop("anyOf")
+            if len(rest) == 1:
+                prop.update(rest[0])
+            else:
+                prop["anyOf"] = rest
+            prop["nullable"] = True
+            if prop.get("default", 0) is None:
+                prop.pop("default")
+        if isinstance(prop.get("exclusiveMinimum"), (int, float)) and not isinstance(prop["exclusiveMinimum"], bool):
+            prop["minimum"], prop["exclusiveMinimum"] = prop["exclusiveMinimum"], True
+
+
 class RequestContext(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=openapi30)
 
     session_id: Optional[Annotated[str, Field(max_length=ID_MAX)]] = None
     device_type: Optional[Annotated[str, Field(max_length=LABEL_MAX)]] = Field(
@@ -317,7 +346,7 @@ class RequestContext(BaseModel):
 
 
 class RequestConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=openapi30)
 
     num_results: Annotated[int, Field(strict=True, ge=1, le=100)] = 10
     candidate_pool_size: Annotated[int, Field(strict=True, ge=1, le=1000)] = 200
