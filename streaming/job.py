@@ -51,12 +51,18 @@ GROUP = "kairos-sessionizer"
 MARKER_PREFIX = "kairos:applied"
 MARKER_TTL_S = 86400
 USER_RECENT_PREFIX = "kairos:user_recent_cats"
+SESSION_OWNER_PREFIX = "kairos:session_owner"
 USER_RECENT_TTL_S = 7 * 86400
 ITEM_TABLE_RECHECK_S = 5.0
 
 
 def marker_key(event_id: str) -> str:
     return f"{MARKER_PREFIX}:{event_id}"
+
+
+def session_owner_key(session_id: str) -> str:
+    """Who a session belongs to (the first user seen in it); expires with the session key."""
+    return f"{SESSION_OWNER_PREFIX}:{session_id}"
 
 
 def user_recent_key(user_id: str) -> str:
@@ -163,6 +169,7 @@ class SessionStreamProcessor:
         self.stats["batches"] += 1
         valid: "OrderedDict[str, list[tuple[str, dict]]]" = OrderedDict()
         bad: list[tuple[str, str, str]] = []  # (stream id, raw, reason)
+        parsed: list[tuple[str, str, dict]] = []  # valid events in stream order: (stream id, raw, event)
         for entry_id, fields in entries:
             entry_id = _s(entry_id)
             if fields is None:  # entry deleted from the stream while pending
@@ -179,6 +186,8 @@ class SessionStreamProcessor:
             if reason:
                 bad.append((entry_id, raw, reason))
                 continue
+            parsed.append((entry_id, raw, event))
+        for entry_id, raw, event in self._bind_sessions(parsed, bad):
             valid.setdefault(event["user_id"], []).append((entry_id, event))
         if bad:
             self._quarantine(bad)
@@ -187,6 +196,26 @@ class SessionStreamProcessor:
             categories = self._category_map()
             applied += self._apply_or_dead_letter(valid, categories)
         return applied
+
+    def _bind_sessions(self, parsed: list[tuple[str, str, dict]],
+                       bad: list[tuple[str, str, str]]) -> list[tuple[str, str, dict]]:
+        """A session belongs to the first user seen in it (`kairos:session_owner:{session_id}`, kept as long as
+        the session key): another user's event naming it is quarantined (`session_id_owned_by_another_user`),
+        never folded into someone else's session. Returns the events that may be applied, in order."""
+        if not parsed:
+            return parsed
+        sids = list(dict.fromkeys(ev["session_id"] for _, _, ev in parsed))
+        owners = {sid: _s(o) for sid, o in zip(sids, self.client.mget([session_owner_key(s) for s in sids]))
+                  if o is not None}
+        keep = []
+        for entry_id, raw, event in parsed:
+            owner = owners.setdefault(event["session_id"], event["user_id"])  # unowned: this event's user claims it
+            if owner != event["user_id"]:
+                bad.append((entry_id, raw, f"session_id_owned_by_another_user: session {event['session_id']!r} "
+                                           f"belongs to another user; a session id must be unique per user"))
+                continue
+            keep.append((entry_id, raw, event))
+        return keep
 
     def _apply_or_dead_letter(self, groups: "OrderedDict[str, list[tuple[str, dict]]]",
                               categories: dict[str, str | None]) -> int:
@@ -269,8 +298,10 @@ class SessionStreamProcessor:
                         touched_u.add(user)
                         to_mark.append(mkey)
                     pipe.multi()
+                    owner_of = {ev["session_id"]: ev["user_id"] for _, ev in items}
                     for sid in touched_s:
                         pipe.set(session_key(sid), json.dumps(states[sid], separators=(",", ":")), ex=self.session_ttl_s)
+                        pipe.set(session_owner_key(sid), owner_of[sid], ex=self.session_ttl_s)
                     for user in touched_u:
                         pipe.set(user_recent_key(user), json.dumps(user_states[user], separators=(",", ":")),
                                  ex=self.user_ttl_s)

@@ -95,3 +95,24 @@ def test_missing_group_pauses_retention_alerts_and_is_recreated(redis_client, tm
     assert sorted(lake.read(BRONZE_TABLE)["event_id"]) == [f"p{k}" for k in range(5)]
     assert stream_lag(redis_client, STREAM)["missing_groups"] == []
     assert trim_processed(redis_client, STREAM, required=(GROUP, BRONZE_GROUP)) == 5
+
+
+def test_a_session_belongs_to_its_first_user(redis_client) -> None:
+    """Another user's event naming an existing session is quarantined, never folded into that session."""
+    proc = SessionStreamProcessor(redis_client, consumer_name="own")
+    proc.ensure_group()
+    publish(redis_client, [_event(1, user_id="alice", session_id="shared")])
+    assert proc.process_once(count=10, block_ms=20) == 1
+    before = redis_client.get(session_key("shared"))
+    publish(redis_client, [_event(2, user_id="mallory", session_id="shared"), _event(3, user_id="alice",
+                                                                                     session_id="shared")])
+    assert proc.process_once(count=10, block_ms=20) == 1  # alice's second event only
+    state = json.loads(redis_client.get(session_key("shared")))
+    assert state["length"] == json.loads(before)["length"] + 1
+    (_, fields), = redis_client.xrange(QUARANTINE_STREAM)
+    assert json.loads(fields["event"])["user_id"] == "mallory"
+    assert fields["reason"].startswith("session_id_owned_by_another_user")
+    # within one batch the first user in stream order claims a new session
+    publish(redis_client, [_event(4, user_id="bob", session_id="fresh"), _event(5, user_id="eve", session_id="fresh")])
+    assert proc.process_once(count=10, block_ms=20) == 1
+    assert redis_client.get("kairos:session_owner:fresh") == "bob"
