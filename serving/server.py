@@ -57,9 +57,12 @@ def start_server(port: int, env: dict | None = None, host: str = "127.0.0.1",
         os.close(fd)
     log_path = Path(log_path)
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(command(port, host), cwd=str(PROJECT_ROOT), env=_env(env, port), stdout=log_file,
+        server_env = _env(env, port)
+        proc = subprocess.Popen(command(port, host), cwd=str(PROJECT_ROOT), env=server_env, stdout=log_file,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     proc.log_path = log_path  # type: ignore[attr-defined]
+    # the per-server BENTOML_HOME made by _env (None when the caller chose one): removed by stop_server
+    proc.bentoml_home = None if "BENTOML_HOME" in (os.environ if env is None else env) else server_env["BENTOML_HOME"]  # type: ignore[attr-defined]
     _STARTED[proc] = f"http://{host}:{port}"
     return proc
 
@@ -117,6 +120,11 @@ def stop_server(proc: subprocess.Popen, timeout_s: float = 15) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    home = getattr(proc, "bentoml_home", None)
+    if home:
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
-    proc = subprocess.Popen(command(args.port, args.host), cwd=str(PROJECT_ROOT), env=_env(None, args.port),
+    own_home = "BENTOML_HOME" not in os.environ
+    server_env = _env(None, args.port)
+    proc = subprocess.Popen(command(args.port, args.host), cwd=str(PROJECT_ROOT), env=server_env,
                             start_new_session=True)
     stopping: list[int] = []
 
@@ -154,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             os.killpg(proc.pid, signal.SIGKILL)  # any worker left behind
         except (ProcessLookupError, PermissionError):
             pass
+        if own_home:
+            import shutil
+
+            shutil.rmtree(server_env["BENTOML_HOME"], ignore_errors=True)
     return 0 if stopping else code
 
 

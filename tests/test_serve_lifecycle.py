@@ -71,3 +71,15 @@ def test_sigterm_to_kairos_serve_stops_the_bentoml_server(redis_server, settings
             os.killpg(cli.pid, signal.SIGKILL)
         if server_pgid is not None and _group_alive(server_pgid):
             os.killpg(server_pgid, signal.SIGKILL)
+
+
+def test_each_server_gets_its_own_prometheus_directory(tmp_path: Path) -> None:
+    """BentoML wipes and fills <BENTOML_HOME>/prometheus_multiproc_dir at start: two servers must not share it."""
+    from serving.server import _env
+
+    base = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
+    one, two = _env(base, 3001)["BENTOML_HOME"], _env(base, 3002)["BENTOML_HOME"]
+    assert one != two and Path(one).is_dir() and Path(two).is_dir() and "3001" in one
+    assert _env({**base, "BENTOML_HOME": str(tmp_path)}, 3003)["BENTOML_HOME"] == str(tmp_path)  # a chosen home wins
+    for home in (one, two):
+        Path(home).rmdir()
