@@ -6,7 +6,6 @@ the consumer groups, their positions and the online store come back with the AOF
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -128,7 +127,6 @@ def test_redis_sigkill_mid_load_loses_no_acknowledged_event(tmp_path: Path) -> N
             assert time.time() < deadline, f"not drained: {dict(counts)}, bronze {landed}, length " \
                                            f"{client.xlen(STREAM)}\n{log_path.read_text()[-3000:]}"
             time.sleep(0.2)
-        shutil.copy(log_path, "/tmp/wt16_chaos_stream.log")
         print(f"\nchaos: {len(acknowledged_at_kill)} acknowledged at the SIGKILL, 0 lost; {producer.failures} failed "
               f"attempts retried, {producer.duplicates} answered as already written; {N_EVENTS} acknowledged in "
               f"all, applied {counts['applied']}, bronze rows {landed}; producer done {t_produced - t_restart:.1f} s "

@@ -32,7 +32,8 @@ def test_openapi_schema_fuzzing_finds_no_5xx_and_no_mismatch(redis_server, setti
             [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/docs.json", "--url", base, "-c", CHECKS,
              "--phases", "examples,coverage,fuzzing", "-n", str(MAX_EXAMPLES), "--seed", "16",
              "--request-timeout", "20", "--suppress-health-check", "all", "--no-color"],
-            capture_output=True, text=True, timeout=300, env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
+            capture_output=True, text=True, timeout=300, cwd=str(tmp_path),  # its cache stays out of the repo
+            env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
         out = run.stdout + run.stderr
         print(out[-3000:])
         assert run.returncode == 0, out[-6000:]
