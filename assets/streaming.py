@@ -43,6 +43,10 @@ def lag_decision(lag: dict[str, Any], group: str, max_lag_ms: int = STREAM_LAG_A
         if lag["length"]:
             return True, f"{lag['length']} entries in {lag['stream']} and no consumer group {group}: start `kairos stream`"
         return False, f"{lag['stream']} is empty and has no consumer group yet"
+    missing = lag.get("missing_groups") or []
+    if missing:  # a registered reader lost its group (Redis wiped or restored without it): retention is paused
+        return True, (f"consumer group(s) {', '.join(missing)} missing on {lag['stream']} (registered readers): "
+                      f"retention is paused until `kairos stream` re-creates them; check Redis persistence")
     name, g = max(lag["groups"].items(), key=lambda kv: (kv[1]["lag_ms"], kv[1]["pending"]))
     over = [n for n, x in lag["groups"].items() if x["lag_ms"] > max_lag_ms or x["pending"] > max_pending]
     if over:

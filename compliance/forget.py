@@ -238,9 +238,13 @@ def forget_in_redis(client: Any, user_id: str, session_ids: set[str], event_ids:
             last = "(" + s(entries[-1][0])
     user_keys = sum(int(client.unlink(*batch)) for batch in _chunks(sorted(doomed)))
     sessions = sum(int(client.unlink(*batch)) for batch in _chunks(sorted(session_key(x) for x in session_ids)))
-    from streaming.job import MARKER_PREFIX
+    from streaming.intake import intake_key
+    from streaming.job import MARKER_PREFIX, session_owner_key
 
-    markers = sum(int(client.unlink(*batch)) for batch in _chunks(sorted(f"{MARKER_PREFIX}:{e}" for e in event_ids)))
+    # a session's owner key names the user; the intake's idempotency keys name the user's event ids
+    sessions += sum(int(client.unlink(*batch)) for batch in _chunks(sorted(session_owner_key(x) for x in session_ids)))
+    markers = sum(int(client.unlink(*batch)) for batch in _chunks(sorted(
+        [f"{MARKER_PREFIX}:{e}" for e in event_ids] + [intake_key(e) for e in event_ids])))
     return {"redis_user_keys": user_keys, "redis_session_keys": sessions, "redis_event_markers": markers,
             "redis_stream_entries": stream_entries}
 

@@ -270,7 +270,8 @@ def cmd_redis(args: argparse.Namespace) -> int:
     # with REDIS_PASSWORD set the server requires it (requirepass); clients read the same variable
     server = start_redis(settings.home / "redis", port=args.port or None, password=os.environ.get("REDIS_PASSWORD") or None)
     (settings.home / "redis.url").write_text(server.url)
-    print(f"embedded redis-server at {server.url} (URL written to {settings.home / 'redis.url'}); Ctrl-C stops it")
+    print(f"embedded redis-server at {server.url} (URL written to {settings.home / 'redis.url'}); append-only file in "
+          f"{server.workdir} with appendfsync {server.appendfsync}: acknowledged writes survive a crash; Ctrl-C stops it")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.process.wait()
@@ -290,8 +291,30 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from streaming.job import main as stream_main
     from streaming.options import options_from_args
 
-    prepare_home(Settings.from_env())
+    settings = Settings.from_env()
+    prepare_home(settings)
+    _warn_if_not_durable(settings)
     return stream_main(opts=options_from_args(args)) or 0
+
+
+def _warn_if_not_durable(settings: Settings) -> None:
+    """Say so when the Redis the stream lives in would lose acknowledged events on a crash (README "Durability")."""
+    from orchestration.resources import redis_url_from_env
+    from orchestration.services import redis_durability
+    from orchestration.settings import redact_url, redis_client
+
+    url = os.environ.get("REDIS_URL") or redis_url_from_env(settings)
+    try:
+        info = redis_durability(redis_client(url, socket_timeout=5))
+    except Exception as exc:  # noqa: BLE001 - CONFIG may be disabled on a managed Redis: say what to check
+        logging.getLogger("kairos").warning("could not read the persistence settings of %s (%s): make sure it runs "
+                                            "with appendonly yes and appendfsync always", redact_url(url), exc)
+        return
+    if not info["durable"]:
+        logging.getLogger("kairos").warning(
+            "Redis at %s runs with appendonly %s, appendfsync %s: a crash loses %s. Set `appendonly yes` and "
+            "`appendfsync always` (README \"Durability\")", redact_url(url), info["appendonly"], info["appendfsync"],
+            info["loss_window"])
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from assets.streaming import drain_stream
 from orchestration.jobs import (build_job, impressions_job, ingest_job, maintenance_job, monitor_job,
                                 refresh_online_job, retrain_job, rollout_job, tune_job)
 from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource, SparkResource
-from orchestration.sensors import stream_lag_sensor
+from orchestration.sensors import online_store_empty_sensor, stream_lag_sensor
 from orchestration.sensors import (daily_ingest, daily_retrain, drift_sensor, freshness_sensor, hourly_monitoring,
                                    impressions_every_15_min, rollout_sensor, weekly_maintenance)
 
@@ -19,7 +19,7 @@ defs = Definitions(
     asset_checks=load_asset_checks_from_modules(_modules),
     jobs=[ingest_job, build_job, retrain_job, maintenance_job, impressions_job, tune_job, rollout_job, monitor_job,
           refresh_online_job, drain_stream],
-    sensors=[drift_sensor, rollout_sensor, freshness_sensor, stream_lag_sensor],
+    sensors=[drift_sensor, rollout_sensor, freshness_sensor, stream_lag_sensor, online_store_empty_sensor],
     schedules=[daily_ingest, daily_retrain, weekly_maintenance, impressions_every_15_min, hourly_monitoring],
     resources={
         "lake": LakeResource(),

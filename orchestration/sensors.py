@@ -149,6 +149,45 @@ def freshness_sensor(context: SensorEvaluationContext, redis: RedisResource):
     return RunRequest(run_key=f"freshness-{'+'.join(sorted(stale))}-{int(now)}", asset_selection=selection, tags=tags)
 
 
+def empty_store_decision(current_version: str | None, last_built: str | None, now: float,
+                         last_request_ts: float | None, min_interval_s: float = 300.0) -> tuple[bool, str]:
+    """Whether the online store needs a rebuild now: it was built (Dagster recorded an online_features
+    materialization) but Redis has no current snapshot (a Redis that lost its data or was flushed). Pure."""
+    if current_version is not None:
+        return False, f"online store serves snapshot {current_version}"
+    if last_built is None:
+        return False, "online store empty and never built: materialize online_features (kairos demo / build job)"
+    if last_request_ts is not None and now - last_request_ts < min_interval_s:
+        return False, f"online store empty; a rebuild was requested {now - last_request_ts:.0f}s ago"
+    return True, f"online store empty (Redis lost snapshot {last_built}): rebuilding it from the offline store"
+
+
+@sensor(job=refresh_online_job, minimum_interval_seconds=30,
+        description="Rebuilds the online store when it comes back empty (Redis restarted without its data or "
+                    "flushed) although online_features was materialized before: requests refresh_online_store at "
+                    "once (at most every 5 minutes), tagged with the snapshot Redis lost.")
+def online_store_empty_sensor(context: SensorEvaluationContext, redis: RedisResource):
+    from features.online import OnlineStore
+
+    try:
+        current = OnlineStore(redis.client()).current_version()
+    except Exception as exc:  # noqa: BLE001 - unreachable Redis is the freshness sensor's and the server's alert
+        return SkipReason(f"online store unreachable ({type(exc).__name__}); retrying next tick")
+    event = context.instance.get_latest_materialization_event(AssetKey("online_features"))
+    last_built = None
+    if event is not None and event.asset_materialization is not None:
+        meta = event.asset_materialization.metadata
+        last_built = str(meta["version"].value) if "version" in meta else (event.run_id or "unknown")
+    now = time.time()
+    fire, reason = empty_store_decision(current, last_built, now, float(context.cursor) if context.cursor else None)
+    if not fire:
+        return SkipReason(reason)
+    context.update_cursor(str(now))
+    context.log.warning(f"ALERT {reason}")
+    return RunRequest(run_key=f"online-empty-{int(now)}", tags={"kairos/trigger": "online_store_empty",
+                                                               "kairos/lost_version": str(last_built)})
+
+
 hourly_monitoring = ScheduleDefinition(name="hourly_monitoring", job=monitor_job, cron_schedule="5 * * * *",
                                        execution_timezone="UTC")
 

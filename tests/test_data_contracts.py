@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_contracts.events import (QUARANTINE_COLUMNS, ContractResult, build_data_docs, build_suite, event_rules,
-                                    validate_events)
+from data_contracts.events import (MAX_ID_LENGTH, MIN_TIMESTAMP_MS, QUARANTINE_COLUMNS, ContractResult, build_data_docs,
+                                    build_suite, check_event, event_rules, event_violations, validate_events)
 from ingestion.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA, SCHEMA_VERSION
 from ingestion.simulator import START_MS
 from lake.delta import DeltaLake
@@ -227,7 +227,7 @@ def test_suite_is_built_from_the_declared_rules() -> None:
     assert [e.meta["kairos_rule"] for e in suite.expectations] == [r.name for r in rules]
     assert len({r.name for r in rules}) == len(rules)
     between = next(e for e in suite.expectations if e.meta["kairos_rule"] == "timestamp_in_range")
-    assert between.max_value == NOW + 300_000 and between.min_value == 1
+    assert between.max_value == NOW + 300_000 and between.min_value == MIN_TIMESTAMP_MS
 
 
 def test_accepted_writes_as_silver_and_feeds_labels(sim_result, tmp_path) -> None:
@@ -281,3 +281,28 @@ def test_split_of_one_gx_run_matches_validating_each_group(small_world) -> None:
     assert sum(len(p.accepted) for p in parts.values()) == len(whole.accepted)
     empty = whole.empty_share()
     assert empty.n_in == 0 and empty.reconciles() and not any(empty.expectation_failures.values())
+
+
+def test_stream_and_batch_judge_an_event_by_the_same_rules() -> None:
+    """One rule list: the per-event reading (intake, streaming job) names exactly the rules GX fails for the row."""
+    good = {"event_id": "g", "user_id": "u", "item_id": "i", "event_type": "click", "timestamp": NOW - 1000,
+            "session_id": "s", "position": 1, "page_context": "home_feed", "device_type": "mobile",
+            "dwell_time_ms": 100, "schema_version": SCHEMA_VERSION, "source": "app"}
+    poison = [
+        {"timestamp": float("nan")}, {"timestamp": float("inf")}, {"timestamp": 1_000}, {"timestamp": NOW + DAY_MS},
+        {"dwell_time_ms": -1}, {"position": -3}, {"schema_version": 2}, {"device_type": "toaster"},
+        {"event_type": "teleport"}, {"user_id": ""}, {"item_id": None}, {"session_id": "x" * (MAX_ID_LENGTH + 1)},
+        {"event_id": "e" * 1_000_000}, {"timestamp": 1.5}, {"dwell_time_ms": float("-inf")},
+    ]
+    events = [{**good, "event_id": f"p{k}", **bad} if "event_id" not in bad else {**good, **bad}
+              for k, bad in enumerate(poison)]
+    rules = event_rules(NOW)
+    assert check_event(good, rules=rules) is None
+    result = validate_events(pd.DataFrame([good, *events]), run_id="agree", now_ms=NOW)
+    batch = dict(zip(result.quarantined["event_id"], result.quarantined["reasons"].str.split("; ")))
+    assert result.accepted["event_id"].tolist() == ["g"] and len(batch) == len(events)
+    for event in events:
+        stream = [reason.split(":")[0] for _, reason in event_violations(event, rules)]
+        assert stream == batch[str(event["event_id"])], event
+        field, reason = check_event(event, rules=rules)
+        assert field in event and field in reason  # the answer names the field

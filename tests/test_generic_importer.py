@@ -114,7 +114,8 @@ def test_value_column_maps_ratings_like_movielens(tmp_path: Path) -> None:
 
 def test_unknown_event_type_kept_and_quarantined_by_contract(tmp_path: Path) -> None:
     log = _write(tmp_path / "log.csv", "uid,sku,ts,type\n"
-                                       "u1,a,1000,click\nu1,a,1001,Wishlist\nu2,b,1002,PURCHASE\nu2,c,1003,view\n")
+                                       "u1,a,1700000000,click\nu1,a,1700000001,Wishlist\nu2,b,1700000002,PURCHASE\n"
+                                       "u2,c,1700000003,view\n")  # epoch s in the contract's plausible range
     mapping = ColumnMapping(user="uid", item="sku", timestamp="ts", event_type="type")
     events, _, _ = load_interactions(log, mapping, source="shop")
     assert events["event_type"].tolist() == ["click", "wishlist", "purchase", "view"]  # nothing dropped

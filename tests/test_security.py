@@ -155,6 +155,19 @@ def test_served_bundles_come_from_the_registry_and_are_verified(settings, tmp_pa
     manifest = json.loads((cached / MANIFEST).read_text())
     manifest["files_sha256"]["item_embeddings.npy"] = file_sha256(cached / "item_embeddings.npy")
     (cached / MANIFEST).write_text(json.dumps(manifest))
+    # ... the registry's manifest hash catches it, and the corrupt cache heals: deleted, downloaded again, verified
+    healed = load_alias(settings, "champion")
+    assert np.array_equal(healed.item_embeddings, loaded.item_embeddings) and np.abs(healed.item_embeddings).sum() > 0
+    assert file_sha256(_find_bundle_dir(Path(settings.home) / "model_cache") / MANIFEST) == mv.tags[MANIFEST_SHA_TAG]
+    # the registry's own copy tampered the same way: nothing trustworthy to heal from, refused
+    stored = [p for p in Path(settings.home).rglob("item_embeddings.npy") if "model_cache" not in p.parts]
+    assert stored
+    for path in stored:
+        np.save(path, np.load(path) * 0)
+        signed = json.loads((path.parent / MANIFEST).read_text())
+        signed["files_sha256"]["item_embeddings.npy"] = file_sha256(path)
+        (path.parent / MANIFEST).write_text(json.dumps(signed))
+    shutil.rmtree(Path(settings.home) / "model_cache")
     with pytest.raises(BundleIntegrityError, match="differs from the one registered"):
         load_alias(settings, "champion")
 

@@ -167,7 +167,7 @@ def test_event_intake_accepts_valid_events_and_answers_errors_per_event(redis_cl
              {**good, "event_id": "in-5", "item_id": None}, {**good, "event_id": "in-6", "schema_version": 2}]
     out = intake(redis_client, batch, now_ms=now, stream="test:intake")
     assert out["accepted"] == ["in-1"] and len(out["stream_ids"]) == 1
-    assert out["counts"] == {"received": 7, "accepted": 1, "quarantined": 6}
+    assert out["counts"] == {"received": 7, "accepted": 1, "quarantined": 6, "duplicates": 0}
     reasons = {e["index"]: e["reason"] for e in out["errors"]}
     assert "event_type" in reasons[1] and "dwell_time_ms_in_range" in reasons[2] and "timestamp_in_range" in reasons[3]
     assert "not a JSON object" in reasons[4] and "item_id" in reasons[5] and "schema_version_current" in reasons[6]

@@ -16,7 +16,7 @@ T0 = 1_767_225_600_000
 
 def _events(n: int) -> list[dict]:
     return [{"event_id": f"d{k}", "user_id": f"u{k % 7}", "item_id": f"i{k % 9}", "event_type": "click",
-             "timestamp": T0 + k, "session_id": f"s{k % 11}", "schema_version": 1} for k in range(n)]
+             "timestamp": T0 + k, "session_id": f"s{k % 7}-{k % 11}", "schema_version": 1} for k in range(n)]  # a session is one user's
 
 
 def test_lag_decision_thresholds() -> None:

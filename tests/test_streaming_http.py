@@ -50,7 +50,9 @@ def test_events_endpoint_backpressure_and_lag_metrics(redis_server, settings, tm
             assert ok.status_code == 200, ok.text
             body = ok.json()
             assert body["accepted"] == ["h1", "h2", "h4"] and len(body["stream_ids"]) == 3
-            assert body["errors"] == [{"index": 2, "event_id": "h3", "reason": "unknown event_type 'teleport'"}]
+            assert body["errors"] == [{"index": 2, "event_id": "h3", "field": "event_type", "reason":
+                                       "event_type_known: event_type 'teleport' is not one of ['impression', 'click', "
+                                       "'add_to_cart', 'purchase', 'skip', 'share']"}]
             assert client.xlen(STREAM) == 3 and client.xlen(QUARANTINE_STREAM) == 1
             assert http.post("/v1/events", json={"events": []}).status_code == 400  # an empty batch is a bad request
 

@@ -210,31 +210,52 @@ def _find_bundle_dir(root: Path) -> Path:
     raise FileNotFoundError(f"no {MANIFEST} under {root}")
 
 
-def load_alias(settings: Settings, alias: str = CHAMPION) -> Bundle | None:
-    """Download (once per version) and load the bundle behind `models:/<name>@<alias>`; None if absent."""
+def _download(settings: Settings, version: str, cache: Path) -> None:
+    """Download version `version` into `cache` once (atomically: a temp dir renamed when complete)."""
     import mlflow
+
+    if (cache / ".complete").exists():
+        return
+    if cache.exists():  # a partial download from a crashed process
+        shutil.rmtree(cache, ignore_errors=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=cache.parent))
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{settings.model_name}/{version}",
+                                            dst_path=str(tmp), tracking_uri=settings.mlflow_tracking_uri)
+        (tmp / ".complete").write_text(version)
+        try:
+            tmp.rename(cache)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_alias(settings: Settings, alias: str = CHAMPION) -> Bundle | None:
+    """Download (once per version) and load the bundle behind `models:/<name>@<alias>`; None if absent.
+
+    A cached copy that fails verification (a corrupt or tampered file, a bad disk) is not refused forever: it
+    is deleted and downloaded again from the registry, once, and verified again against the registry's manifest
+    hash; only a registry copy that fails too raises BundleIntegrityError."""
+    from training.bundle import BundleIntegrityError
 
     mv = _alias(settings, alias)
     if mv is None:
         return None
     version = str(mv.version)
     cache = Path(settings.home) / CACHE_DIR / settings.model_name / version
-    if not (cache / ".complete").exists():
-        if cache.exists():  # a partial download from a crashed process
-            shutil.rmtree(cache, ignore_errors=True)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=cache.parent))
+    for attempt in (1, 2):
+        _download(settings, version, cache)
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{settings.model_name}/{version}",
-                                                dst_path=str(tmp), tracking_uri=settings.mlflow_tracking_uri)
-            (tmp / ".complete").write_text(version)
-            try:
-                tmp.rename(cache)
-            except OSError:  # another process won the race
-                shutil.rmtree(tmp, ignore_errors=True)
-        except Exception:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return Bundle.load(_find_bundle_dir(cache), model_version=version,
-                       manifest_sha256=(mv.tags or {}).get(MANIFEST_SHA_TAG),
-                       trusted_roots=[Path(settings.home) / CACHE_DIR])
+            return Bundle.load(_find_bundle_dir(cache), model_version=version,
+                               manifest_sha256=(mv.tags or {}).get(MANIFEST_SHA_TAG),
+                               trusted_roots=[Path(settings.home) / CACHE_DIR])
+        except (BundleIntegrityError, FileNotFoundError) as exc:
+            if attempt == 2:
+                raise
+            log.warning("cached model version %s failed verification (%s); deleting %s and downloading it again "
+                        "from the registry", version, exc, cache)
+            shutil.rmtree(cache, ignore_errors=True)
+    raise AssertionError("unreachable")
