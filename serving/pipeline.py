@@ -7,6 +7,8 @@
 
 Every request answers (DESIGN invariant 5); `served_by` says which path served it:
     two_stage                                   the normal path
+    two_stage:missing_features                  the online store holds no snapshot: registry defaults, named
+                                                in `missing_features` (the store is being rebuilt)
     two_stage:stale_features                    Redis unavailable: the user's features as this server last
                                                 read them (at most KAIROS_STALE_FEATURES_MAX_AGE_S old, 1 h)
     popularity_fallback:redis_unavailable       the online store errored or timed out (bundle popularity)
@@ -54,6 +56,7 @@ CONFIG_FIELDS = {"num_results", "candidate_pool_size", "max_latency_ms"}
 
 SERVED_TWO_STAGE = "two_stage"
 SERVED_STALE = "two_stage:stale_features"
+SERVED_NO_FEATURES = "two_stage:missing_features"  # the online store is reachable but empty: defaults served
 # how old the in-process copy of a user's features may be when Redis is unavailable (then popularity)
 STALE_MAX_AGE_S = float(os.environ.get("KAIROS_STALE_FEATURES_MAX_AGE_S", "3600"))
 FALLBACK_REDIS = "popularity_fallback:redis_unavailable"
@@ -218,7 +221,7 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         response["latency_breakdown_ms"] = lat
         if req["max_latency_ms"] is not None and lat["total"] > req["max_latency_ms"]:
             response["over_budget"] = True  # answered anyway (never a 5xx), but the caller should know
-        if served_by not in (SERVED_TWO_STAGE, SERVED_STALE):
+        if served_by not in (SERVED_TWO_STAGE, SERVED_STALE, SERVED_NO_FEATURES):
             log.info("request %s for %s served by %s", response["request_id"], req["user_id"], served_by)
         if log_impression is not None:
             try:
@@ -259,6 +262,11 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
                  req["user_id"], age)
     lat["feature_fetch"] = _ms(time.perf_counter() - t)
     response["feature_version"] = version
+    if version is None and served_path == SERVED_TWO_STAGE:
+        # the store answered but holds no snapshot (e.g. Redis restarted empty; orchestration's
+        # online_store_empty_sensor rebuilds it): every user and item feature is its registry default
+        served_path = SERVED_NO_FEATURES
+        response["missing_features"] = ["user", "item"]
     seen = list((session or {}).get("last_items", []))
     cfg = rerank or RerankConfig()
     consumed = consumed_history(user_row)
@@ -390,5 +398,5 @@ def apply_session_intent(order: np.ndarray, n: int, candidates: list[str], categ
     return chosen, {"session_intent": target, "slots": slots, "promoted": len(promote)}
 
 
-__all__ = ["personalize", "validate_request", "build_rows", "consumed_history", "session_intent", "apply_session_intent", "SERVED_TWO_STAGE", "FALLBACK_REDIS",
+__all__ = ["SERVED_NO_FEATURES", "personalize", "validate_request", "build_rows", "consumed_history", "session_intent", "apply_session_intent", "SERVED_TWO_STAGE", "FALLBACK_REDIS",
            "FALLBACK_NO_MODEL", "FALLBACK_MODEL_ERROR"]

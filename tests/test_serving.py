@@ -380,3 +380,14 @@ def test_offline_replay_serves_what_the_online_store_serves(trained, snapshot, r
         offline_items, personal = recommend(user, 10)
         assert personal
         assert offline_items == online_items, user
+
+
+def test_empty_online_store_says_which_features_are_missing(trained, redis_client) -> None:
+    """Redis up but holding no snapshot (restarted empty): the answer still comes from the model, and says it
+    was served on registry defaults instead of pretending to be the normal path."""
+    from serving.pipeline import SERVED_NO_FEATURES
+
+    outcome, _ = trained
+    answer = personalize(_request("u00001"), outcome.bundle, OnlineStore(redis_client))
+    assert answer["served_by"] == SERVED_NO_FEATURES and answer["feature_version"] is None
+    assert answer["missing_features"] == ["user", "item"] and len(answer["ranked_items"]) == 10
