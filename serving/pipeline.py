@@ -269,9 +269,9 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
 
         producers = {
             "ann": lambda k: bundle.retrieve(query, min(k, len(bundle.item_ids)))[0],
-            "co_visitation": lambda k: co_visitation(table.co_items, seen, k),
+            "co_visitation": lambda k: co_visitation(table.co_items_for(seen[:10]), seen, k),
             "trending": trending,
-            "fresh": lambda k: fresh_items(table.ids, table.arrays["publish_ts"][:-1], bundle.item_row, now_ms, k),
+            "fresh": lambda k: fresh_items(*table.fresh_window(), bundle.item_row, now_ms, k),
         }
         candidates, contributed, channel_errors = run_channels(producers, pool, seen_set,
                                                                channels_for_budget(req["max_latency_ms"]))
