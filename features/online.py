@@ -42,9 +42,11 @@ import logging
 import math
 import os
 import struct
+import sys
 import threading
 import time
 import uuid
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -335,13 +337,24 @@ class ItemCodec:
             return _NONE16, b""
         if not isinstance(value, Mapping):
             raise ValueError(f"item {item_id!r}: {col} must be a JSON object or a mapping, got {type(value).__name__}")
-        keys = [str(k) for k in value]
-        if any(_SEP in k for k in keys):
+        keys = list(value)
+        try:
+            joined = _SEP.join(keys)
+        except TypeError:  # non-string keys (a Python mapping, not JSON)
+            keys = [str(k) for k in keys]
+            joined = _SEP.join(keys)
+        if joined.count(_SEP) != max(len(keys) - 1, 0):
             raise ValueError(f"item {item_id!r}: a key of {col} contains the byte 0x1F")
-        blob = (_SEP + _SEP.join(keys) + _SEP).encode() if keys else b""
+        blob = (_SEP + joined + _SEP).encode() if keys else b""
         if len(keys) >= _NONE16 or len(blob) >= _NONE16:
             raise ValueError(f"item {item_id!r}: {col} is too large ({len(keys)} entries, {len(blob)} bytes)")
-        return len(keys), struct.pack(f"<{len(keys)}f", *(float(v) for v in value.values())) + blob
+        try:
+            weights = array("f", value.values())
+        except TypeError:
+            raise ValueError(f"item {item_id!r}: {col} values must be numbers") from None
+        if sys.byteorder != "little":
+            weights.byteswap()
+        return len(keys), weights.tobytes() + blob
 
     # -- decode
     def decode(self, raws: Sequence[bytes], columns: Sequence[str],
