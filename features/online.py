@@ -66,6 +66,7 @@ SESSION_TTL_S = 30 * 60
 DEFAULT_TTL_S = 7 * 86400
 CHUNK = 2000
 ITEM_CHUNK = 5000
+PROGRESS_EVERY = 20  # chunks between progress log lines (100k items, 40k users)
 STALE_CACHE_USERS = 100_000
 # decoded item rows kept per process (all versions together); a row with its co-click map is ~1-2 KB
 ITEM_CACHE_ROWS = int(os.environ.get("KAIROS_ITEM_CACHE_ROWS", "50000"))
@@ -495,8 +496,8 @@ class OnlineStore:
         self._popular: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self._bin: Any = None
-        # decoded item rows, (version, epoch, item_id) -> row; bounded LRU shared by every version
-        self._rows: "OrderedDict[tuple[str, str, str], tuple]" = OrderedDict()
+        # packed item rows, (version, epoch, item_id) -> bytes; one bounded LRU shared by every version
+        self._rows: "OrderedDict[tuple[str, str, str], bytes]" = OrderedDict()
         self.item_cache_rows = max(0, int(item_cache_rows))
         # the last rows read per user, for the stale path when Redis is slow or down (bounded LRU)
         self._stale: "OrderedDict[str, tuple[float, dict | None, str | None]]" = OrderedDict()
@@ -571,6 +572,8 @@ class OnlineStore:
                 pipe.pexpireat(key, expires_at_ms)
                 n_users += 1
             pipe.execute()
+            if (start // CHUNK) % PROGRESS_EVERY == PROGRESS_EVERY - 1:
+                log.info("materialize %s: users %d/%d written", version, n_users, len(records))
         t_users = time.perf_counter() - t0
         t1 = time.perf_counter()
         texts = {col: sorted({str(v) for v in items[col].tolist() if not _is_missing(v)}) if col in items else []
@@ -595,6 +598,8 @@ class OnlineStore:
             if pub:
                 pipe.zadd(tmp["published"], pub)
             pipe.execute()
+            if (start // ITEM_CHUNK) % PROGRESS_EVERY == PROGRESS_EVERY - 1:
+                log.info("materialize %s: items %d/%d written", version, start + len(chunk), len(ids))
         pipe = b.pipeline(transaction=False)
         for col, values in texts.items():
             if values:
@@ -825,15 +830,22 @@ class OnlineStore:
 
     def _adopt(self, version: str, raw_meta: Any) -> VersionState:
         """Learn a version's codec and expiry from its meta and serve it from now on."""
-        meta = json.loads(_s(raw_meta))
-        state = VersionState(version=version, codec=ItemCodec.from_doc(meta.get("layout") or {}),
-                             expires_at_ms=meta.get("expires_at_ms"))
+        state = self._state_from_meta(version, raw_meta)
         with self._lock:
             # keep the serving version's state (in-flight requests) and the new one
             self._states = {k: v for k, v in self._states.items() if k == self._version}
             self._states[version] = state
             self._version = version
         return state
+
+    @staticmethod
+    def _state_from_meta(version: str, raw_meta: Any) -> VersionState:
+        meta = json.loads(_s(raw_meta))
+        if "layout" not in meta:
+            log.error("online-store version %s has no item row layout (written by an older Kairos?): its items "
+                      "read as missing until the online_features asset is materialized again", version)
+        return VersionState(version=version, codec=ItemCodec.from_doc(meta.get("layout") or {}),
+                            expires_at_ms=meta.get("expires_at_ms"))
 
     def _sync_rev(self, version: str, rev: Sequence[Any] | None) -> None:
         """Bring the row cache in line with the version's (epoch, seq) read in this round trip."""
@@ -926,9 +938,7 @@ class OnlineStore:
             raw_meta = self.client.get(meta_key(version))
             if raw_meta is None:
                 return ItemTable.empty(version)
-            meta = json.loads(_s(raw_meta))
-            state = VersionState(version=version, codec=ItemCodec.from_doc(meta.get("layout") or {}),
-                                 expires_at_ms=meta.get("expires_at_ms"))
+            state = self._state_from_meta(version, raw_meta)
             rev = self.client.hmget(rev_key(version), ["epoch", "seq"])
             with self._lock:
                 state = self._states.setdefault(version, state)
@@ -941,7 +951,9 @@ class OnlineStore:
         if not ids or not version:
             return {}
         table = self.item_table(version)
-        return {i: table.category.get(i) for i in ids}
+        if table.state is not None:  # a reader outside fetch(): follow incremental writes here (one HMGET)
+            self._sync_rev(version, self.client.hmget(rev_key(version), ["epoch", "seq"]))
+        return dict(zip(ids, table.columns_for(ids)["category"].tolist()))
 
     def sample_items(self, version: str | None, n: int = 1000) -> pd.DataFrame:
         """Up to n item rows of `version` (an HSCAN sample, off the request path: monitoring)."""
@@ -952,8 +964,7 @@ class OnlineStore:
         raw_meta = self.client.get(meta_key(version))
         if raw_meta is None:
             return empty
-        state = VersionState(version=version, codec=ItemCodec.from_doc(json.loads(_s(raw_meta)).get("layout") or {}),
-                             expires_at_ms=None)
+        state = self._state_from_meta(version, raw_meta)
         ids: list[str] = []
         raws: list[bytes] = []
         for iid, raw in self._binary().hscan_iter(items_key(version), count=1000):

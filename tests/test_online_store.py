@@ -305,3 +305,14 @@ def test_sample_items_reads_rows_for_monitoring(redis_client: redis.Redis) -> No
     frame = OnlineStore(redis_client).sample_items("v1", n=10)
     assert len(frame) >= 10 and set(frame["category"]) <= {"cat_00", "cat_01", "cat_02"}
     assert frame["item_ctr_7d"].isna().sum() <= 1
+
+
+def test_categories_for_the_streaming_job_follow_incremental_writes(redis_client: redis.Redis) -> None:
+    OnlineStore(redis_client).materialize(_users(1), _items(10), version="v1")
+    job_store = OnlineStore(redis_client)  # the streaming job's store never calls fetch()
+    _reset_counts(redis_client)
+    assert job_store.categories("v1", ["i00001", "i00002", "nope", "i00001"]) == \
+        {"i00001": "cat_01", "i00002": "cat_02", "nope": None}
+    assert _commands(redis_client)["HMGET"] == 3  # rev (twice on first contact) + one for the rows
+    OnlineStore(redis_client).write_items(pd.DataFrame({"item_id": ["i00001"], "category": ["cat_moved"]}))
+    assert job_store.categories("v1", ["i00001", "i00002"]) == {"i00001": "cat_moved", "i00002": "cat_02"}
