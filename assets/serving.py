@@ -9,6 +9,7 @@ from orchestration.resources import LakeResource, RedisResource
 
 ONLINE_FEATURES = "online_features"
 POPULAR_LIST_SIZE = 500
+CATALOG_COLUMNS = ("category", "publish_ts")  # item store columns the catalog owns (newest values win)
 
 
 @asset(deps=[USER_FEATURES, ITEM_FEATURES, ITEMS], group_name="serving",
@@ -25,8 +26,9 @@ def online_features(context: AssetExecutionContext, lake: LakeResource, redis: R
     newest = items["feature_ts"].max()
     items = items[items["feature_ts"] == newest]
     # every catalog item is servable, even one without recent activity (defaults apply)
-    catalog = store.read(ITEMS, columns=["item_id", "category", "publish_ts"])
-    items = catalog.merge(items.drop(columns=["category", "publish_ts"]), on="item_id", how="left")
+    catalog = store.read(ITEMS)
+    catalog = catalog[[c for c in ("item_id", *CATALOG_COLUMNS) if c in catalog]]  # a catalog may lack a category
+    items = catalog.merge(items.drop(columns=list(CATALOG_COLUMNS), errors="ignore"), on="item_id", how="left")
     items["feature_ts"] = items["feature_ts"].fillna(newest)
     popular = items.sort_values("item_clicks_7d", ascending=False, na_position="last")["item_id"].head(POPULAR_LIST_SIZE).tolist()
     version = f"u{u_pin.version}-i{i_pin.version}-{int(newest)}"

@@ -316,3 +316,34 @@ def test_categories_for_the_streaming_job_follow_incremental_writes(redis_client
     assert _commands(redis_client)["HMGET"] == 3  # rev (twice on first contact) + one for the rows
     OnlineStore(redis_client).write_items(pd.DataFrame({"item_id": ["i00001"], "category": ["cat_moved"]}))
     assert job_store.categories("v1", ["i00001", "i00002"]) == {"i00001": "cat_moved", "i00002": "cat_02"}
+
+
+def test_the_online_features_asset_writes_packed_rows_in_a_dagster_run(tmp_path, redis_server: EmbeddedRedis,
+                                                                       redis_client: redis.Redis) -> None:
+    """The asset as Dagster runs it: newest snapshot rows from Delta (feature_ts bookkeeping included), every
+    catalog item servable, one version id from the pinned Delta versions."""
+    from dagster import materialize
+
+    from assets.serving import online_features
+    from lake.delta import DeltaLake
+    from orchestration.resources import LakeResource, RedisResource
+
+    lake = DeltaLake(str(tmp_path / "lake"))
+    users = _users(4)
+    lake.write("user_features", pd.concat([users.assign(feature_ts=1_000), users.assign(feature_ts=2_000)]))
+    items = _items(6).drop(columns=["feature_ts"])
+    snap = items.iloc[:4]
+    lake.write("item_features", pd.concat([snap.assign(feature_ts=1_000), snap.assign(feature_ts=2_000,
+                                                                                       item_clicks_7d=7.0)]))
+    lake.write("catalog_items", items[["item_id", "category", "publish_ts"]].assign(title="t"))
+    result = materialize([online_features], resources={"lake": LakeResource(root=str(tmp_path / "lake")),
+                                                       "redis": RedisResource(url=redis_server.url)})
+    assert result.success
+    meta = result.asset_materializations_for_node("online_features")[0].metadata
+    version = meta["version"].value
+    assert redis_client.get(CURRENT_KEY) == version and meta["items_written"].value == 6
+    store = OnlineStore(redis_client)
+    store.fetch("u00001", None)
+    cols = store.item_table(version).columns_for(["i00000", "i00005"])
+    assert cols["item_clicks_7d"][0] == 7.0 and math.isnan(cols["item_clicks_7d"][1])  # no activity: defaults
+    assert cols["category"].tolist() == ["cat_00", "cat_02"]
