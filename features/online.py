@@ -11,7 +11,8 @@ every key of a version expires at the same instant, `expires_at_ms` in its meta)
                                                     NaN/None fields are omitted -> registry defaults)
     kairos:fs:{version}:items               HASH    item_id -> one packed row (ItemCodec: a format byte,
                                                     float32/float64 numbers, length-prefixed text and maps)
-    kairos:fs:{version}:published           ZSET    item_id scored by publish_ts (the fresh channel's index)
+    kairos:fs:{version}:published           ZSET    item_id scored by publish_ts, the newest PUBLISHED_KEEP
+                                                    (the fresh channel's index)
     kairos:fs:{version}:rev                 HASH    {epoch, seq}: epoch changes when the version is (re)written
                                                     whole, seq counts incremental item writes
     kairos:fs:{version}:changes             ZSET    item_id scored by the seq that last wrote it
@@ -72,6 +73,8 @@ STALE_CACHE_USERS = 100_000
 ITEM_CACHE_ROWS = int(os.environ.get("KAIROS_ITEM_CACHE_ROWS", "50000"))
 # the fresh channel looks at this many newest items (by publish_ts) of the serving version
 FRESH_WINDOW = int(os.environ.get("KAIROS_FRESH_WINDOW", "1000"))
+# the publish_ts index holds only this many newest items (the fresh channel never looks further back)
+PUBLISHED_KEEP = max(20_000, 4 * FRESH_WINDOW)
 STRING_USER_COLUMNS = frozenset(USER_JSON_COLUMNS)
 # item store columns held as text / as float64 (ms timestamps need 53 bits); every other one is float32
 ITEM_TEXT_COLUMNS: tuple[str, ...] = ("category",)
@@ -580,6 +583,9 @@ class OnlineStore:
                  for col in codec.text}
         codes = {col: {v: k + 1 for k, v in enumerate(values)} for col, values in texts.items()}
         packed, published = self._pack(items, codec, codes)
+        if len(published) > PUBLISHED_KEEP:  # only the newest are ever fresh
+            newest = sorted(published.items(), key=lambda kv: kv[1], reverse=True)[:PUBLISHED_KEEP]
+            published = dict(newest)
         item_bytes = sum(len(v) for v in packed.values())
         t_pack = time.perf_counter() - t1
         # rows go to scratch keys, renamed over the live ones in one transaction: a reader of this version
@@ -697,6 +703,7 @@ class OnlineStore:
                     pipe.hset(items_key(version), mapping=packed)
                     if published:
                         pipe.zadd(published_key(version), published)
+                        pipe.zremrangebyrank(published_key(version), 0, -(PUBLISHED_KEEP + 1))
                     if no_ts:
                         pipe.zrem(published_key(version), *no_ts)
                     for col, values in added.items():

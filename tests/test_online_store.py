@@ -138,7 +138,7 @@ def test_item_rows_round_trip_and_are_read_for_exactly_the_candidates(redis_serv
     assert CountingConnection.sends == 0 and _commands(redis_client) == {} and store.table_hits == 5
     assert again["category"].tolist() == cols["category"].tolist()
     assert store.item_table(version).co_items_for(["i00001", "i00000"]) == {"i00001": {"i00002": 3.0, "i00003": 1.0}}
-    # Redis holds ~100 bytes per item row (not a JSON blob per version)
+    # Redis holds < 200 bytes per (small) item row: no JSON blob per version
     assert redis_client.memory_usage(items_key("v1"), samples=0) / 5000 < 200
 
 
@@ -347,3 +347,14 @@ def test_the_online_features_asset_writes_packed_rows_in_a_dagster_run(tmp_path,
     cols = store.item_table(version).columns_for(["i00000", "i00005"])
     assert cols["item_clicks_7d"][0] == 7.0 and math.isnan(cols["item_clicks_7d"][1])  # no activity: defaults
     assert cols["category"].tolist() == ["cat_00", "cat_02"]
+
+
+def test_the_fresh_index_keeps_only_the_newest_items(redis_client: redis.Redis, monkeypatch) -> None:
+    import features.online as online
+
+    monkeypatch.setattr(online, "PUBLISHED_KEEP", 8)
+    store = OnlineStore(redis_client)
+    store.materialize(_users(1), _items(30), version="v1")
+    assert redis_client.zrevrange(published_key("v1"), 0, -1) == [f"i{i:05d}" for i in range(29, 21, -1)]
+    store.write_items(pd.DataFrame({"item_id": ["new"], "publish_ts": [1_800_000_000_000]}))
+    assert redis_client.zcard(published_key("v1")) == 8 and redis_client.zrevrange(published_key("v1"), 0, 0) == ["new"]
