@@ -314,9 +314,13 @@ def main() -> None:
     feast_python = None if args.no_feast else args.feast_python
     if not feast_python and not args.no_feast:
         print("Feast not found (see this script's docstring to create .bench/feast); Kairos figures only")
-    results = [bench_size(n, args.users, args.rounds, args.requests, args.feast_requests, feast_python,
-                          args.cache_rows) for n in args.items]
-    if results:
+    results = []
+    for n in args.items:
+        results.append(bench_size(n, args.users, args.rounds, args.requests, args.feast_requests, feast_python,
+                                  args.cache_rows))
+        report(results[-1:])  # each size as soon as it is measured (the 1M size takes a while)
+    if len(results) > 1:
+        print("\n==== all sizes ====")
         report(results)
     for rows in args.rows:
         bench_as_of(rows)
