@@ -7,7 +7,8 @@ Feast (0.67.0, pinned) needs older prometheus_client / tenacity than Kairos, so 
 layered over .venv (Kairos's packages stay untouched; pip installs only what Feast adds or pins differently):
 
     python3.11 -m venv .bench/feast && echo "$PWD/.venv/lib/python3.11/site-packages" \\
-        > .bench/feast/lib/python3.11/site-packages/zz_kairos.pth && .bench/feast/bin/pip install feast==0.67.0
+        > .bench/feast/lib/python3.11/site-packages/zz_kairos.pth \
+        && .bench/feast/bin/pip install -r bench/requirements-feast.txt    # feast==0.67.0 and what it pins
 
 (`--feast-python PATH` or KAIROS_FEAST_PYTHON point elsewhere; without it the Feast columns are skipped.)
 
