@@ -814,12 +814,12 @@ class OnlineStore:
             pipe.hgetall(user_key(current, user_id))
             pipe.get(meta_key(current))
             pipe.hmget(rev_key(current), ["epoch", "seq"])
-            raw_user, raw_meta, rev = pipe.execute()
-            if raw_meta is None:  # expired between the two reads: keep what we had
+            new_user, raw_meta, new_rev = pipe.execute()
+            if raw_meta is not None:
+                self._adopt(current, raw_meta)
+                raw_user, rev, version = new_user, new_rev, current
+            else:  # gone between the two reads: keep serving what we had (its user row, its version)
                 log.warning("online-store version %s named by %s has no meta; keeping %s", current, CURRENT_KEY, known)
-                return decode_user(raw_user), decode_session(raw_session), known
-            self._adopt(current, raw_meta)
-            version = current
         elif not current:
             if not self._warned_no_version:
                 log.warning("no live online-store version: %s is missing (its snapshot expired or none was "
