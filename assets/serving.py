@@ -20,7 +20,7 @@ def online_features(context: AssetExecutionContext, lake: LakeResource, redis: R
 
     store = lake.lake()
     u_pin, i_pin, s_pin = store.pin(USER_FEATURES), store.pin(ITEM_FEATURES), store.pin(SILVER)
-    catalog = store.read(ITEMS, columns=["item_id", "category", "publish_ts"])
+    catalog = store.read(ITEMS)  # a catalog may lack a category (then categories read as missing)
     # what each user already consumed: excluded by the server, pooled by the user tower without a session
     consumed = consumed_items(store.read(SILVER, version=s_pin.version,
                                          columns=["user_id", "item_id", "event_type", "timestamp"]))

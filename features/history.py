@@ -19,6 +19,7 @@ from features.functions import ENGAGEMENT_TYPES, USER_HISTORY_ITEMS
 CONSUMED_TYPES: frozenset[str] = frozenset(ENGAGEMENT_TYPES | {"skip"})
 CONSUMED_MAX_ITEMS = 500  # newest first; older consumption is rarely re-recommended anyway
 POPULAR_LIST_SIZE = 500
+CATALOG_COLUMNS = ("category", "publish_ts")  # item store columns the catalog owns
 USER_RECENT_ITEMS = USER_HISTORY_ITEMS  # the user's latest consumed items user_history_co_engagement reads
 
 
@@ -76,8 +77,9 @@ def serving_snapshot(user_snaps: pd.DataFrame, item_snaps: pd.DataFrame, catalog
     u_ts, i_ts = newest(user_snaps), newest(item_snaps)
     users = user_snaps[user_snaps["feature_ts"] == u_ts]
     items = item_snaps[item_snaps["feature_ts"] == i_ts]
-    items = catalog[["item_id", "category", "publish_ts"]].merge(items.drop(columns=["category", "publish_ts"], errors="ignore"),
-                                                                 on="item_id", how="left")
+    owned = [c for c in CATALOG_COLUMNS if c in catalog]  # the catalog's values win; a column it lacks stays absent
+    items = catalog[["item_id", *owned]].merge(items.drop(columns=list(CATALOG_COLUMNS), errors="ignore"),
+                                               on="item_id", how="left")
     snapshot_ts = int(i_ts) if np.isfinite(i_ts) else int(as_of_ms or 0)
     items["feature_ts"] = items["feature_ts"].fillna(snapshot_ts)
     if consumed is not None and len(consumed):

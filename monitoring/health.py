@@ -108,12 +108,14 @@ def group_summary(quality: pd.DataFrame, value_cols: Iterable[str] = ("null_rate
     return summary
 
 
-def online_null_rates(client: Any, version: str | None, sample_users: int = 500) -> dict[str, float]:
-    """Per store column of the live snapshot in Redis: the share of users (a SCAN sample) and items missing it.
+def online_null_rates(client: Any, version: str | None, sample_users: int = 500,
+                      sample_items: int = 5000) -> dict[str, float]:
+    """Per store column of the live snapshot in Redis: the share of users (a SCAN sample) and items (an HSCAN
+    sample) missing it.
 
     Missing user fields are the ones materialize omitted because the snapshot had no value (the server then
     serves the registry default)."""
-    from features.online import PREFIX, ItemTable, items_key
+    from features.online import PREFIX, OnlineStore
 
     if not version:
         return {}
@@ -130,11 +132,10 @@ def online_null_rates(client: Any, version: str | None, sample_users: int = 500)
         fields = [set(f.decode() if isinstance(f, bytes) else f for f in hk) for hk in pipe.execute()]
         for col in USER_STORE_COLUMNS:
             out[f"user.{col}"] = round(sum(col not in f for f in fields) / len(fields), 6)
-    blob = client.get(items_key(version))
-    if blob:
-        frame = ItemTable.from_blob(version, blob).frame
+    frame = OnlineStore(client).sample_items(_s(version), n=sample_items)
+    if len(frame):
         for col in ITEM_STORE_COLUMNS:
-            out[f"item.{col}"] = round(float(frame[col].isna().mean()), 6) if len(frame) else 0.0
+            out[f"item.{col}"] = round(float(frame[col].isna().mean()), 6)
     return out
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from features.functions import new_session_state, update_session
-from features.online import ItemTable, pack_items
+from features.online import FRESH_WINDOW, ITEM_STORE_COLUMNS, ItemCodec, OnlineStore
 from features.registry import USER_HISTORY_COLUMNS, USER_STORE_COLUMNS
 from serving.candidates import DEFAULT_CHANNELS, Channel
 from serving.pipeline import SERVED_STALE, SERVED_TWO_STAGE, personalize
@@ -38,6 +38,41 @@ def _user_row(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+class FrameItemTable:
+    """features.online.ItemTable's read interface over a frame, through the online store's own codec (the same
+    packed rows, float32 rounding and dictionary codes a server decodes), so the replay ranks on the very
+    values a server would read from Redis."""
+
+    def __init__(self, items: pd.DataFrame, version: str) -> None:
+        self.version = version
+        self.codec = ItemCodec.from_registry()
+        texts = {col: sorted({str(v) for v in items[col].dropna().tolist()}) if col in items else []
+                 for col in self.codec.text}
+        codes = {col: {v: k + 1 for k, v in enumerate(values)} for col, values in texts.items()}
+        self._values = {col: np.array([None, *values], dtype=object) for col, values in texts.items()}
+        self._rows, published = OnlineStore._pack(items, self.codec, codes)
+        newest = sorted(published.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:FRESH_WINDOW]
+        self._fresh = ([i for i, _ in newest], np.array([t for _, t in newest], dtype=np.float64))
+        self.category: dict[str, Any] = {}
+        if "category" in self.codec.text:
+            decoded = self.columns_for(list(self._rows))
+            self.category = dict(zip(self._rows, decoded["category"].tolist()))
+
+    def columns_for(self, item_ids: list[str]) -> dict[str, np.ndarray]:
+        blank = self.codec.blank
+        return self.codec.decode([self._rows.get(i, blank) for i in item_ids], ITEM_STORE_COLUMNS,
+                                 lambda col, top: self._values[col])
+
+    def co_items_for(self, item_ids: Sequence[str]) -> dict[str, Mapping[str, float]]:
+        if "co_items_30d" not in ITEM_STORE_COLUMNS or not item_ids:
+            return {}
+        co = self.columns_for(list(item_ids))["co_items_30d"]
+        return {i: m for i, m in zip(item_ids, co) if m}
+
+    def fresh_window(self) -> tuple[list[str], np.ndarray]:
+        return self._fresh
+
+
 class SnapshotStore:
     """The online store's read interface (fetch, item_table, popular, ...) over one offline snapshot."""
 
@@ -45,7 +80,7 @@ class SnapshotStore:
                  sessions: Mapping[str, dict] | None = None) -> None:
         self.version = version
         self._users = {str(r["user_id"]): _user_row(r) for r in users.to_dict("records")}
-        self._table = ItemTable.from_blob(version, pack_items(items))
+        self._table = FrameItemTable(items, version)
         self._popular = [str(i) for i in popular]
         self.sessions: dict[str, dict] = dict(sessions or {})
 
@@ -53,7 +88,7 @@ class SnapshotStore:
         user = self._users.get(user_id)
         return (dict(user) if user is not None else None), self.sessions.get(session_id) if session_id else None, self.version
 
-    def item_table(self, version: str | None) -> ItemTable:
+    def item_table(self, version: str | None) -> FrameItemTable:
         return self._table
 
     def popular(self, version: str | None) -> list[str]:
@@ -125,7 +160,7 @@ def served_session_predictor(bundle: Any, store: SnapshotStore, category: Mappin
 
 
 def describe_store(store: SnapshotStore) -> str:
-    return json.dumps({"version": store.version, "users": len(store._users), "items": len(store._table.ids)})
+    return json.dumps({"version": store.version, "users": len(store._users), "items": len(store._table._rows)})
 
 
 __all__ = ["REPLAY_CHANNELS", "SnapshotStore", "replay_request", "catalog_split", "describe_store", "evaluate_catalog", "interactions_frame", "served_recommender", "served_session_predictor", "session_state"]

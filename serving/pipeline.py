@@ -302,12 +302,12 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
 
         producers = {
             "ann": lambda k: bundle.retrieve(query, min(k, len(bundle.item_ids)))[0],
-            "co_visitation": lambda k: co_visitation(table.co_items, seen, k),
+            "co_visitation": lambda k: co_visitation(table.co_items_for(seen[:10]), seen, k),
             "trending": trending,
-            "fresh": lambda k: fresh_items(table.ids, table.arrays["publish_ts"][:-1], bundle.item_row, now_ms, k),
+            "fresh": lambda k: fresh_items(*table.fresh_window(), bundle.item_row, now_ms, k),
         }
         if not seen and consumed:  # no live session: co-visitation starts from the user's latest consumption
-            producers["co_visitation"] = lambda k: co_visitation(table.co_items, consumed, k)
+            producers["co_visitation"] = lambda k: co_visitation(table.co_items_for(consumed[:10]), consumed, k)
         if repeats:
             producers["recently_engaged"] = lambda k: list(dict.fromkeys(seen + consumed))[:k]
         candidates, contributed, channel_errors = run_channels(producers, pool, seen_set,

@@ -240,8 +240,8 @@ class ServingMetrics:
                                          labelnames=["served_by"])
         self.candidates = metrics.Counter(name="kairos_candidates", documentation="candidates contributed per channel",
                                           labelnames=["channel"])
-        self.cache = metrics.Counter(name="kairos_feature_cache", documentation="item-table lookups served from "
-                                     "memory (hit) or loaded from Redis (miss)", labelnames=["result"])
+        self.cache = metrics.Counter(name="kairos_feature_cache", documentation="item rows served from the "
+                                     "in-process row cache (hit) or read from Redis (miss)", labelnames=["result"])
 
     def observe(self, response: dict, cache_hits: int, cache_misses: int) -> None:
         for stage, ms in (response.get("latency_breakdown_ms") or {}).items():

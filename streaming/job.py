@@ -54,6 +54,7 @@ USER_RECENT_PREFIX = "kairos:user_recent_cats"
 SESSION_OWNER_PREFIX = "kairos:session_owner"
 USER_RECENT_TTL_S = 7 * 86400
 ITEM_TABLE_RECHECK_S = 5.0
+CATEGORY_MEMO_ITEMS = 100_000  # last categories seen, for batches while Redis is unreachable
 
 
 def marker_key(event_id: str) -> str:
@@ -118,18 +119,24 @@ class SessionStreamProcessor:
         ensure_group(self.client, self.stream, self.group)
 
     # ------------------------------------------------------------------ item categories
-    def _category_map(self) -> dict[str, str | None]:
+    def _category_map(self, item_ids: Iterable[str | None]) -> dict[str, str | None]:
+        """Categories of this batch's items only (the store's row cache + one HMGET for the rest)."""
         now = time.monotonic()
         if now - self._categories_checked >= ITEM_TABLE_RECHECK_S or self._categories_version is None:
             self._categories_checked = now
             try:
-                version = self.store.current_version()
-                if version and version != self._categories_version:
-                    self._categories = self.store.item_table(version).category
-                    self._categories_version = version
-            except redis.RedisError as exc:  # keep the last map; the next batch retries
-                log.warning("could not refresh the item table: %s", exc)
-        return self._categories
+                self._categories_version = self.store.current_version() or self._categories_version
+            except redis.RedisError as exc:  # keep the last version; the next batch retries
+                log.warning("could not read the live feature version: %s", exc)
+        try:
+            got = self.store.categories(self._categories_version, (i for i in item_ids if i))
+        except redis.RedisError as exc:  # the last categories seen; the next batch retries
+            log.warning("could not read item categories: %s", exc)
+            return self._categories
+        self._categories.update(got)
+        while len(self._categories) > CATEGORY_MEMO_ITEMS:
+            self._categories.pop(next(iter(self._categories)))
+        return got
 
     # ------------------------------------------------------------------ processing
     def process_once(self, count: int = 100, block_ms: int = 100) -> int:
@@ -193,7 +200,7 @@ class SessionStreamProcessor:
             self._quarantine(bad)
         applied = 0
         if valid:
-            categories = self._category_map()
+            categories = self._category_map(e.get("item_id") for evs in valid.values() for _, e in evs)
             applied += self._apply_or_dead_letter(valid, categories)
         return applied
 

@@ -44,8 +44,8 @@ def test_redis_password_comes_from_the_environment(locked_redis, monkeypatch) ->
     resource_client.set("kairos:fs:current", "v1")
     store = OnlineStore.from_url(locked_redis.url, timeout_s=1.0)
     assert store.current_version() == "v1"
-    # the bulk client (long timeouts, item tables) inherits the credentials
-    assert store._bulk_client().get("kairos:fs:current") == "v1"
+    # the binary client (packed item rows) inherits the credentials
+    assert store._binary().get("kairos:fs:current") == b"v1"
 
 
 def test_redis_tls_options_from_the_environment(monkeypatch) -> None:

@@ -268,6 +268,8 @@ def test_bentoml_server_over_http(trained, snapshot, store: OnlineStore, redis_s
             assert set(body["latency_breakdown_ms"]) >= set(STAGES)
             status = http.post("/v1/status", json={}).json()
             assert status["model_version"] == version and status["redis_ok"] and status["feature_version"] == "t1"
+            # the same request again: its candidates' item rows now come from the server's row cache
+            assert http.post("/v1/personalize", json=_request("u00010", ts=now_ms)).json()["served_by"] == SERVED_TWO_STAGE
             metrics = http.get("/metrics").text  # Prometheus: per-stage latency, serving paths, channels, cache
             assert 'kairos_served_by_total{served_by="two_stage"}' in metrics
             assert 'kairos_stage_latency_ms_bucket{' in metrics and 'stage="ranking_inference"' in metrics
