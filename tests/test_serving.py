@@ -308,14 +308,16 @@ def test_channels_and_exploration_in_a_real_request(trained, store: OnlineStore,
 
     bundle = trained[0].bundle
     _, _, _, now_ms = snapshot
+    from serving.offline import REPLAY_CHANNELS  # no time budgets: a busy test machine must not drop a channel
+
     resp = personalize(_request("u00010", session="explore-1", ts=now_ms), bundle, store,
-                       rerank=RerankConfig(mmr_lambda=0.85, max_category_run=3, epsilon=0.5))
+                       rerank=RerankConfig(mmr_lambda=0.85, max_category_run=3, epsilon=0.5), channels=REPLAY_CHANNELS)
     assert resp["served_by"] == SERVED_TWO_STAGE
     assert resp["candidate_channels"]["ann"] > 0 and resp["candidate_channels"]["trending"] > 0
     props = [r["propensity"] for r in resp["ranked_items"]]
     assert props[0] == 1.0 and all(0 < p <= 1 for p in props) and any(p < 0.5 for p in props[1:])
     greedy = personalize(_request("u00010", session="explore-1", ts=now_ms), bundle, store,
-                         rerank=RerankConfig(epsilon=0.0))
+                         rerank=RerankConfig(epsilon=0.0, max_category_run=3))
     assert all(r["propensity"] == 1.0 for r in greedy["ranked_items"])
     # no more than 3 of one category in a row when other categories are available
     cats = [store.item_table(store.current_version()).category.get(r["item_id"]) for r in greedy["ranked_items"]]
