@@ -29,6 +29,7 @@ SERVED_FEATURE_COLUMNS = ["request_ts", "features", "shadow", "served_by"]
 
 class DriftConfig(Config):
     recent_days: float = 2.0
+    min_sessions: int = 300  # per behaviour window: fewer gives status insufficient_data (never a retrain)
     warn_psi: float = 0.2
     act_psi: float = 0.25
     # ranker features: the serving window is the impression log's last recent_days when it holds at least
@@ -68,8 +69,8 @@ def _ranker_windows(store, config: DriftConfig, pins: dict) -> tuple[pd.DataFram
                    "(served features vs the training split), with Evidently HTML reports; status drives retraining.")
 def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: LakeResource,
                   artifacts: ArtifactsResource) -> MaterializeResult:
-    from monitoring.drift import (DriftThresholds, drift_report, event_drift_frame, feature_statuses,
-                                  ranker_feature_drift, whole_sessions)
+    from monitoring.drift import (CYCLICAL_FEATURES, DriftThresholds, behaviour_windows, drift_report,
+                                  event_drift_frame, feature_statuses, ranker_feature_drift)
 
     store = lake.lake()
     pins = {t: store.pin(t) for t in (SILVER, ITEMS, TRAINING_SET)}
@@ -77,28 +78,22 @@ def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: Lak
     items = store.read(ITEMS, version=pins[ITEMS].version)
     ts = store.read(TRAINING_SET, version=pins[TRAINING_SET].version, columns=["timestamp", "split"])
     train_ts = ts.loc[ts["split"] == "train", "timestamp"]
-    # whole, closed sessions by their start: cutting by event time truncates the sessions on the edges
-    # (too little data for that, e.g. a few hours of events: the windows cut by event time, as a fallback)
-    data_end = int(events["timestamp"].max())
-    recent_start = data_end - int(config.recent_days * DAY_MS)
-    ref_events = whole_sessions(events, int(train_ts.min()), int(train_ts.max()), data_end)
-    if ref_events.empty:
-        ref_events = events[(events["timestamp"] >= train_ts.min()) & (events["timestamp"] <= train_ts.max())]
-    cur_events = whole_sessions(events, max(recent_start, int(train_ts.max()) + 1), data_end, data_end)
-    if cur_events.empty:
-        cur_events = whole_sessions(events, recent_start, data_end, data_end)
-    if cur_events.empty:
-        context.log.warning("no closed session started in the recent window: drift on events cut by time")
-        cur_events = events[events["timestamp"] > max(recent_start, int(train_ts.max()))]
-        if cur_events.empty:
-            cur_events = events[events["timestamp"] > recent_start]
-    reference = event_drift_frame(ref_events, items)
-    current = event_drift_frame(cur_events, items)
+    # whole, closed sessions by their start, cut to whole UTC days (a partial last day holds only its first
+    # hours: the hour of day would read as drift); too few sessions: insufficient_data, never a retrain
+    windows = behaviour_windows(events, int(train_ts.min()), int(train_ts.max()), config.recent_days,
+                                config.min_sessions)
+    for note in windows.notes:
+        context.log.warning(f"feature_drift: {note}")
+    reference = event_drift_frame(windows.reference, items)
+    current = event_drift_frame(windows.current, items)
     columns = [c for c in reference.columns if c in current.columns and c not in ("session_id", "user_id")]
+    deciding = columns if windows.aligned else [c for c in columns if c not in CYCLICAL_FEATURES]
     reports = artifacts.path("reports", context.run_id)
     html = reports / "drift.html"
     thresholds = DriftThresholds(warn=config.warn_psi, act=config.act_psi)
-    result = drift_report(reference, current, columns, html_path=html, thresholds=thresholds)
+    result = drift_report(reference, current, columns, html_path=html, thresholds=thresholds,
+                          status_columns=deciding, min_rows=config.min_sessions)
+    result.notes[:0] = windows.notes
     # the ranker's own features: what the model was trained on vs what it is scoring now
     ref_f, cur_f, source = _ranker_windows(store, config, pins)
     ranker_html = reports / "ranker_feature_drift.html"

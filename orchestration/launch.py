@@ -23,6 +23,8 @@ log = logging.getLogger("kairos.launch")
 
 WORKSPACE = PROJECT_ROOT / "workspace.yaml"
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}  # one run worker, one Spark session for all steps
+# Dagster's console logger prints every framework event at DEBUG (half of the demo's lines): INFO by default
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 @dataclass
@@ -118,7 +120,7 @@ def launch_job(job_name: str, run_config: Mapping[str, Any] | None = None, tags:
         repo = get_remote_repository_from_code_location(location, None)
         remote_job = get_remote_job_from_remote_repo(repo, job_name)
         run = _create_run(instance=instance, code_location=location, remote_repo=repo, remote_job=remote_job,
-                          run_config=dict(run_config or {}), tags=dict(tags or {}), op_selection=None, run_id=run_id)
+                          run_config={**QUIET_LOGS, **(run_config or {})}, tags=dict(tags or {}), op_selection=None, run_id=run_id)
         n_steps = len(run.step_keys_to_execute or []) or len(remote_job.node_names)
         instance.launch_run(run.run_id, context)
         steps = _follow(instance, run_id, n_steps, started, timeout_s)  # keep the code server up until it ends
