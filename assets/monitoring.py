@@ -127,7 +127,9 @@ class ImpressionLogConfig(Config):
 
 @asset(deps=[USER_FEATURES, ITEM_FEATURES, ITEMS], group_name="monitoring",
        code_version=source_version(__file__, "serving/impressions.py", "monitoring/skew.py"),
-       check_specs=[AssetCheckSpec("served_features_match_offline", asset=IMPRESSION_LOG)],
+       check_specs=[AssetCheckSpec("served_features_match_offline", asset=IMPRESSION_LOG,
+                                   description="Train/serve skew: served feature values recomputed offline as of the "
+                                               "request time; a clock/version mismatch is reported as such, not as skew.")],
        description="Every served response (items, positions, scores, propensities, features, model version) from the "
                    "Redis impression stream, one row per shown item (Delta, appended idempotently by stream id).")
 def impression_log(context: AssetExecutionContext, config: ImpressionLogConfig, lake: LakeResource,
@@ -224,9 +226,12 @@ def _age(value: float | None) -> float:
 
 @asset(deps=[TRAINING_SET, ONLINE_FEATURES, IMPRESSION_LOG], group_name="monitoring",
        code_version=source_version(__file__, "monitoring/health.py"),
-       check_specs=[AssetCheckSpec("feature_nulls_within_threshold", asset=FEATURE_HEALTH),
-                    AssetCheckSpec("features_in_valid_range", asset=FEATURE_HEALTH),
-                    AssetCheckSpec("online_features_fresh", asset=FEATURE_HEALTH)],
+       check_specs=[AssetCheckSpec("feature_nulls_within_threshold", asset=FEATURE_HEALTH,
+                                   description="Per feature group, the worst null (default-served) rate stays under max_null_rate."),
+                    AssetCheckSpec("features_in_valid_range", asset=FEATURE_HEALTH,
+                                   description="Share of values outside the registry's valid_range stays under max_out_of_range_rate."),
+                    AssetCheckSpec("online_features_fresh", asset=FEATURE_HEALTH,
+                                   description="The live Redis snapshot and the streaming session state are younger than their max age.")],
        description="Per feature group (user, item, user_item, session, context): null rate, out-of-range rate "
                    "(registry valid_range) and staleness of the newest online value (Redis).")
 def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, lake: LakeResource,
