@@ -279,6 +279,7 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
             "per_day": MetadataValue.md(day_table.to_markdown(index=False) if len(day_table) else "no days")}
     if docs is not None:
         meta["data_docs"] = MetadataValue.path(str(docs))
+        meta["data_docs_url"] = artifacts.publish_report(Path(docs).parent, context.run_id, "data_docs")
     yield MaterializeResult(asset_key=SILVER, metadata=meta,
                             data_version=delta_data_version(SILVER, silver_v) if silver_v >= 0 else None)
     yield MaterializeResult(asset_key=QUARANTINE, metadata={

@@ -180,6 +180,7 @@ def model_evaluation(context: AssetExecutionContext, two_tower_model: Any, ranke
     metrics["report_html"] = str(report)
     metrics["report_plot"] = str(evaluation_plot_png(metrics, artifacts.path("reports", context.run_id) / "evaluation.png"))
     return Output(metrics, metadata={"table": MetadataValue.json(metrics), "report": MetadataValue.path(str(report)),
+                                     "report_url": artifacts.publish_report(report, context.run_id),
                                      "champion_source": source, **flat})
 
 
@@ -263,6 +264,8 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
     yield Output(str(version), metadata={"model_version": str(version), "champion": bool(validation_gate.passed),
                                           "tags": MetadataValue.json(tags),
                                           "lineage_html": MetadataValue.path(str(lineage["html_path"])),
+                                          "lineage_url": artifacts.publish_report(Path(lineage["html_path"]),
+                                                                                  context.run_id, "lineage"),
                                           "lineage_uri": lineage["uri"],
                                           "lineage": MetadataValue.json({k: lineage["lineage"][k] for k in
                                                                          ("model", "code", "gate", "promotions")}),
