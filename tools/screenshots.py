@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     procs = [subprocess.Popen([str(bin_dir / "dagster-webserver"), "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
                                "-p", str(d_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
              subprocess.Popen([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", tracking, "--host", "127.0.0.1",
-                               "--port", str(m_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                               "--port", str(m_port), "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
         dagster, mlflow_ui = f"http://127.0.0.1:{d_port}", f"http://127.0.0.1:{m_port}"
         print(f"[1/3] waiting for the Dagster webserver ({dagster}) and MLflow ({mlflow_ui})", flush=True)
