@@ -22,8 +22,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-ui: $(STAMP)
-	$(BIN)/dagster dev -w workspace.yaml
+ui: $(STAMP)  # kairos ui sets DAGSTER_HOME=$${KAIROS_HOME:-.kairos}/dagster (the demo's instance) and runs dagster dev
+	$(BIN)/kairos ui
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///.kairos/mlflow.db --port 5000

@@ -60,7 +60,8 @@ class TrainingSetConfig(Config):
     deps=[LABELS, USER_FEATURES, ITEM_FEATURES, SILVER, ITEMS],
     group_name="features",
     code_version=TRAINING_SET_CODE,
-    check_specs=[AssetCheckSpec("point_in_time_correct", asset=TRAINING_SET)],
+    check_specs=[AssetCheckSpec("point_in_time_correct", asset=TRAINING_SET, blocking=True,
+                                description="Rows whose feature snapshot is not strictly older than the row (leakage): must be 0. Blocking: nothing trains on a leaking set.")],
     description="Labels joined as-of to feature snapshots and replayed session features; split by time with a gap.",
 )
 def training_set(context: AssetExecutionContext, config: TrainingSetConfig, lake: LakeResource, spark: SparkResource):

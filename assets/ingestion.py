@@ -211,7 +211,12 @@ def _prior_silver(store, day: str, batch: pd.DataFrame, lookback_days: int) -> p
                   description="Every rejected event with reason(s), raw payload, run id and disposition "
                               "(contract, duplicate, bot)."),
     ],
-    check_specs=[AssetCheckSpec("events_contract", asset=SILVER), AssetCheckSpec("counts_reconcile", asset=SILVER)],
+    check_specs=[AssetCheckSpec("events_contract", asset=SILVER,
+                                description="Great Expectations event contract: per-rule failure counts; warns when the "
+                                            "quarantine rate passes max_quarantine_rate (bad rows are quarantined, not lost)."),
+                 AssetCheckSpec("counts_reconcile", asset=SILVER, blocking=True,
+                                description="in = accepted + quarantined + duplicates + bot_filtered per day, and bronze rows = "
+                                            "silver + quarantine rows in Delta. Blocking: a run that lost events stops here.")],
     backfill_policy=BackfillPolicy.single_run(),
 )
 def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: LakeResource,
@@ -274,6 +279,7 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
             "per_day": MetadataValue.md(day_table.to_markdown(index=False) if len(day_table) else "no days")}
     if docs is not None:
         meta["data_docs"] = MetadataValue.path(str(docs))
+        meta["data_docs_url"] = artifacts.publish_report(Path(docs).parent, context.run_id, "data_docs")
     yield MaterializeResult(asset_key=SILVER, metadata=meta,
                             data_version=delta_data_version(SILVER, silver_v) if silver_v >= 0 else None)
     yield MaterializeResult(asset_key=QUARANTINE, metadata={

@@ -29,6 +29,7 @@ SERVED_FEATURE_COLUMNS = ["request_ts", "features", "shadow", "served_by"]
 
 class DriftConfig(Config):
     recent_days: float = 2.0
+    min_sessions: int = 300  # per behaviour window: fewer gives status insufficient_data (never a retrain)
     warn_psi: float = 0.2
     act_psi: float = 0.25
     # ranker features: the serving window is the impression log's last recent_days when it holds at least
@@ -68,8 +69,8 @@ def _ranker_windows(store, config: DriftConfig, pins: dict) -> tuple[pd.DataFram
                    "(served features vs the training split), with Evidently HTML reports; status drives retraining.")
 def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: LakeResource,
                   artifacts: ArtifactsResource) -> MaterializeResult:
-    from monitoring.drift import (DriftThresholds, drift_report, event_drift_frame, feature_statuses,
-                                  ranker_feature_drift, whole_sessions)
+    from monitoring.drift import (CYCLICAL_FEATURES, DriftThresholds, behaviour_windows, drift_report,
+                                  event_drift_frame, feature_statuses, ranker_feature_drift)
 
     store = lake.lake()
     pins = {t: store.pin(t) for t in (SILVER, ITEMS, TRAINING_SET)}
@@ -77,28 +78,22 @@ def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: Lak
     items = store.read(ITEMS, version=pins[ITEMS].version)
     ts = store.read(TRAINING_SET, version=pins[TRAINING_SET].version, columns=["timestamp", "split"])
     train_ts = ts.loc[ts["split"] == "train", "timestamp"]
-    # whole, closed sessions by their start: cutting by event time truncates the sessions on the edges
-    # (too little data for that, e.g. a few hours of events: the windows cut by event time, as a fallback)
-    data_end = int(events["timestamp"].max())
-    recent_start = data_end - int(config.recent_days * DAY_MS)
-    ref_events = whole_sessions(events, int(train_ts.min()), int(train_ts.max()), data_end)
-    if ref_events.empty:
-        ref_events = events[(events["timestamp"] >= train_ts.min()) & (events["timestamp"] <= train_ts.max())]
-    cur_events = whole_sessions(events, max(recent_start, int(train_ts.max()) + 1), data_end, data_end)
-    if cur_events.empty:
-        cur_events = whole_sessions(events, recent_start, data_end, data_end)
-    if cur_events.empty:
-        context.log.warning("no closed session started in the recent window: drift on events cut by time")
-        cur_events = events[events["timestamp"] > max(recent_start, int(train_ts.max()))]
-        if cur_events.empty:
-            cur_events = events[events["timestamp"] > recent_start]
-    reference = event_drift_frame(ref_events, items)
-    current = event_drift_frame(cur_events, items)
+    # whole, closed sessions by their start, cut to whole UTC days (a partial last day holds only its first
+    # hours: the hour of day would read as drift); too few sessions: insufficient_data, never a retrain
+    windows = behaviour_windows(events, int(train_ts.min()), int(train_ts.max()), config.recent_days,
+                                config.min_sessions)
+    for note in windows.notes:
+        context.log.warning(f"feature_drift: {note}")
+    reference = event_drift_frame(windows.reference, items)
+    current = event_drift_frame(windows.current, items)
     columns = [c for c in reference.columns if c in current.columns and c not in ("session_id", "user_id")]
+    deciding = columns if windows.aligned else [c for c in columns if c not in CYCLICAL_FEATURES]
     reports = artifacts.path("reports", context.run_id)
     html = reports / "drift.html"
     thresholds = DriftThresholds(warn=config.warn_psi, act=config.act_psi)
-    result = drift_report(reference, current, columns, html_path=html, thresholds=thresholds)
+    result = drift_report(reference, current, columns, html_path=html, thresholds=thresholds,
+                          status_columns=deciding, min_rows=config.min_sessions)
+    result.notes[:0] = windows.notes
     # the ranker's own features: what the model was trained on vs what it is scoring now
     ref_f, cur_f, source = _ranker_windows(store, config, pins)
     ranker_html = reports / "ranker_feature_drift.html"
@@ -112,11 +107,13 @@ def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: Lak
         **result.as_metadata(), "status": status, "max_psi": max_psi,
         "behaviour_status": result.status, "behaviour_max_psi": float(result.max_psi),
         "psi": MetadataValue.json(result.psi), "report": MetadataValue.path(str(html)),
+        "report_url": artifacts.publish_report(html, context.run_id),
         "ranker_status": ranker.status, "ranker_max_psi": float(ranker.max_psi),
         "ranker_drifted_features": ",".join(ranker.drifted_features) or "none",
         "ranker_psi": MetadataValue.json({k: round(v, 5) for k, v in ranker.psi.items()}),
         "ranker_feature_status": MetadataValue.json(feature_statuses(ranker, thresholds)),
         "ranker_report": MetadataValue.path(str(ranker_html)),
+        "ranker_report_url": artifacts.publish_report(ranker_html, context.run_id),
         "ranker_current_source": source, "ranker_n_reference": ranker.n_reference, "ranker_n_current": ranker.n_current,
         "ranker_psi_drives_status": config.ranker_psi_drives_status,
         **{f"{t}_version": p.version for t, p in pins.items()},
@@ -132,12 +129,15 @@ class ImpressionLogConfig(Config):
 
 @asset(deps=[USER_FEATURES, ITEM_FEATURES, ITEMS], group_name="monitoring",
        code_version=source_version(__file__, "serving/impressions.py", "monitoring/skew.py"),
-       check_specs=[AssetCheckSpec("served_features_match_offline", asset=IMPRESSION_LOG)],
+       check_specs=[AssetCheckSpec("served_features_match_offline", asset=IMPRESSION_LOG,
+                                   description="Train/serve skew: served feature values recomputed offline as of the "
+                                               "request time; a clock/version mismatch is reported as such, not as skew.")],
        description="Every served response (items, positions, scores, propensities, features, model version) from the "
                    "Redis impression stream, one row per shown item (Delta, appended idempotently by stream id).")
 def impression_log(context: AssetExecutionContext, config: ImpressionLogConfig, lake: LakeResource,
                    redis: RedisResource):
-    from monitoring.skew import checked_features, recompute_offline, served_feature_frame, skew_report
+    from monitoring.skew import (checked_features, clock_alignment, recompute_offline, served_feature_frame,
+                                 skew_report)
     from serving.impressions import IMPRESSION_SCHEMA, read_impressions
 
     store = lake.lake()
@@ -172,21 +172,38 @@ def impression_log(context: AssetExecutionContext, config: ImpressionLogConfig, 
         return
     sample = logged.sample(min(config.skew_sample, len(logged)), random_state=config.seed).reset_index(drop=True)
     pins = {t: store.pin(t) for t in (USER_FEATURES, ITEM_FEATURES, ITEMS)}
-    offline = recompute_offline(sample, store.read(USER_FEATURES, version=pins[USER_FEATURES].version),
-                                store.read(ITEM_FEATURES, version=pins[ITEM_FEATURES].version),
+    user_snaps = store.read(USER_FEATURES, version=pins[USER_FEATURES].version)
+    offline = recompute_offline(sample, user_snaps, store.read(ITEM_FEATURES, version=pins[ITEM_FEATURES].version),
                                 store.read(ITEMS, version=pins[ITEMS].version))
-    report = skew_report(served_feature_frame(sample), offline, checked_features(), threshold=config.skew_threshold)
+    # a request whose clock does not select the snapshot it was served from is a clock/version mismatch, told
+    # apart from skew (it once read 0.088 > 0.01 for requests stamped before the served snapshot)
+    alignment = clock_alignment(sample, user_snaps["feature_ts"].unique())
+    report = skew_report(served_feature_frame(sample), offline, checked_features(), threshold=config.skew_threshold,
+                         alignment=alignment)
     worst, rate = report.worst
-    context.log.info(f"skew check over {report.rows} served rows: worst feature {worst} mismatch rate {rate:.4f}")
+    context.log.info(f"skew check over {report.rows} served rows ({report.aligned_rows} with a matching clock): "
+                     f"{report.verdict}, worst feature {worst} mismatch rate {rate:.4f}")
+    descriptions = {
+        "ok": "Served feature values match the offline recomputation as of the request time.",
+        "skew": "TRAIN/SERVE SKEW: served feature values differ from the offline recomputation (same as-of rule "
+                "and feature functions as training) on more than the threshold of rows whose clock matches the "
+                "served snapshot. Look at mismatch_rate per feature.",
+        "clock_version_mismatch": "CLOCK/VERSION MISMATCH, not skew: too many requests carry a timestamp that does "
+                                  "not select the snapshot they were served from (stamped before it, absent, or "
+                                  "the server was behind). Send context.timestamp_ms from a synchronized clock "
+                                  "and keep the online store refreshed; the matching rows show no skew.",
+        "no_aligned_rows": "No served row has a clock that matches its served snapshot: nothing comparable.",
+    }
     yield AssetCheckResult(
         check_name="served_features_match_offline", passed=report.passed,
-        metadata={"rows": report.rows, "threshold": config.skew_threshold, "worst_feature": worst,
-                  "worst_mismatch_rate": rate,
+        severity=AssetCheckSeverity.ERROR if report.verdict == "skew" else AssetCheckSeverity.WARN,
+        metadata={"rows": report.rows, "aligned_rows": report.aligned_rows, "verdict": report.verdict,
+                  "clock_mismatch": MetadataValue.json(report.clock_mismatch),
+                  "threshold": config.skew_threshold, "worst_feature": worst, "worst_mismatch_rate": rate,
                   "mismatch_rate": MetadataValue.json(dict(zip(report.per_feature["feature"],
                                                                report.per_feature["mismatch_rate"].round(6)))),
                   **{f"{t}_version": p.version for t, p in pins.items()}},
-        description="Served feature values recomputed offline as of the request time (same as-of rule and feature "
-                    "functions as training); fails when any feature mismatches on more than the threshold of rows.",
+        description=descriptions[report.verdict],
     )
 
 
@@ -211,9 +228,12 @@ def _age(value: float | None) -> float:
 
 @asset(deps=[TRAINING_SET, ONLINE_FEATURES, IMPRESSION_LOG], group_name="monitoring",
        code_version=source_version(__file__, "monitoring/health.py"),
-       check_specs=[AssetCheckSpec("feature_nulls_within_threshold", asset=FEATURE_HEALTH),
-                    AssetCheckSpec("features_in_valid_range", asset=FEATURE_HEALTH),
-                    AssetCheckSpec("online_features_fresh", asset=FEATURE_HEALTH)],
+       check_specs=[AssetCheckSpec("feature_nulls_within_threshold", asset=FEATURE_HEALTH,
+                                   description="Per feature group, the worst null (default-served) rate stays under max_null_rate."),
+                    AssetCheckSpec("features_in_valid_range", asset=FEATURE_HEALTH,
+                                   description="Share of values outside the registry's valid_range stays under max_out_of_range_rate."),
+                    AssetCheckSpec("online_features_fresh", asset=FEATURE_HEALTH,
+                                   description="The live Redis snapshot and the streaming session state are younger than their max age.")],
        description="Per feature group (user, item, user_item, session, context): null rate, out-of-range rate "
                    "(registry valid_range) and staleness of the newest online value (Redis).")
 def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, lake: LakeResource,

@@ -53,7 +53,8 @@ class ShadowSettings(Config):
 
 
 @asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP, code_version=source_version(__file__, "training/rollout.py"),
-       check_specs=[AssetCheckSpec("shadow_healthy", asset="shadow_report")],
+       check_specs=[AssetCheckSpec("shadow_healthy", asset="shadow_report",
+                                   description="The shadowed challenger answered without errors and within the latency guardrail.")],
        description="Challenger vs champion on identical requests (shadow rows of the impression log): score PSI/KS, "
                    "overlap@10 and rank correlation of the lists; proceed / hold / refuse.")
 def shadow_report(context: AssetExecutionContext, config: ShadowSettings, lake: LakeResource, mlflow: MlflowResource):
@@ -93,7 +94,8 @@ class CanarySettings(Config):
 
 
 @asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP, code_version=source_version(__file__, "training/rollout.py"),
-       check_specs=[AssetCheckSpec("canary_within_guardrails", asset="canary_evaluation")],
+       check_specs=[AssetCheckSpec("canary_within_guardrails", asset="canary_evaluation",
+                                   description="The canary arm's CTR, error rate and p99 latency stay within the guardrails against champion.")],
        description="Per arm of the canary (impression log + clicks from the event stream): error rate, p99 latency, "
                    "CTR; promote / hold / rollback against the guardrails.")
 def canary_evaluation(context: AssetExecutionContext, config: CanarySettings, lake: LakeResource,

@@ -63,7 +63,9 @@ def two_tower_model(context: AssetExecutionContext, config: TwoTowerTrainConfig,
                                     "training_set_version": pins[TRAINING_SET].version, **metrics})
 
 
-@asset(group_name=GROUP, check_specs=[AssetCheckSpec("index_recall", asset="faiss_index")],
+@asset(group_name=GROUP, check_specs=[AssetCheckSpec("index_recall", asset="faiss_index", blocking=True,
+                                                        description="FAISS recall@100 against exact search >= 0.95. Blocking: "
+                                                                    "a lossy index is never ranked over or registered.")],
        code_version=source_version(__file__, "training/index.py"),
        description="HNSW inner-product index over the item embeddings; refused below recall@100 0.95 vs exact search.")
 def faiss_index(context: AssetExecutionContext, two_tower_model: Any):
@@ -216,6 +218,7 @@ def model_evaluation(context: AssetExecutionContext, config: CatalogEvalConfig, 
     metrics["report_html"] = str(report)
     metrics["report_plot"] = str(evaluation_plot_png(metrics, artifacts.path("reports", context.run_id) / "evaluation.png"))
     return Output(metrics, metadata={"table": MetadataValue.json(metrics), "report": MetadataValue.path(str(report)),
+                                     "report_url": artifacts.publish_report(report, context.run_id),
                                      "champion_source": source, **flat})
 
 
@@ -233,7 +236,10 @@ class GateSettings(Config):
     auto_promote: bool = True
 
 
-@asset(group_name=GROUP, check_specs=[AssetCheckSpec("gate_passed", asset="validation_gate")],
+@asset(group_name=GROUP, check_specs=[AssetCheckSpec("gate_passed", asset="validation_gate",
+                                                        description="The validation gate (NDCG lift over popularity, AUC vs champion, "
+                                                                    "latency, nulls). Not blocking on purpose: a failed candidate is still "
+                                                                    "registered as challenger only, never champion.")],
        code_version=source_version(__file__, "training/gates.py"),
        description="Pass/fail with reasons: beat popularity on NDCG@10, keep the champion's AUC, score 200 candidates "
                    "within the p99 budget, no null or uncovered features.")
@@ -260,7 +266,8 @@ def validation_gate(context: AssetExecutionContext, config: GateSettings, model_
 @asset(deps=[BRONZE, SILVER, LABELS, USER_FEATURES, ITEM_FEATURES, TRAINING_SET, ITEMS, USERS], group_name=GROUP,
        code_version=source_version(__file__, "training/trainer.py", "training/bundle.py", "training/registry.py",
                                    "compliance/lineage.py"),
-       check_specs=[AssetCheckSpec("lineage_complete", asset="registered_model")],
+       check_specs=[AssetCheckSpec("lineage_complete", asset="registered_model",
+                                   description="Every Delta version the model read is credited to the Dagster run that wrote it.")],
        description="One MLflow model version = towers + embeddings + FAISS index + ranker + feature schema, with lineage tags; "
                    "alias 'champion' moves only when the gate passed.")
 def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss_index: bytes, ranker_model: Any,
@@ -301,6 +308,8 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
     yield Output(str(version), metadata={"model_version": str(version), "champion": bool(validation_gate.passed),
                                           "tags": MetadataValue.json(tags),
                                           "lineage_html": MetadataValue.path(str(lineage["html_path"])),
+                                          "lineage_url": artifacts.publish_report(Path(lineage["html_path"]),
+                                                                                  context.run_id, "lineage"),
                                           "lineage_uri": lineage["uri"],
                                           "lineage": MetadataValue.json({k: lineage["lineage"][k] for k in
                                                                          ("model", "code", "gate", "promotions")}),

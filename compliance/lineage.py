@@ -78,15 +78,24 @@ def promotions(tags: Mapping[str, str]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda e: (e["at_ms"] or 0, e["alias"]))
 
 
-def producing_materialization(materializations: list[dict[str, Any]], table: str, version: int) -> dict | None:
-    """The materialization of `table` that wrote the Delta version read: exact `delta_version` match, else the
-    newest one at or below it (a replayed, unchanged batch writes no new version)."""
+def producing_materialization(materializations: list[dict[str, Any]], table: str, version: int,
+                              written_by_run: str | None = None) -> dict | None:
+    """The materialization of `table` that wrote the Delta version read.
+
+    The Delta commit names its run (`run_id` in the commit's custom metadata): that run's materialization when
+    known. Otherwise the *first* materialization that reported this version: a later replay of an unchanged day
+    writes no new version and reports the same one, and crediting it (the latest) named a failed no-op replay as
+    the writer. With no exact match, the newest one below the version."""
     rows = [m for m in materializations if m.get("asset") == table and isinstance(m.get("delta_version"), int)]
     exact = [m for m in rows if m["delta_version"] == version]
+    if written_by_run:
+        by_writer = [m for m in exact if m.get("run_id") == written_by_run]
+        if by_writer:
+            return min(by_writer, key=lambda m: m.get("timestamp") or 0)
     if exact:
-        return max(exact, key=lambda m: m.get("timestamp") or 0)
+        return min(exact, key=lambda m: m.get("timestamp") or 0)
     below = [m for m in rows if m["delta_version"] <= version]
-    return max(below, key=lambda m: (m["delta_version"], m.get("timestamp") or 0)) if below else None
+    return max(below, key=lambda m: (m["delta_version"], -(m.get("timestamp") or 0))) if below else None
 
 
 def build_lineage(model_version: Mapping[str, Any], run: Mapping[str, Any], artifacts: Mapping[str, Any],
@@ -101,14 +110,15 @@ def build_lineage(model_version: Mapping[str, Any], run: Mapping[str, Any], arti
     training_run_id = tags.get("dagster.run_id")
     tables: dict[str, Any] = {}
     for table, pin in sorted(pins.items()):
-        produced = producing_materialization(materializations, table, pin.get("version", -1))
         info = dict(delta.get(table) or {})
+        produced = producing_materialization(materializations, table, pin.get("version", -1),
+                                             info.get("written_by_run"))
         tables[table] = {
             "version": pin.get("version"), "rows": pin.get("rows"),
             "committed_at": info.get("committed_at"), "operation": info.get("operation"),
             "current_version": info.get("current_version"),
             "time_travel": info.get("time_travel", "unknown"),
-            "produced_by_run": produced.get("run_id") if produced else None,
+            "produced_by_run": info.get("written_by_run") or (produced.get("run_id") if produced else None),
             "data_version": produced.get("data_version") if produced else None,
             "code_version": produced.get("code_version") if produced else None,
         }
@@ -353,6 +363,9 @@ def collect_delta(settings: Settings, pins: Mapping[str, Mapping[str, int]]) -> 
             if commit.get("version") == version:
                 info["committed_at"] = _iso(commit.get("timestamp"))
                 info["operation"] = commit.get("operation")
+                writer = commit.get("run_id") or (commit.get("custom_metadata") or {}).get("run_id")
+                if writer:  # lake writes stamp the Dagster run in the commit (lake.DeltaLake commit_properties)
+                    info["written_by_run"] = str(writer)
         try:
             local = [f[len("file://"):] if f.startswith("file://") else f for f in lake.files(table, int(version))]
             gone = [f for f in local if "://" not in f and not Path(f).exists()]

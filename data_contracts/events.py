@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from data_contracts.gx_import import import_great_expectations
 from ingestion.schema import DEVICE_TYPES, EVENT_COLUMNS, EVENT_SCHEMA, EVENT_TYPES, ITEM_EVENT_TYPES, SCHEMA_VERSION
 
 log = logging.getLogger("kairos.contracts")
@@ -120,7 +121,7 @@ def event_rules(now_ms: int, max_future_skew_ms: int = DEFAULT_MAX_FUTURE_SKEW_M
 
 def build_suite(rules: list[Rule], name: str = "kairos_events") -> Any:
     """A GX ExpectationSuite with one expectation per rule; the rule name travels in `meta`."""
-    import great_expectations as gx
+    gx = import_great_expectations()
 
     suite = gx.ExpectationSuite(name=name)
     for rule in rules:
@@ -432,7 +433,7 @@ def _gx_frame(typed: pd.DataFrame, rules: list[Rule]) -> pd.DataFrame:
 
 def _ephemeral_context(docs_dir: str | None = None) -> Any:
     """An in-memory GX context (no files, no analytics, no progress bars); optionally with a docs site."""
-    import great_expectations as gx
+    gx = import_great_expectations()
     from great_expectations.data_context.types.base import (DataContextConfig, InMemoryStoreBackendDefaults,
                                                              ProgressBarsConfig)
 
@@ -448,7 +449,7 @@ def _ephemeral_context(docs_dir: str | None = None) -> Any:
 
 def _run_suite(frame: pd.DataFrame, rules: list[Rule], run_id: str) -> Any:
     """Validate `frame` with the contract suite in an ephemeral GX context (COMPLETE result)."""
-    import great_expectations as gx
+    gx = import_great_expectations()
     from great_expectations.core.run_identifier import RunIdentifier
 
     context = _ephemeral_context()
@@ -636,6 +637,7 @@ def build_data_docs(result: ContractResult, directory: str | Path) -> Path:
     For humans triaging a quarantine spike: the page lists every expectation, its
     failure count and sample unexpected values.
     """
+    import_great_expectations()
     from great_expectations.data_context.types.resource_identifiers import (ExpectationSuiteIdentifier,
                                                                             ValidationResultIdentifier)
 

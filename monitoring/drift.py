@@ -34,12 +34,16 @@ class DriftResult:
     n_reference: int = 0
     n_current: int = 0
     noise_floor: float = 0.0  # expected PSI without drift at these sample sizes; status uses max_psi - this
+    report_drifted: list[str] = field(default_factory=list)  # columns the Evidently HTML marks "detected"
+    notes: list[str] = field(default_factory=list)  # why a column or the whole verdict was set aside
 
     def as_metadata(self) -> dict:
         """Flat scalars for Dagster metadata and run tags (status/max_psi/psi are added by the caller)."""
         return {"n_reference": self.n_reference, "n_current": self.n_current,
                 "psi_noise_floor": round(float(self.noise_floor), 5),
                 "drifted_features": ",".join(self.drifted_features) or "none",
+                "report_drifted_features": ",".join(self.report_drifted) or "none",
+                "notes": "; ".join(self.notes) or "none",
                 **{f"psi.{k}": round(float(v), 5) for k, v in self.psi.items()}}
 
 
@@ -57,6 +61,15 @@ def psi_noise_floor(n_reference: int, n_current: int, bins: int = PSI_BINS) -> f
     return (bins - 1) * (1.0 / n_reference + 1.0 / n_current)
 
 
+def effective_sizes(reference: pd.DataFrame, current: pd.DataFrame) -> tuple[int, int]:
+    """Sample sizes for the noise floor: distinct users when the rows carry `user_id` (one user's sessions share
+    their tastes, so they are not independent draws: 178 sessions of ~130 users once read cat_share PSI 0.29 on a
+    stationary world), else the row counts."""
+    if "user_id" in reference and "user_id" in current:
+        return int(reference["user_id"].nunique()), int(current["user_id"].nunique())
+    return len(reference), len(current)
+
+
 def whole_sessions(events: pd.DataFrame, start_ms: int, end_ms: int, data_end_ms: int | None = None,
                    open_gap_ms: int = SESSION_OPEN_GAP_MS) -> pd.DataFrame:
     """All events of the sessions that *start* in [start_ms, end_ms] and are closed (last event at least
@@ -71,6 +84,64 @@ def whole_sessions(events: pd.DataFrame, start_ms: int, end_ms: int, data_end_ms
     span = events.groupby("session_id")["timestamp"].agg(["min", "max"])
     keep = span.index[(span["min"] >= start_ms) & (span["min"] <= end_ms) & (span["max"] <= data_end - open_gap_ms)]
     return events[events["session_id"].isin(keep)]
+
+
+INSUFFICIENT = "insufficient_data"  # too few rows on a side to judge: never a retrain
+MIN_SESSIONS = 300  # per window: one simulated day of ~175 sessions read mean dwell or CTR PSI ~0.3 on a stationary world
+# features on a clock cycle: their distribution is comparable only over whole cycles (a partial last day holds
+# only its first hours); the behaviour windows are therefore cut to whole UTC days
+CYCLICAL_FEATURES: dict[str, int] = {"hour_of_day": 86_400_000}
+
+
+def whole_days(events: pd.DataFrame, start_ms: int, end_ms: int) -> pd.DataFrame:
+    """The events of the sessions that start inside the whole UTC days between start_ms and end_ms (the partial
+    days at both ends dropped), so a cyclical feature such as the hour of day sees every hour equally often."""
+    if events.empty:
+        return events
+    day = CYCLICAL_FEATURES["hour_of_day"]
+    first, last = -(-int(start_ms) // day) * day, (int(end_ms) // day) * day
+    starts = events.groupby("session_id")["timestamp"].min()
+    keep = starts.index[(starts >= first) & (starts < last)]
+    return events[events["session_id"].isin(keep)]
+
+
+@dataclass
+class BehaviourWindows:
+    """The reference (training) and current (newest) sessions the behaviour drift compares, and how they
+    were cut; `aligned` is False when the current window holds less than a whole day (then the cyclical
+    features are reported only)."""
+
+    reference: pd.DataFrame
+    current: pd.DataFrame
+    aligned: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def behaviour_windows(events: pd.DataFrame, train_start_ms: int, train_end_ms: int, recent_days: float,
+                      min_sessions: int = MIN_SESSIONS) -> BehaviourWindows:
+    """Whole, closed sessions of the training window vs the newest `recent_days` after it, both cut to whole
+    UTC days when the current side keeps at least `min_sessions` sessions that way."""
+    notes: list[str] = []
+    data_end = int(events["timestamp"].max())
+    recent_start = max(data_end - int(recent_days * 86_400_000), int(train_end_ms) + 1)
+    ref = whole_sessions(events, int(train_start_ms), int(train_end_ms), data_end)
+    if ref.empty:
+        ref = events[(events["timestamp"] >= train_start_ms) & (events["timestamp"] <= train_end_ms)]
+        notes.append("reference: no whole session in the training window, events cut by time")
+    cur = whole_sessions(events, recent_start, data_end, data_end)
+    if cur.empty:
+        cur = whole_sessions(events, data_end - int(recent_days * 86_400_000), data_end, data_end)
+        notes.append("current: no closed session after the training window, the newest days overlap it")
+    if cur.empty:
+        cur = events[events["timestamp"] > data_end - int(recent_days * 86_400_000)]
+        notes.append("current: no closed session in the window, events cut by time")
+    ref_days = whole_days(ref, int(train_start_ms), int(train_end_ms) + 1)
+    cur_days = whole_days(cur, int(cur["timestamp"].min()) if len(cur) else recent_start, data_end)
+    if cur_days["session_id"].nunique() >= min_sessions and ref_days["session_id"].nunique() >= min_sessions:
+        return BehaviourWindows(ref_days, cur_days, True, notes)
+    notes.append(f"current window has {cur_days['session_id'].nunique()} sessions in whole days (< {min_sessions}): "
+                 f"{', '.join(CYCLICAL_FEATURES)} reported only")
+    return BehaviourWindows(ref, cur, False, notes)
 
 
 def psi_status(value: float, thresholds: DriftThresholds = DriftThresholds()) -> str:
@@ -123,13 +194,17 @@ def event_drift_frame(events: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame
 
 def drift_report(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str],
                  html_path: str | Path | None = None, thresholds: DriftThresholds = DriftThresholds(),
-                 status_columns: list[str] | None = None, noise_correction: bool = True) -> DriftResult:
+                 status_columns: list[str] | None = None, noise_correction: bool = True,
+                 min_rows: int = 0) -> DriftResult:
     """PSI per column (Evidently ValueDrift, method psi), an HTML report, and the ok/warn/act status.
 
     `status_columns` (default: all) are the columns whose PSI decides the status; the others are reported
     for a person to read (e.g. features that move with the clock by construction). With `noise_correction`
-    the status compares PSI minus psi_noise_floor(n_reference, n_current) with the thresholds, so a small
-    window does not read as drift; the reported PSI values are Evidently's, unchanged."""
+    the status compares PSI minus psi_noise_floor(effective_sizes(...)) with the thresholds, so a small
+    window does not read as drift; the reported PSI values are Evidently's, unchanged. Fewer than `min_rows`
+    rows on a side give status `insufficient_data` (never a retrain). The HTML report is built with the same
+    rule: a deciding column's Evidently threshold is act + noise floor, the others' is unreachable, so the
+    columns the report marks "drift detected" are exactly `drifted_features`."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
 
@@ -139,28 +214,43 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, columns: list[s
               and reference[c].notna().any() and current[c].notna().any()]
     if not usable:
         raise ValueError(f"none of the columns {columns} has values on both sides")
+    floor = psi_noise_floor(*effective_sizes(reference, current)) if noise_correction else 0.0
+    enough = len(reference) >= min_rows and len(current) >= min_rows
+    never = 1e9  # an Evidently threshold no PSI reaches: the column is shown, never marked drifted
+
+    def threshold(column: str) -> float:
+        deciding = status_columns is None or column in status_columns
+        return thresholds.act + floor if deciding and enough else never
+
     definition = DataDefinition(numerical_columns=usable)
     ref = Dataset.from_pandas(reference[usable].astype(float), data_definition=definition)
     cur = Dataset.from_pandas(current[usable].astype(float), data_definition=definition)
-    report = Report([ValueDrift(column=c, method="psi", threshold=thresholds.act) for c in usable])
+    report = Report([ValueDrift(column=c, method="psi", threshold=threshold(c)) for c in usable])
     snapshot = report.run(cur, ref)
     values: dict[str, float] = {}
+    report_drifted: list[str] = []
     for metric in snapshot.dict()["metrics"]:
         column = metric["config"]["column"]
         value = metric["value"]
         values[column] = float(value if np.isfinite(value) else 10.0)
+        if values[column] >= float(metric["config"]["threshold"]):  # Evidently's PSI rule: score >= threshold
+            report_drifted.append(column)
     if html_path is not None:
         Path(html_path).parent.mkdir(parents=True, exist_ok=True)
         snapshot.save_html(str(html_path))
     deciding = {c: v for c, v in values.items() if status_columns is None or c in status_columns}
     max_psi = max(deciding.values()) if deciding else 0.0
-    floor = psi_noise_floor(len(reference), len(current)) if noise_correction else 0.0
-    status = psi_status(max_psi - floor, thresholds)
-    drifted = sorted(c for c, v in deciding.items() if v - floor >= thresholds.act)
+    notes: list[str] = []
+    if enough:
+        status = psi_status(max_psi - floor, thresholds)
+        drifted = sorted(c for c, v in deciding.items() if v - floor >= thresholds.act)
+    else:
+        status, drifted = INSUFFICIENT, []
+        notes.append(f"{len(reference)} reference / {len(current)} current rows: fewer than {min_rows} on a side")
     log.info("drift: status %s, max PSI %.3f (noise floor %.3f) over %s columns (%s reference rows, %s current)",
              status, max_psi, floor, len(values), len(reference), len(current))
     return DriftResult(values, max_psi, status, drifted, str(html_path) if html_path else None, len(reference),
-                       len(current), floor)
+                       len(current), floor, sorted(report_drifted), notes)
 
 
 # --------------------------------------------------------------------------- the ranker's own features

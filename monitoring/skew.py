@@ -17,7 +17,7 @@ checked by the bundle round-trip test).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -34,15 +34,69 @@ def checked_features() -> list[str]:
             and f.name not in SKIPPED]
 
 
+ALIGNED = "aligned"
+# a request whose clock does not fall in the served snapshot's validity window: the offline as-of rule picks
+# another snapshot than the server used, so every batch feature "differs" although nothing is skewed
+CLOCK_CLASSES = ("request_before_snapshot", "request_past_max_age", "served_older_snapshot")
+
+
+def served_snapshot_ts(feature_version: object) -> float:
+    """The snapshot time in an online-store version id (``u12-i12-1767916800000``, assets/serving.py); NaN if none."""
+    text = "" if feature_version is None else str(feature_version)
+    tail = text.rsplit("-", 1)[-1]
+    return float(tail) if tail.isdigit() else float("nan")
+
+
+def clock_alignment(logged: pd.DataFrame, snapshot_ts: pd.Series | np.ndarray,
+                    max_age_days: int = DEFAULT_MAX_AGE_DAYS) -> pd.Series:
+    """Per logged row: `aligned` when the snapshot training's as-of rule picks for its request_ts is the one the
+    server served (or the log names none), else why not: the request is stamped before the served snapshot
+    (a client clock or replayed timestamp), past the snapshot's max age (no timestamp: the server's wall clock),
+    or a newer snapshot existed (the server was behind)."""
+    served = logged["feature_version"].map(served_snapshot_ts).to_numpy(dtype=float) \
+        if "feature_version" in logged else np.full(len(logged), np.nan)
+    request = logged["request_ts"].to_numpy(dtype=float)
+    snaps = np.unique(np.asarray(snapshot_ts, dtype=float))
+    idx = np.searchsorted(snaps, request, side="left") - 1  # newest snapshot strictly before the request
+    as_of = np.where(idx >= 0, snaps[np.clip(idx, 0, None)] if len(snaps) else np.nan, np.nan)
+    as_of = np.where(request - as_of <= max_age_days * 86_400_000, as_of, np.nan)
+    out = np.full(len(logged), ALIGNED, dtype=object)
+    known = ~np.isnan(served)
+    out[known & (request <= served)] = "request_before_snapshot"
+    out[known & (request > served) & np.isnan(as_of)] = "request_past_max_age"
+    out[known & (request > served) & ~np.isnan(as_of) & (as_of > served)] = "served_older_snapshot"
+    return pd.Series(out, index=logged.index)
+
+
 @dataclass
 class SkewReport:
     rows: int
-    per_feature: pd.DataFrame  # feature, mismatches, mismatch_rate, max_abs_diff
+    per_feature: pd.DataFrame  # feature, mismatches, mismatch_rate, max_abs_diff (over the aligned rows)
     threshold: float
+    clock_mismatch: dict[str, int] = field(default_factory=dict)  # rows left out, by reason (CLOCK_CLASSES)
+
+    @property
+    def aligned_rows(self) -> int:
+        return self.rows - sum(self.clock_mismatch.values())
+
+    @property
+    def skewed(self) -> bool:
+        return bool((self.per_feature["mismatch_rate"] > self.threshold).any()) if len(self.per_feature) else False
+
+    @property
+    def verdict(self) -> str:
+        """`skew` (features differ where the clocks agree), `clock_version_mismatch` (too many requests whose
+        clock does not match the snapshot served: fix the clients' timestamps or the store refresh, not the
+        features), `no_aligned_rows`, or `ok`."""
+        if self.aligned_rows > 0 and self.skewed:
+            return "skew"
+        if self.rows and sum(self.clock_mismatch.values()) / self.rows > self.threshold:
+            return "clock_version_mismatch"
+        return "ok" if self.aligned_rows > 0 else "no_aligned_rows"
 
     @property
     def passed(self) -> bool:
-        return self.rows > 0 and bool((self.per_feature["mismatch_rate"] <= self.threshold).all())
+        return self.verdict == "ok"
 
     @property
     def worst(self) -> tuple[str, float]:
@@ -79,18 +133,22 @@ def recompute_offline(logged: pd.DataFrame, user_snaps: pd.DataFrame, item_snaps
 
 
 def skew_report(served: pd.DataFrame, offline: pd.DataFrame, features: list[str] | None = None,
-                threshold: float = 0.01, rel_tol: float = 1e-6, abs_tol: float = 1e-6) -> SkewReport:
-    """Per feature: how many rows differ between served and offline values (beyond float tolerance)."""
+                threshold: float = 0.01, rel_tol: float = 1e-6, abs_tol: float = 1e-6,
+                alignment: pd.Series | None = None) -> SkewReport:
+    """Per feature: how many rows differ between served and offline values (beyond float tolerance), over the
+    rows whose clock matches the served snapshot (`alignment` from clock_alignment; default: all rows)."""
     features = features or checked_features()
+    keep = np.ones(len(served), dtype=bool) if alignment is None else (alignment.to_numpy() == ALIGNED)
+    counts = {} if alignment is None else {k: int(v) for k, v in alignment[~keep].value_counts().items()}
     out = []
     for name in features:
-        a = served[name].to_numpy(dtype=np.float64)
-        b = offline[name].to_numpy(dtype=np.float64)
+        a = served[name].to_numpy(dtype=np.float64)[keep]
+        b = offline[name].to_numpy(dtype=np.float64)[keep]
         close = np.isclose(a, b, rtol=rel_tol, atol=abs_tol, equal_nan=True)
         diff = np.abs(a - b)
         out.append({"feature": name, "mismatches": int((~close).sum()), "mismatch_rate": float((~close).mean()) if len(a) else 0.0,
                     "max_abs_diff": float(np.nanmax(diff)) if len(a) and np.isfinite(diff).any() else 0.0})
-    return SkewReport(rows=len(served), per_feature=pd.DataFrame(out), threshold=threshold)
+    return SkewReport(rows=len(served), per_feature=pd.DataFrame(out), threshold=threshold, clock_mismatch=counts)
 
 
 def served_feature_frame(logged: pd.DataFrame) -> pd.DataFrame:
@@ -98,4 +156,4 @@ def served_feature_frame(logged: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([json.loads(v) for v in logged["features"]], index=logged.index).reset_index(drop=True)
 
 
-__all__ = ["SkewReport", "checked_features", "recompute_offline", "served_feature_frame", "skew_report"]
+__all__ = ["SkewReport", "checked_features", "clock_alignment", "served_snapshot_ts", "recompute_offline", "served_feature_frame", "skew_report"]

@@ -58,13 +58,12 @@ def ensure_redis(settings: Settings):
 def materialize_all(settings: Settings, source_config: dict) -> dict:
     """Backfill every ingest day of the source as one partitioned run, then build everything downstream.
 
-    Two Dagster runs against the persistent instance (a Dagster job cannot mix daily-partitioned
-    and unpartitioned assets); returns the build run's id and per-run seconds.
+    Two Dagster runs launched through the instance's run launcher, as the UI launches them (so they show
+    under their jobs; a Dagster job cannot mix daily-partitioned and unpartitioned assets); each runs its
+    steps in one run worker (one Spark session). Returns the build run's id and per-run seconds.
     """
-    from dagster import DagsterInstance
-
     from assets.ingestion import SourceConfig, daily_partitions, source_partitions
-    from orchestration.definitions import defs
+    from orchestration.launch import IN_PROCESS, launch_job
 
     t0 = time.perf_counter()
     days = source_partitions(SourceConfig(**source_config))
@@ -73,10 +72,8 @@ def materialize_all(settings: Settings, source_config: dict) -> dict:
     if outside:
         raise SystemExit(f"the source's events arrive on days {outside[0]}..{outside[-1]} outside the daily partitions "
                          f"(start {settings.partition_start}): set KAIROS_PARTITION_START=YYYY-MM-DD to the first day")
-    instance = DagsterInstance.get()
-    ingest = defs.resolve_job_def("ingest_events").execute_in_process(
-        instance=instance, run_config={"ops": {"bronze_events": {"config": source_config}}}, raise_on_error=True,
-        tags={"dagster/asset_partition_range_start": days[0], "dagster/asset_partition_range_end": days[-1]})
+    ingest = launch_job("ingest_events", {**IN_PROCESS, "ops": {"bronze_events": {"config": source_config}}},
+                        tags={"dagster/asset_partition_range_start": days[0], "dagster/asset_partition_range_end": days[-1]})
     t_ingest = time.perf_counter() - t0
     log.info("Dagster ingest run %s: %d days (%s..%s) in %.1fs", ingest.run_id, len(days), days[0], days[-1], t_ingest)
     ops: dict = {"catalog": {"config": source_config}}
@@ -84,8 +81,7 @@ def materialize_all(settings: Settings, source_config: dict) -> dict:
         # months of sparse public data: split by weeks, not days, so the test window has enough users
         # the test window is the last 20% of the log (the catalog evaluation's temporal split)
         ops["training_set"] = {"config": {"validation_days": 14.0, "test_quantile": 0.8, "gap_hours": 0.0}}
-    build = defs.resolve_job_def("build").execute_in_process(instance=instance, run_config={"ops": ops},
-                                                             raise_on_error=True)
+    build = launch_job("build", {**IN_PROCESS, "ops": ops})
     seconds = time.perf_counter() - t0
     log.info("Dagster build run %s %s in %.1fs", build.run_id, "succeeded" if build.success else "FAILED",
              seconds - t_ingest)
@@ -109,16 +105,11 @@ def data_clock_ms(settings: Settings) -> int:
 
 def log_impressions(settings: Settings) -> dict:
     """Run the `log_impressions` job: land served impressions in Delta and run the skew check."""
-    from dagster import DagsterInstance
+    from orchestration.launch import IN_PROCESS, launch_job
 
-    from orchestration.definitions import defs
-
-    result = defs.resolve_job_def("log_impressions").execute_in_process(instance=DagsterInstance.get(),
-                                                                        raise_on_error=True)
-    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    skew = checks.get("served_features_match_offline")
-    return {"run_id": result.run_id, "skew_passed": bool(skew and skew.passed),
-            "skew": {k: v.value for k, v in (skew.metadata.items() if skew else [])}}
+    result = launch_job("log_impressions", IN_PROCESS)
+    passed, metadata = result.check_evaluations.get("served_features_match_offline", (False, {}))
+    return {"run_id": result.run_id, "skew_passed": passed, "skew": metadata}
 
 
 def _print_ranked(title: str, response: dict, categories: dict[str, str]) -> None:

@@ -82,13 +82,58 @@ class MlflowResource(ConfigurableResource):
         return s
 
 
+REPORTS_EXPERIMENT = "kairos-reports"
+
+
 class ArtifactsResource(ConfigurableResource):
-    """A scratch folder for files an asset builds before registering them (bundles, reports)."""
+    """A scratch folder for files an asset builds before registering them (bundles, reports), and the place
+    reports are published so they open with one click from the Dagster UI."""
 
     root: str = ""
+    # where people open MLflow (`make mlflow-ui`); report links point there
+    mlflow_ui_url: str = os.environ.get("KAIROS_MLFLOW_UI_URL", "http://127.0.0.1:5000")
 
     def path(self, *parts: str) -> Path:
         base = Path(self.root or (_settings().home / "artifacts"))
         p = base.joinpath(*parts)
         p.mkdir(parents=True, exist_ok=True)
         return p
+
+    def publish_report(self, report: Path, dagster_run_id: str, artifact_dir: str = "reports") -> Any:
+        """Log `report` (an HTML file, or a folder such as GX data docs, whose index.html is linked) to MLflow,
+        on one run per Dagster run in the `kairos-reports` experiment, and return a `MetadataValue.url` to it in
+        the MLflow UI (served over HTTP: a file path in Dagster metadata only copies to the clipboard). If MLflow
+        cannot take it, the local path is returned, so a report never fails its asset."""
+        from dagster import MetadataValue
+        from mlflow.tracking import MlflowClient
+
+        report = Path(report)
+        try:
+            settings = _settings()
+            client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+            experiment = client.get_experiment_by_name(REPORTS_EXPERIMENT)
+            if experiment is None:
+                client.create_experiment(REPORTS_EXPERIMENT, artifact_location=settings.mlflow_artifact_root + "/reports",
+                                         tags={"mlflow.experimentKind": "custom_model_development",
+                                               "mlflow.note.content": "Reports of the Kairos Dagster runs (data docs, "
+                                                                      "drift, evaluation, lineage), one run per Dagster run."})
+                experiment = client.get_experiment_by_name(REPORTS_EXPERIMENT)
+            found = client.search_runs([experiment.experiment_id], f"tags.`dagster.run_id` = '{dagster_run_id}'",
+                                       max_results=1)
+            run = found[0] if found else client.create_run(
+                experiment.experiment_id, run_name=f"dagster run {dagster_run_id[:8]}",
+                tags={"dagster.run_id": dagster_run_id})
+            if report.is_dir():
+                client.log_artifacts(run.info.run_id, str(report), f"{artifact_dir}/{report.name}")
+                target = f"{artifact_dir}/{report.name}/index.html"
+            else:
+                client.log_artifact(run.info.run_id, str(report), artifact_dir)
+                target = f"{artifact_dir}/{report.name}"
+            return MetadataValue.url(f"{self.mlflow_ui_url.rstrip('/')}/#/experiments/{experiment.experiment_id}"
+                                     f"/runs/{run.info.run_id}/artifacts/{target}")
+        except Exception as exc:  # noqa: BLE001 - a report link must not fail the asset that computed the data
+            import logging
+
+            logging.getLogger("kairos.reports").warning("report %s not published to MLflow (%s): local path only",
+                                                        report, exc)
+            return MetadataValue.path(str(report))

@@ -33,11 +33,12 @@ class Channel:
 
 DEFAULT_CHANNELS: tuple[Channel, ...] = (
     Channel("ann", 0.60, 20.0),
+    # only on surfaces that allow repeats (RerankConfig.repeat_surfaces): what the user engaged with lately
+    # (first after ANN, so what it contributes is counted as its own)
+    Channel("recently_engaged", 0.10, 2.0),
     Channel("co_visitation", 0.15, 5.0),
     Channel("trending", 0.15, 5.0),
     Channel("fresh", 0.10, 5.0),
-    # only on surfaces that allow repeats (RerankConfig.repeat_surfaces): what the user engaged with lately
-    Channel("recently_engaged", 0.10, 2.0),
 )
 
 

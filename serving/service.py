@@ -362,12 +362,66 @@ class EventsRequest(BaseModel):
 
 
 class PersonalizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {
+        "user_id": "u00001", "surface": "home_feed",
+        "context": {"session_id": "s1", "device_type": "mobile", "timestamp_ms": 1768000000000, "geo_region": "eu"},
+        "request_config": {"num_results": 10, "candidate_pool_size": 200, "max_latency_ms": 100}}})
 
-    user_id: Annotated[str, Field(min_length=1, max_length=ID_MAX)]
-    surface: Annotated[str, Field(max_length=LABEL_MAX)] = "home_feed"
+    user_id: Annotated[str, Field(min_length=1, max_length=ID_MAX,
+                                  description="the user to rank for; an unknown id gets a cold-start answer "
+                                              "(session clicks, segment popularity)")]
+    surface: Annotated[str, Field(max_length=LABEL_MAX,
+                                  description="where the list is shown (home_feed, search, ...)")] = "home_feed"
     context: RequestContext = Field(default_factory=RequestContext)
     request_config: RequestConfig = Field(default_factory=RequestConfig)
+
+
+# ---- the answer (OpenAPI response schema of POST /v1/personalize). The handler serializes the pipeline's dict
+# itself (no pydantic pass per request); these models document it, with an answer measured on the demo world.
+class RankedItem(BaseModel):
+    item_id: str
+    score: float = Field(description="the ranker's score (higher first)")
+    rank: int = Field(ge=1, description="1-based position in the list")
+    propensity: Optional[float] = Field(default=None, description="probability this item was shown in this slot "
+                                                                  "(exploration); logged for off-policy evaluation")
+
+
+class LatencyBreakdown(BaseModel):
+    feature_fetch: float = Field(description="ms: user features + session state, one Redis round trip")
+    candidate_retrieval: float = Field(description="ms: ANN, co-visitation, trending, fresh channels")
+    ranking_inference: float = Field(description="ms: LightGBM over the shared feature functions")
+    post_processing: float = Field(description="ms: MMR diversity, business rules, exploration")
+    total: float = Field(description="ms inside the pipeline")
+
+
+class ExperimentArm(BaseModel):
+    name: str
+    arm: str = Field(description="champion, challenger, canary or interleaved")
+
+
+class PersonalizeResponse(BaseModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"example": {
+        "request_id": "3f0c2a9e5b7d4c1e8a6f2b0d9c4e7a15", "user_id": "u00001", "surface": "home_feed",
+        "ranked_items": [{"item_id": "i00217", "score": 0.412983, "rank": 1, "propensity": 1.0},
+                         {"item_id": "i00031", "score": 0.387214, "rank": 2, "propensity": 1.0},
+                         {"item_id": "i00158", "score": 0.351077, "rank": 3, "propensity": 0.95}],
+        "model_version": "1", "feature_version": "u14-i14-1768348800000", "served_by": "two_stage",
+        "latency_breakdown_ms": {"feature_fetch": 0.61, "candidate_retrieval": 1.12, "ranking_inference": 2.35,
+                                 "post_processing": 0.48, "total": 4.71},
+        "candidate_channels": {"ann": 120, "co_visitation": 40, "trending": 25, "fresh": 15}}})
+
+    request_id: str = Field(description="quote it to `kairos lineage --request-id`")
+    user_id: str
+    surface: Optional[str] = None
+    ranked_items: list[RankedItem]
+    model_version: Optional[str] = Field(default=None, description="the MLflow model version that ranked")
+    feature_version: Optional[str] = Field(default=None, description="the online-store snapshot the features came from")
+    served_by: str = Field(description="two_stage, two_stage:stale_features, or popularity_fallback:<reason>")
+    latency_breakdown_ms: LatencyBreakdown
+    candidate_channels: dict[str, int] = Field(default_factory=dict, description="candidates each channel contributed")
+    channel_errors: Optional[dict[str, str]] = Field(default=None, description="channels dropped (timeout, error)")
+    over_budget: Optional[bool] = Field(default=None, description="true when slower than max_latency_ms")
+    experiment: Optional[ExperimentArm] = None
 
 
 @bentoml.service(name="kairos_ranker", workers=WORKERS, threads=THREADS, traffic={"timeout": 30},
@@ -535,7 +589,7 @@ class KairosRanker:
 
     # ------------------------------------------------------------------ routes
     @bentoml.api(route="/v1/personalize")
-    def personalize(self, body: PersonalizeRequest, /) -> dict:
+    def personalize(self, body: PersonalizeRequest, /) -> PersonalizeResponse:
         from starlette.responses import JSONResponse, Response
 
         from serving.pipeline import personalize
@@ -578,7 +632,7 @@ class KairosRanker:
                       "latency_breakdown_ms": {"feature_fetch": 0.0, "candidate_retrieval": 0.0, "ranking_inference": 0.0,
                                                "post_processing": 0.0, "total": 0.0}, "error": type(exc).__name__}
             self._log_error(answer, request, experiment, arm)
-            return answer
+            return Response(json.dumps(answer, separators=(",", ":"), default=str), media_type="application/json")
 
     def _log_error(self, answer: dict, request: dict, experiment, arm: str) -> None:
         """An internal error counts against its arm in the impression log (the canary's error guardrail)."""

@@ -104,7 +104,7 @@ def test_small_windows_and_cut_sessions_do_not_read_as_drift(tmp_path) -> None:
     cur = event_drift_frame(sess, world.items)
     corrected = drift_report(ref, cur, cols, html_path=tmp_path / "q.html")
     assert corrected.status == "ok", (corrected.psi, corrected.noise_floor)
-    assert corrected.as_metadata()["psi_noise_floor"] == pytest.approx(psi_noise_floor(len(ref), len(cur)), abs=1e-5)
+    assert corrected.as_metadata()["psi_noise_floor"] == pytest.approx(psi_noise_floor(ref["user_id"].nunique(), cur["user_id"].nunique()), abs=1e-5)
     # a real shift still acts through the floor
     shifted = simulate(SimulatorConfig(n_users=150, n_items=200, days=10, seed=3, shift_day=8, malformed_rate=0,
                                        duplicate_rate=0)).events
@@ -114,3 +114,47 @@ def test_small_windows_and_cut_sessions_do_not_read_as_drift(tmp_path) -> None:
     share_cols = [c for c in cur_s.columns if c.startswith("cat_share_") and c in ref_s.columns]
     loud = drift_report(ref_s, cur_s, share_cols + cols)
     assert loud.status == "act" and any(c.startswith("cat_share_") for c in loud.drifted_features), loud.psi
+
+
+def _window_verdict(events, items, train_start: int, train_end: int, tmp_path, name: str):
+    """feature_drift's behaviour verdict on these events (same window rule, same deciding columns)."""
+    from monitoring.drift import CYCLICAL_FEATURES, behaviour_windows
+
+    windows = behaviour_windows(events, train_start, train_end, recent_days=2.0)
+    ref, cur = event_drift_frame(windows.reference, items), event_drift_frame(windows.current, items)
+    cols = [c for c in ref.columns if c in cur.columns and c not in ("session_id", "user_id")]
+    deciding = cols if windows.aligned else [c for c in cols if c not in CYCLICAL_FEATURES]
+    return drift_report(ref, cur, cols, html_path=tmp_path / f"{name}.html", status_columns=deciding,
+                        min_rows=300), windows
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_stationary_worlds_read_ok_at_every_window_and_shifted_ones_act(seed: int, tmp_path) -> None:
+    """Windows end mid-day and at midnight (a partial last day once read hour_of_day PSI 4.4): a stationary
+    world is ok at each, a taste shift acts once the window is past it; the HTML marks what the status counts."""
+    config = dict(n_users=300, n_items=200, n_categories=6, days=13, seed=seed, malformed_rate=0, duplicate_rate=0)
+    for shift_day, expected in ((None, "ok"), (8, "act")):
+        world = simulate(SimulatorConfig(**config, shift_day=shift_day))
+        ev = world.events[world.events["session_id"].notna() & world.events["item_id"].notna()]
+        start = world.config.start_ms
+        train_end = start + 8 * DAY_MS - 1
+        for end_h in (10 * 24 + 5, 11 * 24, 12 * 24 + 13, 13 * 24):  # partial last days and whole ones
+            events = ev[ev["timestamp"] <= start + end_h * 3_600_000]
+            result, windows = _window_verdict(events, world.items, start, train_end, tmp_path, f"{seed}-{end_h}")
+            where = (seed, shift_day, end_h, windows.aligned, result.n_current)
+            assert result.status == expected, (where, result.psi, result.noise_floor)
+            assert result.report_drifted == result.drifted_features, where  # the report says what the status says
+            if expected == "act":
+                assert any(c.startswith("cat_share_") for c in result.drifted_features), (where, result.psi)
+            else:
+                assert result.psi["hour_of_day"] < 0.25 + result.noise_floor or not windows.aligned, where
+
+
+def test_too_few_sessions_is_insufficient_data_never_act(tmp_path) -> None:
+    world = simulate(SimulatorConfig(n_users=40, n_items=60, n_categories=4, days=6, seed=4, shift_day=3,
+                                     malformed_rate=0, duplicate_rate=0))
+    ev = world.events[world.events["session_id"].notna() & world.events["item_id"].notna()]
+    start = world.config.start_ms
+    result, _ = _window_verdict(ev, world.items, start, start + 3 * DAY_MS - 1, tmp_path, "small")
+    assert result.status == "insufficient_data" and result.drifted_features == [] and result.report_drifted == []
+    assert "fewer than 300" in result.notes[-1]

@@ -33,6 +33,9 @@ def test_every_asset_materialized_with_checks(pipeline) -> None:
     settings, run = pipeline
     assert run["success"]
     instance = DagsterInstance.get()
+    for run_id, job in ((run["ingest_run_id"], "ingest_events"), (run["run_id"], "build")):
+        stored = instance.get_run_by_id(run_id)  # launched through the run launcher: listed under its job
+        assert stored.job_name == job and stored.remote_job_origin is not None, (job, stored)
     for key in ("bronze_events", "silver_events", "labels", "user_features", "item_features", "training_set",
                 "two_tower_model", "faiss_index", "ranker_model", "model_evaluation", "validation_gate",
                 "registered_model", "online_features", "feature_drift"):

@@ -256,3 +256,34 @@ def test_lineage_of_a_served_request(world, capsys, tmp_path) -> None:
     assert doc["request"]["source"] == "redis:kairos:impressions" and doc["lineage"]["model"]["version"] == version
     with pytest.raises(SystemExit, match="neither in the impression_log"):
         main(["lineage", "--request-id", "no-such-request"])
+
+
+def test_a_later_no_op_replay_is_not_credited_with_the_version(settings) -> None:
+    """ingest-1 writes bronze v0; ingest-2 replays the unchanged day (no new version, same delta_version in its
+    metadata) and then fails: the lineage credits ingest-1, from the Delta commit and from the event order."""
+    import pandas as pd
+
+    from compliance.lineage import build_lineage, collect_delta
+    from lake.delta import DeltaLake
+
+    lake = DeltaLake(settings.lake_uri)
+    day = pd.DataFrame({"event_id": ["e1", "e2"], "ingest_date": ["2026-01-02"] * 2})
+    first = lake.write_batch("bronze_events", day, batch_id="2026-01-02", replace_where="ingest_date = '2026-01-02'",
+                             commit_properties={"run_id": "ingest-1"})
+    replay = lake.write_batch("bronze_events", day, batch_id="2026-01-02", replace_where="ingest_date = '2026-01-02'",
+                              commit_properties={"run_id": "ingest-2"})
+    assert replay.skipped and replay.version == first.version
+    inputs = _inputs()
+    inputs["model_version"]["tags"].update({"delta.bronze_events.version": str(first.version),
+                                            "delta.bronze_events.rows": "2"})
+    inputs["dagster"]["materializations"] += [
+        {"asset": "bronze_events", "run_id": run, "timestamp": ts, "partition": "2026-01-02", "delta_version": v,
+         "data_version": f"bronze_events@v{v}", "code_version": "c", "rows": 2}
+        for run, ts, v in (("ingest-1", 1.0, first.version), ("ingest-2", 50.0, replay.version))]
+    delta = collect_delta(settings, {"bronze_events": {"version": first.version}})
+    assert delta["bronze_events"]["written_by_run"] == "ingest-1"  # the Delta commit names its writer
+    inputs["delta"] = {**inputs["delta"], **delta}
+    assert build_lineage(**inputs)["data"]["tables"]["bronze_events"]["produced_by_run"] == "ingest-1"
+    # without the commit's run id (an older table): the first run that reported the version, not the latest
+    inputs["delta"]["bronze_events"] = {k: v for k, v in delta["bronze_events"].items() if k != "written_by_run"}
+    assert build_lineage(**inputs)["data"]["tables"]["bronze_events"]["produced_by_run"] == "ingest-1"

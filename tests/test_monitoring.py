@@ -146,7 +146,7 @@ def test_assets_materialize_in_one_dagster_run(world) -> None:
 def test_ranker_feature_drift_reports_every_feature_with_clickable_html(world) -> None:
     meta = world["meta"]["feature_drift"]
     # the drift sensor's contract is unchanged
-    assert _v(meta, "status") in ("ok", "warn", "act") and isinstance(_v(meta, "max_psi"), float)
+    assert _v(meta, "status") in ("ok", "warn", "act", "insufficient_data") and isinstance(_v(meta, "max_psi"), float)
     assert _v(meta, "status") == _v(meta, "behaviour_status")  # ranker PSI reports, it does not act by default
     assert _v(meta, "ranker_current_source") == "impression_log"
     assert _v(meta, "ranker_n_current") == len(world["served"])

@@ -99,3 +99,35 @@ def test_pyfunc_predicts_top_items(trained, settings, tmp_path) -> None:
     pred = model.predict(pd.DataFrame({"user_id": users}))
     assert len(pred) == 3 and all(len(items) == 10 for items in pred["items"])
     assert pred["items"].iloc[2] == out.bundle.popular(10)
+
+
+def test_version_has_signature_example_descriptions_and_delta_inputs(trained, settings, tmp_path) -> None:
+    """What the MLflow UI shows: Schema inputs/outputs, a real input example, a model-training experiment,
+    a run named after what trained, descriptions, and the Delta versions read as dataset inputs."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    out, _ = trained
+    bundle_dir = out.bundle.save(tmp_path / "bundle")
+    version = register_bundle(settings, bundle_dir, out.metrics, {"training_rows": 1234}, _tags(5),
+                              GateResult(True, ["PASS beats_popularity"], {}))
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
+    info = mlflow.models.get_model_info(f"models:/{settings.model_name}/{version}")
+    assert info.signature.inputs.input_names() == ["user_id", "history"]
+    assert info.signature.outputs.input_names() == ["user_id", "items"]
+    assert info.signature.params.params[0].name == "num_results"
+    assert info.saved_input_example_info is not None
+    example = mlflow.models.Model.load(info.model_uri).load_input_example(info.model_uri.replace("runs:", "runs:"))
+    example = example[0] if isinstance(example, tuple) else example
+    assert example["user_id"].iloc[0] in out.bundle.user_ids  # a real user, not "string"
+    mv = client.get_model_version(settings.model_name, version)
+    run = client.get_run(mv.run_id)
+    assert run.info.run_name == "two-tower+lightgbm · training_set v5 · 1234 rows · dagster run-5"
+    assert "Gate passed" in run.data.tags["mlflow.note.content"] and "Gate passed" in mv.description
+    assert "FAISS" in client.get_registered_model(settings.model_name).description
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"].startswith("Kairos ranking models")
+    inputs = {d.dataset.name: d.tags[0].value if d.tags else None for d in run.inputs.dataset_inputs}
+    assert inputs == {"training_set@v5": "training", "silver_events@v15": "upstream"}

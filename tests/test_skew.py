@@ -70,3 +70,37 @@ def test_impressions_round_trip_through_a_real_stream(redis_client) -> None:
     assert more.empty and last2 == last  # reading after the last id returns nothing new
     assert json.loads(rows["features"].iloc[0]) == {"user_clicks_7d": 2.0}
     logger.close()
+
+
+def test_clock_or_version_mismatch_is_told_apart_from_skew() -> None:
+    """Requests stamped before the snapshot they were served from (the README's example once did) or without a
+    timestamp (the server's wall clock, months after the data) are a clock/version mismatch, not skew."""
+    from monitoring.skew import clock_alignment, served_snapshot_ts
+
+    users, items, catalog = _snaps()
+    served_at = T0 + 2 * DAY  # the server read the day-2 snapshot
+    version = f"u3-i3-{served_at}"
+    assert served_snapshot_ts(version) == served_at and served_snapshot_ts(None) != served_snapshot_ts(None)
+    ts = [served_at + 1] * 6 + [T0 + DAY + 5, T0 + 300 * DAY]  # 6 aligned, one early clock, one wall clock
+    logged = pd.DataFrame({"user_id": ["u1"] * 8, "item_id": ["i1"] * 8, "request_ts": ts, "device_type": ["mobile"] * 8,
+                           "feature_version": [version] * 8})
+    served = recompute_offline(logged.assign(request_ts=served_at + 1), users, items, catalog)  # what the server used
+    offline = recompute_offline(logged, users, items, catalog)
+    alignment = clock_alignment(logged, users["feature_ts"])
+    assert alignment.tolist() == ["aligned"] * 6 + ["request_before_snapshot", "request_past_max_age"]
+    naive = skew_report(served, offline, checked_features(), threshold=0.01)
+    assert naive.verdict == "skew"  # without the clock check: 2 of 8 rows "skewed"
+    report = skew_report(served, offline, checked_features(), threshold=0.01, alignment=alignment)
+    assert report.verdict == "clock_version_mismatch" and not report.passed
+    assert report.clock_mismatch == {"request_before_snapshot": 1, "request_past_max_age": 1}
+    assert report.aligned_rows == 6 and report.per_feature["mismatches"].sum() == 0
+    # real skew among the aligned rows is still skew
+    served.loc[0, "item_ctr_7d"] = 0.99
+    assert skew_report(served, offline, checked_features(), threshold=0.01, alignment=alignment).verdict == "skew"
+    # a server that was behind (a newer snapshot existed) is named as such
+    behind = logged.assign(feature_version=f"u3-i3-{T0 + DAY}", request_ts=served_at + 1)
+    assert set(clock_alignment(behind, users["feature_ts"])) == {"served_older_snapshot"}
+    # clocks that agree: ok
+    ok = skew_report(served.iloc[1:6].reset_index(drop=True), offline.iloc[1:6].reset_index(drop=True),
+                     alignment=alignment.iloc[1:6].reset_index(drop=True))
+    assert ok.verdict == "ok" and ok.passed

@@ -30,6 +30,15 @@ CHALLENGER = "challenger"
 BUNDLE_ARTIFACT = "bundle"
 PIP_REQUIREMENTS = ["mlflow", "torch", "lightgbm", "faiss-cpu", "numpy", "pandas"]
 MANIFEST_SHA_TAG = "bundle.manifest_sha256"
+# MLflow 3 opens an experiment without a kind in GenAI mode (traces, prompts): this one trains models
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+EXPERIMENT_DESCRIPTION = ("Kairos ranking models: each run trains the two-tower retrieval model, its FAISS index and "
+                          "the LightGBM ranker on pinned Delta table versions (run inputs), evaluates them against "
+                          "popularity, co-occurrence and the champion on the test window, applies the gate and "
+                          "registers the bundle as one model version.")
+MODEL_DESCRIPTION = ("One version = user tower + item embeddings + FAISS index + LightGBM ranker + feature schema + "
+                     "popularity lists, served together by the BentoML ranking endpoint (alias champion). Input: "
+                     "user_id and optional history (JSON list of item ids); output: the top item ids.")
 
 
 def promotion_tags(alias: str, by: str, reason: str, at_ms: int | None = None) -> dict[str, str]:
@@ -80,17 +89,70 @@ def _client(settings: Settings):
 
 
 def _experiment_id(client, settings: Settings) -> str:
+    """The `kairos` experiment, created on first use, always marked as model training with its description."""
     exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is not None:
-        return exp.experiment_id
-    Path(settings.mlflow_artifact_root).mkdir(parents=True, exist_ok=True) if "://" not in settings.mlflow_artifact_root else None
-    try:
-        return client.create_experiment(EXPERIMENT, artifact_location=settings.mlflow_artifact_root)
-    except Exception:  # created concurrently
+    if exp is None:
+        Path(settings.mlflow_artifact_root).mkdir(parents=True, exist_ok=True) if "://" not in settings.mlflow_artifact_root else None
+        try:
+            client.create_experiment(EXPERIMENT, artifact_location=settings.mlflow_artifact_root)
+        except Exception:  # created concurrently  # noqa: BLE001
+            pass
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
-            raise
-        return exp.experiment_id
+            raise RuntimeError(f"MLflow experiment {EXPERIMENT!r} could not be created at {settings.mlflow_tracking_uri}")
+    for key, value in {**EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_DESCRIPTION}.items():
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
+def training_run_name(params: dict, tags: dict[str, str]) -> str:
+    """What trained on what, readable in the run list: models, training-set version, rows, Dagster run."""
+    parts = ["two-tower+lightgbm"]
+    if tags.get("delta.training_set.version") not in (None, ""):
+        parts.append(f"training_set v{tags['delta.training_set.version']}")
+    if params.get("training_rows") not in (None, ""):
+        parts.append(f"{params['training_rows']} rows")
+    if tags.get("dagster.run_id"):
+        parts.append(f"dagster {str(tags['dagster.run_id'])[:8]}")
+    return " · ".join(parts)
+
+
+def model_signature() -> Any:
+    """The pyfunc's contract: user_id (+ optional JSON history) in, the top item ids out; num_results a param."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "user_id"), ColSpec("string", "history", required=False)]),
+                          outputs=Schema([ColSpec("string", "user_id"), ColSpec(Array("string"), "items")]),
+                          params=ParamSchema([ParamSpec("num_results", "long", 10)]))
+
+
+def input_example(bundle_dir: Path) -> pd.DataFrame:
+    """A real request for this bundle: a known user with two popular items as session history."""
+    bundle = Bundle.load(Path(bundle_dir), allow_untrusted_path=True)
+    user = str(bundle.user_ids[0]) if len(bundle.user_ids) else "new-user"
+    return pd.DataFrame({"user_id": [user], "history": [json.dumps(bundle.popular(2))]})
+
+
+def log_delta_inputs(settings: Settings, tags: dict[str, str]) -> list[str]:
+    """Each Delta table version the run read (`delta.<table>.version` tags) as an MLflow dataset input."""
+    from mlflow.data.delta_dataset_source import DeltaDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from lake.delta import DeltaLake
+
+    lake = DeltaLake(settings.lake_uri)
+    logged = []
+    for key, value in sorted(tags.items()):
+        if not (key.startswith("delta.") and key.endswith(".version") and str(value).lstrip("-").isdigit()):
+            continue
+        table = key[len("delta."):-len(".version")]
+        source = DeltaDatasetSource(path=lake.uri(table), delta_table_version=int(value))
+        mlflow.log_input(MetaDataset(source, name=f"{table}@v{value}"),
+                         context="training" if table == "training_set" else "upstream")
+        logged.append(f"{table}@v{value}")
+    return logged
 
 
 def flatten_metrics(metrics: dict[str, dict], prefix: str = "test") -> dict[str, float]:
@@ -130,7 +192,12 @@ def register_bundle(settings: Settings, bundle_dir: Path, metrics: dict[str, dic
     str_tags = {str(k): str(v) for k, v in (tags or {}).items()}
     gate_tags = {"gate.passed": str(bool(gate_dict["passed"])),
                  "gate.reasons": " | ".join(gate_dict.get("reasons", []))[:4900]}
-    with mlflow.start_run(experiment_id=exp_id, run_name="kairos-bundle", tags=str_tags) as run:
+    run_name = training_run_name(params or {}, str_tags)
+    description = (f"{run_name}. Gate {'passed' if gate_dict['passed'] else 'FAILED'}: "
+                   f"{'; '.join(gate_dict.get('reasons', []))[:2000]}")
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name,
+                          tags={**str_tags, "mlflow.note.content": description}) as run:
+        log_delta_inputs(settings, str_tags)
         mlflow.log_params({str(k): str(v)[:6000] for k, v in (params or {}).items()})
         flat = flatten_metrics(metrics)
         if flat:
@@ -152,12 +219,16 @@ def register_bundle(settings: Settings, bundle_dir: Path, metrics: dict[str, dic
             artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
             pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=settings.model_name,
+            signature=model_signature(),
+            input_example=input_example(Path(bundle_dir)),
         )
         run_id = run.info.run_id
     version = str(info.registered_model_version)
     if version in ("None", ""):
         found = client.search_model_versions(f"name='{settings.model_name}' and run_id='{run_id}'")
         version = str(max(int(v.version) for v in found))
+    client.update_registered_model(settings.model_name, description=MODEL_DESCRIPTION)
+    client.update_model_version(settings.model_name, version, description=description)
     integrity = {MANIFEST_SHA_TAG: file_sha256(manifest_path)} if manifest_path.exists() else {}
     for k, v in {**str_tags, **gate_tags, **integrity, "run_id": run_id}.items():
         client.set_model_version_tag(settings.model_name, version, k, v)

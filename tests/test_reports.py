@@ -1,0 +1,59 @@
+"""Report links: published to MLflow and opened over HTTP from a real `mlflow ui`, not a file path."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+from orchestration.resources import ArtifactsResource
+from orchestration.services import free_port
+
+
+def test_report_link_opens_over_http(settings, tmp_path: Path) -> None:
+    report = tmp_path / "drift.html"
+    report.write_text("<html><body><h1>feature drift: ok</h1></body></html>", encoding="utf-8")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "index.html").write_text("<html>GX data docs</html>", encoding="utf-8")
+    port = free_port()
+    artifacts = ArtifactsResource(mlflow_ui_url=f"http://127.0.0.1:{port}")
+    link = artifacts.publish_report(report, "run-abc12345")
+    again = artifacts.publish_report(docs, "run-abc12345", "data_docs")  # same Dagster run: same MLflow run
+    assert type(link).__name__ == "UrlMetadataValue" and link.url.startswith(f"http://127.0.0.1:{port}/#/experiments/")
+    run_id = link.url.split("/runs/")[1].split("/")[0]
+    assert again.url.endswith(f"/runs/{run_id}/artifacts/data_docs/docs/index.html")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
+                             settings.mlflow_tracking_uri, "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    try:
+        base = f"http://{urlparse(link.url).netloc}"
+        deadline, page = time.time() + 900, None  # mlflow ui starts in minutes on a busy machine
+        while time.time() < deadline:
+            try:
+                page = httpx.get(f"{base}/get-artifact", params={"path": "reports/drift.html", "run_uuid": run_id},
+                                 timeout=10)
+                break
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert page is not None and page.status_code == 200, page and page.text[:300]
+        assert "feature drift: ok" in page.text
+        assert httpx.get(base + "/", timeout=10).status_code == 200  # the UI page the link opens
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_unreachable_tracking_store_falls_back_to_the_path(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    report = tmp_path / "r.html"
+    report.write_text("x")
+    value = ArtifactsResource().publish_report(report, "run-1")
+    assert type(value).__name__ == "PathMetadataValue" and value.path == str(report)

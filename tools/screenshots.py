@@ -1,0 +1,126 @@
+"""Screenshots of the operator pages, taken with headless Chromium, so a person can look at what users see.
+
+    .venv/bin/python tools/screenshots.py [--home .kairos] [--out .kairos/screenshots]
+
+Starts a Dagster webserver over KAIROS_HOME's instance (the demo's runs), `mlflow ui` over its tracking store
+and, if a champion exists, the BentoML ranking server; then saves one PNG per page: runs and jobs, the asset
+catalog (owners, kinds), checks, partitions, drift metadata (report links), the MLflow experiment, model
+version (signature) and run (datasets), and Swagger (typed answers). Needs `chromium` (`apt-get install -y
+chromium`). Every process it starts is stopped at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from orchestration.services import free_port  # noqa: E402
+
+
+def _wait(url: str, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return str(shutil.which(name))
+    raise SystemExit("no chromium found: apt-get install -y chromium")
+
+
+def shoot(browser: str, url: str, path: Path, wait_ms: int = 20000) -> Path:
+    """One page as PNG; the virtual time budget lets the single-page apps fetch and render their data."""
+    subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1600,1100", f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=240)
+    return path
+
+
+def pages(dagster: str, mlflow_ui: str, bento: str | None, experiment_id: str | None, model: str) -> dict[str, str]:
+    out = {
+        "dagster_runs": f"{dagster}/runs",
+        "dagster_job_build_runs": f"{dagster}/locations/kairos/jobs/build/runs",
+        "dagster_job_ingest_events_partitions": f"{dagster}/locations/kairos/jobs/ingest_events/partitions",
+        "dagster_asset_catalog": f"{dagster}/assets",
+        "dagster_silver_events_checks": f"{dagster}/assets/silver_events?view=checks",
+        "dagster_feature_drift": f"{dagster}/assets/feature_drift",
+        "dagster_model_evaluation": f"{dagster}/assets/model_evaluation",
+        "mlflow_models": f"{mlflow_ui}/#/models/{model}/versions/1",
+    }
+    if experiment_id:
+        out["mlflow_experiment"] = f"{mlflow_ui}/#/experiments/{experiment_id}"
+    if bento:
+        out["swagger"] = f"{bento}/docs"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", default=os.environ.get("KAIROS_HOME", str(ROOT / ".kairos")))
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    home = Path(args.home).resolve()
+    out = Path(args.out or home / "screenshots")
+    out.mkdir(parents=True, exist_ok=True)
+    browser = _chromium()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "KAIROS_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    d_port, m_port = free_port(), free_port()
+    procs = [subprocess.Popen([str(bin_dir / "dagster-webserver"), "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
+                               "-p", str(d_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+             subprocess.Popen([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", tracking, "--host", "127.0.0.1",
+                               "--port", str(m_port), "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        dagster, mlflow_ui = f"http://127.0.0.1:{d_port}", f"http://127.0.0.1:{m_port}"
+        print(f"[1/3] waiting for the Dagster webserver ({dagster}) and MLflow ({mlflow_ui})", flush=True)
+        _wait(f"{dagster}/server_info", 600)
+        _wait(mlflow_ui, 600)
+        from mlflow.tracking import MlflowClient
+
+        experiment = MlflowClient(tracking).get_experiment_by_name("kairos")
+        bento = None
+        if os.environ.get("KAIROS_SCREENSHOT_SWAGGER", "1") != "0":
+            from serving.server import start_server, wait_ready
+
+            b_port = free_port()
+            procs.append(start_server(b_port, env={**env, "MLFLOW_TRACKING_URI": tracking}))
+            bento = f"http://127.0.0.1:{b_port}"
+            wait_ready(bento, timeout_s=300)
+        targets = pages(dagster, mlflow_ui, bento, experiment.experiment_id if experiment else None, "kairos-ranker")
+        print(f"[2/3] {len(targets)} pages", flush=True)
+        for k, (name, url) in enumerate(targets.items(), 1):
+            path = shoot(browser, url, out / f"{name}.png")
+            print(f"  [{k}/{len(targets)}] {name}: {url} -> {path}", flush=True)
+        print(f"[3/3] screenshots in {out}")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
