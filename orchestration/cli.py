@@ -55,7 +55,7 @@ def ensure_redis(settings: Settings):
     return server
 
 
-def materialize_all(settings: Settings, source_config: dict) -> dict:
+def materialize_all(settings: Settings, source_config: dict, build_ops: dict | None = None) -> dict:
     """Backfill every ingest day of the source as one partitioned run, then build everything downstream.
 
     Two Dagster runs against the persistent instance (a Dagster job cannot mix daily-partitioned
@@ -84,6 +84,7 @@ def materialize_all(settings: Settings, source_config: dict) -> dict:
         # months of sparse public data: split by weeks, not days, so the test window has enough users
         # the test window is the last 20% of the log (the catalog evaluation's temporal split)
         ops["training_set"] = {"config": {"validation_days": 14.0, "test_quantile": 0.8, "gap_hours": 0.0}}
+    ops.update(build_ops or {})
     build = defs.resolve_job_def("build").execute_in_process(instance=instance, run_config={"ops": ops},
                                                              raise_on_error=True)
     seconds = time.perf_counter() - t0
