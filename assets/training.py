@@ -143,9 +143,9 @@ def ranker_tuning(context: AssetExecutionContext, config: TuningConfig, two_towe
 
 class CatalogEvalConfig(Config):
     k: int = 10
-    ablations: bool = True  # also score the served pipeline without exploration / MMR (their cost on the metric)
+    ablations: bool = False  # also score the served pipeline without exploration / MMR (their cost on the metric)
     sessions: bool = True  # the next-item session protocol beside session-kNN
-    max_session_cases: int = 2000
+    max_session_cases: int = 300  # seeded sample of held-out session prefixes (bench/quality.py asks for 2000)
 
 
 def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfig, lake: LakeResource, frame: pd.DataFrame,

@@ -63,7 +63,8 @@ def _one(name: str) -> dict:
     redis = ensure_redis(settings)  # the online store is part of the graph: an embedded redis-server
     settings = Settings.from_env()
     try:
-        run = materialize_all(settings, SOURCES[name])
+        run = materialize_all(settings, SOURCES[name], build_ops={"model_evaluation": {"config": {
+            "ablations": True, "max_session_cases": 2000}}})
     finally:
         if redis is not None:
             redis.stop()

@@ -55,7 +55,7 @@ def ensure_redis(settings: Settings):
     return server
 
 
-def materialize_all(settings: Settings, source_config: dict) -> dict:
+def materialize_all(settings: Settings, source_config: dict, build_ops: dict | None = None) -> dict:
     """Backfill every ingest day of the source as one partitioned run, then build everything downstream.
 
     Two Dagster runs launched through the instance's run launcher, as the UI launches them (so they show
@@ -81,6 +81,7 @@ def materialize_all(settings: Settings, source_config: dict) -> dict:
         # months of sparse public data: split by weeks, not days, so the test window has enough users
         # the test window is the last 20% of the log (the catalog evaluation's temporal split)
         ops["training_set"] = {"config": {"validation_days": 14.0, "test_quantile": 0.8, "gap_hours": 0.0}}
+    ops.update(build_ops or {})
     build = launch_job("build", {**IN_PROCESS, "ops": ops})
     seconds = time.perf_counter() - t0
     log.info("Dagster build run %s %s in %.1fs", build.run_id, "succeeded" if build.success else "FAILED",
