@@ -1,11 +1,13 @@
 """Delta Lake adapter: every table write and read in Kairos goes through `DeltaLake`.
 
-Tables are written with delta-rs (`deltalake`), which needs no JVM jars. Spark
-reads a pinned snapshot of a table by the exact parquet files of that version
-(`spark_read`), or natively with the delta-spark connector where a cluster has it.
+Tables are written with delta-rs (`deltalake`), which needs no JVM jars, to a local folder or an
+object store (s3://, gs://, az://, abfss://; credentials from the usual AWS_* / GOOGLE_* / AZURE_*
+environment, or KAIROS_LAKE_STORAGE_OPTIONS). Spark reads a pinned snapshot of a table with
+`lake.spark.spark_read` (delta-rs on the executors, Hadoop parquet, or the delta-spark connector).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -23,6 +25,22 @@ log = logging.getLogger("kairos.lake")
 
 class TableMissing(LookupError):
     """A table was read before any asset wrote it."""
+
+
+def storage_options_from_env() -> dict[str, str]:
+    """KAIROS_LAKE_STORAGE_OPTIONS: a JSON object of delta-rs storage options (endpoint, region, ...), for
+    settings the standard AWS_* / GOOGLE_* / AZURE_* environment does not cover."""
+    raw = os.environ.get("KAIROS_LAKE_STORAGE_OPTIONS", "").strip()
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"KAIROS_LAKE_STORAGE_OPTIONS must be a JSON object of delta-rs storage options, e.g. "
+                         f"'{{\"aws_region\": \"eu-west-1\"}}': {exc}") from exc
+    if not isinstance(options, dict):
+        raise ValueError("KAIROS_LAKE_STORAGE_OPTIONS must be a JSON object of delta-rs storage options")
+    return {str(k): str(v) for k, v in options.items()}
 
 
 @dataclass(frozen=True)
@@ -57,18 +75,35 @@ class DeltaLake:
 
     def __init__(self, root: str, storage_options: dict[str, str] | None = None) -> None:
         self.root = root.rstrip("/")
-        self.storage_options = storage_options or None
+        self.storage_options = storage_options if storage_options is not None else storage_options_from_env()
+        self.storage_options = self.storage_options or None
         if "://" not in self.root:
             os.makedirs(self.root, exist_ok=True)
+
+    @property
+    def is_object_store(self) -> bool:
+        return "://" in self.root and not self.root.startswith("file://")
 
     def uri(self, table: str) -> str:
         return f"{self.root}/{table}"
 
     def tables(self) -> list[str]:
-        """Names of the Delta tables under the root (local lakes; object stores list by convention)."""
-        if "://" in self.root:
-            raise NotImplementedError("listing tables of an object-store lake: pass the table names explicitly")
-        return sorted(p.parent.name for p in Path(self.root).glob("*/_delta_log"))
+        """Names of the Delta tables under the root: every direct child that has a `_delta_log`.
+
+        An object store is listed through delta-rs' own object store (the credentials it writes with):
+        one delimiter listing of the root, then one of each child's `_delta_log/`.
+        """
+        if not self.is_object_store:
+            return sorted(p.parent.name for p in Path(self.root).glob("*/_delta_log"))
+        import pyarrow.fs as pafs
+        from deltalake.fs import DeltaStorageHandler
+
+        fs = pafs.PyFileSystem(DeltaStorageHandler(self.root, self.storage_options))
+        children = [i.path.rstrip("/").rsplit("/", 1)[-1]
+                    for i in fs.get_file_info(pafs.FileSelector("", allow_not_found=True, recursive=False))
+                    if i.type == pafs.FileType.Directory]
+        return sorted(c for c in children
+                      if fs.get_file_info(pafs.FileSelector(f"{c}/_delta_log", allow_not_found=True, recursive=False)))
 
     def exists(self, table: str) -> bool:
         try:
@@ -175,21 +210,7 @@ class DeltaLake:
 
 
 def spark_read(spark: Any, lake: DeltaLake, table: str, version: int, native: bool | None = None) -> Any:
-    """A Spark DataFrame of exactly `table@version`.
+    """A Spark DataFrame of exactly `table@version` (see `lake.spark.spark_read`; `native=True` = delta-spark)."""
+    from lake.spark import spark_read as read
 
-    With the delta-spark connector on the cluster (KAIROS_SPARK_DELTA_NATIVE=1) Spark
-    time-travels natively; otherwise it reads the parquet files that make up that
-    version, which is the same snapshot without the JVM connector.
-    """
-    native = os.environ.get("KAIROS_SPARK_DELTA_NATIVE") == "1" if native is None else native
-    if native:
-        return spark.read.format("delta").option("versionAsOf", version).load(lake.uri(table))
-    files = lake.files(table, version)
-    if not files:
-        raise TableMissing(f"Delta table '{table}' version {version} has no data files")
-    frame = spark.read.option("basePath", lake.uri(table)).parquet(*files)
-    expected = [f.name for f in lake._table(table, version).schema().fields]
-    missing = [c for c in expected if c not in frame.columns]
-    if missing:
-        raise TableMissing(f"snapshot of '{table}' v{version} lacks columns {missing}")
-    return frame.select(*expected)
+    return read(spark, lake, table, version, reader="delta" if native else None)
