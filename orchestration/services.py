@@ -239,6 +239,8 @@ def start_mlflow_server(workdir: Path, timeout_s: float = 120) -> ServiceProcess
     args = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
             "--artifacts-destination", str(workdir / "artifacts"), "--serve-artifacts"]
-    service = _spawn("mlflow-server", args, workdir, _clean_env(), f"http://127.0.0.1:{port}")
+    # no background job runner (Kairos submits no server-side jobs): two fewer processes on a small machine
+    service = _spawn("mlflow-server", args, workdir, _clean_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
+                     f"http://127.0.0.1:{port}")
     _wait(service, lambda: _http_ok(f"{service.url}/health"), timeout_s)
     return service
