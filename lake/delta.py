@@ -70,6 +70,27 @@ def content_hash(arrow: pa.Table, columns: list[str] | None = None) -> int:
     return (total & 0x7FFFFFFFFFFFFFFF) or 1
 
 
+def _filter_expression(schema: pa.Schema, filters: list[tuple]) -> Any:
+    """A conjunction of (column, op, value) filters as a pyarrow expression, each column cast to `schema`'s type."""
+    import operator
+
+    import pyarrow.dataset as ds
+
+    ops = {"=": operator.eq, "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+           ">": operator.gt, ">=": operator.ge}
+    expr = None
+    for column, op, value in filters:
+        field = ds.field(column).cast(schema.field(column).type)
+        if op in ops:
+            term = ops[op](field, value)
+        elif op in ("in", "not in"):
+            term = field.isin(list(value)) if op == "in" else ~field.isin(list(value))
+        else:
+            raise ValueError(f"unsupported filter operator {op!r} on {column}")
+        expr = term if expr is None else expr & term
+    return expr
+
+
 class DeltaLake:
     """A folder (or object-store prefix) of named Delta tables."""
 
@@ -181,7 +202,16 @@ class DeltaLake:
     def read(self, table: str, version: int | None = None, columns: list[str] | None = None,
              filters: list[tuple] | None = None) -> pd.DataFrame:
         dt = self._table(table, version)
-        return dt.to_pyarrow_table(columns=columns, filters=filters).to_pandas()
+        try:
+            return dt.to_pyarrow_table(columns=columns, filters=filters).to_pandas()
+        except pa.ArrowNotImplementedError:
+            if not filters:
+                raise
+            # files rewritten by delta-rs (delete, optimize) store strings as string_view beside plain-string files
+            # of later appends, and a plain filter then has no kernel for the mix: compare each column cast to the
+            # table's type instead (same rows; used only when the fast path fails)
+            dataset = dt.to_pyarrow_dataset()
+            return dataset.to_table(columns=columns, filter=_filter_expression(dataset.schema, filters)).to_pandas()
 
     def read_arrow(self, table: str, version: int | None = None, columns: list[str] | None = None) -> pa.Table:
         return self._table(table, version).to_pyarrow_table(columns=columns)
