@@ -109,12 +109,18 @@ def delta_native_conf() -> dict[str, str]:
     return conf
 
 
+_ZIPS: dict[tuple[Path, Path], Path] = {}
+
+
 def product_zip(dest: Path, root: Path = PROJECT_ROOT) -> Path:
     """The product code (every package a task may import) as one zip, named by its content hash.
 
     Executors put it on their sys.path, so a worker needs the pinned dependencies and nothing of the
     driver's disk; the same code always gives the same file, so a rebuilt session reuses it.
     """
+    cached = _ZIPS.get((root, dest))
+    if cached is not None and cached.exists():
+        return cached  # once per process: the code it loaded, even if the files on disk change under it
     files = sorted(p for pkg in PRODUCT_PACKAGES for p in (root / pkg).rglob("*.py") if "__pycache__" not in p.parts)
     if not files:
         raise FileNotFoundError(f"no product packages under {root}: cannot ship the code to Spark executors")
@@ -124,6 +130,7 @@ def product_zip(dest: Path, root: Path = PROJECT_ROOT) -> Path:
         digest.update(path.read_bytes())
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / f"kairos-{digest.hexdigest()[:16]}.zip"
+    _ZIPS[(root, dest)] = target
     if target.exists():
         return target
     tmp = dest / f".{target.name}.{os.getpid()}.tmp"
@@ -260,9 +267,10 @@ def _relative(table_uri: str, file_uri: str) -> str:
 
 
 def snapshot_plan(lake: DeltaLake, table: str, version: int,
-                  partition_bytes: int = DEFAULT_PARTITION_BYTES) -> dict[str, Any]:
+                  partition_bytes: int = DEFAULT_PARTITION_BYTES, min_partitions: int = 1) -> dict[str, Any]:
     """What executors read for `table@version`: the table root, its data files grouped into Spark partitions
-    of about `partition_bytes`, each file's partition values, and the Arrow schema (column order of the table)."""
+    of about `partition_bytes` (smaller when that would give fewer than `min_partitions`, so a small table still
+    uses every core), each file's partition values, and the Arrow schema (column order of the table)."""
     import pyarrow as pa
 
     dt = lake._table(table, version)
@@ -277,6 +285,8 @@ def snapshot_plan(lake: DeltaLake, table: str, version: int,
         values = {c: act.get(f"partition.{c}") for c in part_cols}
         files.append({"path": rel, "size": int(act.get("size_bytes") or 0),
                       "partition": {c: (None if v is None else str(v)) for c, v in values.items()}})
+    total = sum(f["size"] for f in files)
+    partition_bytes = max(1, min(partition_bytes, total // max(min_partitions, 1)))
     groups: list[list[dict]] = []
     current: list[dict] = []
     size = 0
@@ -405,7 +415,7 @@ def spark_read(spark: Any, lake: DeltaLake, table: str, version: int, reader: st
     how = lake_reader(lake.root, reader)
     if how == "delta":
         return spark.read.format("delta").option("versionAsOf", version).load(_hadoop_uri(lake.uri(table)))
-    plan = snapshot_plan(lake, table, version)
+    plan = snapshot_plan(lake, table, version, min_partitions=2 * spark.sparkContext.defaultParallelism)
     if not plan["groups"]:
         raise TableMissing(f"Delta table '{table}' version {version} has no data files")
     expected = [f.name for f in _arrow_schema(plan["schema"])]
