@@ -182,11 +182,15 @@ def purge_history(lake: DeltaLake, table: str) -> None:
     lake._table(table).alter.set_table_properties({"delta.logRetentionDuration": previous})
 
 
-def forget_in_lake(lake: DeltaLake, user_id: str, retention_hours: float) -> dict[str, int]:
-    """Delete the user's rows from every table with user_id; vacuum by the policy. {table: rows deleted}."""
-    deleted: dict[str, int] = {}
+def forget_in_lake(lake: DeltaLake, user_id: str, retention_hours: float,
+                   tables: Iterable[str] | None = None, into: dict[str, int] | None = None) -> dict[str, int]:
+    """Delete the user's rows from every table with user_id; vacuum by the policy. {table: rows deleted}.
+
+    Counts go into `into` table by table as they are done, so a failure part-way still reports what was deleted.
+    """
+    deleted: dict[str, int] = {} if into is None else into
     predicate = delete_predicate(user_id)
-    for table in user_tables(lake):
+    for table in (user_tables(lake) if tables is None else tables):
         present = len(lake.read(table, columns=["user_id"], filters=[("user_id", "=", str(user_id))]))
         if present:
             metrics = lake.delete(table, predicate)
@@ -255,35 +259,12 @@ def _chunks(keys: list[str], size: int = 500) -> Iterable[list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------- the request
-def forget_user(settings: Settings, user_id: str, requested_by: str, reason: str,
-                retention_hours: float = PURGE, redis_client: Any = None) -> dict[str, Any]:
-    """Forget one user everywhere (see the module doc); returns the audit row written."""
-    if not str(user_id or "").strip():
-        raise ValueError("forget_user needs the user id to forget (--user)")
-    if not str(requested_by or "").strip() or not str(reason or "").strip():
-        raise ValueError("forget_user needs who asked (--by) and why (--reason): both go to the privacy audit log")
-    if retention_hours < 0:
-        raise ValueError(f"retention_hours must be >= 0 (0 = purge now), got {retention_hours}")
-    user_id = str(user_id)
-    started = int(time.time() * 1000)
-    request_id = uuid.uuid4().hex
-    lake = DeltaLake(settings.lake_uri)
-    uhash = user_hash(privacy_key(settings), user_id)
-    # 1. exclusion list first, so nothing re-ingests the user while we delete
-    lake.write(FORGOTTEN_USERS, pd.DataFrame([{"user_hash": uhash, "forgotten_at_ms": started, "request_id": request_id}]),
-               mode="append", schema=FORGOTTEN_SCHEMA)
-    tables = user_tables(lake)
-    sessions, events = _user_sessions_and_events(lake, tables, user_id)
-    # 2. Redis (also collects sessions only seen in the streams)
-    if redis_client is None:
-        from orchestration.resources import redis_url_from_env
-        from orchestration.settings import redis_client as make_client
+class ForgetIncomplete(RuntimeError):
+    """A forget request failed after it started deleting; its audit row says what was done and what to do."""
 
-        redis_client = make_client(redis_url_from_env(settings), socket_timeout=30)
-    deleted: dict[str, int] = forget_in_redis(redis_client, user_id, sessions, events)
-    # 3 + 4. Delta rows, then vacuum by the policy
-    deleted.update({f"delta.{t}": n for t, n in forget_in_lake(lake, user_id, retention_hours).items()})
-    # 5. audit, with what still holds the user: model bundles trained before the request
+
+def _pending(settings: Settings, user_id: str) -> dict[str, Any]:
+    """What still holds the user after the deletes: model bundles trained before the request, other files."""
     models = model_files_with_user(settings.home, user_id)
     pending: dict[str, Any] = {}
     if models:
@@ -297,6 +278,66 @@ def forget_user(settings: Settings, user_id: str, requested_by: str, reason: str
         pending.update({"other_files": others,
                         "other_files_note": "operational records naming the user (Dagster event log metadata, "
                                             "data docs, reports): they expire with those tools' retention"})
+    return pending
+
+
+def forget_user(settings: Settings, user_id: str, requested_by: str, reason: str,
+                retention_hours: float = PURGE, redis_client: Any = None) -> dict[str, Any]:
+    """Forget one user everywhere (see the module doc); returns the audit row written.
+
+    Everything that can fail before a write is done first (listing the lake's tables and their schemas,
+    reaching Redis, finding the user's sessions): a failure there raises and changes nothing. Once the
+    exclusion row is written, the request always ends with its audit row: complete, or `pending.status`
+    = `incomplete` with the step that failed, the error and the counts deleted so far, and then raises
+    ForgetIncomplete. Every step is idempotent, so re-running the same request finishes it.
+    """
+    if not str(user_id or "").strip():
+        raise ValueError("forget_user needs the user id to forget (--user)")
+    if not str(requested_by or "").strip() or not str(reason or "").strip():
+        raise ValueError("forget_user needs who asked (--by) and why (--reason): both go to the privacy audit log")
+    if retention_hours < 0:
+        raise ValueError(f"retention_hours must be >= 0 (0 = purge now), got {retention_hours}")
+    user_id = str(user_id)
+    started = int(time.time() * 1000)
+    request_id = uuid.uuid4().hex
+    lake = DeltaLake(settings.lake_uri)
+    uhash = user_hash(privacy_key(settings), user_id)
+    # 0. preflight: nothing written yet
+    tables = user_tables(lake)
+    sessions, events = _user_sessions_and_events(lake, tables, user_id)
+    if redis_client is None:
+        from orchestration.resources import redis_url_from_env
+        from orchestration.settings import redis_client as make_client
+
+        redis_client = make_client(redis_url_from_env(settings), socket_timeout=30)
+    redis_client.ping()
+    deleted: dict[str, int] = {}
+    lake_deleted: dict[str, int] = {}
+    step = "exclusion list"
+    try:
+        # 1. exclusion list first, so nothing re-ingests the user while we delete
+        lake.write(FORGOTTEN_USERS, pd.DataFrame([{"user_hash": uhash, "forgotten_at_ms": started,
+                                                   "request_id": request_id}]), mode="append", schema=FORGOTTEN_SCHEMA)
+        # 2. Redis (also collects sessions only seen in the streams)
+        step = "redis"
+        deleted.update(forget_in_redis(redis_client, user_id, sessions, events))
+        # 3 + 4. Delta rows, then vacuum by the policy
+        step = "delta"
+        forget_in_lake(lake, user_id, retention_hours, tables=tables, into=lake_deleted)
+        step = "pending"
+        pending = _pending(settings, user_id)
+    except Exception as exc:
+        deleted.update({f"delta.{t}": n for t, n in lake_deleted.items()})
+        pending = {"status": "incomplete", "failed_step": step, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                   "action": "fix the cause, then re-run the same forget request: every step is idempotent"}
+        row = audit_row(request_id, uhash, str(requested_by), str(reason), started, int(time.time() * 1000),
+                        retention_hours, deleted, pending)
+        lake.write(PRIVACY_AUDIT, pd.DataFrame([row]), mode="append", schema=AUDIT_SCHEMA)
+        raise ForgetIncomplete(f"forget request {request_id} failed at the {step} step ({type(exc).__name__}: {exc}); "
+                               f"its audit row records what was deleted so far. Fix the cause and run the same "
+                               f"`kairos forget` again: every step is idempotent.") from exc
+    deleted.update({f"delta.{t}": n for t, n in lake_deleted.items()})
+    # 5. audit, with what still holds the user
     row = audit_row(request_id, uhash, str(requested_by), str(reason), started, int(time.time() * 1000),
                     retention_hours, deleted, pending)
     lake.write(PRIVACY_AUDIT, pd.DataFrame([row]), mode="append", schema=AUDIT_SCHEMA)

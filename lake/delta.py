@@ -1,11 +1,13 @@
 """Delta Lake adapter: every table write and read in Kairos goes through `DeltaLake`.
 
-Tables are written with delta-rs (`deltalake`), which needs no JVM jars. Spark
-reads a pinned snapshot of a table by the exact parquet files of that version
-(`spark_read`), or natively with the delta-spark connector where a cluster has it.
+Tables are written with delta-rs (`deltalake`), which needs no JVM jars, to a local folder or an
+object store (s3://, gs://, az://, abfss://; credentials from the usual AWS_* / GOOGLE_* / AZURE_*
+environment, or KAIROS_LAKE_STORAGE_OPTIONS). Spark reads a pinned snapshot of a table with
+`lake.spark.spark_read` (delta-rs on the executors, Hadoop parquet, or the delta-spark connector).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -23,6 +25,22 @@ log = logging.getLogger("kairos.lake")
 
 class TableMissing(LookupError):
     """A table was read before any asset wrote it."""
+
+
+def storage_options_from_env() -> dict[str, str]:
+    """KAIROS_LAKE_STORAGE_OPTIONS: a JSON object of delta-rs storage options (endpoint, region, ...), for
+    settings the standard AWS_* / GOOGLE_* / AZURE_* environment does not cover."""
+    raw = os.environ.get("KAIROS_LAKE_STORAGE_OPTIONS", "").strip()
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"KAIROS_LAKE_STORAGE_OPTIONS must be a JSON object of delta-rs storage options, e.g. "
+                         f"'{{\"aws_region\": \"eu-west-1\"}}': {exc}") from exc
+    if not isinstance(options, dict):
+        raise ValueError("KAIROS_LAKE_STORAGE_OPTIONS must be a JSON object of delta-rs storage options")
+    return {str(k): str(v) for k, v in options.items()}
 
 
 @dataclass(frozen=True)
@@ -52,23 +70,61 @@ def content_hash(arrow: pa.Table, columns: list[str] | None = None) -> int:
     return (total & 0x7FFFFFFFFFFFFFFF) or 1
 
 
+def _filter_expression(schema: pa.Schema, filters: list[tuple]) -> Any:
+    """A conjunction of (column, op, value) filters as a pyarrow expression, each column cast to `schema`'s type."""
+    import operator
+
+    import pyarrow.dataset as ds
+
+    ops = {"=": operator.eq, "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+           ">": operator.gt, ">=": operator.ge}
+    expr = None
+    for column, op, value in filters:
+        field = ds.field(column).cast(schema.field(column).type)
+        if op in ops:
+            term = ops[op](field, value)
+        elif op in ("in", "not in"):
+            term = field.isin(list(value)) if op == "in" else ~field.isin(list(value))
+        else:
+            raise ValueError(f"unsupported filter operator {op!r} on {column}")
+        expr = term if expr is None else expr & term
+    return expr
+
+
 class DeltaLake:
     """A folder (or object-store prefix) of named Delta tables."""
 
     def __init__(self, root: str, storage_options: dict[str, str] | None = None) -> None:
         self.root = root.rstrip("/")
-        self.storage_options = storage_options or None
+        self.storage_options = storage_options if storage_options is not None else storage_options_from_env()
+        self.storage_options = self.storage_options or None
         if "://" not in self.root:
             os.makedirs(self.root, exist_ok=True)
+
+    @property
+    def is_object_store(self) -> bool:
+        return "://" in self.root and not self.root.startswith("file://")
 
     def uri(self, table: str) -> str:
         return f"{self.root}/{table}"
 
     def tables(self) -> list[str]:
-        """Names of the Delta tables under the root (local lakes; object stores list by convention)."""
-        if "://" in self.root:
-            raise NotImplementedError("listing tables of an object-store lake: pass the table names explicitly")
-        return sorted(p.parent.name for p in Path(self.root).glob("*/_delta_log"))
+        """Names of the Delta tables under the root: every direct child that has a `_delta_log`.
+
+        An object store is listed through delta-rs' own object store (the credentials it writes with):
+        one delimiter listing of the root, then one of each child's `_delta_log/`.
+        """
+        if not self.is_object_store:
+            return sorted(p.parent.name for p in Path(self.root).glob("*/_delta_log"))
+        import pyarrow.fs as pafs
+        from deltalake.fs import DeltaStorageHandler
+
+        fs = pafs.PyFileSystem(DeltaStorageHandler(self.root, self.storage_options))
+        children = [i.path.rstrip("/").rsplit("/", 1)[-1]
+                    for i in fs.get_file_info(pafs.FileSelector("", allow_not_found=True, recursive=False))
+                    if i.type == pafs.FileType.Directory]
+        return sorted(c for c in children
+                      if fs.get_file_info(pafs.FileSelector(f"{c}/_delta_log", allow_not_found=True, recursive=False)))
 
     def exists(self, table: str) -> bool:
         try:
@@ -146,7 +202,16 @@ class DeltaLake:
     def read(self, table: str, version: int | None = None, columns: list[str] | None = None,
              filters: list[tuple] | None = None) -> pd.DataFrame:
         dt = self._table(table, version)
-        return dt.to_pyarrow_table(columns=columns, filters=filters).to_pandas()
+        try:
+            return dt.to_pyarrow_table(columns=columns, filters=filters).to_pandas()
+        except pa.ArrowNotImplementedError:
+            if not filters:
+                raise
+            # files rewritten by delta-rs (delete, optimize) store strings as string_view beside plain-string files
+            # of later appends, and a plain filter then has no kernel for the mix: compare each column cast to the
+            # table's type instead (same rows; used only when the fast path fails)
+            dataset = dt.to_pyarrow_dataset()
+            return dataset.to_table(columns=columns, filter=_filter_expression(dataset.schema, filters)).to_pandas()
 
     def read_arrow(self, table: str, version: int | None = None, columns: list[str] | None = None) -> pa.Table:
         return self._table(table, version).to_pyarrow_table(columns=columns)
@@ -175,21 +240,7 @@ class DeltaLake:
 
 
 def spark_read(spark: Any, lake: DeltaLake, table: str, version: int, native: bool | None = None) -> Any:
-    """A Spark DataFrame of exactly `table@version`.
+    """A Spark DataFrame of exactly `table@version` (see `lake.spark.spark_read`; `native=True` = delta-spark)."""
+    from lake.spark import spark_read as read
 
-    With the delta-spark connector on the cluster (KAIROS_SPARK_DELTA_NATIVE=1) Spark
-    time-travels natively; otherwise it reads the parquet files that make up that
-    version, which is the same snapshot without the JVM connector.
-    """
-    native = os.environ.get("KAIROS_SPARK_DELTA_NATIVE") == "1" if native is None else native
-    if native:
-        return spark.read.format("delta").option("versionAsOf", version).load(lake.uri(table))
-    files = lake.files(table, version)
-    if not files:
-        raise TableMissing(f"Delta table '{table}' version {version} has no data files")
-    frame = spark.read.option("basePath", lake.uri(table)).parquet(*files)
-    expected = [f.name for f in lake._table(table, version).schema().fields]
-    missing = [c for c in expected if c not in frame.columns]
-    if missing:
-        raise TableMissing(f"snapshot of '{table}' v{version} lacks columns {missing}")
-    return frame.select(*expected)
+    return read(spark, lake, table, version, reader="delta" if native else None)

@@ -353,14 +353,14 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     """Forget a user in every store (Redis, Delta + vacuum), exclude them from ingestion/training, audit it."""
-    from compliance.forget import forget_user
+    from compliance.forget import ForgetIncomplete, forget_user
 
     settings = Settings.from_env()
     prepare_home(settings)
     try:
         row = forget_user(settings, args.user, requested_by=args.by, reason=args.reason,
                           retention_hours=args.retention_hours)
-    except ValueError as exc:
+    except (ValueError, ForgetIncomplete) as exc:
         raise SystemExit(f"kairos forget: {exc}") from exc
     deleted = json.loads(row["deleted"])
     print(f"forgot user (hash {row['user_hash'][:16]}…), audit request {row['request_id']}: "

@@ -11,7 +11,8 @@ from typing import Any
 
 from dagster import ConfigurableResource
 
-from lake.delta import DeltaLake, spark_read
+from lake.delta import DeltaLake
+from lake.spark import spark_read
 from orchestration.settings import Settings
 
 
@@ -29,14 +30,17 @@ class LakeResource(ConfigurableResource):
 
 
 class SparkResource(ConfigurableResource):
-    """A SparkSession: local mode by default, any master by config."""
+    """A SparkSession: local mode by default, any master by config (KAIROS_SPARK_MASTER); `conf` holds extra
+    `spark.*` settings on top of KAIROS_SPARK_CONF (lake/spark.py: readers, code shipping, pass-through)."""
 
     master: str = ""
+    conf: dict[str, str] = {}
 
     def session(self) -> Any:
         from orchestration.services import spark_session
 
-        return spark_session(self.master or _settings().spark_master)
+        settings = _settings()
+        return spark_session(self.master or settings.spark_master, conf=dict(self.conf), lake_uri=settings.lake_uri)
 
     def read_table(self, lake: DeltaLake, table: str, version: int) -> Any:
         return spark_read(self.session(), lake, table, version)

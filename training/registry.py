@@ -88,13 +88,28 @@ def _client(settings: Settings):
     return MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
 
 
+def artifact_location(settings: Settings) -> str | None:
+    """Where a new experiment keeps its artifacts: KAIROS_MLFLOW_ARTIFACTS if set; with a remote tracking
+    server (http[s]://, databricks) None, so the server's own artifact root is used (artifacts must not land
+    on the client's disk, where the server and other clients cannot read them); else KAIROS_HOME/mlartifacts."""
+    import os
+
+    if os.environ.get("KAIROS_MLFLOW_ARTIFACTS"):
+        return settings.mlflow_artifact_root
+    if settings.mlflow_tracking_uri.split(":", 1)[0] in ("http", "https", "databricks"):
+        return None
+    return settings.mlflow_artifact_root
+
+
 def _experiment_id(client, settings: Settings) -> str:
     """The `kairos` experiment, created on first use, always marked as model training with its description."""
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
-        Path(settings.mlflow_artifact_root).mkdir(parents=True, exist_ok=True) if "://" not in settings.mlflow_artifact_root else None
+        location = artifact_location(settings)
+        if location and "://" not in location:
+            Path(location).mkdir(parents=True, exist_ok=True)
         try:
-            client.create_experiment(EXPERIMENT, artifact_location=settings.mlflow_artifact_root)
+            client.create_experiment(EXPERIMENT, artifact_location=location)
         except Exception:  # created concurrently  # noqa: BLE001
             pass
         exp = client.get_experiment_by_name(EXPERIMENT)
