@@ -7,7 +7,6 @@ exactly its day's rows and is skipped when the content is unchanged, so replayin
 a day changes nothing downstream.
 """
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, AssetSpec,
-                     BackfillPolicy, Config, DailyPartitionsDefinition, MaterializeResult, MetadataValue, asset,
+                     BackfillPolicy, Config, DailyPartitionsDefinition, Failure, MaterializeResult, MetadataValue, asset,
                      multi_asset)
 
 from compliance.exclusion import drop_forgotten
@@ -33,7 +32,8 @@ LABELS = "labels"
 EVENT_ASSETS = (BRONZE, SILVER, QUARANTINE)
 # code versions (compliance/versions.py): this module + the library code each asset runs
 SOURCE_CODE = source_version(__file__, "ingestion/simulator.py", "ingestion/movielens.py", "ingestion/generic.py",
-                             "ingestion/schema.py", "compliance/exclusion.py")
+                             "ingestion/catalog.py", "ingestion/sources.py", "ingestion/schema.py",
+                             "compliance/exclusion.py")
 REFINE_CODE = source_version(__file__, "ingestion/refine.py", "ingestion/bots.py", "ingestion/dedup.py",
                              "data_contracts/events.py")
 LABELS_CODE = source_version(__file__, "training/labels.py", "compliance/exclusion.py")
@@ -42,7 +42,13 @@ daily_partitions = DailyPartitionsDefinition(start_date=Settings.from_env().part
 
 
 class SourceConfig(Config):
-    """Where events come from: the seeded simulator (default), MovieLens 100K, or any CSV/Parquet log."""
+    """Where events come from: the seeded simulator (default), MovieLens (100K, 1M, latest), or any log file.
+
+    source="file": `path` is a CSV/TSV/Parquet log and `mapping_json` its column mapping (ingestion/generic.py,
+    which also carries delimiter, encoding, composite time, anonymous users); `catalog_path` + `catalog_mapping_json`
+    and `users_path` + `users_mapping_json` join an item catalog / user profiles (ingestion/catalog.py).
+    source="movielens-*": `path` (or `movielens_dir`) is the data set's folder.
+    """
 
     source: str = "simulator"
     n_users: int = 300
@@ -52,42 +58,19 @@ class SourceConfig(Config):
     seed: int = 7
     shift_day: int = -1
     movielens_dir: str = ""
-    path: str = ""            # source="file": a CSV/Parquet interaction log
+    path: str = ""            # source="file": a CSV/Parquet interaction log; movielens-*: its folder
     mapping_json: str = ""    # source="file": column mapping, e.g. {"user": "uid", "item": "sku", "timestamp": "ts"}
-
-
-@functools.lru_cache(maxsize=4)
-def _load_source(config_json: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    config = json.loads(config_json)
-    source = config["source"]
-    if source == "simulator":
-        from ingestion.simulator import SimulatorConfig, simulate
-
-        world = simulate(SimulatorConfig(n_users=config["n_users"], n_items=config["n_items"],
-                                         n_categories=config["n_categories"], days=config["days"], seed=config["seed"],
-                                         shift_day=config["shift_day"] if config["shift_day"] >= 0 else None))
-        events, items, users = world.events, world.items, world.users
-    elif source == "movielens-100k":
-        from ingestion.movielens import load_movielens_100k
-
-        path = Path(config["movielens_dir"]) if config["movielens_dir"] else Settings.from_env().movielens_100k_dir
-        events, items, users = load_movielens_100k(path)
-    elif source == "file":
-        from ingestion.generic import ColumnMapping, load_interactions
-
-        if not config["path"] or not config["mapping_json"]:
-            raise ValueError("source='file' needs `path` (a CSV/Parquet log) and `mapping_json` (its column mapping)")
-        events, items, users = load_interactions(config["path"], ColumnMapping.from_json(config["mapping_json"]))
-    else:
-        raise ValueError(f"unknown source '{source}': use 'simulator', 'movielens-100k' or 'file'")
-    if "received_at" not in events:  # historical logs: received when they happened
-        events = events.assign(received_at=pd.to_numeric(events["timestamp"], errors="coerce").fillna(0).astype("int64"))
-    return events, items, users
+    catalog_path: str = ""    # optional item catalog file (ids, categories, title, tags, publish time)
+    catalog_mapping_json: str = ""
+    users_path: str = ""      # optional user profile file
+    users_mapping_json: str = ""
 
 
 def load_source(config: SourceConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """events (with received_at), items, users from the configured source; cached per config in a process."""
-    return _load_source(config.model_dump_json())
+    from ingestion.sources import load_source_frames
+
+    return load_source_frames(config.model_dump())
 
 
 def ingest_day(received_at: pd.Series) -> np.ndarray:
@@ -310,9 +293,12 @@ def _reconcile_check(store, days: list[str], totals: dict[str, int], per_day: li
 
 
 class LabelSettings(Config):
+    """The label rule; `kairos demo` sets click_is_positive / easy_negative_ratio per log kind (ingestion/sources.py)."""
+
     attribution_window_hours: float = 72.0
     positive_threshold: float = 0.3
     easy_negative_ratio: float = 0.0  # sampled unshown catalog items per positive (0 = hard negatives only)
+    click_is_positive: bool = False   # click-only logs: a click is a positive whatever its (unknown) dwell
     seed: int = 17
 
 
@@ -321,7 +307,7 @@ class LabelSettings(Config):
                    "(forgotten users excluded).")
 def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeResource) -> MaterializeResult:
     from ingestion.schema import EVENT_COLUMNS
-    from training.labels import LabelConfig, build_labels, label_summary
+    from training.labels import LabelConfig, build_labels, label_summary, untrainable_reason
 
     store = lake.lake()
     pin = store.pin(SILVER)
@@ -332,11 +318,14 @@ def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeReso
     lab = build_labels(events, as_of_ms=as_of, catalog_item_ids=catalog, config=LabelConfig(
         attribution_window_ms=int(config.attribution_window_hours * 3_600_000),
         positive_threshold=config.positive_threshold, easy_negative_ratio=config.easy_negative_ratio,
-        seed=config.seed))
+        click_is_positive=config.click_is_positive, seed=config.seed))
+    if lab.empty or int(lab["label_binary"].sum()) == 0:
+        raise Failure(description=untrainable_reason(events, lab, config.click_is_positive))
     out = store.write(LABELS, lab)
     return MaterializeResult(metadata={
         **label_summary(lab), "positives": int(lab["label_binary"].sum()),
         "silver_version": pin.version, "delta_version": out.version, "as_of_ms": as_of,
         "attribution_window_hours": config.attribution_window_hours, "easy_negative_ratio": config.easy_negative_ratio,
+        "click_is_positive": config.click_is_positive,
         "forgotten_user_events_excluded": forgotten,
     }, data_version=delta_data_version(LABELS, out.version))

@@ -111,4 +111,7 @@ def test_a_generic_csv_log_ingests_through_the_same_assets(settings, instance, t
     assert result.success and _check(result, "counts_reconcile").passed
     lake = DeltaLake(settings.lake_uri)
     quarantine = lake.read(QUARANTINE)
-    assert len(lake.read(SILVER)) == 30 and quarantine["reasons"].str.contains("event_type_known").sum() == 1
+    silver = lake.read(SILVER)
+    # 30 clicks + one implied impression per (session, item): an events log without impressions stays labelable
+    assert (silver["event_type"] == "click").sum() == 30 and (silver["event_type"] == "impression").sum() == 30
+    assert quarantine["reasons"].str.contains("event_type_known").sum() == 1
