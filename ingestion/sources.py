@@ -25,6 +25,14 @@ from typing import Any
 import pandas as pd
 
 SOURCES: tuple[str, ...] = ("simulator", "movielens-100k", "movielens-1m", "movielens-latest", "file")
+SIMULATOR_DEFAULTS: dict[str, int] = {"n_users": 300, "n_items": 400, "n_categories": 8, "days": 14, "seed": 7,
+                                      "shift_day": -1}
+# the SourceConfig fields each source reads (the cache key: the CLI's and the assets' configs meet here)
+_SOURCE_FIELDS: dict[str, tuple[str, ...]] = {
+    "simulator": tuple(SIMULATOR_DEFAULTS), "movielens-100k": ("path", "movielens_dir"),
+    "movielens-1m": ("path", "movielens_dir"), "movielens-latest": ("path", "movielens_dir"),
+    "file": ("path", "mapping_json", "catalog_path", "catalog_mapping_json", "users_path", "users_mapping_json"),
+}
 LOG_KINDS: tuple[str, ...] = ("simulator", "ratings", "clicks", "events", "events_with_impressions")
 _NO_SAMPLING = {"click_is_positive": False, "easy_negative_ratio": 0.0}
 _CLICK_RULE = {"click_is_positive": True, "easy_negative_ratio": 4.0}
@@ -95,7 +103,17 @@ def _load(config_json: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
 
 def load_source_frames(config: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """events (with received_at), items, users of a source config (a SourceConfig's dict); cached per config."""
-    return _load(json.dumps(config, sort_keys=True))
+    return _load(json.dumps(normalized(config), sort_keys=True))
+
+
+def normalized(config: dict[str, Any]) -> dict[str, Any]:
+    """Only the fields the source reads, simulator defaults filled in, empty values dropped."""
+    source = config.get("source") or "simulator"
+    if source not in _SOURCE_FIELDS:
+        raise ValueError(f"unknown source '{source}': use one of {list(SOURCES)}")
+    base = dict(SIMULATOR_DEFAULTS) if source == "simulator" else {}
+    base.update({k: config[k] for k in _SOURCE_FIELDS[source] if config.get(k) not in (None, "")})
+    return {"source": source, **base}
 
 
 def log_kind(config: dict[str, Any], events: pd.DataFrame) -> str:
