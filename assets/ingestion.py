@@ -64,6 +64,7 @@ class SourceConfig(Config):
     catalog_mapping_json: str = ""
     users_path: str = ""      # optional user profile file
     users_mapping_json: str = ""
+    arrival: str = "export"   # historical logs: "export" = one ingest batch on the last day; "event" = per day
 
 
 def load_source(config: SourceConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

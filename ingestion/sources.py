@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 SOURCES: tuple[str, ...] = ("simulator", "movielens-100k", "movielens-1m", "movielens-latest", "file")
@@ -29,10 +30,15 @@ SIMULATOR_DEFAULTS: dict[str, int] = {"n_users": 300, "n_items": 400, "n_categor
                                       "shift_day": -1}
 # the SourceConfig fields each source reads (the cache key: the CLI's and the assets' configs meet here)
 _SOURCE_FIELDS: dict[str, tuple[str, ...]] = {
-    "simulator": tuple(SIMULATOR_DEFAULTS), "movielens-100k": ("path", "movielens_dir"),
-    "movielens-1m": ("path", "movielens_dir"), "movielens-latest": ("path", "movielens_dir"),
-    "file": ("path", "mapping_json", "catalog_path", "catalog_mapping_json", "users_path", "users_mapping_json"),
+    "simulator": tuple(SIMULATOR_DEFAULTS), "movielens-100k": ("path", "movielens_dir", "arrival"),
+    "movielens-1m": ("path", "movielens_dir", "arrival"), "movielens-latest": ("path", "movielens_dir", "arrival"),
+    "file": ("path", "mapping_json", "catalog_path", "catalog_mapping_json", "users_path", "users_mapping_json",
+             "arrival"),
 }
+# When a historical log (file, MovieLens) "arrived": `export` (default) = all of it in one ingest batch on the day
+# of its last event, so years of history are one Dagster partition and a few Delta commits (silver is still
+# partitioned by the day each event happened); `event` = every event on its own day (one partition per day).
+ARRIVALS: tuple[str, ...] = ("export", "event")
 LOG_KINDS: tuple[str, ...] = ("simulator", "ratings", "clicks", "events", "events_with_impressions")
 _NO_SAMPLING = {"click_is_positive": False, "easy_negative_ratio": 0.0}
 _CLICK_RULE = {"click_is_positive": True, "easy_negative_ratio": 4.0}
@@ -96,9 +102,20 @@ def _load(config_json: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         events, items, users = _file_frames(config)
     else:
         raise ValueError(f"unknown source '{source}': use one of {list(SOURCES)}")
-    if "received_at" not in events:  # historical logs: received when they happened
-        events = events.assign(received_at=pd.to_numeric(events["timestamp"], errors="coerce").fillna(0).astype("int64"))
+    if "received_at" not in events:  # historical logs: see ARRIVALS
+        events = events.assign(received_at=arrival_times(events["timestamp"], config.get("arrival") or "export"))
     return events, items, users
+
+
+def arrival_times(timestamps: pd.Series, arrival: str) -> np.ndarray:
+    """received_at of a historical log's events under the `arrival` rule (ARRIVALS)."""
+    if arrival not in ARRIVALS:
+        raise ValueError(f"unknown arrival {arrival!r}: use 'export' (the whole log arrives on its last day, one "
+                         "ingest batch) or 'event' (each event arrives when it happened, one batch per day)")
+    ts = pd.to_numeric(timestamps, errors="coerce")
+    if arrival == "event" or ts.notna().sum() == 0:
+        return ts.fillna(0).astype("int64").to_numpy()
+    return np.full(len(ts), int(ts.max()), dtype="int64")
 
 
 def load_source_frames(config: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -141,4 +158,4 @@ def _implied_only(events: pd.DataFrame) -> bool:
     return all(k in keys for k in zip(imp["session_id"], imp["item_id"], imp["timestamp"]))
 
 
-__all__ = ["LABEL_RULES", "LOG_KINDS", "SOURCES", "load_source_frames", "log_kind"]
+__all__ = ["ARRIVALS", "LABEL_RULES", "arrival_times", "LOG_KINDS", "SOURCES", "load_source_frames", "log_kind"]

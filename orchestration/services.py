@@ -118,6 +118,10 @@ def spark_session(master: str = "local[2]", app_name: str = "kairos"):
         .config("spark.ui.enabled", "false")
         .config("spark.driver.memory", os.environ.get("KAIROS_SPARK_DRIVER_MEMORY", "3g"))
         .config("spark.sql.session.timeZone", "UTC")
+        # a pinned Delta snapshot is read as its file list; years of day-partitioned history are thousands of
+        # small files: list them in the driver (no listing job of one task per file) and pack them into tasks
+        .config("spark.sql.sources.parallelPartitionDiscovery.threshold", "100000")
+        .config("spark.sql.files.openCostInBytes", str(512 * 1024))
     )
     _SPARK = builder.getOrCreate()
     _SPARK.sparkContext.setLogLevel("ERROR")

@@ -3,6 +3,7 @@
 ```yaml
 source: file                       # simulator | movielens-100k | movielens-1m | movielens-latest | file
 path: data/clicks.csv              # the log (file) or the data set's folder (movielens-*)
+arrival: export                    # export: the log arrives as one ingest batch (default); event: one per day
 mapping: {user: user_id, item: item_id, timestamp: eventdate, timestamp_unit: iso,
           timestamp_offset: timeframe, session: session_id, delimiter: ";"}
 catalog: {path: data/products.csv, mapping: {item: itemId, categories: category}}   # optional
@@ -16,7 +17,7 @@ ops: {two_tower_model: {config: {epochs: 5}}}               # any other asset co
 ```
 
 `resolve_world` reads the source once (pandas, no Spark), derives what the data decides — the first
-daily partition, the validation/test windows (the last ~10% and the ~10% before it of the impressions,
+daily partition (a historical log arrives on the day of its last event unless `arrival: event`), the validation/test windows (the last ~10% and the ~10% before it of the impressions,
 whole days, at least `MIN_WINDOW_DAYS`), the label rule of the log kind — and checks the world is
 trainable (positive labels, enough impressions per window) before any heavy step, with errors that
 say what to change.
@@ -34,7 +35,7 @@ import pandas as pd
 
 from ingestion.schema import DAY_MS
 
-WORLD_KEYS: tuple[str, ...] = ("source", "path", "mapping", "catalog", "users", "simulator", "split", "labels", "gate",
+WORLD_KEYS: tuple[str, ...] = ("source", "path", "arrival", "mapping", "catalog", "users", "simulator", "split", "labels", "gate",
                                "serving", "ops")
 SIMULATOR_KEYS: tuple[str, ...] = ("n_users", "n_items", "n_categories", "days", "seed", "shift_day")
 TEST_SHARE = 0.10        # of impressions in the test window
@@ -66,8 +67,8 @@ class World:
         s = self.summary
         return (f"world: source={self.source['source']} ({self.log_kind} log, label rule {s.get('label_rule')}): "
                 f"{s.get('events')} events, {s.get('users')} users, {s.get('items')} items, "
-                f"{s.get('first_day')}..{s.get('last_day')} ({s.get('span_days')} days); partitions from "
-                f"{self.partition_start}; split validation {s.get('validation_days')} d + test {s.get('test_days')} d "
+                f"{s.get('first_day')}..{s.get('last_day')} ({s.get('span_days')} days), arriving in "
+                f"{s.get('ingest_days')} daily partition(s) from {self.partition_start}; split validation {s.get('validation_days')} d + test {s.get('test_days')} d "
                 f"({s.get('split_origin')}): impressions train/validation/test {s.get('train_impressions')}/"
                 f"{s.get('validation_impressions')}/{s.get('test_impressions')}; "
                 f"{s.get('positive_labels')} positive labels")
@@ -126,6 +127,8 @@ def source_config(spec: dict[str, Any]) -> dict[str, Any]:
         what = "the log file (CSV/TSV/Parquet)" if source == "file" else "the MovieLens folder"
         raise WorldError(f"source {source!r} needs `path`: {what} (CLI --path)")
     config: dict[str, Any] = {"source": source, "path": str(Path(spec["path"]).resolve())}
+    if spec.get("arrival"):
+        config["arrival"] = spec["arrival"]
     if source == "file":
         config["mapping_json"] = _as_json(spec.get("mapping"), "mapping")
         if not config["mapping_json"]:
@@ -177,8 +180,9 @@ def resolve_world(spec: dict[str, Any]) -> World:
     kind = log_kind(config, events)
     ts = pd.to_numeric(events["timestamp"], errors="coerce").dropna().astype("int64").to_numpy()
     arrived = events["received_at"].to_numpy(dtype="int64")
-    first_day = str(event_dates(np.array([arrived.min()]))[0])
-    last_day = str(event_dates(np.array([arrived.max()]))[0])
+    partition_start = str(event_dates(np.array([arrived.min()]))[0])
+    first_day = str(event_dates(np.array([ts.min()]))[0])
+    last_day = str(event_dates(np.array([ts.max()]))[0])
 
     labels_cfg = {**LABEL_RULES[kind], **(spec.get("labels") or {})}
     window_h = float(labels_cfg.get("attribution_window_hours", 72.0))
@@ -216,7 +220,7 @@ def resolve_world(spec: dict[str, Any]) -> World:
     unknown = sorted(set(serving) - set(SERVING_DEFAULTS))
     if unknown:
         raise WorldError(f"unknown serving key(s) {unknown}; allowed keys are {list(SERVING_DEFAULTS)}")
-    span_days = (int(arrived.max()) - int(arrived.min())) / DAY_MS
+    span_days = (int(ts.max()) - int(ts.min())) / DAY_MS
     summary = {"events": len(events), "users": len(users), "items": len(items), "first_day": first_day,
                "last_day": last_day, "span_days": round(span_days, 1), "split_origin": origin,
                "validation_days": split["validation_days"], "test_days": split["test_days"],
@@ -224,7 +228,9 @@ def resolve_world(spec: dict[str, Any]) -> World:
                "positive_labels": positives,
                "label_rule": json.dumps({k: labels_cfg[k] for k in ("click_is_positive", "easy_negative_ratio")
                                          if k in labels_cfg}, sort_keys=True)}
-    return World(source=config, ops=ops, serving=serving, partition_start=first_day, log_kind=kind, summary=summary)
+    summary["ingest_days"] = len(np.unique(arrived // DAY_MS))
+    return World(source=config, ops=ops, serving=serving, partition_start=partition_start, log_kind=kind,
+                 summary=summary)
 
 
 __all__ = ["World", "WorldError", "derive_split", "load_world_file", "resolve_world", "source_config"]

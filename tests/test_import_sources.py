@@ -145,8 +145,14 @@ def test_click_only_log_is_trainable_under_its_label_rule_only(tmp_path: Path) -
 def test_world_derives_partitions_split_and_labels_or_refuses_early(tmp_path: Path) -> None:
     latest = write_ratings_latest(tmp_path / "latest", n_events=8000, years=20, seed=4)
     world = resolve_world({"source": "movielens-latest", "path": str(latest)})
-    first = pd.to_datetime(world.source and load_source_frames(world.source)[0]["timestamp"].min(), unit="ms")
-    assert world.partition_start == first.strftime("%Y-%m-%d")
+    ts = load_source_frames(world.source)[0]["timestamp"]
+    # twenty years arrive as one ingest batch on the log's last day (one partition, a few Delta commits) ...
+    assert world.partition_start == pd.to_datetime(ts.max(), unit="ms").strftime("%Y-%m-%d")
+    assert world.summary["ingest_days"] == 1 and world.summary["span_days"] > 7000
+    # ... or, asked for, each event on its own day: partitions start at the first event
+    per_day = resolve_world({"source": "movielens-latest", "path": str(latest), "arrival": "event"})
+    assert per_day.partition_start == pd.to_datetime(ts.min(), unit="ms").strftime("%Y-%m-%d")
+    assert per_day.summary["ingest_days"] > 500
     split = world.ops["training_set"]["config"]
     assert split["test_days"] > 30 and split["validation_days"] > 30  # years of data: windows sized to it
     s = world.summary
