@@ -150,19 +150,25 @@ class DeltaLake:
             version = self.version(table)
             log.info("%s batch %s unchanged (hash %s): no new version, still v%s", table, batch_id, digest, version)
             return BatchWrite(table, version, arrow.num_rows, batch_id, digest, skipped=True)
+        version = self._replace(table, arrow, replace_where if exists else None, partition_by, {app_id: digest},
+                                {"batch_id": batch_id, **(commit_properties or {})})
+        log.info("%s batch %s: %s rows -> version %s", table, batch_id, arrow.num_rows, version)
+        return BatchWrite(table, version, arrow.num_rows, batch_id, digest, skipped=False)
+
+    def _replace(self, table: str, arrow: pa.Table, predicate: str | None, partition_by: list[str] | None,
+                 app_transactions: dict[str, int], metadata: dict[str, Any]) -> int:
+        """One commit: replace the rows matching `predicate` (None: append to a new table), recording the batches."""
         from deltalake import CommitProperties, Transaction
 
-        props = CommitProperties(custom_metadata={"batch_id": batch_id, **{k: str(v) for k, v in (commit_properties or {}).items()}},
-                                 app_transactions=[Transaction(app_id, digest)])
-        if exists:
-            write_deltalake(self.uri(table), arrow, mode="overwrite", predicate=replace_where, partition_by=partition_by,
+        props = CommitProperties(custom_metadata={k: str(v) for k, v in metadata.items()},
+                                 app_transactions=[Transaction(a, d) for a, d in app_transactions.items()])
+        if predicate is not None:
+            write_deltalake(self.uri(table), arrow, mode="overwrite", predicate=predicate, partition_by=partition_by,
                             storage_options=self.storage_options, commit_properties=props)
         else:
             write_deltalake(self.uri(table), arrow, mode="append", partition_by=partition_by,
                             storage_options=self.storage_options, commit_properties=props)
-        version = self.version(table)
-        log.info("%s batch %s: %s rows -> version %s", table, batch_id, arrow.num_rows, version)
-        return BatchWrite(table, version, arrow.num_rows, batch_id, digest, skipped=False)
+        return self.version(table)
 
     def write_day_batches(self, table: str, data: pd.DataFrame | pa.Table, days: list[str], day_column: str,
                           schema: pa.Schema | None = None, partition_by: list[str] | None = None,
@@ -188,19 +194,10 @@ class DeltaLake:
             version = self.version(table)
             log.info("%s batches %s unchanged: no new version, still v%s", table, batch_id, version)
             return BatchWrite(table, version, arrow.num_rows, batch_id, 0, skipped=True)
-        from deltalake import CommitProperties, Transaction
-
-        props = CommitProperties(custom_metadata={"batch_id": batch_id, "days": str(len(days)),
-                                                  **{k: str(v) for k, v in (commit_properties or {}).items()}},
-                                 app_transactions=[Transaction(f"batch:{table}:{d}", digests[d]) for d in days])
-        if exists:
-            predicate = f"{day_column} >= '{days[0]}' AND {day_column} <= '{days[-1]}'"
-            write_deltalake(self.uri(table), arrow, mode="overwrite", predicate=predicate, partition_by=partition_by,
-                            storage_options=self.storage_options, commit_properties=props)
-        else:
-            write_deltalake(self.uri(table), arrow, mode="append", partition_by=partition_by,
-                            storage_options=self.storage_options, commit_properties=props)
-        version = self.version(table)
+        predicate = f"{day_column} >= '{days[0]}' AND {day_column} <= '{days[-1]}'" if exists else None
+        version = self._replace(table, arrow, predicate, partition_by,
+                                {f"batch:{table}:{d}": digests[d] for d in days},
+                                {"batch_id": batch_id, "days": len(days), **(commit_properties or {})})
         log.info("%s batches %s: %s rows -> version %s", table, batch_id, arrow.num_rows, version)
         return BatchWrite(table, version, arrow.num_rows, batch_id, 0, skipped=False)
 

@@ -185,3 +185,22 @@ def test_derive_split_takes_the_last_tenths_in_whole_days() -> None:
     split = derive_split(ts)
     assert split == {"validation_days": 10.0, "test_days": 10.0, "gap_hours": 0.0}
     assert derive_split(np.array([0, 1000, 2000]))["test_days"] == 1.0  # never below a day
+
+
+def test_demo_refuses_a_bad_world_before_any_dagster_run(tmp_path: Path, monkeypatch) -> None:
+    from orchestration.cli import main
+
+    monkeypatch.delenv("KAIROS_PARTITION_START", raising=False)
+    monkeypatch.setenv("KAIROS_HOME", str(tmp_path / "home"))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("uid;sku;ts\nu1;Caf\u00e9;1000\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match=re.escape(f"kairos demo: {latin}: line 2, column 'sku'")):
+        main(["demo", "--source", "file", "--path", str(latin), "--mapping",
+              '{"user": "uid", "item": "sku", "timestamp": "ts"}'])
+    with pytest.raises(SystemExit, match="movielens-1m' needs `path`"):
+        main(["demo", "--source", "movielens-1m"])
+    world = tmp_path / "world.yaml"
+    world.write_text("source: file\npath: latin.csv\nmapping: {user: uid, item: sku, timestamp: ts}\nsplt: {}\n")
+    with pytest.raises(SystemExit, match=r"unknown key\(s\) \['splt'\]"):
+        main(["demo", "--config", str(world)])
+    assert not (tmp_path / "home" / "dagster").exists()  # refused before any run was started
