@@ -195,6 +195,8 @@ class DeltaLake:
             log.info("%s batches %s unchanged: no new version, still v%s", table, batch_id, version)
             return BatchWrite(table, version, arrow.num_rows, batch_id, 0, skipped=True)
         predicate = f"{day_column} >= '{days[0]}' AND {day_column} <= '{days[-1]}'" if exists else None
+        if dt is not None:  # a table keeps the partitioning it was created with
+            partition_by = list(dt.metadata().partition_columns) or None
         version = self._replace(table, arrow, predicate, partition_by,
                                 {f"batch:{table}:{d}": digests[d] for d in days},
                                 {"batch_id": batch_id, "days": len(days), **(commit_properties or {})})
@@ -215,6 +217,45 @@ class DeltaLake:
         actions = pa.table(dt.get_add_actions(flatten=True))  # arro3 table -> pyarrow (Arrow C stream)
         rows = int(pa.compute.sum(actions.column("num_records")).as_py() or 0) if actions.num_rows else 0
         return TableVersion(table, int(dt.version()), rows)
+
+    def count_rows(self, table: str, column: str, values: list[str]) -> int:
+        """Rows whose `column` is in `values`, from file statistics where they decide it (partition values,
+        or a file whose min == max), reading only the undecided files: years of day-partitioned history
+        are thousands of files, and opening each to count would cost per calendar day."""
+        dt = self._table(table)
+        actions = pa.table(dt.get_add_actions(flatten=True))
+        if actions.num_rows == 0:
+            return 0
+        wanted = set(values)
+        names = actions.column_names
+        part = f"partition.{column}"
+        if part in names:
+            keys = actions.column(part).to_pylist()
+            counts = actions.column("num_records").to_pylist()
+            return int(sum(n for k, n in zip(keys, counts) if k in wanted))
+        lo = actions.column(f"min.{column}").to_pylist() if f"min.{column}" in names else [None] * actions.num_rows
+        hi = actions.column(f"max.{column}").to_pylist() if f"max.{column}" in names else [None] * actions.num_rows
+        counts = actions.column("num_records").to_pylist()
+        paths = actions.column("path").to_pylist()
+        total, undecided = 0, []
+        first, last = min(wanted), max(wanted)
+        for path, a, b, n in zip(paths, lo, hi, counts):
+            if a is None or b is None:
+                undecided.append(path)
+            elif b < first or a > last:
+                continue
+            elif a == b:
+                total += n if a in wanted else 0
+            else:
+                undecided.append(path)
+        if undecided:
+            import pyarrow.dataset as ds
+
+            base = self.uri(table)
+            files = [f"{base}/{path}" for path in undecided]
+            col = ds.dataset(files, format="parquet").to_table(columns=[column]).column(column)
+            total += int(pa.compute.sum(pa.compute.is_in(col, value_set=pa.array(sorted(wanted)))).as_py() or 0)
+        return total
 
     def files(self, table: str, version: int) -> list[str]:
         return list(self._table(table, version).file_uris())

@@ -77,6 +77,9 @@ def test_lake_maintenance_compacts_without_changing_data(settings, instance) -> 
     for day in days[:3]:  # three single-day runs: many small files
         assert materialize([bronze_events, silver_events], partition_key=day, run_config=RUN_CONFIG,
                            resources=RESOURCES, instance=instance).success
+    corrected = {"ops": {"bronze_events": {"config": {**SOURCE, "seed": 22}}}}  # a corrected day replaces its files
+    assert materialize([bronze_events, silver_events], partition_key=days[0], run_config=corrected,
+                       resources=RESOURCES, instance=instance).success
     lake = DeltaLake(settings.lake_uri)
     before = {t: lake.read(t).sort_values("event_id").reset_index(drop=True) for t in (BRONZE, SILVER)}
     result = materialize([lake_maintenance], resources=RESOURCES, instance=instance,
