@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# `python bench/world.py` puts bench/ first on sys.path, where bench/streaming.py would shadow the streaming
+# package (the feature_health asset imports streaming.job): the project root goes first instead
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 SHAPES = ("20y-100k", "2y-1m", "ml-100k")
 TARGET_S = {"20y-100k": 180, "2y-1m": 600, "ml-100k": 180}
 
