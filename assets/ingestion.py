@@ -7,20 +7,19 @@ exactly its day's rows and is skipped when the content is unchanged, so replayin
 a day changes nothing downstream.
 """
 
-import functools
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, AssetSpec,
-                     BackfillPolicy, Config, DailyPartitionsDefinition, MaterializeResult, MetadataValue, asset,
+                     BackfillPolicy, Config, DailyPartitionsDefinition, Failure, MaterializeResult, MetadataValue, asset,
                      multi_asset)
 
 from compliance.exclusion import drop_forgotten
 from compliance.versions import delta_data_version, source_version
 from ingestion.schema import BRONZE_SCHEMA, DAY_MS, ITEM_SCHEMA, USER_SCHEMA
+from ingestion.sources import SIMULATOR_DEFAULTS
 from orchestration.resources import ArtifactsResource, LakeResource
 from orchestration.settings import Settings
 
@@ -33,7 +32,8 @@ LABELS = "labels"
 EVENT_ASSETS = (BRONZE, SILVER, QUARANTINE)
 # code versions (compliance/versions.py): this module + the library code each asset runs
 SOURCE_CODE = source_version(__file__, "ingestion/simulator.py", "ingestion/movielens.py", "ingestion/generic.py",
-                             "ingestion/schema.py", "compliance/exclusion.py")
+                             "ingestion/catalog.py", "ingestion/sources.py", "ingestion/schema.py",
+                             "compliance/exclusion.py")
 REFINE_CODE = source_version(__file__, "ingestion/refine.py", "ingestion/bots.py", "ingestion/dedup.py",
                              "data_contracts/events.py")
 LABELS_CODE = source_version(__file__, "training/labels.py", "compliance/exclusion.py")
@@ -42,52 +42,36 @@ daily_partitions = DailyPartitionsDefinition(start_date=Settings.from_env().part
 
 
 class SourceConfig(Config):
-    """Where events come from: the seeded simulator (default), MovieLens 100K, or any CSV/Parquet log."""
+    """Where events come from: the seeded simulator (default), MovieLens (100K, 1M, latest), or any log file.
+
+    source="file": `path` is a CSV/TSV/Parquet log and `mapping_json` its column mapping (ingestion/generic.py,
+    which also carries delimiter, encoding, composite time, anonymous users); `catalog_path` + `catalog_mapping_json`
+    and `users_path` + `users_mapping_json` join an item catalog / user profiles (ingestion/catalog.py).
+    source="movielens-*": `path` (or `movielens_dir`) is the data set's folder.
+    """
 
     source: str = "simulator"
-    n_users: int = 300
-    n_items: int = 400
-    n_categories: int = 8
-    days: int = 14
-    seed: int = 7
-    shift_day: int = -1
+    n_users: int = SIMULATOR_DEFAULTS["n_users"]
+    n_items: int = SIMULATOR_DEFAULTS["n_items"]
+    n_categories: int = SIMULATOR_DEFAULTS["n_categories"]
+    days: int = SIMULATOR_DEFAULTS["days"]
+    seed: int = SIMULATOR_DEFAULTS["seed"]
+    shift_day: int = SIMULATOR_DEFAULTS["shift_day"]
     movielens_dir: str = ""
-    path: str = ""            # source="file": a CSV/Parquet interaction log
+    path: str = ""            # source="file": a CSV/Parquet interaction log; movielens-*: its folder
     mapping_json: str = ""    # source="file": column mapping, e.g. {"user": "uid", "item": "sku", "timestamp": "ts"}
-
-
-@functools.lru_cache(maxsize=4)
-def _load_source(config_json: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    config = json.loads(config_json)
-    source = config["source"]
-    if source == "simulator":
-        from ingestion.simulator import SimulatorConfig, simulate
-
-        world = simulate(SimulatorConfig(n_users=config["n_users"], n_items=config["n_items"],
-                                         n_categories=config["n_categories"], days=config["days"], seed=config["seed"],
-                                         shift_day=config["shift_day"] if config["shift_day"] >= 0 else None))
-        events, items, users = world.events, world.items, world.users
-    elif source == "movielens-100k":
-        from ingestion.movielens import load_movielens_100k
-
-        path = Path(config["movielens_dir"]) if config["movielens_dir"] else Settings.from_env().movielens_100k_dir
-        events, items, users = load_movielens_100k(path)
-    elif source == "file":
-        from ingestion.generic import ColumnMapping, load_interactions
-
-        if not config["path"] or not config["mapping_json"]:
-            raise ValueError("source='file' needs `path` (a CSV/Parquet log) and `mapping_json` (its column mapping)")
-        events, items, users = load_interactions(config["path"], ColumnMapping.from_json(config["mapping_json"]))
-    else:
-        raise ValueError(f"unknown source '{source}': use 'simulator', 'movielens-100k' or 'file'")
-    if "received_at" not in events:  # historical logs: received when they happened
-        events = events.assign(received_at=pd.to_numeric(events["timestamp"], errors="coerce").fillna(0).astype("int64"))
-    return events, items, users
+    catalog_path: str = ""    # optional item catalog file (ids, categories, title, tags, publish time)
+    catalog_mapping_json: str = ""
+    users_path: str = ""      # optional user profile file
+    users_mapping_json: str = ""
+    arrival: str = "export"   # historical logs: "export" = one ingest batch on the last day; "event" = per day
 
 
 def load_source(config: SourceConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """events (with received_at), items, users from the configured source; cached per config in a process."""
-    return _load_source(config.model_dump_json())
+    from ingestion.sources import load_source_frames
+
+    return load_source_frames(config.model_dump())
 
 
 def ingest_day(received_at: pd.Series) -> np.ndarray:
@@ -105,6 +89,28 @@ def source_partitions(config: SourceConfig) -> list[str]:
 
 def _partition_days(context: AssetExecutionContext) -> list[str]:
     return list(context.partition_keys)
+
+
+# a backfill writes consecutive ingest days together until a batch holds this many events: years of history in
+# a few Delta commits and refine passes, so cost follows events, not calendar days
+BACKFILL_BATCH_EVENTS = 500_000
+
+
+def backfill_batches(days: list[str], day_of_row: np.ndarray, max_events: int = BACKFILL_BATCH_EVENTS) -> list[list[str]]:
+    """The run's (consecutive) days cut into runs of days holding about `max_events` events each."""
+    counts = pd.Series(day_of_row).value_counts().to_dict() if len(day_of_row) else {}
+    batches: list[list[str]] = []
+    current: list[str] = []
+    n = 0
+    for day in days:
+        current.append(day)
+        n += int(counts.get(day, 0))
+        if n >= max_events:
+            batches.append(current)
+            current, n = [], 0
+    if current:
+        batches.append(current)
+    return batches
 
 
 @multi_asset(
@@ -141,21 +147,26 @@ def bronze_events(context: AssetExecutionContext, config: SourceConfig, lake: La
     store = lake.lake()
     events, forgotten = drop_forgotten(events, store)
     arrived = ingest_day(events["received_at"])
+    in_run = np.isin(arrived, days)
+    events, arrived = events[in_run], arrived[in_run]
+    batches = backfill_batches(days, arrived)
     rows, written, skipped, version = 0, 0, 0, -1
-    for i, day in enumerate(days):
-        batch = events[arrived == day].assign(ingest_date=day)
-        out = store.write_batch(BRONZE, batch, batch_id=f"{BRONZE}:{day}", replace_where=f"ingest_date = '{day}'",
-                                schema=BRONZE_SCHEMA, partition_by=["ingest_date"],
-                                commit_properties={"run_id": context.run_id, "source": config.source})
+    for i, batch_days in enumerate(batches):
+        sel = np.isin(arrived, batch_days)
+        batch = events[sel].assign(ingest_date=arrived[sel])
+        out = store.write_day_batches(BRONZE, batch, batch_days, "ingest_date", schema=BRONZE_SCHEMA,
+                                      partition_by=["ingest_date"],
+                                      commit_properties={"run_id": context.run_id, "source": config.source})
         rows += out.rows
         skipped += out.skipped
         written += not out.skipped
         version = out.version
-        if len(days) > 5 and (i + 1) % max(len(days) // 5, 1) == 0:
-            context.log.info(f"bronze: {i + 1}/{len(days)} days, {rows} events so far")
-    context.log.info(f"bronze: {rows} events over {len(days)} day(s) in {time.perf_counter() - t0:.1f}s "
-                     f"({skipped} unchanged batches skipped)")
-    return MaterializeResult(metadata={"rows": rows, "days": len(days), "batches_written": written,
+        context.log.info(f"bronze: batch {i + 1}/{len(batches)} ({batch_days[0]}..{batch_days[-1]}, "
+                         f"{len(batch_days)} days): {out.rows} events{' unchanged' if out.skipped else ''}; "
+                         f"{rows} so far")
+    context.log.info(f"bronze: {rows} events over {len(days)} day(s) in {len(batches)} batch(es) in "
+                     f"{time.perf_counter() - t0:.1f}s ({skipped} unchanged batches skipped)")
+    return MaterializeResult(metadata={"rows": rows, "days": len(days), "batches": len(batches), "batches_written": written,
                                        "batches_unchanged": skipped, "delta_version": version, "source": config.source,
                                        "forgotten_user_events_excluded": forgotten},
                              data_version=delta_data_version(BRONZE, version) if version >= 0 else None)
@@ -206,7 +217,8 @@ def _prior_silver(store, day: str, batch: pd.DataFrame, lookback_days: int) -> p
 @multi_asset(
     specs=[
         AssetSpec(SILVER, deps=[BRONZE], group_name="ingestion", partitions_def=daily_partitions, code_version=REFINE_CODE,
-                  description="Events that passed the contract, deduplicated, bots removed (Delta, partitioned by event_date)."),
+                  description="Events that passed the contract, deduplicated, bots removed (Delta, partitioned by ingest_date; "
+                              "event_date kept as a column)."),
         AssetSpec(QUARANTINE, deps=[BRONZE], group_name="ingestion", partitions_def=daily_partitions, code_version=REFINE_CODE,
                   description="Every rejected event with reason(s), raw payload, run id and disposition "
                               "(contract, duplicate, bot)."),
@@ -221,7 +233,7 @@ def _prior_silver(store, day: str, batch: pd.DataFrame, lookback_days: int) -> p
 )
 def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: LakeResource,
                   artifacts: ArtifactsResource):
-    """Judge each ingest day's bronze batch (contract → dedup → bots) and write silver and quarantine."""
+    """Judge the run's bronze days in batches (contract → dedup → bots) and write silver and quarantine."""
     from data_contracts.events import build_data_docs, validate_events
     from ingestion.refine import REJECT_SCHEMA, SILVER_SCHEMA, bot_report, refine_batch
 
@@ -233,8 +245,10 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
     dup_reasons: dict[str, int] = {}
     per_day, bots = [], []
     silver_v = quarantine_v = -1
-    # one GX pass over the whole range (first arrival first), then each day in order: dedup looks back at the
-    # days already written, so a range run and day-by-day runs agree
+    # one GX pass over the whole range (first arrival first), then each batch of consecutive days in order (a few
+    # batches for years of history): dedup looks back at the days already written, and within a batch the first
+    # arrival wins, so a range run and day-by-day runs agree (bots are judged per batch: a session crossing
+    # midnight is seen whole)
     bronze = store.read(BRONZE, version=pin.version, filters=[("ingest_date", "in", days)])
     bronze = bronze.sort_values(["ingest_date", "received_at"], kind="mergesort").reset_index(drop=True)
     batch_of = bronze.pop("ingest_date").to_numpy(dtype=object)
@@ -242,31 +256,40 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
     end_of_range = int(pd.Timestamp(days[-1], tz="UTC").value // 1_000_000) + DAY_MS
     now_ms = min(int(time.time() * 1000), end_of_range)
     contract = validate_events(bronze, run_id=context.run_id, now_ms=now_ms, max_future_skew_ms=rc.max_future_skew_ms)
-    by_day = contract.split(batch_of)
-    context.log.info(f"contract: {contract.n_in} events over {len(days)} day(s), {len(contract.quarantined)} quarantined")
-    for i, day in enumerate(days):
-        raw = bronze[batch_of == day].reset_index(drop=True)
-        result = refine_batch(raw, ingest_date=day, run_id=context.run_id,
-                              prior=_prior_silver(store, day, raw, config.dedup_lookback_days),
-                              now_ms=now_ms, config=rc, contract=by_day.get(day) or contract.empty_share())
-        s = store.write_batch(SILVER, result.accepted, batch_id=f"{SILVER}:{day}", replace_where=f"ingest_date = '{day}'",
-                              schema=SILVER_SCHEMA, partition_by=["event_date"],
-                              commit_properties={"run_id": context.run_id, "bronze_version": pin.version})
-        q = store.write_batch(QUARANTINE, result.rejected, batch_id=f"{QUARANTINE}:{day}",
-                              replace_where=f"ingest_date = '{day}'", schema=REJECT_SCHEMA, partition_by=["ingest_date"],
-                              content_columns=[c for c in REJECT_SCHEMA.names if c not in ("run_id", "quarantined_at")],
-                              commit_properties={"run_id": context.run_id})
+    batches = backfill_batches(days, batch_of)
+    batch_no = np.empty(len(batch_of), dtype=object)
+    for i, batch_days in enumerate(batches):
+        batch_no[np.isin(batch_of, batch_days)] = i
+    by_batch = contract.split(batch_no)
+    context.log.info(f"contract: {contract.n_in} events over {len(days)} day(s) in {len(batches)} batch(es), "
+                     f"{len(contract.quarantined)} quarantined")
+    for i, batch_days in enumerate(batches):
+        sel = batch_no == i
+        raw = bronze[sel].reset_index(drop=True)
+        result = refine_batch(raw, ingest_date=batch_days[0], run_id=context.run_id,
+                              prior=_prior_silver(store, batch_days[0], raw, config.dedup_lookback_days),
+                              now_ms=now_ms, config=rc, contract=by_batch.get(i) or contract.empty_share(),
+                              ingest_dates=batch_of)
+        # partitioned like bronze, by ingest day: one file per batch, so twenty years of history are a few files
+        # (by event day it was one file per calendar day, and every read paid for each)
+        s = store.write_day_batches(SILVER, result.accepted, batch_days, "ingest_date", schema=SILVER_SCHEMA,
+                                    partition_by=["ingest_date"],
+                                    commit_properties={"run_id": context.run_id, "bronze_version": pin.version})
+        q = store.write_day_batches(QUARANTINE, result.rejected, batch_days, "ingest_date", schema=REJECT_SCHEMA,
+                                    partition_by=["ingest_date"],
+                                    content_columns=[c for c in REJECT_SCHEMA.names if c not in ("run_id", "quarantined_at")],
+                                    commit_properties={"run_id": context.run_id})
         silver_v, quarantine_v = s.version, q.version
         for k, v in result.counts().items():
             totals[k] += v
         for k, v in result.duplicate_reasons.items():
             dup_reasons[k] = dup_reasons.get(k, 0) + v
         if len(result.bots):
-            bots.append(result.bots.assign(ingest_date=day))
-        per_day.append({"ingest_date": day, **result.counts(), "reconciles": result.reconciles(),
-                        "silver_unchanged": s.skipped})
-        if len(days) > 5 and (i + 1) % max(len(days) // 5, 1) == 0:
-            context.log.info(f"silver: {i + 1}/{len(days)} days, {totals['accepted']} accepted so far")
+            bots.append(result.bots.assign(ingest_date=f"{batch_days[0]}..{batch_days[-1]}"))
+        per_day.append({"ingest_dates": f"{batch_days[0]}..{batch_days[-1]}", "days": len(batch_days),
+                        **result.counts(), "reconciles": result.reconciles(), "silver_unchanged": s.skipped})
+        context.log.info(f"silver: batch {i + 1}/{len(batches)} ({batch_days[0]}..{batch_days[-1]}): "
+                         f"{totals['accepted']} accepted so far")
     failures = contract.expectation_failures
     docs = build_data_docs(contract, artifacts.path("data_docs", context.run_id)) if contract.n_in else None
     quarantine_rate = totals["quarantined"] / max(totals["in"], 1)
@@ -298,11 +321,8 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
 
 def _reconcile_check(store, days: list[str], totals: dict[str, int], per_day: list[dict]) -> AssetCheckResult:
     """Counts must add up in memory AND in the lake: bronze rows of these days = silver + quarantine rows."""
-    in_lake = {}
-    for table in (BRONZE, SILVER, QUARANTINE):
-        frame = store.read(table, columns=["ingest_date"], filters=[("ingest_date", "in", days)]) if store.exists(table) \
-            else pd.DataFrame({"ingest_date": []})
-        in_lake[table] = len(frame)
+    in_lake = {table: store.count_rows(table, "ingest_date", days) if store.exists(table) else 0
+               for table in (BRONZE, SILVER, QUARANTINE)}
     parts = totals["accepted"] + totals["quarantined"] + totals["duplicates"] + totals["bot_filtered"]
     passed = (totals["in"] == parts and all(d["reconciles"] for d in per_day)
               and in_lake[BRONZE] == in_lake[SILVER] + in_lake[QUARANTINE] == totals["in"])
@@ -316,12 +336,15 @@ def _reconcile_check(store, days: list[str], totals: dict[str, int], per_day: li
 
 
 class LabelSettings(Config):
+    """The label rule; `kairos demo` sets click_is_positive / easy_negative_ratio per log kind (ingestion/sources.py)."""
+
     attribution_window_hours: float = 72.0
     positive_threshold: float = 0.3
     # catalog negatives per positive (0 = hard negatives only): without them a ranker trained on impressions
     # learns to re-order what was shown, not to rank the whole catalog it is asked to rank when serving
     easy_negative_ratio: float = 2.0
     negative_popularity_alpha: float = 0.5  # draw ~ (engagements + 1) ** alpha; 0 = uniform over the catalog
+    click_is_positive: bool = False   # click-only logs: a click is a positive whatever its (unknown) dwell
     seed: int = 17
 
 
@@ -330,7 +353,7 @@ class LabelSettings(Config):
                    "(forgotten users excluded).")
 def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeResource) -> MaterializeResult:
     from ingestion.schema import EVENT_COLUMNS
-    from training.labels import LabelConfig, build_labels, label_summary
+    from training.labels import LabelConfig, build_labels, label_summary, untrainable_reason
 
     store = lake.lake()
     pin = store.pin(SILVER)
@@ -341,11 +364,15 @@ def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeReso
     lab = build_labels(events, as_of_ms=as_of, catalog_item_ids=catalog, config=LabelConfig(
         attribution_window_ms=int(config.attribution_window_hours * 3_600_000),
         positive_threshold=config.positive_threshold, easy_negative_ratio=config.easy_negative_ratio,
-        negative_popularity_alpha=config.negative_popularity_alpha, seed=config.seed))
+        negative_popularity_alpha=config.negative_popularity_alpha, click_is_positive=config.click_is_positive,
+        seed=config.seed))
+    if lab.empty or int(lab["label_binary"].sum()) == 0:
+        raise Failure(description=untrainable_reason(events, lab, config.click_is_positive))
     out = store.write(LABELS, lab)
     return MaterializeResult(metadata={
         **label_summary(lab), "positives": int(lab["label_binary"].sum()),
         "silver_version": pin.version, "delta_version": out.version, "as_of_ms": as_of,
         "attribution_window_hours": config.attribution_window_hours, "easy_negative_ratio": config.easy_negative_ratio,
-        "negative_popularity_alpha": config.negative_popularity_alpha, "forgotten_user_events_excluded": forgotten,
+        "negative_popularity_alpha": config.negative_popularity_alpha, "click_is_positive": config.click_is_positive,
+        "forgotten_user_events_excluded": forgotten,
     }, data_version=delta_data_version(LABELS, out.version))

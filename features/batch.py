@@ -1,8 +1,14 @@
-"""Batch features in Spark: daily snapshots for the offline store.
+"""Batch features in Spark: daily snapshots for the offline store, all days in one pass.
 
 A snapshot stamped `feature_ts = D` (midnight UTC) aggregates only events with
 timestamp < D, so any row joined to it as-of sees the past alone. Snapshots are
 written to Delta; the latest one is what the online store serves.
+
+Cost is linear in events, not in calendar days: each (entity, day) aggregate is
+exploded into the snapshot days its window reaches (day+1 .. day+window, an equi-key
+fan-out of at most `window` rows), then summed per (entity, snapshot day). No join
+against the calendar, so a 20-year log with sparse activity costs what its events
+cost; days without activity inside an entity's window produce no row for it.
 """
 from __future__ import annotations
 
@@ -18,14 +24,23 @@ ITEM_WINDOW_DAYS = 7
 ENGAGED = ("click",)
 
 
-def _snapshot_days(spark: Any, events: Any) -> Any:
-    """One row per snapshot day: every day after the first event through the day after the last."""
+def _last_snapshot_day(events: Any) -> int:
+    """The newest snapshot day: the day after the last event (it covers every event so far)."""
     from pyspark.sql import functions as F
 
-    bounds = events.agg(F.min("day").alias("lo"), F.max("day").alias("hi")).collect()[0]
-    if bounds["lo"] is None:
+    hi = events.agg(F.max("day").alias("hi")).collect()[0]["hi"]
+    if hi is None:
         raise ValueError("no events to build feature snapshots from: materialize silver_events first")
-    return spark.range(int(bounds["lo"]) + 1, int(bounds["hi"]) + 2).withColumnRenamed("id", "snap_day")
+    return int(hi) + 1
+
+
+def _fan_out(frame: Any, window_days: int, last_snap: int) -> Any:
+    """Each row of day d once per snapshot day its window reaches: d+1 .. min(d+window, last_snap)."""
+    from pyspark.sql import functions as F
+
+    upper = F.least(F.col("day") + F.lit(window_days), F.lit(last_snap))
+    return frame.where(F.col("day") + 1 <= F.lit(last_snap)).withColumn(
+        "snap_day", F.explode(F.sequence(F.col("day") + 1, upper)))
 
 
 def _with_day(events: Any) -> Any:
@@ -51,11 +66,8 @@ def user_snapshots(spark: Any, events: Any, items: Any, users: Any | None = None
         F.count("*").alias("events"),
         F.countDistinct("session_id").alias("sessions"),
     )
-    snaps = _snapshot_days(spark, ev)
-    joined = daily.join(
-        F.broadcast(snaps),
-        (daily["day"] < snaps["snap_day"]) & (daily["day"] >= snaps["snap_day"] - USER_WINDOW_DAYS),
-    )
+    last_snap = _last_snapshot_day(ev)
+    joined = _fan_out(daily, USER_WINDOW_DAYS, last_snap)
     recent = F.col("day") >= F.col("snap_day") - USER_SHORT_WINDOW_DAYS
     agg = joined.groupBy("user_id", "snap_day").agg(
         F.sum(F.when(recent, F.col("clicks")).otherwise(0)).cast("double").alias("user_clicks_7d"),
@@ -72,7 +84,7 @@ def user_snapshots(spark: Any, events: Any, items: Any, users: Any | None = None
     # a click d days before the snapshot weighs 0.5 ** ((d - 1) / half-life): yesterday counts fully
     decay = F.pow(F.lit(0.5), (F.col("snap_day") - F.col("day") - 1) / F.lit(CATEGORY_HALF_LIFE_DAYS))
     cat = (
-        cat_daily.join(F.broadcast(snaps), (cat_daily["day"] < snaps["snap_day"]) & (cat_daily["day"] >= snaps["snap_day"] - USER_WINDOW_DAYS))
+        _fan_out(cat_daily, USER_WINDOW_DAYS, last_snap)
         .groupBy("user_id", "snap_day", "category")
         .agg(F.sum("c").cast("double").alias("c"), F.round(F.sum(F.col("c") * decay), 6).alias("cd"))
         .groupBy("user_id", "snap_day")
@@ -102,15 +114,15 @@ def item_snapshots(spark: Any, events: Any, items: Any) -> Any:
         F.sum(F.when(F.col("event_type").isin(*ENGAGED), 1).otherwise(0)).alias("clicks"),
         F.sum(F.when(F.col("event_type") == "impression", 1).otherwise(0)).alias("impressions"),
     )
-    snaps = _snapshot_days(spark, ev)
+    last_snap = _last_snapshot_day(ev)
     agg = (
-        daily.join(F.broadcast(snaps), (daily["day"] < snaps["snap_day"]) & (daily["day"] >= snaps["snap_day"] - ITEM_WINDOW_DAYS))
+        _fan_out(daily, ITEM_WINDOW_DAYS, last_snap)
         .groupBy("item_id", "snap_day")
         .agg(F.sum("clicks").cast("double").alias("item_clicks_7d"), F.sum("impressions").cast("double").alias("item_impressions_7d"))
     )
     # outer: an item co-clicked inside the 30-day window keeps its neighbours even without clicks in the last 7 days
     return (
-        agg.join(co_items(ev, snaps), ["item_id", "snap_day"], "outer")
+        agg.join(co_items(ev, last_snap), ["item_id", "snap_day"], "outer")
         .join(items.select("item_id", "category", "publish_ts"), "item_id", "left")
         .withColumn("item_ctr_7d", _smoothed(F.col("item_clicks_7d"), F.col("item_impressions_7d")))
         .withColumn("feature_ts", (F.col("snap_day") * F.lit(DAY_MS)).cast("long"))
@@ -118,7 +130,7 @@ def item_snapshots(spark: Any, events: Any, items: Any) -> Any:
     )
 
 
-def co_items(ev: Any, snaps: Any) -> Any:
+def co_items(ev: Any, last_snap: int) -> Any:
     """item_id, snap_day, co_items_30d: the item's top co-clicked items (sessions that clicked both) in the
     30 days before the snapshot, as a JSON map. A pair counts from the day its later click happened."""
     from pyspark.sql import Window
@@ -131,7 +143,7 @@ def co_items(ev: Any, snaps: Any) -> Any:
              .select(F.col("a.item_id").alias("item_id"), F.col("b.item_id").alias("other"),
                      F.greatest(F.col("a.day"), F.col("b.day")).alias("day"))
              .groupBy("item_id", "other", "day").agg(F.count("*").alias("n")))
-    windowed = (pairs.join(F.broadcast(snaps), (pairs["day"] < snaps["snap_day"]) & (pairs["day"] >= snaps["snap_day"] - USER_WINDOW_DAYS))
+    windowed = (_fan_out(pairs, USER_WINDOW_DAYS, last_snap)
                 .groupBy("item_id", "snap_day", "other").agg(F.sum("n").cast("double").alias("n")))
     rank = Window.partitionBy("item_id", "snap_day").orderBy(F.col("n").desc(), F.col("other"))
     return (windowed.withColumn("_rk", F.row_number().over(rank)).where(F.col("_rk") <= CO_ITEMS_TOP_K)

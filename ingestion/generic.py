@@ -13,7 +13,17 @@ same on every source:
   the event contract quarantines them with a reason instead of the importer
   silently dropping them;
 * event ids are uuid5 of (user, item, timestamp, event type, row number): a
-  re-import yields identical ids, so downstream dedup makes re-imports idempotent.
+  re-import yields identical ids, so downstream dedup makes re-imports idempotent;
+* a log without impressions (click-only, or views/purchases) gets one impression one
+  second before the first engagement of each (session, item): labels are per
+  impression, so every supported log yields something to label (see `log_kind`);
+* an empty user cell with a session column becomes the session-scoped identity
+  `anon:<session>` (`anonymous_users="session"`, the default), so anonymous sessions
+  are served by session state; `anonymous_users="quarantine"` keeps them null and the
+  contract quarantines them with a reason;
+* the delimiter is sniffed from the header line (, ; TAB |) unless given; the text is
+  decoded with `encoding` (default utf-8, BOM tolerated), and an undecodable byte or a
+  binary file is an error naming the file, line and column.
 
 Bad input raises `ImportError_` naming the file, the line (CSV, counting the
 header) or row (Parquet), the column, the value and what to do about it.
@@ -35,7 +45,12 @@ from ingestion.movielens import SESSION_GAP_MS, ImportError_
 from ingestion.schema import EVENT_COLUMNS, EVENT_TYPES, ITEM_SCHEMA, SCHEMA_VERSION, USER_SCHEMA
 
 TIMESTAMP_UNITS: tuple[str, ...] = ("s", "ms", "iso")
-CSV_SUFFIXES: dict[str, str] = {".csv": ",", ".tsv": "\t"}
+OFFSET_UNITS: tuple[str, ...] = ("s", "ms")
+ANONYMOUS_RULES: tuple[str, ...] = ("session", "quarantine")
+# delimiter used when the header line holds none of the candidates (a one-column file)
+CSV_SUFFIXES: dict[str, str] = {".csv": ",", ".tsv": "\t", ".txt": ",", ".dat": ","}
+DELIMITER_CANDIDATES: tuple[str, ...] = (",", ";", "\t", "|")
+ANON_PREFIX = "anon:"
 PARQUET_SUFFIXES: tuple[str, ...] = (".parquet", ".pq")
 # Same shape as the MovieLens rule: value >= long -> 45 s click, >= short -> 3 s click, else skip.
 LONG_CLICK_DWELL_MS = 45_000
@@ -65,6 +80,12 @@ class ColumnMapping:
     timestamp_unit: str = "s"
     default_event_type: str = "click"
     value_thresholds: tuple[float, float] = (4.0, 3.0)  # (long click at >=, short click at >=); below -> skip
+    timestamp_offset: str | None = None   # composite time: timestamp (e.g. a date) + this column
+    timestamp_offset_unit: str = "ms"
+    delimiter: str | None = None          # None: sniffed from the header line
+    encoding: str = "utf-8"
+    anonymous_users: str = "session"      # empty user + session -> "anon:<session>"; or "quarantine"
+    event_type_map: dict[str, str] | None = None  # source value -> Kairos event type, e.g. {"view": "click"}
 
     def __post_init__(self) -> None:
         # Config mistakes fail here, before any file is read, with the fix in the message.
@@ -72,13 +93,32 @@ class ColumnMapping:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"ColumnMapping.{name} must name a column (non-empty string), "
                                  f"got {getattr(self, name)!r}")
-        for name in ("session", "event_type", "value", "device"):
+        for name in ("session", "event_type", "value", "device", "timestamp_offset"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v):
                 raise ValueError(f"ColumnMapping.{name} must be a column name or null, got {v!r}")
         if self.timestamp_unit not in TIMESTAMP_UNITS:
             raise ValueError(f"ColumnMapping.timestamp_unit must be one of {list(TIMESTAMP_UNITS)}, "
                              f"got {self.timestamp_unit!r}")
+        if self.timestamp_offset_unit not in OFFSET_UNITS:
+            raise ValueError(f"ColumnMapping.timestamp_offset_unit must be one of {list(OFFSET_UNITS)}, "
+                             f"got {self.timestamp_offset_unit!r}")
+        if self.anonymous_users not in ANONYMOUS_RULES:
+            raise ValueError(f"ColumnMapping.anonymous_users must be one of {list(ANONYMOUS_RULES)}, "
+                             f"got {self.anonymous_users!r}")
+        if self.delimiter is not None and (not isinstance(self.delimiter, str) or len(self.delimiter) != 1):
+            raise ValueError(f"ColumnMapping.delimiter must be one character (e.g. ';' or '\\t') or null to sniff "
+                             f"it, got {self.delimiter!r}")
+        _check_encoding(self.encoding)
+        if self.event_type_map is not None:
+            if not isinstance(self.event_type_map, Mapping):
+                raise ValueError(f"ColumnMapping.event_type_map must be an object {{source value: event type}}, "
+                                 f"got {self.event_type_map!r}")
+            bad = {k: v for k, v in self.event_type_map.items() if v not in EVENT_TYPES}
+            if bad:
+                raise ValueError(f"ColumnMapping.event_type_map maps to unknown event type(s) {bad}; "
+                                 f"use one of {list(EVENT_TYPES)}")
+            object.__setattr__(self, "event_type_map", {str(k).lower(): v for k, v in self.event_type_map.items()})
         if self.default_event_type not in EVENT_TYPES:
             raise ValueError(f"ColumnMapping.default_event_type must be one of {list(EVENT_TYPES)}, "
                              f"got {self.default_event_type!r}")
@@ -133,8 +173,24 @@ class ColumnMapping:
 
     def columns(self) -> list[str]:
         """The source columns this mapping reads, in a stable order without repeats."""
-        cols = [self.user, self.item, self.timestamp, self.session, self.event_type, self.value, self.device]
+        cols = [self.user, self.item, self.timestamp, self.timestamp_offset, self.session, self.event_type,
+                self.value, self.device]
         return list(dict.fromkeys(c for c in cols if c is not None))
+
+    def log_kind(self) -> str:
+        """Which label rule the log follows (see ingestion.sources.LABEL_RULES): ratings, events or clicks."""
+        if self.value is not None:
+            return "ratings"
+        return "events" if self.event_type is not None else "clicks"
+
+
+def _check_encoding(encoding: str) -> None:
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError) as exc:
+        raise ValueError(f"unknown text encoding {encoding!r}; use e.g. 'utf-8', 'latin-1' or 'cp1252'") from exc
 
 
 # --------------------------------------------------------------------------- reading
@@ -143,34 +199,72 @@ def _where(frame: pd.DataFrame, pos: int) -> str:
     return f"{frame[_FILE].iloc[pos]}: {frame['__kairos_kind'].iloc[pos]} {int(frame[_ROW].iloc[pos])}"
 
 
-def _check_header(columns: list[str], mapping: ColumnMapping, file: Path, header: str) -> None:
-    missing = [c for c in mapping.columns() if c not in columns]
+def _check_header(columns: list[str], wanted: list[str], file: Path, header: str) -> None:
+    missing = [c for c in wanted if c not in columns]
     if missing:
         raise ImportError_(f"{file}: {header} lacks mapped column(s) {missing}; columns present: {list(columns)}. "
                            "Fix the column mapping (or the file) so every mapped column exists")
 
 
-def _read_csv(path: Path, sep: str, mapping: ColumnMapping) -> pd.DataFrame:
+def sniff_delimiter(header_line: str, default: str) -> str:
+    """The candidate (, ; TAB |) that occurs most often in the header line; `default` when none does."""
+    counts = {d: header_line.count(d) for d in DELIMITER_CANDIDATES}
+    best = max(DELIMITER_CANDIDATES, key=lambda d: counts[d])
+    return best if counts[best] else default
+
+
+def decode_text(path: Path, data: bytes, encoding: str, delimiter: str | None) -> str:
+    """The file's text; a NUL byte (binary file) or an undecodable byte raises naming line and column."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise ImportError_(f"{path}: line {line} holds a NUL byte (byte offset {nul}): this is a binary file, not "
+                           "delimited text; export the log as CSV/TSV, or give a Parquet file a .parquet suffix")
+    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as exc:
+        start = int(exc.start)
+        line_start = data.rfind(b"\n", 0, start) + 1
+        line = data.count(b"\n", 0, start) + 1
+        header = data.split(b"\n", 1)[0].decode(codec, errors="replace").rstrip("\r")
+        sep = delimiter or sniff_delimiter(header, ",")
+        field = data[line_start:start].count(sep.encode())
+        names = header.split(sep)
+        column = f"column '{names[field].strip()}'" if field < len(names) else f"field {field + 1}"
+        raise ImportError_(f"{path}: line {line}, {column} (byte offset {start}): byte 0x{data[start]:02x} is not "
+                           f"valid {encoding}; set the file's encoding (mapping key \"encoding\", CLI --encoding), "
+                           "e.g. 'latin-1' or 'cp1252', or re-export the file as UTF-8") from exc
+
+
+def read_delimited(path: Path, columns: list[str], delimiter: str | None, encoding: str) -> pd.DataFrame:
+    """`columns` of a delimited text file as strings, plus its file-line bookkeeping (_ROW, __kairos_kind)."""
+    import io
+
+    text = decode_text(path, path.read_bytes(), encoding, delimiter)
+    header = text.split("\n", 1)[0]
+    sep = delimiter or sniff_delimiter(header, CSV_SUFFIXES.get(path.suffix.lower(), ","))
+    kind = {",": "CSV", "\t": "TSV"}.get(sep, f"{sep!r}-delimited text")
     try:
         # dtype=str: ids keep leading zeros and bad numbers surface in our own checks, with line numbers;
         # skip_blank_lines=False keeps the row index aligned with file lines (blank rows are dropped below).
-        raw = pd.read_csv(path, sep=sep, dtype=str, skip_blank_lines=False)
+        raw = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, skip_blank_lines=False)
     except pd.errors.EmptyDataError as exc:
         raise ImportError_(f"{path}: the file is empty (no header line); expected a header with columns "
-                           f"{mapping.columns()} followed by one interaction per line") from exc
+                           f"{columns} followed by one interaction per line") from exc
     except pd.errors.ParserError as exc:
-        raise ImportError_(f"{path}: cannot be parsed as {'TSV' if sep == chr(9) else 'CSV'} ({exc}); "
-                           "fix the quoting/field count on that line and import again") from exc
+        raise ImportError_(f"{path}: cannot be parsed as {kind} ({exc}); fix the quoting/field count on that "
+                           "line (or set the delimiter) and import again") from exc
     raw.columns = [str(c).strip() for c in raw.columns]
-    _check_header(list(raw.columns), mapping, path, "line 1 (header)")
-    raw = raw[mapping.columns()]
+    _check_header(list(raw.columns), columns, path, "line 1 (header)")
+    raw = raw[columns]
     raw = raw[raw.notna().any(axis=1)]
     rows = raw.reset_index(drop=True)
     rows[_ROW] = (raw.index.to_numpy() + 2).astype("int64")  # 1-based, header is line 1
     return rows.assign(**{"__kairos_kind": "line"})
 
 
-def _read_parquet_file(file: Path, mapping: ColumnMapping) -> pd.DataFrame:
+def read_parquet_file(file: Path, columns: list[str]) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     try:
@@ -178,8 +272,8 @@ def _read_parquet_file(file: Path, mapping: ColumnMapping) -> pd.DataFrame:
     except Exception as exc:  # pyarrow raises several types for non-parquet bytes
         raise ImportError_(f"{file}: cannot be read as Parquet ({exc}); check the file is a complete "
                            "Parquet file") from exc
-    _check_header(table.column_names, mapping, file, "schema (Parquet has no header line 1)")
-    rows = table.select(mapping.columns()).to_pandas()
+    _check_header(table.column_names, columns, file, "schema (Parquet has no header line 1)")
+    rows = table.select(columns).to_pandas()
     rows[_ROW] = np.arange(1, len(rows) + 1, dtype="int64")  # 1-based row within the file
     return rows.assign(**{"__kairos_kind": "row"})
 
@@ -195,7 +289,7 @@ def _read(path: Path, mapping: ColumnMapping) -> pd.DataFrame:
             raise ImportError_(f"{path}: directory holds no .parquet/.pq files; nothing to import")
         parts = []
         for f in files:
-            part = _read_parquet_file(f, mapping)
+            part = read_parquet_file(f, mapping.columns())
             part[_FILE] = str(f)
             part["__kairos_key"] = str(f.relative_to(path))  # file identity inside the import, for event ids
             parts.append(part)
@@ -203,9 +297,9 @@ def _read(path: Path, mapping: ColumnMapping) -> pd.DataFrame:
     else:
         suffix = path.suffix.lower()
         if suffix in CSV_SUFFIXES:
-            frame = _read_csv(path, CSV_SUFFIXES[suffix], mapping)
+            frame = read_delimited(path, mapping.columns(), mapping.delimiter, mapping.encoding)
         elif suffix in PARQUET_SUFFIXES:
-            frame = _read_parquet_file(path, mapping)
+            frame = read_parquet_file(path, mapping.columns())
         else:
             raise ImportError_(f"{path}: unknown format {suffix!r}; use one of "
                                f"{sorted([*CSV_SUFFIXES, *PARQUET_SUFFIXES])} or a directory of parquet files")
@@ -296,6 +390,18 @@ def _timestamps_ms(frame: pd.DataFrame, mapping: ColumnMapping) -> pd.Series:
     return np.round(values).astype("int64")
 
 
+def _event_times_ms(frame: pd.DataFrame, mapping: ColumnMapping) -> pd.Series:
+    """The timestamp column, plus the offset column when the time is composite (a date + ms into it)."""
+    base = _timestamps_ms(frame, mapping)
+    if mapping.timestamp_offset is None:
+        return base
+    unit = "seconds" if mapping.timestamp_offset_unit == "s" else "milliseconds"
+    offset = _number(frame, mapping.timestamp_offset, f"a number ({unit} after the '{mapping.timestamp}' time)",
+                     "fix or remove that line/row, or set timestamp_offset_unit (s or ms) and import again")
+    scale = 1000.0 if mapping.timestamp_offset_unit == "s" else 1.0
+    return (base + np.round(offset.to_numpy() * scale).astype("int64")).astype("int64")
+
+
 def _sessions(user: pd.Series, ts: pd.Series) -> pd.Series:
     """Per-user sessions split at gaps > 30 minutes (the MovieLens rule); rows must be sorted by user, ts."""
     key = user.fillna("")
@@ -324,7 +430,7 @@ def load_interactions(path: Path | str, mapping: ColumnMapping, source: str = "c
     rows = pd.DataFrame({
         "user_id": _ids(frame[mapping.user]),
         "item_id": _ids(frame[mapping.item]),
-        "timestamp": _timestamps_ms(frame, mapping),
+        "timestamp": _event_times_ms(frame, mapping),
         "_file_key": frame["__kairos_key"].to_numpy(),
         "_row": frame[_ROW].to_numpy(),
         "_pos": frame[_POS].to_numpy(),
@@ -336,6 +442,8 @@ def load_interactions(path: Path | str, mapping: ColumnMapping, source: str = "c
         rows["device_type"] = "desktop"
     if mapping.event_type is not None:
         et = _ids(frame[mapping.event_type]).map(lambda v: None if v is None else v.lower())
+        if mapping.event_type_map:
+            et = et.map(lambda v: mapping.event_type_map.get(v, v) if v is not None else None)
         rows["event_type"] = et.astype(object)  # unknown types kept: the contract quarantines them with a reason
     else:
         rows["event_type"] = mapping.default_event_type
@@ -349,6 +457,9 @@ def load_interactions(path: Path | str, mapping: ColumnMapping, source: str = "c
     if mapping.session is not None:
         sess = _ids(frame[mapping.session])
         rows["session_id"] = sess.to_numpy()[rows["_pos"].to_numpy()]
+        if mapping.anonymous_users == "session":  # an anonymous session is its own (session-scoped) user
+            anon = rows["user_id"].isna() & rows["session_id"].notna()
+            rows.loc[anon, "user_id"] = ANON_PREFIX + rows.loc[anon, "session_id"].astype(str)
     else:
         rows["session_id"] = _sessions(rows["user_id"], rows["timestamp"])
     rows["position"] = rows.groupby(rows["session_id"].fillna("\0"), sort=False).cumcount().astype("int64")
@@ -367,11 +478,25 @@ def load_interactions(path: Path | str, mapping: ColumnMapping, source: str = "c
         events = pd.concat([imp, out], ignore_index=True)
     else:
         events = rows.assign(dwell_time_ms=np.int64(0))
+        events = with_implied_impressions(events)
     events["event_id"] = _event_ids(events, events["_file_key"], events["_row"])
     events = events.sort_values(["timestamp", "_pos"], kind="mergesort").reset_index(drop=True)
     events = events[EVENT_COLUMNS].astype({"timestamp": "int64", "position": "int64", "dwell_time_ms": "int64",
                                            "schema_version": "int64"})
     return events, _items_from(rows), _users_from(rows)
+
+
+def with_implied_impressions(events: pd.DataFrame) -> pd.DataFrame:
+    """A log that records no impressions gets one, OUTCOME_DELAY_MS before the first engagement of each
+    (session, item): labels are per impression, so a click-only or views/purchases log becomes trainable.
+    A log that records impressions itself is returned unchanged."""
+    types = events["event_type"]
+    if (types == "impression").any():
+        return events
+    engaged = events[types.isin([t for t in EVENT_TYPES if t != "impression"]) & events["item_id"].notna()]
+    first = engaged.sort_values(["timestamp", "_pos"], kind="mergesort").drop_duplicates(["session_id", "item_id"])
+    implied = first.assign(event_type="impression", timestamp=first["timestamp"] - OUTCOME_DELAY_MS)
+    return pd.concat([implied, events], ignore_index=True)
 
 
 def _items_from(rows: pd.DataFrame) -> pd.DataFrame:
@@ -394,4 +519,5 @@ def _users_from(rows: pd.DataFrame) -> pd.DataFrame:
                          "geo_region": "other", "signup_ts": first.to_numpy().astype("int64")})[USER_SCHEMA.names]
 
 
-__all__ = ["ColumnMapping", "ImportError_", "TIMESTAMP_UNITS", "load_interactions"]
+__all__ = ["ANON_PREFIX", "ColumnMapping", "ImportError_", "TIMESTAMP_UNITS", "decode_text", "load_interactions",
+           "read_delimited", "read_parquet_file", "sniff_delimiter", "with_implied_impressions"]

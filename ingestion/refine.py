@@ -99,48 +99,61 @@ def _typed(frame: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
 
 def refine_batch(raw: pd.DataFrame, ingest_date: str, run_id: str, prior: pd.DataFrame | None = None,
                  now_ms: int | None = None, config: RefineConfig = RefineConfig(),
-                 contract: ContractResult | None = None) -> RefineResult:
+                 contract: ContractResult | None = None, ingest_dates: np.ndarray | None = None) -> RefineResult:
     """Judge one ingest batch. `prior`: silver rows of earlier batches that may hold its duplicates.
 
     `contract`: this batch's share of a GX run over several batches (ContractResult.split), so a
     many-day backfill pays for one GX pass; by default the batch is validated here.
+    `ingest_dates`: a batch of several ingest days (a backfill) stamps each row with its own day; the
+    array is indexed by the contract's input positions (the whole GX run's rows when `contract` is a
+    share of it, else `raw`'s rows). Without it every row gets `ingest_date`.
     """
     now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
     if contract is None:
         contract = validate_events(raw, run_id=run_id, now_ms=now_ms, max_future_skew_ms=config.max_future_skew_ms)
     elif contract.n_in != len(raw):
         raise ValueError(f"the contract result covers {contract.n_in} rows but the batch has {len(raw)}")
+
+    def day_of(kind: str) -> np.ndarray | str:
+        return ingest_date if ingest_dates is None else np.asarray(ingest_dates, dtype=object)[contract.positions[kind]]
+
     valid = contract.accepted
+    valid_day = day_of("accepted")
+
+    def valid_days(rows: pd.DataFrame) -> np.ndarray | str:  # rows: a subset of `valid` (its index kept)
+        return valid_day if isinstance(valid_day, str) else valid_day[rows.index.to_numpy()]
+
     parts: list[pd.DataFrame] = []
     if len(contract.quarantined):
         q = contract.quarantined.copy()
-        q["disposition"], q["ingest_date"] = "contract", ingest_date
+        q["disposition"], q["ingest_date"] = "contract", day_of("quarantined")
         parts.append(q)
 
     dup_reasons: dict[str, int] = {"duplicate_event_id": contract.duplicates}
     if contract.duplicate_rows is not None and len(contract.duplicate_rows):
         parts.append(_rejects(contract.duplicate_rows, ["duplicate_event_id"] * len(contract.duplicate_rows),
-                              "duplicate", run_id, ingest_date, now_ms))
+                              "duplicate", run_id, day_of("duplicates"), now_ms))
     # bots first: a script's retries and repeats are part of its velocity
     bots = bot_sessions(valid, config.bots)
     is_bot, bot_reasons = bot_mask(valid, bots)
     if is_bot.any():
-        parts.append(_rejects(valid[is_bot], bot_reasons[is_bot], "bot", run_id, ingest_date, now_ms))
+        parts.append(_rejects(valid[is_bot], bot_reasons[is_bot], "bot", run_id, valid_days(valid[is_bot]), now_ms))
     humans = valid[~is_bot]
     seen_before = exact_duplicates(humans, prior) & ~humans["event_id"].duplicated(keep="first").to_numpy()
     rest = humans[~seen_before]
     if seen_before.any():
         parts.append(_rejects(humans[seen_before], ["duplicate_event_id: seen in an earlier batch"] * int(seen_before.sum()),
-                              "duplicate", run_id, ingest_date, now_ms))
+                              "duplicate", run_id, valid_days(humans[seen_before]), now_ms))
     dup_reasons["duplicate_event_id"] += int(seen_before.sum())
     in_window = window_duplicates(rest, prior, config.dedup_window_ms)
     if in_window.any():
         reason = f"duplicate_within_window: same user, item, event type and session within {config.dedup_window_ms // 1000}s"
-        parts.append(_rejects(rest[in_window], [reason] * int(in_window.sum()), "duplicate", run_id, ingest_date, now_ms))
+        parts.append(_rejects(rest[in_window], [reason] * int(in_window.sum()), "duplicate", run_id,
+                              valid_days(rest[in_window]), now_ms))
     dup_reasons["duplicate_within_window"] = int(in_window.sum())
     accepted = rest[~in_window].copy()
     accepted["event_date"] = event_dates(accepted["timestamp"]) if len(accepted) else []
-    accepted["ingest_date"] = ingest_date
+    accepted["ingest_date"] = valid_days(accepted)
     rejected = pd.concat([_typed(p, REJECT_SCHEMA) for p in parts], ignore_index=True) if parts \
         else _typed(pd.DataFrame(columns=REJECT_SCHEMA.names), REJECT_SCHEMA)
     return RefineResult(

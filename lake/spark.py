@@ -151,6 +151,10 @@ def session_conf(master: str, extra: dict[str, str] | None = None, lake_uri: str
         "spark.ui.showConsoleProgress": "false",
         "spark.driver.memory": os.environ.get("KAIROS_SPARK_DRIVER_MEMORY", "3g"),
         "spark.sql.session.timeZone": "UTC",
+        # a pinned Delta snapshot is read as its file list; years of day-partitioned history are thousands of
+        # small files: list them in the driver (no listing job of one task per file) and pack them into tasks
+        "spark.sql.sources.parallelPartitionDiscovery.threshold": "100000",
+        "spark.sql.files.openCostInBytes": str(512 * 1024),
     }
     if lake_uri and lake_reader(lake_uri) == "delta":
         conf.update(delta_native_conf())

@@ -129,3 +129,24 @@ def test_item_co_clicks_and_co_engagement(spark) -> None:
     values = co_engagement([day1.loc["i1", "co_items_30d"]] * 3, ['["i2"]', [], None])
     assert values.tolist() == [0.5, 0.0, 0.0]
     assert co_engagement([{"i2": 2.0, "i3": 1.0}], [["i3", "i2"]]).tolist() == [0.75]  # serving passes dicts/lists
+
+
+def test_snapshots_cost_follows_events_not_calendar_days(spark) -> None:
+    """Two active days twenty years apart: snapshot rows only inside each day's windows, values as defined."""
+    items = pd.DataFrame({"item_id": ["i1"], "title": ["a"], "category": ["books"], "tags": [""], "publish_ts": [0]})
+    far = T0 + 7300 * DAY_MS
+    events = pd.DataFrame([
+        _event("a1", "impression", T0 + HOUR_MS), _event("a2", "click", T0 + HOUR_MS + 5_000),
+        _event("b1", "impression", far + HOUR_MS, session="s9"), _event("b2", "click", far + HOUR_MS + 5_000, session="s9"),
+    ])
+    snaps = user_snapshots(spark, spark.createDataFrame(events), spark.createDataFrame(items)).toPandas()
+    day0, day_far = T0 // DAY_MS, far // DAY_MS
+    got = set(snaps["feature_ts"] // DAY_MS)
+    # a user window is 30 days: days 1..30 after each active day, and nothing in the 20 years between
+    assert got == set(range(day0 + 1, day0 + 31)) | {day_far + 1}
+    row = snaps[snaps["feature_ts"] == (day0 + 7) * DAY_MS].iloc[0]
+    assert row["user_clicks_7d"] == 1 and row["user_impressions_30d"] == 1
+    row = snaps[snaps["feature_ts"] == (day0 + 8) * DAY_MS].iloc[0]
+    assert row["user_clicks_7d"] == 0 and row["user_impressions_30d"] == 1  # the click left the 7-day window
+    item = item_snapshots(spark, spark.createDataFrame(events), spark.createDataFrame(items)).toPandas()
+    assert set(item["feature_ts"] // DAY_MS) == set(range(day0 + 1, day0 + 8)) | {day_far + 1}

@@ -25,11 +25,15 @@ def _write(path: Path, text: str) -> Path:
 def test_csv_seconds_sessions_split_at_30_minutes(tmp_path: Path) -> None:
     # u1: 1000 s, 1000+1800 s (exactly 30 min: same session), +1801 s later (new session); u2 alone.
     log = _write(tmp_path / "log.csv", "uid,sku,ts\nu1,a,1000\nu1,b,2800\nu1,a,4601\nu2,007,1500\n")
-    events, items, users = load_interactions(log, BASIC, source="shop-export")
+    logged, items, users = load_interactions(log, BASIC, source="shop-export")
 
-    assert list(events.columns) == EVENT_COLUMNS
+    assert list(logged.columns) == EVENT_COLUMNS
+    # a click-only log: every (session, item) gets an implied impression one second before its first click
+    implied = logged[logged["event_type"] == "impression"]
+    events = logged[logged["event_type"] != "impression"].reset_index(drop=True)
+    assert implied["timestamp"].tolist() == [999_000, 1_499_000, 2_799_000, 4_600_000]
     assert events["timestamp"].tolist() == [1_000_000, 1_500_000, 2_800_000, 4_601_000]  # time order, ms
-    assert (events["event_type"] == "click").all() and (events["dwell_time_ms"] == 0).all()
+    assert (events["event_type"] == "click").all() and (logged["dwell_time_ms"] == 0).all()
     assert (events["source"] == "shop-export").all() and (events["schema_version"] == SCHEMA_VERSION).all()
     for col in ("timestamp", "position", "dwell_time_ms", "schema_version"):
         assert events[col].dtype == "int64"
@@ -38,7 +42,8 @@ def test_csv_seconds_sessions_split_at_30_minutes(tmp_path: Path) -> None:
     assert u1["position"].tolist() == [0, 1, 0]
     assert events["session_id"].nunique() == 3
     assert events.loc[events["user_id"] == "u2", "item_id"].tolist() == ["007"]  # ids keep leading zeros
-    assert events["event_id"].is_unique
+    assert logged["event_id"].is_unique
+    assert logged["timestamp"].is_monotonic_increasing
 
     assert list(items.columns) == ITEM_SCHEMA.names and list(users.columns) == USER_SCHEMA.names
     assert dict(zip(items["item_id"], items["publish_ts"])) == {"007": 1_500_000, "a": 1_000_000, "b": 2_800_000}
@@ -77,7 +82,9 @@ def test_parquet_directory_is_one_log(tmp_path: Path) -> None:
     pd.DataFrame({"uid": ["a"], "sku": ["i1"], "ts": [100]}).to_parquet(folder / "part-0.parquet")
     pd.DataFrame({"uid": ["a"], "sku": ["i1"], "ts": [100]}).to_parquet(folder / "part-1.pq")
     events, items, _ = load_interactions(folder, BASIC, source="dir")
-    assert len(events) == 2 and events["event_id"].is_unique  # same key in two files: two distinct rows
+    clicks = events[events["event_type"] == "click"]
+    assert len(clicks) == 2 and events["event_id"].is_unique  # same key in two files: two distinct rows
+    assert (events["event_type"] == "impression").sum() == 1  # one implied impression per (session, item)
     assert items["item_id"].tolist() == ["i1"]
 
 
@@ -88,6 +95,7 @@ def test_iso_timestamps_and_tsv(tmp_path: Path) -> None:
                                        "u1\tc\t2024-05-01T13:00:00\n")  # naive -> UTC
     mapping = ColumnMapping(user="uid", item="sku", timestamp="when", timestamp_unit="iso")
     events, _, _ = load_interactions(log, mapping)
+    events = events[events["event_type"] == "click"]
     base = int(pd.Timestamp("2024-05-01T12:00:00Z").value // 1_000_000)
     assert sorted(events["timestamp"].tolist()) == [base, base, base + 3_600_000]
     assert events["session_id"].nunique() == 2  # an hour later is a new session
@@ -118,11 +126,14 @@ def test_unknown_event_type_kept_and_quarantined_by_contract(tmp_path: Path) -> 
                                        "u2,c,1700000003,view\n")  # epoch s in the contract's plausible range
     mapping = ColumnMapping(user="uid", item="sku", timestamp="ts", event_type="type")
     events, _, _ = load_interactions(log, mapping, source="shop")
-    assert events["event_type"].tolist() == ["click", "wishlist", "purchase", "view"]  # nothing dropped
+    logged = events[events["event_type"] != "impression"]
+    assert logged["event_type"].tolist() == ["click", "wishlist", "purchase", "view"]  # nothing dropped
+    # no impressions logged: one implied before the first known engagement of each (session, item)
+    assert sorted(events.loc[events["event_type"] == "impression", "item_id"]) == ["a", "b"]
 
     result = validate_events(events, run_id="t", now_ms=FAR_FUTURE_MS)
     assert result.reconciles()
-    assert len(result.accepted) == 2 and len(result.quarantined) == 2 and result.duplicates == 0
+    assert len(result.accepted) == 4 and len(result.quarantined) == 2 and result.duplicates == 0
     assert sorted(result.quarantined["event_type"]) == ["view", "wishlist"]
     assert set(result.quarantined["reasons"]) == {"event_type_known"}
     assert result.expectation_failures["event_type_known"] == 2

@@ -64,3 +64,29 @@ def test_filtered_read_after_a_delete_and_an_append(tmp_path) -> None:
     got = lake.read("t", columns=["s"], filters=[("user_id", "=", "u2")])
     assert sorted(got["s"]) == ["a", "c"]
     assert sorted(lake.read("t", columns=["user_id"], filters=[("user_id", "in", ["u3", "u4"])])["user_id"]) == ["u3", "u4"]
+
+
+def test_day_batches_one_commit_per_range_and_per_day_idempotency(tmp_path) -> None:
+    from lake.delta import content_hash, day_hashes
+
+    lake = DeltaLake(str(tmp_path / "lake"))
+    days = ["2026-01-01", "2026-01-02", "2026-01-03"]
+    frame = pd.DataFrame({"k": ["a", "b", "c", "d"], "ingest_date": ["2026-01-01", "2026-01-01", "2026-01-03",
+                                                                     "2026-01-03"]})
+    import pyarrow as pa
+
+    arrow = pa.Table.from_pandas(frame, preserve_index=False)
+    per_day = day_hashes(arrow, "ingest_date")
+    assert per_day["2026-01-03"] == content_hash(pa.Table.from_pandas(frame[frame["ingest_date"] == "2026-01-03"],
+                                                                      preserve_index=False))
+    first = lake.write_day_batches("t", frame, days, "ingest_date", partition_by=["ingest_date"])
+    assert not first.skipped and first.version == 0 and len(lake.history("t")) == 1  # three days, one commit
+    assert lake.write_day_batches("t", frame, days, "ingest_date").skipped          # replayed range: no-op
+    one = frame[frame["ingest_date"] == "2026-01-03"]
+    assert lake.write_batch("t", one, batch_id="t:2026-01-03", replace_where="ingest_date = '2026-01-03'").skipped
+    changed = pd.concat([frame, pd.DataFrame({"k": ["e"], "ingest_date": ["2026-01-02"]})], ignore_index=True)
+    again = lake.write_day_batches("t", changed, days, "ingest_date")
+    assert not again.skipped and sorted(lake.read("t")["k"]) == ["a", "b", "c", "d", "e"]  # replaced, not duplicated
+    outside = lake.write_day_batches("t", pd.DataFrame({"k": ["z"], "ingest_date": ["2026-01-05"]}), ["2026-01-05"],
+                                     "ingest_date")
+    assert not outside.skipped and sorted(lake.read("t")["k"]) == ["a", "b", "c", "d", "e", "z"]

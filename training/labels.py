@@ -36,6 +36,7 @@ class LabelConfig:
     # catalog negatives drawn with probability ~ (item's engagements + 1) ** alpha: 0 = uniform over the
     # catalog, 1 = as popular as items are engaged (the ranker must then separate taste from popularity)
     negative_popularity_alpha: float = 0.0
+    click_is_positive: bool = False   # click-only logs (no dwell recorded): every click scores at least the threshold
     seed: int = 17
 
 
@@ -112,6 +113,9 @@ def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = Labe
         eng = ev.loc[eng_mask, ["user_id", "item_id", "timestamp"]]
         dwell = ev.loc[eng_mask, "dwell_time_ms"] if "dwell_time_ms" in ev else pd.Series(np.nan, index=eng.index)
         eng = eng.assign(score=engagement_scores(ev.loc[eng_mask, "event_type"], dwell))
+        if config.click_is_positive:  # the click-only label rule (ingestion/sources.py LABEL_RULES)
+            is_click = (ev.loc[eng_mask, "event_type"] == "click").to_numpy()
+            eng.loc[is_click, "score"] = np.maximum(eng.loc[is_click, "score"], config.positive_threshold)
         # every impression competes (one whose window is still open may be the latest before an engagement);
         # ties at one timestamp go to the impression later in the input (stable sort)
         right = (ev.loc[is_imp, ["user_id", "item_id", "timestamp"]]
@@ -217,5 +221,24 @@ def label_summary(labels: pd.DataFrame) -> dict[str, float]:
             **{f"{k}_rows": int(kinds.get(k, 0)) for k in ("positive", "hard", "easy")}}
 
 
+def untrainable_reason(events: pd.DataFrame, labels: pd.DataFrame, click_is_positive: bool) -> str:
+    """Why a log yields no positive label, and what to change: said before any feature or training step."""
+    types = events["event_type"].value_counts().to_dict() if "event_type" in events else {}
+    seen = ", ".join(f"{k}={v}" for k, v in sorted(types.items())) or "no events"
+    if not types.get("impression"):
+        hint = ("the log has no impressions to label; import it with the generic importer, which implies one "
+                "impression per (session, item) engagement for click-only and views/purchases logs")
+    elif labels.empty:
+        hint = ("no impression's attribution window has closed yet; lower attribution_window_hours in the labels "
+                "config or wait for more data")
+    elif not click_is_positive and types.get("click"):
+        hint = ("clicks carry no dwell, so each scores below positive_threshold; use the click-only label rule "
+                "(labels config click_is_positive: true, easy_negative_ratio > 0) or map a value/rating column")
+    else:
+        hint = "no engagement was credited to an impression; check the event types mapping (event_type_map)"
+    return f"no positive labels from {len(labels)} labeled impressions (events: {seen}): {hint}"
+
+
 __all__ = ["CLICK_DWELL_WEIGHTS", "ENGAGEMENT_EVENT_TYPES", "EVENT_WEIGHTS", "LABEL_COLUMNS", "LabelConfig",
-           "build_labels", "engagement_score", "engagement_scores", "label_summary", "sample_easy_negatives"]
+           "build_labels", "engagement_score", "engagement_scores", "label_summary", "sample_easy_negatives",
+           "untrainable_reason"]
