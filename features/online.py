@@ -120,6 +120,11 @@ def text_key(version: str, column: str) -> str:
     return f"{PREFIX}:{version}:text:{column}"
 
 
+def session_owner_key(session_id: str) -> str:
+    """Who a session belongs to (the first user seen in it, set by the streaming job); expires with the session."""
+    return f"kairos:session_owner:{session_id}"
+
+
 def popular_key(version: str) -> str:
     return f"{PREFIX}:{version}:popular"
 
@@ -801,6 +806,7 @@ class OnlineStore:
             pipe.hmget(rev_key(known), ["epoch", "seq"])
         if session_id:
             pipe.get(session_key(session_id))
+            pipe.get(session_owner_key(session_id))
         res = pipe.execute()
         current = _s(res[0])
         raw_user = rev = None
@@ -809,6 +815,11 @@ class OnlineStore:
             raw_user, rev = res[1], res[2]
             pos = 3
         raw_session = res[pos] if session_id else None
+        owner = _s(res[pos + 1]) if session_id else None
+        if owner is not None and owner != user_id:  # another user's session: never personalize from it
+            log.warning("session %s belongs to another user; request for %s served without session state",
+                        session_id, user_id)
+            raw_session = None
         version = known
         if current and current != known:
             pipe = self.client.pipeline(transaction=False)

@@ -39,7 +39,7 @@ import redis
 
 from data_contracts.events import check_event
 from features.functions import new_session_state, update_session
-from features.online import SESSION_TTL_S, OnlineStore, decode_session, session_key
+from features.online import SESSION_TTL_S, OnlineStore, decode_session, session_key, session_owner_key
 from streaming.intake import COUNTS_KEY, DEAD_LETTER_STREAM, QUARANTINE_MAXLEN, QUARANTINE_STREAM, intake  # noqa: F401 - re-exported
 from streaming.options import StreamJobOptions, parse_args
 from streaming.retention import as_text as _s, ensure_group, parse_id, stream_lag, trim_processed
@@ -51,7 +51,6 @@ GROUP = "kairos-sessionizer"
 MARKER_PREFIX = "kairos:applied"
 MARKER_TTL_S = 86400
 USER_RECENT_PREFIX = "kairos:user_recent_cats"
-SESSION_OWNER_PREFIX = "kairos:session_owner"
 USER_RECENT_TTL_S = 7 * 86400
 ITEM_TABLE_RECHECK_S = 5.0
 CATEGORY_MEMO_ITEMS = 100_000  # last categories seen, for batches while Redis is unreachable
@@ -59,11 +58,6 @@ CATEGORY_MEMO_ITEMS = 100_000  # last categories seen, for batches while Redis i
 
 def marker_key(event_id: str) -> str:
     return f"{MARKER_PREFIX}:{event_id}"
-
-
-def session_owner_key(session_id: str) -> str:
-    """Who a session belongs to (the first user seen in it); expires with the session key."""
-    return f"{SESSION_OWNER_PREFIX}:{session_id}"
 
 
 def user_recent_key(user_id: str) -> str:

@@ -358,3 +358,19 @@ def test_the_fresh_index_keeps_only_the_newest_items(redis_client: redis.Redis, 
     assert redis_client.zrevrange(published_key("v1"), 0, -1) == [f"i{i:05d}" for i in range(29, 21, -1)]
     store.write_items(pd.DataFrame({"item_id": ["new"], "publish_ts": [1_800_000_000_000]}))
     assert redis_client.zcard(published_key("v1")) == 8 and redis_client.zrevrange(published_key("v1"), 0, 0) == ["new"]
+
+
+def test_a_session_is_read_only_by_its_owner(redis_client) -> None:
+    """The streaming job binds a session to its first user; the read side honours it: another user's request
+    naming that session id is served without it (no one personalizes from someone else's clicks)."""
+    import json as _json
+
+    from features.online import OnlineStore, session_key, session_owner_key
+
+    redis_client.set(session_key("shared-s"), _json.dumps({"last_items": ["i1"], "length": 1}))
+    redis_client.set(session_owner_key("shared-s"), "owner-u")
+    store = OnlineStore(redis_client)
+    assert store.fetch("owner-u", "shared-s")[1]["last_items"] == ["i1"]
+    assert store.fetch("other-u", "shared-s")[1] is None
+    redis_client.set(session_key("free-s"), _json.dumps({"last_items": ["i2"], "length": 1}))  # no owner yet
+    assert store.fetch("anyone", "free-s")[1]["last_items"] == ["i2"]
