@@ -8,6 +8,7 @@ a day changes nothing downstream.
 """
 
 import json
+from pathlib import Path
 import time
 
 import numpy as np
