@@ -228,7 +228,7 @@ class GateSettings(Config):
     max_p99_scoring_ms: float = 25.0
     max_null_rate: float = 0.0
     min_batch_feature_coverage: float = 0.01
-    min_lift_over_best_baseline: float = 0.0
+    min_lift_over_best_baseline: float = -0.05  # non-inferiority margin vs the best baseline (training/gates.py)
     max_ndcg_drop_vs_champion: float = 0.02
     min_test_users: int = 30
     # True: a passing version becomes champion at once (the demo). False: it enters the staged rollout
