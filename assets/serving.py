@@ -19,11 +19,13 @@ def online_features(context: AssetExecutionContext, lake: LakeResource, redis: R
     from features.history import consumed_items, serving_snapshot
 
     store = lake.lake()
-    u_pin, i_pin, s_pin = store.pin(USER_FEATURES), store.pin(ITEM_FEATURES), store.pin(SILVER)
+    u_pin, i_pin = store.pin(USER_FEATURES), store.pin(ITEM_FEATURES)
+    s_pin = store.pin(SILVER) if store.exists(SILVER) else None
     catalog = store.read(ITEMS)  # a catalog may lack a category (then categories read as missing)
     # what each user already consumed: excluded by the server, pooled by the user tower without a session
-    consumed = consumed_items(store.read(SILVER, version=s_pin.version,
-                                         columns=["user_id", "item_id", "event_type", "timestamp"]))
+    consumed = (consumed_items(store.read(SILVER, version=s_pin.version,
+                                          columns=["user_id", "item_id", "event_type", "timestamp"]))
+                if s_pin is not None else None)  # no silver table (features loaded from elsewhere): no history
     users, items, popular, newest = serving_snapshot(store.read(USER_FEATURES, version=u_pin.version),
                                                      store.read(ITEM_FEATURES, version=i_pin.version), catalog,
                                                      consumed=consumed)

@@ -210,7 +210,7 @@ def forget_in_redis(client: Any, user_id: str, session_ids: set[str], event_ids:
     from features.online import PREFIX, VERSIONS_KEY, session_key, user_key
 
     def s(v: Any) -> str:
-        return v.decode() if isinstance(v, bytes) else str(v)
+        return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
 
     uid = str(user_id)
     doomed: set[str] = set()

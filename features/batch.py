@@ -123,6 +123,9 @@ def item_snapshots(spark: Any, events: Any, items: Any) -> Any:
     # outer: an item co-clicked inside the 30-day window keeps its neighbours even without clicks in the last 7 days
     return (
         agg.join(co_items(ev, last_snap), ["item_id", "snap_day"], "outer")
+        # such an item had no clicks or impressions in 7 days: 0, not missing
+        .withColumn("item_clicks_7d", F.coalesce(F.col("item_clicks_7d"), F.lit(0.0)))
+        .withColumn("item_impressions_7d", F.coalesce(F.col("item_impressions_7d"), F.lit(0.0)))
         .join(items.select("item_id", "category", "publish_ts"), "item_id", "left")
         .withColumn("item_ctr_7d", _smoothed(F.col("item_clicks_7d"), F.col("item_impressions_7d")))
         .withColumn("feature_ts", (F.col("snap_day") * F.lit(DAY_MS)).cast("long"))

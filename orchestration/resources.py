@@ -117,7 +117,10 @@ class ArtifactsResource(ConfigurableResource):
             client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
             experiment = client.get_experiment_by_name(REPORTS_EXPERIMENT)
             if experiment is None:
-                client.create_experiment(REPORTS_EXPERIMENT, artifact_location=settings.mlflow_artifact_root + "/reports",
+                from training.registry import artifact_location
+
+                root = artifact_location(settings)  # None with a remote server: its own artifact root
+                client.create_experiment(REPORTS_EXPERIMENT, artifact_location=root + "/reports" if root else None,
                                          tags={"mlflow.experimentKind": "custom_model_development",
                                                "mlflow.note.content": "Reports of the Kairos Dagster runs (data docs, "
                                                                       "drift, evaluation, lineage), one run per Dagster run."})

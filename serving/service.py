@@ -379,6 +379,8 @@ class PersonalizeRequest(BaseModel):
 # ---- the answer (OpenAPI response schema of POST /v1/personalize). The handler serializes the pipeline's dict
 # itself (no pydantic pass per request); these models document it, with an answer measured on the demo world.
 class RankedItem(BaseModel):
+    model_config = ConfigDict(json_schema_extra=openapi30)
+
     item_id: str
     score: float = Field(description="the ranker's score (higher first)")
     rank: int = Field(ge=1, description="1-based position in the list")
@@ -399,8 +401,7 @@ class ExperimentArm(BaseModel):
     arm: str = Field(description="champion, challenger, canary or interleaved")
 
 
-class PersonalizeResponse(BaseModel):
-    model_config = ConfigDict(extra="allow", json_schema_extra={"example": {
+PERSONALIZE_EXAMPLE = {
         "request_id": "3f0c2a9e5b7d4c1e8a6f2b0d9c4e7a15", "user_id": "u00001", "surface": "home_feed",
         "ranked_items": [{"item_id": "i00217", "score": 0.412983, "rank": 1, "propensity": 1.0},
                          {"item_id": "i00031", "score": 0.387214, "rank": 2, "propensity": 1.0},
@@ -408,7 +409,17 @@ class PersonalizeResponse(BaseModel):
         "model_version": "1", "feature_version": "u14-i14-1768348800000", "served_by": "two_stage",
         "latency_breakdown_ms": {"feature_fetch": 0.61, "candidate_retrieval": 1.12, "ranking_inference": 2.35,
                                  "post_processing": 0.48, "total": 4.71},
-        "candidate_channels": {"ann": 120, "co_visitation": 40, "trending": 25, "fresh": 15}}})
+        "candidate_channels": {"ann": 120, "co_visitation": 40, "trending": 25, "fresh": 15}}
+
+
+def _response_schema(schema: dict) -> None:
+    """OpenAPI 3.0 nullable fields (openapi30) plus a real example answer."""
+    openapi30(schema)
+    schema["example"] = PERSONALIZE_EXAMPLE
+
+
+class PersonalizeResponse(BaseModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra=_response_schema)
 
     request_id: str = Field(description="quote it to `kairos lineage --request-id`")
     user_id: str

@@ -40,6 +40,8 @@ SHIFTED = {**WORLD, "days": 13, "shift_day": 10}  # three more days, user tastes
 # 2-core machine shared with other jobs. auto_promote off: the version goes through shadow and canary.
 GATE = {"validation_gate": {"config": {"auto_promote": False, "min_ndcg_lift_over_popularity": -0.15,
                                        "min_lift_over_best_baseline": -0.15, "max_p99_scoring_ms": 100.0}}}
+# a 150-user world has ~90 sessions a day: the drift windows' minimum is lowered to what this world can fill
+DRIFT = {"feature_drift": {"config": {"min_sessions": 100}}}
 ROLLOUT = {"shadow_report": {"config": {"min_requests": 30}},
            # p99 budget for a 2-core machine shared with other jobs; the CTR guardrail is the one under test
            "canary_evaluation": {"config": {"min_requests": 40, "min_impressions": 300, "max_p99_latency_ms": 250.0}},
@@ -68,7 +70,7 @@ def _ingest(instance: DagsterInstance, source: dict) -> None:
         tags={"dagster/asset_partition_range_start": days[0], "dagster/asset_partition_range_end": days[-1]})
     materialize([catalog, feature_drift], instance=instance, raise_on_error=True,
                 resources={"lake": LakeResource(), "artifacts": ArtifactsResource()},
-                run_config={"ops": {"catalog": {"config": source}}})
+                run_config={"ops": {"catalog": {"config": source}, **DRIFT}})
 
 
 def _rollout(instance: DagsterInstance) -> dict:
@@ -186,7 +188,7 @@ def test_drift_retrain_shadow_canary_promote_then_refuse_a_broken_model(loop_env
 
     settings = loop_env
     t0 = time.perf_counter()
-    run = materialize_all(settings, WORLD)
+    run = materialize_all(settings, WORLD, build_ops=DRIFT)
     assert run["success"]
     v1 = rollout_state(settings).champion
     assert v1 is not None
@@ -210,7 +212,7 @@ def test_drift_retrain_shadow_canary_promote_then_refuse_a_broken_model(loop_env
 
     # ---- 3. the retrain run passes the gate; with auto_promote off, v2 enters shadow
     retrain = defs.resolve_job_def("retrain").execute_in_process(instance=instance, tags=request.tags,
-                                                                 run_config={"ops": GATE}, raise_on_error=True)
+                                                                 run_config={"ops": {**GATE, **DRIFT}}, raise_on_error=True)
     gate = retrain.output_for_node("validation_gate")
     assert gate.passed, gate.reasons
     v2 = retrain.output_for_node("registered_model")
