@@ -37,14 +37,21 @@ def forgotten():
 
 
 def _redis_dump(client) -> dict[str, str]:
-    """Every key and its whole content as text (strings, hashes, sets, zsets, lists, streams)."""
+    """Every key and its whole content as text (strings, hashes, sets, zsets, lists, streams); the online
+    store's packed item rows are binary, so hashes are read as bytes and shown with undecodable bytes replaced
+    (item ids inside them are utf-8 and still findable)."""
+    raw = client.connection_pool.connection_kwargs.get("decode_responses") and type(client)(
+        connection_pool=type(client.connection_pool)(**{**client.connection_pool.connection_kwargs,
+                                                        "decode_responses": False}))
     out = {}
     for key in client.scan_iter(count=1000):
         kind = client.type(key)
         if kind == "string":
             value = client.get(key)
         elif kind == "hash":
-            value = json.dumps(client.hgetall(key))
+            fields = (raw or client).hgetall(key)
+            value = json.dumps({(k.decode(errors="replace") if isinstance(k, bytes) else k):
+                                (v.decode(errors="replace") if isinstance(v, bytes) else v) for k, v in fields.items()})
         elif kind == "set":
             value = json.dumps(sorted(client.smembers(key)))
         elif kind == "zset":
