@@ -155,6 +155,10 @@ def make_training_set(world) -> pd.DataFrame:
         imp[c] = imp[c].fillna(0.0)
     imp["seconds_since_last_event"] = imp["seconds_since_last_event"].fillna(3600.0)
     imp["session_last_items"] = imp["session_last_items"].fillna("[]")
+    # the user's latest consumed items before each row, by the product's own rule (features/history.py)
+    from features.history import recent_items_before
+
+    imp["user_recent_items"] = recent_items_before(ev, imp)
     imp["query_id"] = imp["session_id"]
     imp["request_ts"] = imp["timestamp"]
     imp_days = int(imp["day"].max()) + 1  # late purchases may run past the last impression day
