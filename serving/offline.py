@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from features.functions import new_session_state, update_session
-from features.online import FRESH_WINDOW, ITEM_STORE_COLUMNS, ItemCodec, OnlineStore
+from features.online import FRESH_WINDOW, ITEM_STORE_COLUMNS, ItemCodec, ItemTable, OnlineStore
 from features.registry import USER_HISTORY_COLUMNS, USER_STORE_COLUMNS
 from serving.candidates import DEFAULT_CHANNELS, Channel
 from serving.pipeline import SERVED_STALE, SERVED_TWO_STAGE, personalize
@@ -63,11 +63,7 @@ class FrameItemTable:
         return self.codec.decode([self._rows.get(i, blank) for i in item_ids], ITEM_STORE_COLUMNS,
                                  lambda col, top: self._values[col])
 
-    def co_items_for(self, item_ids: Sequence[str]) -> dict[str, Mapping[str, float]]:
-        if "co_items_30d" not in ITEM_STORE_COLUMNS or not item_ids:
-            return {}
-        co = self.columns_for(list(item_ids))["co_items_30d"]
-        return {i: m for i, m in zip(item_ids, co) if m}
+    co_items_for = ItemTable.co_items_for  # the online table's own rule, over this table's columns_for
 
     def fresh_window(self) -> tuple[list[str], np.ndarray]:
         return self._fresh
