@@ -109,12 +109,12 @@ class ArtifactsResource(ConfigurableResource):
         the MLflow UI (served over HTTP: a file path in Dagster metadata only copies to the clipboard). If MLflow
         cannot take it, the local path is returned, so a report never fails its asset."""
         from dagster import MetadataValue
-        from mlflow.tracking import MlflowClient
+        from training.registry import mlflow_client
 
         report = Path(report)
         try:
             settings = _settings()
-            client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+            client = mlflow_client(settings)
             experiment = client.get_experiment_by_name(REPORTS_EXPERIMENT)
             if experiment is None:
                 from training.registry import artifact_location

@@ -77,11 +77,11 @@ def test_whole_graph_on_the_cluster_configuration(cluster) -> None:
 
 def test_registry_artifacts_live_on_the_server(cluster) -> None:
     settings = cluster["settings"]
-    from mlflow import MlflowClient
+    from training.registry import mlflow_client
 
     from training.registry import load_alias
 
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = mlflow_client(settings)
     # the newest version (always `challenger`; on a world this small the gate may keep it from `champion`)
     mv = client.get_model_version_by_alias(settings.model_name, "challenger")
     assert client.get_run(mv.run_id).info.artifact_uri.startswith("mlflow-artifacts:")

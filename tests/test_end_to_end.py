@@ -61,9 +61,9 @@ def test_every_asset_materialized_with_checks(pipeline) -> None:
 
 def test_champion_registered_with_lineage(pipeline) -> None:
     settings, _ = pipeline
-    from mlflow import MlflowClient
+    from training.registry import mlflow_client
 
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = mlflow_client(settings)
     mv = client.get_model_version_by_alias(settings.model_name, "champion")
     lake = DeltaLake(settings.lake_uri)
     assert mv.tags["delta.training_set.version"] == str(lake.version("training_set"))

@@ -178,7 +178,7 @@ def _broken_bundle(settings: Settings, tmp: Path):
                    "batched arrival, the shifted world's feature_drift reads insufficient_data (max PSI 3.0) instead of "
                    "act even with min_sessions 50; see the closing note of 2026-12-02")
 def test_drift_retrain_shadow_canary_promote_then_refuse_a_broken_model(loop_env: Settings, tmp_path: Path) -> None:
-    from mlflow import MlflowClient
+    from training.registry import mlflow_client
 
     from orchestration.definitions import defs
     from serving.experiments import CANARY_ARM, Experiment, assign
@@ -260,8 +260,8 @@ def test_drift_retrain_shadow_canary_promote_then_refuse_a_broken_model(loop_env
 
             # ---- 5. a broken model: the gate refuses it ...
             champion, broken, broken_dir, frame = _broken_bundle(settings, tmp_path)
-            run_metrics = MlflowClient(settings.mlflow_tracking_uri).get_run(
-                MlflowClient(settings.mlflow_tracking_uri).get_model_version(settings.model_name, v2).run_id).data.metrics
+            run_metrics = mlflow_client(settings).get_run(
+                mlflow_client(settings).get_model_version(settings.model_name, v2).run_id).data.metrics
             popularity = {"ndcg_at_10": run_metrics["test.popularity.ndcg_at_10"]}
             candidate, champ = evaluate_bundle(frame, broken), evaluate_bundle(frame, champion)
             metrics = {"two_stage": candidate, "popularity": popularity, "champion": champ}

@@ -69,9 +69,9 @@ def test_registry_aliases_follow_the_gate(trained, settings, tmp_path) -> None:
     assert alias_version(settings, "champion") == v2 and alias_version(settings, "challenger") == v3
     assert load_alias(settings, "challenger").model_version == v3
 
-    from mlflow.tracking import MlflowClient
+    from training.registry import mlflow_client
 
-    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    client = mlflow_client(settings)
     mv = client.get_model_version(settings.model_name, v2)
     assert mv.tags["delta.training_set.version"] == "2" and mv.tags["delta.silver_events.version"] == "12"
     assert mv.tags["gate.passed"] == "True" and "no champion yet" in mv.tags["gate.reasons"]
@@ -105,14 +105,14 @@ def test_version_has_signature_example_descriptions_and_delta_inputs(trained, se
     """What the MLflow UI shows: Schema inputs/outputs, a real input example, a model-training experiment,
     a run named after what trained, descriptions, and the Delta versions read as dataset inputs."""
     import mlflow
-    from mlflow.tracking import MlflowClient
+    from training.registry import mlflow_client
 
     out, _ = trained
     bundle_dir = out.bundle.save(tmp_path / "bundle")
     version = register_bundle(settings, bundle_dir, out.metrics, {"training_rows": 1234}, _tags(5),
                               GateResult(True, ["PASS beats_popularity"], {}))
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
+    client = mlflow_client(settings)
     info = mlflow.models.get_model_info(f"models:/{settings.model_name}/{version}")
     assert info.signature.inputs.input_names() == ["user_id", "history"]
     assert info.signature.outputs.input_names() == ["user_id", "items"]

@@ -51,7 +51,7 @@ def promotion_tags(alias: str, by: str, reason: str, at_ms: int | None = None) -
 
 def record_promotion(settings: Settings, version: str, alias: str, by: str, reason: str) -> None:
     """Stamp a promotion on the model version (aliases themselves keep no history)."""
-    client = _client(settings)
+    client = mlflow_client(settings)
     for k, v in promotion_tags(alias, by, reason).items():
         client.set_model_version_tag(settings.model_name, str(version), k, v)
 
@@ -79,7 +79,10 @@ class BundleModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"user_id": frame["user_id"].tolist(), "items": out})
 
 
-def _client(settings: Settings):
+def mlflow_client(settings: Settings):
+    """The one MLflow client builder: tracking and registry both on settings.mlflow_tracking_uri, given
+    explicitly (MLflow's process-wide registry URI outlives a Settings, so a client that relies on it can
+    reach the server of an earlier configuration). Also points the fluent API (mlflow.log_*) there."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -201,7 +204,7 @@ def register_bundle(settings: Settings, bundle_dir: Path, metrics: dict[str, dic
     """
     import mlflow
 
-    client = _client(settings)
+    client = mlflow_client(settings)
     exp_id = _experiment_id(client, settings)
     gate_dict = asdict(gate) if hasattr(gate, "__dataclass_fields__") else dict(gate)
     str_tags = {str(k): str(v) for k, v in (tags or {}).items()}
@@ -266,7 +269,7 @@ def register_bundle(settings: Settings, bundle_dir: Path, metrics: dict[str, dic
 def _alias(settings: Settings, alias: str):
     from mlflow.exceptions import MlflowException
 
-    client = _client(settings)
+    client = mlflow_client(settings)
     try:
         return client.get_model_version_by_alias(settings.model_name, alias)
     except MlflowException:
@@ -283,7 +286,7 @@ def champion_metrics(settings: Settings) -> dict | None:
     mv = _alias(settings, CHAMPION)
     if mv is None or not mv.run_id:
         return None
-    run = _client(settings).get_run(mv.run_id)
+    run = mlflow_client(settings).get_run(mv.run_id)
     head = "test.two_stage."
     return {k[len(head):]: float(v) for k, v in run.data.metrics.items() if k.startswith(head)} or None
 

@@ -394,9 +394,9 @@ def arm_metrics(log: Any, clicks: Any, window_ms: int, experiment: str | None = 
 
 # ---------------------------------------------------------------------------------------------- MLflow adapters
 def _client(settings: Any):
-    from training.registry import _client as registry_client
+    from training.registry import mlflow_client
 
-    return registry_client(settings)
+    return mlflow_client(settings)
 
 
 def rollout_state(settings: Any) -> RolloutState:
