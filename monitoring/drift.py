@@ -117,12 +117,36 @@ class BehaviourWindows:
     notes: list[str] = field(default_factory=list)
 
 
+STRAGGLER_DAY_SHARE = 0.05  # a UTC day with fewer events than this share of the median day holds stragglers only
+
+
+def data_end_ms(events: pd.DataFrame, straggler_share: float = STRAGGLER_DAY_SHARE) -> tuple[int, int]:
+    """(the newest event time of the newest UTC day that carries real traffic, events dropped after it).
+
+    Anchoring the newest window on the single newest event let a handful of late events (sessions crossing
+    midnight, a clock a day ahead) place the window on a nearly empty day: a shifted world's 3 new days read
+    27 sessions and `insufficient_data`. Days holding fewer than `straggler_share` of the median day's events
+    after the last full day are stragglers; they are left out of both windows (and counted in the notes)."""
+    day = CYCLICAL_FEATURES["hour_of_day"]
+    days = (events["timestamp"] // day).astype("int64")
+    counts = days.value_counts().sort_index()
+    real = counts.index[counts >= straggler_share * float(counts.median())]
+    last_day = int(real.max())
+    after = days > last_day
+    end = int(events.loc[~after, "timestamp"].max())
+    return end, int(after.sum())
+
+
 def behaviour_windows(events: pd.DataFrame, train_start_ms: int, train_end_ms: int, recent_days: float,
                       min_sessions: int = MIN_SESSIONS) -> BehaviourWindows:
-    """Whole, closed sessions of the training window vs the newest `recent_days` after it, both cut to whole
-    UTC days when the current side keeps at least `min_sessions` sessions that way."""
+    """Whole, closed sessions of the training window vs the newest `recent_days` after it (ending at
+    data_end_ms, stragglers left out), both cut to whole UTC days when the current side keeps at least
+    `min_sessions` sessions that way."""
     notes: list[str] = []
-    data_end = int(events["timestamp"].max())
+    data_end, stragglers = data_end_ms(events)
+    if stragglers:
+        notes.append(f"{stragglers} straggler events on near-empty days after the newest full day left out")
+        events = events[events["timestamp"] <= data_end]
     recent_start = max(data_end - int(recent_days * 86_400_000), int(train_end_ms) + 1)
     ref = whole_sessions(events, int(train_start_ms), int(train_end_ms), data_end)
     if ref.empty:

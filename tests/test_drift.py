@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ingestion.schema import DAY_MS
@@ -158,3 +159,24 @@ def test_too_few_sessions_is_insufficient_data_never_act(tmp_path) -> None:
     result, _ = _window_verdict(ev, world.items, start, start + 3 * DAY_MS - 1, tmp_path, "small")
     assert result.status == "insufficient_data" and result.drifted_features == [] and result.report_drifted == []
     assert "fewer than 300" in result.notes[-1]
+
+
+def test_straggler_events_after_the_last_full_day_do_not_empty_the_newest_window(tmp_path) -> None:
+    """A few late events a day or two after the log's last full day (sessions crossing midnight, a skewed
+    clock) once anchored the newest window on a nearly empty day: a shifted world read 27 sessions and
+    insufficient_data. The window ends at the newest day with real traffic; the stragglers are named."""
+    world = simulate(SimulatorConfig(n_users=300, n_items=200, n_categories=6, days=13, seed=2, shift_day=8,
+                                     malformed_rate=0, duplicate_rate=0))
+    ev = world.events[world.events["session_id"].notna() & world.events["item_id"].notna()]
+    start = world.config.start_ms
+    late = ev.tail(3).assign(timestamp=lambda d: d["timestamp"] + 2 * DAY_MS,
+                             session_id=lambda d: d["session_id"] + "-late")
+    clean, _ = _window_verdict(ev, world.items, start, start + 8 * DAY_MS - 1, tmp_path, "clean")
+    with_late, windows = _window_verdict(pd.concat([ev, late]), world.items, start, start + 8 * DAY_MS - 1,
+                                         tmp_path, "late")
+    assert clean.status == "act" and with_late.status == "act", (with_late.n_current, with_late.notes)
+    assert with_late.n_current == clean.n_current and with_late.psi == pytest.approx(clean.psi)
+    clean_windows = _window_verdict(ev, world.items, start, start + 8 * DAY_MS - 1, tmp_path, "again")[1]
+    named = [int(n.split()[0]) for n in windows.notes if "straggler events" in n]
+    before = [int(n.split()[0]) for n in clean_windows.notes if "straggler events" in n] or [0]
+    assert named == [before[0] + 3], (windows.notes, clean_windows.notes)  # the simulator's own midnight tails too
