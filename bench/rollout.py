@@ -34,12 +34,12 @@ def main() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     from orchestration.settings import Settings
-    from training.registry import _client
+    from training.registry import mlflow_client
     from training.rollout import (ArmMetrics, canary_verdict, compare_shadow, promote, rollback, rollout_state,
                                   start_canary, start_rollout)
 
     settings = Settings.from_env()
-    client = _client(settings)
+    client = mlflow_client(settings)
     client.create_registered_model(settings.model_name)
     versions = [str(client.create_model_version(settings.model_name, source=tempfile.mkdtemp()).version) for _ in range(2)]
     promote(settings, versions[0])

@@ -383,9 +383,9 @@ def collect_inputs(settings: Settings, version: str, instance: Any = None) -> di
     from mlflow.exceptions import MlflowException
 
     from features.registry import registry_version
-    from training.registry import _client
+    from training.registry import mlflow_client
 
-    client = _client(settings)
+    client = mlflow_client(settings)
     try:
         mv = client.get_model_version(settings.model_name, str(version))
     except MlflowException as exc:
@@ -436,11 +436,11 @@ def write_lineage(lineage: Mapping[str, Any], folder: Path) -> tuple[Path, Path]
 def publish_lineage(settings: Settings, version: str, folder: Path, instance: Any = None) -> dict[str, Any]:
     """Build the lineage, write lineage.json/.html to `folder`, log both on the version's MLflow run under
     `lineage/`, and tag the version with where they are (`lineage.uri`)."""
-    from training.registry import _client
+    from training.registry import mlflow_client
 
     lineage = lineage_for_version(settings, version, instance=instance)
     json_path, html_path = write_lineage(lineage, folder)
-    client = _client(settings)
+    client = mlflow_client(settings)
     run_id = lineage["model"]["run_id"]
     client.log_artifact(run_id, str(json_path), artifact_path=LINEAGE_DIR)
     client.log_artifact(run_id, str(html_path), artifact_path=LINEAGE_DIR)

@@ -52,7 +52,7 @@ def compliance_world() -> dict[str, Any]:
     from orchestration.services import start_redis
     from orchestration.settings import Settings, redis_client
     from streaming.job import SessionStreamProcessor, publish
-    from training.registry import _client, load_alias
+    from training.registry import mlflow_client, load_alias
 
     home = Path(tempfile.mkdtemp(prefix="kairos-compliance-"))
     redis = start_redis(home / "redis")
@@ -80,7 +80,7 @@ def compliance_world() -> dict[str, Any]:
         applied, deadline = 0, time.time() + 20
         while applied < len(events) and time.time() < deadline:
             applied += processor.process_once(count=100, block_ms=100)
-        mv = _client(settings).search_model_versions(f"name='{settings.model_name}'")
+        mv = mlflow_client(settings).search_model_versions(f"name='{settings.model_name}'")
         version = str(max(int(v.version) for v in mv))
         bundle = load_alias(settings, "challenger")
         _serve(settings, client, forgotten, "req-landed-forgotten", bundle)

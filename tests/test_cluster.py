@@ -5,10 +5,8 @@ the kairos_delta source) and the registry on an `mlflow server` (artifacts in th
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from compliance.exclusion import FORGOTTEN_USERS, PRIVACY_AUDIT, user_hash

@@ -179,12 +179,12 @@ def test_lineage_logged_at_registration(world) -> None:
     import mlflow
     from dagster import DagsterInstance
 
-    from training.registry import _client
+    from training.registry import mlflow_client
 
     settings, version = world["settings"], world["version"]
-    mv = _client(settings).get_model_version(settings.model_name, version)
+    mv = mlflow_client(settings).get_model_version(settings.model_name, version)
     assert mv.tags["lineage.uri"] == f"runs:/{mv.run_id}/lineage/lineage.html"
-    run = _client(settings).get_run(mv.run_id)
+    run = mlflow_client(settings).get_run(mv.run_id)
     doc = _json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/lineage/lineage.json"))
     assert doc["model"]["version"] == version and doc["dagster"]["training_run"]["run_id"] == world["run"]["run_id"]
     assert "<!doctype html>" in mlflow.artifacts.load_text(f"{run.info.artifact_uri}/lineage/lineage.html")

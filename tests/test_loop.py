@@ -178,14 +178,12 @@ def _broken_bundle(settings: Settings, tmp: Path):
                    "batched arrival, the shifted world's feature_drift reads insufficient_data (max PSI 3.0) instead of "
                    "act even with min_sessions 50; see the closing note of 2026-12-02")
 def test_drift_retrain_shadow_canary_promote_then_refuse_a_broken_model(loop_env: Settings, tmp_path: Path) -> None:
-    from training.registry import mlflow_client
-
     from orchestration.definitions import defs
     from serving.experiments import CANARY_ARM, Experiment, assign
     from serving.server import start_server, stop_server, wait_ready
     from training.evaluation import evaluate_bundle
     from training.gates import GateConfig, evaluate_gate
-    from training.registry import register_bundle
+    from training.registry import mlflow_client, register_bundle
     from training.rollout import (CANARY_STAGE, PROMOTED, ROLLED_BACK, SHADOW, canary_experiment_name, rollback,
                                   rollout_state)
 

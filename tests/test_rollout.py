@@ -118,9 +118,9 @@ def test_serving_plan_follows_the_registry_unless_env_overrides() -> None:
 
 # ------------------------------------------------------------------------------------------- registry
 def _versions(settings, n: int) -> list[str]:
-    from training.registry import _client
+    from training.registry import mlflow_client
 
-    client = _client(settings)
+    client = mlflow_client(settings)
     client.create_registered_model(settings.model_name)
     return [str(client.create_model_version(settings.model_name, source=tempfile.mkdtemp()).version) for _ in range(n)]
 

@@ -16,7 +16,7 @@ from orchestration.services import start_redis
 from orchestration.settings import Settings, redact_url, redis_client, redis_connection_kwargs
 from training.bundle import MANIFEST, RANKER, Bundle, BundleIntegrityError, file_sha256
 from training.gates import GateResult
-from training.registry import MANIFEST_SHA_TAG, _client, _find_bundle_dir, load_alias, register_bundle
+from training.registry import MANIFEST_SHA_TAG, mlflow_client, _find_bundle_dir, load_alias, register_bundle
 
 PASSWORD = "s3cret-for-tests"
 
@@ -138,7 +138,7 @@ def test_served_bundles_come_from_the_registry_and_are_verified(settings, tmp_pa
     gate = GateResult(True, ["PASS beats_popularity"], {"beats_popularity": {"passed": True}})
     version = register_bundle(settings, bundle_dir, {"two_stage": {"auc": 0.6}}, {"rows": 60},
                               {"dagster.run_id": "test-run", "git.sha": "abc"}, gate)
-    mv = _client(settings).get_model_version(settings.model_name, version)
+    mv = mlflow_client(settings).get_model_version(settings.model_name, version)
     assert mv.tags[MANIFEST_SHA_TAG] == file_sha256(bundle_dir / MANIFEST)
     assert mv.tags["promoted.champion.by"] == "dagster run test-run" and int(mv.tags["promoted.champion.at"]) > 0
     loaded = load_alias(settings, "champion")
