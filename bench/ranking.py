@@ -148,9 +148,13 @@ def main() -> int:
     parser.add_argument("--no-fault", action="store_true")
     parser.add_argument("--rates", type=float, nargs="*", default=[10.0, 20.0, 30.0],
                         help="open-loop request rates (req/s) to report the p99 at; none to skip")
+    parser.add_argument("--home", type=Path, default=None,
+                        help="KAIROS_HOME to build the world in, or to reuse if a previous run built it there")
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="kairos-bench-ranking-"))
+    home = args.home.resolve() if args.home else Path(tempfile.mkdtemp(prefix="kairos-bench-ranking-"))
+    home.mkdir(parents=True, exist_ok=True)
+    built = home / ".bench-world-built"
     os.environ["KAIROS_HOME"] = str(home)
     for k in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI", "REDIS_URL"):
         os.environ.pop(k, None)
@@ -167,9 +171,13 @@ def main() -> int:
     redis = start_redis(redis_dir)
     os.environ["REDIS_URL"] = redis.url
     settings = Settings.from_env()
-    print(f"[bench] building the world through the asset graph in {home} ...", flush=True)
-    run = materialize_all(settings, {"source": "simulator"})
-    print(f"[bench] asset graph: {run['seconds']:.0f}s", flush=True)
+    if built.exists():
+        print(f"[bench] reusing the world built in {home}", flush=True)
+    else:
+        print(f"[bench] building the world through the asset graph in {home} ...", flush=True)
+        run = materialize_all(settings, {"source": "simulator"})
+        print(f"[bench] asset graph: {run['seconds']:.0f}s", flush=True)
+        built.touch()
     users = DeltaLake(settings.lake_uri).read("catalog_users", columns=["user_id"])["user_id"].tolist()
     now_ms = data_clock_ms(settings)
 
