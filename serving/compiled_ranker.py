@@ -4,7 +4,8 @@ The compiled scorer is built from the exported model artifact, the bundle's `ran
 stored and `Bundle.load` verified against its manifest), never from training code. It is compiled once per model
 file: the object code is cached under KAIROS_HOME/compiled_rankers/, named by the sha256 of the ranker file and
 the compiler versions, so every BentoML worker and every restart after the first loads it in milliseconds (a file
-lock makes concurrent workers compile it once). Before it serves, each compiled scorer is checked against
+lock makes concurrent workers compile it once; a cache file is loaded only if it matches the sha256 recorded when it
+was written, since LLVM aborts the process on a damaged object file). Before it serves, each compiled scorer is checked against
 LightGBM's own predictions on probe rows (max |difference| <= PARITY_TOL); any failure -- lleaves or llvmlite
 not installed, a compile error, a corrupt cache file, a parity miss -- leaves LightGBM serving, logged.
 
@@ -17,7 +18,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -93,6 +94,12 @@ class CompiledRanker:
         return diff
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _cache_file(cache_dir: Path, model_sha256: str, tag: str) -> Path:
     return Path(cache_dir) / f"ranker-{model_sha256[:32]}-{tag}.so"
 
@@ -115,17 +122,23 @@ def compile_ranker(model_file: Path, model_sha256: str, booster: Any, cache_dir:
         with open(cache_dir / (target.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent workers: one compiles, the others load its file
             try:
-                cached = target.exists()
+                digest_file = target.with_name(target.name + ".sha256")
+                # LLVM aborts the process on a damaged object file (no exception to catch): load one only if it
+                # is byte for byte the file this cache wrote, else drop it and compile again
+                cached = (target.exists() and digest_file.exists()
+                          and _sha256(target) == digest_file.read_text().strip())
                 if not cached:
+                    target.unlink(missing_ok=True)
                     # compile to a private file, then rename: a reader never sees a half-written object file
                     tmp = target.with_suffix(f".{os.getpid()}.tmp.so")
                     CompiledRanker(model_file, tmp)
+                    digest_file.write_text(_sha256(tmp))
                     os.replace(tmp, target)
                 try:
                     ranker = CompiledRanker(model_file, target)
                     diff = ranker.check_parity(booster)
                 except Exception:
-                    target.unlink(missing_ok=True)  # a corrupt or foreign cache file: never load it again
+                    target.unlink(missing_ok=True)  # a cache file that does not load: never try it again
                     raise
                 if not diff <= PARITY_TOL:
                     target.unlink(missing_ok=True)
@@ -162,10 +175,6 @@ def attach(bundle: Any, cache_dir: Path, background: bool = True) -> threading.T
     thread = threading.Thread(target=run, name="kairos-ranker-compile", daemon=True)
     thread.start()
     return thread
-
-
-def lightgbm_predictor(booster: Any) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda features: booster.predict(features, num_threads=1)
 
 
 __all__ = ["CompiledRanker", "PARITY_TOL", "attach", "compile_ranker", "compiler_tag", "enabled", "probe_rows"]
