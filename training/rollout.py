@@ -394,6 +394,8 @@ def arm_metrics(log: Any, clicks: Any, window_ms: int, experiment: str | None = 
 
 # ---------------------------------------------------------------------------------------------- MLflow adapters
 def _client(settings: Any):
+    """training.registry.mlflow_client, imported late: the registry module loads mlflow at import time and
+    calls back into this module (start_rollout, promote)."""
     from training.registry import mlflow_client
 
     return mlflow_client(settings)
