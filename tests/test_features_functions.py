@@ -69,3 +69,29 @@ def test_assembly_is_driven_by_the_registry() -> None:
     rows = pd.DataFrame({"user_clicks_7d": [4.0, None], "publish_ts": [0, 0], "request_ts": [7_200_000, 3_600_000]})
     feats = assemble_features(rows)
     assert feats["user_clicks_7d"].tolist() == [4.0, 0.0] and feats["item_age_hours"].tolist() == [2.0, 1.0]
+
+
+def test_co_engagement_on_packed_rows_equals_the_dict_definition() -> None:
+    """The online store's packed rows (features.online.PackedMap, one regex scan for the whole history) give
+    exactly the value the plain-dict definition gives, for histories with repeats, unknown and adjacent keys."""
+    import random
+    import struct
+
+    from features.functions import co_engagement
+    from features.online import _SEP, PackedMap
+
+    rng = random.Random(7)
+    universe = [f"i{k:03d}" for k in range(60)] + ["i1", "i10", "i100"]  # prefixes of each other
+    dicts, packed, histories = [], [], []
+    for _ in range(400):
+        keys = rng.sample(universe, rng.randint(0, 20))
+        weights = [float(struct.unpack("<f", struct.pack("<f", rng.uniform(0.1, 9)))[0]) for _ in keys]
+        blob = (_SEP + _SEP.join(keys) + _SEP).encode() if keys else b""
+        raw = struct.pack(f"<{len(keys)}f", *weights) + blob
+        packed.append(PackedMap(raw, 0, len(keys), 4 * len(keys), len(raw)))
+        dicts.append(dict(zip(keys, weights)))
+        histories.append([rng.choice(universe + ["unknown"]) for _ in range(rng.randint(0, 12))])
+    assert [dict(p.items()) for p in packed] == dicts
+    expected = co_engagement(dicts, histories, limit=10)
+    got = co_engagement(packed, histories, limit=10)
+    assert np.array_equal(expected, got) and (expected > 0).sum() > 100
