@@ -61,6 +61,16 @@ def impression_record(response: Mapping[str, Any], request: Mapping[str, Any], n
     }
 
 
+try:  # the writer thread shares the request threads' interpreter: encode in C (orjson), not in Python
+    import orjson
+
+    def _dumps(record: Mapping[str, Any]) -> bytes:
+        return orjson.dumps(record, default=str, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+except ImportError:  # pragma: no cover - orjson is pinned in requirements.lock
+    def _dumps(record: Mapping[str, Any]) -> bytes:
+        return json.dumps(record, separators=(",", ":")).encode()
+
+
 class ImpressionLogger:
     """Asynchronous XADD of impression records (bounded queue, batched pipeline, counted drops)."""
 
@@ -96,8 +106,7 @@ class ImpressionLogger:
             try:
                 pipe = self.client.pipeline(transaction=False)
                 for r in records:
-                    pipe.xadd(self.stream, {"record": json.dumps(r, separators=(",", ":"))}, maxlen=STREAM_MAXLEN,
-                              approximate=True)
+                    pipe.xadd(self.stream, {"record": _dumps(r)}, maxlen=STREAM_MAXLEN, approximate=True)
                 pipe.execute()
                 self.logged += len(records)
             except Exception as exc:  # noqa: BLE001 - Redis down: count, never raise into serving

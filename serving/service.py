@@ -38,7 +38,18 @@ MODEL_POLL_S = float(os.environ.get("KAIROS_MODEL_POLL_S", "10"))
 REDIS_TIMEOUT_S = float(os.environ.get("KAIROS_REDIS_TIMEOUT_S", "0.1"))
 INTAKE_TIMEOUT_S = float(os.environ.get("KAIROS_INTAKE_TIMEOUT_S", "2"))
 THREADS = int(os.environ.get("KAIROS_SERVE_THREADS", "4"))
-WORKERS = int(os.environ.get("KAIROS_SERVE_WORKERS", "1"))  # processes; each loads the bundle
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+# worker processes, one per core by default: the pipeline is CPU-bound Python, so threads of one process contend
+# for its GIL; each worker loads its own bundle, compiled ranker and item cache
+WORKERS = int(os.environ.get("KAIROS_SERVE_WORKERS") or _cores())
 ACCESS_LOG = os.environ.get("KAIROS_ACCESS_LOG", "1").lower() not in ("0", "false", "no")
 IMPRESSION_LOG = os.environ.get("KAIROS_IMPRESSION_LOG", "1").lower() not in ("0", "false", "no")
 API_KEY = os.environ.get("KAIROS_API_KEY") or None  # set: /v1/* requires the header x-api-key
@@ -68,8 +79,18 @@ class ApiKeyMiddleware:
 MAX_BODY_BYTES = int(os.environ.get("KAIROS_MAX_BODY_BYTES", str(1 << 20)))  # 1 MiB: 1,000 events fit in ~300 kB
 
 
+try:  # a C JSON encoder for the answers (several times faster than json.dumps); json when not installed
+    import orjson
+
+    def dumps(payload: dict) -> bytes:
+        return orjson.dumps(payload, default=str, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+except ImportError:  # pragma: no cover - orjson is pinned in requirements.lock
+    def dumps(payload: dict) -> bytes:
+        return json.dumps(payload, separators=(",", ":"), default=str).encode()
+
+
 def _json_response(status: int, payload: dict, headers: list | None = None) -> tuple[dict, dict]:
-    body = json.dumps(payload).encode()
+    body = dumps(payload)
     return ({"type": "http.response.start", "status": status,
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                          *(headers or [])]},
@@ -516,11 +537,23 @@ class KairosRanker:
             if self.bundle is None:
                 log.warning("no champion registered yet; serving popularity until one appears")
             return
+        if bundle is not previous:
+            self._compile_ranker(bundle)
         old = getattr(self.bundle, "model_version", None)
         if self.bundle is not None and str(old) != str(bundle.model_version):
             self._previous = self.bundle
         self.bundle = bundle  # one reference swap: requests see the old or the new bundle, never a mix
         log.info("serving model version %s (was %s)", bundle.model_version, old)
+
+    def _compile_ranker(self, bundle) -> None:
+        """Compile the version's exported ranker file once (serving.compiled_ranker; cached on disk for the other
+        workers and restarts) in a background thread; LightGBM serves until it is ready or if it cannot be."""
+        from serving.compiled_ranker import CACHE_DIRNAME, attach
+
+        try:
+            attach(bundle, self.settings.home / CACHE_DIRNAME, background=True)
+        except Exception as exc:  # noqa: BLE001 - LightGBM serves
+            log.warning("ranker compilation not started: %s", exc)
 
     def _apply_rollout(self) -> None:
         """Env experiment/shadow settings win; else the registry's rollout stage (shadow, canary share)."""
@@ -557,6 +590,8 @@ class KairosRanker:
                 return
             if str(getattr(self.challenger, "model_version", "")) != str(version):
                 self.challenger = load_alias(self.settings, alias=alias)
+                if self.challenger is not None:
+                    self._compile_ranker(self.challenger)
                 log.info("challenger model version %s loaded (experiment %s, shadow %s)", version,
                          self.experiment, self.shadow)
         except Exception as exc:  # noqa: BLE001 - no challenger: everyone gets the champion
@@ -628,8 +663,7 @@ class KairosRanker:
             if self.shadow and challenger is not None and arm == CHAMPION_ARM:
                 self._shadow_pool.submit(self._shadow_score, request, challenger, answer["request_id"])
             self._observe(answer)
-            return Response(json.dumps(answer, separators=(",", ":")),
-                            media_type="application/json")
+            return Response(dumps(answer), media_type="application/json")
         except ValueError as exc:
             return JSONResponse({"error": "invalid request", "detail": str(exc)}, status_code=400)
         except Exception as exc:  # noqa: BLE001 - a bug must still not turn into a 5xx for the caller
@@ -643,7 +677,7 @@ class KairosRanker:
                       "latency_breakdown_ms": {"feature_fetch": 0.0, "candidate_retrieval": 0.0, "ranking_inference": 0.0,
                                                "post_processing": 0.0, "total": 0.0}, "error": type(exc).__name__}
             self._log_error(answer, request, experiment, arm)
-            return Response(json.dumps(answer, separators=(",", ":"), default=str), media_type="application/json")
+            return Response(dumps(answer), media_type="application/json")
 
     def _log_error(self, answer: dict, request: dict, experiment, arm: str) -> None:
         """An internal error counts against its arm in the impression log (the canary's error guardrail)."""
@@ -754,6 +788,7 @@ class KairosRanker:
                 redis_ok = False
         plan = self.plan
         return {"model_version": getattr(self.bundle, "model_version", None), "feature_version": version,
+                "ranker_scorer": getattr(self.bundle, "scorer_name", None), "worker_pid": os.getpid(),
                 "challenger_version": getattr(self.challenger, "model_version", None),
                 "rollout": None if plan is None else {"source": plan.source, "shadow": plan.shadow,
                                                       "candidate_alias": plan.candidate_alias,

@@ -69,3 +69,77 @@ def test_assembly_is_driven_by_the_registry() -> None:
     rows = pd.DataFrame({"user_clicks_7d": [4.0, None], "publish_ts": [0, 0], "request_ts": [7_200_000, 3_600_000]})
     feats = assemble_features(rows)
     assert feats["user_clicks_7d"].tolist() == [4.0, 0.0] and feats["item_age_hours"].tolist() == [2.0, 1.0]
+
+
+def test_co_engagement_on_packed_rows_equals_the_dict_definition() -> None:
+    """The online store's packed rows (features.online.PackedMap, one regex scan for the whole history) give
+    exactly the value the plain-dict definition gives, for histories with repeats, unknown and adjacent keys."""
+    import random
+    import struct
+
+    from features.functions import co_engagement
+    from features.online import _SEP, PackedMap
+
+    rng = random.Random(7)
+    universe = [f"i{k:03d}" for k in range(60)] + ["i1", "i10", "i100"]  # prefixes of each other
+    dicts, packed, histories = [], [], []
+    for _ in range(400):
+        keys = rng.sample(universe, rng.randint(0, 20))
+        weights = [float(struct.unpack("<f", struct.pack("<f", rng.uniform(0.1, 9)))[0]) for _ in keys]
+        blob = (_SEP + _SEP.join(keys) + _SEP).encode() if keys else b""
+        raw = struct.pack(f"<{len(keys)}f", *weights) + blob
+        packed.append(PackedMap(raw, 0, len(keys), 4 * len(keys), len(raw)))
+        dicts.append(dict(zip(keys, weights)))
+        histories.append([rng.choice(universe + ["unknown"]) for _ in range(rng.randint(0, 12))])
+    assert [dict(p.items()) for p in packed] == dicts
+    expected = co_engagement(dicts, histories, limit=10)
+    got = co_engagement(packed, histories, limit=10)
+    assert np.array_equal(expected, got) and (expected > 0).sum() > 100
+
+
+def test_co_engagement_served_from_packed_item_rows_equals_the_training_set_value() -> None:
+    """Train/serve parity of co_engagement: the training set carries co_items_30d as JSON strings (or None /
+    NaN / "" where an item has none), the server and the offline replay read the same rows back packed
+    (serving.offline.FrameItemTable, the online store's codec: PackedMap or None). Both must give the value of
+    the definition, for histories as JSON strings, tuples, None, with repeats, unknown and non-string ids."""
+    import json
+    import random
+
+    from features.functions import SESSION_HISTORY_FOR_TOWER, USER_HISTORY_ITEMS
+    from serving.offline import FrameItemTable
+
+    def definition(co: dict | None, hist: list | None, limit: int) -> float:
+        if not co or not hist:
+            return 0.0
+        return sum(co.get(i, 0.0) for i in hist[:limit]) / (1.0 + sum(co.values()))
+
+    rng = random.Random(11)
+    universe = [f"i{k}" for k in range(40)] + ["i1x", "x"]  # ids that are prefixes of each other
+    ids, stored, dicts = [], [], []
+    for n in range(600):
+        keys = rng.sample(universe, rng.randint(0, 12))
+        co = {k: float(rng.randint(1, 40)) / 2 for k in keys}  # co-click counts: exact in the store's float32
+        form = rng.choice(["json", "json", "json", "none", "nan", "empty", "braces"])
+        stored.append({"json": json.dumps(co), "none": None, "nan": np.nan, "empty": "", "braces": "{}"}[form])
+        dicts.append(co if form == "json" else None)
+        ids.append(f"item{n}")
+    histories: list = []
+    for _ in ids:
+        hist = [rng.choice([*universe, "unknown", 7]) for _ in range(rng.randint(0, 14))]
+        histories.append(rng.choice([json.dumps(hist), tuple(hist), None, "", "[]"]))
+    training_rows = pd.DataFrame({"co_items_30d": stored, "session_last_items": histories,
+                                  "user_recent_items": histories})
+    table = FrameItemTable(pd.DataFrame({"item_id": ids, "co_items_30d": stored}), "v1")
+    served = table.columns_for(ids)["co_items_30d"]
+    served_rows = pd.DataFrame({"co_items_30d": list(served), "session_last_items": histories,
+                                "user_recent_items": histories})
+    parsed = [json.loads(h) if isinstance(h, str) and h else list(h) if isinstance(h, tuple) else None
+              for h in histories]
+    for feature, limit in (("co_engagement", SESSION_HISTORY_FOR_TOWER),
+                           ("user_history_co_engagement", USER_HISTORY_ITEMS)):
+        expected = np.array([definition(c, h, limit) for c, h in zip(dicts, parsed)])
+        train = assemble_features(training_rows)[feature].to_numpy()
+        serve = assemble_features(served_rows)[feature].to_numpy()
+        assert (expected > 0).sum() > 30  # enough rows that share co-clicks with their history
+        np.testing.assert_array_equal(train, expected)
+        np.testing.assert_array_equal(serve, train)

@@ -220,3 +220,23 @@ def test_negative_kinds_and_sampled_easy_negatives() -> None:
     assert (tiny["negative_kind"] == "easy").sum() == 0  # every catalog item was shown: nothing to sample
     summary = label_summary(two)
     assert summary["rows"] == len(two) == summary["positive_rows"] + summary["hard_rows"] + summary["easy_rows"]
+
+
+def test_labels_do_not_depend_on_the_order_events_are_read_in(small_world) -> None:
+    """Silver is read one day file after another in whatever order the Delta log lists them (random file names):
+    the same events must give the same labels, easy negatives included, or every build trains on a different
+    sample and the gate's verdict moves between identical runs."""
+    events = small_world.events
+    events = events[events["user_id"].notna() & events["item_id"].notna() & (events["timestamp"] > 0)]
+    events = events.drop_duplicates("event_id").reset_index(drop=True)
+    catalog = sorted(events["item_id"].unique())
+    cfg = LabelConfig(easy_negative_ratio=2.0, negative_popularity_alpha=0.5)
+    as_of = int(events["timestamp"].max()) + 1
+    day = events["timestamp"] // (24 * HOUR_MS)
+    days_reversed = events.iloc[np.argsort(-day.to_numpy(), kind="stable")].reset_index(drop=True)
+    shuffled = events.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    expected = build_labels(events, as_of, cfg, catalog_item_ids=catalog)
+    assert (expected["negative_kind"] == "easy").sum() > 100
+    for other in (days_reversed, shuffled):
+        got = build_labels(other, as_of, cfg, catalog_item_ids=catalog[::-1])
+        pd.testing.assert_frame_equal(got, expected)

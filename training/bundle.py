@@ -105,10 +105,27 @@ class Bundle:
     popularity: dict[str, list[str]]  # "global" and per-segment lists of item ids, most popular first
     manifest: dict[str, Any] = field(default_factory=dict)
     model_version: str = "unregistered"
+    source_path: Path | None = None  # the verified bundle directory it was loaded from (None: built in memory)
 
     def __post_init__(self) -> None:
         self.item_row = {iid: i for i, iid in enumerate(self.item_ids)}
         self.user_row = {uid: i for i, uid in enumerate(self.user_ids)}
+        self.scorer = None  # a faster predictor of the same trees (serving.compiled_ranker); None: LightGBM
+        self.scorer_name = "lightgbm"
+
+    @property
+    def ranker_file(self) -> Path | None:
+        """The exported LightGBM model file this bundle's ranker was read from (verified against the manifest)."""
+        return None if self.source_path is None else Path(self.source_path) / RANKER
+
+    @property
+    def ranker_sha256(self) -> str | None:
+        return (self.manifest.get(FILES_SHA256) or {}).get(RANKER) if self.source_path is not None else None
+
+    def use_scorer(self, predict, name: str) -> None:
+        """Serve `predict(X) -> scores` instead of LightGBM's Booster.predict (one reference swap)."""
+        self.scorer_name = name
+        self.scorer = predict
 
     # ------------------------------------------------------------------ inference
     def user_vector(self, user_id: str | None, history_item_ids: list[str]) -> np.ndarray:
@@ -135,7 +152,11 @@ class Bundle:
     def rank(self, features: pd.DataFrame) -> np.ndarray:
         """Ranker scores for a feature frame in registry order (see features.functions.assemble_features)."""
         cols = self.manifest.get("ranker_features", ranker_feature_names())
-        return self.ranker.predict(features[cols].to_numpy(dtype=np.float64), num_threads=1)
+        values = features[cols].to_numpy(dtype=np.float64)
+        scorer = self.scorer
+        if scorer is not None:
+            return scorer(values)
+        return self.ranker.predict(values, num_threads=1)
 
     def popular(self, n: int, segment: str | None = None, region: str | None = None) -> list[str]:
         """Most popular items for a cold user: the (device, region) segment's list, else the device's,
@@ -216,4 +237,5 @@ class Bundle:
             popularity=json.loads((path / POPULARITY).read_text()),
             manifest=manifest,
             model_version=model_version,
+            source_path=path,
         )

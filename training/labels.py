@@ -98,7 +98,11 @@ def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = Labe
     ev = events[cols]
     ev = ev[ev["user_id"].notna() & ev["item_id"].notna() & ev["timestamp"].notna()]
     ev = ev.assign(timestamp=ev["timestamp"].astype("int64"))
-    ev = ev[ev["timestamp"] < as_of_ms].reset_index(drop=True)  # nothing from the future of as_of
+    ev = ev[ev["timestamp"] < as_of_ms]  # nothing from the future of as_of
+    # one canonical order, whatever order the rows were read in (silver comes back one day file after another in
+    # the order the Delta log lists them, which differs between identical runs): ties below and the easy negatives
+    # drawn per positive depend on row order, so without it the same events gave a different training sample
+    ev = ev.sort_values(["timestamp", "event_id"], kind="mergesort").reset_index(drop=True)
     ts = ev["timestamp"].to_numpy()
     is_imp = (ev["event_type"] == "impression").to_numpy()
     # impressions labeled now: their whole window [t, t + window) lies before as_of
@@ -117,7 +121,7 @@ def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = Labe
             is_click = (ev.loc[eng_mask, "event_type"] == "click").to_numpy()
             eng.loc[is_click, "score"] = np.maximum(eng.loc[is_click, "score"], config.positive_threshold)
         # every impression competes (one whose window is still open may be the latest before an engagement);
-        # ties at one timestamp go to the impression later in the input (stable sort)
+        # ties at one timestamp go to the impression later in the canonical order, the larger event_id (stable sort)
         right = (ev.loc[is_imp, ["user_id", "item_id", "timestamp"]]
                  .assign(impression_row=np.flatnonzero(is_imp))
                  .rename(columns={"timestamp": "impression_ts"})
@@ -149,7 +153,7 @@ def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = Labe
     if config.easy_negative_ratio > 0:
         catalog = catalog_item_ids if catalog_item_ids is not None else ev["item_id"].dropna().unique()
         shown = ev.loc[is_imp, ["user_id", "item_id"]]
-        catalog = np.asarray(list(catalog), dtype=object)
+        catalog = np.asarray(sorted(pd.unique(np.asarray(list(catalog), dtype=object)), key=str), dtype=object)
         weights = None
         if config.negative_popularity_alpha > 0:
             counts = ev.loc[eng_mask, "item_id"].value_counts()
@@ -158,7 +162,7 @@ def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = Labe
                                      config.seed, weights=weights)
         if len(easy):
             out = pd.concat([out, easy], ignore_index=True)
-    out = out.sort_values("timestamp", kind="mergesort").reset_index(drop=True)  # stable: input order on ties
+    out = out.sort_values("timestamp", kind="mergesort").reset_index(drop=True)  # stable: canonical order on ties
     return out[LABEL_COLUMNS]
 
 
