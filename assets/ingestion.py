@@ -20,7 +20,7 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
 from compliance.exclusion import drop_forgotten
 from compliance.versions import delta_data_version, source_version
 from ingestion.schema import BRONZE_SCHEMA, DAY_MS, ITEM_SCHEMA, USER_SCHEMA
-from ingestion.sources import SIMULATOR_DEFAULTS
+from ingestion.sources import CATALOG_NEGATIVES, SIMULATOR_DEFAULTS
 from orchestration.resources import ArtifactsResource, LakeResource
 from orchestration.settings import Settings
 
@@ -343,7 +343,7 @@ class LabelSettings(Config):
     positive_threshold: float = 0.3
     # catalog negatives per positive (0 = hard negatives only): without them a ranker trained on impressions
     # learns to re-order what was shown, not to rank the whole catalog it is asked to rank when serving
-    easy_negative_ratio: float = 2.0
+    easy_negative_ratio: float = CATALOG_NEGATIVES  # per positive; the log kind's rule (ingestion/sources.py)
     negative_popularity_alpha: float = 0.5  # draw ~ (engagements + 1) ** alpha; 0 = uniform over the catalog
     click_is_positive: bool = False   # click-only logs: a click is a positive whatever its (unknown) dwell
     seed: int = 17

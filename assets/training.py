@@ -154,7 +154,8 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
     """The served top-K over the whole catalog at the test window's start, beside the baselines (serving/offline.py)."""
     import time
 
-    from serving.offline import evaluate_catalog
+    from serving.offline import evaluate_catalog, fit_popularity_prior
+    from training.bundle import POPULARITY_PRIOR
     from training.trainer import assemble_bundle
 
     store = lake.lake()
@@ -162,13 +163,23 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
     split_ms = int(test["timestamp"].min())
     candidate = assemble_bundle(two_tower_model, faiss_index, ranker_model, frame, users)
     candidate.model_version = "candidate"
+    lake_frames = (store.read(LABELS), store.read(SILVER, columns=["user_id", "item_id", "event_type", "timestamp", "session_id"]),
+                   store.read(USER_FEATURES), store.read(ITEM_FEATURES), items, users)
     t = time.perf_counter()
-    result = evaluate_catalog({"served": candidate, "champion": champion},
-                              store.read(LABELS), store.read(SILVER, columns=["user_id", "item_id", "event_type", "timestamp",
-                                                                               "session_id"]),
-                              store.read(USER_FEATURES), store.read(ITEM_FEATURES), items, users, split_ms,
+    valid = frame[frame["split"] == "validation"]
+    prior = {"feature": None, "weight": 0.0, "reason": "no validation window"}
+    if len(valid):
+        prior = fit_popularity_prior(candidate, *lake_frames, int(valid["timestamp"].min()), split_ms, k=config.k)
+    candidate.manifest[POPULARITY_PRIOR] = {k: prior.get(k, 0.0) for k in ("feature", "weight", "session_weight")}
+    context.log.info(f"popularity prior fitted on the validation window ({prior.get('validation_users', 0)} users, "
+                     f"{prior.get('session_cases', 0)} session prefixes) in {time.perf_counter() - t:.1f}s: weight "
+                     f"{prior['weight']} ({prior.get('ndcg_by_weight') or prior.get('reason')}), in sessions "
+                     f"{prior.get('session_weight', 0.0)} ({prior.get('p20_by_session_weight') or prior.get('session_reason')})")
+    t = time.perf_counter()
+    result = evaluate_catalog({"served": candidate, "champion": champion}, *lake_frames, split_ms,
                               k=config.k, ablations=config.ablations, sessions=config.sessions,
                               max_session_cases=config.max_session_cases)
+    result[POPULARITY_PRIOR] = prior
     context.log.info(f"catalog evaluation at {split_ms} over {result['split']['users']} test users "
                      f"({result['split']['warm_users']} warm) in {time.perf_counter() - t:.1f}s: "
                      + ", ".join(f"{name} {m[f'ndcg_at_{config.k}']:.4f}" for name, m in result["systems"].items()))
@@ -273,6 +284,7 @@ def validation_gate(context: AssetExecutionContext, config: GateSettings, model_
 def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss_index: bytes, ranker_model: Any,
                      model_evaluation: dict, validation_gate: Any, lake: LakeResource, mlflow: MlflowResource,
                      artifacts: ArtifactsResource):
+    from training.bundle import POPULARITY_PRIOR
     from training.registry import register_bundle
     from training.trainer import assemble_bundle
 
@@ -285,9 +297,13 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
         tags.update(p.as_tag())
     tags.update({"dagster.run_id": context.run_id, "git.sha": git_sha(), "feature_registry.version": registry_version(),
                  "gate.passed": str(bool(validation_gate.passed))})
+    prior = (model_evaluation.get("catalog") or {}).get(POPULARITY_PRIOR) or {}
     bundle = assemble_bundle(two_tower_model, faiss_index, ranker_model, frame, users,
                              manifest={"data_versions": {p.table: p.version for p in pins.values()},
-                                       "dagster_run_id": context.run_id})
+                                       "dagster_run_id": context.run_id,
+                                       # the weight model_evaluation fitted on validation and evaluated with
+                                       POPULARITY_PRIOR: {"feature": prior.get("feature"), "weight": float(prior.get("weight", 0.0)),
+                                                          "session_weight": float(prior.get("session_weight", 0.0))}})
     bundle_dir = bundle.save(artifacts.path("bundles", context.run_id))
     params = {"training_rows": len(frame), "git_sha": tags["git.sha"],
               **{f"two_tower.{k}": v for k, v in (getattr(two_tower_model, "config", None) or {}).items()},

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quality.py                                 # MovieLens-100K and the simulator
     .venv/bin/python bench/quality.py --sources simulator --json out.json
+    .venv/bin/python bench/quality.py --sources movielens-100k --home /tmp/ml --build-ops '{"labels": {"config": {...}}}'
 
 Each source runs the real asset graph (Dagster, Spark, Delta, MLflow) in a fresh KAIROS_HOME. Its
 `model_evaluation` asset replays `serving.pipeline.personalize` at the test window's start for every
@@ -16,6 +17,7 @@ session-kNN) and the gate's verdict.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -52,7 +54,7 @@ def oracle_scores(cfg: dict):
     return dict(zip(world.users["user_id"], expected)), world.items["item_id"].tolist()
 
 
-def _one(name: str) -> dict:
+def _one(name: str, build_ops: dict | None = None) -> dict:
     from dagster import AssetKey, DagsterInstance
 
     from orchestration.cli import ensure_redis, materialize_all, prepare_home
@@ -62,9 +64,11 @@ def _one(name: str) -> dict:
     prepare_home(settings)
     redis = ensure_redis(settings)  # the online store is part of the graph: an embedded redis-server
     settings = Settings.from_env()
+    ops = {"model_evaluation": {"config": {"ablations": True, "max_session_cases": 2000}}}
+    for asset, cfg in (build_ops or {}).items():  # an experiment's run config, merged per asset
+        ops[asset] = {"config": {**ops.get(asset, {}).get("config", {}), **cfg.get("config", {})}}
     try:
-        run = materialize_all(settings, SOURCES[name], build_ops={"model_evaluation": {"config": {
-            "ablations": True, "max_session_cases": 2000}}})
+        run = materialize_all(settings, SOURCES[name], build_ops=ops)
     finally:
         if redis is not None:
             redis.stop()
@@ -140,21 +144,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES))
     parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument("--home", help="build in this KAIROS_HOME (one sub-folder per source) and keep it, e.g. to "
+                                         "re-score serving changes on the built world; default: a temporary folder")
+    parser.add_argument("--build-ops", default="{}",
+                        help='run config per build asset, JSON, e.g. \'{"labels": {"config": {"easy_negative_ratio": 4}}}\'')
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    build_ops = json.loads(args.build_ops)
     if args.one:
-        print("RESULT " + json.dumps(_one(args.one), default=str))
+        print("RESULT " + json.dumps(_one(args.one, build_ops), default=str))
         return 0
     results = []
     for name in args.sources:
-        with tempfile.TemporaryDirectory() as home:
+        with (contextlib.nullcontext(str(Path(args.home) / name)) if args.home else tempfile.TemporaryDirectory()) as home:
+            Path(home).mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "KAIROS_HOME": home, "OPENBLAS_NUM_THREADS": "1"}
             for k in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI", "REDIS_URL"):
                 env.pop(k, None)
             if name.startswith("movielens"):
                 env.setdefault("KAIROS_PARTITION_START", "1997-09-01")
             print(f"[bench] {name}: running the whole asset graph in {home} ...", flush=True)
-            out = subprocess.run([sys.executable, __file__, "--one", name], env=env, cwd=ROOT, capture_output=True, text=True)
+            out = subprocess.run([sys.executable, __file__, "--one", name, "--build-ops", json.dumps(build_ops)], env=env, cwd=ROOT, capture_output=True, text=True)
             lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
             if out.returncode != 0 or not lines:
                 print(out.stderr[-4000:], file=sys.stderr)

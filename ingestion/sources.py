@@ -7,7 +7,9 @@ frames are cached per config in the process, so a demo reads its files once.
 Label rules (`LABEL_RULES`, applied by the CLI / world config to the `labels` asset):
 * ratings (MovieLens, or a mapped `value` column): each rating is an impression and an
   outcome by rating (long click >= 4, short click >= 3, else skip); weighted labels as
-  logged, no sampled negatives needed (skips and low ratings are the negatives);
+  logged, skips and low ratings are hard negatives, and `CATALOG_NEGATIVES` catalog items per
+  positive are sampled (as for every log: without them the ranker only learns to re-order what
+  users chose to rate, not to rank the whole catalog it is asked to rank when serving);
 * clicks (a log of clicks only, e.g. sessions of product views): every click is a positive
   whatever its dwell (`click_is_positive`), each (session, item) gets an implied impression,
   and negatives are sampled from the catalog (`easy_negative_ratio`);
@@ -40,10 +42,11 @@ _SOURCE_FIELDS: dict[str, tuple[str, ...]] = {
 # partitioned by the day each event happened); `event` = every event on its own day (one partition per day).
 ARRIVALS: tuple[str, ...] = ("export", "event")
 LOG_KINDS: tuple[str, ...] = ("simulator", "ratings", "clicks", "events", "events_with_impressions")
-_NO_SAMPLING = {"click_is_positive": False, "easy_negative_ratio": 0.0}
+CATALOG_NEGATIVES = 2.0  # sampled catalog items per positive, logs with logged outcomes (the labels asset's default)
+_LOGGED_RULE = {"click_is_positive": False, "easy_negative_ratio": CATALOG_NEGATIVES}
 _CLICK_RULE = {"click_is_positive": True, "easy_negative_ratio": 4.0}
 LABEL_RULES: dict[str, dict[str, Any]] = {
-    "simulator": _NO_SAMPLING, "ratings": _NO_SAMPLING, "events_with_impressions": _NO_SAMPLING,
+    "simulator": _LOGGED_RULE, "ratings": _LOGGED_RULE, "events_with_impressions": _LOGGED_RULE,
     "clicks": _CLICK_RULE, "events": _CLICK_RULE,
 }
 
@@ -158,4 +161,4 @@ def _implied_only(events: pd.DataFrame) -> bool:
     return all(k in keys for k in zip(imp["session_id"], imp["item_id"], imp["timestamp"]))
 
 
-__all__ = ["ARRIVALS", "LABEL_RULES", "arrival_times", "LOG_KINDS", "SOURCES", "load_source_frames", "log_kind"]
+__all__ = ["ARRIVALS", "CATALOG_NEGATIVES", "LABEL_RULES", "arrival_times", "LOG_KINDS", "SOURCES", "load_source_frames", "log_kind"]

@@ -159,7 +159,7 @@ def describe_store(store: SnapshotStore) -> str:
     return json.dumps({"version": store.version, "users": len(store._users), "items": len(store._table._rows)})
 
 
-__all__ = ["REPLAY_CHANNELS", "SnapshotStore", "replay_request", "catalog_split", "describe_store", "evaluate_catalog", "interactions_frame", "served_recommender", "served_session_predictor", "session_state"]
+__all__ = ["PRIOR_FEATURE", "PRIOR_WEIGHTS", "REPLAY_CHANNELS", "SnapshotStore", "fit_popularity_prior", "replay_request", "catalog_split", "describe_store", "evaluate_catalog", "interactions_frame", "served_recommender", "served_session_predictor", "session_state"]
 
 
 # --------------------------------------------------------------------------- the whole catalog evaluation
@@ -176,11 +176,77 @@ def interactions_frame(labels: pd.DataFrame, engagements: pd.DataFrame) -> pd.Da
     return out.astype({"user_id": str, "item_id": str, "timestamp": "int64"})
 
 
-def catalog_split(labels: pd.DataFrame, engagements: pd.DataFrame, catalog_ids: Sequence[str], split_ms: int):
+def catalog_split(labels: pd.DataFrame, engagements: pd.DataFrame, catalog_ids: Sequence[str], split_ms: int,
+                  end_ms: int | None = None):
     """The protocol's split at `split_ms` from the lake's labels and engagements (training/catalog_eval.py)."""
     from training.catalog_eval import temporal_split
 
-    return temporal_split(interactions_frame(labels, engagements), list(catalog_ids), split_ms=split_ms)
+    return temporal_split(interactions_frame(labels, engagements), list(catalog_ids), split_ms=split_ms, end_ms=end_ms)
+
+
+PRIOR_FEATURE = "item_clicks_7d"
+PRIOR_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
+MIN_FIT_USERS = 30
+MAX_FIT_SESSION_CASES = 300  # seeded sample of the validation window's session prefixes
+
+
+def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.DataFrame, user_snaps: pd.DataFrame,
+                         item_snaps: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame, start_ms: int, end_ms: int,
+                         weights: Sequence[float] = PRIOR_WEIGHTS, feature: str = PRIOR_FEATURE, k: int = 10
+                         ) -> dict[str, Any]:
+    """The popularity-prior weight (training/bundle.py fuse_popularity_prior) that maximizes the served
+    catalog NDCG@k on the validation window [start_ms, end_ms): the served pipeline without exploration,
+    replayed at `start_ms` like the test evaluation, so the test window is never looked at.
+
+    Then, with that weight, the weight inside a live session (`session_weight`) that maximizes P@20 of the
+    session protocol on the window's sessions (every prefix -> its next click, through the session path).
+
+    Returns {"feature", "weight", "session_weight", "validation_users", "ndcg_by_weight", "session_cases",
+    "p20_by_session_weight"}; a weight stays 0 (the ranker alone) when its evidence is below MIN_FIT_USERS
+    users / cases or no weight beats the ranker alone.
+    """
+    from dataclasses import replace
+
+    from features.history import consumed_items, serving_snapshot
+    from training.bundle import POPULARITY_PRIOR
+    from training.catalog_eval import evaluate_recommender, score_sessions, session_prefixes
+
+    split = catalog_split(labels, engagements, catalog["item_id"].astype(str).tolist(), start_ms, end_ms=end_ms)
+    out: dict[str, Any] = {"feature": feature, "weight": 0.0, "session_weight": 0.0, "validation_users": len(split.test_users),
+                           "window_ms": [int(start_ms), int(end_ms)], "ndcg_by_weight": {}, "p20_by_session_weight": {}}
+    if len(split.test_users) < MIN_FIT_USERS:
+        out["reason"] = f"{len(split.test_users)} validation users < {MIN_FIT_USERS}: the ranker alone"
+        return out
+    snap_users, snap_items, popular, snap_ts = serving_snapshot(
+        user_snaps, item_snaps, catalog, as_of_ms=start_ms, consumed=consumed_items(engagements, start_ms))
+    store = SnapshotStore(snap_users, snap_items, popular, version=f"fit-{snap_ts}")
+    manifest = dict(bundle.manifest)
+    rerank = replace(RerankConfig(), epsilon=0.0)
+    def best(scores: dict[str, float]) -> float:  # ties go to the smaller weight (the ranker alone first)
+        return float(max(scores, key=lambda w: (scores[w], -float(w))))
+
+    clicks = engagements[(engagements["event_type"] == "click") & (engagements["timestamp"] < end_ms)]
+    cases = session_prefixes(clicks, start_ms, max_cases=MAX_FIT_SESSION_CASES)
+    out["session_cases"] = len(cases)
+    category = dict(zip(catalog["item_id"].astype(str), catalog["category"])) if "category" in catalog else {}
+    try:
+        for w in weights:
+            bundle.manifest = {**manifest, POPULARITY_PRIOR: {"feature": feature, "weight": float(w), "session_weight": 0.0}}
+            result = evaluate_recommender(split, served_recommender(bundle, store, start_ms, users, rerank=rerank), k)
+            out["ndcg_by_weight"][str(float(w))] = round(result.summary[f"ndcg_at_{k}"], 5)
+        out["weight"] = best(out["ndcg_by_weight"])
+        if len(cases) >= MIN_FIT_USERS:
+            for w in weights:
+                bundle.manifest = {**manifest, POPULARITY_PRIOR: {"feature": feature, "weight": out["weight"],
+                                                                  "session_weight": float(w)}}
+                scored = score_sessions(cases, served_session_predictor(bundle, store, category, rerank=rerank))
+                out["p20_by_session_weight"][str(float(w))] = round(scored["p_at_20"], 3)
+            out["session_weight"] = best(out["p20_by_session_weight"])
+        else:
+            out["session_reason"] = f"{len(cases)} validation session prefixes < {MIN_FIT_USERS}: the ranker alone in sessions"
+    finally:
+        bundle.manifest = manifest
+    return out
 
 
 def evaluate_catalog(bundles: Mapping[str, Any], labels: pd.DataFrame, engagements: pd.DataFrame,

@@ -57,6 +57,22 @@ def test_temporal_split_excludes_consumed_and_keeps_time_order() -> None:
     assert split.warm_users <= set(split.relevant)
 
 
+def test_temporal_split_end_bound_keeps_a_validation_window_off_the_test_window() -> None:
+    log = _log()
+    catalog = [f"i{j}" for j in range(30)]
+    ts = np.sort(log["timestamp"].to_numpy())
+    start, end = int(ts[len(ts) // 2]), int(ts[int(len(ts) * 0.8)])
+    bounded = temporal_split(log, catalog, split_ms=start, end_ms=end)
+    for user, rel in bounded.relevant.items():
+        window = log[(log.user_id == user) & (log.timestamp >= start) & (log.timestamp < end) & log.positive]
+        assert set(rel) <= set(window.item_id)
+    later = log[(log.timestamp >= end) & log.positive]
+    only_later = {(u, i) for u, i in zip(later.user_id, later.item_id)} - {
+        (u, i) for u, i in zip(log[(log.timestamp < end) & log.positive].user_id, log[(log.timestamp < end) & log.positive].item_id)}
+    assert only_later and not {(u, i) for u, rel in bounded.relevant.items() for i in rel} & only_later
+    assert set(bounded.relevant) <= set(temporal_split(log, catalog, split_ms=start).relevant)
+
+
 def test_baselines_exclude_consumed_and_popularity_orders_by_count() -> None:
     split = temporal_split(_log(), [f"i{j}" for j in range(30)], quantile=0.8)
     pos = split.train[split.train.positive]

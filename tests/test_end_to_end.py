@@ -70,6 +70,15 @@ def test_champion_registered_with_lineage(pipeline) -> None:
     assert mv.tags["delta.silver_events.version"] == str(lake.version("silver_events"))
     assert mv.tags["gate.passed"] == "True"
     assert mv.tags["dagster.run_id"] == pipeline[1]["run_id"]
+    # the served bundle carries the popularity prior model_evaluation fitted on validation and judged with
+    from training.registry import CHAMPION, load_alias
+
+    evaluation = DagsterInstance.get().get_latest_materialization_event(AssetKey("model_evaluation"))
+    fitted = evaluation.asset_materialization.metadata["table"].value["catalog"]["popularity_prior"]
+    assert fitted["validation_users"] >= 30 and set(fitted["ndcg_by_weight"]) >= {"0.0"}
+    assert fitted["ndcg_by_weight"][str(float(fitted["weight"]))] == max(fitted["ndcg_by_weight"].values())
+    served = load_alias(settings, CHAMPION)
+    assert served.manifest["popularity_prior"] == {k: fitted[k] for k in ("feature", "weight", "session_weight")}
 
 
 def test_served_over_http_and_three_clicks_move_the_ranking(pipeline) -> None:

@@ -186,6 +186,38 @@ def test_bundle_round_trip_gives_identical_scores(outcome, trainset, small_world
     assert again.popularity == bundle.popularity
 
 
+def test_popularity_prior_multiplies_the_odds_and_travels_with_the_bundle(outcome, trainset, tmp_path) -> None:
+    from training.bundle import POPULARITY_PRIOR, fuse_popularity_prior
+
+    p = np.array([0.2, 0.2, 0.5, 0.9])
+    pop = np.array([0.0, 9.0, 3.0, np.nan])
+    assert np.allclose(fuse_popularity_prior(p, pop, 0.0), p)  # weight 0 = the ranker alone
+    fused = fuse_popularity_prior(p, pop, 1.0)
+    odds = lambda q: q / (1 - q)  # noqa: E731
+    assert np.allclose(odds(fused), odds(p) * (1 + np.nan_to_num(pop)))  # odds x (1 + popularity) ** weight
+    assert fused[1] > fused[0] and np.isclose(fused[3], 0.9)  # more popular ranks higher; unknown = no change
+
+    bundle = outcome.bundle
+    test = add_embedding_affinity(trainset[trainset["split"] == "test"], outcome.two_tower)
+    feats = assemble_features(test)
+    plain = bundle.rank(feats)
+    bundle.manifest[POPULARITY_PRIOR] = {"feature": "item_clicks_7d", "weight": 2.0}
+    try:
+        expected = fuse_popularity_prior(plain, feats["item_clicks_7d"].to_numpy(), 2.0)
+        assert np.allclose(bundle.rank(feats), expected)
+        loaded = Bundle.load(bundle.save(tmp_path / "prior"), model_version="1", allow_untrusted_path=True)
+        assert loaded.manifest[POPULARITY_PRIOR] == {"feature": "item_clicks_7d", "weight": 2.0}
+        assert np.allclose(loaded.rank(feats), expected)  # the server applies what the manifest says
+        # inside a live session (session_length > 0) the session weight applies instead
+        bundle.manifest[POPULARITY_PRIOR] = {"feature": "item_clicks_7d", "weight": 2.0, "session_weight": 0.5}
+        live = feats["session_length"].to_numpy() > 0
+        assert live.any() and (~live).any()
+        per_row = np.where(live, 0.5, 2.0)
+        assert np.allclose(bundle.rank(feats), fuse_popularity_prior(plain, feats["item_clicks_7d"].to_numpy(), per_row))
+    finally:
+        bundle.manifest.pop(POPULARITY_PRIOR)
+
+
 def test_gate_checks_scoring_latency_and_feature_health(outcome, trainset) -> None:
     from features.functions import assemble_features
     from training.gates import feature_health, scoring_latency

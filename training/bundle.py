@@ -41,6 +41,36 @@ FILES_SHA256 = "files_sha256"
 CACHE_DIR = "model_cache"  # under KAIROS_HOME: where training.registry downloads registered versions
 
 
+# manifest key: {"feature": an item popularity feature, "weight": w without a live session, "session_weight": w in
+# one} (serving.offline.fit_popularity_prior)
+POPULARITY_PRIOR = "popularity_prior"
+SESSION_FEATURE = "session_length"  # > 0: the request comes from a live session
+
+
+def prior_weights(prior: dict[str, Any], features: pd.DataFrame) -> np.ndarray | float:
+    """Per row: the session weight where the row has a live session, else the home weight. Inside a session
+    its own clicks say what comes next (co-visitation, session intent), so popularity gets its own, usually
+    smaller, weight; a prior without `session_weight` applies `weight` everywhere."""
+    weight = float(prior.get("weight", 0.0))
+    if "session_weight" not in prior or SESSION_FEATURE not in features:
+        return weight
+    live = features[SESSION_FEATURE].to_numpy(dtype=np.float64) > 0
+    return np.where(live, float(prior["session_weight"]), weight)
+
+
+def fuse_popularity_prior(probabilities: np.ndarray, popularity: np.ndarray, weight: float | np.ndarray) -> np.ndarray:
+    """sigmoid(logit(p) + weight * log1p(popularity)): the ranker's odds times popularity ** weight.
+
+    Why: the ranker learns from logged rows (what a user rated or was shown vs sampled items), which says
+    little about how much of the *whole catalog's* next engagement goes to what is popular now; on a
+    temporal catalog split recent popularity alone beats it. The weight is fitted on the validation
+    window's catalog metric (0 = the ranker alone), never on the test window.
+    """
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-9, 1 - 1e-9)
+    z = np.log(p / (1 - p)) + np.asarray(weight, dtype=np.float64) * np.log1p(np.clip(np.nan_to_num(popularity), 0.0, None))
+    return 1.0 / (1.0 + np.exp(-z))
+
+
 class BundleIntegrityError(RuntimeError):
     """A bundle's files do not match its manifest, or it does not come from the registry."""
 
@@ -150,13 +180,18 @@ class Bundle:
         return [self.item_ids[i] for i in idx[0][keep]], scores[0][keep]
 
     def rank(self, features: pd.DataFrame) -> np.ndarray:
-        """Ranker scores for a feature frame in registry order (see features.functions.assemble_features)."""
+        """Ranker scores for a feature frame in registry order (see features.functions.assemble_features),
+        fused with the popularity prior the manifest names (`POPULARITY_PRIOR`; none = the ranker alone)."""
         cols = self.manifest.get("ranker_features", ranker_feature_names())
         values = features[cols].to_numpy(dtype=np.float64)
         scorer = self.scorer
-        if scorer is not None:
-            return scorer(values)
-        return self.ranker.predict(values, num_threads=1)
+        scores = scorer(values) if scorer is not None else self.ranker.predict(values, num_threads=1)
+        prior = self.manifest.get(POPULARITY_PRIOR) or {}
+        if prior.get("feature") in features:
+            weight = prior_weights(prior, features)
+            if np.any(weight):
+                scores = fuse_popularity_prior(scores, features[prior["feature"]].to_numpy(dtype=np.float64), weight)
+        return scores
 
     def popular(self, n: int, segment: str | None = None, region: str | None = None) -> list[str]:
         """Most popular items for a cold user: the (device, region) segment's list, else the device's,

@@ -44,13 +44,14 @@ class CatalogSplit:
 
 
 def temporal_split(interactions: pd.DataFrame, catalog: Sequence[str], split_ms: int | None = None,
-                   quantile: float = 0.8) -> CatalogSplit:
+                   quantile: float = 0.8, end_ms: int | None = None) -> CatalogSplit:
     """The split of the issue's protocol. `interactions`: user_id, item_id, timestamp, positive (bool: the
     engagement counts as relevant, e.g. rating >= 4 or a click that earned a positive label).
 
     T = `split_ms`, else the `quantile` of the interaction timestamps. Train = interactions before T;
     test = per user, the positive items after T that the user had not interacted with before T (those
-    are excluded from the ranking: a user is not recommended what they already consumed).
+    are excluded from the ranking: a user is not recommended what they already consumed). `end_ms` bounds
+    the test side (e.g. a validation window that must not see the test window).
     """
     need = {"user_id", "item_id", "timestamp", "positive"} - set(interactions.columns)
     if need:
@@ -61,7 +62,8 @@ def temporal_split(interactions: pd.DataFrame, catalog: Sequence[str], split_ms:
             raise ValueError("no interactions to split")
         split_ms = int(np.quantile(ts.to_numpy(), quantile))
     before = interactions[ts < split_ms]
-    after = interactions[(ts >= split_ms) & interactions["positive"].astype(bool)]
+    after = interactions[(ts >= split_ms) & (ts < (end_ms if end_ms is not None else np.iinfo(np.int64).max))
+                         & interactions["positive"].astype(bool)]
     consumed = {u: set(g) for u, g in before.groupby("user_id")["item_id"]}
     known = set(catalog)
     relevant: dict[str, list[str]] = {}

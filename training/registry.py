@@ -7,6 +7,7 @@ a local cache and loads it (Bundle.load), so a rollback is an alias flip.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow.pyfunc
 import pandas as pd
@@ -88,7 +89,40 @@ def mlflow_client(settings: Settings):
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)
-    return MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    uri = settings.mlflow_tracking_uri
+    with _sqlite_store_init_lock(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        if uri.startswith("sqlite:///") and uri not in _INITIALIZED_STORES:
+            client.search_experiments(max_results=1)       # the tracking store: tables created / migrated
+            client.search_registered_models(max_results=1)  # the registry store (same database)
+            _INITIALIZED_STORES.add(uri)
+    return client
+
+
+_INITIALIZED_STORES: set[str] = set()
+
+
+@contextlib.contextmanager
+def _sqlite_store_init_lock(uri: str) -> Iterator[None]:
+    """An exclusive file lock while a process first opens a sqlite tracking store (other stores: no lock).
+
+    Why: MLflow creates and migrates a sqlite database when a process first opens it (in MlflowClient's
+    constructor), without any lock; the server's worker processes (one per core) starting on a fresh home
+    raced each other through the migration ("table _alembic_tmp_metrics already exists") and left the
+    database unusable."""
+    import fcntl
+
+    if not uri.startswith("sqlite:///") or uri in _INITIALIZED_STORES:
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def artifact_location(settings: Settings) -> str | None:
