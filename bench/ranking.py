@@ -238,9 +238,9 @@ def main() -> int:
               f"compile or cache load {ranker['compile_s']:.1f} s")
     else:
         print("\nRanker: compilation unavailable here, LightGBM serves (no compiled-vs-LightGBM figure)")
-    from serving.service import WORKERS, _cores
+    from serving.settings import ServeSettings, cores as _cores
 
-    workers = int(os.environ.get("KAIROS_SERVE_WORKERS") or WORKERS)
+    workers = ServeSettings.from_env().worker_count  # what the server started below will run
     cores = _cores()
 
     port = free_port()
