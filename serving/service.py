@@ -467,7 +467,9 @@ class KairosRanker:
             log.warning("Prometheus metrics unavailable: %s", exc)
         self.intake_client = None
         try:
-            self.store = OnlineStore.from_url(_redis_url(), timeout_s=self.serve.redis_timeout_s)
+            self.store = OnlineStore.from_url(_redis_url(), timeout_s=self.serve.redis_timeout_s,
+                                              item_cache_rows=self.serve.item_cache_rows,
+                                              fresh_window=self.serve.fresh_window)
             # the intake waits for an fsync (appendfsync always): it gets its own client with a longer timeout than
             # the ranking path's 100 ms, so a slow disk is a slow 200, not a timeout the producer must retry
             from orchestration.settings import redis_client
@@ -743,7 +745,7 @@ class KairosRanker:
         if self.store is None:
             return JSONResponse({"error": "event intake unavailable", "detail": "no Redis configured"}, status_code=503)
         try:
-            answer = intake(self.intake_client, list(body.events))
+            answer = intake(self.intake_client, list(body.events), max_backlog=self.serve.max_backlog)
         except Backpressure as exc:
             return JSONResponse({"error": "backpressure", "detail": str(exc), "retry_after_s": exc.retry_after_s,
                                  "backlog": exc.backlog, "limit": exc.limit}, status_code=429,

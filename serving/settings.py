@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from features.online import FRESH_WINDOW, ITEM_CACHE_ROWS, PUBLISHED_KEEP
 from serving.rerank import RerankConfig, env_flag, env_number
+from streaming.retention import DEFAULT_MAX_BACKLOG
 
 
 def cores() -> int:
@@ -36,6 +38,9 @@ ENV_VARS: dict[str, str] = {
     "max_body_bytes": "KAIROS_MAX_BODY_BYTES",
     "stream_metrics_s": "KAIROS_STREAM_METRICS_S",
     "stale_max_age_s": "KAIROS_STALE_FEATURES_MAX_AGE_S",
+    "item_cache_rows": "KAIROS_ITEM_CACHE_ROWS",
+    "fresh_window": "KAIROS_FRESH_WINDOW",
+    "max_backlog": "KAIROS_STREAM_MAX_BACKLOG",
 }
 
 
@@ -54,6 +59,9 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20  # 1 MiB: 1,000 events fit in ~300 kB
     stream_metrics_s: float = 5.0  # how often the event stream's lag is re-read for /metrics
     stale_max_age_s: float = 3600.0  # the in-process copy of a user's features served while Redis is down
+    item_cache_rows: int = ITEM_CACHE_ROWS  # decoded item rows kept per worker
+    fresh_window: int = FRESH_WINDOW  # newest items the fresh channel looks at
+    max_backlog: int = DEFAULT_MAX_BACKLOG  # /v1/events refuses a batch (429) that would pass this stream backlog
     rerank: RerankConfig = field(default_factory=RerankConfig)
 
     @property
@@ -79,6 +87,9 @@ class ServeSettings:
             max_body_bytes=env_number(env, v["max_body_bytes"], int, d.max_body_bytes, 1),
             stream_metrics_s=env_number(env, v["stream_metrics_s"], float, d.stream_metrics_s, 0.0),
             stale_max_age_s=env_number(env, v["stale_max_age_s"], float, d.stale_max_age_s, 0.0),
+            item_cache_rows=env_number(env, v["item_cache_rows"], int, d.item_cache_rows, 0),
+            fresh_window=env_number(env, v["fresh_window"], int, d.fresh_window, 1, PUBLISHED_KEEP),
+            max_backlog=env_number(env, v["max_backlog"], int, d.max_backlog, 1),
             rerank=RerankConfig.from_env(env),
         )
 

@@ -141,7 +141,11 @@ def test_settings_come_from_the_environment_only_through_from_env() -> None:
                                     "KAIROS_EXPLORATION_EPSILON": "0"})
     assert (serve.model_poll_s, serve.worker_count, serve.access_log, serve.api_key, serve.stale_max_age_s) == (1.0, 2, False, "k", 60.0)
     assert serve.rerank.epsilon == 0.0 and ServeSettings.from_env({}) == ServeSettings()
-    for var, bad in (("KAIROS_SERVE_THREADS", "four"), ("KAIROS_IMPRESSION_LOG", "maybe"), ("KAIROS_MAX_BODY_BYTES", "0")):
+    assert ServeSettings.from_env({"KAIROS_FRESH_WINDOW": "50", "KAIROS_ITEM_CACHE_ROWS": "10",
+                                   "KAIROS_STREAM_MAX_BACKLOG": "5"}) == ServeSettings(fresh_window=50, item_cache_rows=10,
+                                                                                       max_backlog=5)
+    for var, bad in (("KAIROS_SERVE_THREADS", "four"), ("KAIROS_IMPRESSION_LOG", "maybe"), ("KAIROS_MAX_BODY_BYTES", "0"),
+                     ("KAIROS_FRESH_WINDOW", "1000000"), ("KAIROS_STREAM_MAX_BACKLOG", "lots")):
         with pytest.raises(ValueError, match=var):
             ServeSettings.from_env({var: bad})
 
@@ -157,8 +161,10 @@ def test_importing_serving_reads_no_environment() -> None:
 
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "KAIROS_MMR_LAMBDA": "not-a-number",
            "KAIROS_EXPLORATION_EPSILON": "0.5", "KAIROS_SESSION_INTENT_SLOT_SHARE": "x",
-           "KAIROS_STALE_FEATURES_MAX_AGE_S": "x"}
-    code = ("import serving.pipeline, serving.rerank, serving.candidates, serving.settings\n"
+           "KAIROS_STALE_FEATURES_MAX_AGE_S": "x", "KAIROS_FRESH_WINDOW": "x", "KAIROS_ITEM_CACHE_ROWS": "x",
+           "KAIROS_BRONZE_WINDOW_MS": "x", "KAIROS_STREAM_MAX_BACKLOG": "x"}
+    code = ("import serving.pipeline, serving.rerank, serving.candidates, serving.settings, features.online, "
+            "streaming.bronze, streaming.retention, streaming.intake\n"
             "from serving.rerank import RerankConfig\n"
             "assert RerankConfig().epsilon == 0.05 and RerankConfig().mmr_lambda == 0.95, RerankConfig()\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=str(PROJECT_ROOT))
