@@ -538,7 +538,7 @@ class KairosRanker:
         from serving.compiled_ranker import CACHE_DIRNAME, attach
 
         try:
-            attach(bundle, self.settings.home / CACHE_DIRNAME, background=True)
+            attach(bundle, self.settings.home / CACHE_DIRNAME, background=True, enabled=self.serve.compiled_ranker)
         except Exception as exc:  # noqa: BLE001 - LightGBM serves
             log.warning("ranker compilation not started: %s", exc)
 

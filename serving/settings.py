@@ -41,6 +41,7 @@ ENV_VARS: dict[str, str] = {
     "item_cache_rows": "KAIROS_ITEM_CACHE_ROWS",
     "fresh_window": "KAIROS_FRESH_WINDOW",
     "max_backlog": "KAIROS_STREAM_MAX_BACKLOG",
+    "compiled_ranker": "KAIROS_COMPILED_RANKER",
 }
 
 
@@ -62,6 +63,7 @@ class ServeSettings:
     item_cache_rows: int = ITEM_CACHE_ROWS  # decoded item rows kept per worker
     fresh_window: int = FRESH_WINDOW  # newest items the fresh channel looks at
     max_backlog: int = DEFAULT_MAX_BACKLOG  # /v1/events refuses a batch (429) that would pass this stream backlog
+    compiled_ranker: bool = True  # serve the lleaves-compiled ranker once it is ready (False: LightGBM's predict)
     rerank: RerankConfig = field(default_factory=RerankConfig)
 
     @property
@@ -90,6 +92,7 @@ class ServeSettings:
             item_cache_rows=env_number(env, v["item_cache_rows"], int, d.item_cache_rows, 0),
             fresh_window=env_number(env, v["fresh_window"], int, d.fresh_window, 1, PUBLISHED_KEEP),
             max_backlog=env_number(env, v["max_backlog"], int, d.max_backlog, 1),
+            compiled_ranker=env_flag(env, v["compiled_ranker"], d.compiled_ranker),
             rerank=RerankConfig.from_env(env),
         )
 
