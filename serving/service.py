@@ -38,7 +38,8 @@ log = logging.getLogger("kairos.service")
 
 # The entry point: BentoML imports this module to start the service, and its decorator needs the worker and
 # thread counts when the class is defined, so the environment is read here, once, into typed settings
-# (serving/settings.py) that everything below receives explicitly. No other serving module reads it.
+# (serving/settings.py) that everything below receives explicitly; no other serving module reads it at import
+# (the experiment switches and REDIS_URL are read when the service initializes, serving/experiments.py).
 SETTINGS = ServeSettings.from_env()
 
 
