@@ -428,7 +428,7 @@ def off_policy_evaluation(context: AssetExecutionContext, config: OPEConfig, lak
         return MaterializeResult(metadata={**base, "status": "no_traffic"})
     rows = _attributed(store, log, config.attribution_window_hours)
     bundle = load_alias(settings, CHALLENGER)
-    epsilon = config.epsilon if config.epsilon >= 0 else RerankConfig().epsilon
+    epsilon = config.epsilon if config.epsilon >= 0 else RerankConfig.from_env().epsilon  # what serving was told
     scores = challenger_scores(bundle, rows)
     target = slate_target_probabilities(rows, scores.to_numpy(), epsilon=epsilon, temperature=config.temperature)
     result = evaluate_policy(rows.assign(reward=rows["clicked"].astype(float)), target, max_weight=config.max_weight,

@@ -133,11 +133,14 @@ def in_process_floor(settings, users: list[str], now_ms: int, n: int = 300) -> t
     from features.online import OnlineStore
     from serving.compiled_ranker import CACHE_DIRNAME, attach
     from serving.pipeline import personalize
+    from serving.settings import ServeSettings
     from training.registry import load_alias
 
+    serve = ServeSettings.from_env()  # the settings the server started by this bench reads from the same environment
     bundle = load_alias(settings, alias="champion")
     t = time.perf_counter()
-    attach(bundle, settings.home / CACHE_DIRNAME, background=False)  # what every server worker does, in a thread
+    attach(bundle, settings.home / CACHE_DIRNAME, background=False,  # what every server worker does, in a thread
+           enabled=serve.compiled_ranker)
     compile_s = time.perf_counter() - t
     compiled = bundle.scorer
     matrices: list[np.ndarray] = []
@@ -147,11 +150,13 @@ def in_process_floor(settings, users: list[str], now_ms: int, n: int = 300) -> t
             return compiled(values)
 
         bundle.use_scorer(capture, bundle.scorer_name)
-    store = OnlineStore.from_url(settings.redis_url, timeout_s=0.5)
+    store = OnlineStore.from_url(settings.redis_url, timeout_s=0.5, item_cache_rows=serve.item_cache_rows,
+                                 fresh_window=serve.fresh_window)
     store.warm()
     stages: dict[str, list[float]] = {}
     for k in range(n + 30):
-        r = personalize(_body(users[k % len(users)], f"floor-{k % 7}", now_ms), bundle, store)
+        r = personalize(_body(users[k % len(users)], f"floor-{k % 7}", now_ms), bundle, store, rerank=serve.rerank,
+                        stale_max_age_s=serve.stale_max_age_s)
         if k >= 30:
             for s, v in r["latency_breakdown_ms"].items():
                 stages.setdefault(s, []).append(v)
@@ -238,9 +243,9 @@ def main() -> int:
               f"compile or cache load {ranker['compile_s']:.1f} s")
     else:
         print("\nRanker: compilation unavailable here, LightGBM serves (no compiled-vs-LightGBM figure)")
-    from serving.service import WORKERS, _cores
+    from serving.settings import ServeSettings, cores as _cores
 
-    workers = int(os.environ.get("KAIROS_SERVE_WORKERS") or WORKERS)
+    workers = ServeSettings.from_env().worker_count  # what the server started below will run
     cores = _cores()
 
     port = free_port()

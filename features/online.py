@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import struct
 import sys
 import threading
@@ -71,12 +70,15 @@ CHUNK = 2000
 ITEM_CHUNK = 5000
 PROGRESS_EVERY = 20  # chunks between progress log lines (100k items, 40k users)
 STALE_CACHE_USERS = 100_000
+# Defaults only: a server sets both from KAIROS_ITEM_CACHE_ROWS / KAIROS_FRESH_WINDOW (serving/settings.py, read
+# once at its start) through OnlineStore(item_cache_rows=, fresh_window=); importing this module reads no environment.
 # decoded item rows kept per process (all versions together); a row with its co-click map is ~1-2 KB
-ITEM_CACHE_ROWS = int(os.environ.get("KAIROS_ITEM_CACHE_ROWS", "50000"))
+ITEM_CACHE_ROWS = 50_000
 # the fresh channel looks at this many newest items (by publish_ts) of the serving version
-FRESH_WINDOW = int(os.environ.get("KAIROS_FRESH_WINDOW", "1000"))
-# the publish_ts index holds only this many newest items (the fresh channel never looks further back)
-PUBLISHED_KEEP = max(20_000, 4 * FRESH_WINDOW)
+FRESH_WINDOW = 1000
+# the publish_ts index holds only this many newest items (the fresh channel never looks further back, so a
+# fresh window is at most this long)
+PUBLISHED_KEEP = 20_000
 STRING_USER_COLUMNS = frozenset(USER_JSON_COLUMNS) | frozenset(USER_HISTORY_COLUMNS)
 # item store columns held as text / as float64 (ms timestamps need 53 bits); every other one is float32
 ITEM_TEXT_COLUMNS: tuple[str, ...] = ("category",)
@@ -514,7 +516,8 @@ class _CategoryView(Mapping):
 class OnlineStore:
     """Redis-backed online store. `client` is a redis.Redis (decode_responses either way)."""
 
-    def __init__(self, client: Any, breaker_s: float = 1.0, item_cache_rows: int = ITEM_CACHE_ROWS) -> None:
+    def __init__(self, client: Any, breaker_s: float = 1.0, item_cache_rows: int = ITEM_CACHE_ROWS,
+                 fresh_window: int = FRESH_WINDOW) -> None:
         self.client = client
         # circuit breaker: after a failed read, fail fast for breaker_s instead of paying a socket
         # timeout on every request while Redis is down or hung (callers fall back meanwhile)
@@ -528,6 +531,7 @@ class OnlineStore:
         # packed item rows, (version, epoch, item_id) -> bytes; one bounded LRU shared by every version
         self._rows: "OrderedDict[tuple[str, str, str], bytes]" = OrderedDict()
         self.item_cache_rows = max(0, int(item_cache_rows))
+        self.fresh_window = max(1, int(fresh_window))  # looking past PUBLISHED_KEEP finds nothing more
         # the last rows read per user, for the stale path when Redis is slow or down (bounded LRU)
         self._stale: "OrderedDict[str, tuple[float, dict | None, str | None]]" = OrderedDict()
         self.stale_capacity = STALE_CACHE_USERS
@@ -536,7 +540,8 @@ class OnlineStore:
         self._warned_no_version = False
 
     @classmethod
-    def from_url(cls, url: str, timeout_s: float = 0.1, breaker_s: float = 1.0) -> "OnlineStore":
+    def from_url(cls, url: str, timeout_s: float = 0.1, breaker_s: float = 1.0, item_cache_rows: int = ITEM_CACHE_ROWS,
+                 fresh_window: int = FRESH_WINDOW) -> "OnlineStore":
         """A store on the request path: short socket timeouts and one immediate retry (a pooled
         connection gone stale after a Redis restart), so a slow or dead Redis costs a request at
         most ~2 timeouts before the circuit breaker answers from the fallback at once."""
@@ -549,7 +554,7 @@ class OnlineStore:
         client = redis_client(url, decode_responses=True, socket_timeout=timeout_s,
                               socket_connect_timeout=timeout_s, health_check_interval=30,
                               retry=Retry(NoBackoff(), 1))
-        return cls(client, breaker_s=breaker_s)
+        return cls(client, breaker_s=breaker_s, item_cache_rows=item_cache_rows, fresh_window=fresh_window)
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -956,12 +961,12 @@ class OnlineStore:
         return table
 
     def _fresh_window(self, state: VersionState) -> tuple[list[str], np.ndarray]:
-        """The version's newest FRESH_WINDOW items with their publish_ts, re-read whenever its rev moves."""
+        """The version's newest `fresh_window` items with their publish_ts, re-read whenever its rev moves."""
         cached = state.fresh
         if cached is not None:
             return cached
         epoch, seq = state.epoch, state.seq
-        pairs = self.client.zrevrange(published_key(state.version), 0, FRESH_WINDOW - 1, withscores=True)
+        pairs = self.client.zrevrange(published_key(state.version), 0, self.fresh_window - 1, withscores=True)
         window = ([_s(i) for i, _ in pairs], np.array([float(ts) for _, ts in pairs], dtype=np.float64))
         with self._lock:
             if state.epoch == epoch and state.seq == seq:

@@ -9,7 +9,8 @@ was written, since LLVM aborts the process on a damaged object file). Before it 
 LightGBM's own predictions on probe rows (max |difference| <= PARITY_TOL); any failure -- lleaves or llvmlite
 not installed, a compile error, a corrupt cache file, a parity miss -- leaves LightGBM serving, logged.
 
-    KAIROS_COMPILED_RANKER=0      turn it off (LightGBM's Booster.predict serves)
+    KAIROS_COMPILED_RANKER=0      turn it off (LightGBM's Booster.predict serves); read by serving/settings.py at
+                                  the server's start and passed here as `enabled`
 """
 from __future__ import annotations
 
@@ -27,10 +28,6 @@ log = logging.getLogger("kairos.compiled_ranker")
 CACHE_DIRNAME = "compiled_rankers"
 PARITY_TOL = 1e-6
 PROBE_ROWS = 512
-
-
-def enabled() -> bool:
-    return os.environ.get("KAIROS_COMPILED_RANKER", "1").lower() not in ("0", "false", "no")
 
 
 def compiler_tag() -> str | None:
@@ -104,9 +101,11 @@ def _cache_file(cache_dir: Path, model_sha256: str, tag: str) -> Path:
     return Path(cache_dir) / f"ranker-{model_sha256[:32]}-{tag}.so"
 
 
-def compile_ranker(model_file: Path, model_sha256: str, booster: Any, cache_dir: Path) -> CompiledRanker | None:
-    """The compiled scorer for `model_file` (cached by its sha256), checked against `booster`; None on any failure."""
-    if not enabled():
+def compile_ranker(model_file: Path, model_sha256: str, booster: Any, cache_dir: Path,
+                   enabled: bool = True) -> CompiledRanker | None:
+    """The compiled scorer for `model_file` (cached by its sha256), checked against `booster`; None on any failure
+    or when not `enabled` (KAIROS_COMPILED_RANKER=0 at the server's start)."""
+    if not enabled:
         return None
     tag = compiler_tag()
     if tag is None:
@@ -155,13 +154,13 @@ def compile_ranker(model_file: Path, model_sha256: str, booster: Any, cache_dir:
     return ranker
 
 
-def attach(bundle: Any, cache_dir: Path, background: bool = True) -> threading.Thread | None:
+def attach(bundle: Any, cache_dir: Path, background: bool = True, enabled: bool = True) -> threading.Thread | None:
     """Compile `bundle`'s exported ranker file and switch `bundle.rank` to it when ready (one attribute
     assignment; LightGBM serves until then and whenever compilation fails). With `background` the work runs in a
     daemon thread (returned), so loading a model version is not held up by its first compile."""
     model_file = getattr(bundle, "ranker_file", None)
     sha = getattr(bundle, "ranker_sha256", None)
-    if model_file is None or sha is None or not enabled():
+    if model_file is None or sha is None or not enabled:
         return None
 
     def run() -> None:
@@ -177,4 +176,4 @@ def attach(bundle: Any, cache_dir: Path, background: bool = True) -> threading.T
     return thread
 
 
-__all__ = ["CompiledRanker", "PARITY_TOL", "attach", "compile_ranker", "compiler_tag", "enabled", "probe_rows"]
+__all__ = ["CompiledRanker", "PARITY_TOL", "attach", "compile_ranker", "compiler_tag", "probe_rows"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import uuid
 from typing import Any, Callable, Mapping
@@ -44,9 +43,10 @@ MAX_POOL = 1000
 POPULAR_CHANNEL_SHARE = 0.25  # share of the pool offered to the popularity channel
 # Re-rank business rule "session intent": when the session shows a clear category intent
 # (>= INTENT_MIN_ENGAGEMENTS engaged items, dominant category >= INTENT_MIN_SHARE of the decayed
-# weights), at least ceil(num_results * INTENT_SLOT_SHARE * share) results come from that
-# category: the ranker's best-scored ones. 0 disables the rule (the learned ranking alone).
-INTENT_SLOT_SHARE = float(os.environ.get("KAIROS_SESSION_INTENT_SLOT_SHARE", "0.3"))
+# weights), at least ceil(num_results * slot share * share) results come from that category: the
+# ranker's best-scored ones. The slot share is RerankConfig.intent_slot_share (KAIROS_SESSION_INTENT_SLOT_SHARE,
+# default 0.3); 0 disables the rule (the learned ranking alone).
+INTENT_SLOT_SHARE = RerankConfig.intent_slot_share
 INTENT_MIN_SHARE = 0.5
 INTENT_MIN_ENGAGEMENTS = 2
 
@@ -57,8 +57,9 @@ CONFIG_FIELDS = {"num_results", "candidate_pool_size", "max_latency_ms"}
 SERVED_TWO_STAGE = "two_stage"
 SERVED_STALE = "two_stage:stale_features"
 SERVED_NO_FEATURES = "two_stage:missing_features"  # the online store is reachable but empty: defaults served
-# how old the in-process copy of a user's features may be when Redis is unavailable (then popularity)
-STALE_MAX_AGE_S = float(os.environ.get("KAIROS_STALE_FEATURES_MAX_AGE_S", "3600"))
+# how old the in-process copy of a user's features may be when Redis is unavailable (then popularity); the
+# service passes its KAIROS_STALE_FEATURES_MAX_AGE_S (serving/settings.py) as personalize(stale_max_age_s=...)
+STALE_MAX_AGE_S = 3600.0
 FALLBACK_REDIS = "popularity_fallback:redis_unavailable"
 FALLBACK_NO_MODEL = "popularity_fallback:no_model"
 FALLBACK_MODEL_ERROR = "popularity_fallback:model_error"
@@ -188,12 +189,15 @@ def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | 
 
 def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: int | None = None,
                 log_impression: Callable[[dict], None] | None = None, rerank: RerankConfig | None = None,
-                request_id: str | None = None, channels: tuple[Channel, ...] | None = None) -> dict:
+                request_id: str | None = None, channels: tuple[Channel, ...] | None = None,
+                stale_max_age_s: float = STALE_MAX_AGE_S) -> dict:
     """Answer one ranking request (see the module docstring). Raises ValueError only on bad input.
 
     `log_impression` receives serving.impressions.impression_record(...) for every answer, with the
     ranker's feature values for each shown item (DESIGN invariant 6); it must not block. `channels`
     replaces the candidate channels (the offline replay keeps their shares and lifts their time budgets).
+    Settings come in as arguments (`rerank`, `stale_max_age_s`), never from the environment: the entry point
+    (serving/service.py) builds them once from it.
     """
     t_start = time.perf_counter()
     req = validate_request(request)
@@ -244,7 +248,7 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
         table = store.item_table(version)
     except REDIS_ERRORS as exc:
         lat["feature_fetch"] = _ms(time.perf_counter() - t)
-        stale = store.stale(req["user_id"], STALE_MAX_AGE_S) if store is not None and bundle is not None else None
+        stale = store.stale(req["user_id"], stale_max_age_s) if store is not None and bundle is not None else None
         if stale is None:
             log.warning("online store unavailable (%s: %s); serving popularity", type(exc).__name__, exc)
             if bundle is not None:
@@ -340,7 +344,8 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
     picked = mmr(order, scores, vectors, n, cfg.mmr_lambda)
     picked_set = set(picked)
     diversified = np.array(picked + [int(i) for i in order if int(i) not in picked_set])
-    top, intent = apply_session_intent(diversified, n, candidates, table.category, session)
+    top, intent = apply_session_intent(diversified, n, candidates, table.category, session,
+                                       slot_share=cfg.intent_slot_share)
     if intent:
         response["rerank"] = intent
     category = {i: table.category.get(candidates[i]) for i in range(len(candidates))}
@@ -375,13 +380,14 @@ def session_intent(session: Mapping[str, Any] | None) -> tuple[str | None, float
 
 
 def apply_session_intent(order: np.ndarray, n: int, candidates: list[str], category_of: Mapping[str, Any],
-                         session: Mapping[str, Any] | None) -> tuple[list[int], dict | None]:
+                         session: Mapping[str, Any] | None, slot_share: float = INTENT_SLOT_SHARE
+                         ) -> tuple[list[int], dict | None]:
     """Top-n candidate positions (by score) with the session-intent slots filled; and what the rule did."""
     top = [int(i) for i in order[:n]]
     target, share = session_intent(session)
-    if target is None or INTENT_SLOT_SHARE <= 0:
+    if target is None or slot_share <= 0:
         return top, None
-    slots = min(n, math.ceil(n * INTENT_SLOT_SHARE * share - 1e-9))
+    slots = min(n, math.ceil(n * slot_share * share - 1e-9))
     have = sum(1 for i in top if category_of.get(candidates[i]) == target)
     if have >= slots:
         return top, {"session_intent": target, "slots": slots, "promoted": 0}

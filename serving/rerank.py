@@ -26,24 +26,85 @@ import numpy as np
 EXPLORATIONS = ("epsilon_greedy", "thompson")
 
 
+ENV_VARS: dict[str, str] = {  # field -> the environment variable that sets it (README "Serving")
+    "mmr_lambda": "KAIROS_MMR_LAMBDA",
+    "max_category_run": "KAIROS_MAX_CATEGORY_RUN",
+    "epsilon": "KAIROS_EXPLORATION_EPSILON",
+    "exploration": "KAIROS_EXPLORATION",
+    "thompson_strength": "KAIROS_THOMPSON_STRENGTH",
+    "repeat_surfaces": "KAIROS_REPEAT_SURFACES",
+    "intent_slot_share": "KAIROS_SESSION_INTENT_SLOT_SHARE",
+}
+
+
+def env_number(env: Mapping[str, str], var: str, kind: type, default: Any, minimum: float | None = None,
+               maximum: float | None = None) -> Any:
+    """`env[var]` parsed as `kind` (int or float), `default` when unset or blank; a bad value raises naming the
+    variable, so a typo in a deployment fails at start instead of serving with a silently different setting."""
+    raw = env.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{var} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{var} must be in [{minimum if minimum is not None else '-inf'}, "
+                         f"{maximum if maximum is not None else 'inf'}], got {raw!r}")
+    return value
+
+
+def env_flag(env: Mapping[str, str], var: str, default: bool) -> bool:
+    """`env[var]` as a switch: 1/true/yes/on or 0/false/no/off (any case), `default` when unset or blank."""
+    raw = env.get(var, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{var} must be one of 1/true/yes/on or 0/false/no/off, got {raw!r}")
+
+
 @dataclass(frozen=True)
 class RerankConfig:
+    """How the ranked list is re-ranked. Defaults are constants: the environment is read only by `from_env`,
+    once at the entry point (the service's start, a CLI), so importing this module never depends on it."""
+
     # defaults chosen on the catalog metric (bench/quality.py): MMR 0.85 and runs <= 3 cost the simulator
     # 6% NDCG@10 against 0.95 and no run rule, for +0.07 coverage; both stay one setting away
-    mmr_lambda: float = float(os.environ.get("KAIROS_MMR_LAMBDA", "0.95"))  # 1.0 = pure relevance
-    max_category_run: int = int(os.environ.get("KAIROS_MAX_CATEGORY_RUN", "0"))  # 0 = off
-    epsilon: float = float(os.environ.get("KAIROS_EXPLORATION_EPSILON", "0.05"))  # 0 = no exploration
-    exploration: str = os.environ.get("KAIROS_EXPLORATION", "epsilon_greedy")  # or "thompson"
-    thompson_strength: float = float(os.environ.get("KAIROS_THOMPSON_STRENGTH", "50"))  # Beta pseudo-counts
+    mmr_lambda: float = 0.95  # 1.0 = pure relevance
+    max_category_run: int = 0  # 0 = off
+    epsilon: float = 0.05  # 0 = no exploration
+    exploration: str = "epsilon_greedy"  # or "thompson"
+    thompson_strength: float = 50.0  # Beta pseudo-counts
     thompson_draws: int = 200  # Monte Carlo draws that estimate each shown item's propensity
     # surfaces that may show what the user already consumed ("watch again", re-order): comma-separated
-    repeat_surfaces: tuple[str, ...] = tuple(s for s in os.environ.get("KAIROS_REPEAT_SURFACES", "").split(",") if s)
+    repeat_surfaces: tuple[str, ...] = ()
+    # the session-intent rule (serving/pipeline.py apply_session_intent): share of the results reserved for a
+    # session's clear category intent, scaled by how clear it is; 0 = the learned ranking alone
+    intent_slot_share: float = 0.3
 
     def __post_init__(self) -> None:
         if self.exploration not in EXPLORATIONS:
             raise ValueError(f"KAIROS_EXPLORATION must be one of {EXPLORATIONS}, got {self.exploration!r}")
         if self.thompson_strength <= 0:
             raise ValueError(f"KAIROS_THOMPSON_STRENGTH must be > 0, got {self.thompson_strength}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "RerankConfig":
+        """The configuration the KAIROS_* variables in ENV_VARS describe (unset ones keep the defaults)."""
+        d = cls()
+        exploration = env.get(ENV_VARS["exploration"], "").strip() or d.exploration
+        return cls(
+            mmr_lambda=env_number(env, ENV_VARS["mmr_lambda"], float, d.mmr_lambda, 0.0, 1.0),
+            max_category_run=env_number(env, ENV_VARS["max_category_run"], int, d.max_category_run, 0),
+            epsilon=env_number(env, ENV_VARS["epsilon"], float, d.epsilon, 0.0, 1.0),
+            exploration=exploration,
+            thompson_strength=env_number(env, ENV_VARS["thompson_strength"], float, d.thompson_strength),
+            repeat_surfaces=tuple(s.strip() for s in env.get(ENV_VARS["repeat_surfaces"], "").split(",") if s.strip()),
+            intent_slot_share=env_number(env, ENV_VARS["intent_slot_share"], float, d.intent_slot_share, 0.0, 1.0),
+        )
 
 
 def request_rng(request_id: str) -> np.random.Generator:
@@ -139,4 +200,4 @@ def thompson(picked: list[int], pool: list[int], scores: np.ndarray, strength: f
     return out, props
 
 
-__all__ = ["EXPLORATIONS", "RerankConfig", "explore", "limit_category_runs", "mmr", "request_rng", "thompson"]
+__all__ = ["ENV_VARS", "EXPLORATIONS", "RerankConfig", "env_flag", "env_number", "explore", "limit_category_runs", "mmr", "request_rng", "thompson"]

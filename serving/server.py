@@ -52,6 +52,9 @@ def start_server(port: int, env: dict | None = None, host: str = "127.0.0.1",
     Output goes to a log file (`proc.log_path`), never an unread pipe; the process
     leads its own process group so stop_server can end its workers too.
     """
+    from serving.settings import ServeSettings
+
+    ServeSettings.from_env(os.environ if env is None else env)  # a bad KAIROS_* value fails here, naming it
     if log_path is None:
         fd, log_path = tempfile.mkstemp(prefix=f"kairos-serve-{port}-", suffix=".log")
         os.close(fd)

@@ -32,27 +32,15 @@ from typing import Annotated, Optional
 import bentoml
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.settings import ServeSettings
+
 log = logging.getLogger("kairos.service")
 
-MODEL_POLL_S = float(os.environ.get("KAIROS_MODEL_POLL_S", "10"))
-REDIS_TIMEOUT_S = float(os.environ.get("KAIROS_REDIS_TIMEOUT_S", "0.1"))
-INTAKE_TIMEOUT_S = float(os.environ.get("KAIROS_INTAKE_TIMEOUT_S", "2"))
-THREADS = int(os.environ.get("KAIROS_SERVE_THREADS", "4"))
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-# worker processes, one per core by default: the pipeline is CPU-bound Python, so threads of one process contend
-# for its GIL; each worker loads its own bundle, compiled ranker and item cache
-WORKERS = int(os.environ.get("KAIROS_SERVE_WORKERS") or _cores())
-ACCESS_LOG = os.environ.get("KAIROS_ACCESS_LOG", "1").lower() not in ("0", "false", "no")
-IMPRESSION_LOG = os.environ.get("KAIROS_IMPRESSION_LOG", "1").lower() not in ("0", "false", "no")
-API_KEY = os.environ.get("KAIROS_API_KEY") or None  # set: /v1/* requires the header x-api-key
+# The entry point: BentoML imports this module to start the service, and its decorator needs the worker and
+# thread counts when the class is defined, so the environment is read here, once, into typed settings
+# (serving/settings.py) that everything below receives explicitly; no other serving module reads it at import
+# (the experiment switches and REDIS_URL are read when the service initializes, serving/experiments.py).
+SETTINGS = ServeSettings.from_env()
 
 
 class ApiKeyMiddleware:
@@ -74,9 +62,6 @@ class ApiKeyMiddleware:
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
-
-
-MAX_BODY_BYTES = int(os.environ.get("KAIROS_MAX_BODY_BYTES", str(1 << 20)))  # 1 MiB: 1,000 events fit in ~300 kB
 
 
 try:  # a C JSON encoder for the answers (several times faster than json.dumps); json when not installed
@@ -102,7 +87,7 @@ class BodyLimitMiddleware:
     declared Content-Length is checked up front; a chunked body is read up to the limit and replayed), and a
     /v1/* body that is not JSON is a 415 (BentoML answered a multipart body with a 500)."""
 
-    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app, max_bytes: int = ServeSettings.max_body_bytes) -> None:
         self.app, self.max_bytes = app, max_bytes
 
     async def _refuse(self, send, size: str) -> None:
@@ -456,8 +441,8 @@ class PersonalizeResponse(BaseModel):
     experiment: Optional[ExperimentArm] = None
 
 
-@bentoml.service(name="kairos_ranker", workers=WORKERS, threads=THREADS, traffic={"timeout": 30},
-                 logging={"access": {"enabled": ACCESS_LOG}})
+@bentoml.service(name="kairos_ranker", workers=SETTINGS.worker_count, threads=SETTINGS.threads, traffic={"timeout": 30},
+                 logging={"access": {"enabled": SETTINGS.access_log}})
 class KairosRanker:
     def __init__(self) -> None:
         try:
@@ -470,6 +455,7 @@ class KairosRanker:
         from orchestration.settings import Settings
 
         self.settings = Settings.from_env()
+        self.serve = SETTINGS
         self.bundle = None
         self.store = None
         self.impressions = None
@@ -482,14 +468,16 @@ class KairosRanker:
             log.warning("Prometheus metrics unavailable: %s", exc)
         self.intake_client = None
         try:
-            self.store = OnlineStore.from_url(_redis_url(), timeout_s=REDIS_TIMEOUT_S)
+            self.store = OnlineStore.from_url(_redis_url(), timeout_s=self.serve.redis_timeout_s,
+                                              item_cache_rows=self.serve.item_cache_rows,
+                                              fresh_window=self.serve.fresh_window)
             # the intake waits for an fsync (appendfsync always): it gets its own client with a longer timeout than
             # the ranking path's 100 ms, so a slow disk is a slow 200, not a timeout the producer must retry
             from orchestration.settings import redis_client
 
-            self.intake_client = redis_client(_redis_url(), decode_responses=True, socket_timeout=INTAKE_TIMEOUT_S,
-                                              socket_connect_timeout=INTAKE_TIMEOUT_S)
-            if IMPRESSION_LOG:
+            self.intake_client = redis_client(_redis_url(), decode_responses=True, socket_timeout=self.serve.intake_timeout_s,
+                                              socket_connect_timeout=self.serve.intake_timeout_s)
+            if self.serve.impression_log:
                 from serving.impressions import ImpressionLogger
 
                 self.impressions = ImpressionLogger(self.store.client)
@@ -551,7 +539,7 @@ class KairosRanker:
         from serving.compiled_ranker import CACHE_DIRNAME, attach
 
         try:
-            attach(bundle, self.settings.home / CACHE_DIRNAME, background=True)
+            attach(bundle, self.settings.home / CACHE_DIRNAME, background=True, enabled=self.serve.compiled_ranker)
         except Exception as exc:  # noqa: BLE001 - LightGBM serves
             log.warning("ranker compilation not started: %s", exc)
 
@@ -612,7 +600,7 @@ class KairosRanker:
             log.warning("could not warm the online store: %s", exc)
 
     def _refresh_loop(self) -> None:
-        while not self._stop.wait(MODEL_POLL_S):
+        while not self._stop.wait(self.serve.model_poll_s):
             try:
                 current = getattr(self.bundle, "model_version", None)
                 latest = self._champion_version()
@@ -654,8 +642,8 @@ class KairosRanker:
                 answer = self._interleaved(request, champion, challenger, experiment.name)
             else:
                 # serialized here: skips BentoML's pydantic pass over the output (~1 ms per request)
-                answer = personalize(request, bundle, self.store,
-                                     log_impression=None if self.impressions is None else
+                answer = personalize(request, bundle, self.store, rerank=self.serve.rerank,
+                                     stale_max_age_s=self.serve.stale_max_age_s, log_impression=None if self.impressions is None else
                                      (lambda rec, arm=arm: self.impressions({**rec, "experiment": getattr(
                                          experiment, "name", None), "arm": arm})))
             if experiment is not None:
@@ -700,8 +688,9 @@ class KairosRanker:
         from serving.rerank import request_rng
 
         records: dict[str, dict] = {}
-        a = personalize(request, champion, self.store, log_impression=lambda r: records.__setitem__(TEAM_A, r))
-        b = personalize(request, challenger, self.store, request_id=a["request_id"],
+        opts = {"rerank": self.serve.rerank, "stale_max_age_s": self.serve.stale_max_age_s}
+        a = personalize(request, champion, self.store, log_impression=lambda r: records.__setitem__(TEAM_A, r), **opts)
+        b = personalize(request, challenger, self.store, request_id=a["request_id"], **opts,
                         log_impression=lambda r: records.__setitem__(TEAM_B, r))
         n = int((request.get("request_config") or {}).get("num_results", 10))
         answer, record = interleave_answers(a, b, n, request_rng(a["request_id"] + ":interleave"),
@@ -715,7 +704,8 @@ class KairosRanker:
         from serving.pipeline import personalize
 
         try:
-            personalize(request, challenger, self.store, request_id=f"{request_id}:shadow",
+            personalize(request, challenger, self.store, request_id=f"{request_id}:shadow", rerank=self.serve.rerank,
+                        stale_max_age_s=self.serve.stale_max_age_s,
                         log_impression=None if self.impressions is None else
                         (lambda rec: self.impressions({**rec, "shadow": True, "arm": "challenger"})))
         except Exception as exc:  # noqa: BLE001 - shadow traffic must never disturb serving
@@ -739,7 +729,7 @@ class KairosRanker:
         try:
             self.stream_metrics = StreamMetrics(self.store.client)
             threading.Thread(target=self.stream_metrics.run, name="kairos-stream-metrics", daemon=True,
-                             args=(self._stop, float(os.environ.get("KAIROS_STREAM_METRICS_S", "5")))).start()
+                             args=(self._stop, self.serve.stream_metrics_s)).start()
         except Exception as exc:  # noqa: BLE001
             log.warning("stream lag metrics unavailable: %s", exc)
 
@@ -756,7 +746,7 @@ class KairosRanker:
         if self.store is None:
             return JSONResponse({"error": "event intake unavailable", "detail": "no Redis configured"}, status_code=503)
         try:
-            answer = intake(self.intake_client, list(body.events))
+            answer = intake(self.intake_client, list(body.events), max_backlog=self.serve.max_backlog)
         except Backpressure as exc:
             return JSONResponse({"error": "backpressure", "detail": str(exc), "retry_after_s": exc.retry_after_s,
                                  "backlog": exc.backlog, "limit": exc.limit}, status_code=429,
@@ -808,6 +798,6 @@ class KairosRanker:
             return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-if API_KEY:
-    KairosRanker.add_asgi_middleware(ApiKeyMiddleware, key=API_KEY)
-KairosRanker.add_asgi_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+if SETTINGS.api_key:
+    KairosRanker.add_asgi_middleware(ApiKeyMiddleware, key=SETTINGS.api_key)
+KairosRanker.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)

@@ -52,7 +52,8 @@ DEAD_LETTER_TABLE = "stream_dead_letter"
 REFUSED_SCHEMA = pa.schema([("entry_id", pa.string()), ("event", pa.string()), ("reason", pa.string()),
                             ("source_stream_id", pa.string()), ("consumer", pa.string()), ("ts_ms", pa.int64()),
                             ("received_at", pa.int64()), ("ingest_date", pa.string())])
-DEFAULT_WINDOW_MS = int(os.environ.get("KAIROS_BRONZE_WINDOW_MS", "10000"))
+# default only: the streaming CLI takes KAIROS_BRONZE_WINDOW_MS / --bronze-window-ms (streaming/options.py)
+DEFAULT_WINDOW_MS = 10_000
 LOCK_TTL_MS = 10_000  # a writer killed with the lock held is replaced after this long
 _MAX_SEQ = 18446744073709551615
 

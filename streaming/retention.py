@@ -16,7 +16,6 @@ would drop the oldest entries whether or not anyone processed them. Instead:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -25,7 +24,8 @@ import redis
 log = logging.getLogger("kairos.streaming.retention")
 
 GROUPS_KEY_PREFIX = "kairos:stream:groups"  # SET of the consumer groups that ever read a stream
-DEFAULT_MAX_BACKLOG = int(os.environ.get("KAIROS_STREAM_MAX_BACKLOG", "1000000"))
+# default only: the server passes its KAIROS_STREAM_MAX_BACKLOG (serving/settings.py) as intake(max_backlog=)
+DEFAULT_MAX_BACKLOG = 1_000_000
 
 
 def as_text(v: Any) -> Any:

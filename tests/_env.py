@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Iterator
 
 
+# what a server (or CLI) a test starts gets on top of its environment: exploration off, so answers compare
+# (the service reads KAIROS_* once, at its start; in-process callers pass RerankConfig(epsilon=0.0) instead)
+SERVER_ENV: dict[str, str] = {"KAIROS_EXPLORATION_EPSILON": "0"}
+
 KAIROS_ENV_KEYS = ("KAIROS_HOME", "REDIS_URL", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI")
 
 

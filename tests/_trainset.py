@@ -1,10 +1,13 @@
 """A training set built from the simulator in pure pandas (no Spark): fast fixtures for model tests.
 
-Mirrors training.dataset.build_training_set: one row per impression; label 0.6/0.3/0.1 by
-dwell when the same user clicked the item later in the session (-0.1 for an explicit skip,
-else 0); user/item store columns counted from strictly earlier days (the daily snapshot
-as of the impression's day); session columns replayed with the shared fold; a time split
-(first 70% of days train, next 15% validation, last 15% test).
+Mirrors training.dataset.build_training_set: one row per impression, labeled by the product's own
+rule (training.labels.build_labels with its default LabelConfig: engagements attributed to the latest
+impression of the same user and item within the attribution window, label_binary = label >= the
+positive threshold), read once every window has closed so that no impression is left unlabeled;
+user/item store columns counted from strictly earlier days (the daily snapshot as of the impression's
+day); session columns replayed with the shared fold; a time split (first 70% of days train, next 15%
+validation, last 15% test). Labels are not re-implemented here: a test model trains on what the
+product would have written.
 """
 from __future__ import annotations
 
@@ -18,12 +21,12 @@ from ingestion.bots import bot_mask, bot_sessions
 from ingestion.dedup import window_duplicates
 from features.registry import CATEGORY_HALF_LIFE_DAYS, CO_ITEMS_TOP_K
 from ingestion.schema import DAY_MS, EVENT_TYPES
+from training.labels import LabelConfig, build_labels
 
 USER_WINDOW_DAYS = 30
 USER_SHORT_WINDOW_DAYS = 7
 ITEM_WINDOW_DAYS = 7
-DWELL_LONG_MS = 30_000
-DWELL_MEDIUM_MS = 10_000
+LABELS = LabelConfig()  # the product's rule, no catalog negatives: the fixture stays one row per impression
 
 
 def clean_events(events: pd.DataFrame) -> pd.DataFrame:
@@ -49,6 +52,15 @@ def _window_counts(entity_codes: np.ndarray, days: np.ndarray, weights: np.ndarr
     return hi - lo
 
 
+def _labels(ev: pd.DataFrame) -> pd.DataFrame:
+    """event_id, label, label_binary by the product's rule. The world is over, so labels are read as of the
+    last event plus one attribution window (every window closed, nothing after the log is known): the labels
+    job run then would write exactly these."""
+    as_of = int(ev["timestamp"].max()) + 1 + int(LABELS.attribution_window_ms)
+    lab = build_labels(ev, as_of_ms=as_of, config=LABELS)
+    return lab[["event_id", "label", "label_binary"]]
+
+
 def make_training_set(world) -> pd.DataFrame:
     ev = clean_events(world.events)
     items = world.items
@@ -59,19 +71,8 @@ def make_training_set(world) -> pd.DataFrame:
 
     imp = ev[ev["event_type"] == "impression"][["event_id", "user_id", "item_id", "session_id", "timestamp", "position",
                                                 "device_type", "page_context", "day"]].copy()
-    # labels: the first later click on the same item by the same user in the session
-    clicks = ev[ev["event_type"] == "click"][["session_id", "user_id", "item_id", "timestamp", "dwell_time_ms"]]
-    m = imp[["event_id", "session_id", "user_id", "item_id", "timestamp"]].merge(
-        clicks, on=["session_id", "user_id", "item_id"], suffixes=("", "_click"))
-    m = m[m["timestamp_click"] > m["timestamp"]].sort_values("timestamp_click").drop_duplicates("event_id")
-    dwell = imp["event_id"].map(dict(zip(m["event_id"], m["dwell_time_ms"])))
-    clicked = dwell.notna().to_numpy()
-    d = dwell.fillna(0).to_numpy()
-    label = np.where(d >= DWELL_LONG_MS, 0.6, np.where(d >= DWELL_MEDIUM_MS, 0.3, 0.1))
-    skips = ev[ev["event_type"] == "skip"][["session_id", "item_id"]].drop_duplicates()
-    skipped = pd.MultiIndex.from_frame(imp[["session_id", "item_id"]]).isin(pd.MultiIndex.from_frame(skips))
-    imp["label"] = np.where(clicked, label, np.where(skipped, -0.1, 0.0))
-    imp["label_binary"] = clicked.astype(np.int64)
+    imp = imp.merge(_labels(ev), on="event_id", how="left", validate="one_to_one")
+    assert imp["label"].notna().all(), "every impression is labeled once every attribution window has closed"
 
     # user store columns: counts from days strictly before the impression's day
     u_codes, u_uni = pd.factorize(pd.concat([ev["user_id"], imp["user_id"]]))

@@ -4,9 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Exploration swaps random slots (seeded per request id); tests that compare rankings need it off.
-# tests/test_rerank.py turns it on explicitly.
-os.environ.setdefault("KAIROS_EXPLORATION_EPSILON", "0")
+# Exploration swaps random slots (seeded per request id); tests that compare rankings turn it off explicitly:
+# in-process with personalize(rerank=RerankConfig(epsilon=0.0)), for a server with tests._env.SERVER_ENV.
 
 import pytest
 import redis

@@ -70,14 +70,15 @@ def test_cached_per_model_file_and_attached_to_the_bundle(exported, tmp_path: Pa
         bundle.scorer, bundle.scorer_name = None, "lightgbm"
 
 
-def test_lightgbm_when_compilation_is_off_and_a_damaged_cache_is_rebuilt(exported, tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lightgbm_when_compilation_is_off_and_a_damaged_cache_is_rebuilt(exported, tmp_path: Path) -> None:
+    from serving.settings import ServeSettings
+
     bundle, features = exported
-    monkeypatch.setenv("KAIROS_COMPILED_RANKER", "0")
-    assert compile_ranker(bundle.ranker_file, bundle.ranker_sha256, bundle.ranker, tmp_path) is None
-    attach(bundle, tmp_path, background=False)
+    off = ServeSettings.from_env({"KAIROS_COMPILED_RANKER": "0"}).compiled_ranker  # what a server started so gets
+    assert off is False
+    assert compile_ranker(bundle.ranker_file, bundle.ranker_sha256, bundle.ranker, tmp_path, enabled=off) is None
+    attach(bundle, tmp_path, background=False, enabled=off)
     assert bundle.scorer is None and not list(tmp_path.glob("ranker-*.so"))
-    monkeypatch.delenv("KAIROS_COMPILED_RANKER")
     assert compile_ranker(bundle.ranker_file, bundle.ranker_sha256, bundle.ranker, tmp_path) is not None
     (cached,) = tmp_path.glob("ranker-*.so")
     good = cached.read_bytes()

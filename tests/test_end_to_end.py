@@ -15,7 +15,7 @@ from dagster import AssetKey, DagsterInstance
 from lake.delta import DeltaLake
 from orchestration.cli import data_clock_ms, log_impressions, materialize_all
 from orchestration.services import EmbeddedRedis, free_port
-from tests._env import fresh_home
+from tests._env import SERVER_ENV, fresh_home
 
 pytestmark = pytest.mark.e2e
 
@@ -87,7 +87,7 @@ def test_served_over_http_and_three_clicks_move_the_ranking(pipeline) -> None:
     from streaming.job import SessionStreamProcessor, publish
 
     port = free_port()
-    env = {**os.environ, "KAIROS_HOME": str(settings.home), "REDIS_URL": settings.redis_url or "",
+    env = {**os.environ, **SERVER_ENV, "KAIROS_HOME": str(settings.home), "REDIS_URL": settings.redis_url or "",
            "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri}
     proc = start_server(port, env=env)
     try:

@@ -15,6 +15,7 @@ import redis
 from orchestration.services import free_port
 from streaming.intake import intake_key
 from streaming.job import QUARANTINE_STREAM, STREAM
+from tests._env import SERVER_ENV
 
 
 def _event(k: int, now: int, **over) -> dict:
@@ -28,7 +29,7 @@ def test_intake_refuses_poison_dedupes_retries_and_bounds_everything(redis_serve
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     client.flushdb()
     port = free_port()
-    env = {**os.environ, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url,
+    env = {**os.environ, **SERVER_ENV, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url,
            "KAIROS_IMPRESSION_LOG": "0", "KAIROS_MAX_BODY_BYTES": "200000"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log_path = tmp_path / "server.log"

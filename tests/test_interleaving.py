@@ -9,6 +9,7 @@ import redis
 
 from serving.interleaving import attribute_clicks, interleave_answers, interleaving_winner, team_draft
 from serving.impressions import ImpressionLogger, impression_record, read_impressions
+from tests._env import SERVER_ENV
 
 
 def test_team_draft_takes_each_teams_best_unseen_item_and_balances_picks() -> None:
@@ -160,7 +161,7 @@ def test_interleaving_mode_on_a_real_server(trained, snapshot, store, small_worl
     v2 = register_bundle(settings, challenger_dir, outcome.metrics, {}, {"test": "interleave"},
                          GateResult(False, ["test: challenger only"], {}))
     port = free_port()
-    env = {**os.environ, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url, "KAIROS_MODEL_POLL_S": "1",
+    env = {**os.environ, **SERVER_ENV, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url, "KAIROS_MODEL_POLL_S": "1",
            "KAIROS_EXPERIMENT": "ilv:1.0", "KAIROS_EXPERIMENT_MODE": "interleave", "KAIROS_ACCESS_LOG": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = start_server(port, env=env, log_path=tmp_path / "server.log")

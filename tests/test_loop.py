@@ -28,7 +28,7 @@ from lake.delta import DeltaLake
 from orchestration.cli import data_clock_ms, materialize_all
 from orchestration.services import EmbeddedRedis, free_port
 from orchestration.settings import Settings
-from tests._env import fresh_home
+from tests._env import SERVER_ENV, fresh_home
 
 pytestmark = pytest.mark.e2e
 
@@ -223,7 +223,7 @@ def test_drift_retrain_shadow_canary_promote_then_refuse_a_broken_model(loop_env
 
     # ---- 4. a real server follows the registry: shadow, canary, promotion
     port = free_port()
-    env = {**os.environ, "KAIROS_MODEL_POLL_S": "0.5", "KAIROS_ACCESS_LOG": "0"}
+    env = {**os.environ, **SERVER_ENV, "KAIROS_MODEL_POLL_S": "0.5", "KAIROS_ACCESS_LOG": "0"}
     proc = start_server(port, env=env)
     users = DeltaLake(settings.lake_uri).read("catalog_users", columns=["user_id"])["user_id"].tolist()
     clicker = Users(SHIFTED)

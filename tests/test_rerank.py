@@ -117,3 +117,55 @@ def test_channel_budgets_follow_the_request_budget() -> None:
     assert "timeout" in errors["ann"] and contributed["trending"] == len(out) > 0
     out, _, errors = run_channels(producers, 10, set(), channels_for_budget(100.0))
     assert not errors and len(out) == 10
+
+
+def test_settings_come_from_the_environment_only_through_from_env() -> None:
+    """Defaults are constants; the documented KAIROS_* variables set them through from_env, and a bad value
+    names its variable (a typo fails the server's start instead of serving a silently different setting)."""
+    from serving.rerank import RerankConfig
+    from serving.settings import ServeSettings
+
+    assert RerankConfig.from_env({}) == RerankConfig()
+    cfg = RerankConfig.from_env({"KAIROS_MMR_LAMBDA": "0.8", "KAIROS_MAX_CATEGORY_RUN": "3",
+                                 "KAIROS_EXPLORATION_EPSILON": "0", "KAIROS_EXPLORATION": "thompson",
+                                 "KAIROS_THOMPSON_STRENGTH": "20", "KAIROS_REPEAT_SURFACES": "watch_again, reorder",
+                                 "KAIROS_SESSION_INTENT_SLOT_SHARE": "0"})
+    assert cfg == RerankConfig(mmr_lambda=0.8, max_category_run=3, epsilon=0.0, exploration="thompson",
+                               thompson_strength=20.0, repeat_surfaces=("watch_again", "reorder"), intent_slot_share=0.0)
+    for var, bad in (("KAIROS_MMR_LAMBDA", "high"), ("KAIROS_EXPLORATION_EPSILON", "1.5"),
+                     ("KAIROS_MAX_CATEGORY_RUN", "2.5"), ("KAIROS_EXPLORATION", "ucb"), ("KAIROS_THOMPSON_STRENGTH", "0")):
+        with pytest.raises(ValueError, match=var):
+            RerankConfig.from_env({var: bad})
+    serve = ServeSettings.from_env({"KAIROS_MODEL_POLL_S": "1", "KAIROS_SERVE_WORKERS": "2", "KAIROS_ACCESS_LOG": "0",
+                                    "KAIROS_API_KEY": "k", "KAIROS_STALE_FEATURES_MAX_AGE_S": "60",
+                                    "KAIROS_EXPLORATION_EPSILON": "0"})
+    assert (serve.model_poll_s, serve.worker_count, serve.access_log, serve.api_key, serve.stale_max_age_s) == (1.0, 2, False, "k", 60.0)
+    assert serve.rerank.epsilon == 0.0 and ServeSettings.from_env({}) == ServeSettings()
+    assert ServeSettings.from_env({"KAIROS_FRESH_WINDOW": "50", "KAIROS_ITEM_CACHE_ROWS": "10",
+                                   "KAIROS_STREAM_MAX_BACKLOG": "5"}) == ServeSettings(fresh_window=50, item_cache_rows=10,
+                                                                                       max_backlog=5)
+    for var, bad in (("KAIROS_SERVE_THREADS", "four"), ("KAIROS_IMPRESSION_LOG", "maybe"), ("KAIROS_MAX_BODY_BYTES", "0"),
+                     ("KAIROS_FRESH_WINDOW", "1000000"), ("KAIROS_STREAM_MAX_BACKLOG", "lots")):
+        with pytest.raises(ValueError, match=var):
+            ServeSettings.from_env({var: bad})
+
+
+def test_importing_serving_reads_no_environment() -> None:
+    """A bad value in the shell does not break an import (only the entry point's from_env sees it), and the
+    in-process defaults are the documented constants whatever was exported."""
+    import os
+    import subprocess
+    import sys
+
+    from orchestration.settings import PROJECT_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "KAIROS_MMR_LAMBDA": "not-a-number",
+           "KAIROS_EXPLORATION_EPSILON": "0.5", "KAIROS_SESSION_INTENT_SLOT_SHARE": "x",
+           "KAIROS_STALE_FEATURES_MAX_AGE_S": "x", "KAIROS_FRESH_WINDOW": "x", "KAIROS_ITEM_CACHE_ROWS": "x",
+           "KAIROS_BRONZE_WINDOW_MS": "x", "KAIROS_STREAM_MAX_BACKLOG": "x"}
+    code = ("import serving.pipeline, serving.rerank, serving.candidates, serving.settings, features.online, "
+            "streaming.bronze, streaming.retention, streaming.intake\n"
+            "from serving.rerank import RerankConfig\n"
+            "assert RerankConfig().epsilon == 0.05 and RerankConfig().mmr_lambda == 0.95, RerankConfig()\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=str(PROJECT_ROOT))
+    assert out.returncode == 0, out.stderr

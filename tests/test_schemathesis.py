@@ -11,6 +11,7 @@ from pathlib import Path
 import redis
 
 from orchestration.services import free_port
+from tests._env import SERVER_ENV
 
 MAX_EXAMPLES = int(os.environ.get("KAIROS_SCHEMATHESIS_EXAMPLES", "30"))
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
@@ -21,7 +22,7 @@ def test_openapi_schema_fuzzing_finds_no_5xx_and_no_mismatch(redis_server, setti
 
     redis.Redis.from_url(redis_server.url).flushdb()
     port = free_port()
-    env = {**os.environ, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url, "KAIROS_IMPRESSION_LOG": "0",
+    env = {**os.environ, **SERVER_ENV, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url, "KAIROS_IMPRESSION_LOG": "0",
            "KAIROS_ACCESS_LOG": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = start_server(port, env=env, log_path=tmp_path / "server.log")

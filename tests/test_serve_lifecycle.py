@@ -13,6 +13,7 @@ import httpx
 
 from orchestration.services import free_port
 from orchestration.settings import PROJECT_ROOT
+from tests._env import SERVER_ENV
 
 
 def _children(pid: int) -> list[int]:
@@ -32,7 +33,7 @@ def _group_alive(pgid: int) -> bool:
 
 def test_sigterm_to_kairos_serve_stops_the_bentoml_server(redis_server, settings, tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url,
+    env = {**os.environ, **SERVER_ENV, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url,
            "KAIROS_IMPRESSION_LOG": "0", "PYTHONPATH": str(PROJECT_ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     with open(tmp_path / "serve.log", "wb") as log:

@@ -8,6 +8,7 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -18,11 +19,16 @@ import redis
 from features.online import OnlineStore
 from features.registry import ITEM_STORE_COLUMNS, USER_STORE_COLUMNS
 from orchestration.services import EmbeddedRedis, free_port, start_redis
+from serving.rerank import RerankConfig
 from serving.pipeline import (FALLBACK_MODEL_ERROR, FALLBACK_NO_MODEL, FALLBACK_REDIS, SERVED_STALE, SERVED_TWO_STAGE,
                               personalize, validate_request)
 from streaming.job import SessionStreamProcessor, publish
 from tests._trainset import make_training_set
+from tests._env import SERVER_ENV
 
+# the served defaults without exploration (it swaps random slots, seeded per request id): tests that compare
+# rankings pass it explicitly (settings are arguments, never read from the environment in-process)
+GREEDY = RerankConfig(epsilon=0.0)
 STAGES = ("feature_fetch", "candidate_retrieval", "ranking_inference", "post_processing")
 
 
@@ -89,7 +95,7 @@ def test_bad_requests_raise_a_clear_value_error(body: dict, message: str) -> Non
 def test_response_contract_and_stage_latencies(trained, store: OnlineStore, snapshot) -> None:
     bundle = trained[0].bundle
     users, items, _, now_ms = snapshot
-    resp = personalize(_request("u00010", ts=now_ms), bundle, store)
+    resp = personalize(_request("u00010", ts=now_ms), bundle, store, rerank=GREEDY)
     assert resp["served_by"] == SERVED_TWO_STAGE
     assert resp["user_id"] == "u00010" and resp["request_id"] and resp["model_version"] == bundle.model_version
     ranked = resp["ranked_items"]
@@ -103,17 +109,17 @@ def test_response_contract_and_stage_latencies(trained, store: OnlineStore, snap
     scores = [r["score"] for r in plain]
     assert scores == sorted(scores, reverse=True)
     assert set(resp["latency_breakdown_ms"]) == {*STAGES, "total"}
-    assert personalize(_request("u00010", ts=now_ms, num=3), bundle, store)["ranked_items"] == ranked[:3]
+    assert personalize(_request("u00010", ts=now_ms, num=3), bundle, store, rerank=GREEDY)["ranked_items"] == ranked[:3]
     # a user the model never saw still gets a personalized-by-context list
-    assert personalize(_request("brand-new-user", ts=now_ms), bundle, store)["served_by"] == SERVED_TWO_STAGE
+    assert personalize(_request("brand-new-user", ts=now_ms), bundle, store, rerank=GREEDY)["served_by"] == SERVED_TWO_STAGE
 
     # the in-process floor, per stage, at 200 candidates (users cycle so the store is really read)
     user_ids = users["user_id"].tolist()
     for k in range(30):  # warm-up: first torch/LightGBM calls, allocator
-        personalize(_request(user_ids[k], ts=now_ms), bundle, store)
+        personalize(_request(user_ids[k], ts=now_ms), bundle, store, rerank=GREEDY)
     lat = {k: [] for k in (*STAGES, "total")}
     for k in range(300):
-        r = personalize(_request(user_ids[k % len(user_ids)], session=f"warm-{k % 7}", ts=now_ms, pool=200), bundle, store)
+        r = personalize(_request(user_ids[k % len(user_ids)], session=f"warm-{k % 7}", ts=now_ms, pool=200), bundle, store, rerank=GREEDY)
         assert r["served_by"] == SERVED_TWO_STAGE
         for s in lat:
             lat[s].append(r["latency_breakdown_ms"][s])
@@ -121,14 +127,11 @@ def test_response_contract_and_stage_latencies(trained, store: OnlineStore, snap
     assert np.percentile(lat["total"], 50) < 250  # a sanity bound only: the figures are bench/ranking.py's job
 
 
-def test_three_clicks_in_a_category_raise_its_share(trained, store: OnlineStore, snapshot, redis_client,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_three_clicks_in_a_category_raise_its_share(trained, store: OnlineStore, snapshot, redis_client) -> None:
     """Clicks go through the real stream job into the session key; the next request reflects them.
 
     Reported twice: the learned ranking alone (session-aware user tower + session features in the
     ranker) and the served ranking (plus the session-intent re-rank rule)."""
-    import serving.pipeline as pipeline
-
     bundle = trained[0].bundle
     _, items, _, now_ms = snapshot
     category = dict(zip(items["item_id"], items["category"]))
@@ -136,7 +139,7 @@ def test_three_clicks_in_a_category_raise_its_share(trained, store: OnlineStore,
     processor.ensure_group()
     before_shares, learned_shares, served_shares = [], [], []
     for n, user in enumerate(["u00003", "u00010", "u00025", "u00042", "u00077"]):
-        before = personalize(_request(user, session=f"adapt-{n}", ts=now_ms), bundle, store)
+        before = personalize(_request(user, session=f"adapt-{n}", ts=now_ms), bundle, store, rerank=GREEDY)
         assert "rerank" not in before
         shown = Counter(category[i["item_id"]] for i in before["ranked_items"])
         target = min(sorted(set(category.values())), key=lambda c: shown.get(c, 0))
@@ -147,10 +150,8 @@ def test_three_clicks_in_a_category_raise_its_share(trained, store: OnlineStore,
                                 "schema_version": 1} for k, item in enumerate(clicked)])
         assert processor.process_once(count=10, block_ms=100) == 3
         after_req = _request(user, session=f"adapt-{n}", ts=now_ms + 5000)
-        with monkeypatch.context() as m:
-            m.setattr(pipeline, "INTENT_SLOT_SHARE", 0.0)
-            learned = personalize(after_req, bundle, store)
-        served = personalize(after_req, bundle, store)
+        learned = personalize(after_req, bundle, store, rerank=replace(GREEDY, intent_slot_share=0.0))  # rule off
+        served = personalize(after_req, bundle, store, rerank=GREEDY)
         for after in (learned, served):
             assert after["served_by"] == SERVED_TWO_STAGE and len(after["ranked_items"]) == 10
             assert not set(clicked) & {i["item_id"] for i in after["ranked_items"]}  # engaged items filtered
@@ -172,20 +173,20 @@ def test_fallbacks_always_answer(trained, snapshot, tmp_path: Path, store: Onlin
     client = redis.Redis.from_url(server.url, decode_responses=True, socket_timeout=0.2, socket_connect_timeout=0.2)
     own = OnlineStore(client)
     own.materialize(users, items, version="d1", popular=popular)
-    assert personalize(_request("u00010", session="s", ts=now_ms), bundle, own)["served_by"] == SERVED_TWO_STAGE
+    assert personalize(_request("u00010", session="s", ts=now_ms), bundle, own, rerank=GREEDY)["served_by"] == SERVED_TWO_STAGE
     server.stop()
     t = time.perf_counter()
     # a user read a moment ago: ranked from the in-process copy of their features (no session state)
-    stale = personalize(_request("u00010", session="s", ts=now_ms), bundle, own)
+    stale = personalize(_request("u00010", session="s", ts=now_ms), bundle, own, rerank=GREEDY)
     assert stale["served_by"] == SERVED_STALE and len(stale["ranked_items"]) == 10
     assert 0 <= stale["stale_feature_age_s"] < 60 and stale["model_version"] == bundle.model_version
     assert time.perf_counter() - t < 1.0
     # a user never read by this server: popularity
-    down = personalize(_request("u00011", session="s", ts=now_ms), bundle, own)
+    down = personalize(_request("u00011", session="s", ts=now_ms), bundle, own, rerank=GREEDY)
     assert down["served_by"] == FALLBACK_REDIS and len(down["ranked_items"]) == 10
     assert own.stale("u00010", max_age_s=0.0) is None  # too old for the configured max age -> popularity
     t = time.perf_counter()  # circuit open: the next requests do not even try the socket
-    assert personalize(_request("u00012", session="s", ts=now_ms), bundle, own)["served_by"] == FALLBACK_REDIS
+    assert personalize(_request("u00012", session="s", ts=now_ms), bundle, own, rerank=GREEDY)["served_by"] == FALLBACK_REDIS
     assert time.perf_counter() - t < 0.1
     # Redis comes back (same port, empty): requests recover by themselves once the breaker closes
     revived = start_redis(tmp_path / "redis-back", port=server.port)
@@ -193,24 +194,24 @@ def test_fallbacks_always_answer(trained, snapshot, tmp_path: Path, store: Onlin
         own.materialize(users, items, version="d2", popular=popular)
         time.sleep(own.breaker_s)
         deadline = time.time() + 10
-        while (r := personalize(_request("u00010", ts=now_ms), bundle, own))["served_by"] != SERVED_TWO_STAGE:
+        while (r := personalize(_request("u00010", ts=now_ms), bundle, own, rerank=GREEDY))["served_by"] != SERVED_TWO_STAGE:
             assert time.time() < deadline, r["served_by"]
             time.sleep(0.05)
     finally:
         revived.stop()
-    assert personalize(_request("u00010"), bundle, None)["served_by"] == FALLBACK_REDIS
+    assert personalize(_request("u00010"), bundle, None, rerank=GREEDY)["served_by"] == FALLBACK_REDIS
 
     # no model: the store's popular list
-    cold = personalize(_request("u00010", ts=now_ms), None, store)
+    cold = personalize(_request("u00010", ts=now_ms), None, store, rerank=GREEDY)
     assert cold["served_by"] == FALLBACK_NO_MODEL
     assert [i["item_id"] for i in cold["ranked_items"]] == popular[:10]
     # no model and no Redis: still an answer (empty if nothing was ever cached)
-    assert personalize(_request("u00010"), None, None)["served_by"] == FALLBACK_REDIS
+    assert personalize(_request("u00010"), None, None, rerank=GREEDY)["served_by"] == FALLBACK_REDIS
 
     # a bundle whose ranker cannot score this feature schema: the model fails, the request does not
     broken = copy.copy(bundle)
     broken.manifest = {**bundle.manifest, "ranker_features": [*bundle.manifest.get("ranker_features", []), "no_such_feature"]}
-    failed = personalize(_request("u00010", ts=now_ms), broken, store)
+    failed = personalize(_request("u00010", ts=now_ms), broken, store, rerank=GREEDY)
     assert failed["served_by"] == FALLBACK_MODEL_ERROR and len(failed["ranked_items"]) == 10
 
 
@@ -224,7 +225,7 @@ def test_bentoml_server_over_http(trained, snapshot, store: OnlineStore, redis_s
     outcome = trained[0]
     _, _, popular, now_ms = snapshot
     port = free_port()
-    env = {**os.environ, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url, "KAIROS_MODEL_POLL_S": "1",
+    env = {**os.environ, **SERVER_ENV, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url, "KAIROS_MODEL_POLL_S": "1",
            "KAIROS_API_KEY": "s3cret"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = start_server(port, env=env, log_path=tmp_path / "server.log")
@@ -392,6 +393,6 @@ def test_empty_online_store_says_which_features_are_missing(trained, redis_clien
     from serving.pipeline import SERVED_NO_FEATURES
 
     outcome, _ = trained
-    answer = personalize(_request("u00001"), outcome.bundle, OnlineStore(redis_client))
+    answer = personalize(_request("u00001"), outcome.bundle, OnlineStore(redis_client), rerank=GREEDY)
     assert answer["served_by"] == SERVED_NO_FEATURES and answer["feature_version"] is None
     assert answer["missing_features"] == ["user", "item"] and len(answer["ranked_items"]) == 10

@@ -12,6 +12,7 @@ import redis
 from orchestration.services import free_port
 from streaming.job import GROUP, QUARANTINE_STREAM, STREAM, SessionStreamProcessor
 from streaming.retention import trim_processed
+from tests._env import SERVER_ENV
 
 NOW = 1_767_225_600_000
 
@@ -37,7 +38,7 @@ def test_events_endpoint_backpressure_and_lag_metrics(redis_server, settings, tm
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     client.flushdb()
     port = free_port()
-    env = {**os.environ, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url,
+    env = {**os.environ, **SERVER_ENV, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url,
            "KAIROS_STREAM_MAX_BACKLOG": "5", "KAIROS_STREAM_METRICS_S": "0.2", "KAIROS_IMPRESSION_LOG": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = start_server(port, env=env, log_path=tmp_path / "server.log")
