@@ -155,10 +155,12 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
     import time
 
     from serving.offline import evaluate_catalog, fit_popularity_prior
+    from serving.rerank import RerankConfig
     from training.bundle import POPULARITY_PRIOR
     from training.trainer import assemble_bundle
 
     store = lake.lake()
+    rerank = RerankConfig.from_env()  # evaluated with the re-ranking the server is configured with
     test = frame[frame["split"] == "test"]
     split_ms = int(test["timestamp"].min())
     candidate = assemble_bundle(two_tower_model, faiss_index, ranker_model, frame, users)
@@ -169,7 +171,8 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
     valid = frame[frame["split"] == "validation"]
     prior = {"feature": None, "weight": 0.0, "reason": "no validation window"}
     if len(valid):
-        prior = fit_popularity_prior(candidate, *lake_frames, int(valid["timestamp"].min()), split_ms, k=config.k)
+        prior = fit_popularity_prior(candidate, *lake_frames, int(valid["timestamp"].min()), split_ms, k=config.k,
+                                     rerank=rerank)
     candidate.manifest[POPULARITY_PRIOR] = {k: prior.get(k, 0.0) for k in ("feature", "weight", "session_weight")}
     context.log.info(f"popularity prior fitted on the validation window ({prior.get('validation_users', 0)} users, "
                      f"{prior.get('session_cases', 0)} session prefixes) in {time.perf_counter() - t:.1f}s: weight "
@@ -178,7 +181,7 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
     t = time.perf_counter()
     result = evaluate_catalog({"served": candidate, "champion": champion}, *lake_frames, split_ms,
                               k=config.k, ablations=config.ablations, sessions=config.sessions,
-                              max_session_cases=config.max_session_cases)
+                              max_session_cases=config.max_session_cases, rerank=rerank)
     result[POPULARITY_PRIOR] = prior
     context.log.info(f"catalog evaluation at {split_ms} over {result['split']['users']} test users "
                      f"({result['split']['warm_users']} warm) in {time.perf_counter() - t:.1f}s: "

@@ -115,7 +115,7 @@ def _print(r: dict) -> None:
     print(f"  {'system':<32}" + "".join(f"{c.replace('_at_', '@').replace('ndcg@10_', ''):>13}" for c in COLS))
     for name in sorted(systems, key=lambda n: -float(systems[n].get("ndcg_at_10") or 0)):
         print(f"  {name:<32}" + "".join(f"{float(systems[name].get(c, float('nan'))):>13.4f}" for c in COLS))
-    baselines = {n: m["ndcg_at_10"] for n, m in systems.items() if not n.startswith("served") and n not in ("champion", "oracle")}
+    baselines = {n: m["ndcg_at_10"] for n, m in systems.items() if not n.startswith(("served", "champion")) and n != "oracle"}
     best = max(baselines, key=baselines.get)
     served = systems["served"]["ndcg_at_10"]
     ratio = served / baselines[best] if baselines[best] else float("nan")

@@ -192,8 +192,8 @@ MAX_FIT_SESSION_CASES = 300  # seeded sample of the validation window's session 
 
 def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.DataFrame, user_snaps: pd.DataFrame,
                          item_snaps: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame, start_ms: int, end_ms: int,
-                         weights: Sequence[float] = PRIOR_WEIGHTS, feature: str = PRIOR_FEATURE, k: int = 10
-                         ) -> dict[str, Any]:
+                         weights: Sequence[float] = PRIOR_WEIGHTS, feature: str = PRIOR_FEATURE, k: int = 10,
+                         rerank: RerankConfig | None = None) -> dict[str, Any]:
     """The popularity-prior weight (training/bundle.py fuse_popularity_prior) that maximizes the served
     catalog NDCG@k on the validation window [start_ms, end_ms): the served pipeline without exploration,
     replayed at `start_ms` like the test evaluation, so the test window is never looked at.
@@ -221,7 +221,7 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
         user_snaps, item_snaps, catalog, as_of_ms=start_ms, consumed=consumed_items(engagements, start_ms))
     store = SnapshotStore(snap_users, snap_items, popular, version=f"fit-{snap_ts}")
     manifest = dict(bundle.manifest)
-    rerank = replace(RerankConfig(), epsilon=0.0)
+    rerank = replace(rerank or RerankConfig(), epsilon=0.0)  # the server's re-ranking, without exploration noise
     def best(scores: dict[str, float]) -> float:  # ties go to the smaller weight (the ranker alone first)
         return float(max(scores, key=lambda w: (scores[w], -float(w))))
 
@@ -252,7 +252,7 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
 def evaluate_catalog(bundles: Mapping[str, Any], labels: pd.DataFrame, engagements: pd.DataFrame,
                      user_snaps: pd.DataFrame, item_snaps: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame,
                      split_ms: int, k: int = 10, ablations: bool = True, sessions: bool = True,
-                     max_session_cases: int = 2000, seed: int = 7) -> dict[str, Any]:
+                     max_session_cases: int = 2000, seed: int = 7, rerank: RerankConfig | None = None) -> dict[str, Any]:
     """Catalog metrics at `split_ms` of each served bundle (e.g. {"served": candidate, "champion": ...}) beside
     every baseline, on one split; plus the session protocol and, for "served", the cost of MMR and exploration.
 
@@ -277,13 +277,14 @@ def evaluate_catalog(bundles: Mapping[str, Any], labels: pd.DataFrame, engagemen
         systems[name] = result.summary
         per_user[name] = [float(x) for x in result.per_user[f"ndcg_at_{k}"]]
 
-    base = RerankConfig()
+    base = rerank or RerankConfig()  # the server's re-ranking (the asset passes RerankConfig.from_env())
     for name, bundle in bundles.items():
         if bundle is not None:
             run(name, served_recommender(bundle, store, split_ms, users, rerank=base))
+            # what the gate compares (training/gates.py JUDGED): the same pipeline without exploration's draws
+            run(f"{name}:no_exploration", served_recommender(bundle, store, split_ms, users,
+                                                             rerank=replace(base, epsilon=0.0)))
     if ablations and bundles.get("served") is not None:
-        run("served:no_exploration", served_recommender(bundles["served"], store, split_ms, users,
-                                                        rerank=replace(base, epsilon=0.0)))
         run("served:no_exploration_no_mmr", served_recommender(bundles["served"], store, split_ms, users,
                                                                rerank=replace(base, epsilon=0.0, mmr_lambda=1.0,
                                                                               max_category_run=0)))

@@ -137,6 +137,20 @@ def test_gate_decides_on_catalog_evidence() -> None:
     assert not ok and any("no_regression_vs_champion" in r and r.startswith("FAIL") for r in reasons)
 
 
+def test_gate_compares_models_without_exploration_when_evaluated() -> None:
+    cfg = GateConfig(min_lift_over_best_baseline=0.0, min_test_users=30)
+    catalog = _catalog(100, 0.28, 0.30, champion=0.29)  # with exploration's draws both lose to popularity
+    for name, value in (("served:no_exploration", 0.32), ("champion:no_exploration", 0.31)):
+        catalog["systems"][name] = {"ndcg_at_10": value}
+        catalog["per_user"][name] = [value] * 100
+    ok, reasons, checks = catalog_checks(catalog, cfg)
+    assert ok, reasons
+    assert checks["beats_best_baseline"]["served"] == 0.32 and checks["beats_best_baseline"]["best_baseline"] == "popularity"
+    assert "champion:no_exploration" not in checks["beats_best_baseline"]["baselines"]
+    assert checks["no_regression_vs_champion"]["champion"] == 0.31  # like for like: the champion without exploration too
+    assert reasons[0].startswith("PASS beats_best_baseline: served:no_exploration")
+
+
 def test_mean_pairwise_jaccard() -> None:
     from training.catalog_eval import mean_pairwise_jaccard
 
