@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from features.functions import CTR_PRIOR_CLICKS, CTR_PRIOR_IMPRESSIONS
-from features.registry import CATEGORY_HALF_LIFE_DAYS, CO_ITEMS_TOP_K, ITEM_STORE_COLUMNS, USER_STORE_COLUMNS
+from features.registry import (CATEGORY_HALF_LIFE_DAYS, CO_ITEMS_TOP_K, ENGAGED_CLICK_MIN_DWELL_MS, ENGAGED_EVENT_TYPES,
+                               ITEM_ENGAGED_HALF_LIFE_DAYS, ITEM_ENGAGED_WINDOW_DAYS, ITEM_STORE_COLUMNS, USER_STORE_COLUMNS)
 from ingestion.schema import DAY_MS
 
 USER_WINDOW_DAYS = 30
@@ -107,13 +108,18 @@ def user_snapshots(spark: Any, events: Any, items: Any, users: Any | None = None
 
 
 def item_snapshots(spark: Any, events: Any, items: Any) -> Any:
-    """item_id, feature_ts and ITEM_STORE_COLUMNS: 7d clicks/impressions/CTR, catalog fields, co-clicked items."""
+    """item_id, feature_ts and ITEM_STORE_COLUMNS: 7d clicks/impressions/CTR, 30d decayed engagement, catalog
+    fields, co-clicked items."""
     from pyspark.sql import functions as F
 
     ev = _with_day(events).where(F.col("item_id").isNotNull())
+    dwell = F.coalesce(F.col("dwell_time_ms"), F.lit(0)) if "dwell_time_ms" in events.columns else F.lit(0)
+    engaged = (F.col("event_type").isin(*ENGAGED_EVENT_TYPES)
+               | ((F.col("event_type") == "click") & (dwell >= F.lit(ENGAGED_CLICK_MIN_DWELL_MS))))
     daily = ev.groupBy("item_id", "day").agg(
         F.sum(F.when(F.col("event_type").isin(*ENGAGED), 1).otherwise(0)).alias("clicks"),
         F.sum(F.when(F.col("event_type") == "impression", 1).otherwise(0)).alias("impressions"),
+        F.sum(F.when(engaged, 1).otherwise(0)).alias("engaged"),
     )
     last_snap = _last_snapshot_day(ev)
     agg = (
@@ -121,12 +127,21 @@ def item_snapshots(spark: Any, events: Any, items: Any) -> Any:
         .groupBy("item_id", "snap_day")
         .agg(F.sum("clicks").cast("double").alias("item_clicks_7d"), F.sum("impressions").cast("double").alias("item_impressions_7d"))
     )
-    # outer: an item co-clicked inside the 30-day window keeps its neighbours even without clicks in the last 7 days
+    # each engaged event d days before the snapshot weighs 0.5 ** ((d - 1) / half-life): yesterday counts fully
+    decay = F.pow(F.lit(0.5), (F.col("snap_day") - F.col("day") - 1) / F.lit(ITEM_ENGAGED_HALF_LIFE_DAYS))
+    trend = (
+        _fan_out(daily.where(F.col("engaged") > 0), ITEM_ENGAGED_WINDOW_DAYS, last_snap)
+        .groupBy("item_id", "snap_day")
+        .agg(F.round(F.sum(F.col("engaged") * decay), 6).alias("item_engaged_decayed_30d"))
+    )
+    # outer: an item co-clicked (or engaged) inside the 30-day window keeps that even without clicks in the last 7 days
     return (
         agg.join(co_items(ev, last_snap), ["item_id", "snap_day"], "outer")
-        # such an item had no clicks or impressions in 7 days: 0, not missing
+        .join(trend, ["item_id", "snap_day"], "outer")
+        # such an item had no clicks, impressions or engagement in its window: 0, not missing
         .withColumn("item_clicks_7d", F.coalesce(F.col("item_clicks_7d"), F.lit(0.0)))
         .withColumn("item_impressions_7d", F.coalesce(F.col("item_impressions_7d"), F.lit(0.0)))
+        .withColumn("item_engaged_decayed_30d", F.coalesce(F.col("item_engaged_decayed_30d"), F.lit(0.0)))
         .join(items.select("item_id", "category", "publish_ts"), "item_id", "left")
         .withColumn("item_ctr_7d", _smoothed(F.col("item_clicks_7d"), F.col("item_impressions_7d")))
         .withColumn("feature_ts", (F.col("snap_day") * F.lit(DAY_MS)).cast("long"))

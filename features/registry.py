@@ -55,6 +55,10 @@ REGISTRY: tuple[FeatureSpec, ...] = (
     FeatureSpec("item_clicks_7d", "item", "float", 0.0, "batch", "7d", description="clicks on the item in 7 days (popularity)", valid_range=(0.0, None)),
     FeatureSpec("item_impressions_7d", "item", "float", 0.0, "batch", "7d", description="impressions of the item in 7 days", valid_range=(0.0, None)),
     FeatureSpec("item_ctr_7d", "item", "float", 0.0, "batch", "7d", description="smoothed item click-through rate over 7 days", valid_range=(0.0, 1.0)),
+    FeatureSpec("item_engaged_decayed_30d", "item", "float", 0.0, "batch", "30d",
+                description="the item's engaged clicks (dwell >= 5 s), purchases and shares over 30 days, each decayed with a "
+                            "7-day half-life (yesterday counts fully): what is popular now, without a window's cliff",
+                valid_range=(0.0, None)),
     # item, request time (needs the request clock)
     FeatureSpec("item_age_hours", "item", "float", 24.0 * 365, "request", description="hours since the item was published",
                 inputs=('publish_ts', 'request_ts'), valid_range=(0.0, None)),
@@ -101,11 +105,17 @@ USER_JSON_COLUMNS: tuple[str, ...] = ("user_category_clicks_30d", "user_category
 # what the server excludes (already consumed) and pools in the user tower when the session is empty
 USER_HISTORY_COLUMNS: tuple[str, ...] = ("consumed_items",)
 CATEGORY_HALF_LIFE_DAYS = 7.0
+ITEM_ENGAGED_HALF_LIFE_DAYS = 7.0
+ITEM_ENGAGED_WINDOW_DAYS = 30
+# an "engaged" event for item_engaged_decayed_30d: a click that held the user this long, a purchase or a share
+ENGAGED_CLICK_MIN_DWELL_MS = 5_000
+ENGAGED_EVENT_TYPES: tuple[str, ...] = ("purchase", "share")
 # Snapshots are complete per day (an entity without activity in its windows has no row = all defaults), so a
 # row may only use the snapshot of its own day: an older one would carry counts that have since expired and
 # that the online store (serving the newest snapshot) no longer shows. Training, serving and the skew check agree.
 SNAPSHOT_MAX_AGE_DAYS = 1
-ITEM_STORE_COLUMNS: tuple[str, ...] = ("item_clicks_7d", "item_impressions_7d", "item_ctr_7d", "category", "publish_ts",
+ITEM_STORE_COLUMNS: tuple[str, ...] = ("item_clicks_7d", "item_impressions_7d", "item_ctr_7d", "item_engaged_decayed_30d",
+                                       "category", "publish_ts",
                                        "co_items_30d")
 # item store columns holding JSON maps: the item's top co-clicked items (item_id -> sessions)
 ITEM_JSON_COLUMNS: tuple[str, ...] = ("co_items_30d",)

@@ -159,7 +159,7 @@ def describe_store(store: SnapshotStore) -> str:
     return json.dumps({"version": store.version, "users": len(store._users), "items": len(store._table._rows)})
 
 
-__all__ = ["PRIOR_FEATURE", "PRIOR_WEIGHTS", "REPLAY_CHANNELS", "SnapshotStore", "fit_popularity_prior", "replay_request", "catalog_split", "describe_store", "evaluate_catalog", "interactions_frame", "served_recommender", "served_session_predictor", "session_state"]
+__all__ = ["PRIOR_FEATURES", "PRIOR_WEIGHTS", "REPLAY_CHANNELS", "SnapshotStore", "fit_popularity_prior", "replay_request", "catalog_split", "describe_store", "evaluate_catalog", "interactions_frame", "served_recommender", "served_session_predictor", "session_state"]
 
 
 # --------------------------------------------------------------------------- the whole catalog evaluation
@@ -184,7 +184,9 @@ def catalog_split(labels: pd.DataFrame, engagements: pd.DataFrame, catalog_ids: 
     return temporal_split(interactions_frame(labels, engagements), list(catalog_ids), split_ms=split_ms, end_ms=end_ms)
 
 
-PRIOR_FEATURE = "item_clicks_7d"
+# item popularity features the prior may use (the fit picks one): decayed engagement (what is popular now, no
+# window cliff; zero on logs without dwell, purchases or shares) and the 7-day click count
+PRIOR_FEATURES: tuple[str, ...] = ("item_engaged_decayed_30d", "item_clicks_7d")
 PRIOR_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
 MIN_FIT_USERS = 30
 MAX_FIT_SESSION_CASES = 300  # seeded sample of the validation window's session prefixes
@@ -192,18 +194,19 @@ MAX_FIT_SESSION_CASES = 300  # seeded sample of the validation window's session 
 
 def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.DataFrame, user_snaps: pd.DataFrame,
                          item_snaps: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame, start_ms: int, end_ms: int,
-                         weights: Sequence[float] = PRIOR_WEIGHTS, feature: str = PRIOR_FEATURE, k: int = 10,
+                         weights: Sequence[float] = PRIOR_WEIGHTS, features: Sequence[str] = PRIOR_FEATURES, k: int = 10,
                          rerank: RerankConfig | None = None) -> dict[str, Any]:
-    """The popularity-prior weight (training/bundle.py fuse_popularity_prior) that maximizes the served
+    """The popularity-prior feature and weight (training/bundle.py fuse_popularity_prior) that maximize the served
     catalog NDCG@k on the validation window [start_ms, end_ms): the served pipeline without exploration,
     replayed at `start_ms` like the test evaluation, so the test window is never looked at.
 
     Then, with that weight, the weight inside a live session (`session_weight`) that maximizes P@20 of the
     session protocol on the window's sessions (every prefix -> its next click, through the session path).
 
-    Returns {"feature", "weight", "session_weight", "validation_users", "ndcg_by_weight", "session_cases",
-    "p20_by_session_weight"}; a weight stays 0 (the ranker alone) when its evidence is below MIN_FIT_USERS
-    users / cases or no weight beats the ranker alone.
+    Returns {"feature", "weight", "session_weight", "validation_users", "ndcg_by_weight" (of the chosen feature),
+    "ndcg_by_feature", "session_cases", "p20_by_session_weight"}; a weight stays 0 (the ranker alone) when its
+    evidence is below MIN_FIT_USERS users / cases or no weight beats the ranker alone (ties: the smaller weight,
+    the earlier feature).
     """
     from dataclasses import replace
 
@@ -212,7 +215,7 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
     from training.catalog_eval import evaluate_recommender, score_sessions, session_prefixes
 
     split = catalog_split(labels, engagements, catalog["item_id"].astype(str).tolist(), start_ms, end_ms=end_ms)
-    out: dict[str, Any] = {"feature": feature, "weight": 0.0, "session_weight": 0.0, "validation_users": len(split.test_users),
+    out: dict[str, Any] = {"feature": features[0], "weight": 0.0, "session_weight": 0.0, "validation_users": len(split.test_users),
                            "window_ms": [int(start_ms), int(end_ms)], "ndcg_by_weight": {}, "p20_by_session_weight": {}}
     if len(split.test_users) < MIN_FIT_USERS:
         out["reason"] = f"{len(split.test_users)} validation users < {MIN_FIT_USERS}: the ranker alone"
@@ -229,12 +232,20 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
     cases = session_prefixes(clicks, start_ms, max_cases=MAX_FIT_SESSION_CASES)
     out["session_cases"] = len(cases)
     category = dict(zip(catalog["item_id"].astype(str), catalog["category"])) if "category" in catalog else {}
+    def ndcg(feature: str, w: float) -> float:
+        bundle.manifest = {**manifest, POPULARITY_PRIOR: {"feature": feature, "weight": float(w), "session_weight": 0.0}}
+        result = evaluate_recommender(split, served_recommender(bundle, store, start_ms, users, rerank=rerank), k)
+        return round(result.summary[f"ndcg_at_{k}"], 5)
+
     try:
-        for w in weights:
-            bundle.manifest = {**manifest, POPULARITY_PRIOR: {"feature": feature, "weight": float(w), "session_weight": 0.0}}
-            result = evaluate_recommender(split, served_recommender(bundle, store, start_ms, users, rerank=rerank), k)
-            out["ndcg_by_weight"][str(float(w))] = round(result.summary[f"ndcg_at_{k}"], 5)
-        out["weight"] = best(out["ndcg_by_weight"])
+        alone = ndcg(features[0], 0.0)  # weight 0: the ranker alone, whatever the feature
+        for feature in features:
+            scores = {str(float(w)): alone if w == 0 else ndcg(feature, w) for w in weights}
+            out.setdefault("ndcg_by_feature", {})[feature] = scores
+            w = best(scores)
+            if scores[str(w)] > out["ndcg_by_weight"].get(str(out["weight"]), -1.0):
+                out.update(feature=feature, weight=w, ndcg_by_weight=scores)
+        feature = out["feature"]
         if len(cases) >= MIN_FIT_USERS:
             for w in weights:
                 bundle.manifest = {**manifest, POPULARITY_PRIOR: {"feature": feature, "weight": out["weight"],

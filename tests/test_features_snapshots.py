@@ -16,7 +16,8 @@ import pytest
 from features.batch import (CO_ITEMS_WINDOW_DAYS, ITEM_WINDOW_DAYS, USER_SHORT_WINDOW_DAYS, USER_WINDOW_DAYS,
                             co_items_sweep, item_snapshots, user_snapshots)
 from features.functions import CTR_PRIOR_CLICKS, CTR_PRIOR_IMPRESSIONS
-from features.registry import CATEGORY_HALF_LIFE_DAYS, CO_ITEMS_TOP_K
+from features.registry import (CATEGORY_HALF_LIFE_DAYS, CO_ITEMS_TOP_K, ENGAGED_CLICK_MIN_DWELL_MS, ENGAGED_EVENT_TYPES,
+                               ITEM_ENGAGED_HALF_LIFE_DAYS, ITEM_ENGAGED_WINDOW_DAYS)
 from ingestion.schema import DAY_MS, HOUR_MS
 from orchestration.services import spark_session
 
@@ -44,7 +45,9 @@ def _world(seed: int = 7) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
                     rows.append({"event_id": f"e{eid}", "user_id": user, "item_id": f"i{int(k):02d}",
                                  "event_type": etype, "timestamp": ts + pos * 10_000 + (etype != "impression") * 1000,
                                  "session_id": f"s{day}_{s}", "position": pos, "page_context": "home_feed",
-                                 "device_type": "mobile", "dwell_time_ms": 0, "schema_version": 1, "source": "test"})
+                                 "device_type": "mobile", "schema_version": 1, "source": "test",
+                                 # short, long and no dwell: item_engaged_decayed_30d counts the long clicks
+                                 "dwell_time_ms": 0 if etype != "click" else int(rng.choice([0, 3_000, 45_000]))})
     return pd.DataFrame(rows), items, users
 
 
@@ -92,11 +95,16 @@ def _items_on(ev: pd.DataFrame, items: pd.DataFrame, snap: int) -> list[dict]:
         top = n.sort_values(["n", "item_id_other"], ascending=[False, True]).head(CO_ITEMS_TOP_K)
         co[item] = {o: float(c) for o, c in zip(top["item_id_other"], top["n"])}
     meta = items.set_index("item_id")
+    month = _in_window(ev, snap, ITEM_ENGAGED_WINDOW_DAYS)
+    month = month[month["event_type"].isin(ENGAGED_EVENT_TYPES)
+                  | ((month["event_type"] == "click") & (month["dwell_time_ms"] >= ENGAGED_CLICK_MIN_DWELL_MS))]
+    trend = (0.5 ** ((snap - month["day"] - 1) / ITEM_ENGAGED_HALF_LIFE_DAYS)).groupby(month["item_id"]).sum()
     out = []
-    for item in sorted(set(week["item_id"]) | set(co)):
+    for item in sorted(set(week["item_id"]) | set(co) | set(trend.index)):
         mine = week[week["item_id"] == item]
         c, i = float((mine["event_type"] == "click").sum()), float((mine["event_type"] == "impression").sum())
         out.append({"item_id": item, "feature_ts": snap * DAY_MS, "item_clicks_7d": c, "item_impressions_7d": i,
+                    "item_engaged_decayed_30d": round(float(trend.get(item, 0.0)), 6),
                     "item_ctr_7d": (c + CTR_PRIOR_CLICKS) / (i + CTR_PRIOR_IMPRESSIONS),
                     "category": meta.loc[item, "category"], "publish_ts": int(meta.loc[item, "publish_ts"]),
                     "co_items_30d": co.get(item)})
@@ -127,6 +135,9 @@ def test_one_pass_snapshots_equal_per_day_snapshots(spark) -> None:
     # the world exercises what it should: the gap leaves days without any row, and the top-K cut bites
     assert set(range(25 + USER_WINDOW_DAYS + 1, 71)).isdisjoint(set((ref_users["feature_ts"] - T0) // DAY_MS))
     assert max(len(m) for m in ref_items["co_items_30d"].dropna()) == CO_ITEMS_TOP_K
+    # engagement decays: fractional values, and items engaged inside 30 days but not clicked inside 7 keep a row
+    engaged = ref_items["item_engaged_decayed_30d"]
+    assert (engaged % 1 > 0).any() and ((engaged > 0) & (ref_items["item_clicks_7d"] == 0)).any()
 
     sev, sit, sus = spark.createDataFrame(events), spark.createDataFrame(items), spark.createDataFrame(users)
     got_users = user_snapshots(spark, sev, sit, sus).toPandas()
