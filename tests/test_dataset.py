@@ -149,4 +149,10 @@ def test_snapshots_cost_follows_events_not_calendar_days(spark) -> None:
     row = snaps[snaps["feature_ts"] == (day0 + 8) * DAY_MS].iloc[0]
     assert row["user_clicks_7d"] == 0 and row["user_impressions_30d"] == 1  # the click left the 7-day window
     item = item_snapshots(spark, spark.createDataFrame(events), spark.createDataFrame(items)).toPandas()
-    assert set(item["feature_ts"] // DAY_MS) == set(range(day0 + 1, day0 + 8)) | {day_far + 1}
+    # an item's engaged click (40 s dwell) is remembered 30 days, decayed; its click counts 7 days
+    assert set(item["feature_ts"] // DAY_MS) == set(range(day0 + 1, day0 + 31)) | {day_far + 1}
+    by_day = item.set_index(item["feature_ts"] // DAY_MS)
+    assert by_day.loc[day0 + 7, "item_clicks_7d"] == 1 and by_day.loc[day0 + 8, "item_clicks_7d"] == 0
+    assert by_day.loc[day0 + 1, "item_engaged_decayed_30d"] == 1.0
+    assert by_day.loc[day0 + 8, "item_engaged_decayed_30d"] == 0.5  # one half-life (7 days) after yesterday
+    assert 0 < by_day.loc[day0 + 30, "item_engaged_decayed_30d"] < 0.06
