@@ -19,7 +19,8 @@ import pandas as pd
 from features.functions import replay_session_features, smoothed_ctr
 from ingestion.bots import bot_mask, bot_sessions
 from ingestion.dedup import window_duplicates
-from features.registry import CATEGORY_HALF_LIFE_DAYS, CO_ITEMS_TOP_K
+from features.registry import (CATEGORY_HALF_LIFE_DAYS, CO_ITEMS_TOP_K, ENGAGED_CLICK_MIN_DWELL_MS, ENGAGED_EVENT_TYPES,
+                               ITEM_ENGAGED_HALF_LIFE_DAYS, ITEM_ENGAGED_WINDOW_DAYS)
 from ingestion.schema import DAY_MS, EVENT_TYPES
 from training.labels import LabelConfig, build_labels
 
@@ -133,6 +134,12 @@ def make_training_set(world) -> pd.DataFrame:
     imp["item_clicks_7d"] = np.where(has_item, ic7, np.nan)
     imp["item_impressions_7d"] = np.where(has_item, ii7, np.nan)
     imp["item_ctr_7d"] = np.where(has_item, smoothed_ctr(ic7, ii7), np.nan)
+    # engaged events over 30 days, each decayed like features/batch.py: 0.5 ** ((q - d - 1) / half-life)
+    engaged = (ev["event_type"].isin(ENGAGED_EVENT_TYPES) | ((ev["event_type"] == "click")
+               & (ev["dwell_time_ms"].fillna(0) >= ENGAGED_CLICK_MIN_DWELL_MS))).to_numpy(dtype=float)
+    ie30 = _window_counts(i_ev, ed, engaged * 2.0 ** (ed / ITEM_ENGAGED_HALF_LIFE_DAYS), ni, n_days, i_imp, qd,
+                          ITEM_ENGAGED_WINDOW_DAYS) * 2.0 ** ((1 - qd) / ITEM_ENGAGED_HALF_LIFE_DAYS)
+    imp["item_engaged_decayed_30d"] = np.where(has_item | (ie30 > 1e-12), np.round(ie30, 6), np.nan)
     # co-clicked items (sessions that clicked both) in the 30 days before the snapshot day, top-K per item
     clicks = ev.loc[ev["event_type"] == "click", ["session_id", "item_id", "day"]].drop_duplicates(["session_id", "item_id"])
     pairs = clicks.merge(clicks, on="session_id", suffixes=("", "_o"))
