@@ -48,7 +48,7 @@ class TwoTowerTrainConfig(Config):
     seed: int = 7
 
 
-@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP, code_version=source_version(__file__, "training/two_tower.py"),
+@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP, code_version=source_version(__file__, "training/two_tower.py", "models/two_tower.py"),
        description="Two-tower retrieval model (PyTorch, in-batch softmax) and the item embeddings it produces.")
 def two_tower_model(context: AssetExecutionContext, config: TwoTowerTrainConfig, lake: LakeResource) -> Output:
     from training.two_tower import TwoTowerConfig, train_two_tower
@@ -156,7 +156,7 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
 
     from serving.offline import evaluate_catalog, fit_popularity_prior
     from serving.rerank import RerankConfig
-    from training.bundle import POPULARITY_PRIOR
+    from models.bundle import POPULARITY_PRIOR
     from training.trainer import assemble_bundle
 
     store = lake.lake()
@@ -278,8 +278,8 @@ def validation_gate(context: AssetExecutionContext, config: GateSettings, model_
 
 
 @asset(deps=[BRONZE, SILVER, LABELS, USER_FEATURES, ITEM_FEATURES, TRAINING_SET, ITEMS, USERS], group_name=GROUP,
-       code_version=source_version(__file__, "training/trainer.py", "training/bundle.py", "training/registry.py",
-                                   "compliance/lineage.py"),
+       code_version=source_version(__file__, "training/trainer.py", "models/bundle.py", "models/two_tower.py",
+                                   "training/registry.py", "compliance/lineage.py"),
        check_specs=[AssetCheckSpec("lineage_complete", asset="registered_model",
                                    description="Every Delta version the model read is credited to the Dagster run that wrote it.")],
        description="One MLflow model version = towers + embeddings + FAISS index + ranker + feature schema, with lineage tags; "
@@ -287,7 +287,7 @@ def validation_gate(context: AssetExecutionContext, config: GateSettings, model_
 def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss_index: bytes, ranker_model: Any,
                      model_evaluation: dict, validation_gate: Any, lake: LakeResource, mlflow: MlflowResource,
                      artifacts: ArtifactsResource):
-    from training.bundle import POPULARITY_PRIOR
+    from models.bundle import POPULARITY_PRIOR
     from training.registry import register_bundle
     from training.trainer import assemble_bundle
 

@@ -44,7 +44,7 @@ import pandas as pd
 import pyarrow as pa
 
 from compliance.exclusion import COMPLIANCE_TABLES, FORGOTTEN_USERS, PRIVACY_AUDIT, user_hash
-from training.bundle import USER_VOCAB
+from models.bundle import USER_VOCAB
 from lake.delta import DeltaLake
 from orchestration.settings import Settings, privacy_key
 

@@ -194,7 +194,7 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
                          item_snaps: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame, start_ms: int, end_ms: int,
                          weights: Sequence[float] = PRIOR_WEIGHTS, feature: str = PRIOR_FEATURE, k: int = 10,
                          rerank: RerankConfig | None = None) -> dict[str, Any]:
-    """The popularity-prior weight (training/bundle.py fuse_popularity_prior) that maximizes the served
+    """The popularity-prior weight (models/bundle.py fuse_popularity_prior) that maximizes the served
     catalog NDCG@k on the validation window [start_ms, end_ms): the served pipeline without exploration,
     replayed at `start_ms` like the test evaluation, so the test window is never looked at.
 
@@ -208,7 +208,7 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
     from dataclasses import replace
 
     from features.history import consumed_items, serving_snapshot
-    from training.bundle import POPULARITY_PRIOR
+    from models.bundle import POPULARITY_PRIOR
     from training.catalog_eval import evaluate_recommender, score_sessions, session_prefixes
 
     split = catalog_split(labels, engagements, catalog["item_id"].astype(str).tolist(), start_ms, end_ms=end_ms)

@@ -14,7 +14,7 @@ from features.online import OnlineStore
 from orchestration.resources import RedisResource
 from orchestration.services import start_redis
 from orchestration.settings import Settings, redact_url, redis_client, redis_connection_kwargs
-from training.bundle import MANIFEST, RANKER, Bundle, BundleIntegrityError, file_sha256
+from models.bundle import MANIFEST, RANKER, Bundle, BundleIntegrityError, file_sha256
 from training.gates import GateResult
 from training.registry import MANIFEST_SHA_TAG, mlflow_client, _find_bundle_dir, load_alias, register_bundle
 
@@ -94,7 +94,7 @@ def _tiny_bundle() -> Bundle:
     import torch
 
     from features.registry import ranker_feature_names
-    from training.two_tower import TwoTower
+    from models.two_tower import TwoTower
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 from orchestration.settings import Settings
-from training.bundle import CACHE_DIR, MANIFEST, Bundle, file_sha256
+from models.bundle import CACHE_DIR, MANIFEST, Bundle, file_sha256
 
 log = logging.getLogger("kairos.registry")
 
@@ -362,7 +362,7 @@ def load_alias(settings: Settings, alias: str = CHAMPION) -> Bundle | None:
     A cached copy that fails verification (a corrupt or tampered file, a bad disk) is not refused forever: it
     is deleted and downloaded again from the registry, once, and verified again against the registry's manifest
     hash; only a registry copy that fails too raises BundleIntegrityError."""
-    from training.bundle import BundleIntegrityError
+    from models.bundle import BundleIntegrityError
 
     mv = _alias(settings, alias)
     if mv is None:
