@@ -48,7 +48,8 @@ class TwoTowerTrainConfig(Config):
     seed: int = 7
 
 
-@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP, code_version=source_version(__file__, "training/two_tower.py", "models/two_tower.py"),
+@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP,
+       code_version=source_version(__file__, "training/two_tower.py", "models/two_tower.py"),
        description="Two-tower retrieval model (PyTorch, in-batch softmax) and the item embeddings it produces.")
 def two_tower_model(context: AssetExecutionContext, config: TwoTowerTrainConfig, lake: LakeResource) -> Output:
     from training.two_tower import TwoTowerConfig, train_two_tower
@@ -154,9 +155,9 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
     """The served top-K over the whole catalog at the test window's start, beside the baselines (serving/offline.py)."""
     import time
 
+    from models.bundle import POPULARITY_PRIOR
     from serving.offline import evaluate_catalog, fit_popularity_prior
     from serving.rerank import RerankConfig
-    from models.bundle import POPULARITY_PRIOR
     from training.trainer import assemble_bundle
 
     store = lake.lake()
@@ -202,8 +203,8 @@ def model_evaluation(context: AssetExecutionContext, config: CatalogEvalConfig, 
     from training.gates import feature_health, scoring_latency
     from training.ranker import add_embedding_affinity
 
+    from models.registry import CHAMPION, load_alias
     from training.evaluation import evaluate_bundle, evaluation_plot_png, evaluation_report_html
-    from training.registry import CHAMPION, load_alias
 
     frame, items, users, _ = _load_training_inputs(lake)
     metrics = evaluate_models(frame, two_tower_model, ranker_model)
@@ -279,7 +280,7 @@ def validation_gate(context: AssetExecutionContext, config: GateSettings, model_
 
 @asset(deps=[BRONZE, SILVER, LABELS, USER_FEATURES, ITEM_FEATURES, TRAINING_SET, ITEMS, USERS], group_name=GROUP,
        code_version=source_version(__file__, "training/trainer.py", "models/bundle.py", "models/two_tower.py",
-                                   "training/registry.py", "compliance/lineage.py"),
+                                   "training/registry.py", "models/registry.py", "compliance/lineage.py"),
        check_specs=[AssetCheckSpec("lineage_complete", asset="registered_model",
                                    description="Every Delta version the model read is credited to the Dagster run that wrote it.")],
        description="One MLflow model version = towers + embeddings + FAISS index + ranker + feature schema, with lineage tags; "

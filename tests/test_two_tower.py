@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tests._trainset import make_training_set
 from models.two_tower import TwoTower, encode_users
+from tests._trainset import make_training_set
 from training.two_tower import TwoTowerConfig, _examples, recall_at_k, text_tokens, train_two_tower
 
 NEW_ITEM = "i_new_0001"
