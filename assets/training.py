@@ -152,12 +152,12 @@ class CatalogEvalConfig(Config):
 def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfig, lake: LakeResource, frame: pd.DataFrame,
                         items: pd.DataFrame, users: pd.DataFrame, two_tower_model: Any, faiss_index: bytes,
                         ranker_model: Any, champion: Any | None) -> dict:
-    """The served top-K over the whole catalog at the test window's start, beside the baselines (serving/offline.py)."""
+    """The served top-K over the whole catalog at the test window's start, beside the baselines (training/served_eval.py)."""
     import time
 
     from models.bundle import POPULARITY_PRIOR
-    from serving.offline import evaluate_catalog, fit_popularity_prior
     from serving.rerank import RerankConfig
+    from training.served_eval import evaluate_catalog, fit_popularity_prior
     from training.trainer import assemble_bundle
 
     store = lake.lake()
@@ -192,7 +192,8 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
 
 @asset(deps=[TRAINING_SET, ITEMS, USERS, LABELS, SILVER, USER_FEATURES, ITEM_FEATURES], group_name=GROUP,
        code_version=source_version(__file__, "training/evaluation.py", "training/gates.py", "training/catalog_eval.py",
-                                   "training/baselines.py", "serving/offline.py", "serving/pipeline.py"),
+                                   "training/baselines.py", "training/served_eval.py", "serving/offline.py",
+                                   "serving/pipeline.py"),
        description="Test-window metrics of the two-stage model beside popularity, logistic regression and two-tower alone.")
 def model_evaluation(context: AssetExecutionContext, config: CatalogEvalConfig, two_tower_model: Any, ranker_model: Any,
                      faiss_index: bytes, lake: LakeResource, mlflow: MlflowResource, artifacts: ArtifactsResource) -> Output:
