@@ -408,9 +408,9 @@ def challenger_scores(bundle, logged: pd.DataFrame) -> pd.Series:
                    "IPS, SNIPS with bootstrap CIs and effective sample size) before it serves.")
 def off_policy_evaluation(context: AssetExecutionContext, config: OPEConfig, lake: LakeResource,
                           mlflow: MlflowResource) -> MaterializeResult:
+    from models.registry import CHALLENGER, CHAMPION, alias_version, load_alias
     from monitoring.ope import evaluate_policy, slate_target_probabilities
     from serving.rerank import RerankConfig
-    from training.registry import CHALLENGER, CHAMPION, alias_version, load_alias
 
     settings = mlflow.settings()
     champion, challenger = alias_version(settings, CHAMPION), alias_version(settings, CHALLENGER)

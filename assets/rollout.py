@@ -52,13 +52,15 @@ class ShadowSettings(Config):
     min_overlap_at_10: float = -1.0  # < 0: report only
 
 
-@asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP, code_version=source_version(__file__, "training/rollout.py"),
+@asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP,
+       code_version=source_version(__file__, "training/rollout.py", "models/rollout.py"),
        check_specs=[AssetCheckSpec("shadow_healthy", asset="shadow_report",
                                    description="The shadowed challenger answered without errors and within the latency guardrail.")],
        description="Challenger vs champion on identical requests (shadow rows of the impression log): score PSI/KS, "
                    "overlap@10 and rank correlation of the lists; proceed / hold / refuse.")
 def shadow_report(context: AssetExecutionContext, config: ShadowSettings, lake: LakeResource, mlflow: MlflowResource):
-    from training.rollout import SHADOW, ShadowGuardrails, compare_shadow, rollout_state, shadow_inputs, shadow_verdict
+    from models.rollout import SHADOW, rollout_state
+    from training.rollout import ShadowGuardrails, compare_shadow, shadow_inputs, shadow_verdict
 
     state = rollout_state(mlflow.settings())
     if state.stage != SHADOW or not state.version:
@@ -93,15 +95,16 @@ class CanarySettings(Config):
     click_window_minutes: float = 30.0  # a click credits an impression of the same user and item this recent
 
 
-@asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP, code_version=source_version(__file__, "training/rollout.py"),
+@asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP,
+       code_version=source_version(__file__, "training/rollout.py", "models/rollout.py"),
        check_specs=[AssetCheckSpec("canary_within_guardrails", asset="canary_evaluation",
                                    description="The canary arm's CTR, error rate and p99 latency stay within the guardrails against champion.")],
        description="Per arm of the canary (impression log + clicks from the event stream): error rate, p99 latency, "
                    "CTR; promote / hold / rollback against the guardrails.")
 def canary_evaluation(context: AssetExecutionContext, config: CanarySettings, lake: LakeResource,
                       redis: RedisResource, mlflow: MlflowResource):
-    from training.rollout import (CANARY_STAGE, Guardrails, arm_metrics, canary_experiment_name, canary_verdict,
-                                  rollout_state)
+    from models.rollout import CANARY_STAGE, canary_experiment_name, rollout_state
+    from training.rollout import Guardrails, arm_metrics, canary_verdict
 
     state = rollout_state(mlflow.settings())
     if state.stage != CANARY_STAGE or not state.version:
@@ -133,13 +136,13 @@ class RolloutDecisionSettings(Config):
     force_rollback: bool = False    # operator switch: champion -> previous_champion now
 
 
-@asset(group_name=GROUP, code_version=source_version(__file__, "training/rollout.py"),
+@asset(group_name=GROUP, code_version=source_version(__file__, "training/rollout.py", "models/rollout.py"),
        description="Applies the verdicts: shadow passed -> canary; canary passed -> promote (champion alias flip, old "
                    "champion kept as previous_champion); a breach -> rollback (canary dropped; champion untouched).")
 def rollout_decision(context: AssetExecutionContext, config: RolloutDecisionSettings, shadow_report: dict,
                      canary_evaluation: dict, mlflow: MlflowResource) -> Output:
-    from training.rollout import (REFUSED, ROLLED_BACK, Verdict, abort_canary, next_action, promote, rollback,
-                                  rollout_state, start_canary)
+    from models.rollout import REFUSED, ROLLED_BACK, rollout_state
+    from training.rollout import Verdict, abort_canary, next_action, promote, rollback, start_canary
 
     settings = mlflow.settings()
     state = rollout_state(settings)

@@ -48,7 +48,8 @@ class TwoTowerTrainConfig(Config):
     seed: int = 7
 
 
-@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP, code_version=source_version(__file__, "training/two_tower.py"),
+@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP,
+       code_version=source_version(__file__, "training/two_tower.py", "models/two_tower.py"),
        description="Two-tower retrieval model (PyTorch, in-batch softmax) and the item embeddings it produces.")
 def two_tower_model(context: AssetExecutionContext, config: TwoTowerTrainConfig, lake: LakeResource) -> Output:
     from training.two_tower import TwoTowerConfig, train_two_tower
@@ -151,12 +152,12 @@ class CatalogEvalConfig(Config):
 def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfig, lake: LakeResource, frame: pd.DataFrame,
                         items: pd.DataFrame, users: pd.DataFrame, two_tower_model: Any, faiss_index: bytes,
                         ranker_model: Any, champion: Any | None) -> dict:
-    """The served top-K over the whole catalog at the test window's start, beside the baselines (serving/offline.py)."""
+    """The served top-K over the whole catalog at the test window's start, beside the baselines (training/served_eval.py)."""
     import time
 
-    from serving.offline import evaluate_catalog, fit_popularity_prior
+    from models.bundle import POPULARITY_PRIOR
     from serving.rerank import RerankConfig
-    from training.bundle import POPULARITY_PRIOR
+    from training.served_eval import evaluate_catalog, fit_popularity_prior
     from training.trainer import assemble_bundle
 
     store = lake.lake()
@@ -191,7 +192,8 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
 
 @asset(deps=[TRAINING_SET, ITEMS, USERS, LABELS, SILVER, USER_FEATURES, ITEM_FEATURES], group_name=GROUP,
        code_version=source_version(__file__, "training/evaluation.py", "training/gates.py", "training/catalog_eval.py",
-                                   "training/baselines.py", "serving/offline.py", "serving/pipeline.py"),
+                                   "training/baselines.py", "training/served_eval.py", "serving/offline.py",
+                                   "serving/pipeline.py"),
        description="Test-window metrics of the two-stage model beside popularity, logistic regression and two-tower alone.")
 def model_evaluation(context: AssetExecutionContext, config: CatalogEvalConfig, two_tower_model: Any, ranker_model: Any,
                      faiss_index: bytes, lake: LakeResource, mlflow: MlflowResource, artifacts: ArtifactsResource) -> Output:
@@ -202,8 +204,8 @@ def model_evaluation(context: AssetExecutionContext, config: CatalogEvalConfig, 
     from training.gates import feature_health, scoring_latency
     from training.ranker import add_embedding_affinity
 
+    from models.registry import CHAMPION, load_alias
     from training.evaluation import evaluate_bundle, evaluation_plot_png, evaluation_report_html
-    from training.registry import CHAMPION, load_alias
 
     frame, items, users, _ = _load_training_inputs(lake)
     metrics = evaluate_models(frame, two_tower_model, ranker_model)
@@ -278,8 +280,8 @@ def validation_gate(context: AssetExecutionContext, config: GateSettings, model_
 
 
 @asset(deps=[BRONZE, SILVER, LABELS, USER_FEATURES, ITEM_FEATURES, TRAINING_SET, ITEMS, USERS], group_name=GROUP,
-       code_version=source_version(__file__, "training/trainer.py", "training/bundle.py", "training/registry.py",
-                                   "compliance/lineage.py"),
+       code_version=source_version(__file__, "training/trainer.py", "models/bundle.py", "models/two_tower.py",
+                                   "training/registry.py", "models/registry.py", "compliance/lineage.py"),
        check_specs=[AssetCheckSpec("lineage_complete", asset="registered_model",
                                    description="Every Delta version the model read is credited to the Dagster run that wrote it.")],
        description="One MLflow model version = towers + embeddings + FAISS index + ranker + feature schema, with lineage tags; "
@@ -287,7 +289,7 @@ def validation_gate(context: AssetExecutionContext, config: GateSettings, model_
 def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss_index: bytes, ranker_model: Any,
                      model_evaluation: dict, validation_gate: Any, lake: LakeResource, mlflow: MlflowResource,
                      artifacts: ArtifactsResource):
-    from training.bundle import POPULARITY_PRIOR
+    from models.bundle import POPULARITY_PRIOR
     from training.registry import register_bundle
     from training.trainer import assemble_bundle
 

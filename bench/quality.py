@@ -6,7 +6,7 @@
 
 Each source runs the real asset graph (Dagster, Spark, Delta, MLflow) in a fresh KAIROS_HOME. Its
 `model_evaluation` asset replays `serving.pipeline.personalize` at the test window's start for every
-test user over the whole catalog (serving/offline.py) and scores it beside popularity, recent
+test user over the whole catalog (training/served_eval.py) and scores it beside popularity, recent
 popularity (14-day window and decayed), SAR-style co-occurrence and ALS (`implicit`) on the same
 temporal split (training/catalog_eval.py); the session protocol (every prefix of a held-out session
 -> its next click) beside session-kNN. On the simulator the oracle (the true expected click rate of
@@ -89,8 +89,8 @@ def _one(name: str, build_ops: dict | None = None) -> dict:
 
 def _oracle(settings, split_ms: int) -> dict:
     from lake.delta import DeltaLake
-    from serving.offline import catalog_split
     from training.catalog_eval import evaluate_recommender, top_k_excluding
+    from training.served_eval import catalog_split
 
     lake = DeltaLake(settings.lake_uri)
     scores, item_ids = oracle_scores(SIM)

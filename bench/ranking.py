@@ -131,10 +131,10 @@ def in_process_floor(settings, users: list[str], now_ms: int, n: int = 300) -> t
     """The pipeline in this process, one request at a time, with the ranker the server serves (compiled when
     available); and the ranker alone on the same requests' feature matrices, compiled vs LightGBM."""
     from features.online import OnlineStore
+    from models.registry import load_alias
     from serving.compiled_ranker import CACHE_DIRNAME, attach
     from serving.pipeline import personalize
     from serving.settings import ServeSettings
-    from training.registry import load_alias
 
     serve = ServeSettings.from_env()  # the settings the server started by this bench reads from the same environment
     bundle = load_alias(settings, alias="champion")
@@ -215,7 +215,7 @@ def main() -> int:
         run = materialize_all(settings, {"source": "simulator"})
         print(f"[bench] asset graph: {run['seconds']:.0f}s", flush=True)
         built.touch()
-    from training.registry import alias_version, mlflow_client
+    from models.registry import alias_version, mlflow_client
 
     if alias_version(settings, "champion") is None:
         # a latency benchmark needs a model serving: the simulator's small world can fail the quality gate (the

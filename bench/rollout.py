@@ -33,10 +33,11 @@ def main() -> None:
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    from models.registry import mlflow_client
+    from models.rollout import rollout_state
     from orchestration.settings import Settings
-    from training.registry import mlflow_client
-    from training.rollout import (ArmMetrics, canary_verdict, compare_shadow, promote, rollback, rollout_state,
-                                  start_canary, start_rollout)
+    from training.rollout import (ArmMetrics, canary_verdict, compare_shadow, promote, rollback, start_canary,
+                                  start_rollout)
 
     settings = Settings.from_env()
     client = mlflow_client(settings)

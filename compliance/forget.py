@@ -44,8 +44,8 @@ import pandas as pd
 import pyarrow as pa
 
 from compliance.exclusion import COMPLIANCE_TABLES, FORGOTTEN_USERS, PRIVACY_AUDIT, user_hash
-from training.bundle import USER_VOCAB
 from lake.delta import DeltaLake
+from models.bundle import USER_VOCAB
 from orchestration.settings import Settings, privacy_key
 
 log = logging.getLogger("kairos.forget")

@@ -383,7 +383,7 @@ def collect_inputs(settings: Settings, version: str, instance: Any = None) -> di
     from mlflow.exceptions import MlflowException
 
     from features.registry import registry_version
-    from training.registry import mlflow_client
+    from models.registry import mlflow_client
 
     client = mlflow_client(settings)
     try:
@@ -436,7 +436,7 @@ def write_lineage(lineage: Mapping[str, Any], folder: Path) -> tuple[Path, Path]
 def publish_lineage(settings: Settings, version: str, folder: Path, instance: Any = None) -> dict[str, Any]:
     """Build the lineage, write lineage.json/.html to `folder`, log both on the version's MLflow run under
     `lineage/`, and tag the version with where they are (`lineage.uri`)."""
-    from training.registry import mlflow_client
+    from models.registry import mlflow_client
 
     lineage = lineage_for_version(settings, version, instance=instance)
     json_path, html_path = write_lineage(lineage, folder)

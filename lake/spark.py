@@ -42,8 +42,8 @@ PLAN_OPTION = "plan"
 DEFAULT_PARTITION_BYTES = 64 << 20
 DEFAULT_BATCH_ROWS = 65_536
 # the packages a worker needs, the same list as pyproject's [tool.setuptools] packages
-PRODUCT_PACKAGES = ("orchestration", "assets", "training", "serving", "data_contracts", "monitoring", "features",
-                    "ingestion", "lake", "streaming", "compliance")
+PRODUCT_PACKAGES = ("orchestration", "assets", "models", "training", "serving", "data_contracts", "monitoring",
+                    "features", "ingestion", "lake", "streaming", "compliance")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"

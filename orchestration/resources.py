@@ -109,7 +109,7 @@ class ArtifactsResource(ConfigurableResource):
         the MLflow UI (served over HTTP: a file path in Dagster metadata only copies to the clipboard). If MLflow
         cannot take it, the local path is returned, so a report never fails its asset."""
         from dagster import MetadataValue
-        from training.registry import mlflow_client
+        from models.registry import mlflow_client
 
         report = Path(report)
         try:

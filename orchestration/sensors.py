@@ -88,7 +88,7 @@ def rollout_tick(stage: str, version: str | None, now: float, interval_s: float 
         description="While a version is in shadow or canary (registry rollout stage), evaluates it every 5 minutes: "
                     "the rollout job promotes it, holds, or rolls it back.")
 def rollout_sensor(context: SensorEvaluationContext, mlflow: MlflowResource):
-    from training.rollout import rollout_state
+    from models.rollout import rollout_state
 
     state = rollout_state(mlflow.settings())
     key = rollout_tick(state.stage, state.version, time.time())

@@ -6,9 +6,10 @@
     KAIROS_SHADOW=1                       the challenger also scores every champion request, logged, never shown
     KAIROS_CANARY_SHARE=0.2               overrides the canary share the registry's rollout state sets
 
-Without env settings the registry's rollout state (training/rollout.py) drives the server: stage
-`shadow` scores the challenger in shadow, stage `canary` sends `rollout.canary_share` of users (by
-hash bucket of experiment "canary-v<version>") to the `canary` alias. Env settings always win.
+Without env settings the registry's rollout state (models/rollout.py, written by training/rollout.py)
+drives the server: stage `shadow` scores the challenger in shadow, stage `canary` sends
+`rollout.canary_share` of users (by hash bucket of experiment "canary-v<version>") to the `canary`
+alias. Env settings always win.
 
 Assignment is a pure function of (experiment name, user id): the same user always lands
 in the same arm across requests, servers and restarts, and renaming the experiment
@@ -88,7 +89,7 @@ def serving_plan(env_experiment: Experiment | None, env_shadow: bool, rollout: o
                  env_canary_share: float | None = None) -> ServingPlan:
     """Env settings win; else the registry's rollout stage decides (shadow, or a canary share by hash bucket).
 
-    `rollout` is a training.rollout.RolloutState (anything with stage, version, canary_share).
+    `rollout` is a models.rollout.RolloutState (anything with stage, version, canary_share).
     """
     if env_experiment is not None:
         return ServingPlan(env_experiment, env_shadow, CHALLENGER_ARM, "env")

@@ -2,7 +2,7 @@
 
     bentoml serve serving.service:KairosRanker       (or `kairos serve`, see serving/server.py)
 
-At start it loads the MLflow champion bundle (training.registry.load_alias) and
+At start it loads the MLflow champion bundle (models.registry.load_alias) and
 connects the online store to REDIS_URL (or the embedded server's URL) with a short
 socket timeout, so a slow or dead Redis degrades to popularity instead of stalling.
 A background thread re-reads the champion alias every KAIROS_MODEL_POLL_S seconds
@@ -509,7 +509,7 @@ class KairosRanker:
     # ------------------------------------------------------------------ model lifecycle
     def _load_champion(self, wanted: str | None = None) -> None:
         """Serve the champion alias (`wanted`: its version when the caller has just read it)."""
-        from training.registry import alias_version, load_alias
+        from models.registry import alias_version, load_alias
 
         try:
             previous = self._previous
@@ -545,8 +545,8 @@ class KairosRanker:
 
     def _apply_rollout(self) -> None:
         """Env experiment/shadow settings win; else the registry's rollout stage (shadow, canary share)."""
+        from models.rollout import rollout_state
         from serving.experiments import serving_plan
-        from training.rollout import rollout_state
 
         state = None
         if self._env_experiment is None:
@@ -567,7 +567,7 @@ class KairosRanker:
         if self.plan is None or not self.plan.needs_candidate:
             self.challenger = None
             return
-        from training.registry import alias_version, load_alias
+        from models.registry import alias_version, load_alias
 
         alias = self.plan.candidate_alias
         try:
@@ -586,7 +586,7 @@ class KairosRanker:
             log.warning("could not load the challenger: %s", exc)
 
     def _champion_version(self) -> str | None:
-        from training.registry import alias_version
+        from models.registry import alias_version
 
         v = alias_version(self.settings, "champion")
         return None if v is None else str(v)

@@ -48,11 +48,11 @@ def compliance_world() -> dict[str, Any]:
     if _WORLD:
         return _WORLD
     from lake.delta import DeltaLake
+    from models.registry import load_alias, mlflow_client
     from orchestration.cli import log_impressions, materialize_all, prepare_home
     from orchestration.services import start_redis
     from orchestration.settings import Settings, redis_client
     from streaming.job import SessionStreamProcessor, publish
-    from training.registry import mlflow_client, load_alias
 
     home = Path(tempfile.mkdtemp(prefix="kairos-compliance-"))
     redis = start_redis(home / "redis")

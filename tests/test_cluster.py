@@ -75,9 +75,9 @@ def test_whole_graph_on_the_cluster_configuration(cluster) -> None:
 
 def test_registry_artifacts_live_on_the_server(cluster) -> None:
     settings = cluster["settings"]
-    from training.registry import mlflow_client
+    from models.registry import mlflow_client
 
-    from training.registry import load_alias
+    from models.registry import load_alias
 
     client = mlflow_client(settings)
     # the newest version (always `challenger`; on a world this small the gate may keep it from `champion`)

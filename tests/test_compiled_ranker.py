@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(compiler_tag() is None, reason="lleaves/llvmlite
 @pytest.fixture(scope="module")
 def exported(small_world, tmp_path_factory):
     """A trained bundle saved and loaded back as serving loads it (the verified files, `source_path` set)."""
-    from training.bundle import Bundle
+    from models.bundle import Bundle
     from training.trainer import train_bundle
 
     training_set = make_training_set(small_world)

@@ -61,7 +61,7 @@ def test_every_asset_materialized_with_checks(pipeline) -> None:
 
 def test_champion_registered_with_lineage(pipeline) -> None:
     settings, _ = pipeline
-    from training.registry import mlflow_client
+    from models.registry import mlflow_client
 
     client = mlflow_client(settings)
     mv = client.get_model_version_by_alias(settings.model_name, "champion")
@@ -71,7 +71,7 @@ def test_champion_registered_with_lineage(pipeline) -> None:
     assert mv.tags["gate.passed"] == "True"
     assert mv.tags["dagster.run_id"] == pipeline[1]["run_id"]
     # the served bundle carries the popularity prior model_evaluation fitted on validation and judged with
-    from training.registry import CHAMPION, load_alias
+    from models.registry import CHAMPION, load_alias
 
     evaluation = DagsterInstance.get().get_latest_materialization_event(AssetKey("model_evaluation"))
     fitted = evaluation.asset_materialization.metadata["table"].value["catalog"]["popularity_prior"]

@@ -162,7 +162,7 @@ def test_retrieval_recall_on_the_test_window(outcome, trainset) -> None:
 def test_a_saved_bundle_rescored_matches_the_model_it_was_built_from(outcome, trainset, tmp_path) -> None:
     """The champion is compared on the candidate's own test window: re-scoring a bundle loaded from disk
     must reproduce the in-memory model's metrics exactly (same affinity, same features, same ranker)."""
-    from training.bundle import Bundle
+    from models.bundle import Bundle
     from training.evaluation import evaluate_bundle
     from training.ranker import add_embedding_affinity
 

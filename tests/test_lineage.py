@@ -179,7 +179,7 @@ def test_lineage_logged_at_registration(world) -> None:
     import mlflow
     from dagster import DagsterInstance
 
-    from training.registry import mlflow_client
+    from models.registry import mlflow_client
 
     settings, version = world["settings"], world["version"]
     mv = mlflow_client(settings).get_model_version(settings.model_name, version)

@@ -158,9 +158,9 @@ def _broken_bundle(settings: Settings, tmp: Path):
     import lightgbm as lgb
 
     from features.functions import assemble_features
+    from models.registry import load_alias
     from training.evaluation import bundle_two_tower
     from training.ranker import add_embedding_affinity
-    from training.registry import load_alias
 
     champion = load_alias(settings, "champion")
     frame = DeltaLake(settings.lake_uri).read("training_set")
@@ -178,14 +178,15 @@ def _broken_bundle(settings: Settings, tmp: Path):
                    "but the retrained model fails the catalog gate on the 3-day shifted world (served NDCG@10 0.082 vs "
                    "popularity 0.121, lift -33%, CI -53%..; the test allows -15%); see the closing note of 2026-12-02")
 def test_drift_retrain_shadow_canary_promote_then_refuse_a_broken_model(loop_env: Settings, tmp_path: Path) -> None:
+    from models.registry import mlflow_client
+    from models.rollout import CANARY_STAGE, PROMOTED, ROLLED_BACK, SHADOW, canary_experiment_name, rollout_state
     from orchestration.definitions import defs
     from serving.experiments import CANARY_ARM, Experiment, assign
     from serving.server import start_server, stop_server, wait_ready
     from training.evaluation import evaluate_bundle
     from training.gates import GateConfig, evaluate_gate
-    from training.registry import mlflow_client, register_bundle
-    from training.rollout import (CANARY_STAGE, PROMOTED, ROLLED_BACK, SHADOW, canary_experiment_name, rollback,
-                                  rollout_state)
+    from training.registry import register_bundle
+    from training.rollout import rollback
 
     settings = loop_env
     t0 = time.perf_counter()

@@ -6,10 +6,11 @@ import pandas as pd
 import pytest
 
 from features.functions import assemble_features
+from models.registry import alias_version, load_alias
 from tests._trainset import make_training_set
 from training.gates import GateResult
 from training.ranker import add_embedding_affinity
-from training.registry import alias_version, champion_metrics, load_alias, register_bundle
+from training.registry import champion_metrics, register_bundle
 from training.trainer import TrainingOutcome, train_bundle
 from training.two_tower import TwoTowerConfig
 
@@ -69,7 +70,7 @@ def test_registry_aliases_follow_the_gate(trained, settings, tmp_path) -> None:
     assert alias_version(settings, "champion") == v2 and alias_version(settings, "challenger") == v3
     assert load_alias(settings, "challenger").model_version == v3
 
-    from training.registry import mlflow_client
+    from models.registry import mlflow_client
 
     client = mlflow_client(settings)
     mv = client.get_model_version(settings.model_name, v2)
@@ -105,7 +106,7 @@ def test_version_has_signature_example_descriptions_and_delta_inputs(trained, se
     """What the MLflow UI shows: Schema inputs/outputs, a real input example, a model-training experiment,
     a run named after what trained, descriptions, and the Delta versions read as dataset inputs."""
     import mlflow
-    from training.registry import mlflow_client
+    from models.registry import mlflow_client
 
     out, _ = trained
     bundle_dir = out.bundle.save(tmp_path / "bundle")

@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.rollout import (CANARY_STAGE, PROMOTED, REFUSED, ROLLED_BACK, SHADOW, RolloutState, canary_experiment_name,
+                            rollout_state)
 from serving.experiments import CANARY_ARM, CHALLENGER_ARM, Experiment, assign, serving_plan
-from training.rollout import (CANARY_STAGE, HOLD, PROCEED, PROMOTE, PROMOTED, REFUSE, REFUSED, ROLLBACK, ROLLED_BACK,
-                              SHADOW, ArmMetrics, Guardrails, RolloutState, ShadowGuardrails, Verdict, arm_metrics,
-                              canary_experiment_name, canary_verdict, compare_shadow, next_action, promote, rollback,
-                              rollout_state, shadow_inputs, shadow_verdict, start_canary, start_rollout)
+from training.rollout import (HOLD, PROCEED, PROMOTE, REFUSE, ROLLBACK, ArmMetrics, Guardrails, ShadowGuardrails,
+                              Verdict, arm_metrics, canary_verdict, compare_shadow, next_action, promote, rollback,
+                              shadow_inputs, shadow_verdict, start_canary, start_rollout)
 
 
 # ------------------------------------------------------------------------------------------- shadow
@@ -118,7 +119,7 @@ def test_serving_plan_follows_the_registry_unless_env_overrides() -> None:
 
 # ------------------------------------------------------------------------------------------- registry
 def _versions(settings, n: int) -> list[str]:
-    from training.registry import mlflow_client
+    from models.registry import mlflow_client
 
     client = mlflow_client(settings)
     client.create_registered_model(settings.model_name)

@@ -11,12 +11,13 @@ import pytest
 import redis
 
 from features.online import OnlineStore
+from models.bundle import MANIFEST, RANKER, Bundle, BundleIntegrityError, file_sha256
+from models.registry import MANIFEST_SHA_TAG, _find_bundle_dir, load_alias, mlflow_client
 from orchestration.resources import RedisResource
 from orchestration.services import start_redis
 from orchestration.settings import Settings, redact_url, redis_client, redis_connection_kwargs
-from training.bundle import MANIFEST, RANKER, Bundle, BundleIntegrityError, file_sha256
 from training.gates import GateResult
-from training.registry import MANIFEST_SHA_TAG, mlflow_client, _find_bundle_dir, load_alias, register_bundle
+from training.registry import register_bundle
 
 PASSWORD = "s3cret-for-tests"
 
@@ -94,7 +95,7 @@ def _tiny_bundle() -> Bundle:
     import torch
 
     from features.registry import ranker_feature_names
-    from training.two_tower import TwoTower
+    from models.two_tower import TwoTower
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 
 from features.functions import assemble_features
-from training.bundle import Bundle
+from models.bundle import Bundle
+from models.two_tower import TwoTower, encode_users
 from training.evaluation import evaluate_models, ranking_metrics
 from training.gates import GateConfig, GateResult, evaluate_gate
 from training.index import build_faiss_index, index_recall_at_k
 from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
 from training.trainer import assemble_bundle
-from training.two_tower import TwoTower, TwoTowerConfig, encode_users, train_two_tower
+from training.two_tower import TwoTowerConfig, train_two_tower
 
 
 def test_training_set_helper_is_point_in_time(trainset) -> None:
@@ -194,7 +195,7 @@ def test_bundle_round_trip_gives_identical_scores(outcome, trainset, small_world
 
 
 def test_popularity_prior_multiplies_the_odds_and_travels_with_the_bundle(outcome, trainset, tmp_path) -> None:
-    from training.bundle import POPULARITY_PRIOR, fuse_popularity_prior
+    from models.bundle import POPULARITY_PRIOR, fuse_popularity_prior
 
     p = np.array([0.2, 0.2, 0.5, 0.9])
     pop = np.array([0.0, 9.0, 3.0, np.nan])
@@ -249,7 +250,7 @@ def test_gate_checks_scoring_latency_and_feature_health(outcome, trainset) -> No
 
 def test_cold_start_popularity_by_device_and_region() -> None:
     """A cold user gets the items popular in their (device, region) segment, then device, region, global."""
-    from training.bundle import Bundle
+    from models.bundle import Bundle
     from training.trainer import popularity_lists
 
     frame = pd.DataFrame({"split": "train", "label_binary": 1,

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
+from models.two_tower import TwoTower, encode_users
 from tests._trainset import make_training_set
-from training.two_tower import (TwoTower, TwoTowerConfig, _examples, encode_users, recall_at_k, text_tokens,
-                                train_two_tower)
+from training.two_tower import TwoTowerConfig, _examples, recall_at_k, text_tokens, train_two_tower
 
 NEW_ITEM = "i_new_0001"
 NEW_USER = "u_new_0001"

@@ -11,8 +11,9 @@ already touched (impression-level NDCG) cannot tell a good model from random sco
     baselines    training/baselines.py (popularity, recent popularity, co-occurrence, ALS, session-kNN)
     sessions     session_prefixes(): every prefix of a held-out session -> the next engaged item, P@k/MRR@k
 
-Pure functions over plain frames: the served pipeline (serving/offline.py) and every baseline are
-scored by the same code, on the same split, with the same exclusions.
+Pure functions over plain frames: the served pipeline (serving/offline.py, driven by
+training/served_eval.py) and every baseline are scored by the same code, on the same split, with the same
+exclusions.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ class GateConfig:
     max_p99_scoring_ms: float = 25.0
     max_null_rate: float = 0.0  # NaN share allowed in any assembled feature column
     min_batch_feature_coverage: float = 0.01  # share of rows where a batch feature differs from its default
-    # the catalog metric (served top-K over the whole catalog at the split time; serving/offline.py)
+    # the catalog metric (served top-K over the whole catalog at the split time; training/served_eval.py)
     # relative NDCG@10 lift the served list needs over the best baseline: -0.05 = non-inferiority within 5%
     # (on a 100-user test window the 95% CI of the lift is about +-20%: demanding more refuses good models on
     # noise, and with no champion yet a refusal serves the popularity fallback, which the model beats)
@@ -95,7 +95,7 @@ JUDGED, JUDGED_CHAMPION = "served:no_exploration", "champion:no_exploration"  # 
 
 
 def catalog_checks(catalog: dict, config: GateConfig, k: int = 10) -> tuple[bool, list[str], dict[str, dict]]:
-    """The quality verdict on the catalog metric (serving/offline.py evaluate_catalog): enough test users, the
+    """The quality verdict on the catalog metric (training/served_eval.py evaluate_catalog): enough test users, the
     served list at least `min_lift_over_best_baseline` above the best baseline, and no more than
     `max_ndcg_drop_vs_champion` below the champion re-scored on the same split. Lifts carry a paired
     bootstrap CI over users (the same resampled users for both systems)."""
@@ -155,7 +155,7 @@ def evaluate_gate(candidate: dict, popularity: dict, champion: dict | None, conf
     AUC falls more than the allowed drop below the current champion's (no champion: that check passes),
     whose p99 scoring CPU time exceeds the budget, or whose features are null or missing (coverage).
 
-    With `catalog` (the served top-K over the whole catalog, serving/offline.py) quality is judged on it
+    With `catalog` (the served top-K over the whole catalog, training/served_eval.py) quality is judged on it
     instead (catalog_checks); the impression-level NDCG and AUC checks are then reported as diagnostics
     ("INFO ...") and do not decide: re-ranking a user's ~10 touched rows cannot tell a good model from random.
     """

@@ -2,35 +2,30 @@
 
 Every new version gets alias "challenger"; "champion" moves only when the gate passed (directly with
 auto_promote, else through the staged rollout in training/rollout.py).
-Serving resolves `models:/<name>@champion`, downloads the bundle once per version into
-a local cache and loads it (Bundle.load), so a rollback is an alias flip.
+This module writes (runs, versions, tags); the read path serving uses (alias -> verified bundle) and the
+one MLflow client builder live in models/registry.py, so serving never imports training code.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
 
+from models.bundle import MANIFEST, Bundle, file_sha256
+from models.registry import CHALLENGER, CHAMPION, MANIFEST_SHA_TAG, alias_model_version, mlflow_client
 from orchestration.settings import Settings
-from training.bundle import CACHE_DIR, MANIFEST, Bundle, file_sha256
 
 log = logging.getLogger("kairos.registry")
 
 EXPERIMENT = "kairos"
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 BUNDLE_ARTIFACT = "bundle"
 PIP_REQUIREMENTS = ["mlflow", "torch", "lightgbm", "faiss-cpu", "numpy", "pandas"]
-MANIFEST_SHA_TAG = "bundle.manifest_sha256"
 # MLflow 3 opens an experiment without a kind in GenAI mode (traces, prompts): this one trains models
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 EXPERIMENT_DESCRIPTION = ("Kairos ranking models: each run trains the two-tower retrieval model, its FAISS index and "
@@ -78,51 +73,6 @@ class BundleModel(mlflow.pyfunc.PythonModel):
             items, _ = self.bundle.retrieve(self.bundle.user_vector(uid, hist), n)
             out.append(items)
         return pd.DataFrame({"user_id": frame["user_id"].tolist(), "items": out})
-
-
-def mlflow_client(settings: Settings):
-    """The one MLflow client builder: tracking and registry both on settings.mlflow_tracking_uri, given
-    explicitly (MLflow's process-wide registry URI outlives a Settings, so a client that relies on it can
-    reach the server of an earlier configuration). Also points the fluent API (mlflow.log_*) there."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
-    uri = settings.mlflow_tracking_uri
-    with _sqlite_store_init_lock(uri):
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        if uri.startswith("sqlite:///") and uri not in _INITIALIZED_STORES:
-            client.search_experiments(max_results=1)       # the tracking store: tables created / migrated
-            client.search_registered_models(max_results=1)  # the registry store (same database)
-            _INITIALIZED_STORES.add(uri)
-    return client
-
-
-_INITIALIZED_STORES: set[str] = set()
-
-
-@contextlib.contextmanager
-def _sqlite_store_init_lock(uri: str) -> Iterator[None]:
-    """An exclusive file lock while a process first opens a sqlite tracking store (other stores: no lock).
-
-    Why: MLflow creates and migrates a sqlite database when a process first opens it (in MlflowClient's
-    constructor), without any lock; the server's worker processes (one per core) starting on a fresh home
-    raced each other through the migration ("table _alembic_tmp_metrics already exists") and left the
-    database unusable."""
-    import fcntl
-
-    if not uri.startswith("sqlite:///") or uri in _INITIALIZED_STORES:
-        yield
-        return
-    db = Path(uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".init.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def artifact_location(settings: Settings) -> str | None:
@@ -300,85 +250,11 @@ def register_bundle(settings: Settings, bundle_dir: Path, metrics: dict[str, dic
     return version
 
 
-def _alias(settings: Settings, alias: str):
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow_client(settings)
-    try:
-        return client.get_model_version_by_alias(settings.model_name, alias)
-    except MlflowException:
-        return None
-
-
-def alias_version(settings: Settings, alias: str) -> str | None:
-    mv = _alias(settings, alias)
-    return str(mv.version) if mv is not None else None
-
-
 def champion_metrics(settings: Settings) -> dict | None:
     """The champion's "two_stage" test metrics (auc, ndcg_at_10, ...), or None without a champion."""
-    mv = _alias(settings, CHAMPION)
+    mv = alias_model_version(settings, CHAMPION)
     if mv is None or not mv.run_id:
         return None
     run = mlflow_client(settings).get_run(mv.run_id)
     head = "test.two_stage."
     return {k[len(head):]: float(v) for k, v in run.data.metrics.items() if k.startswith(head)} or None
-
-
-def _find_bundle_dir(root: Path) -> Path:
-    hits = sorted(root.rglob(MANIFEST), key=lambda p: len(p.parts))
-    for p in hits:
-        if p.parent.name != "manifest":
-            return p.parent
-    raise FileNotFoundError(f"no {MANIFEST} under {root}")
-
-
-def _download(settings: Settings, version: str, cache: Path) -> None:
-    """Download version `version` into `cache` once (atomically: a temp dir renamed when complete)."""
-    import mlflow
-
-    if (cache / ".complete").exists():
-        return
-    if cache.exists():  # a partial download from a crashed process
-        shutil.rmtree(cache, ignore_errors=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=cache.parent))
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{settings.model_name}/{version}",
-                                            dst_path=str(tmp), tracking_uri=settings.mlflow_tracking_uri)
-        (tmp / ".complete").write_text(version)
-        try:
-            tmp.rename(cache)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def load_alias(settings: Settings, alias: str = CHAMPION) -> Bundle | None:
-    """Download (once per version) and load the bundle behind `models:/<name>@<alias>`; None if absent.
-
-    A cached copy that fails verification (a corrupt or tampered file, a bad disk) is not refused forever: it
-    is deleted and downloaded again from the registry, once, and verified again against the registry's manifest
-    hash; only a registry copy that fails too raises BundleIntegrityError."""
-    from training.bundle import BundleIntegrityError
-
-    mv = _alias(settings, alias)
-    if mv is None:
-        return None
-    version = str(mv.version)
-    cache = Path(settings.home) / CACHE_DIR / settings.model_name / version
-    for attempt in (1, 2):
-        _download(settings, version, cache)
-        try:
-            return Bundle.load(_find_bundle_dir(cache), model_version=version,
-                               manifest_sha256=(mv.tags or {}).get(MANIFEST_SHA_TAG),
-                               trusted_roots=[Path(settings.home) / CACHE_DIR])
-        except (BundleIntegrityError, FileNotFoundError) as exc:
-            if attempt == 2:
-                raise
-            log.warning("cached model version %s failed verification (%s); deleting %s and downloading it again "
-                        "from the registry", version, exc, cache)
-            shutil.rmtree(cache, ignore_errors=True)
-    raise AssertionError("unreachable")

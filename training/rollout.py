@@ -13,6 +13,7 @@ The decisions are pure functions (`compare_shadow`, `shadow_verdict`, `canary_ve
 over numbers read from the impression log, so they are tested without MLflow; the alias flips
 (`start_rollout`, `start_canary`, `promote`, `abort_canary`, `rollback`) are thin MLflow adapters.
 Every version stays in the registry, so a demoted version is always loadable again.
+The read side the server needs (RolloutState, the stage names, `rollout_state`) is models/rollout.py.
 """
 from __future__ import annotations
 
@@ -23,59 +24,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-CANARY = "canary"
-PREVIOUS_CHAMPION = "previous_champion"
-
-STATE_TAG = "rollout.state"
-
-NONE, SHADOW, CANARY_STAGE, PROMOTED, ROLLED_BACK, REFUSED = "none", "shadow", "canary", "promoted", "rolled_back", "refused"
-STAGES = (NONE, SHADOW, CANARY_STAGE, PROMOTED, ROLLED_BACK, REFUSED)
+from models.registry import CHAMPION, mlflow_client
+from models.rollout import (CANARY, CANARY_STAGE, PREVIOUS_CHAMPION, PROMOTED, ROLLED_BACK, SHADOW, STATE_TAG,
+                            RolloutState, canary_experiment_name, rollout_state)
 
 PROMOTE, HOLD, ROLLBACK, PROCEED, REFUSE = "promote", "hold", "rollback", "proceed", "refuse"
-
-
-# ---------------------------------------------------------------------------------------------- state
-@dataclass(frozen=True)
-class RolloutState:
-    """Where the rollout stands, as read from the registry (aliases + registered-model tags)."""
-
-    stage: str = NONE
-    version: str | None = None
-    canary_share: float = 0.0
-    reason: str = ""
-    stage_started_ms: int = 0
-    aliases: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def champion(self) -> str | None:
-        return self.aliases.get(CHAMPION)
-
-    @property
-    def previous_champion(self) -> str | None:
-        return self.aliases.get(PREVIOUS_CHAMPION)
-
-    @classmethod
-    def from_registry(cls, tags: Mapping[str, str], aliases: Mapping[str, str]) -> "RolloutState":
-        """Parse the registered model's `rollout.state` tag; a missing or unreadable one means 'no rollout'."""
-        import json
-
-        try:
-            raw = json.loads(tags.get(STATE_TAG) or "{}")
-            stage = str(raw.get("stage", NONE))
-            share = float(raw.get("canary_share", 0.0))
-            started = int(raw.get("stage_started_ms", 0))
-        except (ValueError, TypeError, AttributeError):
-            raw, stage, share, started = {}, NONE, 0.0, 0
-        return cls(stage=stage if stage in STAGES else NONE, version=str(raw.get("version") or "") or None,
-                   canary_share=min(max(share, 0.0), 1.0), reason=str(raw.get("reason", "")),
-                   stage_started_ms=started, aliases={str(k): str(v) for k, v in aliases.items()})
-
-
-def canary_experiment_name(version: str | None) -> str:
-    """The experiment name a canary's requests are logged under (and hashed by): one per version."""
-    return f"canary-v{version}"
 
 
 # ---------------------------------------------------------------------------------------------- shadow
@@ -393,25 +346,6 @@ def arm_metrics(log: Any, clicks: Any, window_ms: int, experiment: str | None = 
 
 
 # ---------------------------------------------------------------------------------------------- MLflow adapters
-def _client(settings: Any):
-    """training.registry.mlflow_client, imported late: the registry module loads mlflow at import time and
-    calls back into this module (start_rollout, promote)."""
-    from training.registry import mlflow_client
-
-    return mlflow_client(settings)
-
-
-def rollout_state(settings: Any) -> RolloutState:
-    """One registry read: the registered model's tags and aliases (a fresh registry: no rollout)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        rm = _client(settings).get_registered_model(settings.model_name)
-    except MlflowException:
-        return RolloutState()
-    return RolloutState.from_registry(dict(rm.tags or {}), dict(rm.aliases or {}))
-
-
 def _set_stage(client: Any, settings: Any, stage: str, version: str | None, reason: str,
                share: float | None = None) -> None:
     import json
@@ -434,7 +368,7 @@ def promote(settings: Any, version: str, reason: str = "promoted", by: str = "tr
     """champion -> `version`; the old champion stays loadable as `previous_champion`; the canary ends.
     `by` (who/what promoted) and `reason` are stamped on the version (promoted.champion.*) for its lineage."""
     t = time.perf_counter()
-    client = _client(settings)
+    client = mlflow_client(settings)
     state = rollout_state(settings)
     old = state.champion
     if old is not None and old != str(version):
@@ -457,7 +391,7 @@ def start_rollout(settings: Any, version: str, reason: str = "gate passed") -> s
     if rollout_state(settings).champion is None:
         promote(settings, version, reason=f"{reason}; first champion (nothing to shadow against)")
         return PROMOTED
-    _set_stage(_client(settings), settings, SHADOW, str(version), reason, share=0.0)
+    _set_stage(mlflow_client(settings), settings, SHADOW, str(version), reason, share=0.0)
     return SHADOW
 
 
@@ -465,7 +399,7 @@ def start_canary(settings: Any, version: str, share: float, reason: str = "shado
     """Alias `canary` -> version and a `share` of users (by hash bucket) served by it."""
     if not 0.0 < share <= 1.0:
         raise ValueError(f"canary share must be in (0, 1], got {share}: set rollout_decision's canary_share")
-    client = _client(settings)
+    client = mlflow_client(settings)
     client.set_registered_model_alias(settings.model_name, CANARY, str(version))
     _set_stage(client, settings, CANARY_STAGE, str(version), reason, share=share)
 
@@ -473,7 +407,7 @@ def start_canary(settings: Any, version: str, share: float, reason: str = "shado
 def abort_canary(settings: Any, reason: str, stage: str = ROLLED_BACK) -> dict[str, Any]:
     """End a canary (or refuse a shadowed version): the canary alias goes, the champion never moved."""
     t = time.perf_counter()
-    client = _client(settings)
+    client = mlflow_client(settings)
     state = rollout_state(settings)
     if state.aliases.get(CANARY):
         _delete_alias(client, settings, CANARY)
@@ -487,7 +421,7 @@ def rollback(settings: Any, reason: str = "manual rollback") -> dict[str, Any]:
     `seconds` is the time until the champion alias points at the previous version (what serving
     sees); `total_seconds` includes the bookkeeping after it (aliases, stage tag)."""
     t = time.perf_counter()
-    client = _client(settings)
+    client = mlflow_client(settings)
     state = rollout_state(settings)
     previous = state.previous_champion
     if previous is None:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from features.registry import ranker_feature_names, registry_version
-from training.bundle import Bundle
+from models.bundle import Bundle
 from training.index import build_faiss_index, index_recall_at_k
 from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
 from training.two_tower import TwoTowerConfig, TwoTowerResult, train_two_tower

@@ -11,6 +11,9 @@ bundle whose files do not match, and a directory outside the registry's download
 (`KAIROS_HOME/model_cache`) unless the caller opts in (`allow_untrusted_path=True`, training
 and tests). No format in a bundle is a pickle: torch weights load with `weights_only=True`,
 numpy with `allow_pickle=False`, FAISS and LightGBM read their own binary/text formats.
+
+It lives in models/ (beside the architecture it rebuilds) because training writes it and serving reads it:
+serving depends on the exported artifact and this loader, never on training code.
 """
 from __future__ import annotations
 
@@ -38,11 +41,11 @@ FAISS_INDEX = "faiss.index"
 RANKER = "ranker.txt"
 POPULARITY = "popularity.json"
 FILES_SHA256 = "files_sha256"
-CACHE_DIR = "model_cache"  # under KAIROS_HOME: where training.registry downloads registered versions
+CACHE_DIR = "model_cache"  # under KAIROS_HOME: where models.registry downloads registered versions
 
 
 # manifest key: {"feature": an item popularity feature, "weight": w without a live session, "session_weight": w in
-# one} (serving.offline.fit_popularity_prior)
+# one} (training.served_eval.fit_popularity_prior)
 POPULARITY_PRIOR = "popularity_prior"
 SESSION_FEATURE = "session_length"  # > 0: the request comes from a live session
 
@@ -105,28 +108,25 @@ def verify_bundle_files(path: Path, manifest: dict[str, Any]) -> None:
                                    "server download the version from the registry again")
 
 
-def trusted_bundle_roots() -> list[Path]:
-    """Where a served bundle may come from: the registry download cache under KAIROS_HOME."""
-    from orchestration.settings import Settings
-
-    return [(Settings.from_env().home / CACHE_DIR).resolve()]
-
-
 def check_bundle_origin(path: Path, roots: list[Path] | None = None) -> None:
-    """Refuse a bundle directory outside the registry download cache (no model files from arbitrary paths)."""
+    """Refuse a bundle directory outside the trusted roots (no model files from arbitrary paths).
+
+    Only the caller names what is trusted (models.registry.load_alias passes the registry download cache
+    under KAIROS_HOME); without roots nothing is, so this module needs no settings of its own."""
     real = Path(os.path.realpath(path))
-    roots = [Path(os.path.realpath(r)) for r in (roots or trusted_bundle_roots())]
+    roots = [Path(os.path.realpath(r)) for r in (roots or [])]
     if not any(real == r or r in real.parents for r in roots):
+        where = ", ".join(map(str, roots)) or "no trusted root given"
         raise BundleIntegrityError(f"refusing to load a model bundle from {path}: serving loads bundles only from "
-                                   f"the MLflow registry cache ({', '.join(map(str, roots))}); register the bundle "
-                                   "and load it with training.registry.load_alias")
+                                   f"the MLflow registry cache ({where}); register the bundle "
+                                   "and load it with models.registry.load_alias")
 
 
 @dataclass
 class Bundle:
     """A loaded bundle. Built by training (`save`) and read by serving (`load`)."""
 
-    towers: Any  # training.two_tower.TwoTower (torch module, eval mode)
+    towers: Any  # models.two_tower.TwoTower (torch module, eval mode)
     item_ids: list[str]
     user_ids: list[str]
     item_embeddings: np.ndarray  # float32 [n_items, d], L2-normalized, row i = item_ids[i]
@@ -160,7 +160,7 @@ class Bundle:
     # ------------------------------------------------------------------ inference
     def user_vector(self, user_id: str | None, history_item_ids: list[str]) -> np.ndarray:
         """Session-aware user embedding: the user tower over the id and recent items."""
-        from training.two_tower import encode_users
+        from models.two_tower import encode_users
 
         return encode_users(self.towers, [self.user_row.get(user_id or "", -1)],
                             [[self.item_row[i] for i in history_item_ids if i in self.item_row]])[0]
@@ -242,7 +242,7 @@ class Bundle:
         import lightgbm as lgb
         import torch
 
-        from training.two_tower import TwoTower
+        from models.two_tower import TwoTower
 
         path = Path(path)
         if not allow_untrusted_path:

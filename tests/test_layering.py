@@ -1,0 +1,124 @@
+"""Layering: serving depends on exported model artifacts (models/), never on training code.
+
+Merlin-style rule (issue 18): what a served model is and how it is loaded lives in models/, which training
+writes and serving reads. These tests parse the source with `ast` (no imports run), so an import inside a
+function counts as much as one at module level, and `importlib.import_module("...")` with a literal name
+counts too.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# models/ is the shared leaf: it may use features/ (the registry of ranker features), never the layers above it
+MODELS_MUST_NOT_IMPORT = ("training", "serving", "orchestration", "assets")
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted(p for p in (ROOT / package).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _nodes(tree: ast.AST, in_functions: bool) -> list[ast.AST]:
+    """Every node, or (in_functions=False) only those that run when the module is imported."""
+    if in_functions:
+        return list(ast.walk(tree))
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        todo += [c for c in ast.iter_child_nodes(node)
+                 if not isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
+    return out
+
+
+def imported_modules(path: Path, module_name: str | None = None, in_functions: bool = True) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in the file: module level and (by default) in functions,
+    relative ones resolved, and importlib.import_module / __import__ calls with a literal name. For
+    `from a import b` both `a` and `a.b` are listed (b may be a submodule)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = (module_name or _module_name(path)).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    out: list[tuple[int, str]] = []
+    for node in _nodes(tree, in_functions):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            out.append((node.lineno, module))
+            out += [(node.lineno, f"{module}.{alias.name}".lstrip(".")) for alias in node.names if alias.name != "*"]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in ("import_module", "__import__"):
+                out.append((node.lineno, node.args[0].value))
+    return out
+
+
+def _offenders(package: str, forbidden: tuple[str, ...]) -> list[str]:
+    found: dict[str, str] = {}  # one entry per import statement (its module, not each imported name)
+    for path in _modules(package):
+        for line, module in imported_modules(path):
+            where = f"{path.relative_to(ROOT)}:{line}"
+            if module.split(".")[0] in forbidden and where not in found:
+                found[where] = module
+    return [f"{where} imports {module}" for where, module in found.items()]
+
+
+def test_the_scanner_sees_function_level_and_relative_imports(tmp_path) -> None:
+    """The rule is only as good as its parser: an import hidden in a function or written relatively counts."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from training.registry import load_alias\n    from ..training import two_tower\n"
+                     "    import importlib\n    importlib.import_module('training.rollout')\n")
+    found = {m for _, m in imported_modules(probe, "serving.probe")}
+    assert {"training.registry", "training", "training.two_tower", "training.rollout"} <= found
+
+
+def test_serving_never_imports_training() -> None:
+    offenders = _offenders("serving", ("training",))
+    assert not offenders, "serving must load models through models/, not training code:\n" + "\n".join(offenders)
+
+
+@pytest.mark.parametrize("package", ["models"])
+def test_models_imports_no_layer_above_it(package: str) -> None:
+    assert _modules(package), f"{package}/ has no modules"
+    offenders = _offenders(package, MODELS_MUST_NOT_IMPORT)
+    assert not offenders, f"{package}/ must not depend on {', '.join(MODELS_MUST_NOT_IMPORT)}:\n" + "\n".join(offenders)
+
+
+def test_importing_serving_loads_no_training_module() -> None:
+    """Following the imports that run at import time from every serving module (through models/, features/,
+    ...) never reaches training/: a server process holds no training code until something calls into it
+    (and serving itself never does, test above)."""
+    first_party = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()} - {"tests"}
+    files = {_module_name(p): p for pkg in first_party for p in _modules(pkg)}
+    seen: dict[str, str] = {}
+    todo = [(name, name) for name in files if name.split(".")[0] == "serving"]
+    while todo:
+        name, via = todo.pop()
+        if name in seen:
+            continue
+        seen[name] = via
+        for _, module in imported_modules(files[name], in_functions=False):
+            parts = module.split(".")
+            # `from a.b import c`: c may be a module (a.b.c) or a name in a.b; follow whichever file exists
+            for k in range(len(parts), 0, -1):
+                target = ".".join(parts[:k])
+                if target in files:
+                    todo.append((target, f"{via} -> {target}"))
+                    break
+    reached = sorted(via for name, via in seen.items() if name.split(".")[0] == "training")
+    assert not reached, "serving reaches training code through:\n" + "\n".join(reached)
