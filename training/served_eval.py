@@ -7,6 +7,7 @@ model_evaluation asset and bench/quality.py: training may import serving, servin
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any, Callable, Mapping, Sequence
 
@@ -18,6 +19,16 @@ from serving.offline import SnapshotStore, served_recommender, served_session_pr
 from serving.rerank import RerankConfig
 from training.baselines import SessionIndex, baseline_recommenders, last_item_cooccurrence, session_knn
 from training.catalog_eval import evaluate_recommender, score_sessions, session_prefixes, temporal_split
+
+
+def _store_at(user_snaps: pd.DataFrame, item_snaps: pd.DataFrame, catalog: pd.DataFrame, engagements: pd.DataFrame,
+              at_ms: int, name: str) -> tuple[SnapshotStore, int]:
+    """(the online store's read interface over the snapshot the store held at `at_ms`, that snapshot's time):
+    one rule for the prior fit and the evaluation."""
+    users, items, popular, snap_ts = serving_snapshot(user_snaps, item_snaps, catalog, as_of_ms=at_ms,
+                                                      consumed=consumed_items(engagements, at_ms))
+    return SnapshotStore(users, items, popular, version=f"{name}-{snap_ts}"), int(snap_ts)
+
 
 def interactions_frame(labels: pd.DataFrame, engagements: pd.DataFrame) -> pd.DataFrame:
     """The protocol's interactions: positive labels (relevant when after T) and every consumed-type engagement
@@ -66,11 +77,14 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
     if len(split.test_users) < MIN_FIT_USERS:
         out["reason"] = f"{len(split.test_users)} validation users < {MIN_FIT_USERS}: the ranker alone"
         return out
-    snap_users, snap_items, popular, snap_ts = serving_snapshot(
-        user_snaps, item_snaps, catalog, as_of_ms=start_ms, consumed=consumed_items(engagements, start_ms))
-    store = SnapshotStore(snap_users, snap_items, popular, version=f"fit-{snap_ts}")
-    manifest = dict(bundle.manifest)
+    store, _ = _store_at(user_snaps, item_snaps, catalog, engagements, start_ms, "fit")
+    trial = copy.copy(bundle)  # each trial sets its own manifest; the candidate's stays untouched
     rerank = replace(rerank or RerankConfig(), epsilon=0.0)  # the server's re-ranking, without exploration noise
+
+    def prior(feature: str, w: float, session_w: float) -> None:
+        trial.manifest = {**bundle.manifest, POPULARITY_PRIOR: {"feature": feature, "weight": float(w),
+                                                                "session_weight": float(session_w)}}
+
     def best(scores: dict[str, float]) -> float:  # ties go to the smaller weight (the ranker alone first)
         return float(max(scores, key=lambda w: (scores[w], -float(w))))
 
@@ -78,31 +92,27 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
     cases = session_prefixes(clicks, start_ms, max_cases=MAX_FIT_SESSION_CASES)
     out["session_cases"] = len(cases)
     category = dict(zip(catalog["item_id"].astype(str), catalog["category"])) if "category" in catalog else {}
+
     def ndcg(feature: str, w: float) -> float:
-        bundle.manifest = {**manifest, POPULARITY_PRIOR: {"feature": feature, "weight": float(w), "session_weight": 0.0}}
-        result = evaluate_recommender(split, served_recommender(bundle, store, start_ms, users, rerank=rerank), k)
+        prior(feature, w, 0.0)
+        result = evaluate_recommender(split, served_recommender(trial, store, start_ms, users, rerank=rerank), k)
         return round(result.summary[f"ndcg_at_{k}"], 5)
 
-    try:
-        alone = ndcg(features[0], 0.0)  # weight 0: the ranker alone, whatever the feature
-        for feature in features:
-            scores = {str(float(w)): alone if w == 0 else ndcg(feature, w) for w in weights}
-            out.setdefault("ndcg_by_feature", {})[feature] = scores
-            w = best(scores)
-            if scores[str(w)] > out["ndcg_by_weight"].get(str(out["weight"]), -1.0):
-                out.update(feature=feature, weight=w, ndcg_by_weight=scores)
-        feature = out["feature"]
-        if len(cases) >= MIN_FIT_USERS:
-            for w in weights:
-                bundle.manifest = {**manifest, POPULARITY_PRIOR: {"feature": feature, "weight": out["weight"],
-                                                                  "session_weight": float(w)}}
-                scored = score_sessions(cases, served_session_predictor(bundle, store, category, rerank=rerank))
-                out["p20_by_session_weight"][str(float(w))] = round(scored["p_at_20"], 3)
-            out["session_weight"] = best(out["p20_by_session_weight"])
-        else:
-            out["session_reason"] = f"{len(cases)} validation session prefixes < {MIN_FIT_USERS}: the ranker alone in sessions"
-    finally:
-        bundle.manifest = manifest
+    alone = ndcg(features[0], 0.0)  # weight 0: the ranker alone, whatever the feature
+    for feature in features:
+        scores = {str(float(w)): alone if w == 0 else ndcg(feature, w) for w in weights}
+        out.setdefault("ndcg_by_feature", {})[feature] = scores
+        w = best(scores)
+        if scores[str(w)] > out["ndcg_by_weight"].get(str(out["weight"]), -1.0):
+            out.update(feature=feature, weight=w, ndcg_by_weight=scores)
+    if len(cases) < MIN_FIT_USERS:
+        out["session_reason"] = f"{len(cases)} validation session prefixes < {MIN_FIT_USERS}: the ranker alone in sessions"
+        return out
+    for w in weights:
+        prior(out["feature"], out["weight"], w)
+        scored = score_sessions(cases, served_session_predictor(trial, store, category, rerank=rerank))
+        out["p20_by_session_weight"][str(float(w))] = round(scored["p_at_20"], 3)
+    out["session_weight"] = best(out["p20_by_session_weight"])
     return out
 
 
@@ -118,9 +128,7 @@ def evaluate_catalog(bundles: Mapping[str, Any], labels: pd.DataFrame, engagemen
 
     item_ids = catalog["item_id"].astype(str).tolist()
     split = catalog_split(labels, engagements, item_ids, split_ms)
-    snap_users, snap_items, popular, snap_ts = serving_snapshot(
-        user_snaps, item_snaps, catalog, as_of_ms=split_ms, consumed=consumed_items(engagements, split_ms))
-    store = SnapshotStore(snap_users, snap_items, popular, version=f"eval-{snap_ts}")
+    store, snap_ts = _store_at(user_snaps, item_snaps, catalog, engagements, split_ms, "eval")
     systems: dict[str, Any] = {}
     per_user: dict[str, list[float]] = {}
 
