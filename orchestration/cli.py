@@ -67,6 +67,7 @@ def materialize_all(settings: Settings, source_config: dict, build_ops: dict | N
     """
     from assets.ingestion import SourceConfig, daily_partitions, source_partitions
     from orchestration.launch import IN_PROCESS, launch_job
+    from orchestration.world import KNOWN_SPLITS
 
     t0 = time.perf_counter()
     days = source_partitions(SourceConfig(**source_config))
@@ -80,10 +81,8 @@ def materialize_all(settings: Settings, source_config: dict, build_ops: dict | N
     t_ingest = time.perf_counter() - t0
     log.info("Dagster ingest run %s: %d days (%s..%s) in %.1fs", ingest.run_id, len(days), days[0], days[-1], t_ingest)
     ops: dict = {"catalog": {"config": source_config}}
-    if source_config.get("source", "").startswith("movielens"):
-        # months of sparse public data: the test window is the last 20% of the log (the catalog evaluation's
-        # global temporal split), validation the two weeks before it
-        ops["training_set"] = {"config": {"validation_days": 14.0, "test_quantile": 0.8, "gap_hours": 0.0}}
+    if source_config.get("source") in KNOWN_SPLITS:  # MovieLens: the last 20% of the log (orchestration/world.py)
+        ops["training_set"] = {"config": dict(KNOWN_SPLITS[source_config["source"]])}
     ops.update(build_ops or {})
     build = launch_job("build", {**IN_PROCESS, "ops": ops})
     seconds = time.perf_counter() - t0

@@ -9,7 +9,7 @@ mapping: {user: user_id, item: item_id, timestamp: eventdate, timestamp_unit: is
 catalog: {path: data/products.csv, mapping: {item: itemId, categories: category}}   # optional
 users: {path: data/users.csv, mapping: {user: id, segment: plan}}                  # optional
 simulator: {n_users: 300, n_items: 400, days: 14, seed: 7}                          # source: simulator
-split: {validation_days: 14, test_days: 28, gap_hours: 0}   # default: derived from the data (printed)
+split: {validation_days: 14, test_days: 28, gap_hours: 0}   # or test_quantile: 0.8; default: derived from the data
 labels: {attribution_window_hours: 72, easy_negative_ratio: 4}   # default: the log kind's rule
 gate: {min_ndcg_lift_over_popularity: 0.0}                  # validation_gate config
 serving: {num_results: 10, candidate_pool_size: 200, max_latency_ms: 100}
@@ -42,9 +42,12 @@ TEST_SHARE = 0.10        # of impressions in the test window
 VALIDATION_SHARE = 0.10  # of impressions in the validation window
 MIN_WINDOW_DAYS = 1.0
 MIN_WINDOW_IMPRESSIONS = 50
-# MovieLens-100K's windows were sized by hand (quality figures in the README are measured on them)
-KNOWN_SPLITS: dict[str, dict[str, float]] = {
-    "movielens-100k": {"validation_days": 14.0, "test_days": 28.0, "gap_hours": 0.0}}
+# MovieLens-100K, months of sparse public ratings: the test window is the last 20% of the labeled rows (the catalog evaluation's
+# global temporal split, the one bench/quality.py and the README's quality figures use), validation the two weeks
+# before it. One definition: `kairos demo` (resolve_world) and materialize_all's default both read it.
+MOVIELENS_SPLIT: dict[str, float] = {"validation_days": 14.0, "test_quantile": 0.8, "gap_hours": 0.0}
+SPLIT_KEYS = frozenset({"validation_days", "test_days", "test_quantile", "gap_hours"})  # TrainingSetConfig's
+KNOWN_SPLITS: dict[str, dict[str, float]] = {"movielens-100k": MOVIELENS_SPLIT}
 SERVING_DEFAULTS: dict[str, Any] = {"num_results": 10, "candidate_pool_size": 200, "max_latency_ms": 100}
 
 
@@ -68,7 +71,7 @@ class World:
         return (f"world: source={self.source['source']} ({self.log_kind} log, label rule {s.get('label_rule')}): "
                 f"{s.get('events')} events, {s.get('users')} users, {s.get('items')} items, "
                 f"{s.get('first_day')}..{s.get('last_day')} ({s.get('span_days')} days), arriving in "
-                f"{s.get('ingest_days')} daily partition(s) from {self.partition_start}; split validation {s.get('validation_days')} d + test {s.get('test_days')} d "
+                f"{s.get('ingest_days')} daily partition(s) from {self.partition_start}; split validation {s.get('validation_days')} d + test {s.get('test_window')} "
                 f"({s.get('split_origin')}): impressions train/validation/test {s.get('train_impressions')}/"
                 f"{s.get('validation_impressions')}/{s.get('test_impressions')}; "
                 f"{s.get('positive_labels')} positive labels")
@@ -160,10 +163,12 @@ def derive_split(impression_ts: np.ndarray) -> dict[str, float]:
 
 
 def _window_counts(impression_ts: np.ndarray, split: dict[str, float]) -> tuple[int, int, int]:
-    end = int(np.max(impression_ts)) + 1
-    test_start = end - int(split["test_days"] * DAY_MS)
-    valid_start = test_start - int(split.get("gap_hours", 0.0) * 3_600_000) - int(split["validation_days"] * DAY_MS)
-    ts = np.asarray(impression_ts)
+    """(train, validation, test) labeled rows under the training_set asset's own split rule."""
+    from training.dataset import SplitConfig, split_boundaries
+
+    ts = np.asarray(impression_ts, dtype="int64")
+    b = split_boundaries(int(ts.max()), SplitConfig(**split), timestamps=ts)
+    valid_start, test_start = b.validation_start_ms, b.test_start_ms
     return int((ts < valid_start).sum()), int(((ts >= valid_start) & (ts < test_start)).sum()), int((ts >= test_start).sum())
 
 
@@ -197,6 +202,9 @@ def resolve_world(spec: dict[str, Any]) -> World:
     imp_ts = probe["timestamp"].to_numpy(dtype="int64")
     if spec.get("split"):
         split, origin = {"gap_hours": 0.0, **spec["split"]}, "world config"
+        unknown = sorted(set(split) - SPLIT_KEYS)
+        if unknown:
+            raise WorldError(f"unknown split key(s) {unknown}; allowed keys are {sorted(SPLIT_KEYS)}")
     elif config["source"] in KNOWN_SPLITS:
         split, origin = dict(KNOWN_SPLITS[config["source"]]), f"{config['source']} default"
     elif config["source"] == "simulator":
@@ -223,7 +231,9 @@ def resolve_world(spec: dict[str, Any]) -> World:
     span_days = (int(ts.max()) - int(ts.min())) / DAY_MS
     summary = {"events": len(events), "users": len(users), "items": len(items), "first_day": first_day,
                "last_day": last_day, "span_days": round(span_days, 1), "split_origin": origin,
-               "validation_days": split["validation_days"], "test_days": split["test_days"],
+               "validation_days": split["validation_days"], "test_days": split.get("test_days"),
+               "test_window": (f"last {1 - split['test_quantile']:.0%} of labeled rows" if split.get("test_quantile")
+                               else f"{split['test_days']} d"),
                "train_impressions": n_train, "validation_impressions": n_valid, "test_impressions": n_test,
                "positive_labels": positives,
                "label_rule": json.dumps({k: labels_cfg[k] for k in ("click_is_positive", "easy_negative_ratio")

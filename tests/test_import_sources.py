@@ -180,6 +180,27 @@ def test_world_derives_partitions_split_and_labels_or_refuses_early(tmp_path: Pa
         resolve_world({"source": "movielens-1m"})
 
 
+def test_movielens_100k_world_splits_like_the_catalog_evaluation() -> None:
+    """`kairos demo --source movielens-100k` trains and gates on the split the quality figures are measured on
+    (the last 20% of labeled rows), not on a second, hand-sized window."""
+    from assets.features import TrainingSetConfig
+    from orchestration.world import KNOWN_SPLITS, SPLIT_KEYS
+
+    assert SPLIT_KEYS == set(TrainingSetConfig.model_fields)  # a world's split is exactly the asset's config
+    from tests.conftest import movielens_or_skip
+
+    path = str(movielens_or_skip())
+    world = resolve_world({"source": "movielens-100k", "path": path})
+    assert world.ops["training_set"]["config"] == KNOWN_SPLITS["movielens-100k"]
+    assert world.ops["training_set"]["config"]["test_quantile"] == 0.8
+    s = world.summary
+    total = s["train_impressions"] + s["validation_impressions"] + s["test_impressions"]
+    assert abs(s["test_impressions"] / total - 0.2) < 0.01 and s["validation_impressions"] > 0
+    assert "last 20% of labeled rows" in world.describe()
+    with pytest.raises(WorldError, match=r"unknown split key\(s\) \['test_weeks'\]"):
+        resolve_world({"source": "movielens-100k", "path": path, "split": {"test_weeks": 4}})
+
+
 def test_derive_split_takes_the_last_tenths_in_whole_days() -> None:
     ts = np.arange(0, 100 * DAY_MS, DAY_MS // 10)  # ten impressions a day for 100 days
     split = derive_split(ts)
