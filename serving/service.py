@@ -433,7 +433,15 @@ class PersonalizeResponse(BaseModel):
     ranked_items: list[RankedItem]
     model_version: Optional[str] = Field(default=None, description="the MLflow model version that ranked")
     feature_version: Optional[str] = Field(default=None, description="the online-store snapshot the features came from")
-    served_by: str = Field(description="two_stage, two_stage:stale_features, or popularity_fallback:<reason>")
+    served_by: str = Field(description="two_stage, two_stage:missing_features (the online store is empty: "
+                                       "defaults, named in missing_features), two_stage:stale_features, or "
+                                       "popularity_fallback:<reason>")
+    missing_features: Optional[list[str]] = Field(
+        default=None, description="feature groups served as registry defaults (the online store holds no snapshot "
+                                  "and is being rebuilt); only with served_by two_stage:missing_features")
+    stale_feature_age_s: Optional[float] = Field(
+        default=None, description="age of this server's last read of the user's features; only with served_by "
+                                  "two_stage:stale_features")
     latency_breakdown_ms: LatencyBreakdown
     candidate_channels: dict[str, int] = Field(default_factory=dict, description="candidates each channel contributed")
     channel_errors: Optional[dict[str, str]] = Field(default=None, description="channels dropped (timeout, error)")
