@@ -89,6 +89,23 @@ def publish(client: Any, events: Iterable[dict], stream: str = STREAM) -> list[s
     return [_s(i) for i in pipe.execute()]
 
 
+def read_entry(fields: Mapping[str, str]) -> tuple[str, dict | None, str | None]:
+    """(raw, event, None) for an entry the fold may take, else (raw, None, reason). Whatever a producer writing
+    to the stream directly put there (not JSON, nested past the parser's depth, something the contract check
+    chokes on) becomes a reason, never an exception: an exception here would crash the job on the same pending
+    entry after every restart."""
+    raw = fields.get("event", "")
+    try:
+        event = json.loads(raw)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return raw or json.dumps(fields), None, f"event is not valid JSON ({type(exc).__name__})"
+    try:
+        reason = validate_event(event)
+    except Exception as exc:  # noqa: BLE001 - poison input, not a reason to stop the job
+        reason = f"event could not be checked against the contract: {type(exc).__name__}: {exc}"[:2000]
+    return (raw, None, reason) if reason else (raw, event, None)
+
+
 APPLY, DUPLICATE, REFUSED = "apply", "duplicate", "refused"
 
 
@@ -206,14 +223,7 @@ class SessionStreamProcessor:
             if fields is None:  # entry deleted from the stream while pending
                 bad.append((entry_id, "", "entry deleted from the stream before processing"))
                 continue
-            fields = {_s(k): _s(v) for k, v in fields.items()}
-            raw = fields.get("event", "")
-            try:
-                event = json.loads(raw)
-            except (TypeError, ValueError):
-                bad.append((entry_id, raw or json.dumps(fields), "event is not valid JSON"))
-                continue
-            reason = validate_event(event)
+            raw, event, reason = read_entry({_s(k): _s(v) for k, v in fields.items()})
             if reason:
                 bad.append((entry_id, raw, reason))
                 continue
