@@ -14,8 +14,8 @@ from dagster import Config, MetadataValue, OpExecutionContext, Output, job, op
 
 from orchestration.resources import LakeResource, RedisResource
 
-STREAM_LAG_ALERT_MS = 60_000      # the sessionizer's oldest unfinished entry older than this: alert
-STREAM_LAG_ALERT_PENDING = 10_000  # or this many delivered-but-unacknowledged entries
+# the alert decision is pure and shared with the server's /readyz and /v1/status (streaming/retention.py)
+from streaming.retention import STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING, lag_decision  # noqa: F401
 
 
 class DrainConfig(Config):
@@ -33,27 +33,6 @@ class DrainConfig(Config):
 def drained(lag: dict[str, Any]) -> bool:
     """Every consumer group finished every entry (pure: decided from `stream_lag`'s answer)."""
     return all(g["pending"] == 0 and g["lag_ms"] == 0 for g in lag["groups"].values())
-
-
-def lag_decision(lag: dict[str, Any], group: str, max_lag_ms: int = STREAM_LAG_ALERT_MS,
-                 max_pending: int = STREAM_LAG_ALERT_PENDING) -> tuple[bool, str]:
-    """Whether the consumer lag calls for an alert (and a draining run), and why. Every group counts (the
-    sessionizer: session freshness; kairos-bronze: stream -> table); `group` must exist once events arrive."""
-    if group not in lag["groups"]:
-        if lag["length"]:
-            return True, f"{lag['length']} entries in {lag['stream']} and no consumer group {group}: start `kairos stream`"
-        return False, f"{lag['stream']} is empty and has no consumer group yet"
-    missing = lag.get("missing_groups") or []
-    if missing:  # a registered reader lost its group (Redis wiped or restored without it): retention is paused
-        return True, (f"consumer group(s) {', '.join(missing)} missing on {lag['stream']} (registered readers): "
-                      f"retention is paused until `kairos stream` re-creates them; check Redis persistence")
-    name, g = max(lag["groups"].items(), key=lambda kv: (kv[1]["lag_ms"], kv[1]["pending"]))
-    over = [n for n, x in lag["groups"].items() if x["lag_ms"] > max_lag_ms or x["pending"] > max_pending]
-    if over:
-        name, g = over[0], lag["groups"][over[0]]
-        return True, (f"group {name}: consumer lag {g['lag_ms']} ms (threshold {max_lag_ms}), {g['pending']} pending "
-                      f"(threshold {max_pending}), stream length {lag['length']}")
-    return False, f"consumer lag {g['lag_ms']} ms (worst group {name}) and pending are within thresholds"
 
 
 @op(description="Run the streaming consumer (session keys + bronze dual write) until drained or max_seconds.")

@@ -225,7 +225,31 @@ def _publish_400_as_sent() -> None:
     sdk_openapi._kairos_400 = True
 
 
-for _patch in (_install_client_error_filter, _label_metrics_by_route, _publish_400_as_sent):
+def _readyz_reports_stream() -> None:
+    """/readyz keeps BentoML's verdict (200 once the service initialized, whatever the event stream's state: the
+    ranker serves without it), and its 200 body says how the stream is — lag and pending per group, missing
+    groups, the alert and why (`KairosRanker._stream_status`) — so the probe an operator reads shows it."""
+    import anyio
+    from _bentoml_impl.server import app as impl_app
+    from starlette.responses import JSONResponse
+
+    cls = impl_app.ServiceAppFactory
+    if getattr(cls, "_kairos_readyz", False):
+        return
+    original = cls.readyz
+
+    async def readyz(self, request):
+        response = await original(self, request)
+        status = getattr(self._service_instance, "_stream_status", None)
+        if response.status_code != 200 or status is None:
+            return response
+        return JSONResponse({"ready": True, "stream": await anyio.to_thread.run_sync(status)})
+
+    cls.readyz = readyz
+    cls._kairos_readyz = True
+
+
+for _patch in (_install_client_error_filter, _label_metrics_by_route, _publish_400_as_sent, _readyz_reports_stream):
     try:
         _patch()
     except Exception as _exc:  # noqa: BLE001 - an aid; serving does not depend on it
@@ -433,7 +457,15 @@ class PersonalizeResponse(BaseModel):
     ranked_items: list[RankedItem]
     model_version: Optional[str] = Field(default=None, description="the MLflow model version that ranked")
     feature_version: Optional[str] = Field(default=None, description="the online-store snapshot the features came from")
-    served_by: str = Field(description="two_stage, two_stage:stale_features, or popularity_fallback:<reason>")
+    served_by: str = Field(description="two_stage, two_stage:missing_features (the online store is empty: "
+                                       "defaults, named in missing_features), two_stage:stale_features, or "
+                                       "popularity_fallback:<reason>")
+    missing_features: Optional[list[str]] = Field(
+        default=None, description="feature groups served as registry defaults (the online store holds no snapshot "
+                                  "and is being rebuilt); only with served_by two_stage:missing_features")
+    stale_feature_age_s: Optional[float] = Field(
+        default=None, description="age of this server's last read of the user's features; only with served_by "
+                                  "two_stage:stale_features")
     latency_breakdown_ms: LatencyBreakdown
     candidate_channels: dict[str, int] = Field(default_factory=dict, description="candidates each channel contributed")
     channel_errors: Optional[dict[str, str]] = Field(default=None, description="channels dropped (timeout, error)")
@@ -789,13 +821,21 @@ class KairosRanker:
                 "stream": self._stream_status()}
 
     def _stream_status(self) -> dict | None:
-        """Event-stream length and per-group lag (also on /metrics as kairos_stream_*)."""
+        """Event-stream length, per-group lag and missing groups (also on /metrics as kairos_stream_*), with the
+        stream_lag_sensor's verdict on them (`alert`, `reason`): what /v1/status and /readyz report."""
+        from streaming.job import GROUP
+        from streaming.retention import lag_decision
+
         if getattr(self, "stream_metrics", None) is None:
             return None
         try:
-            return self.stream_metrics.refresh()
+            lag = self.stream_metrics.refresh()
         except Exception as exc:  # noqa: BLE001
-            return {"error": f"{type(exc).__name__}: {exc}"}
+            return {"error": f"{type(exc).__name__}: {exc}", "alert": True,
+                    "reason": "the stream's state could not be read"}
+        alert, reason = lag_decision(lag, GROUP, max_lag_ms=self.serve.stream_lag_alert_ms,
+                                     max_pending=self.serve.stream_lag_alert_pending)
+        return {**lag, "alert": alert, "reason": reason}
 
 
 if SETTINGS.api_key:

@@ -80,7 +80,7 @@ def bronze_rows(entries: list[tuple[Any, Any]], default_source: str = "stream") 
         fields = {_s(k): _s(v) for k, v in (fields or {}).items()}
         try:
             event = json.loads(fields.get("event") or "")
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):  # RecursionError: nested past the parser's depth
             event = None
         if not isinstance(event, dict):
             unusable += 1

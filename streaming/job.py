@@ -16,10 +16,15 @@ whoever reclaims them (XAUTOCLAIM, or the same consumer re-reading its pending l
 restart) applies them once; anything already applied is found by its marker and
 skipped. A duplicate event id (producer retry) is skipped the same way. Durable
 counters in `kairos:stream:counts` (applied, duplicates, quarantined) move in the same
-transactions, so entries added = applied + duplicates + quarantined + pending at any time.
+transactions, so entries added = applied + duplicates + quarantined + dead_lettered + pending at any time.
 
 The same transaction folds the events into a user-level key `kairos:user_recent_cats:{user}`
 (recent categories with decay, last items, counters; TTL 7 days), with the same shared function.
+
+A session belongs to the first user whose event is applied to it: `kairos:session_owner:{session_id}` is watched
+and read with the session key, decided on by `plan_events`, and written with the session key (same TTL) in the
+same EXEC; another user's event naming the session is quarantined in that EXEC
+(`session_id_owned_by_another_user`). So consumers racing over a new session id never both claim it.
 
 Retention and backpressure live in streaming/retention.py (trim only what every group finished,
 429 for producers past the backlog limit); the bronze dual write in streaming/bronze.py.
@@ -33,7 +38,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 import redis
 
@@ -54,6 +59,7 @@ USER_RECENT_PREFIX = "kairos:user_recent_cats"
 USER_RECENT_TTL_S = 7 * 86400
 ITEM_TABLE_RECHECK_S = 5.0
 CATEGORY_MEMO_ITEMS = 100_000  # last categories seen, for batches while Redis is unreachable
+Entry = tuple[str, str, dict]  # a valid stream entry: (stream id, raw JSON, event)
 
 
 def marker_key(event_id: str) -> str:
@@ -81,6 +87,48 @@ def publish(client: Any, events: Iterable[dict], stream: str = STREAM) -> list[s
     if not n:
         return []
     return [_s(i) for i in pipe.execute()]
+
+
+def read_entry(fields: Mapping[str, str]) -> tuple[str, dict | None, str | None]:
+    """(raw, event, None) for an entry the fold may take, else (raw, None, reason). Whatever a producer writing
+    to the stream directly put there (not JSON, nested past the parser's depth, something the contract check
+    chokes on) becomes a reason, never an exception: an exception here would crash the job on the same pending
+    entry after every restart."""
+    raw = fields.get("event", "")
+    try:
+        event = json.loads(raw)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return raw or json.dumps(fields), None, f"event is not valid JSON ({type(exc).__name__})"
+    try:
+        reason = validate_event(event)
+    except Exception as exc:  # noqa: BLE001 - poison input, not a reason to stop the job
+        reason = f"event could not be checked against the contract: {type(exc).__name__}: {exc}"[:2000]
+    return (raw, None, reason) if reason else (raw, event, None)
+
+
+APPLY, DUPLICATE, REFUSED = "apply", "duplicate", "refused"
+
+
+def plan_events(events: Sequence[dict], already_applied: Sequence[bool],
+                owners: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """Each event's outcome, in stream order, and the owner of each session afterwards.
+
+    DUPLICATE: its id was applied before (`already_applied`, its marker) or earlier in this batch. REFUSED: its
+    session belongs to another user (`owners`, or claimed earlier in this batch). APPLY otherwise, and an
+    unowned session is claimed by the first user in stream order whose event applies to it. Pure: `_apply` runs
+    it on what it read under WATCH, so a claim is decided and written in one transaction."""
+    owner_of = dict(owners)
+    seen: set[str] = set()
+    out: list[str] = []
+    for event, done in zip(events, already_applied):
+        if done or event["event_id"] in seen:
+            out.append(DUPLICATE)
+        elif owner_of.setdefault(event["session_id"], event["user_id"]) != event["user_id"]:
+            out.append(REFUSED)
+        else:
+            seen.add(event["event_id"])
+            out.append(APPLY)
+    return out, owner_of
 
 
 def validate_event(event: Any, now_ms: int | None = None) -> str | None:
@@ -168,57 +216,27 @@ class SessionStreamProcessor:
         if not entries:
             return 0
         self.stats["batches"] += 1
-        valid: "OrderedDict[str, list[tuple[str, dict]]]" = OrderedDict()
+        valid: "OrderedDict[str, list[Entry]]" = OrderedDict()  # by user, in stream order
         bad: list[tuple[str, str, str]] = []  # (stream id, raw, reason)
-        parsed: list[tuple[str, str, dict]] = []  # valid events in stream order: (stream id, raw, event)
         for entry_id, fields in entries:
             entry_id = _s(entry_id)
             if fields is None:  # entry deleted from the stream while pending
                 bad.append((entry_id, "", "entry deleted from the stream before processing"))
                 continue
-            fields = {_s(k): _s(v) for k, v in fields.items()}
-            raw = fields.get("event", "")
-            try:
-                event = json.loads(raw)
-            except (TypeError, ValueError):
-                bad.append((entry_id, raw or json.dumps(fields), "event is not valid JSON"))
-                continue
-            reason = validate_event(event)
+            raw, event, reason = read_entry({_s(k): _s(v) for k, v in fields.items()})
             if reason:
                 bad.append((entry_id, raw, reason))
                 continue
-            parsed.append((entry_id, raw, event))
-        for entry_id, raw, event in self._bind_sessions(parsed, bad):
-            valid.setdefault(event["user_id"], []).append((entry_id, event))
+            valid.setdefault(event["user_id"], []).append((entry_id, raw, event))
         if bad:
             self._quarantine(bad)
         applied = 0
         if valid:
-            categories = self._category_map(e.get("item_id") for evs in valid.values() for _, e in evs)
+            categories = self._category_map(e.get("item_id") for evs in valid.values() for _, _, e in evs)
             applied += self._apply_or_dead_letter(valid, categories)
         return applied
 
-    def _bind_sessions(self, parsed: list[tuple[str, str, dict]],
-                       bad: list[tuple[str, str, str]]) -> list[tuple[str, str, dict]]:
-        """A session belongs to the first user seen in it (`kairos:session_owner:{session_id}`, kept as long as
-        the session key): another user's event naming it is quarantined (`session_id_owned_by_another_user`),
-        never folded into someone else's session. Returns the events that may be applied, in order."""
-        if not parsed:
-            return parsed
-        sids = list(dict.fromkeys(ev["session_id"] for _, _, ev in parsed))
-        owners = {sid: _s(o) for sid, o in zip(sids, self.client.mget([session_owner_key(s) for s in sids]))
-                  if o is not None}
-        keep = []
-        for entry_id, raw, event in parsed:
-            owner = owners.setdefault(event["session_id"], event["user_id"])  # unowned: this event's user claims it
-            if owner != event["user_id"]:
-                bad.append((entry_id, raw, f"session_id_owned_by_another_user: session {event['session_id']!r} "
-                                           f"belongs to another user; a session id must be unique per user"))
-                continue
-            keep.append((entry_id, raw, event))
-        return keep
-
-    def _apply_or_dead_letter(self, groups: "OrderedDict[str, list[tuple[str, dict]]]",
+    def _apply_or_dead_letter(self, groups: "OrderedDict[str, list[Entry]]",
                               categories: dict[str, str | None]) -> int:
         """`_apply`, and when it raises something that is not Redis' fault (a valid event the fold still cannot
         take: a bug), narrow it down, one user then one event at a time in stream order, and dead-letter only the
@@ -234,7 +252,7 @@ class SessionStreamProcessor:
             user, items = users[0], groups[users[0]]
             if len(items) > 1:
                 return sum(self._apply_or_dead_letter(OrderedDict([(user, [item])]), categories) for item in items)
-            self._dead_letter(items[0][0], items[0][1], exc)
+            self._dead_letter(items[0][0], items[0][2], exc)
             return 0
 
     def _dead_letter(self, entry_id: str, event: dict, exc: BaseException) -> None:
@@ -251,56 +269,78 @@ class SessionStreamProcessor:
         log.error("dead-lettered stream entry %s (event %s): %s", entry_id, event.get("event_id"), reason)
 
     def _quarantine(self, bad: list[tuple[str, str, str]]) -> None:
+        """Move refused entries to the quarantine stream with their reasons, acknowledged and counted at once."""
         pipe = self.client.pipeline(transaction=True)
+        self._queue_quarantine(pipe, bad)
+        pipe.xack(self.stream, self.group, *[b[0] for b in bad])
+        pipe.execute()
+        self._quarantined(bad)
+
+    def _queue_quarantine(self, pipe: Any, bad: list[tuple[str, str, str]]) -> None:
+        """Queue the quarantine writes and their count on `pipe` (the caller acknowledges the entries)."""
         for entry_id, raw, reason in bad:
             pipe.xadd(QUARANTINE_STREAM, {"event": raw, "reason": reason, "stream_id": entry_id,
                                           "consumer": self.consumer, "ts_ms": str(int(time.time() * 1000))},
                       maxlen=QUARANTINE_MAXLEN, approximate=True)
-        pipe.xack(self.stream, self.group, *[b[0] for b in bad])
         pipe.hincrby(COUNTS_KEY, "quarantined", len(bad))
-        pipe.execute()
+
+    def _quarantined(self, bad: list[tuple[str, str, str]]) -> None:
+        """After the commit: this consumer's stats and one WARNING line per entry."""
         self.stats["quarantined"] += len(bad)
         for entry_id, _raw, reason in bad:
             log.warning("quarantined stream entry %s: %s", entry_id, reason)
 
-    def _apply(self, groups: "OrderedDict[str, list[tuple[str, dict]]]", categories: dict[str, str | None]) -> int:
+    def _apply(self, groups: "OrderedDict[str, list[Entry]]", categories: dict[str, str | None]) -> int:
         """Apply a batch's valid events in ONE optimistic transaction (WATCH + MGET + MULTI/EXEC: three round
         trips per batch, not per user), folding them in stream order into session and user-level keys.
+
+        The session owners are watched and read in the same transaction and `plan_events` decides there who owns
+        each session: a new session is claimed by the EXEC that folds its first event, and an event naming a
+        session owned by another user is quarantined in that same EXEC. Two consumers racing over one new session
+        cannot both claim it: the loser's WATCH fails and its retry reads the winner.
 
         Another consumer touching one of these keys meanwhile (WatchError) makes a multi-user batch fall back
         to one transaction per user, each retried until it commits, so contention never repeats a big batch."""
         users = list(groups)
         items = sorted((x for u in users for x in groups[u]), key=lambda x: parse_id(x[0]))
-        sids = list(dict.fromkeys(ev["session_id"] for _, ev in items))
+        sids = list(dict.fromkeys(ev["session_id"] for _, _, ev in items))
         ukeys = [user_recent_key(u) for u in users]
-        markers = [marker_key(ev["event_id"]) for _, ev in items]
+        skeys = [session_key(s) for s in sids]
+        okeys = [session_owner_key(s) for s in sids]
+        markers = [marker_key(ev["event_id"]) for _, _, ev in items]
         n_u, n_s = len(users), len(sids)
         while True:
             with self.client.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(*ukeys, *[session_key(s) for s in sids], *markers)
-                    values = pipe.mget([*ukeys, *[session_key(s) for s in sids], *markers])
+                    pipe.watch(*ukeys, *skeys, *okeys, *markers)
+                    values = pipe.mget([*ukeys, *skeys, *okeys, *markers])
                     user_states = {u: decode_session(v) or new_session_state() for u, v in zip(users, values[:n_u])}
                     states = {s: decode_session(v) or new_session_state() for s, v in zip(sids, values[n_u:n_u + n_s])}
+                    owners = {s: _s(o) for s, o in zip(sids, values[n_u + n_s:n_u + 2 * n_s]) if o is not None}
+                    outcomes, owner_of = plan_events([ev for _, _, ev in items],
+                                                     [v is not None for v in values[n_u + 2 * n_s:]], owners)
                     touched_s: set[str] = set()
                     touched_u: set[str] = set()
-                    seen_now: set[str] = set()
                     to_mark: list[str] = []
-                    for (_, ev), mkey, mval in zip(items, markers, values[n_u + n_s:]):
-                        if mval is not None or ev["event_id"] in seen_now:
+                    refused: list[tuple[str, str, str]] = []
+                    for (entry_id, raw, ev), mkey, outcome in zip(items, markers, outcomes):
+                        if outcome == DUPLICATE:
                             continue  # already applied (redelivery, reclaim or a duplicate id)
-                        seen_now.add(ev["event_id"])
+                        sid, user = ev["session_id"], ev["user_id"]
+                        if outcome == REFUSED:
+                            refused.append((entry_id, raw, f"session_id_owned_by_another_user: session {sid!r} belongs "
+                                                           f"to another user; a session id must be unique per user"))
+                            continue
                         item = ev.get("item_id")
                         category = categories.get(item) if item else None
-                        sid, user, ts = ev["session_id"], ev["user_id"], int(ev["timestamp"])
+                        ts = int(ev["timestamp"])
                         states[sid] = update_session(states[sid], ev["event_type"], item, category, ts)
                         user_states[user] = update_session(user_states[user], ev["event_type"], item, category, ts)
                         touched_s.add(sid)
                         touched_u.add(user)
                         to_mark.append(mkey)
                     pipe.multi()
-                    owner_of = {ev["session_id"]: ev["user_id"] for _, ev in items}
-                    for sid in touched_s:
+                    for sid in touched_s:  # the owner is (re)written with the session key: they expire together
                         pipe.set(session_key(sid), json.dumps(states[sid], separators=(",", ":")), ex=self.session_ttl_s)
                         pipe.set(session_owner_key(sid), owner_of[sid], ex=self.session_ttl_s)
                     for user in touched_u:
@@ -308,11 +348,14 @@ class SessionStreamProcessor:
                                  ex=self.user_ttl_s)
                     for mkey in to_mark:
                         pipe.set(mkey, "1", ex=MARKER_TTL_S)
-                    pipe.xack(self.stream, self.group, *[eid for eid, _ in items])
+                    if refused:
+                        self._queue_quarantine(pipe, refused)
+                    pipe.xack(self.stream, self.group, *[eid for eid, _, _ in items])
                     if to_mark:
                         pipe.hincrby(COUNTS_KEY, "applied", len(to_mark))
-                    if len(items) > len(to_mark):
-                        pipe.hincrby(COUNTS_KEY, "duplicates", len(items) - len(to_mark))
+                    n_dup = len(items) - len(to_mark) - len(refused)
+                    if n_dup:
+                        pipe.hincrby(COUNTS_KEY, "duplicates", n_dup)
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -320,7 +363,9 @@ class SessionStreamProcessor:
                     if n_u > 1:
                         return sum(self._apply(OrderedDict([(u, groups[u])]), categories) for u in users)
         self.stats["applied"] += len(to_mark)
-        self.stats["duplicates"] += len(items) - len(to_mark)
+        self.stats["duplicates"] += n_dup
+        if refused:
+            self._quarantined(refused)
         return len(to_mark)
 
     # ------------------------------------------------------------------ monitoring

@@ -26,6 +26,8 @@ log = logging.getLogger("kairos.streaming.retention")
 GROUPS_KEY_PREFIX = "kairos:stream:groups"  # SET of the consumer groups that ever read a stream
 # default only: the server passes its KAIROS_STREAM_MAX_BACKLOG (serving/settings.py) as intake(max_backlog=)
 DEFAULT_MAX_BACKLOG = 1_000_000
+STREAM_LAG_ALERT_MS = 60_000      # a group's oldest unfinished entry older than this: alert
+STREAM_LAG_ALERT_PENDING = 10_000  # or this many delivered-but-unacknowledged entries
 
 
 def as_text(v: Any) -> Any:
@@ -162,6 +164,27 @@ def stream_lag(client: Any, stream: str) -> dict[str, Any]:
     return out
 
 
+def lag_decision(lag: dict[str, Any], group: str, max_lag_ms: int = STREAM_LAG_ALERT_MS,
+                 max_pending: int = STREAM_LAG_ALERT_PENDING) -> tuple[bool, str]:
+    """Whether the consumer lag calls for an alert (and a draining run), and why. Every group counts (the
+    sessionizer: session freshness; kairos-bronze: stream -> table); `group` must exist once events arrive."""
+    if group not in lag["groups"]:
+        if lag["length"]:
+            return True, f"{lag['length']} entries in {lag['stream']} and no consumer group {group}: start `kairos stream`"
+        return False, f"{lag['stream']} is empty and has no consumer group yet"
+    missing = lag.get("missing_groups") or []
+    if missing:  # a registered reader lost its group (Redis wiped or restored without it): retention is paused
+        return True, (f"consumer group(s) {', '.join(missing)} missing on {lag['stream']} (registered readers): "
+                      f"retention is paused until `kairos stream` re-creates them; check Redis persistence")
+    name, g = max(lag["groups"].items(), key=lambda kv: (kv[1]["lag_ms"], kv[1]["pending"]))
+    over = [n for n, x in lag["groups"].items() if x["lag_ms"] > max_lag_ms or x["pending"] > max_pending]
+    if over:
+        name, g = over[0], lag["groups"][over[0]]
+        return True, (f"group {name}: consumer lag {g['lag_ms']} ms (threshold {max_lag_ms}), {g['pending']} pending "
+                      f"(threshold {max_pending}), stream length {lag['length']}")
+    return False, f"consumer lag {g['lag_ms']} ms (worst group {name}) and pending are within thresholds"
+
+
 class Backpressure(RuntimeError):
     """The unprocessed backlog is over its limit: the producer must retry later (nothing was accepted)."""
 
@@ -183,6 +206,7 @@ def check_backpressure(client: Any, stream: str, incoming: int, max_backlog: int
     return backlog
 
 
-__all__ = ["Backpressure", "GroupPosition", "check_backpressure", "ensure_group", "group_positions", "missing_groups",
+__all__ = ["Backpressure", "GroupPosition", "check_backpressure", "ensure_group", "group_positions", "lag_decision",
+           "missing_groups", "STREAM_LAG_ALERT_MS", "STREAM_LAG_ALERT_PENDING",
            "next_id", "parse_id", "registered_groups",
            "safe_trim_id", "server_time_ms", "stream_lag", "trim_processed", "DEFAULT_MAX_BACKLOG"]

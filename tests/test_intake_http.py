@@ -1,6 +1,6 @@
 """Hostile input at `POST /v1/events` through a real BentoML server process and a real redis-server: poison
-values refused with the field named, a retried batch never duplicated, a body limit, ids bounded, /metrics
-labelled by route (random paths cannot grow it), one WARNING line per client error, and the published 400
+values refused with the field named, a retried batch never duplicated, stream health in /readyz, a body limit, ids
+bounded, /metrics labelled by route (random paths cannot grow it), one WARNING line per client error, and the published 400
 schema matching what the server sends."""
 from __future__ import annotations
 
@@ -61,6 +61,15 @@ def test_intake_refuses_poison_dedupes_retries_and_bounds_everything(redis_serve
             again = http.post("/v1/events", json=batch).json()
             assert again["stream_ids"] == first["stream_ids"] and again["counts"]["duplicates"] == 10
             assert first["counts"]["duplicates"] == 0 and client.xlen(STREAM) == 11
+
+            # stream health in /readyz: still ready (the ranker serves without the stream), and the body says
+            # the stream holds 11 entries no sessionizer reads, as the stream_lag_sensor would
+            ready = http.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["ready"] is True, ready.text
+            stream = ready.json()["stream"]
+            assert stream["length"] == 11 and stream["missing_groups"] == [] and stream["alert"] is True
+            assert "kairos stream" in stream["reason"]
+            assert http.post("/v1/status").json()["stream"]["reason"] == stream["reason"]
 
             # limits: a body over KAIROS_MAX_BODY_BYTES is a 413 that echoes nothing; a huge user_id is a 400
             big = http.post("/v1/events", content=b'{"events": [' + b'"x",' * 100_000 + b'"x"]}',

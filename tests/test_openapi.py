@@ -32,3 +32,15 @@ def test_a_real_fallback_answer_fits_the_response_model() -> None:
     answer = personalize({"user_id": "u1", "context": {"timestamp_ms": 1768000000000}}, None, None)
     parsed = PersonalizeResponse.model_validate(answer)
     assert parsed.served_by.startswith("popularity_fallback") and parsed.latency_breakdown_ms.total >= 0
+
+
+def test_every_served_by_path_and_its_extra_fields_are_published() -> None:
+    """A client reading the schema learns every serving path, and which fields name what was degraded."""
+    from serving.pipeline import SERVED_NO_FEATURES, SERVED_STALE, SERVED_TWO_STAGE
+
+    ok = _spec()["paths"]["/v1/personalize"]["post"]["responses"][200]["content"]["application/json"]["schema"]
+    served_by = ok["properties"]["served_by"]["description"]
+    assert all(path in served_by for path in (SERVED_TWO_STAGE, SERVED_NO_FEATURES, SERVED_STALE, "popularity_fallback"))
+    assert {"missing_features", "stale_feature_age_s"} <= set(ok["properties"])
+    PersonalizeResponse.model_validate({**ok["example"], "served_by": SERVED_NO_FEATURES,
+                                        "missing_features": ["user", "item"]})

@@ -14,7 +14,7 @@ from assets.streaming import lag_decision
 from features.online import session_key
 from lake.delta import DeltaLake
 from streaming.bronze import (BRONZE_GROUP, BRONZE_TABLE, DEAD_LETTER_TABLE, QUARANTINE_TABLE, BronzeWriter,
-                              refused_landers)
+                              bronze_rows, refused_landers)
 from streaming.job import (COUNTS_KEY, DEAD_LETTER_STREAM, GROUP, QUARANTINE_STREAM, STREAM, SessionStreamProcessor,
                            publish)
 from streaming.retention import stream_lag, trim_processed
@@ -116,3 +116,18 @@ def test_a_session_belongs_to_its_first_user(redis_client) -> None:
     publish(redis_client, [_event(4, user_id="bob", session_id="fresh"), _event(5, user_id="eve", session_id="fresh")])
     assert proc.process_once(count=10, block_ms=20) == 1
     assert redis_client.get("kairos:session_owner:fresh") == "bob"
+
+
+def test_json_nested_past_the_parsers_depth_is_quarantined_not_a_crash_loop(redis_client) -> None:
+    """json.loads raises RecursionError (not ValueError) on deep nesting: that entry, read again after every
+    restart, used to stop the job each time. Now it is quarantined like any non-JSON entry, and bronze skips it."""
+    proc = SessionStreamProcessor(redis_client, consumer_name="deep")
+    proc.ensure_group()
+    redis_client.xadd(STREAM, {"event": "[" * 100_000 + "]" * 100_000})
+    publish(redis_client, [_event(1)])
+    assert proc.process_once(count=10, block_ms=20) == 1
+    (_, fields), = redis_client.xrange(QUARANTINE_STREAM)
+    assert fields["reason"] == "event is not valid JSON (RecursionError)"
+    assert {k: int(v) for k, v in redis_client.hgetall(COUNTS_KEY).items()} == {"applied": 1, "quarantined": 1}
+    rows, unusable = bronze_rows(redis_client.xrange(STREAM))
+    assert unusable == 1 and rows["event_id"].tolist() == ["p1"]

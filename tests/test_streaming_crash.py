@@ -116,6 +116,8 @@ def test_sigkill_mid_batch_loses_nothing_and_applies_nothing_twice(redis_server,
     finally:
         job.send_signal(signal.SIGTERM)
         job.wait(timeout=30)
+    # SIGTERM to `kairos stream` is a clean stop: the batch finished, the dual-write process stopped, exit 0
+    assert job.returncode == 0 and "streaming job stopped" in log_path.read_text(), log_path.read_text()[-3000:]
 
     # counters reconcile: every entry is applied, a duplicate, or quarantined; nothing pending
     assert _counts(client) == Counter({"applied": N_EVENTS, "duplicates": len(retries), "quarantined": 20})
