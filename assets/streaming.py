@@ -12,7 +12,8 @@ from typing import Any
 
 from dagster import Config, MetadataValue, OpExecutionContext, Output, job, op
 
-from orchestration.resources import LakeResource, RedisResource
+from assets.resources import LakeResource, RedisResource
+from ground.settings import redis_url_from_env
 
 STREAM_LAG_ALERT_MS = 60_000      # the sessionizer's oldest unfinished entry older than this: alert
 STREAM_LAG_ALERT_PENDING = 10_000  # or this many delivered-but-unacknowledged entries
@@ -78,7 +79,6 @@ def consume_stream(context: OpExecutionContext, config: DrainConfig, redis: Redi
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    from orchestration.resources import redis_url_from_env
 
     stats = run_job(client, lake.lake() if config.bronze else None, stop, opts,
                     redis_url=redis.url or redis_url_from_env())

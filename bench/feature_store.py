@@ -266,8 +266,8 @@ def report(results: list[dict]) -> None:
 def bench_as_of(rows: int, n_users: int = 50_000, days: int = 30) -> None:
     from pyspark.sql import functions as F
 
-    from ingestion.schema import DAY_MS
-    from orchestration.services import spark_session
+    from data_contracts.schema import DAY_MS
+    from lake.spark import spark_session
     from training.dataset import as_of_join
 
     spark = spark_session()

@@ -58,7 +58,7 @@ def _one(name: str, build_ops: dict | None = None) -> dict:
     from dagster import AssetKey, DagsterInstance
 
     from orchestration.cli import ensure_redis, materialize_all, prepare_home
-    from orchestration.settings import Settings
+    from ground.settings import Settings
 
     settings = Settings.from_env()
     prepare_home(settings)

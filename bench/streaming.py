@@ -194,7 +194,7 @@ def adaptation(home: Path, redis_server, n_users: int) -> None:
     from lake.delta import DeltaLake
     from orchestration.cli import data_clock_ms, materialize_all
     from orchestration.services import free_port
-    from orchestration.settings import Settings
+    from ground.settings import Settings
     from serving.server import start_server, stop_server, wait_ready
 
     settings = Settings.from_env()
@@ -271,7 +271,7 @@ def main() -> int:
         os.environ.pop(k, None)
     from orchestration.cli import prepare_home
     from orchestration.services import start_redis
-    from orchestration.settings import Settings
+    from ground.settings import Settings
 
     prepare_home(Settings.from_env())
     server = start_redis(home / "redis")

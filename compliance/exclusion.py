@@ -15,7 +15,7 @@ import hmac
 import pandas as pd
 
 from lake.delta import DeltaLake
-from orchestration.settings import Settings, privacy_key
+from ground.settings import Settings, privacy_key
 
 FORGOTTEN_USERS = "forgotten_users"
 PRIVACY_AUDIT = "privacy_audit"

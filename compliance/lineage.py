@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from orchestration.settings import Settings
+from ground.settings import Settings
 
 log = logging.getLogger("kairos.lineage")
 

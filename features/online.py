@@ -57,6 +57,7 @@ import pandas as pd
 
 from features.registry import (ITEM_JSON_COLUMNS, ITEM_STORE_COLUMNS, USER_HISTORY_COLUMNS, USER_JSON_COLUMNS,
                                USER_STORE_COLUMNS)
+from ground.settings import redis_client
 
 log = logging.getLogger("kairos.online")
 
@@ -548,7 +549,6 @@ class OnlineStore:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        from orchestration.settings import redis_client
 
         # password / TLS from the environment (REDIS_PASSWORD, rediss://, KAIROS_REDIS_TLS_*)
         client = redis_client(url, decode_responses=True, socket_timeout=timeout_s,

@@ -20,7 +20,7 @@ import pyarrow as pa
 from data_contracts.events import DEFAULT_MAX_FUTURE_SKEW_MS, QUARANTINE_SCHEMA, ContractResult, validate_events
 from ingestion.bots import BOT_SESSION_COLUMNS, BotConfig, bot_mask, bot_sessions
 from ingestion.dedup import DEFAULT_WINDOW_MS, exact_duplicates, window_duplicates
-from ingestion.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA
+from data_contracts.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA
 
 # Lake columns added to the event schema: the day an event happened (partition) and the batch it arrived in.
 SILVER_SCHEMA: pa.Schema = pa.schema(list(EVENT_SCHEMA) + [("event_date", pa.string()), ("ingest_date", pa.string())])

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import unquote
 
+from ground.settings import PROJECT_ROOT
 from lake.delta import DeltaLake, TableMissing
 
 log = logging.getLogger("kairos.spark")
@@ -43,8 +44,7 @@ DEFAULT_PARTITION_BYTES = 64 << 20
 DEFAULT_BATCH_ROWS = 65_536
 # the packages a worker needs, the same list as pyproject's [tool.setuptools] packages
 PRODUCT_PACKAGES = ("orchestration", "assets", "models", "training", "serving", "data_contracts", "monitoring",
-                    "features", "ingestion", "lake", "streaming", "compliance")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+                    "features", "ingestion", "lake", "streaming", "compliance", "ground")
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 

@@ -275,10 +275,10 @@ def group_staleness(tier_ages: Mapping[str, float | None]) -> dict[str, float | 
 # --------------------------------------------------------------------------- served model health
 def attribute_engagement(impressions: pd.DataFrame, events: pd.DataFrame, window_ms: int) -> pd.DataFrame:
     """Served impressions with `clicked` (a click credited to them) and `label` / `label_binary` (the training
-    label), by the training labels' rule (training/labels.py): an engagement goes to the latest impression of the
+    label), by the training labels' rule (ingestion/labels.py): an engagement goes to the latest impression of the
     same (user, item) before it, within the attribution window. Impressions whose window is still open get what has
     arrived so far (`window_closed` says which)."""
-    from training.labels import ENGAGEMENT_EVENT_TYPES, LabelConfig, build_labels
+    from ingestion.labels import ENGAGEMENT_EVENT_TYPES, LabelConfig, build_labels
 
     imp = impressions.reset_index(drop=True)
     if imp.empty:

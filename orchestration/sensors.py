@@ -10,8 +10,8 @@ from dagster import (AssetKey, DagsterRunStatus, EventLogEntry, RunRequest, Runs
 
 from assets.monitoring import FEATURE_DRIFT
 from assets.streaming import STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING, drain_stream, lag_decision
-from orchestration.resources import RedisResource
-from orchestration.resources import MlflowResource
+from assets.resources import RedisResource
+from assets.resources import MlflowResource
 from orchestration.jobs import (impressions_job, ingest_job, maintenance_job, monitor_job, refresh_online_job,
                                 retrain_job, rollout_job)
 

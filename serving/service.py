@@ -33,6 +33,7 @@ import bentoml
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.settings import ServeSettings
+from ground.settings import Settings, redis_client, redis_url_from_env
 
 log = logging.getLogger("kairos.service")
 
@@ -305,12 +306,6 @@ class StreamMetrics:
                 log.debug("stream metrics not refreshed: %s", exc)
 
 
-def _redis_url() -> str:
-    from orchestration.resources import redis_url_from_env
-
-    return os.environ.get("REDIS_URL") or redis_url_from_env()
-
-
 # ---------------------------------------------------------------------------- the HTTP contract
 # The request body, exactly (DESIGN "The ranking request"); unknown fields are refused. BentoML
 # validates the body against these models before the handler runs and answers 400 with the
@@ -452,7 +447,6 @@ class KairosRanker:
         except Exception:  # noqa: BLE001
             pass
         from features.online import OnlineStore
-        from orchestration.settings import Settings
 
         self.settings = Settings.from_env()
         self.serve = SETTINGS
@@ -468,14 +462,12 @@ class KairosRanker:
             log.warning("Prometheus metrics unavailable: %s", exc)
         self.intake_client = None
         try:
-            self.store = OnlineStore.from_url(_redis_url(), timeout_s=self.serve.redis_timeout_s,
+            self.store = OnlineStore.from_url(redis_url_from_env(self.settings), timeout_s=self.serve.redis_timeout_s,
                                               item_cache_rows=self.serve.item_cache_rows,
                                               fresh_window=self.serve.fresh_window)
             # the intake waits for an fsync (appendfsync always): it gets its own client with a longer timeout than
             # the ranking path's 100 ms, so a slow disk is a slow 200, not a timeout the producer must retry
-            from orchestration.settings import redis_client
-
-            self.intake_client = redis_client(_redis_url(), decode_responses=True, socket_timeout=self.serve.intake_timeout_s,
+            self.intake_client = redis_client(redis_url_from_env(self.settings), decode_responses=True, socket_timeout=self.serve.intake_timeout_s,
                                               socket_connect_timeout=self.serve.intake_timeout_s)
             if self.serve.impression_log:
                 from serving.impressions import ImpressionLogger

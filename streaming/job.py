@@ -43,6 +43,7 @@ from features.online import SESSION_TTL_S, OnlineStore, decode_session, session_
 from streaming.intake import COUNTS_KEY, DEAD_LETTER_STREAM, QUARANTINE_MAXLEN, QUARANTINE_STREAM, intake  # noqa: F401 - re-exported
 from streaming.options import StreamJobOptions, parse_args
 from streaming.retention import as_text as _s, ensure_group, parse_id, stream_lag, trim_processed
+from ground.settings import Settings, redact_url, redis_client, redis_url_from_env
 
 log = logging.getLogger("kairos.streaming")
 
@@ -424,16 +425,13 @@ def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJo
 def main(argv: list[str] | None = None, opts: StreamJobOptions | None = None) -> int:
     """`kairos stream` / `python -m streaming.job`: run one consumer (and the bronze writer) until SIGINT/SIGTERM."""
     from lake.delta import DeltaLake
-    from orchestration.resources import redis_url_from_env
-    from orchestration.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = opts or parse_args(argv)
-    url = os.environ.get("REDIS_URL") or redis_url_from_env()
-    from orchestration.settings import redact_url, redis_client
-
+    settings = Settings.from_env()
+    url = redis_url_from_env(settings)
     client = redis_client(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)  # password/TLS from env
-    lake = DeltaLake(Settings.from_env().lake_uri) if opts.bronze else None
+    lake = DeltaLake(settings.lake_uri) if opts.bronze else None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

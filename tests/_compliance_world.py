@@ -51,7 +51,7 @@ def compliance_world() -> dict[str, Any]:
     from models.registry import load_alias, mlflow_client
     from orchestration.cli import log_impressions, materialize_all, prepare_home
     from orchestration.services import start_redis
-    from orchestration.settings import Settings, redis_client
+    from ground.settings import Settings, redis_client
     from streaming.job import SessionStreamProcessor, publish
 
     home = Path(tempfile.mkdtemp(prefix="kairos-compliance-"))

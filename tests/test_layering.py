@@ -122,3 +122,18 @@ def test_importing_serving_loads_no_training_module() -> None:
                     break
     reached = sorted(via for name, via in seen.items() if name.split(".")[0] == "training")
     assert not reached, "serving reaches training code through:\n" + "\n".join(reached)
+
+
+def test_every_product_package_is_in_the_layers_contract() -> None:
+    """import-linter (`make lint`) only checks the packages its contract names: a new top-level package must be
+    given a layer, and the packaged list (pyproject, the zip shipped to Spark executors) must name the same ones."""
+    import tomllib
+
+    from lake.spark import PRODUCT_PACKAGES
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    contract = config["tool"]["importlinter"]
+    layered = {name.strip() for layer in contract["contracts"][0]["layers"] for name in layer.split("|")}
+    on_disk = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()} - {"tests"}
+    assert set(contract["root_packages"]) == layered == on_disk
+    assert set(config["tool"]["setuptools"]["packages"]) == set(PRODUCT_PACKAGES) == on_disk

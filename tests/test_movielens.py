@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from ingestion.movielens import ImportError_, load_movielens_100k, load_movielens_latest
-from ingestion.schema import EVENT_COLUMNS, ITEM_SCHEMA
+from data_contracts.schema import EVENT_COLUMNS, ITEM_SCHEMA
 from tests.conftest import movielens_or_skip
 
 

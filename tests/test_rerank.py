@@ -157,7 +157,7 @@ def test_importing_serving_reads_no_environment() -> None:
     import subprocess
     import sys
 
-    from orchestration.settings import PROJECT_ROOT
+    from ground.settings import PROJECT_ROOT
 
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "KAIROS_MMR_LAMBDA": "not-a-number",
            "KAIROS_EXPLORATION_EPSILON": "0.5", "KAIROS_SESSION_INTENT_SLOT_SHARE": "x",

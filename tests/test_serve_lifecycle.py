@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from orchestration.services import free_port
-from orchestration.settings import PROJECT_ROOT
+from ground.settings import PROJECT_ROOT
 from tests._env import SERVER_ENV
 
 

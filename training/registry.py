@@ -19,7 +19,7 @@ import pandas as pd
 
 from models.bundle import MANIFEST, Bundle, file_sha256
 from models.registry import CHALLENGER, CHAMPION, MANIFEST_SHA_TAG, alias_model_version, mlflow_client
-from orchestration.settings import Settings
+from ground.settings import Settings
 
 log = logging.getLogger("kairos.registry")
 

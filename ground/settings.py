@@ -98,6 +98,20 @@ def redis_client(url: str, **kwargs: Any) -> Any:
     return redis.Redis.from_url(url, **{**extra, **kwargs})
 
 
+def redis_url_from_env(settings: Settings | None = None) -> str:
+    """REDIS_URL, else the URL the embedded server wrote under KAIROS_HOME."""
+    settings = settings or Settings.from_env()
+    if settings.redis_url:
+        return settings.redis_url
+    marker = settings.home / "redis.url"
+    if marker.exists():
+        return marker.read_text().strip()
+    raise RuntimeError(
+        "No Redis configured: set REDIS_URL, or start the embedded server with `kairos redis` "
+        "(the demo `kairos demo` starts one for you)."
+    )
+
+
 def redact_url(url: str | None) -> str:
     """The URL with any password replaced by ***, for logs and printed banners."""
     if not url:

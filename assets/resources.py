@@ -12,8 +12,8 @@ from typing import Any
 from dagster import ConfigurableResource
 
 from lake.delta import DeltaLake
-from lake.spark import spark_read
-from orchestration.settings import Settings
+from lake.spark import spark_read, spark_session
+from ground.settings import Settings, redis_client, redis_url_from_env
 
 
 def _settings() -> Settings:
@@ -37,27 +37,11 @@ class SparkResource(ConfigurableResource):
     conf: dict[str, str] = {}
 
     def session(self) -> Any:
-        from orchestration.services import spark_session
-
         settings = _settings()
         return spark_session(self.master or settings.spark_master, conf=dict(self.conf), lake_uri=settings.lake_uri)
 
     def read_table(self, lake: DeltaLake, table: str, version: int) -> Any:
         return spark_read(self.session(), lake, table, version)
-
-
-def redis_url_from_env(settings: Settings | None = None) -> str:
-    """REDIS_URL, else the URL the embedded server wrote under KAIROS_HOME."""
-    settings = settings or _settings()
-    if settings.redis_url:
-        return settings.redis_url
-    marker = settings.home / "redis.url"
-    if marker.exists():
-        return marker.read_text().strip()
-    raise RuntimeError(
-        "No Redis configured: set REDIS_URL, or start the embedded server with `kairos redis` "
-        "(the demo `kairos demo` starts one for you)."
-    )
 
 
 class RedisResource(ConfigurableResource):
@@ -66,8 +50,6 @@ class RedisResource(ConfigurableResource):
     url: str = ""
 
     def client(self):
-        from orchestration.settings import redis_client
-
         # password / TLS from the environment (REDIS_PASSWORD, rediss://, KAIROS_REDIS_TLS_*)
         return redis_client(self.url or redis_url_from_env(), decode_responses=True,
                             socket_timeout=5, socket_connect_timeout=5)
