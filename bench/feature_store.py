@@ -204,7 +204,7 @@ def bench_size(n_items: int, n_users: int, rounds: int, per_round: int, feast_pe
                 k_cpu: list[float] = []
                 f_cpu: list[float] = []
                 hits0, loads0 = store.table_hits, store.table_loads
-                for r in range(rounds):
+                for _ in range(rounds):
                     reqs = make_requests(per_round, n_users, n_items, mix, rng)
                     answers = [kairos_answer(store, q) for q in reqs]
                     k_ms += [a[0] for a in answers]

@@ -140,7 +140,7 @@ def freshness(url: str, home: Path, rates: list[int], seconds: float, bronze: bo
             stop = threading.Event()
             background = _events(int(rate * seconds * 1.5) + 10, 3000, 400, seed=rate, prefix=f"bg{rate}-")
 
-            def produce() -> None:
+            def produce(stop: threading.Event = stop, background: list = background, rate: float = rate) -> None:
                 producer = redis.Redis.from_url(url, decode_responses=True)
                 k, t0, step = 0, time.perf_counter(), 0.01
                 while not stop.is_set() and k < len(background):

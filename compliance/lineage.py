@@ -475,7 +475,7 @@ def find_request(settings: Settings, request_id: str, redis_client: Any = None) 
         entries = redis_client.xrevrange(IMPRESSION_STREAM, max=last, min="-", count=1000)
         if not entries:
             return None
-        for entry_id, fields in entries:
+        for _entry_id, fields in entries:
             raw = fields.get("record") or fields.get(b"record")
             record = json.loads(raw)
             if str(record.get("request_id")) == str(request_id):

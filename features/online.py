@@ -341,9 +341,9 @@ class ItemCodec:
         n = len(items)
         head = np.zeros(n, dtype=self.head_dtype)
         head["fmt"] = ROW_FORMAT
-        for field, cols in (("f4", self.f4), ("f8", self.f8)):
+        for kind, cols in (("f4", self.f4), ("f8", self.f8)):
             for k, col in enumerate(cols):
-                head[field][:, k] = (pd.to_numeric(items[col], errors="raise").to_numpy(dtype=np.float64)
+                head[kind][:, k] = (pd.to_numeric(items[col], errors="raise").to_numpy(dtype=np.float64)
                                      if col in items else np.nan)
         for k, col in enumerate(self.text):
             if col in items:

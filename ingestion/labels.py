@@ -196,7 +196,7 @@ def sample_easy_negatives(positives: pd.DataFrame, shown: pd.DataFrame, catalog:
         draws = rng.choice(n_items, size=(len(positives), k_max * attempts), p=p / p.sum())
     rows, picks = [], []
     for r in range(len(positives)):
-        need, got = int(k[r]), []
+        need, got = int(k[r]), list[int]()
         base = int(pos_users[r]) * n_items
         for item in draws[r]:
             if len(got) == need:

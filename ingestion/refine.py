@@ -73,7 +73,7 @@ def _payload_json(rows: pd.DataFrame) -> list[str]:
 
 
 def _rejects(rows: pd.DataFrame, reasons: np.ndarray | list[str], disposition: str, run_id: str,
-             ingest_date: str, now_ms: int) -> pd.DataFrame:
+             ingest_date: np.ndarray | str, now_ms: int) -> pd.DataFrame:
     """Accepted-shape rows (EVENT_COLUMNS) turned into quarantine rows with a reason and a disposition."""
     out = rows[EVENT_COLUMNS].reset_index(drop=True).copy()
     out["reasons"] = list(reasons)

@@ -156,7 +156,7 @@ class ClientErrorLogFilter(logging.Filter):
             what = f"{int(exc.error_code.value)} {type(exc).__name__}: {exc}"
         else:
             return True  # a real server error keeps its traceback
-        record.msg, record.args = f"client error on %s: %s", (record.getMessage().removeprefix("Exception on "), what[:500])
+        record.msg, record.args = "client error on %s: %s", (record.getMessage().removeprefix("Exception on "), what[:500])
         record.levelno, record.levelname, record.exc_info, record.exc_text = logging.WARNING, "WARNING", None, None
         return True
 

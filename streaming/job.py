@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -189,7 +188,7 @@ class SessionStreamProcessor:
                 bad.append((entry_id, raw, reason))
                 continue
             parsed.append((entry_id, raw, event))
-        for entry_id, raw, event in self._bind_sessions(parsed, bad):
+        for entry_id, _raw, event in self._bind_sessions(parsed, bad):
             valid.setdefault(event["user_id"], []).append((entry_id, event))
         if bad:
             self._quarantine(bad)
@@ -410,7 +409,7 @@ def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJo
                               reclaim_every_s=opts.reclaim_every_s)
     finally:
         stop.set()
-        if thread is not None:
+        if thread is not None and writer is not None:  # the thread runs the writer
             thread.join(timeout=60)
             bronze_stats = dict(writer.stats)
         if child is not None:
