@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import unquote
 
-from ground.settings import PROJECT_ROOT
+from ground.settings import PROJECT_ROOT, Settings
 from lake.delta import DeltaLake, TableMissing
 
 log = logging.getLogger("kairos.spark")
@@ -159,7 +159,7 @@ def session_conf(master: str, extra: dict[str, str] | None = None, lake_uri: str
     if lake_uri and lake_reader(lake_uri) == "delta":
         conf.update(delta_native_conf())
     if not is_local_master(master):
-        conf["spark.submit.pyFiles"] = str(product_zip(code_dir or Path(os.environ.get("KAIROS_HOME", ".kairos")) / "spark"))
+        conf["spark.submit.pyFiles"] = str(product_zip(code_dir or Settings.from_env().home / "spark"))
     conf.update(extra or {})
     return conf
 

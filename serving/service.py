@@ -39,8 +39,8 @@ log = logging.getLogger("kairos.service")
 
 # The entry point: BentoML imports this module to start the service, and its decorator needs the worker and
 # thread counts when the class is defined, so the environment is read here, once, into typed settings
-# (serving/settings.py) that everything below receives explicitly; no other serving module reads it at import
-# (the experiment switches and REDIS_URL are read when the service initializes, serving/experiments.py).
+# (serving/settings.py, the experiment switches included) that everything below receives explicitly; no other
+# serving module reads it (REDIS_URL and the lake are ground.settings.Settings, built when the service initializes).
 SETTINGS = ServeSettings.from_env()
 
 
@@ -477,11 +477,9 @@ class KairosRanker:
             log.warning("online store not configured (%s); requests will use the popularity fallback", exc)
         from concurrent.futures import ThreadPoolExecutor
 
-        from serving.experiments import Experiment, canary_share_from_env, shadow_enabled
-
-        self._env_experiment = Experiment.from_env()
-        self._env_shadow = shadow_enabled()
-        self._env_canary_share = canary_share_from_env()
+        self._env_experiment = self.serve.experiment
+        self._env_shadow = self.serve.shadow
+        self._env_canary_share = self.serve.canary_share
         self.experiment = self._env_experiment
         self.shadow = self._env_shadow
         self.plan = None
