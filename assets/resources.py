@@ -1,11 +1,12 @@
 """Dagster resources: every piece of I/O (lake, Spark, Redis, MLflow) lives here.
 
-Assets receive these and call pure functions; switching from the embedded
-defaults to a cluster is a matter of resource configuration (env vars).
+Assets receive these and call pure functions; switching from the embedded defaults to a cluster is a matter of
+resource configuration: orchestration/definitions.py sets each field with `EnvVar` when its variable is set, and
+an empty field falls back to `ground.settings.Settings` (the embedded defaults under KAIROS_HOME).
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,10 @@ class MlflowResource(ConfigurableResource):
     tracking_uri: str = ""
 
     def settings(self) -> Settings:
+        """The process's Settings with this resource's tracking URI, when configured (the environment is not
+        written: the settings are passed down)."""
         s = _settings()
-        if self.tracking_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
-            s = Settings.from_env()
-        return s
+        return dataclasses.replace(s, mlflow_tracking_uri=self.tracking_uri) if self.tracking_uri else s
 
 
 REPORTS_EXPERIMENT = "kairos-reports"
@@ -76,8 +76,8 @@ class ArtifactsResource(ConfigurableResource):
     reports are published so they open with one click from the Dagster UI."""
 
     root: str = ""
-    # where people open MLflow (`make mlflow-ui`); report links point there
-    mlflow_ui_url: str = os.environ.get("KAIROS_MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    # where people open MLflow (`make mlflow-ui`); report links point there (KAIROS_MLFLOW_UI_URL, definitions.py)
+    mlflow_ui_url: str = "http://127.0.0.1:5000"
 
     def path(self, *parts: str) -> Path:
         base = Path(self.root or (_settings().home / "artifacts"))
