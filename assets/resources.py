@@ -12,9 +12,9 @@ from typing import Any
 
 from dagster import ConfigurableResource
 
+from ground.settings import Settings, redis_client, redis_url_from_env
 from lake.delta import DeltaLake
 from lake.spark import spark_read, spark_session
-from ground.settings import Settings, redis_client, redis_url_from_env
 
 
 def _settings() -> Settings:
@@ -91,6 +91,7 @@ class ArtifactsResource(ConfigurableResource):
         the MLflow UI (served over HTTP: a file path in Dagster metadata only copies to the clipboard). If MLflow
         cannot take it, the local path is returned, so a report never fails its asset."""
         from dagster import MetadataValue
+
         from models.registry import mlflow_client
 
         report = Path(report)

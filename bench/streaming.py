@@ -191,10 +191,10 @@ def adaptation(home: Path, redis_server, n_users: int) -> None:
     import httpx
     import redis
 
+    from ground.settings import Settings
     from lake.delta import DeltaLake
     from orchestration.cli import data_clock_ms, materialize_all
     from orchestration.services import free_port
-    from ground.settings import Settings
     from serving.server import start_server, stop_server, wait_ready
 
     settings = Settings.from_env()
@@ -269,9 +269,9 @@ def main() -> int:
     os.environ["KAIROS_HOME"] = str(home)
     for k in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI", "REDIS_URL"):
         os.environ.pop(k, None)
+    from ground.settings import Settings
     from orchestration.cli import prepare_home
     from orchestration.services import start_redis
-    from ground.settings import Settings
 
     prepare_home(Settings.from_env())
     server = start_redis(home / "redis")

@@ -44,10 +44,10 @@ import pandas as pd
 import pyarrow as pa
 
 from compliance.exclusion import COMPLIANCE_TABLES, FORGOTTEN_USERS, PRIVACY_AUDIT, user_hash
-from lake.delta import DeltaLake
-from models.bundle import USER_VOCAB
 from ground.settings import Settings, privacy_key, redis_url_from_env
 from ground.settings import redis_client as make_redis_client  # `redis_client` is forget_user's parameter
+from lake.delta import DeltaLake
+from models.bundle import USER_VOCAB
 
 log = logging.getLogger("kairos.forget")
 

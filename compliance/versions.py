@@ -19,7 +19,6 @@ from dagster import DataVersion
 from ground.settings import PROJECT_ROOT
 
 
-
 @functools.lru_cache(maxsize=256)
 def _digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

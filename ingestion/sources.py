@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from ground.settings import Settings
 
 SOURCES: tuple[str, ...] = ("simulator", "movielens-100k", "movielens-1m", "movielens-latest", "file")

@@ -21,8 +21,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ingestion.sources import SOURCES
 from ground.settings import PROJECT_ROOT, Settings, redact_url, redis_client, redis_url_from_env
+from ingestion.sources import SOURCES
 
 log = logging.getLogger("kairos")
 

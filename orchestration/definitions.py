@@ -8,10 +8,10 @@ from dagster import (AssetSpec, ConfigurableResource, Definitions, EnvVar, Files
                      load_asset_checks_from_modules, load_assets_from_modules, map_asset_specs)
 
 from assets import features, ingestion, maintenance, monitoring, rollout, serving, training
+from assets.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource, SparkResource
 from assets.streaming import drain_stream
 from orchestration.jobs import (build_job, impressions_job, ingest_job, maintenance_job, monitor_job,
                                 refresh_online_job, retrain_job, rollout_job, tune_job)
-from assets.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource, SparkResource
 from orchestration.sensors import online_store_empty_sensor, stream_lag_sensor
 from orchestration.sensors import (daily_ingest, daily_retrain, drift_sensor, freshness_sensor, hourly_monitoring,
                                    impressions_every_15_min, rollout_sensor, weekly_maintenance)

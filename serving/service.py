@@ -32,8 +32,8 @@ from typing import Annotated, Optional
 import bentoml
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.settings import ServeSettings
 from ground.settings import Settings, redis_client, redis_url_from_env
+from serving.settings import ServeSettings
 
 log = logging.getLogger("kairos.service")
 

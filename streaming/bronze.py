@@ -36,11 +36,11 @@ import redis
 
 import pyarrow as pa
 
+from ground.settings import redis_client
 from ingestion.refine import event_dates
 from data_contracts.schema import BRONZE_SCHEMA, DAY_MS, EVENT_SCHEMA
 from streaming.intake import DEAD_LETTER_STREAM, QUARANTINE_STREAM
 from streaming.retention import as_text as _s, ensure_group, parse_id, server_time_ms, trim_processed
-from ground.settings import redis_client
 
 log = logging.getLogger("kairos.streaming.bronze")
 

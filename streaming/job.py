@@ -39,10 +39,10 @@ import redis
 from data_contracts.events import check_event
 from features.functions import new_session_state, update_session
 from features.online import SESSION_TTL_S, OnlineStore, decode_session, session_key, session_owner_key
+from ground.settings import Settings, redact_url, redis_client, redis_url_from_env
 from streaming.intake import COUNTS_KEY, DEAD_LETTER_STREAM, QUARANTINE_MAXLEN, QUARANTINE_STREAM, intake  # noqa: F401 - re-exported
 from streaming.options import StreamJobOptions, parse_args
 from streaming.retention import as_text as _s, ensure_group, parse_id, stream_lag, trim_processed
-from ground.settings import Settings, redact_url, redis_client, redis_url_from_env
 
 log = logging.getLogger("kairos.streaming")
 

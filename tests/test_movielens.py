@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from ingestion.movielens import ImportError_, load_movielens_100k, load_movielens_latest
 from data_contracts.schema import EVENT_COLUMNS, ITEM_SCHEMA
+from ingestion.movielens import ImportError_, load_movielens_100k, load_movielens_latest
 from tests.conftest import movielens_or_skip
 
 

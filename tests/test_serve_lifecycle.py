@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from orchestration.services import free_port
 from ground.settings import PROJECT_ROOT
+from orchestration.services import free_port
 from tests._env import SERVER_ENV
 
 
