@@ -289,15 +289,16 @@ def _plain(value: Any) -> Any:
 
 
 def dagster_instance(settings: Settings) -> Any:
-    """The instance under DAGSTER_HOME (KAIROS_HOME/dagster unless set), the one `kairos` runs write to."""
+    """The instance under DAGSTER_HOME (KAIROS_HOME/dagster unless set), the one `kairos` runs write to; opened
+    from its folder, so the process environment is left as it was (only the CLI sets DAGSTER_HOME)."""
     from dagster import DagsterInstance
 
-    if not os.environ.get("DAGSTER_HOME"):
-        home = settings.home / "dagster"
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "dagster.yaml").touch(exist_ok=True)
-        os.environ["DAGSTER_HOME"] = str(home)
-    return DagsterInstance.get()
+    if os.environ.get("DAGSTER_HOME"):
+        return DagsterInstance.get()
+    home = settings.home / "dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").touch(exist_ok=True)
+    return DagsterInstance.from_config(str(home))
 
 
 def _materialization(record: Any) -> dict[str, Any]:
