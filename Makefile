@@ -1,10 +1,10 @@
-# Two entry points on a fresh machine: `make demo` (main job) and `make test` (the tests).
+# Two entry points on a fresh machine: `make demo` (main job) and `make test` (the tests); CI runs `make lint` first.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test ui mlflow-ui serve stream bench clean
+.PHONY: setup demo test lint ui mlflow-ui serve stream bench clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# configs in pyproject.toml: ruff (rules), mypy (the typed packages), import-linter (the layers, README "Layers")
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 ui: $(STAMP)  # kairos ui sets DAGSTER_HOME=$${KAIROS_HOME:-.kairos}/dagster (the demo's instance) and runs dagster dev
 	$(BIN)/kairos ui

@@ -8,7 +8,7 @@ from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, As
 from assets.ingestion import ITEMS, LABELS, SILVER, USERS
 from compliance.versions import delta_data_version, source_version
 from features.registry import registry_version
-from orchestration.resources import LakeResource, SparkResource
+from assets.resources import LakeResource, SparkResource
 
 USER_FEATURES = "user_features"
 ITEM_FEATURES = "item_features"

@@ -19,10 +19,10 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
 
 from compliance.exclusion import drop_forgotten
 from compliance.versions import delta_data_version, source_version
-from ingestion.schema import BRONZE_SCHEMA, DAY_MS, ITEM_SCHEMA, USER_SCHEMA
+from data_contracts.schema import BRONZE_SCHEMA, DAY_MS, ITEM_SCHEMA, USER_SCHEMA
 from ingestion.sources import CATALOG_NEGATIVES, SIMULATOR_DEFAULTS
-from orchestration.resources import ArtifactsResource, LakeResource
-from orchestration.settings import Settings
+from assets.resources import ArtifactsResource, LakeResource
+from ground.settings import Settings
 
 BRONZE = "bronze_events"
 SILVER = "silver_events"
@@ -33,11 +33,11 @@ LABELS = "labels"
 EVENT_ASSETS = (BRONZE, SILVER, QUARANTINE)
 # code versions (compliance/versions.py): this module + the library code each asset runs
 SOURCE_CODE = source_version(__file__, "ingestion/simulator.py", "ingestion/movielens.py", "ingestion/generic.py",
-                             "ingestion/catalog.py", "ingestion/sources.py", "ingestion/schema.py",
+                             "ingestion/catalog.py", "ingestion/sources.py", "data_contracts/schema.py",
                              "compliance/exclusion.py")
 REFINE_CODE = source_version(__file__, "ingestion/refine.py", "ingestion/bots.py", "ingestion/dedup.py",
                              "data_contracts/events.py")
-LABELS_CODE = source_version(__file__, "training/labels.py", "compliance/exclusion.py")
+LABELS_CODE = source_version(__file__, "ingestion/labels.py", "compliance/exclusion.py")
 
 daily_partitions = DailyPartitionsDefinition(start_date=Settings.from_env().partition_start, end_offset=1)
 
@@ -208,7 +208,7 @@ def _prior_silver(store, day: str, batch: pd.DataFrame, lookback_days: int) -> p
         return None
     lo = event_dates(np.array([int(ts.min()) - lookback_days * DAY_MS]))[0]
     hi = event_dates(np.array([int(ts.max()) + DAY_MS]))[0]
-    from ingestion.schema import EVENT_COLUMNS
+    from data_contracts.schema import EVENT_COLUMNS
 
     prior = store.read(SILVER, columns=EVENT_COLUMNS + ["ingest_date"],
                        filters=[("event_date", ">=", lo), ("event_date", "<=", hi), ("ingest_date", "<", day)])
@@ -353,8 +353,8 @@ class LabelSettings(Config):
        description="One row per impression whose attribution window closed: weighted engagement label and binary label "
                    "(forgotten users excluded).")
 def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeResource) -> MaterializeResult:
-    from ingestion.schema import EVENT_COLUMNS
-    from training.labels import LabelConfig, build_labels, label_summary, untrainable_reason
+    from data_contracts.schema import EVENT_COLUMNS
+    from ingestion.labels import LabelConfig, build_labels, label_summary, untrainable_reason
 
     store = lake.lake()
     pin = store.pin(SILVER)

@@ -12,7 +12,7 @@ import time
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 
 from compliance.versions import source_version
-from orchestration.resources import LakeResource
+from assets.resources import LakeResource
 
 
 class MaintenanceConfig(Config):

@@ -15,8 +15,8 @@ from assets.features import ITEM_FEATURES, TRAINING_SET, USER_FEATURES
 from assets.ingestion import ITEMS, SILVER
 from assets.serving import ONLINE_FEATURES
 from compliance.versions import source_version
-from ingestion.schema import DAY_MS, HOUR_MS
-from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource
+from data_contracts.schema import DAY_MS, HOUR_MS
+from assets.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource
 
 FEATURE_DRIFT = "feature_drift"
 IMPRESSION_LOG = "impression_log"
@@ -226,7 +226,7 @@ def _age(value: float | None) -> float:
     return 1e12 if math.isinf(value) else round(float(value), 3)
 
 
-EASY_PREFIX = "easy:"  # event ids of sampled catalog negatives (training.labels.sample_easy_negatives)
+EASY_PREFIX = "easy:"  # event ids of sampled catalog negatives (ingestion.labels.sample_easy_negatives)
 
 
 @asset(deps=[TRAINING_SET, ONLINE_FEATURES, IMPRESSION_LOG], group_name="monitoring",
@@ -253,7 +253,7 @@ def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, 
     pin = store.pin(TRAINING_SET)
     frame = store.read(TRAINING_SET, version=pin.version)
     recent = frame[frame["timestamp"] > int(frame["timestamp"].max()) - int(config.recent_days * DAY_MS)]
-    # sampled catalog negatives (training/labels.py, ids "easy:...") are mostly items with no recent activity:
+    # sampled catalog negatives (ingestion/labels.py, ids "easy:...") are mostly items with no recent activity:
     # their defaults are by design, not a feature pipeline losing values, so health is measured on real rows
     recent = recent[~recent["event_id"].astype(str).str.startswith(EASY_PREFIX)]
     # the model's own output is computed per request from the bundle: not in the offline tables
@@ -318,7 +318,7 @@ def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, 
 # --------------------------------------------------------------------------- served model health
 class ServedHealthConfig(Config):
     window_days: float = 7.0               # impressions of the last days of the log
-    attribution_window_hours: float = 72.0  # the labels' window (training/labels.py)
+    attribution_window_hours: float = 72.0  # the labels' window (ingestion/labels.py)
 
 
 def _served_window(store, window_days: float) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
                      MetadataValue, Output, asset)
 
 from compliance.versions import source_version
-from orchestration.resources import LakeResource, MlflowResource, RedisResource
+from assets.resources import LakeResource, MlflowResource, RedisResource
 
 GROUP = "rollout"
 IMPRESSION_LOG = "impression_log"

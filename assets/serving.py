@@ -5,7 +5,7 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, asset
 from assets.features import ITEM_FEATURES, USER_FEATURES
 from assets.ingestion import ITEMS, SILVER
 from compliance.versions import source_version
-from orchestration.resources import LakeResource, RedisResource
+from assets.resources import LakeResource, RedisResource
 
 ONLINE_FEATURES = "online_features"
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from dagster import Config, MetadataValue, OpExecutionContext, Output, job, op
 
-from orchestration.resources import LakeResource, RedisResource
+from assets.resources import LakeResource, RedisResource
+from ground.settings import redis_url_from_env
 
 # the alert decision is pure and shared with the server's /readyz and /v1/status (streaming/retention.py)
 from streaming.retention import STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING, lag_decision  # noqa: F401
@@ -57,7 +58,6 @@ def consume_stream(context: OpExecutionContext, config: DrainConfig, redis: Redi
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    from orchestration.resources import redis_url_from_env
 
     stats = run_job(client, lake.lake() if config.bronze else None, stop, opts,
                     redis_url=redis.url or redis_url_from_env())

@@ -16,9 +16,9 @@ from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Co
 from assets.features import ITEM_FEATURES, TRAINING_SET, USER_FEATURES
 from assets.ingestion import BRONZE, ITEMS, LABELS, SILVER, USERS
 from features.registry import registry_version
-from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource
+from assets.resources import ArtifactsResource, LakeResource, MlflowResource
 from compliance.versions import source_version
-from orchestration.settings import PROJECT_ROOT
+from ground.settings import PROJECT_ROOT
 
 GROUP = "training"
 INDEX_MIN_RECALL = 0.95

@@ -204,7 +204,7 @@ def bench_size(n_items: int, n_users: int, rounds: int, per_round: int, feast_pe
                 k_cpu: list[float] = []
                 f_cpu: list[float] = []
                 hits0, loads0 = store.table_hits, store.table_loads
-                for r in range(rounds):
+                for _ in range(rounds):
                     reqs = make_requests(per_round, n_users, n_items, mix, rng)
                     answers = [kairos_answer(store, q) for q in reqs]
                     k_ms += [a[0] for a in answers]
@@ -266,8 +266,8 @@ def report(results: list[dict]) -> None:
 def bench_as_of(rows: int, n_users: int = 50_000, days: int = 30) -> None:
     from pyspark.sql import functions as F
 
-    from ingestion.schema import DAY_MS
-    from orchestration.services import spark_session
+    from data_contracts.schema import DAY_MS
+    from lake.spark import spark_session
     from training.dataset import as_of_join
 
     spark = spark_session()

@@ -30,8 +30,8 @@ def _one(target: int) -> dict:
     from assets.ingestion import (LABELS, SILVER, SourceConfig, bronze_events, labels, load_source, silver_events,
                                   source_partitions)
     from lake.delta import DeltaLake
-    from orchestration.resources import ArtifactsResource, LakeResource
-    from orchestration.settings import Settings
+    from assets.resources import ArtifactsResource, LakeResource
+    from ground.settings import Settings
 
     source = {"n_users": max(int(target / EVENTS_PER_USER), 10), "n_items": 2_000, "n_categories": 12, "days": 14,
               "seed": 7}

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from monitoring.ope import SyntheticBandit, clipped_ips, evaluate_policy, ips, slate_target_probabilities, snips
-from orchestration.settings import PROJECT_ROOT
+from ground.settings import PROJECT_ROOT
 
 CLIP = 5.0
 
@@ -92,7 +92,7 @@ def bench_throughput(rows: int) -> None:
 def bench_psi(worlds: list[tuple[int, int]]) -> None:
     sys.path.insert(0, str(PROJECT_ROOT))
     from features.functions import assemble_features
-    from ingestion.schema import DAY_MS
+    from data_contracts.schema import DAY_MS
     from ingestion.simulator import SimulatorConfig, simulate
     from monitoring.drift import drift_report, event_drift_frame, ranker_drift_columns, ranker_feature_drift
     from tests._trainset import make_training_set

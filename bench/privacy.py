@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=10_000)
     args = parser.parse_args(argv)
     from compliance.forget import forget_user
+    from ground.settings import Settings, redis_client
     from orchestration.services import start_redis
-    from orchestration.settings import Settings, redis_client
 
     print(f"{'rows/table':>11} {'policy':>9} {'redis s':>8} {'delta s':>8} {'total s':>8} {'rows scanned/s':>15} "
           f"{'deleted':>8}")

@@ -57,8 +57,8 @@ def oracle_scores(cfg: dict):
 def _one(name: str, build_ops: dict | None = None) -> dict:
     from dagster import AssetKey, DagsterInstance
 
+    from ground.settings import Settings
     from orchestration.cli import ensure_redis, materialize_all, prepare_home
-    from orchestration.settings import Settings
 
     settings = Settings.from_env()
     prepare_home(settings)

@@ -199,7 +199,7 @@ def main() -> int:
     from lake.delta import DeltaLake
     from orchestration.cli import data_clock_ms, materialize_all, prepare_home
     from orchestration.services import free_port, start_redis
-    from orchestration.settings import Settings
+    from ground.settings import Settings
     from serving.server import start_server, stop_server, wait_ready
 
     settings = Settings.from_env()

@@ -35,7 +35,7 @@ def main() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     from models.registry import mlflow_client
     from models.rollout import rollout_state
-    from orchestration.settings import Settings
+    from ground.settings import Settings
     from training.rollout import (ArmMetrics, canary_verdict, compare_shadow, promote, rollback, start_canary,
                                   start_rollout)
 

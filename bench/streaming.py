@@ -140,7 +140,7 @@ def freshness(url: str, home: Path, rates: list[int], seconds: float, bronze: bo
             stop = threading.Event()
             background = _events(int(rate * seconds * 1.5) + 10, 3000, 400, seed=rate, prefix=f"bg{rate}-")
 
-            def produce() -> None:
+            def produce(stop: threading.Event = stop, background: list = background, rate: float = rate) -> None:
                 producer = redis.Redis.from_url(url, decode_responses=True)
                 k, t0, step = 0, time.perf_counter(), 0.01
                 while not stop.is_set() and k < len(background):
@@ -191,10 +191,10 @@ def adaptation(home: Path, redis_server, n_users: int) -> None:
     import httpx
     import redis
 
+    from ground.settings import Settings
     from lake.delta import DeltaLake
     from orchestration.cli import data_clock_ms, materialize_all
     from orchestration.services import free_port
-    from orchestration.settings import Settings
     from serving.server import start_server, stop_server, wait_ready
 
     settings = Settings.from_env()
@@ -269,9 +269,9 @@ def main() -> int:
     os.environ["KAIROS_HOME"] = str(home)
     for k in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI", "REDIS_URL"):
         os.environ.pop(k, None)
+    from ground.settings import Settings
     from orchestration.cli import prepare_home
     from orchestration.services import start_redis
-    from orchestration.settings import Settings
 
     prepare_home(Settings.from_env())
     server = start_redis(home / "redis")

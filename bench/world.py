@@ -46,7 +46,7 @@ def _spec(shape: str, data: Path) -> dict:
         return {"source": "file", "path": str(clicks), "mapping": SESSION_CLICKS_MAPPING,
                 "catalog": {"path": str(products), "mapping": PRODUCTS_MAPPING}}
     if shape == "ml-100k":
-        from orchestration.settings import Settings
+        from ground.settings import Settings
 
         return {"source": "movielens-100k", "path": str(Settings.from_env().movielens_100k_dir)}
     raise SystemExit(f"unknown shape {shape!r}; use {list(SHAPES)}")
@@ -85,7 +85,7 @@ def child(shape: str, home: Path) -> None:
     os.environ["KAIROS_PARTITION_START"] = world.partition_start
     print(world.describe(), flush=True)
     from orchestration.cli import ensure_redis, materialize_all, prepare_home
-    from orchestration.settings import Settings
+    from ground.settings import Settings
 
     settings = Settings.from_env()
     prepare_home(settings)

@@ -44,9 +44,10 @@ import pandas as pd
 import pyarrow as pa
 
 from compliance.exclusion import COMPLIANCE_TABLES, FORGOTTEN_USERS, PRIVACY_AUDIT, user_hash
+from ground.settings import Settings, privacy_key, redis_url_from_env
+from ground.settings import redis_client as make_redis_client  # `redis_client` is forget_user's parameter
 from lake.delta import DeltaLake
 from models.bundle import USER_VOCAB
-from orchestration.settings import Settings, privacy_key
 
 log = logging.getLogger("kairos.forget")
 
@@ -306,10 +307,7 @@ def forget_user(settings: Settings, user_id: str, requested_by: str, reason: str
     tables = user_tables(lake)
     sessions, events = _user_sessions_and_events(lake, tables, user_id)
     if redis_client is None:
-        from orchestration.resources import redis_url_from_env
-        from orchestration.settings import redis_client as make_client
-
-        redis_client = make_client(redis_url_from_env(settings), socket_timeout=30)
+        redis_client = make_redis_client(redis_url_from_env(settings), socket_timeout=30)
     redis_client.ping()
     deleted: dict[str, int] = {}
     lake_deleted: dict[str, int] = {}

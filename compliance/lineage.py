@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from orchestration.settings import Settings
+from ground.settings import Settings
 
 log = logging.getLogger("kairos.lineage")
 
@@ -289,15 +289,16 @@ def _plain(value: Any) -> Any:
 
 
 def dagster_instance(settings: Settings) -> Any:
-    """The instance under DAGSTER_HOME (KAIROS_HOME/dagster unless set), the one `kairos` runs write to."""
+    """The instance under DAGSTER_HOME (KAIROS_HOME/dagster unless set), the one `kairos` runs write to; opened
+    from its folder, so the process environment is left as it was (only the CLI sets DAGSTER_HOME)."""
     from dagster import DagsterInstance
 
-    if not os.environ.get("DAGSTER_HOME"):
-        home = settings.home / "dagster"
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "dagster.yaml").touch(exist_ok=True)
-        os.environ["DAGSTER_HOME"] = str(home)
-    return DagsterInstance.get()
+    if os.environ.get("DAGSTER_HOME"):
+        return DagsterInstance.get()
+    home = settings.home / "dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").touch(exist_ok=True)
+    return DagsterInstance.from_config(str(home))
 
 
 def _materialization(record: Any) -> dict[str, Any]:
@@ -475,7 +476,7 @@ def find_request(settings: Settings, request_id: str, redis_client: Any = None) 
         entries = redis_client.xrevrange(IMPRESSION_STREAM, max=last, min="-", count=1000)
         if not entries:
             return None
-        for entry_id, fields in entries:
+        for _entry_id, fields in entries:
             raw = fields.get("record") or fields.get(b"record")
             record = json.loads(raw)
             if str(record.get("request_id")) == str(request_id):

@@ -2,7 +2,7 @@
 
 Code version = the first 12 hex digits of the sha256 of the source files that define an asset's
 logic: its asset module plus the library modules it calls (e.g. `labels` = assets/ingestion.py +
-training/labels.py). It changes exactly when one of those files changes, with nothing to
+ingestion/labels.py). It changes exactly when one of those files changes, with nothing to
 remember to bump; an edit to a comment also counts as a change (the safe side: a rebuild is
 proposed, never silently skipped). Data version = the Delta table version an asset wrote
 (`<table>@v<N>`): a replayed, unchanged daily batch writes no new Delta version, so its data
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dagster import DataVersion
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from ground.settings import PROJECT_ROOT
 
 
 @functools.lru_cache(maxsize=256)

@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 
 from data_contracts.gx_import import import_great_expectations
-from ingestion.schema import DEVICE_TYPES, EVENT_COLUMNS, EVENT_SCHEMA, EVENT_TYPES, ITEM_EVENT_TYPES, SCHEMA_VERSION
+from data_contracts.schema import DEVICE_TYPES, EVENT_COLUMNS, EVENT_SCHEMA, EVENT_TYPES, ITEM_EVENT_TYPES, SCHEMA_VERSION
 
 log = logging.getLogger("kairos.contracts")
 
@@ -314,7 +314,7 @@ def _check_columns(events: pd.DataFrame) -> None:
     if missing:
         raise ValueError(
             f"events are missing required column(s) {missing}; the event contract needs {list(REQUIRED_COLUMNS)} "
-            f"(optional: {list(OPTIONAL_COLUMNS)}). Fix the source to emit them (see ingestion/schema.py "
+            f"(optional: {list(OPTIONAL_COLUMNS)}). Fix the source to emit them (see data_contracts/schema.py "
             f"EVENT_SCHEMA; schema_version should be {SCHEMA_VERSION})."
         )
 

@@ -37,12 +37,12 @@ def _main_module_looks_initialised() -> Iterator[None]:
     main = sys.modules.get("__main__")
     patch = (main is not None and getattr(main, "__spec__", None) is None and not hasattr(main, "__file__")
              and not hasattr(sys, "ps1"))
-    if patch:
+    if patch and main is not None:
         main.__file__ = "<string>"  # what `python -c` means
     try:
         yield
     finally:
-        if patch:
+        if patch and main is not None:
             with contextlib.suppress(AttributeError):
                 del main.__file__
 
@@ -57,7 +57,7 @@ def guard_spark_connect_import() -> bool:
         return True
     except ImportError as exc:  # the Connect extras are missing: what a normal process would conclude
         log.debug("Spark Connect unavailable (%s); classic Spark only", exc)
-        sys.modules[_CONNECT] = None  # later imports raise ImportError, never sys.exit(0)
+        sys.modules[_CONNECT] = None  # type: ignore[assignment]  # later imports raise ImportError, never sys.exit(0)
         return False
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from features.functions import CTR_PRIOR_CLICKS, CTR_PRIOR_IMPRESSIONS
 from features.registry import (CATEGORY_HALF_LIFE_DAYS, CO_ITEMS_TOP_K, ENGAGED_CLICK_MIN_DWELL_MS, ENGAGED_EVENT_TYPES,
                                ITEM_ENGAGED_HALF_LIFE_DAYS, ITEM_ENGAGED_WINDOW_DAYS, ITEM_STORE_COLUMNS, USER_STORE_COLUMNS)
-from ingestion.schema import DAY_MS
+from data_contracts.schema import DAY_MS
 
 USER_WINDOW_DAYS = 30
 USER_SHORT_WINDOW_DAYS = 7

@@ -22,7 +22,7 @@ SESSION_CATEGORY_DECAY = 0.8
 SESSION_GAP_CAP_S = 3600.0
 ENGAGEMENT_TYPES = frozenset({"click", "add_to_cart", "purchase", "share"})
 # a sampled catalog negative replayed beside the real events: it gets the session features an impression
-# at that moment would get, and changes no state (training/dataset.py adds them, training/labels.py samples them)
+# at that moment would get, and changes no state (training/dataset.py adds them, ingestion/labels.py samples them)
 CANDIDATE_EVENT = "candidate"
 FEATURE_QUERY_TYPES = frozenset({"impression", CANDIDATE_EVENT})
 DEVICE_CODES = {"mobile": 0.0, "desktop": 1.0, "tablet": 2.0}

@@ -57,6 +57,7 @@ import pandas as pd
 
 from features.registry import (ITEM_JSON_COLUMNS, ITEM_STORE_COLUMNS, USER_HISTORY_COLUMNS, USER_JSON_COLUMNS,
                                USER_STORE_COLUMNS)
+from ground.settings import redis_client
 
 log = logging.getLogger("kairos.online")
 
@@ -340,9 +341,9 @@ class ItemCodec:
         n = len(items)
         head = np.zeros(n, dtype=self.head_dtype)
         head["fmt"] = ROW_FORMAT
-        for field, cols in (("f4", self.f4), ("f8", self.f8)):
+        for kind, cols in (("f4", self.f4), ("f8", self.f8)):
             for k, col in enumerate(cols):
-                head[field][:, k] = (pd.to_numeric(items[col], errors="raise").to_numpy(dtype=np.float64)
+                head[kind][:, k] = (pd.to_numeric(items[col], errors="raise").to_numpy(dtype=np.float64)
                                      if col in items else np.nan)
         for k, col in enumerate(self.text):
             if col in items:
@@ -548,7 +549,6 @@ class OnlineStore:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        from orchestration.settings import redis_client
 
         # password / TLS from the environment (REDIS_PASSWORD, rediss://, KAIROS_REDIS_TLS_*)
         client = redis_client(url, decode_responses=True, socket_timeout=timeout_s,

@@ -23,7 +23,7 @@ import pandas as pd
 from ingestion.generic import (PARQUET_SUFFIXES, TIMESTAMP_UNITS, ColumnMapping, _check_encoding, _ids,
                                _timestamps_ms, read_delimited, read_parquet_file)
 from ingestion.movielens import ImportError_
-from ingestion.schema import ITEM_SCHEMA, USER_SCHEMA
+from data_contracts.schema import ITEM_SCHEMA, USER_SCHEMA
 
 NO_CATEGORY = "unknown"
 # MovieLens spells "no genre" this way; it is no category at all

@@ -57,7 +57,7 @@ def window_duplicates(events: pd.DataFrame, prior: pd.DataFrame | None = None,
     suspects = np.flatnonzero(np.isin(codes, suspect_codes))
     # walk each suspect group: prior rows first (always kept), then the batch by timestamp
     walk = suspects[np.lexsort((suspects, ts[suspects], ~is_prior[suspects], codes[suspects]))]
-    current, kept = -1, []
+    current, kept = -1, list[int]()
     for row in walk:
         if codes[row] != current:
             current, kept = codes[row], []

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from ingestion.movielens import SESSION_GAP_MS, ImportError_
-from ingestion.schema import EVENT_COLUMNS, EVENT_TYPES, ITEM_SCHEMA, SCHEMA_VERSION, USER_SCHEMA
+from data_contracts.schema import EVENT_COLUMNS, EVENT_TYPES, ITEM_SCHEMA, SCHEMA_VERSION, USER_SCHEMA
 
 TIMESTAMP_UNITS: tuple[str, ...] = ("s", "ms", "iso")
 OFFSET_UNITS: tuple[str, ...] = ("s", "ms")

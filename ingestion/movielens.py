@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ingestion.schema import EVENT_COLUMNS, ITEM_SCHEMA, SCHEMA_VERSION, USER_SCHEMA
+from data_contracts.schema import (
+    EVENT_COLUMNS,
+    ITEM_SCHEMA,
+    SCHEMA_VERSION,
+    USER_SCHEMA,
+)
 
 GENRES_100K = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
                "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]

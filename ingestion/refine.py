@@ -20,7 +20,7 @@ import pyarrow as pa
 from data_contracts.events import DEFAULT_MAX_FUTURE_SKEW_MS, QUARANTINE_SCHEMA, ContractResult, validate_events
 from ingestion.bots import BOT_SESSION_COLUMNS, BotConfig, bot_mask, bot_sessions
 from ingestion.dedup import DEFAULT_WINDOW_MS, exact_duplicates, window_duplicates
-from ingestion.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA
+from data_contracts.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA
 
 # Lake columns added to the event schema: the day an event happened (partition) and the batch it arrived in.
 SILVER_SCHEMA: pa.Schema = pa.schema(list(EVENT_SCHEMA) + [("event_date", pa.string()), ("ingest_date", pa.string())])
@@ -73,7 +73,7 @@ def _payload_json(rows: pd.DataFrame) -> list[str]:
 
 
 def _rejects(rows: pd.DataFrame, reasons: np.ndarray | list[str], disposition: str, run_id: str,
-             ingest_date: str, now_ms: int) -> pd.DataFrame:
+             ingest_date: np.ndarray | str, now_ms: int) -> pd.DataFrame:
     """Accepted-shape rows (EVENT_COLUMNS) turned into quarantine rows with a reason and a disposition."""
     out = rows[EVENT_COLUMNS].reset_index(drop=True).copy()
     out["reasons"] = list(reasons)

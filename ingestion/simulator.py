@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ingestion.schema import DAY_MS, DEVICE_TYPES, EVENT_COLUMNS, PAGE_CONTEXTS, SCHEMA_VERSION
+from data_contracts.schema import DAY_MS, DEVICE_TYPES, EVENT_COLUMNS, PAGE_CONTEXTS, SCHEMA_VERSION
 
 log = logging.getLogger("kairos.simulator")
 

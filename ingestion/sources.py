@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ground.settings import Settings
+
 SOURCES: tuple[str, ...] = ("simulator", "movielens-100k", "movielens-1m", "movielens-latest", "file")
 SIMULATOR_DEFAULTS: dict[str, int] = {"n_users": 300, "n_items": 400, "n_categories": 8, "days": 14, "seed": 7,
                                       "shift_day": -1}
@@ -90,7 +92,6 @@ def _load(config_json: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         events, items, users = world.events, world.items, world.users
     elif source == "movielens-100k":
         from ingestion.movielens import load_movielens_100k
-        from orchestration.settings import Settings
 
         events, items, users = load_movielens_100k(_movielens_dir(config, Settings.from_env().movielens_100k_dir))
     elif source == "movielens-1m":

@@ -117,8 +117,8 @@ class DeltaLake:
 
     def __init__(self, root: str, storage_options: dict[str, str] | None = None) -> None:
         self.root = root.rstrip("/")
-        self.storage_options = storage_options if storage_options is not None else storage_options_from_env()
-        self.storage_options = self.storage_options or None
+        options = storage_options if storage_options is not None else storage_options_from_env()
+        self.storage_options: dict[str, str] | None = options or None
         if "://" not in self.root:
             os.makedirs(self.root, exist_ok=True)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import unquote
 
+from ground.settings import PROJECT_ROOT, Settings
 from lake.delta import DeltaLake, TableMissing
 
 log = logging.getLogger("kairos.spark")
@@ -43,8 +44,7 @@ DEFAULT_PARTITION_BYTES = 64 << 20
 DEFAULT_BATCH_ROWS = 65_536
 # the packages a worker needs, the same list as pyproject's [tool.setuptools] packages
 PRODUCT_PACKAGES = ("orchestration", "assets", "models", "training", "serving", "data_contracts", "monitoring",
-                    "features", "ingestion", "lake", "streaming", "compliance")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+                    "features", "ingestion", "lake", "streaming", "compliance", "ground")
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 
@@ -159,7 +159,7 @@ def session_conf(master: str, extra: dict[str, str] | None = None, lake_uri: str
     if lake_uri and lake_reader(lake_uri) == "delta":
         conf.update(delta_native_conf())
     if not is_local_master(master):
-        conf["spark.submit.pyFiles"] = str(product_zip(code_dir or Path(os.environ.get("KAIROS_HOME", ".kairos")) / "spark"))
+        conf["spark.submit.pyFiles"] = str(product_zip(code_dir or Settings.from_env().home / "spark"))
     conf.update(extra or {})
     return conf
 
@@ -282,7 +282,7 @@ def snapshot_plan(lake: DeltaLake, table: str, version: int,
     actions = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
     part_cols = list(dt.metadata().partition_columns)
     root = lake.uri(table)
-    files = []
+    files: list[dict[str, Any]] = []
     for act in actions:
         path = act["path"]
         rel = _relative(root, path) if "://" in path or path.startswith("/") else unquote(path)
@@ -348,14 +348,14 @@ except ImportError:  # pragma: no cover - pyspark is pinned to 4.x
     DataSource = DataSourceReader = InputPartition = object  # type: ignore[assignment,misc]
 
 
-class SnapshotPartition(InputPartition):  # type: ignore[misc]
+class SnapshotPartition(InputPartition):
     """One Spark partition: a group of data files of the snapshot."""
 
     def __init__(self, files: list[dict[str, Any]]) -> None:
         self.files = files
 
 
-class SnapshotReader(DataSourceReader):  # type: ignore[misc]
+class SnapshotReader(DataSourceReader):
     """Reads the planned files on the executors (see `read_file_batches`)."""
 
     def __init__(self, options: dict[str, str]) -> None:
@@ -366,13 +366,13 @@ class SnapshotReader(DataSourceReader):  # type: ignore[misc]
     def partitions(self) -> list[SnapshotPartition]:
         return [SnapshotPartition(group) for group in self.plan["groups"]]
 
-    def read(self, partition: SnapshotPartition) -> Iterator[Any]:
+    def read(self, partition: SnapshotPartition) -> Iterator[Any]:  # type: ignore[override]  # gets back its own partitions
         schema = _arrow_schema(self.plan["schema"])
         for entry in partition.files:
             yield from read_file_batches(self.plan["root"], self.storage_options, entry, schema, self.batch_rows)
 
 
-class DeltaSnapshotSource(DataSource):  # type: ignore[misc]
+class DeltaSnapshotSource(DataSource):
     """`spark.read.format("kairos_delta")`: one pinned Delta table version read with delta-rs on the executors.
 
     The plan (files, partition values, schema) is made on the driver by `snapshot_plan`; options whose keys

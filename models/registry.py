@@ -5,7 +5,7 @@ training code; training/registry.py keeps registration (runs, versions, promotio
 MLflow client with the same `mlflow_client`. A rollback is an alias flip: serving resolves
 `models:/<name>@champion`, downloads the bundle into KAIROS_HOME/model_cache and loads it (Bundle.load).
 
-`settings` is anything with `home`, `mlflow_tracking_uri` and `model_name` (orchestration.settings.Settings
+`settings` is anything with `home`, `mlflow_tracking_uri` and `model_name` (ground.settings.Settings
 in the product): this package does not import the orchestration layer.
 """
 from __future__ import annotations

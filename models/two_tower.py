@@ -34,6 +34,15 @@ class TwoTower(nn.Module):
     `version=1` rebuilds the id/category-only towers of bundles saved before content features.
     """
 
+    # buffers (register_buffer below), declared so a type checker sees tensors, not `Tensor | Module`
+    item_category: torch.Tensor
+    user_segment: torch.Tensor
+    user_device: torch.Tensor
+    user_has_id: torch.Tensor
+    item_tokens: torch.Tensor
+    item_dense: torch.Tensor
+    item_has_id: torch.Tensor
+
     def __init__(self, n_users: int, n_items: int, n_categories: int, dim: int = 128, hidden: int = 128,
                  history_len: int = SESSION_HISTORY_FOR_TOWER, version: int = 1, text_buckets: int = TEXT_BUCKETS,
                  text_len: int = TEXT_LEN, segments: Sequence[str] = (), devices: Sequence[str] = ()) -> None:

@@ -26,6 +26,7 @@ import pandas as pd
 
 from features.functions import FEATURE_FUNCTIONS
 from features.registry import BY_NAME, ITEM_STORE_COLUMNS, REGISTRY, USER_STORE_COLUMNS, FeatureSpec
+from ground.settings import env_number
 
 ENTITIES: tuple[str, ...] = ("user", "item", "user_item", "session", "context")
 SCORE_QUANTILES: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -149,17 +150,12 @@ class FreshnessThresholds:
     streaming_max_age_s: float = 120.0
 
     @classmethod
-    def from_env(cls, batch_max_age_s: float = -1.0, streaming_max_age_s: float = -1.0) -> "FreshnessThresholds":
-        """KAIROS_FRESHNESS_BATCH_MAX_AGE_S / KAIROS_FRESHNESS_STREAMING_MAX_AGE_S (else the defaults); a
+    def from_env(cls, batch_max_age_s: float = -1.0, streaming_max_age_s: float = -1.0,
+                 env: Mapping[str, str] = os.environ) -> "FreshnessThresholds":
+        """KAIROS_FRESHNESS_BATCH_MAX_AGE_S / KAIROS_FRESHNESS_STREAMING_MAX_AGE_S (seconds, else the defaults); a
         non-negative argument overrides its variable (asset config)."""
         def pick(given: float, var: str, default: float) -> float:
-            if given >= 0:
-                return float(given)
-            raw = os.environ.get(var, "").strip()
-            try:
-                return float(raw) if raw else default
-            except ValueError:
-                raise ValueError(f"{var} must be a number of seconds, got {raw!r}") from None
+            return float(given) if given >= 0 else float(env_number(env, var, float, default, 0.0))
 
         return cls(batch_max_age_s=pick(batch_max_age_s, "KAIROS_FRESHNESS_BATCH_MAX_AGE_S", cls.batch_max_age_s),
                    streaming_max_age_s=pick(streaming_max_age_s, "KAIROS_FRESHNESS_STREAMING_MAX_AGE_S",
@@ -275,10 +271,10 @@ def group_staleness(tier_ages: Mapping[str, float | None]) -> dict[str, float | 
 # --------------------------------------------------------------------------- served model health
 def attribute_engagement(impressions: pd.DataFrame, events: pd.DataFrame, window_ms: int) -> pd.DataFrame:
     """Served impressions with `clicked` (a click credited to them) and `label` / `label_binary` (the training
-    label), by the training labels' rule (training/labels.py): an engagement goes to the latest impression of the
+    label), by the training labels' rule (ingestion/labels.py): an engagement goes to the latest impression of the
     same (user, item) before it, within the attribution window. Impressions whose window is still open get what has
     arrived so far (`window_closed` says which)."""
-    from training.labels import ENGAGEMENT_EVENT_TYPES, LabelConfig, build_labels
+    from ingestion.labels import ENGAGEMENT_EVENT_TYPES, LabelConfig, build_labels
 
     imp = impressions.reset_index(drop=True)
     if imp.empty:

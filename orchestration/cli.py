@@ -21,8 +21,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ground.settings import PROJECT_ROOT, Settings, redact_url, redis_client, redis_url_from_env
 from ingestion.sources import SOURCES
-from orchestration.settings import PROJECT_ROOT, Settings
 
 log = logging.getLogger("kairos")
 
@@ -161,7 +161,6 @@ def demo(args: argparse.Namespace) -> int:
     prepare_home(settings)
     server_redis = ensure_redis(settings)
     settings = Settings.from_env()
-    from orchestration.settings import redact_url, redis_client
 
     print(f"Kairos demo: home={settings.home} redis={redact_url(settings.redis_url)} "
           f"mlflow={redact_url(settings.mlflow_tracking_uri)}")
@@ -350,11 +349,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 def _warn_if_not_durable(settings: Settings) -> None:
     """Say so when the Redis the stream lives in would lose acknowledged events on a crash (README "Durability")."""
-    from orchestration.resources import redis_url_from_env
     from orchestration.services import redis_durability
-    from orchestration.settings import redact_url, redis_client
 
-    url = os.environ.get("REDIS_URL") or redis_url_from_env(settings)
+    url = redis_url_from_env(settings)
     try:
         info = redis_durability(redis_client(url, socket_timeout=5))
     except Exception as exc:  # noqa: BLE001 - CONFIG may be disabled on a managed Redis: say what to check
@@ -381,9 +378,6 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         if args.request_id:
             client = None
             try:
-                from orchestration.resources import redis_url_from_env
-                from orchestration.settings import redis_client
-
                 client = redis_client(redis_url_from_env(settings), socket_timeout=10)
             except RuntimeError:  # no Redis configured: the Delta impression log alone
                 pass

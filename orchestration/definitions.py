@@ -1,14 +1,17 @@
 """The one Dagster `Definitions` of Kairos (`dagster dev -w workspace.yaml`)."""
 from __future__ import annotations
 
-from dagster import (AssetSpec, Definitions, FilesystemIOManager, load_asset_checks_from_modules,
-                     load_assets_from_modules, map_asset_specs)
+import os
+from typing import Any, Mapping
+
+from dagster import (AssetSpec, ConfigurableResource, Definitions, EnvVar, FilesystemIOManager,
+                     load_asset_checks_from_modules, load_assets_from_modules, map_asset_specs)
 
 from assets import features, ingestion, maintenance, monitoring, rollout, serving, training
+from assets.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource, SparkResource
 from assets.streaming import drain_stream
 from orchestration.jobs import (build_job, impressions_job, ingest_job, maintenance_job, monitor_job,
                                 refresh_online_job, retrain_job, rollout_job, tune_job)
-from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource, SparkResource
 from orchestration.sensors import online_store_empty_sensor, stream_lag_sensor
 from orchestration.sensors import (daily_ingest, daily_retrain, drift_sensor, freshness_sensor, hourly_monitoring,
                                    impressions_every_15_min, rollout_sensor, weekly_maintenance)
@@ -42,6 +45,33 @@ def with_ownership(spec: AssetSpec) -> AssetSpec:
     return spec.merge_attributes(owners=[owner], kinds=kinds, tags=tags)
 
 
+# resource -> (field, the variable that configures it); a field left empty falls back to ground.settings.Settings
+RESOURCE_ENV: dict[str, tuple[str, str]] = {
+    "lake": ("root", "KAIROS_LAKE_URI"),
+    "spark": ("master", "KAIROS_SPARK_MASTER"),
+    "redis": ("url", "REDIS_URL"),
+    "mlflow": ("tracking_uri", "MLFLOW_TRACKING_URI"),
+    "artifacts": ("mlflow_ui_url", "KAIROS_MLFLOW_UI_URL"),
+}
+
+
+def resources(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The resources, each field in RESOURCE_ENV set to `EnvVar(variable)` when the code location's environment
+    sets the variable: Dagster resolves it in every run (the UI lists it on the resource's page) and the value is
+    never written into the definitions. An unset variable leaves the field empty, so the resource falls back to
+    the embedded defaults (`kairos demo` needs no environment)."""
+    classes: dict[str, type[ConfigurableResource]] = {"lake": LakeResource, "spark": SparkResource,
+                                                      "redis": RedisResource, "mlflow": MlflowResource,
+                                                      "artifacts": ArtifactsResource}
+    out: dict[str, Any] = {}
+    for key, cls in classes.items():
+        field, var = RESOURCE_ENV[key]
+        out[key] = cls(**({field: EnvVar(var)} if env.get(var) else {}))
+    # pickled model objects go under $DAGSTER_HOME/storage (set by `kairos` to KAIROS_HOME/dagster)
+    out["io_manager"] = FilesystemIOManager()
+    return out
+
+
 defs = Definitions(
     assets=map_asset_specs(with_ownership, load_assets_from_modules(_modules)),
     asset_checks=load_asset_checks_from_modules(_modules),
@@ -49,13 +79,5 @@ defs = Definitions(
           refresh_online_job, drain_stream],
     sensors=[drift_sensor, rollout_sensor, freshness_sensor, stream_lag_sensor, online_store_empty_sensor],
     schedules=[daily_ingest, daily_retrain, weekly_maintenance, impressions_every_15_min, hourly_monitoring],
-    resources={
-        "lake": LakeResource(),
-        "spark": SparkResource(),
-        "redis": RedisResource(),
-        "mlflow": MlflowResource(),
-        "artifacts": ArtifactsResource(),
-        # pickled model objects go under $DAGSTER_HOME/storage (set by `kairos` to KAIROS_HOME/dagster)
-        "io_manager": FilesystemIOManager(),
-    },
+    resources=resources(),
 )

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from orchestration.settings import PROJECT_ROOT
+from ground.settings import PROJECT_ROOT
 
 log = logging.getLogger("kairos.launch")
 

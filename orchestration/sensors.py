@@ -4,14 +4,16 @@ retrain; hourly monitoring; weekly lake maintenance."""
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import Mapping
 
 from dagster import (AssetKey, DagsterRunStatus, EventLogEntry, RunRequest, RunsFilter, ScheduleDefinition,
                      SensorEvaluationContext, SkipReason, asset_sensor, build_schedule_from_partitioned_job, sensor)
 
 from assets.monitoring import FEATURE_DRIFT
 from assets.streaming import STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING, drain_stream, lag_decision
-from orchestration.resources import RedisResource
-from orchestration.resources import MlflowResource
+from assets.resources import MlflowResource, RedisResource
+from ground.settings import env_number
 from orchestration.jobs import (impressions_job, ingest_job, maintenance_job, monitor_job, refresh_online_job,
                                 retrain_job, rollout_job)
 
@@ -20,13 +22,30 @@ MIN_RETRAIN_INTERVAL_S = 24 * 3600
 IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
 
 
-def retrain_min_interval_s() -> float:
-    """KAIROS_RETRAIN_MIN_INTERVAL_S (default 24 h): the least time between drift-triggered retrains, read per tick."""
-    raw = os.environ.get("KAIROS_RETRAIN_MIN_INTERVAL_S", "")
-    try:
-        return float(raw) if raw.strip() else float(MIN_RETRAIN_INTERVAL_S)
-    except ValueError:
-        raise ValueError(f"KAIROS_RETRAIN_MIN_INTERVAL_S must be a number of seconds, got {raw!r}") from None
+FRESHNESS_MIN_INTERVAL_S = 3600
+
+
+@dataclass(frozen=True)
+class SensorSettings:
+    """The sensors' limits. Built per tick (`from_env`), so a changed variable applies at the daemon's next tick;
+    a bad value fails the tick with the variable's name."""
+
+    retrain_min_interval_s: float = MIN_RETRAIN_INTERVAL_S  # least time between drift-triggered retrains
+    freshness_min_interval_s: float = FRESHNESS_MIN_INTERVAL_S  # least time between refreshes the sensor requests
+    stream_lag_alert_ms: int = STREAM_LAG_ALERT_MS
+    stream_lag_alert_pending: int = STREAM_LAG_ALERT_PENDING
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "SensorSettings":
+        d = cls()
+        return cls(
+            retrain_min_interval_s=env_number(env, "KAIROS_RETRAIN_MIN_INTERVAL_S", float, d.retrain_min_interval_s, 0.0),
+            freshness_min_interval_s=env_number(env, "KAIROS_FRESHNESS_MIN_INTERVAL_S", float,
+                                                d.freshness_min_interval_s, 0.0),
+            stream_lag_alert_ms=env_number(env, "KAIROS_STREAM_LAG_ALERT_MS", int, d.stream_lag_alert_ms, 0),
+            stream_lag_alert_pending=env_number(env, "KAIROS_STREAM_LAG_ALERT_PENDING", int,
+                                                d.stream_lag_alert_pending, 0),
+        )
 
 
 def drift_decision(status: str, max_psi: float, last_retrain_ts: float | None, now: float,
@@ -52,7 +71,7 @@ def drift_sensor(context: SensorEvaluationContext, asset_event: EventLogEntry):
     if records:  # newest first: a finished retrain counts from its end, one in flight from its creation
         record = records[0]
         last_ts = record.end_time or record.create_timestamp.timestamp()
-    min_interval = retrain_min_interval_s()
+    min_interval = SensorSettings.from_env().retrain_min_interval_s
     fire, reason = drift_decision(status, max_psi, last_ts, time.time(), min_interval)
     if not fire:
         return SkipReason(reason)
@@ -99,12 +118,6 @@ def rollout_sensor(context: SensorEvaluationContext, mlflow: MlflowResource):
 
 
 # --------------------------------------------------------------------------- freshness of the online store
-FRESHNESS_MIN_INTERVAL_S = 3600
-
-
-def freshness_min_interval_s() -> float:
-    """KAIROS_FRESHNESS_MIN_INTERVAL_S (default 1 h): the least time between two refreshes the sensor requests."""
-    return float(os.environ.get("KAIROS_FRESHNESS_MIN_INTERVAL_S") or FRESHNESS_MIN_INTERVAL_S)
 
 
 def freshness_decision(stale: dict[str, float], last_request_ts: float | None, now: float,
@@ -135,7 +148,7 @@ def freshness_sensor(context: SensorEvaluationContext, redis: RedisResource):
                            f"Redis is up and REDIS_URL points at it") from exc
     stale = stale_tiers(fresh, thresholds)
     last = float(context.cursor) if context.cursor else None
-    fire, reason = freshness_decision(stale, last, now, freshness_min_interval_s())
+    fire, reason = freshness_decision(stale, last, now, SensorSettings.from_env().freshness_min_interval_s)
     if not fire:
         return SkipReason(reason)
     context.update_cursor(str(now))
@@ -201,8 +214,9 @@ def stream_lag_sensor(context: SensorEvaluationContext, redis: RedisResource):
     from streaming.retention import stream_lag
 
     lag = stream_lag(redis.client(), STREAM)
-    fire, reason = lag_decision(lag, GROUP, max_lag_ms=int(os.environ.get("KAIROS_STREAM_LAG_ALERT_MS", STREAM_LAG_ALERT_MS)),
-                                max_pending=int(os.environ.get("KAIROS_STREAM_LAG_ALERT_PENDING", STREAM_LAG_ALERT_PENDING)))
+    limits = SensorSettings.from_env()
+    fire, reason = lag_decision(lag, GROUP, max_lag_ms=limits.stream_lag_alert_ms,
+                                max_pending=limits.stream_lag_alert_pending)
     if not fire:
         return SkipReason(reason)
     context.log.warning(f"ALERT stream lag: {reason}")

@@ -96,7 +96,7 @@ def start_redis(workdir: Path, port: int | None = None, password: str | None = N
     acknowledged (with appendfsync always) is back, streams, consumer groups and the online store.
 
     The returned URL never carries the password: clients read it from REDIS_PASSWORD
-    (orchestration.settings.redis_client), so it is not written to redis.url or logs.
+    (ground.settings.redis_client), so it is not written to redis.url or logs.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -149,15 +149,6 @@ def _wait_loaded(proc: subprocess.Popen, port: int, timeout_s: float = 120.0) ->
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"redis-server on port {port} still loading its append-only file after {timeout_s:.0f} s")
-
-
-def spark_session(master: str = "local[2]", app_name: str = "kairos", conf: dict[str, str] | None = None,
-                  lake_uri: str = ""):
-    """The process's SparkSession (local mode by default, any master by config; see `lake.spark.spark_session`:
-    asking for another master or other settings rebuilds it instead of returning the old one)."""
-    from lake.spark import spark_session as build
-
-    return build(master, app_name, conf=conf, lake_uri=lake_uri)
 
 
 # ---------------------------------------------------------------------------------------------- cluster stand-ins

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ingestion.schema import DAY_MS
+from data_contracts.schema import DAY_MS
 
 WORLD_KEYS: tuple[str, ...] = ("source", "path", "arrival", "mapping", "catalog", "users", "simulator", "split", "labels", "gate",
                                "serving", "ops")
@@ -174,9 +174,9 @@ def _window_counts(impression_ts: np.ndarray, split: dict[str, float]) -> tuple[
 
 def resolve_world(spec: dict[str, Any]) -> World:
     """Read the source once and derive partitions, split and labels; fail here if it cannot train."""
+    from ingestion.labels import LabelConfig, build_labels, untrainable_reason
     from ingestion.refine import event_dates
     from ingestion.sources import LABEL_RULES, load_source_frames, log_kind
-    from training.labels import LabelConfig, build_labels, untrainable_reason
 
     config = source_config(spec)
     events, items, users = load_source_frames(config)

@@ -6,7 +6,8 @@
     KAIROS_SHADOW=1                       the challenger also scores every champion request, logged, never shown
     KAIROS_CANARY_SHARE=0.2               overrides the canary share the registry's rollout state sets
 
-Without env settings the registry's rollout state (models/rollout.py, written by training/rollout.py)
+The variables are read once, by `serving.settings.ServeSettings.from_env` (its `experiment`, `shadow` and
+`canary_share`), when the service starts. Without env settings the registry's rollout state (models/rollout.py, written by training/rollout.py)
 drives the server: stage `shadow` scores the challenger in shadow, stage `canary` sends
 `rollout.canary_share` of users (by hash bucket of experiment "canary-v<version>") to the `canary`
 alias. Env settings always win.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Mapping
 
 CHAMPION_ARM = "champion"
 CHALLENGER_ARM = "challenger"
@@ -37,9 +39,9 @@ class Experiment:
     mode: str = SPLIT  # split: the treatment alone; interleave: team-draft of champion and treatment
 
     @classmethod
-    def from_env(cls) -> "Experiment | None":
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Experiment | None":
         """`KAIROS_EXPERIMENT=name:share`; None when unset. A malformed value is an error, not a silent default."""
-        raw = os.environ.get("KAIROS_EXPERIMENT", "").strip()
+        raw = env.get("KAIROS_EXPERIMENT", "").strip()
         if not raw:
             return None
         name, _, share = raw.partition(":")
@@ -49,7 +51,7 @@ class Experiment:
             raise ValueError(f"KAIROS_EXPERIMENT must look like 'name:0.1', got {raw!r}") from exc
         if not name or not 0.0 <= value <= 1.0:
             raise ValueError(f"KAIROS_EXPERIMENT must look like 'name:0.1' with a share in [0, 1], got {raw!r}")
-        mode = os.environ.get("KAIROS_EXPERIMENT_MODE", SPLIT).strip().lower() or SPLIT
+        mode = env.get("KAIROS_EXPERIMENT_MODE", SPLIT).strip().lower() or SPLIT
         if mode not in (SPLIT, INTERLEAVE):
             raise ValueError(f"KAIROS_EXPERIMENT_MODE must be '{SPLIT}' or '{INTERLEAVE}', got {mode!r}")
         return cls(name, value, mode=mode)
@@ -65,10 +67,6 @@ def assign(experiment: Experiment | None, user_id: str) -> str:
     if experiment is None or experiment.challenger_share <= 0:
         return CHAMPION_ARM
     return experiment.treatment_arm if bucket(experiment.name, user_id) < experiment.challenger_share else CHAMPION_ARM
-
-
-def shadow_enabled() -> bool:
-    return os.environ.get("KAIROS_SHADOW", "0").lower() in ("1", "true", "yes")
 
 
 @dataclass(frozen=True)
@@ -104,19 +102,5 @@ def serving_plan(env_experiment: Experiment | None, env_shadow: bool, rollout: o
     return ServingPlan(None, env_shadow, CHALLENGER_ARM, "env" if env_shadow else "none")
 
 
-def canary_share_from_env() -> float | None:
-    """KAIROS_CANARY_SHARE (0..1) or None; a malformed value is an error naming the variable."""
-    raw = os.environ.get("KAIROS_CANARY_SHARE", "").strip()
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ValueError(f"KAIROS_CANARY_SHARE must be a number in [0, 1], got {raw!r}") from exc
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"KAIROS_CANARY_SHARE must be in [0, 1], got {raw!r}")
-    return value
-
-
 __all__ = ["CANARY_ARM", "CHALLENGER_ARM", "CHAMPION_ARM", "INTERLEAVE", "INTERLEAVE_ARM", "SPLIT", "Experiment",
-           "ServingPlan", "assign", "bucket", "canary_share_from_env", "serving_plan", "shadow_enabled"]
+           "ServingPlan", "assign", "bucket", "serving_plan"]

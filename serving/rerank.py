@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ground.settings import env_number
 
 EXPLORATIONS = ("epsilon_greedy", "thompson")
 
@@ -35,35 +36,6 @@ ENV_VARS: dict[str, str] = {  # field -> the environment variable that sets it (
     "repeat_surfaces": "KAIROS_REPEAT_SURFACES",
     "intent_slot_share": "KAIROS_SESSION_INTENT_SLOT_SHARE",
 }
-
-
-def env_number(env: Mapping[str, str], var: str, kind: type, default: Any, minimum: float | None = None,
-               maximum: float | None = None) -> Any:
-    """`env[var]` parsed as `kind` (int or float), `default` when unset or blank; a bad value raises naming the
-    variable, so a typo in a deployment fails at start instead of serving with a silently different setting."""
-    raw = env.get(var, "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ValueError(f"{var} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{var} must be in [{minimum if minimum is not None else '-inf'}, "
-                         f"{maximum if maximum is not None else 'inf'}], got {raw!r}")
-    return value
-
-
-def env_flag(env: Mapping[str, str], var: str, default: bool) -> bool:
-    """`env[var]` as a switch: 1/true/yes/on or 0/false/no/off (any case), `default` when unset or blank."""
-    raw = env.get(var, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{var} must be one of 1/true/yes/on or 0/false/no/off, got {raw!r}")
 
 
 @dataclass(frozen=True)
@@ -200,4 +172,4 @@ def thompson(picked: list[int], pool: list[int], scores: np.ndarray, strength: f
     return out, props
 
 
-__all__ = ["ENV_VARS", "EXPLORATIONS", "RerankConfig", "env_flag", "env_number", "explore", "limit_category_runs", "mmr", "request_rng", "thompson"]
+__all__ = ["ENV_VARS", "EXPLORATIONS", "RerankConfig", "explore", "limit_category_runs", "mmr", "request_rng", "thompson"]

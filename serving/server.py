@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestration.settings import PROJECT_ROOT
+from ground.settings import PROJECT_ROOT
 
 SERVICE = "serving.service:KairosRanker"
 

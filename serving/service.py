@@ -32,14 +32,15 @@ from typing import Annotated, Optional
 import bentoml
 from pydantic import BaseModel, ConfigDict, Field
 
+from ground.settings import Settings, redis_client, redis_url_from_env
 from serving.settings import ServeSettings
 
 log = logging.getLogger("kairos.service")
 
 # The entry point: BentoML imports this module to start the service, and its decorator needs the worker and
 # thread counts when the class is defined, so the environment is read here, once, into typed settings
-# (serving/settings.py) that everything below receives explicitly; no other serving module reads it at import
-# (the experiment switches and REDIS_URL are read when the service initializes, serving/experiments.py).
+# (serving/settings.py, the experiment switches included) that everything below receives explicitly; no other
+# serving module reads it (REDIS_URL and the lake are ground.settings.Settings, built when the service initializes).
 SETTINGS = ServeSettings.from_env()
 
 
@@ -155,7 +156,7 @@ class ClientErrorLogFilter(logging.Filter):
             what = f"{int(exc.error_code.value)} {type(exc).__name__}: {exc}"
         else:
             return True  # a real server error keeps its traceback
-        record.msg, record.args = f"client error on %s: %s", (record.getMessage().removeprefix("Exception on "), what[:500])
+        record.msg, record.args = "client error on %s: %s", (record.getMessage().removeprefix("Exception on "), what[:500])
         record.levelno, record.levelname, record.exc_info, record.exc_text = logging.WARNING, "WARNING", None, None
         return True
 
@@ -329,12 +330,6 @@ class StreamMetrics:
                 log.debug("stream metrics not refreshed: %s", exc)
 
 
-def _redis_url() -> str:
-    from orchestration.resources import redis_url_from_env
-
-    return os.environ.get("REDIS_URL") or redis_url_from_env()
-
-
 # ---------------------------------------------------------------------------- the HTTP contract
 # The request body, exactly (DESIGN "The ranking request"); unknown fields are refused. BentoML
 # validates the body against these models before the handler runs and answers 400 with the
@@ -484,7 +479,6 @@ class KairosRanker:
         except Exception:  # noqa: BLE001
             pass
         from features.online import OnlineStore
-        from orchestration.settings import Settings
 
         self.settings = Settings.from_env()
         self.serve = SETTINGS
@@ -500,14 +494,12 @@ class KairosRanker:
             log.warning("Prometheus metrics unavailable: %s", exc)
         self.intake_client = None
         try:
-            self.store = OnlineStore.from_url(_redis_url(), timeout_s=self.serve.redis_timeout_s,
+            self.store = OnlineStore.from_url(redis_url_from_env(self.settings), timeout_s=self.serve.redis_timeout_s,
                                               item_cache_rows=self.serve.item_cache_rows,
                                               fresh_window=self.serve.fresh_window)
             # the intake waits for an fsync (appendfsync always): it gets its own client with a longer timeout than
             # the ranking path's 100 ms, so a slow disk is a slow 200, not a timeout the producer must retry
-            from orchestration.settings import redis_client
-
-            self.intake_client = redis_client(_redis_url(), decode_responses=True, socket_timeout=self.serve.intake_timeout_s,
+            self.intake_client = redis_client(redis_url_from_env(self.settings), decode_responses=True, socket_timeout=self.serve.intake_timeout_s,
                                               socket_connect_timeout=self.serve.intake_timeout_s)
             if self.serve.impression_log:
                 from serving.impressions import ImpressionLogger
@@ -517,11 +509,9 @@ class KairosRanker:
             log.warning("online store not configured (%s); requests will use the popularity fallback", exc)
         from concurrent.futures import ThreadPoolExecutor
 
-        from serving.experiments import Experiment, canary_share_from_env, shadow_enabled
-
-        self._env_experiment = Experiment.from_env()
-        self._env_shadow = shadow_enabled()
-        self._env_canary_share = canary_share_from_env()
+        self._env_experiment = self.serve.experiment
+        self._env_shadow = self.serve.shadow
+        self._env_canary_share = self.serve.canary_share
         self.experiment = self._env_experiment
         self.shadow = self._env_shadow
         self.plan = None

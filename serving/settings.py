@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from features.online import FRESH_WINDOW, ITEM_CACHE_ROWS, PUBLISHED_KEEP
-from serving.rerank import RerankConfig, env_flag, env_number
+from ground.settings import env_flag, env_number
+from serving.experiments import Experiment
+from serving.rerank import RerankConfig
 from streaming.retention import DEFAULT_MAX_BACKLOG, STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING
 
 
@@ -44,7 +46,10 @@ ENV_VARS: dict[str, str] = {
     "fresh_window": "KAIROS_FRESH_WINDOW",
     "max_backlog": "KAIROS_STREAM_MAX_BACKLOG",
     "compiled_ranker": "KAIROS_COMPILED_RANKER",
+    "shadow": "KAIROS_SHADOW",
+    "canary_share": "KAIROS_CANARY_SHARE",
 }
+# `experiment` is KAIROS_EXPERIMENT (+ KAIROS_EXPERIMENT_MODE), parsed by serving.experiments.Experiment.from_env
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,10 @@ class ServeSettings:
     max_backlog: int = DEFAULT_MAX_BACKLOG  # /v1/events refuses a batch (429) that would pass this stream backlog
     compiled_ranker: bool = True  # serve the lleaves-compiled ranker once it is ready (False: LightGBM's predict)
     rerank: RerankConfig = field(default_factory=RerankConfig)
+    # online experiments (serving/experiments.py); set, they override the registry's rollout state
+    experiment: Experiment | None = None  # users in its share get the challenger (or an interleaving)
+    shadow: bool = False  # the challenger also scores every champion request, logged, never shown
+    canary_share: float | None = None  # overrides the canary share of the rollout state
 
     @property
     def worker_count(self) -> int:
@@ -101,6 +110,9 @@ class ServeSettings:
             max_backlog=env_number(env, v["max_backlog"], int, d.max_backlog, 1),
             compiled_ranker=env_flag(env, v["compiled_ranker"], d.compiled_ranker),
             rerank=RerankConfig.from_env(env),
+            experiment=Experiment.from_env(env),
+            shadow=env_flag(env, v["shadow"], d.shadow),
+            canary_share=env_number(env, v["canary_share"], float, d.canary_share, 0.0, 1.0),
         )
 
 

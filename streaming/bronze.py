@@ -36,8 +36,9 @@ import redis
 
 import pyarrow as pa
 
+from ground.settings import redis_client
 from ingestion.refine import event_dates
-from ingestion.schema import BRONZE_SCHEMA, DAY_MS, EVENT_SCHEMA
+from data_contracts.schema import BRONZE_SCHEMA, DAY_MS, EVENT_SCHEMA
 from streaming.intake import DEAD_LETTER_STREAM, QUARANTINE_STREAM
 from streaming.retention import as_text as _s, ensure_group, parse_id, server_time_ms, trim_processed
 
@@ -278,7 +279,6 @@ def _writer_main(redis_url: str, root: str, storage_options: dict | None, stream
     """Entry point of the writer process; it stops with its parent (SIGKILL included: the parent pid changes)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from lake.delta import DeltaLake
-    from orchestration.settings import redis_client
 
     client = redis_client(redis_url, socket_timeout=5, socket_connect_timeout=5)  # password/TLS from env, as the job
     writer = BronzeWriter(client, DeltaLake(root, storage_options), stream, window_ms=window_ms, owner=owner,

@@ -151,7 +151,7 @@ def intake(client: Any, events: list[Any], now_ms: int | None = None, stream: st
             raise IntakeUnavailable(exc, written=None) from exc
         if any(i is None for i in ids):  # the script is atomic: none of it ran
             raise IntakeUnavailable(exc, written=False) from exc
-        written = [(i, True) for i in ids]  # it ran; only its answer was lost
+        written = [(i, True) for i in ids if i is not None]  # it ran (no None, above); only its answer was lost
     duplicates = [e["event_id"] for e, (_, new) in zip(good, written) if not new]
     return {"accepted": [e["event_id"] for e in good], "stream_ids": [sid for sid, _ in written], "errors": errors,
             "duplicates": duplicates,

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -45,6 +44,7 @@ import redis
 from data_contracts.events import check_event
 from features.functions import new_session_state, update_session
 from features.online import SESSION_TTL_S, OnlineStore, decode_session, session_key, session_owner_key
+from ground.settings import Settings, redact_url, redis_client, redis_url_from_env
 from streaming.intake import COUNTS_KEY, DEAD_LETTER_STREAM, QUARANTINE_MAXLEN, QUARANTINE_STREAM, intake  # noqa: F401 - re-exported
 from streaming.options import StreamJobOptions, parse_args
 from streaming.retention import as_text as _s, ensure_group, parse_id, stream_lag, trim_processed
@@ -224,8 +224,8 @@ class SessionStreamProcessor:
                 bad.append((entry_id, "", "entry deleted from the stream before processing"))
                 continue
             raw, event, reason = read_entry({_s(k): _s(v) for k, v in fields.items()})
-            if reason:
-                bad.append((entry_id, raw, reason))
+            if event is None:
+                bad.append((entry_id, raw, reason or "event could not be read"))
                 continue
             valid.setdefault(event["user_id"], []).append((entry_id, raw, event))
         if bad:
@@ -454,7 +454,7 @@ def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJo
                               reclaim_every_s=opts.reclaim_every_s)
     finally:
         stop.set()
-        if thread is not None:
+        if thread is not None and writer is not None:  # the thread runs the writer
             thread.join(timeout=60)
             bronze_stats = dict(writer.stats)
         if child is not None:
@@ -469,16 +469,13 @@ def run_job(client: Any, lake: Any | None, stop: threading.Event, opts: StreamJo
 def main(argv: list[str] | None = None, opts: StreamJobOptions | None = None) -> int:
     """`kairos stream` / `python -m streaming.job`: run one consumer (and the bronze writer) until SIGINT/SIGTERM."""
     from lake.delta import DeltaLake
-    from orchestration.resources import redis_url_from_env
-    from orchestration.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = opts or parse_args(argv)
-    url = os.environ.get("REDIS_URL") or redis_url_from_env()
-    from orchestration.settings import redact_url, redis_client
-
+    settings = Settings.from_env()
+    url = redis_url_from_env(settings)
     client = redis_client(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)  # password/TLS from env
-    lake = DeltaLake(Settings.from_env().lake_uri) if opts.bronze else None
+    lake = DeltaLake(settings.lake_uri) if opts.bronze else None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

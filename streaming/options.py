@@ -3,8 +3,19 @@ the Dagster op. Light on purpose (no numpy/pandas), so building the `kairos` par
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Mapping
+
+from ground.settings import env_number
+
+# field -> the environment variable that sets its default (a flag given on the command line wins)
+ENV_VARS: dict[str, str] = {
+    "consumer": "KAIROS_STREAM_CONSUMER",
+    "session_ttl_s": "KAIROS_SESSION_TTL_S",
+    "bronze_window_ms": "KAIROS_BRONZE_WINDOW_MS",
+}
 
 
 @dataclass
@@ -22,32 +33,46 @@ class StreamJobOptions:
     bronze_window_ms: int = 10_000
     bronze_lock_ttl_ms: int = 10_000
 
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "StreamJobOptions":
+        """The defaults with the ENV_VARS applied; a bad value raises ValueError naming its variable."""
+        d = cls()
+        return cls(consumer=env.get(ENV_VARS["consumer"], "").strip(),
+                   session_ttl_s=env_number(env, ENV_VARS["session_ttl_s"], int, 0, 0) or None,
+                   bronze_window_ms=env_number(env, ENV_VARS["bronze_window_ms"], int, d.bronze_window_ms, 1))
+
     def consumer_name(self) -> str:
         return self.consumer or f"sessionizer-{os.uname().nodename}-{os.getpid()}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The job's flags (environment variables give the defaults, flags win)."""
+    """The job's flags. Building the parser reads no environment (it is part of every `kairos` command);
+    `options_from_args` applies the variables (ENV_VARS) under the flags."""
     d = StreamJobOptions()
-    p.add_argument("--consumer", default=os.environ.get("KAIROS_STREAM_CONSUMER", ""),
-                   help="consumer name in the group (default: host and pid); reuse it to resume its pending entries")
+    p.add_argument("--consumer", default=None,
+                   help="consumer name in the group (default: KAIROS_STREAM_CONSUMER, else host and pid); reuse it "
+                        "to resume its pending entries")
     p.add_argument("--batch", type=int, default=d.batch, help="entries per XREADGROUP (one transaction per batch)")
     p.add_argument("--reclaim-idle-ms", type=int, default=d.reclaim_idle_ms,
                    help="take over another consumer's unacknowledged entries idle this long (XAUTOCLAIM)")
-    p.add_argument("--session-ttl-s", type=int, default=int(os.environ.get("KAIROS_SESSION_TTL_S", "0")) or None,
-                   help="a session key expires after this much inactivity (default 1800)")
+    p.add_argument("--session-ttl-s", type=int, default=None,
+                   help="a session key expires after this much inactivity (default: KAIROS_SESSION_TTL_S, else 1800)")
     p.add_argument("--no-bronze", action="store_true", help="do not append micro-batches to the bronze Delta table")
-    p.add_argument("--bronze-window-ms", type=int, default=int(os.environ.get("KAIROS_BRONZE_WINDOW_MS", d.bronze_window_ms)),
-                   help="stream time per bronze micro-batch (a divisor of a day)")
+    p.add_argument("--bronze-window-ms", type=int, default=None,
+                   help=f"stream time per bronze micro-batch, a divisor of a day (default: KAIROS_BRONZE_WINDOW_MS, "
+                        f"else {d.bronze_window_ms})")
     p.add_argument("--bronze-lock-ttl-ms", type=int, default=d.bronze_lock_ttl_ms,
                    help="one bronze writer at a time: a dead writer's lock expires after this long")
     return p
 
 
-def options_from_args(a: argparse.Namespace) -> StreamJobOptions:
-    return StreamJobOptions(consumer=a.consumer, batch=a.batch, reclaim_idle_ms=a.reclaim_idle_ms,
-                            session_ttl_s=a.session_ttl_s, bronze=not a.no_bronze, bronze_window_ms=a.bronze_window_ms,
-                            bronze_lock_ttl_ms=a.bronze_lock_ttl_ms)
+def options_from_args(a: argparse.Namespace, env: Mapping[str, str] = os.environ) -> StreamJobOptions:
+    """The parsed flags over `StreamJobOptions.from_env(env)`: a flag given wins over its variable."""
+    base = StreamJobOptions.from_env(env)
+    flags = {"consumer": a.consumer, "session_ttl_s": a.session_ttl_s, "bronze_window_ms": a.bronze_window_ms}
+    return dataclasses.replace(base, batch=a.batch, reclaim_idle_ms=a.reclaim_idle_ms, bronze=not a.no_bronze,
+                               bronze_lock_ttl_ms=a.bronze_lock_ttl_ms,
+                               **{k: v for k, v in flags.items() if v is not None})
 
 
 def parse_args(argv: list[str] | None) -> StreamJobOptions:

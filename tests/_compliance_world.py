@@ -47,11 +47,11 @@ def compliance_world() -> dict[str, Any]:
     """The shared world (built on first use)."""
     if _WORLD:
         return _WORLD
+    from ground.settings import Settings, redis_client
     from lake.delta import DeltaLake
     from models.registry import load_alias, mlflow_client
     from orchestration.cli import log_impressions, materialize_all, prepare_home
     from orchestration.services import start_redis
-    from orchestration.settings import Settings, redis_client
     from streaming.job import SessionStreamProcessor, publish
 
     home = Path(tempfile.mkdtemp(prefix="kairos-compliance-"))

@@ -39,7 +39,7 @@ def fresh_home(home: Path, redis_url: str) -> Iterator[object]:
     import redis
 
     from orchestration.cli import prepare_home
-    from orchestration.settings import Settings
+    from ground.settings import Settings
 
     with kairos_env(home, redis_url):
         redis.Redis.from_url(redis_url).flushdb()

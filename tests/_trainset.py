@@ -1,7 +1,7 @@
 """A training set built from the simulator in pure pandas (no Spark): fast fixtures for model tests.
 
 Mirrors training.dataset.build_training_set: one row per impression, labeled by the product's own
-rule (training.labels.build_labels with its default LabelConfig: engagements attributed to the latest
+rule (ingestion.labels.build_labels with its default LabelConfig: engagements attributed to the latest
 impression of the same user and item within the attribution window, label_binary = label >= the
 positive threshold), read once every window has closed so that no impression is left unlabeled;
 user/item store columns counted from strictly earlier days (the daily snapshot as of the impression's
@@ -21,8 +21,8 @@ from ingestion.bots import bot_mask, bot_sessions
 from ingestion.dedup import window_duplicates
 from features.registry import (CATEGORY_HALF_LIFE_DAYS, CO_ITEMS_TOP_K, ENGAGED_CLICK_MIN_DWELL_MS, ENGAGED_EVENT_TYPES,
                                ITEM_ENGAGED_HALF_LIFE_DAYS, ITEM_ENGAGED_WINDOW_DAYS)
-from ingestion.schema import DAY_MS, EVENT_TYPES
-from training.labels import LabelConfig, build_labels
+from data_contracts.schema import DAY_MS, EVENT_TYPES
+from ingestion.labels import LabelConfig, build_labels
 
 USER_WINDOW_DAYS = 30
 USER_SHORT_WINDOW_DAYS = 7

@@ -12,7 +12,7 @@ import redis
 
 from ingestion.simulator import SimulatorConfig, World, simulate
 from orchestration.services import EmbeddedRedis, start_redis
-from orchestration.settings import Settings
+from ground.settings import Settings
 
 SHARED = Path(os.environ.get("KAIROS_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 MOVIELENS_100K = SHARED / "data" / "movielens-100k"

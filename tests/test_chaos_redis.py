@@ -18,9 +18,9 @@ import pandas as pd
 import redis
 
 from features.online import OnlineStore
+from ground.settings import PROJECT_ROOT
 from lake.delta import DeltaLake
 from orchestration.services import redis_durability, start_redis
-from orchestration.settings import PROJECT_ROOT
 from streaming.bronze import BRONZE_GROUP, BRONZE_TABLE
 from streaming.intake import intake, intake_key
 from streaming.job import COUNTS_KEY, GROUP, STREAM

@@ -11,7 +11,7 @@ import pytest
 
 from compliance.exclusion import FORGOTTEN_USERS, PRIVACY_AUDIT, user_hash
 from lake.delta import DeltaLake
-from orchestration.settings import privacy_key
+from ground.settings import privacy_key
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +23,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, redis_server):
     from lake.spark import stop_session
     from orchestration.cli import materialize_all, prepare_home
     from orchestration.services import start_mlflow_server, start_spark_standalone
-    from orchestration.settings import Settings
+    from ground.settings import Settings
     from tests._engines import moto_endpoint, new_bucket, s3_env
     from tests._env import kairos_env
 

@@ -9,10 +9,10 @@ import pytest
 
 from data_contracts.events import (MAX_ID_LENGTH, MIN_TIMESTAMP_MS, QUARANTINE_COLUMNS, ContractResult, build_data_docs,
                                     build_suite, check_event, event_rules, event_violations, validate_events)
-from ingestion.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA, SCHEMA_VERSION
+from data_contracts.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA, SCHEMA_VERSION
 from ingestion.simulator import START_MS
 from lake.delta import DeltaLake
-from training.labels import build_labels
+from ingestion.labels import build_labels
 
 NOW = START_MS + 30 * DAY_MS  # fixed clock: the simulated days are all in its past
 

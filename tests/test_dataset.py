@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from features.batch import final_snapshot, item_snapshots, user_snapshots
-from ingestion.schema import DAY_MS, HOUR_MS
-from orchestration.services import spark_session
+from data_contracts.schema import DAY_MS, HOUR_MS
+from lake.spark import spark_session
 from training.dataset import SplitConfig, assign_split, build_training_set, split_boundaries
 
 T0 = 1_767_225_600_000  # 2026-01-01 00:00 UTC

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ingestion.schema import DAY_MS
+from data_contracts.schema import DAY_MS
 from ingestion.simulator import SimulatorConfig, simulate
 from monitoring.drift import drift_report, event_drift_frame, psi
 

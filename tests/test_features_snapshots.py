@@ -18,8 +18,8 @@ from features.batch import (CO_ITEMS_WINDOW_DAYS, ITEM_WINDOW_DAYS, USER_SHORT_W
 from features.functions import CTR_PRIOR_CLICKS, CTR_PRIOR_IMPRESSIONS
 from features.registry import (CATEGORY_HALF_LIFE_DAYS, CO_ITEMS_TOP_K, ENGAGED_CLICK_MIN_DWELL_MS, ENGAGED_EVENT_TYPES,
                                ITEM_ENGAGED_HALF_LIFE_DAYS, ITEM_ENGAGED_WINDOW_DAYS)
-from ingestion.schema import DAY_MS, HOUR_MS
-from orchestration.services import spark_session
+from data_contracts.schema import DAY_MS, HOUR_MS
+from lake.spark import spark_session
 
 T0 = 1_767_225_600_000  # 2026-01-01 00:00 UTC
 D0 = T0 // DAY_MS

@@ -13,7 +13,7 @@ from dagster import AssetKey, DagsterInstance
 from compliance.exclusion import FORGOTTEN_USERS, PRIVACY_AUDIT, forgotten_mask, user_hash
 from compliance.forget import delete_predicate, entry_mentions_user, glob_escape, names_user
 from lake.delta import DeltaLake
-from orchestration.settings import privacy_key, redis_client
+from ground.settings import privacy_key, redis_client
 from tests._compliance_world import SOURCE, compliance_world, world_env
 
 pytestmark = pytest.mark.e2e

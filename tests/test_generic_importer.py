@@ -9,9 +9,14 @@ import pandas as pd
 import pytest
 
 from data_contracts.events import validate_events
+from data_contracts.schema import (
+    EVENT_COLUMNS,
+    ITEM_SCHEMA,
+    SCHEMA_VERSION,
+    USER_SCHEMA,
+)
 from ingestion.generic import ColumnMapping, load_interactions
 from ingestion.movielens import ImportError_
-from ingestion.schema import EVENT_COLUMNS, ITEM_SCHEMA, SCHEMA_VERSION, USER_SCHEMA
 
 FAR_FUTURE_MS = 4_102_444_800_000  # 2100-01-01
 BASIC = ColumnMapping(user="uid", item="sku", timestamp="ts")

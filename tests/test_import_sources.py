@@ -12,11 +12,11 @@ import pytest
 from ingestion.catalog import ItemCatalogMapping, join_items, read_item_catalog
 from ingestion.generic import ColumnMapping, load_interactions
 from ingestion.movielens import ImportError_
-from ingestion.schema import DAY_MS, ITEM_SCHEMA
+from data_contracts.schema import DAY_MS, ITEM_SCHEMA
 from ingestion.sources import LABEL_RULES, load_source_frames, log_kind
 from ingestion.synthetic_logs import SESSION_CLICKS_MAPPING, write_ratings_latest, write_session_clicks
 from orchestration.world import WorldError, derive_split, resolve_world
-from training.labels import LabelConfig, build_labels, untrainable_reason
+from ingestion.labels import LabelConfig, build_labels, untrainable_reason
 
 SESSION_LOG = ("session_id;user_id;item_id;timeframe;eventdate\n"
                "1;NA;81766;526309;2016-05-09\n"

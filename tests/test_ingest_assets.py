@@ -7,7 +7,7 @@ from dagster import AssetKey, DagsterInstance, materialize
 from assets.ingestion import (BRONZE, QUARANTINE, SILVER, SourceConfig, bronze_events, daily_partitions, silver_events,
                               source_partitions)
 from lake.delta import DeltaLake
-from orchestration.resources import ArtifactsResource, LakeResource
+from assets.resources import ArtifactsResource, LakeResource
 
 SOURCE = {"n_users": 60, "n_items": 80, "n_categories": 4, "days": 3, "seed": 21}
 RUN_CONFIG = {"ops": {"bronze_events": {"config": SOURCE}}}

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ingestion.schema import HOUR_MS
+from data_contracts.schema import HOUR_MS
 from ingestion.simulator import START_MS
-from training.labels import (LABEL_COLUMNS, LabelConfig, build_labels, engagement_score, engagement_scores)
+from ingestion.labels import (LABEL_COLUMNS, LabelConfig, build_labels, engagement_score, engagement_scores)
 
 T0 = START_MS
 AS_OF = T0 + 100 * HOUR_MS
@@ -190,7 +190,7 @@ def test_matches_the_definition_on_simulated_events(small_world) -> None:
 
 
 def test_negative_kinds_and_sampled_easy_negatives() -> None:
-    from training.labels import label_summary
+    from ingestion.labels import label_summary
 
     t0 = 1_767_225_600_000
     rows = []

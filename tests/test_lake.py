@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from lake.delta import DeltaLake, TableMissing, spark_read
-from orchestration.services import spark_session
+from lake.spark import spark_session
 
 
 def test_versions_time_travel_and_pin(tmp_path) -> None:

@@ -10,8 +10,7 @@ import pytest
 
 from lake.delta import DeltaLake
 from lake.spark import (LakeNotReachable, check_reachable, conf_from_env, lake_reader, product_zip, session_conf,
-                        snapshot_plan, spark_read)
-from orchestration.services import spark_session
+                        snapshot_plan, spark_read, spark_session)
 
 
 def _rows(frame) -> list[tuple]:
@@ -47,7 +46,7 @@ def test_code_is_shipped_to_non_local_masters_and_local_lakes_refused(tmp_path) 
     conf = session_conf("spark://10.0.0.1:7077", code_dir=tmp_path)
     shipped = conf["spark.submit.pyFiles"]
     names = zipfile.ZipFile(shipped).namelist()
-    for module in ("lake/spark.py", "features/functions.py", "training/dataset.py", "orchestration/settings.py"):
+    for module in ("lake/spark.py", "features/functions.py", "training/dataset.py", "ground/settings.py"):
         assert module in names, module
     assert not any("__pycache__" in n or n.startswith("tests/") for n in names)
     assert product_zip(tmp_path) == type(product_zip(tmp_path))(shipped)  # same code, same file
@@ -97,7 +96,7 @@ def test_object_store_lake_read_listed_and_maintained(tmp_path, monkeypatch: pyt
         from dagster import materialize
 
         from assets.maintenance import lake_maintenance
-        from orchestration.resources import LakeResource
+        from assets.resources import LakeResource
 
         result = materialize([lake_maintenance], resources={"lake": LakeResource(root=root)},
                              run_config={"ops": {"lake_maintenance": {"config": {"retention_hours": 0}}}})

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from dagster import DagsterInstance, RunsFilter
 
 from lake.delta import DeltaLake

@@ -27,7 +27,7 @@ from dagster import AssetKey, DagsterInstance, build_sensor_context
 from lake.delta import DeltaLake
 from orchestration.cli import data_clock_ms, materialize_all
 from orchestration.services import EmbeddedRedis, free_port
-from orchestration.settings import Settings
+from ground.settings import Settings
 from tests._env import SERVER_ENV, fresh_home
 
 pytestmark = pytest.mark.e2e
@@ -62,7 +62,7 @@ def _ingest(instance: DagsterInstance, source: dict) -> None:
     from assets.ingestion import SourceConfig, catalog, source_partitions
     from assets.monitoring import feature_drift
     from orchestration.definitions import defs
-    from orchestration.resources import ArtifactsResource, LakeResource
+    from assets.resources import ArtifactsResource, LakeResource
 
     days = source_partitions(SourceConfig(**source))
     defs.resolve_job_def("ingest_events").execute_in_process(

@@ -24,7 +24,7 @@ from features.registry import BY_NAME, ITEM_STORE_COLUMNS, USER_STORE_COLUMNS, r
 from lake.delta import DeltaLake
 from monitoring.health import (FreshnessThresholds, attribute_engagement, feature_quality, group_staleness,
                                prediction_entropy, stale_tiers)
-from orchestration.settings import Settings
+from ground.settings import Settings
 from tests._env import kairos_env
 from tests._trainset import clean_events
 
@@ -41,7 +41,7 @@ def _click_probability(position: int) -> float:
 def world(tmp_path_factory, redis_server, small_world, trainset, outcome):
     from assets.monitoring import feature_drift, feature_health, off_policy_evaluation, served_model_health
     from features.online import OnlineStore
-    from orchestration.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource
+    from assets.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource
     from serving.impressions import IMPRESSION_SCHEMA, ImpressionLogger, read_impressions
     from serving.pipeline import personalize
     from serving.rerank import RerankConfig
@@ -249,7 +249,7 @@ def test_off_policy_evaluation_of_the_registered_challenger(world) -> None:
 
 def test_freshness_sensor_against_real_redis_and_instance(world, monkeypatch) -> None:
     from orchestration.definitions import defs
-    from orchestration.resources import RedisResource
+    from assets.resources import RedisResource
     from streaming.job import STREAM, SessionStreamProcessor
 
     client = world["client"]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from data_contracts.schema import EVENT_COLUMNS, ITEM_SCHEMA
 from ingestion.movielens import ImportError_, load_movielens_100k, load_movielens_latest
-from ingestion.schema import EVENT_COLUMNS, ITEM_SCHEMA
 from tests.conftest import movielens_or_skip
 
 

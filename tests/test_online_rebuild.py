@@ -21,7 +21,7 @@ def test_sensor_requests_a_rebuild_when_redis_lost_the_snapshot(redis_server) ->
     from dagster import AssetMaterialization, DagsterInstance, RunRequest, SkipReason, build_sensor_context
 
     from orchestration.definitions import defs
-    from orchestration.resources import RedisResource
+    from assets.resources import RedisResource
 
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     client.flushdb()

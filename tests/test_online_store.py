@@ -326,7 +326,7 @@ def test_the_online_features_asset_writes_packed_rows_in_a_dagster_run(tmp_path,
 
     from assets.serving import online_features
     from lake.delta import DeltaLake
-    from orchestration.resources import LakeResource, RedisResource
+    from assets.resources import LakeResource, RedisResource
 
     lake = DeltaLake(str(tmp_path / "lake"))
     users = _users(4)

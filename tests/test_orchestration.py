@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dagster import AssetKey
 
+from assets.resources import LakeResource
 from orchestration.definitions import defs
 from orchestration.sensors import drift_decision
 
@@ -67,3 +68,24 @@ def test_every_asset_has_owner_kinds_tags_and_every_check_a_description() -> Non
     assert all(spec.description for spec in specs.values()), [n for n, s in specs.items() if not s.description]
     blocking = {n for n, s in specs.items() if s.blocking}
     assert blocking == {"counts_reconcile", "point_in_time_correct", "index_recall"}
+
+
+def test_resources_are_configured_through_envvar(tmp_path, monkeypatch) -> None:
+    """A variable the code location's environment sets configures its resource as `EnvVar` (resolved in the run,
+    never baked into the definitions); unset, the resource keeps its embedded default (`kairos demo`)."""
+    from dagster import EnvVar, asset, materialize
+
+    from orchestration.definitions import RESOURCE_ENV, resources
+
+    empty = resources({})
+    assert not any(isinstance(getattr(empty[key], field), EnvVar) for key, (field, _) in RESOURCE_ENV.items())
+    configured = resources({var: "set" for _, var in RESOURCE_ENV.values()})
+    assert all(getattr(configured[key], field) == EnvVar(var) for key, (field, var) in RESOURCE_ENV.items())
+
+    @asset
+    def lake_root(lake: LakeResource) -> str:  # annotation resolved from the module's globals (future annotations)
+        return lake.lake().root
+
+    monkeypatch.setenv("KAIROS_LAKE_URI", str(tmp_path / "lake-from-env"))
+    result = materialize([lake_root], resources={"lake": resources()["lake"]})
+    assert result.output_for_node("lake_root") == str(tmp_path / "lake-from-env")

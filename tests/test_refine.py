@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data_contracts.schema import SCHEMA_VERSION
 from ingestion.bots import BotConfig, bot_mask, bot_sessions
 from ingestion.dedup import exact_duplicates, window_duplicates
 from ingestion.refine import REJECT_SCHEMA, SILVER_SCHEMA, event_dates, refine_batch
-from ingestion.schema import SCHEMA_VERSION
 from ingestion.simulator import SimulatorConfig, simulate
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z

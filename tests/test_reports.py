@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from orchestration.resources import ArtifactsResource
+from assets.resources import ArtifactsResource
 from orchestration.services import free_port
 
 

@@ -157,7 +157,7 @@ def test_importing_serving_reads_no_environment() -> None:
     import subprocess
     import sys
 
-    from orchestration.settings import PROJECT_ROOT
+    from ground.settings import PROJECT_ROOT
 
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "KAIROS_MMR_LAMBDA": "not-a-number",
            "KAIROS_EXPLORATION_EPSILON": "0.5", "KAIROS_SESSION_INTENT_SLOT_SHARE": "x",
@@ -169,3 +169,18 @@ def test_importing_serving_reads_no_environment() -> None:
             "assert RerankConfig().epsilon == 0.05 and RerankConfig().mmr_lambda == 0.95, RerankConfig()\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=str(PROJECT_ROOT))
     assert out.returncode == 0, out.stderr
+
+
+def test_serve_settings_carry_the_experiment_switches() -> None:
+    """KAIROS_EXPERIMENT(_MODE), KAIROS_SHADOW and KAIROS_CANARY_SHARE are read with the other serving settings, once,
+    and a bad value fails there naming its variable (not at the first request)."""
+    from serving.experiments import INTERLEAVE, Experiment
+    from serving.settings import ServeSettings
+
+    serve = ServeSettings.from_env({"KAIROS_EXPERIMENT": "v2:0.25", "KAIROS_EXPERIMENT_MODE": "interleave",
+                                    "KAIROS_SHADOW": "1", "KAIROS_CANARY_SHARE": "0.5"})
+    assert (serve.experiment, serve.shadow, serve.canary_share) == (Experiment("v2", 0.25, mode=INTERLEAVE), True, 0.5)
+    assert (ServeSettings().experiment, ServeSettings().shadow, ServeSettings().canary_share) == (None, False, None)
+    for var, bad in (("KAIROS_EXPERIMENT", "v2"), ("KAIROS_SHADOW", "maybe"), ("KAIROS_CANARY_SHARE", "1.5")):
+        with pytest.raises(ValueError, match=var):
+            ServeSettings.from_env({var: bad})

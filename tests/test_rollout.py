@@ -179,7 +179,7 @@ def _materialize(tmp_path, redis_server, run_config: dict | None = None) -> dict
     from dagster import DagsterInstance, materialize
 
     from assets.rollout import canary_evaluation, rollout_decision, shadow_report
-    from orchestration.resources import LakeResource, MlflowResource, RedisResource
+    from assets.resources import LakeResource, MlflowResource, RedisResource
 
     with DagsterInstance.ephemeral() as instance:
         result = materialize([shadow_report, canary_evaluation, rollout_decision], instance=instance,
@@ -288,7 +288,7 @@ def test_rollout_sensor_runs_the_rollout_job_only_while_a_rollout_is_in_progress
     assert rollout_tick("promoted", "3", 1000.0) is None and rollout_tick("shadow", None, 1000.0) is None
     assert rollout_tick("canary", "3", 1000.0, 300) == rollout_tick("canary", "3", 1100.0, 300) != \
         rollout_tick("canary", "3", 1300.0, 300)
-    from orchestration.resources import MlflowResource
+    from assets.resources import MlflowResource
 
     sensor = defs.resolve_sensor_def("rollout_sensor")
     assert sensor.job_name == "rollout"

@@ -13,9 +13,9 @@ import redis
 from features.online import OnlineStore
 from models.bundle import MANIFEST, RANKER, Bundle, BundleIntegrityError, file_sha256
 from models.registry import MANIFEST_SHA_TAG, _find_bundle_dir, load_alias, mlflow_client
-from orchestration.resources import RedisResource
+from assets.resources import RedisResource
 from orchestration.services import start_redis
-from orchestration.settings import Settings, redact_url, redis_client, redis_connection_kwargs
+from ground.settings import Settings, redact_url, redis_client, redis_connection_kwargs
 from training.gates import GateResult
 from training.registry import register_bundle
 

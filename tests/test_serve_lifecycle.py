@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from ground.settings import PROJECT_ROOT
 from orchestration.services import free_port
-from orchestration.settings import PROJECT_ROOT
 from tests._env import SERVER_ENV
 
 

@@ -8,7 +8,6 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
 
 from assets.streaming import lag_decision
 from features.online import session_key

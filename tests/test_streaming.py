@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pytest
 import redis
 
 from features.online import OnlineStore, session_key
@@ -237,3 +238,21 @@ def test_intake_refuses_a_batch_past_the_backlog_limit(redis_client) -> None:
     assert err.value.backlog == 6 and err.value.limit == 10
     assert redis_client.xlen(STREAM) == 6 and not redis_client.exists(QUARANTINE_STREAM)  # nothing written
     assert intake(redis_client, good[6:], now_ms=T0 + 60_000, max_backlog=10)["counts"]["accepted"] == 2
+
+
+def test_stream_options_flags_win_over_the_environment() -> None:
+    """`kairos stream`: building the parser reads no environment; the variables give the defaults, a flag wins,
+    and a bad variable is an error naming it."""
+    import argparse
+
+    from streaming.options import StreamJobOptions, add_arguments, options_from_args
+
+    parser = add_arguments(argparse.ArgumentParser())
+    env = {"KAIROS_STREAM_CONSUMER": "c1", "KAIROS_SESSION_TTL_S": "600", "KAIROS_BRONZE_WINDOW_MS": "5000"}
+    opts = options_from_args(parser.parse_args([]), env)
+    assert (opts.consumer, opts.session_ttl_s, opts.bronze_window_ms) == ("c1", 600, 5000)
+    opts = options_from_args(parser.parse_args(["--consumer", "c2", "--bronze-window-ms", "2000", "--no-bronze"]), env)
+    assert (opts.consumer, opts.session_ttl_s, opts.bronze_window_ms, opts.bronze) == ("c2", 600, 2000, False)
+    assert options_from_args(parser.parse_args([]), {}) == StreamJobOptions()
+    with pytest.raises(ValueError, match="KAIROS_BRONZE_WINDOW_MS"):
+        options_from_args(parser.parse_args([]), {"KAIROS_BRONZE_WINDOW_MS": "10s"})

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import redis
 
-from ingestion.schema import BRONZE_SCHEMA
+from data_contracts.schema import BRONZE_SCHEMA
 from lake.delta import DeltaLake
 from streaming.bronze import BRONZE_GROUP, BRONZE_TABLE, BronzeWriter, bronze_rows, window_of
 from streaming.job import STREAM, publish

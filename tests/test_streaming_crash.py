@@ -16,8 +16,8 @@ import redis
 
 from features.functions import new_session_state, update_session
 from features.online import OnlineStore, session_key
+from ground.settings import PROJECT_ROOT
 from lake.delta import DeltaLake
-from orchestration.settings import PROJECT_ROOT
 from streaming.bronze import BRONZE_GROUP, BRONZE_TABLE
 from streaming.job import COUNTS_KEY, GROUP, STREAM, publish, user_recent_key
 

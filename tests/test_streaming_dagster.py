@@ -38,7 +38,7 @@ def test_lag_sensor_alerts_and_the_drain_job_catches_up(redis_server, tmp_path: 
     from dagster import DagsterInstance, RunRequest, SkipReason, build_sensor_context
 
     from orchestration.definitions import defs
-    from orchestration.resources import LakeResource, RedisResource
+    from assets.resources import LakeResource, RedisResource
     from lake.delta import DeltaLake
     from streaming.bronze import BRONZE_TABLE
 

@@ -24,9 +24,9 @@ def test_training_set_helper_is_point_in_time(trainset) -> None:
     order = {"train": 0, "validation": 1, "test": 2}
     assert trainset["split"].map(order).is_monotonic_increasing  # sorted by time, split by time
     assert 0.05 < trainset["label_binary"].mean() < 0.6
-    # the product's label (training/labels.py): attributed engagement scores summed and clipped, every per-event
+    # the product's label (ingestion/labels.py): attributed engagement scores summed and clipped, every per-event
     # score a multiple of 0.1 (clicks 0.1/0.3/0.6 by dwell, share 0.8, purchase 1.0, skip -0.1); binary by the threshold
-    from training.labels import LABEL_MAX, LABEL_MIN, LabelConfig
+    from ingestion.labels import LABEL_MAX, LABEL_MIN, LabelConfig
 
     assert trainset["label"].between(LABEL_MIN, LABEL_MAX).all()
     assert np.allclose(trainset["label"] * 10, np.round(trainset["label"] * 10))

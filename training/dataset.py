@@ -14,10 +14,10 @@ from typing import Any
 
 import pandas as pd
 
+from data_contracts.schema import DAY_MS, HOUR_MS
 from features.functions import CANDIDATE_EVENT, replay_session_features
 from features.history import CONSUMED_TYPES, recent_items_before
 from features.registry import SNAPSHOT_MAX_AGE_DAYS
-from ingestion.schema import DAY_MS, HOUR_MS
 
 log = logging.getLogger("kairos.dataset")
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from models.bundle import MANIFEST, Bundle, file_sha256
 from models.registry import CHALLENGER, CHAMPION, MANIFEST_SHA_TAG, alias_model_version, mlflow_client
-from orchestration.settings import Settings
+from ground.settings import Settings
 
 log = logging.getLogger("kairos.registry")
 
@@ -79,10 +79,8 @@ def artifact_location(settings: Settings) -> str | None:
     """Where a new experiment keeps its artifacts: KAIROS_MLFLOW_ARTIFACTS if set; with a remote tracking
     server (http[s]://, databricks) None, so the server's own artifact root is used (artifacts must not land
     on the client's disk, where the server and other clients cannot read them); else KAIROS_HOME/mlartifacts."""
-    import os
-
-    if os.environ.get("KAIROS_MLFLOW_ARTIFACTS"):
-        return settings.mlflow_artifact_root
+    if settings.mlflow_artifacts:
+        return settings.mlflow_artifacts
     if settings.mlflow_tracking_uri.split(":", 1)[0] in ("http", "https", "databricks"):
         return None
     return settings.mlflow_artifact_root

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ingestion.schema import HOUR_MS
+from data_contracts.schema import HOUR_MS
 
 # The seed's weighted engagement, declared once: the scalar and the vectorized score both read these.
 EVENT_WEIGHTS: dict[str, float] = {"purchase": 1.0, "share": 0.8, "skip": -0.1, "add_to_cart": 0.0, "impression": 0.0}
@@ -196,7 +196,7 @@ def sample_easy_negatives(positives: pd.DataFrame, shown: pd.DataFrame, catalog:
         draws = rng.choice(n_items, size=(len(positives), k_max * attempts), p=p / p.sum())
     rows, picks = [], []
     for r in range(len(positives)):
-        need, got = int(k[r]), []
+        need, got = int(k[r]), list[int]()
         base = int(pos_users[r]) * n_items
         for item in draws[r]:
             if len(got) == need:

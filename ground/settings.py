@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -18,6 +18,38 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def _env(name: str, default: str) -> str:
     value = os.environ.get(name)
     return value if value not in (None, "") else default
+
+
+# The parsers every settings object uses (Settings, serving.settings.ServeSettings, serving.rerank.RerankConfig,
+# monitoring.health.FreshnessThresholds, streaming.options.StreamJobOptions): a bad value fails where the settings
+# are built, with the variable's name, instead of running with a silently different setting.
+def env_number(env: Mapping[str, str], var: str, kind: type, default: Any, minimum: float | None = None,
+               maximum: float | None = None) -> Any:
+    """`env[var]` parsed as `kind` (int or float), `default` when unset or blank; a bad value raises naming the
+    variable, so a typo in a deployment fails at start instead of serving with a silently different setting."""
+    raw = env.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{var} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{var} must be in [{minimum if minimum is not None else '-inf'}, "
+                         f"{maximum if maximum is not None else 'inf'}], got {raw!r}")
+    return value
+
+
+def env_flag(env: Mapping[str, str], var: str, default: bool) -> bool:
+    """`env[var]` as a switch: 1/true/yes/on or 0/false/no/off (any case), `default` when unset or blank."""
+    raw = env.get(var, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{var} must be one of 1/true/yes/on or 0/false/no/off, got {raw!r}")
 
 
 @dataclass(frozen=True)
@@ -32,6 +64,7 @@ class Settings:
     model_name: str = "kairos-ranker"
     partition_start: str = "2026-01-01"  # first daily partition of the event assets (UTC day)
     shared_dir: Path = field(default_factory=lambda: PROJECT_ROOT.parent / "shared")
+    mlflow_artifacts: str | None = None  # KAIROS_MLFLOW_ARTIFACTS: where new experiments keep artifacts, if set
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -45,6 +78,7 @@ class Settings:
             model_name=_env("KAIROS_MODEL_NAME", "kairos-ranker"),
             partition_start=_env("KAIROS_PARTITION_START", "2026-01-01"),
             shared_dir=Path(_env("KAIROS_SHARED_DIR", str(PROJECT_ROOT.parent / "shared"))),
+            mlflow_artifacts=os.environ.get("KAIROS_MLFLOW_ARTIFACTS") or None,
         )
 
     @property
@@ -53,7 +87,7 @@ class Settings:
 
     @property
     def mlflow_artifact_root(self) -> str:
-        return _env("KAIROS_MLFLOW_ARTIFACTS", str(self.home / "mlartifacts"))
+        return self.mlflow_artifacts or str(self.home / "mlartifacts")
 
 
 # ---------------------------------------------------------------------------------------------- Redis
@@ -96,6 +130,20 @@ def redis_client(url: str, **kwargs: Any) -> Any:
     url, extra = redis_connection_kwargs(url)
     kwargs.setdefault("decode_responses", True)
     return redis.Redis.from_url(url, **{**extra, **kwargs})
+
+
+def redis_url_from_env(settings: Settings | None = None) -> str:
+    """REDIS_URL, else the URL the embedded server wrote under KAIROS_HOME."""
+    settings = settings or Settings.from_env()
+    if settings.redis_url:
+        return settings.redis_url
+    marker = settings.home / "redis.url"
+    if marker.exists():
+        return marker.read_text().strip()
+    raise RuntimeError(
+        "No Redis configured: set REDIS_URL, or start the embedded server with `kairos redis` "
+        "(the demo `kairos demo` starts one for you)."
+    )
 
 
 def redact_url(url: str | None) -> str:

@@ -1,19 +1,20 @@
 """Dagster resources: every piece of I/O (lake, Spark, Redis, MLflow) lives here.
 
-Assets receive these and call pure functions; switching from the embedded
-defaults to a cluster is a matter of resource configuration (env vars).
+Assets receive these and call pure functions; switching from the embedded defaults to a cluster is a matter of
+resource configuration: orchestration/definitions.py sets each field with `EnvVar` when its variable is set, and
+an empty field falls back to `ground.settings.Settings` (the embedded defaults under KAIROS_HOME).
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from dagster import ConfigurableResource
 
+from ground.settings import Settings, redis_client, redis_url_from_env
 from lake.delta import DeltaLake
-from lake.spark import spark_read
-from orchestration.settings import Settings
+from lake.spark import spark_read, spark_session
 
 
 def _settings() -> Settings:
@@ -37,27 +38,11 @@ class SparkResource(ConfigurableResource):
     conf: dict[str, str] = {}
 
     def session(self) -> Any:
-        from orchestration.services import spark_session
-
         settings = _settings()
         return spark_session(self.master or settings.spark_master, conf=dict(self.conf), lake_uri=settings.lake_uri)
 
     def read_table(self, lake: DeltaLake, table: str, version: int) -> Any:
         return spark_read(self.session(), lake, table, version)
-
-
-def redis_url_from_env(settings: Settings | None = None) -> str:
-    """REDIS_URL, else the URL the embedded server wrote under KAIROS_HOME."""
-    settings = settings or _settings()
-    if settings.redis_url:
-        return settings.redis_url
-    marker = settings.home / "redis.url"
-    if marker.exists():
-        return marker.read_text().strip()
-    raise RuntimeError(
-        "No Redis configured: set REDIS_URL, or start the embedded server with `kairos redis` "
-        "(the demo `kairos demo` starts one for you)."
-    )
 
 
 class RedisResource(ConfigurableResource):
@@ -66,8 +51,6 @@ class RedisResource(ConfigurableResource):
     url: str = ""
 
     def client(self):
-        from orchestration.settings import redis_client
-
         # password / TLS from the environment (REDIS_PASSWORD, rediss://, KAIROS_REDIS_TLS_*)
         return redis_client(self.url or redis_url_from_env(), decode_responses=True,
                             socket_timeout=5, socket_connect_timeout=5)
@@ -79,11 +62,10 @@ class MlflowResource(ConfigurableResource):
     tracking_uri: str = ""
 
     def settings(self) -> Settings:
+        """The process's Settings with this resource's tracking URI, when configured (the environment is not
+        written: the settings are passed down)."""
         s = _settings()
-        if self.tracking_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
-            s = Settings.from_env()
-        return s
+        return dataclasses.replace(s, mlflow_tracking_uri=self.tracking_uri) if self.tracking_uri else s
 
 
 REPORTS_EXPERIMENT = "kairos-reports"
@@ -94,8 +76,8 @@ class ArtifactsResource(ConfigurableResource):
     reports are published so they open with one click from the Dagster UI."""
 
     root: str = ""
-    # where people open MLflow (`make mlflow-ui`); report links point there
-    mlflow_ui_url: str = os.environ.get("KAIROS_MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    # where people open MLflow (`make mlflow-ui`); report links point there (KAIROS_MLFLOW_UI_URL, definitions.py)
+    mlflow_ui_url: str = "http://127.0.0.1:5000"
 
     def path(self, *parts: str) -> Path:
         base = Path(self.root or (_settings().home / "artifacts"))
@@ -109,6 +91,7 @@ class ArtifactsResource(ConfigurableResource):
         the MLflow UI (served over HTTP: a file path in Dagster metadata only copies to the clipboard). If MLflow
         cannot take it, the local path is returned, so a report never fails its asset."""
         from dagster import MetadataValue
+
         from models.registry import mlflow_client
 
         report = Path(report)
