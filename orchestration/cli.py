@@ -160,6 +160,7 @@ def demo(args: argparse.Namespace) -> int:
     world = resolve_demo_world(args)
     settings = Settings.from_env()
     prepare_home(settings)
+    settings.record_partition_start(settings.partition_start)  # `make ui` on this home draws the same partitions
     server_redis = ensure_redis(settings)
     settings = Settings.from_env()
     from orchestration.settings import redact_url, redis_client
@@ -309,8 +310,8 @@ def resolve_demo_world(args: argparse.Namespace):
         raise SystemExit(f"kairos demo: KAIROS_PARTITION_START={chosen} is after the data's first day "
                          f"{world.partition_start}: unset it (the demo derives it) or set it to that day or earlier")
     print(world.describe())
-    print(f"daily partitions start {os.environ['KAIROS_PARTITION_START']} (for `make ui` on this lake, export "
-          f"KAIROS_PARTITION_START={os.environ['KAIROS_PARTITION_START']})")
+    print(f"daily partitions start {os.environ['KAIROS_PARTITION_START']} (recorded in KAIROS_HOME/partition_start "
+          "for `make ui` on this home)")
     return world
 
 
@@ -443,7 +444,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    prepare_home(Settings.from_env())
+    settings = Settings.from_env()
+    prepare_home(settings)
+    print(f"Dagster UI over DAGSTER_HOME={os.environ['DAGSTER_HOME']}; daily partitions start {settings.partition_start}")
     os.execvp(str(Path(sys.executable).parent / "dagster"), ["dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml")])
     return 0
 

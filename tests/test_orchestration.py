@@ -67,3 +67,30 @@ def test_every_asset_has_owner_kinds_tags_and_every_check_a_description() -> Non
     assert all(spec.description for spec in specs.values()), [n for n, s in specs.items() if not s.description]
     blocking = {n for n, s in specs.items() if s.blocking}
     assert blocking == {"counts_reconcile", "point_in_time_correct", "index_recall"}
+
+
+def test_partitions_start_where_the_demo_found_the_data(tmp_path, monkeypatch) -> None:
+    """`kairos demo` records the data's first ingest day under KAIROS_HOME; a later process on that home (the
+    code server `make ui` starts) draws the daily partitions from it, and KAIROS_PARTITION_START still wins."""
+    import os
+    import subprocess
+    import sys
+
+    from orchestration.settings import PROJECT_ROOT, Settings
+
+    monkeypatch.delenv("KAIROS_PARTITION_START", raising=False)
+    monkeypatch.setenv("KAIROS_HOME", str(tmp_path / "home"))
+    assert Settings.from_env().partition_start == "2026-01-01"
+    Settings.from_env().record_partition_start("2025-12-20")
+    assert Settings.from_env().partition_start == "2025-12-20"
+
+    def first_ui_partition(**env: str) -> str:
+        code = ("from orchestration.definitions import defs\n"
+                "print(defs.resolve_job_def('ingest_events').partitions_def.get_first_partition_key())")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **env})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()[-1]
+
+    assert first_ui_partition() == "2025-12-20"
+    assert first_ui_partition(KAIROS_PARTITION_START="2025-12-28") == "2025-12-28"
