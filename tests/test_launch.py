@@ -5,13 +5,15 @@ child (pyspark's doctest heuristic exiting while Great Expectations loads) fails
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, RunsFilter
+from dagster import AssetKey, DagsterInstance, RunsFilter
 
 from lake.delta import DeltaLake
 from tests._env import fresh_home
@@ -42,11 +44,14 @@ def test_bare_connect_import_exits_in_a_c_program_and_the_guard_does_not() -> No
     assert "validated" in guarded.stdout and int(guarded.stdout.split()[-1]) > 100, guarded.stdout
 
 
-def test_ingest_day_launched_through_the_run_launcher_succeeds(tmp_path: Path, redis_server) -> None:
+def test_ingest_day_launched_through_the_run_launcher_succeeds(tmp_path: Path, redis_server, caplog) -> None:
     """One day of `ingest_events`, multiprocess executor (the UI's default): silver_events imports GX in a
-    spawned step process; the run shows under its job and the day's rows reconcile."""
+    spawned step process; the run shows under its job and the day's rows reconcile. The caller sees one INFO
+    line per finished step with a counter, and the run's console logger is at INFO (Dagster DEBUG off).
+    Then the unpartitioned `lake_maintenance_job` the same way, on the tables that run wrote."""
     from orchestration.launch import launch_job
 
+    caplog.set_level(logging.INFO, logger="kairos.launch")
     with fresh_home(tmp_path / "kairos", redis_server.url) as settings:
         day = "2026-01-02"
         with DagsterInstance.get() as instance:
@@ -61,6 +66,18 @@ def test_ingest_day_launched_through_the_run_launcher_succeeds(tmp_path: Path, r
             assert stored.remote_job_origin.location_name == "kairos"
             assert [r.run_id for r in instance.get_runs(RunsFilter(job_name="ingest_events"))] == [run.run_id]
             assert stored.tags["dagster/partition"] == day
+            counted = [m for r in caplog.records if (m := re.fullmatch(r"\[(\d+)/(\d+)\] (\S+)( FAILED)? \.\.\. \d+ s",
+                                                                       r.getMessage()))]
+            assert [int(m[1]) for m in counted] == list(range(1, len(run.steps) + 1)), caplog.text[-2000:]
+            assert {m[3] for m in counted} == set(run.steps) and not any(m[4] for m in counted)
+            assert int(counted[-1][2]) == len(run.steps)  # "[2/2] ...": the counter knows the run's step count
+            assert stored.run_config["loggers"]["console"]["config"]["log_level"] == "INFO"
+            maintenance = launch_job("lake_maintenance_job", instance=instance, timeout_s=800)
+            assert maintenance.success, maintenance.failure
+            assert instance.get_run_by_id(maintenance.run_id).remote_job_origin is not None
+            materialized = instance.get_latest_materialization_event(AssetKey("lake_maintenance"))
+            assert materialized.run_id == maintenance.run_id
+            assert materialized.asset_materialization.metadata["tables"].value >= 3  # bronze, silver, quarantine
         lake = DeltaLake(settings.lake_uri)
         bronze, silver, quarantine = lake.read("bronze_events"), lake.read("silver_events"), lake.read("quarantine_events")
         assert set(bronze["ingest_date"]) == {day}
