@@ -4,6 +4,7 @@ from __future__ import annotations
 from dagster import AssetKey
 
 from orchestration.definitions import defs
+from orchestration.launch import QUIET_LOGS
 from orchestration.sensors import drift_decision
 
 
@@ -50,6 +51,30 @@ def test_drift_sensor_requests_retrain_from_a_real_instance() -> None:
         assert len(loud.run_requests) == 1
         request = loud.run_requests[0]
         assert request.tags["kairos/trigger"] == "drift" and "0.410" in request.tags["kairos/reason"]
+        assert request.run_config == QUIET_LOGS  # the daemon's run logs at INFO
+
+
+def test_dagster_debug_is_off_in_every_launch_path() -> None:
+    """The launchpad opens with each job's default run config and the daemon runs what schedules and sensors
+    request: all of them set the console logger to INFO (framework DEBUG events were half the demo's lines)."""
+    import datetime
+
+    from dagster import DagsterInstance, build_schedule_context
+
+    graph_jobs = [j.name for j in defs.resolve_all_job_defs() if not j.name.startswith("__")]
+    assert len(graph_jobs) >= 10
+    for name in graph_jobs:
+        job = defs.resolve_job_def(name)
+        config = (job.partitioned_config.get_run_config_for_partition_key("2026-01-05") if job.partitioned_config
+                  else job.run_config)
+        assert config["loggers"]["console"]["config"]["log_level"] == "INFO", name
+    tick = datetime.datetime(2026, 1, 6, 4, 30, tzinfo=datetime.timezone.utc)
+    with DagsterInstance.ephemeral() as instance:
+        for schedule in defs.get_repository_def().schedule_defs:
+            context = build_schedule_context(instance=instance, scheduled_execution_time=tick,
+                                             repository_def=defs.get_repository_def())
+            requests = schedule.evaluate_tick(context).run_requests
+            assert requests and all(r.run_config["loggers"] == QUIET_LOGS["loggers"] for r in requests), schedule.name
 
 
 def test_every_asset_has_owner_kinds_tags_and_every_check_a_description() -> None:
