@@ -12,7 +12,6 @@ from typing import Any
 
 from dagster import Config, MetadataValue, OpExecutionContext, Output, job, op
 
-from orchestration.launch import QUIET_LOGS
 from orchestration.resources import LakeResource, RedisResource
 
 STREAM_LAG_ALERT_MS = 60_000      # the sessionizer's oldest unfinished entry older than this: alert
@@ -95,6 +94,6 @@ def consume_stream(context: OpExecutionContext, config: DrainConfig, redis: Redi
         "lag_before": MetadataValue.json(before["groups"]), "lag_after": MetadataValue.json(after["groups"])})
 
 
-@job(config=QUIET_LOGS, description="A bounded run of the streaming consumer: drains the event stream into session keys and bronze.")
+@job(description="A bounded run of the streaming consumer: drains the event stream into session keys and bronze.")
 def drain_stream():
     consume_stream()

