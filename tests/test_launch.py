@@ -82,3 +82,38 @@ def test_ingest_day_launched_through_the_run_launcher_succeeds(tmp_path: Path, r
         bronze, silver, quarantine = lake.read("bronze_events"), lake.read("silver_events"), lake.read("quarantine_events")
         assert set(bronze["ingest_date"]) == {day}
         assert len(bronze) == len(silver) + len(quarantine) and len(silver) > 0
+
+
+def test_a_queued_run_is_launched_by_the_daemon(tmp_path: Path, redis_server) -> None:
+    """What the UI's Launch button and the sensors do under `dagster dev`: the run goes to the instance's
+    QueuedRunCoordinator and a real `dagster-daemon` dequeues it, launches it and it succeeds."""
+    import signal
+
+    import pandas as pd
+
+    from orchestration.launch import WORKSPACE, launch_job
+
+    with fresh_home(tmp_path / "kairos", redis_server.url) as settings:
+        lake = DeltaLake(settings.lake_uri)
+        lake.write_batch("bronze_events", pd.DataFrame({"event_id": ["e1", "e2"], "ingest_date": ["2026-01-02"] * 2}),
+                         batch_id="2026-01-02", replace_where="ingest_date = '2026-01-02'")
+        daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(WORKSPACE)],
+                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with DagsterInstance.get() as instance:
+                assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+                run = launch_job("lake_maintenance_job", instance=instance, timeout_s=800, queued=True)
+                assert run.success, run.failure
+                stored = instance.get_run_by_id(run.run_id)
+                assert stored.remote_job_origin is not None and stored.job_name == "lake_maintenance_job"
+                event = instance.get_latest_materialization_event(AssetKey("lake_maintenance"))
+                assert event.run_id == run.run_id
+                assert event.asset_materialization.metadata["tables"].value == 1
+        finally:
+            os.killpg(daemon.pid, signal.SIGTERM)  # the daemon and the code server it started, by its group id
+            try:
+                daemon.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+                daemon.wait(timeout=30)
