@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 from dagster import AssetKey, DagsterInstance, RunsFilter
 
 from lake.delta import DeltaLake
+from streaming.job import COUNTS_KEY, GROUP, STREAM, publish
 from tests._env import fresh_home
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +88,8 @@ def test_ingest_day_launched_through_the_run_launcher_succeeds(tmp_path: Path, r
 
 def test_a_queued_run_is_launched_by_the_daemon(tmp_path: Path, redis_server) -> None:
     """What the UI's Launch button and the sensors do under `dagster dev`: the run goes to the instance's
-    QueuedRunCoordinator and a real `dagster-daemon` dequeues it, launches it and it succeeds."""
+    QueuedRunCoordinator and a real `dagster-daemon` dequeues it, launches it and it succeeds (lake maintenance,
+    then the op job `drain_stream`)."""
     import signal
 
     import pandas as pd
@@ -95,8 +98,8 @@ def test_a_queued_run_is_launched_by_the_daemon(tmp_path: Path, redis_server) ->
 
     with fresh_home(tmp_path / "kairos", redis_server.url) as settings:
         lake = DeltaLake(settings.lake_uri)
-        lake.write_batch("bronze_events", pd.DataFrame({"event_id": ["e1", "e2"], "ingest_date": ["2026-01-02"] * 2}),
-                         batch_id="2026-01-02", replace_where="ingest_date = '2026-01-02'")
+        lake.write_batch("item_features", pd.DataFrame({"item_id": ["i1", "i2"], "ingest_date": ["2026-01-02"] * 2}),
+                         batch_id="2026-01-02", replace_where="ingest_date = '2026-01-02'")  # a table drain_stream leaves alone
         daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(WORKSPACE)],
                                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -110,6 +113,18 @@ def test_a_queued_run_is_launched_by_the_daemon(tmp_path: Path, redis_server) ->
                 event = instance.get_latest_materialization_event(AssetKey("lake_maintenance"))
                 assert event.run_id == run.run_id
                 assert event.asset_materialization.metadata["tables"].value == 1
+                # the job the stream-lag sensor requests, the same way: the real consumer drains a real stream
+                client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+                client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+                publish(client, [{"event_id": f"q{k}", "user_id": f"u{k % 5}", "item_id": f"i{k % 9}",
+                                  "event_type": "click", "timestamp": 1_767_225_600_000 + k,
+                                  "session_id": f"s{k % 5}", "schema_version": 1} for k in range(40)])
+                drain = launch_job("drain_stream", {"ops": {"consume_stream": {"config": {
+                    "max_seconds": 120, "bronze_window_ms": 200, "reclaim_idle_ms": 1000}}}},
+                    instance=instance, timeout_s=800, queued=True)
+                assert drain.success, drain.failure
+                assert client.hgetall(COUNTS_KEY) == {"applied": "40"}
+                assert len(lake.read("bronze_events")) == 40  # the dual write's own process, under the step process
         finally:
             os.killpg(daemon.pid, signal.SIGTERM)  # the daemon and the code server it started, by its group id
             try:
