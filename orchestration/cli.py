@@ -160,7 +160,6 @@ def demo(args: argparse.Namespace) -> int:
     world = resolve_demo_world(args)
     settings = Settings.from_env()
     prepare_home(settings)
-    settings.record_partition_start(settings.partition_start)  # `make ui` on this home draws the same partitions
     server_redis = ensure_redis(settings)
     settings = Settings.from_env()
     from orchestration.settings import redact_url, redis_client
@@ -294,7 +293,8 @@ def resolve_demo_world(args: argparse.Namespace):
     """Read the source once, derive partitions / split / labels, and refuse an untrainable world now.
 
     Sets KAIROS_PARTITION_START to the data's first day (unless set) before the assets are imported,
-    so the daily partitions cover the log; prints what the data decided.
+    so the daily partitions cover the log, and records it under KAIROS_HOME for later processes on that
+    home (`make ui`); prints what the data decided.
     """
     from ingestion.generic import ImportError_
     from orchestration.world import WorldError, resolve_world
@@ -309,6 +309,7 @@ def resolve_demo_world(args: argparse.Namespace):
     elif chosen > world.partition_start:
         raise SystemExit(f"kairos demo: KAIROS_PARTITION_START={chosen} is after the data's first day "
                          f"{world.partition_start}: unset it (the demo derives it) or set it to that day or earlier")
+    Settings.from_env().record_partition_start(os.environ["KAIROS_PARTITION_START"])  # for `make ui` on this home
     print(world.describe())
     print(f"daily partitions start {os.environ['KAIROS_PARTITION_START']} (recorded in KAIROS_HOME/partition_start "
           "for `make ui` on this home)")

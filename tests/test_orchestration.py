@@ -105,9 +105,23 @@ def test_partitions_start_where_the_demo_found_the_data(tmp_path, monkeypatch) -
 
     from orchestration.settings import PROJECT_ROOT, Settings
 
+    import argparse
+
+    from orchestration.cli import resolve_demo_world
+
     monkeypatch.delenv("KAIROS_PARTITION_START", raising=False)
     monkeypatch.setenv("KAIROS_HOME", str(tmp_path / "home"))
     assert Settings.from_env().partition_start == "2026-01-01"
+    log = tmp_path / "log.csv"  # a file log from 2025-12-20 on (one export batch: its ingest day is the last)
+    log.write_text("uid,sku,ts\n" + "".join(f"u{k % 9},i{k % 13},{1766188800 + k * 4000}\n" for k in range(2000)))
+    args = argparse.Namespace(config="", source="file", path=str(log), mapping='{"user": "uid", "item": "sku", '
+                              '"timestamp": "ts", "timestamp_unit": "s"}', delimiter="", encoding="", catalog="",
+                              catalog_mapping="", users_file="", users_mapping="", users=None, items=None, days=None,
+                              seed=None)
+    world = resolve_demo_world(args)  # what `kairos demo` does first
+    assert world.partition_start != "2026-01-01"
+    monkeypatch.delenv("KAIROS_PARTITION_START")  # a later process on the same home has no variable
+    assert Settings.from_env().partition_start == world.partition_start
     Settings.from_env().record_partition_start("2025-12-20")
     assert Settings.from_env().partition_start == "2025-12-20"
 
