@@ -84,3 +84,4 @@ def test_screenshot_script_shoots_every_published_report(tmp_path: Path) -> None
     assert targets["mlflow_model_version"] == "http://m/#/models/kairos-ranker/versions/4"
     assert targets["mlflow_training_run"] == "http://m/#/experiments/7/runs/run9"
     assert targets["swagger"] == "http://b/docs" and set(links) <= set(targets)
+    assert targets["dagster_impression_log_skew_check"] == "http://d/assets/impression_log?view=checks"

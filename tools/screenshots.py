@@ -4,10 +4,11 @@
 
 Starts a Dagster webserver over KAIROS_HOME's instance (the demo's runs), `mlflow ui` over its tracking store
 and, if a champion exists, the BentoML ranking server; then saves one PNG per page: runs and jobs, the asset
-catalog (owners, kinds), checks, partitions, drift metadata (report links), every published report (GX data
-docs, Evidently drift, evaluation, lineage: the URLs the assets' metadata link to), the MLflow experiment, the
-newest model version (signature) and its training run (datasets), and Swagger (typed answers). Needs `chromium` (`apt-get install -y
-chromium`). Every process it starts is stopped at the end.
+catalog (owners, kinds), checks (contract and counts, the train/serve skew check), partitions, drift metadata
+(report links), the registered model (lineage metadata), every published report (GX data docs, Evidently
+drift, evaluation, lineage: the URLs the assets' metadata link to), the MLflow experiment, the newest model
+version (signature) and its training run (datasets), and Swagger (typed answers). Needs `chromium`
+(`apt-get install -y chromium`). Every process it starts is stopped at the end.
 """
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ def pages(dagster: str, mlflow_ui: str, bento: str | None, experiment_id: str | 
         "dagster_job_ingest_events_partitions": f"{dagster}/locations/kairos/jobs/ingest_events/partitions",
         "dagster_asset_catalog": f"{dagster}/assets",
         "dagster_silver_events_checks": f"{dagster}/assets/silver_events?view=checks",
+        "dagster_impression_log_skew_check": f"{dagster}/assets/impression_log?view=checks",
+        "dagster_registered_model_lineage": f"{dagster}/assets/registered_model",
         "dagster_feature_drift": f"{dagster}/assets/feature_drift",
         "dagster_model_evaluation": f"{dagster}/assets/model_evaluation",
         "mlflow_model_version": f"{mlflow_ui}/#/models/{model}/versions/{version}",
