@@ -13,6 +13,10 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# KAIROS_HOME/partition_start: the first ingest day `kairos demo` derived from its data, so every later process
+# on that home (`make ui`, its code server, the daemon) draws the same daily partitions without an export
+PARTITION_START_FILE = "partition_start"
+DEFAULT_PARTITION_START = "2026-01-01"
 
 
 def _env(name: str, default: str) -> str:
@@ -50,6 +54,13 @@ def env_flag(env: Mapping[str, str], var: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{var} must be one of 1/true/yes/on or 0/false/no/off, got {raw!r}")
+def _recorded_partition_start(home: Path) -> str:
+    """The day `record_partition_start` left under `home`, else the default."""
+    try:
+        day = (home / PARTITION_START_FILE).read_text().strip()
+    except OSError:
+        return DEFAULT_PARTITION_START
+    return day or DEFAULT_PARTITION_START
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,7 @@ class Settings:
     spark_master: str
     redis_url: str | None
     model_name: str = "kairos-ranker"
-    partition_start: str = "2026-01-01"  # first daily partition of the event assets (UTC day)
+    partition_start: str = DEFAULT_PARTITION_START  # first daily partition of the event assets (UTC day)
     shared_dir: Path = field(default_factory=lambda: PROJECT_ROOT.parent / "shared")
     mlflow_artifacts: str | None = None  # KAIROS_MLFLOW_ARTIFACTS: where new experiments keep artifacts, if set
 
@@ -76,10 +87,15 @@ class Settings:
             spark_master=_env("KAIROS_SPARK_MASTER", "local[2]"),
             redis_url=os.environ.get("REDIS_URL") or None,
             model_name=_env("KAIROS_MODEL_NAME", "kairos-ranker"),
-            partition_start=_env("KAIROS_PARTITION_START", "2026-01-01"),
+            partition_start=_env("KAIROS_PARTITION_START", _recorded_partition_start(home)),
             shared_dir=Path(_env("KAIROS_SHARED_DIR", str(PROJECT_ROOT.parent / "shared"))),
             mlflow_artifacts=os.environ.get("KAIROS_MLFLOW_ARTIFACTS") or None,
         )
+
+    def record_partition_start(self, day: str) -> None:
+        """Remember the data's first ingest day under KAIROS_HOME (read back by `from_env` when unset)."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / PARTITION_START_FILE).write_text(day + "\n")
 
     @property
     def movielens_100k_dir(self) -> Path:

@@ -291,7 +291,8 @@ def resolve_demo_world(args: argparse.Namespace):
     """Read the source once, derive partitions / split / labels, and refuse an untrainable world now.
 
     Sets KAIROS_PARTITION_START to the data's first day (unless set) before the assets are imported,
-    so the daily partitions cover the log; prints what the data decided.
+    so the daily partitions cover the log, and records it under KAIROS_HOME for later processes on that
+    home (`make ui`); prints what the data decided.
     """
     from ingestion.generic import ImportError_
     from orchestration.world import WorldError, resolve_world
@@ -306,9 +307,10 @@ def resolve_demo_world(args: argparse.Namespace):
     elif chosen > world.partition_start:
         raise SystemExit(f"kairos demo: KAIROS_PARTITION_START={chosen} is after the data's first day "
                          f"{world.partition_start}: unset it (the demo derives it) or set it to that day or earlier")
+    Settings.from_env().record_partition_start(os.environ["KAIROS_PARTITION_START"])  # for `make ui` on this home
     print(world.describe())
-    print(f"daily partitions start {os.environ['KAIROS_PARTITION_START']} (for `make ui` on this lake, export "
-          f"KAIROS_PARTITION_START={os.environ['KAIROS_PARTITION_START']})")
+    print(f"daily partitions start {os.environ['KAIROS_PARTITION_START']} (recorded in KAIROS_HOME/partition_start "
+          "for `make ui` on this home)")
     return world
 
 
@@ -436,7 +438,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    prepare_home(Settings.from_env())
+    settings = Settings.from_env()
+    prepare_home(settings)
+    print(f"Dagster UI over DAGSTER_HOME={os.environ['DAGSTER_HOME']}; daily partitions start {settings.partition_start}")
     os.execvp(str(Path(sys.executable).parent / "dagster"), ["dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml")])
     return 0
 

@@ -3,6 +3,7 @@
 from dagster import AssetSelection, define_asset_job
 
 from assets.ingestion import EVENT_ASSETS, daily_partitions
+from orchestration.launch import QUIET_LOGS  # the default run config of every job: the launchpad opens with it
 
 _events = AssetSelection.assets(*EVENT_ASSETS)
 _maintenance = AssetSelection.groups("maintenance")
@@ -12,41 +13,42 @@ _rollout = AssetSelection.groups("rollout")  # judges live traffic: its own job 
 _served_health = AssetSelection.assets("served_model_health", "off_policy_evaluation")  # read traffic: monitor job
 
 ingest_job = define_asset_job(
-    "ingest_events", selection=_events, partitions_def=daily_partitions,
+    "ingest_events", config=QUIET_LOGS, selection=_events, partitions_def=daily_partitions,
     description="One ingest day (or a range, as one run): bronze → contract, dedup, bots → silver + quarantine.",
 )
 
 build_job = define_asset_job(
-    "build", selection=AssetSelection.all() - _events - _maintenance - _served - _served_health - _tuning - _rollout,
+    "build", config=QUIET_LOGS,
+    selection=AssetSelection.all() - _events - _maintenance - _served - _served_health - _tuning - _rollout,
     description="Everything downstream of the events: catalog, labels, features, training, gates, registry, "
                 "online store, drift.",
 )
 
 retrain_job = define_asset_job(
-    "retrain",
+    "retrain", config=QUIET_LOGS,
     selection=AssetSelection.assets("labels", "online_features") | AssetSelection.groups("features", "training"),
     description="Relabel, rebuild features and the training set, retrain, gate, register, refresh the online store.",
 )
 
-maintenance_job = define_asset_job("lake_maintenance_job", selection=_maintenance,
+maintenance_job = define_asset_job("lake_maintenance_job", config=QUIET_LOGS, selection=_maintenance,
                                    description="OPTIMIZE and VACUUM the Delta tables.")
 
-impressions_job = define_asset_job("log_impressions", selection=_served,
+impressions_job = define_asset_job("log_impressions", config=QUIET_LOGS, selection=_served,
                                    description="Land served impressions from Redis in Delta and run the train/serve skew check.")
 
-tune_job = define_asset_job("tune_ranker", selection=_tuning,
+tune_job = define_asset_job("tune_ranker", config=QUIET_LOGS, selection=_tuning,
                             description="Random search over the ranker's LightGBM knobs on the validation window "
                                         "(then retrain with ranker_model config use_tuned_params: true).")
 
-rollout_job = define_asset_job("rollout", selection=_served | _rollout,
+rollout_job = define_asset_job("rollout", config=QUIET_LOGS, selection=_served | _rollout,
                                description="Land impressions, compare the shadowed challenger, evaluate the canary per "
                                            "arm, then start the canary, promote or roll back (assets/rollout.py).")
 
 monitor_job = define_asset_job(
-    "monitor", selection=AssetSelection.assets("feature_health") | _served_health,
+    "monitor", config=QUIET_LOGS, selection=AssetSelection.assets("feature_health") | _served_health,
     description="Feature health (nulls, ranges, staleness), served-model health (scores, entropy, CTR@k) and the "
                 "off-policy estimate of the challenger from the impression log.")
 
 refresh_online_job = define_asset_job(
-    "refresh_online_store", selection=AssetSelection.assets("online_features", "feature_health"),
+    "refresh_online_store", config=QUIET_LOGS, selection=AssetSelection.assets("online_features", "feature_health"),
     description="Rewrite the newest feature snapshot to Redis and re-measure feature health (freshness sensor).")

@@ -23,7 +23,9 @@ log = logging.getLogger("kairos.launch")
 
 WORKSPACE = PROJECT_ROOT / "workspace.yaml"
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}  # one run worker, one Spark session for all steps
-# Dagster's console logger prints every framework event at DEBUG (half of the demo's lines): INFO by default
+# Dagster's console logger prints every framework event at DEBUG (half of the demo's lines): INFO by default, in
+# the demo's launches, as every job's default run config (the UI launchpad) and in every schedule and sensor request
+# (the daemon; a run config there replaces the job's default)
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
@@ -100,9 +102,12 @@ def _follow(instance: Any, run_id: str, n_steps: int, started: float, timeout_s:
 
 def launch_job(job_name: str, run_config: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None,
                *, instance: Any = None, workspace: Path = WORKSPACE, timeout_s: float = 3600.0,
-               raise_on_failure: bool = True) -> LaunchedRun:
+               raise_on_failure: bool = True, queued: bool = False) -> LaunchedRun:
     """Create a run of `job_name` from the workspace's code location, launch it with the instance's run
-    launcher and wait for it; raises RuntimeError naming the failed step unless `raise_on_failure=False`."""
+    launcher and wait for it; raises RuntimeError naming the failed step unless `raise_on_failure=False`.
+
+    `queued=True` submits it to the instance's run coordinator instead, as the UI's Launch button and the
+    sensors do: under `dagster dev` (QueuedRunCoordinator) a running `dagster-daemon` dequeues and launches it."""
     from dagster import DagsterInstance, __version__
     from dagster._cli.job import _create_run
     from dagster._cli.workspace.cli_target import (WorkspaceOpts, get_code_location_from_workspace,
@@ -122,7 +127,10 @@ def launch_job(job_name: str, run_config: Mapping[str, Any] | None = None, tags:
         run = _create_run(instance=instance, code_location=location, remote_repo=repo, remote_job=remote_job,
                           run_config={**QUIET_LOGS, **(run_config or {})}, tags=dict(tags or {}), op_selection=None, run_id=run_id)
         n_steps = len(run.step_keys_to_execute or []) or len(remote_job.node_names)
-        instance.launch_run(run.run_id, context)
+        if queued:
+            instance.submit_run(run.run_id, context)
+        else:
+            instance.launch_run(run.run_id, context)
         steps = _follow(instance, run_id, n_steps, started, timeout_s)  # keep the code server up until it ends
     final = instance.get_run_by_id(run_id)
     outcome = LaunchedRun(run_id=run_id, job_name=job_name, status=final.status.value,

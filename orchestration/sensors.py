@@ -14,6 +14,7 @@ from assets.monitoring import FEATURE_DRIFT
 from assets.streaming import STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING, drain_stream, lag_decision
 from assets.resources import MlflowResource, RedisResource
 from ground.settings import env_number
+from orchestration.launch import QUIET_LOGS
 from orchestration.jobs import (impressions_job, ingest_job, maintenance_job, monitor_job, refresh_online_job,
                                 retrain_job, rollout_job)
 
@@ -75,21 +76,21 @@ def drift_sensor(context: SensorEvaluationContext, asset_event: EventLogEntry):
     fire, reason = drift_decision(status, max_psi, last_ts, time.time(), min_interval)
     if not fire:
         return SkipReason(reason)
-    return RunRequest(run_key=f"drift-{asset_event.run_id or 'runless'}-{asset_event.timestamp:.0f}",
+    return RunRequest(run_config=QUIET_LOGS, run_key=f"drift-{asset_event.run_id or 'runless'}-{asset_event.timestamp:.0f}",
                       tags={"kairos/trigger": "drift", "kairos/reason": reason, "kairos/max_psi": f"{max_psi:.4f}",
                             "kairos/min_interval_s": f"{min_interval:.0f}"})
 
 
-daily_retrain = ScheduleDefinition(name="daily_retrain", job=retrain_job, cron_schedule="0 3 * * *",
+daily_retrain = ScheduleDefinition(name="daily_retrain", run_config=QUIET_LOGS, job=retrain_job, cron_schedule="0 3 * * *",
                                    execution_timezone="UTC")
 
 # each day at 00:30 UTC, ingest the day that just ended (its partition key)
 daily_ingest = build_schedule_from_partitioned_job(ingest_job, hour_of_day=0, minute_of_hour=30, name="daily_ingest")
 
-weekly_maintenance = ScheduleDefinition(name="weekly_lake_maintenance", job=maintenance_job, cron_schedule="0 4 * * 0",
+weekly_maintenance = ScheduleDefinition(name="weekly_lake_maintenance", run_config=QUIET_LOGS, job=maintenance_job, cron_schedule="0 4 * * 0",
                                         execution_timezone="UTC")
 
-impressions_every_15_min = ScheduleDefinition(name="impressions_every_15_min", job=impressions_job,
+impressions_every_15_min = ScheduleDefinition(name="impressions_every_15_min", run_config=QUIET_LOGS, job=impressions_job,
                                               cron_schedule="*/15 * * * *", execution_timezone="UTC")
 
 ROLLOUT_INTERVAL_S = 300
@@ -113,7 +114,7 @@ def rollout_sensor(context: SensorEvaluationContext, mlflow: MlflowResource):
     key = rollout_tick(state.stage, state.version, time.time())
     if key is None:
         return SkipReason(f"no rollout in progress (stage {state.stage}, champion {state.champion})")
-    return RunRequest(run_key=key, tags={"kairos/trigger": "rollout", "kairos/stage": state.stage,
+    return RunRequest(run_config=QUIET_LOGS, run_key=key, tags={"kairos/trigger": "rollout", "kairos/stage": state.stage,
                                          "kairos/version": str(state.version)})
 
 
@@ -159,7 +160,7 @@ def freshness_sensor(context: SensorEvaluationContext, redis: RedisResource):
     for tier, age in stale.items():
         tags[f"kairos/stale_{tier}_age_s"] = "inf" if math.isinf(age) else f"{age:.0f}"
         tags[f"kairos/{tier}_max_age_s"] = f"{thresholds.limit(tier):.0f}"
-    return RunRequest(run_key=f"freshness-{'+'.join(sorted(stale))}-{int(now)}", asset_selection=selection, tags=tags)
+    return RunRequest(run_config=QUIET_LOGS, run_key=f"freshness-{'+'.join(sorted(stale))}-{int(now)}", asset_selection=selection, tags=tags)
 
 
 def empty_store_decision(current_version: str | None, last_built: str | None, now: float,
@@ -197,11 +198,11 @@ def online_store_empty_sensor(context: SensorEvaluationContext, redis: RedisReso
         return SkipReason(reason)
     context.update_cursor(str(now))
     context.log.warning(f"ALERT {reason}")
-    return RunRequest(run_key=f"online-empty-{int(now)}", tags={"kairos/trigger": "online_store_empty",
+    return RunRequest(run_config=QUIET_LOGS, run_key=f"online-empty-{int(now)}", tags={"kairos/trigger": "online_store_empty",
                                                                "kairos/lost_version": str(last_built)})
 
 
-hourly_monitoring = ScheduleDefinition(name="hourly_monitoring", job=monitor_job, cron_schedule="5 * * * *",
+hourly_monitoring = ScheduleDefinition(name="hourly_monitoring", run_config=QUIET_LOGS, job=monitor_job, cron_schedule="5 * * * *",
                                        execution_timezone="UTC")
 
 
@@ -220,6 +221,6 @@ def stream_lag_sensor(context: SensorEvaluationContext, redis: RedisResource):
     if not fire:
         return SkipReason(reason)
     context.log.warning(f"ALERT stream lag: {reason}")
-    return RunRequest(run_key=f"stream-lag-{int(time.time() // 300)}",
+    return RunRequest(run_config=QUIET_LOGS, run_key=f"stream-lag-{int(time.time() // 300)}",
                       tags={"kairos/trigger": "stream_lag", "kairos/alert": reason[:250],
                             "kairos/lag_ms": str(lag["groups"].get(GROUP, {}).get("lag_ms", -1))})

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import bentoml
 from pydantic import BaseModel, ConfigDict, Field
@@ -468,6 +468,85 @@ class PersonalizeResponse(BaseModel):
     experiment: Optional[ExperimentArm] = None
 
 
+def _example(example: dict):
+    """json_schema_extra for an answer model: OpenAPI 3.0 nullable fields plus a real example (Swagger shows it)."""
+    def extra(schema: dict) -> None:
+        openapi30(schema)
+        schema["example"] = example
+    return extra
+
+
+# ---- the answers of POST /v1/events and /v1/status (examples from a demo server: what Swagger shows instead of
+# `{additionalProp1: {}}`). The handlers serialize their dicts themselves; these models document them.
+class EventError(BaseModel):
+    model_config = ConfigDict(json_schema_extra=openapi30)
+
+    index: int = Field(description="position of the refused event in the batch")
+    event_id: Optional[str] = None
+    field: str = Field(description="the field that broke the event contract")
+    reason: str
+
+
+class IntakeCounts(BaseModel):
+    received: int
+    accepted: int
+    quarantined: int
+    duplicates: int
+
+
+EVENTS_EXAMPLE = {
+    "accepted": ["e-20260114-000001", "e-20260114-000002"], "stream_ids": ["1768348800123-0", "1768348800123-1"],
+    "errors": [{"index": 2, "event_id": "e-20260114-000003", "field": "device_type",
+                "reason": "device_type_known: device_type 'toaster' is not one of ['mobile', 'desktop', 'tablet']"}],
+    "duplicates": [], "counts": {"received": 3, "accepted": 2, "quarantined": 1, "duplicates": 0}}
+
+
+class EventsResponse(BaseModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra=_example(EVENTS_EXAMPLE))
+
+    accepted: list[str] = Field(description="event ids written to the stream (each once, by event_id)")
+    stream_ids: list[str] = Field(description="their Redis stream ids (a duplicate's first id)")
+    errors: list[EventError] = Field(description="refused events, quarantined with the reason")
+    duplicates: list[str] = Field(description="accepted ids that were already in the stream")
+    counts: IntakeCounts
+
+
+class RolloutState(BaseModel):
+    model_config = ConfigDict(json_schema_extra=openapi30)
+
+    source: str = Field(description="registry (the rollout stage), env (KAIROS_EXPERIMENT/SHADOW) or none")
+    shadow: bool
+    candidate_alias: str = Field(description="challenger or canary: the alias the candidate model loads from")
+    experiment: Optional[str] = None
+    share: Optional[float] = None
+
+
+STATUS_EXAMPLE = {
+    "model_version": "3", "feature_version": "u14-i14-1768348800000", "ranker_scorer": "lleaves",
+    "worker_pid": 41822, "challenger_version": "4",
+    "rollout": {"source": "registry", "shadow": True, "candidate_alias": "challenger", "experiment": None,
+                "share": None},
+    "redis_ok": True, "time_ms": 1768352400000,
+    "impressions": {"logged": 64, "dropped": 0, "queued": 0},
+    "stream": {"stream": "kairos:events", "length": 3, "missing_groups": [],
+               "groups": {"kairos-sessionizer": {"pending": 0, "last_delivered_id": "1768348800123-1", "lag_ms": 0}}}}
+
+
+class StatusResponse(BaseModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra=_example(STATUS_EXAMPLE))
+
+    model_version: Optional[str] = Field(default=None, description="the champion this worker serves")
+    feature_version: Optional[str] = Field(default=None, description="the online-store snapshot it reads")
+    ranker_scorer: Optional[str] = Field(default=None, description="lightgbm, or lleaves when compiled")
+    worker_pid: int
+    challenger_version: Optional[str] = None
+    rollout: Optional[RolloutState] = None
+    redis_ok: bool
+    time_ms: int = Field(description="the server's clock (ms since epoch)")
+    impressions: Optional[dict[str, Any]] = Field(default=None, description="impression logger counters")
+    stream: Optional[dict[str, Any]] = Field(default=None, description="event-stream length and per-group lag")
+
+
 @bentoml.service(name="kairos_ranker", workers=SETTINGS.worker_count, threads=SETTINGS.threads, traffic={"timeout": 30},
                  logging={"access": {"enabled": SETTINGS.access_log}})
 class KairosRanker:
@@ -756,11 +835,11 @@ class KairosRanker:
             log.warning("stream lag metrics unavailable: %s", exc)
 
     @bentoml.api(route="/v1/events")
-    def events(self, body: EventsRequest, /) -> dict:
+    def events(self, body: EventsRequest, /) -> EventsResponse:
         """Event intake: valid events go to the Redis stream the streaming job reads, invalid ones to the
         quarantine stream; the answer lists accepted ids and per-event errors. A backlog past
         KAIROS_STREAM_MAX_BACKLOG is a 429 with Retry-After: nothing was accepted, retry the batch."""
-        from starlette.responses import JSONResponse
+        from starlette.responses import JSONResponse, Response
 
         from streaming.intake import IntakeUnavailable, intake
         from streaming.retention import Backpressure
@@ -786,10 +865,12 @@ class KairosRanker:
             return JSONResponse({"error": "invalid events", "detail": [
                 {"loc": ["events", e["index"], e["field"]], "msg": e["reason"], "type": "event_contract"}
                 for e in answer["errors"]], **answer}, status_code=400)
-        return answer
+        return Response(dumps(answer), media_type="application/json")
 
     @bentoml.api(route="/v1/status")
-    def status(self) -> dict:
+    def status(self) -> StatusResponse:
+        from starlette.responses import Response
+
         redis_ok = False
         version = None
         if self.store is not None:
@@ -799,16 +880,17 @@ class KairosRanker:
             except Exception:  # noqa: BLE001
                 redis_ok = False
         plan = self.plan
-        return {"model_version": getattr(self.bundle, "model_version", None), "feature_version": version,
-                "ranker_scorer": getattr(self.bundle, "scorer_name", None), "worker_pid": os.getpid(),
-                "challenger_version": getattr(self.challenger, "model_version", None),
-                "rollout": None if plan is None else {"source": plan.source, "shadow": plan.shadow,
-                                                      "candidate_alias": plan.candidate_alias,
-                                                      "experiment": getattr(plan.experiment, "name", None),
-                                                      "share": getattr(plan.experiment, "challenger_share", None)},
-                "redis_ok": redis_ok, "time_ms": int(time.time() * 1000),
-                "impressions": self.impressions.stats() if self.impressions is not None else None,
-                "stream": self._stream_status()}
+        status = {"model_version": getattr(self.bundle, "model_version", None), "feature_version": version,
+                  "ranker_scorer": getattr(self.bundle, "scorer_name", None), "worker_pid": os.getpid(),
+                  "challenger_version": getattr(self.challenger, "model_version", None),
+                  "rollout": None if plan is None else {"source": plan.source, "shadow": plan.shadow,
+                                                        "candidate_alias": plan.candidate_alias,
+                                                        "experiment": getattr(plan.experiment, "name", None),
+                                                        "share": getattr(plan.experiment, "challenger_share", None)},
+                  "redis_ok": redis_ok, "time_ms": int(time.time() * 1000),
+                  "impressions": self.impressions.stats() if self.impressions is not None else None,
+                  "stream": self._stream_status()}
+        return Response(dumps(status), media_type="application/json")
 
     def _stream_status(self) -> dict | None:
         """Event-stream length, per-group lag and missing groups (also on /metrics as kairos_stream_*), with the

@@ -5,14 +5,18 @@ child (pyspark's doctest heuristic exiting while Great Expectations loads) fails
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from dagster import DagsterInstance, RunsFilter
+import redis
+from dagster import AssetKey, DagsterInstance, RunsFilter
 
 from lake.delta import DeltaLake
+from streaming.job import COUNTS_KEY, GROUP, STREAM, publish
 from tests._env import fresh_home
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +45,14 @@ def test_bare_connect_import_exits_in_a_c_program_and_the_guard_does_not() -> No
     assert "validated" in guarded.stdout and int(guarded.stdout.split()[-1]) > 100, guarded.stdout
 
 
-def test_ingest_day_launched_through_the_run_launcher_succeeds(tmp_path: Path, redis_server) -> None:
+def test_ingest_day_launched_through_the_run_launcher_succeeds(tmp_path: Path, redis_server, caplog) -> None:
     """One day of `ingest_events`, multiprocess executor (the UI's default): silver_events imports GX in a
-    spawned step process; the run shows under its job and the day's rows reconcile."""
+    spawned step process; the run shows under its job and the day's rows reconcile. The caller sees one INFO
+    line per finished step with a counter, and the run's console logger is at INFO (Dagster DEBUG off).
+    Then the unpartitioned `lake_maintenance_job` the same way, on the tables that run wrote."""
     from orchestration.launch import launch_job
 
+    caplog.set_level(logging.INFO, logger="kairos.launch")
     with fresh_home(tmp_path / "kairos", redis_server.url) as settings:
         day = "2026-01-02"
         with DagsterInstance.get() as instance:
@@ -60,7 +67,67 @@ def test_ingest_day_launched_through_the_run_launcher_succeeds(tmp_path: Path, r
             assert stored.remote_job_origin.location_name == "kairos"
             assert [r.run_id for r in instance.get_runs(RunsFilter(job_name="ingest_events"))] == [run.run_id]
             assert stored.tags["dagster/partition"] == day
+            counted = [m for r in caplog.records if (m := re.fullmatch(r"\[(\d+)/(\d+)\] (\S+)( FAILED)? \.\.\. \d+ s",
+                                                                       r.getMessage()))]
+            assert [int(m[1]) for m in counted] == list(range(1, len(run.steps) + 1)), caplog.text[-2000:]
+            assert {m[3] for m in counted} == set(run.steps) and not any(m[4] for m in counted)
+            assert int(counted[-1][2]) == len(run.steps)  # "[2/2] ...": the counter knows the run's step count
+            assert stored.run_config["loggers"]["console"]["config"]["log_level"] == "INFO"
+            maintenance = launch_job("lake_maintenance_job", instance=instance, timeout_s=800)
+            assert maintenance.success, maintenance.failure
+            assert instance.get_run_by_id(maintenance.run_id).remote_job_origin is not None
+            materialized = instance.get_latest_materialization_event(AssetKey("lake_maintenance"))
+            assert materialized.run_id == maintenance.run_id
+            assert materialized.asset_materialization.metadata["tables"].value >= 3  # bronze, silver, quarantine
         lake = DeltaLake(settings.lake_uri)
         bronze, silver, quarantine = lake.read("bronze_events"), lake.read("silver_events"), lake.read("quarantine_events")
         assert set(bronze["ingest_date"]) == {day}
         assert len(bronze) == len(silver) + len(quarantine) and len(silver) > 0
+
+
+def test_a_queued_run_is_launched_by_the_daemon(tmp_path: Path, redis_server) -> None:
+    """What the UI's Launch button and the sensors do under `dagster dev`: the run goes to the instance's
+    QueuedRunCoordinator and a real `dagster-daemon` dequeues it, launches it and it succeeds (lake maintenance,
+    then the op job `drain_stream`)."""
+    import signal
+
+    import pandas as pd
+
+    from orchestration.launch import WORKSPACE, launch_job
+
+    with fresh_home(tmp_path / "kairos", redis_server.url) as settings:
+        lake = DeltaLake(settings.lake_uri)
+        lake.write_batch("item_features", pd.DataFrame({"item_id": ["i1", "i2"], "ingest_date": ["2026-01-02"] * 2}),
+                         batch_id="2026-01-02", replace_where="ingest_date = '2026-01-02'")  # a table drain_stream leaves alone
+        daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(WORKSPACE)],
+                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with DagsterInstance.get() as instance:
+                assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+                run = launch_job("lake_maintenance_job", instance=instance, timeout_s=800, queued=True)
+                assert run.success, run.failure
+                stored = instance.get_run_by_id(run.run_id)
+                assert stored.remote_job_origin is not None and stored.job_name == "lake_maintenance_job"
+                event = instance.get_latest_materialization_event(AssetKey("lake_maintenance"))
+                assert event.run_id == run.run_id
+                assert event.asset_materialization.metadata["tables"].value == 1
+                # the job the stream-lag sensor requests, the same way: the real consumer drains a real stream
+                client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+                client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+                publish(client, [{"event_id": f"q{k}", "user_id": f"u{k % 5}", "item_id": f"i{k % 9}",
+                                  "event_type": "click", "timestamp": 1_767_225_600_000 + k,
+                                  "session_id": f"s{k % 5}", "schema_version": 1} for k in range(40)])
+                drain = launch_job("drain_stream", {"ops": {"consume_stream": {"config": {
+                    "max_seconds": 120, "bronze_window_ms": 200, "reclaim_idle_ms": 1000}}}},
+                    instance=instance, timeout_s=800, queued=True)
+                assert drain.success, drain.failure
+                assert client.hgetall(COUNTS_KEY) == {"applied": "40"}
+                assert len(lake.read("bronze_events")) == 40  # the dual write's own process, under the step process
+        finally:
+            os.killpg(daemon.pid, signal.SIGTERM)  # the daemon and the code server it started, by its group id
+            try:
+                daemon.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+                daemon.wait(timeout=30)

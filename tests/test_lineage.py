@@ -287,3 +287,40 @@ def test_a_later_no_op_replay_is_not_credited_with_the_version(settings) -> None
     # without the commit's run id (an older table): the first run that reported the version, not the latest
     inputs["delta"]["bronze_events"] = {k: v for k, v in delta["bronze_events"].items() if k != "written_by_run"}
     assert build_lineage(**inputs)["data"]["tables"]["bronze_events"]["produced_by_run"] == "ingest-1"
+
+
+def test_real_ingest_then_a_no_op_replay_credits_the_first_run(tmp_path, redis_server) -> None:
+    """Two real `ingest_events` runs of one day on a real instance and lake: the replay writes no new bronze or
+    silver version, reports the same ones later, and the lineage still names the run that wrote them."""
+    from dagster import DagsterInstance
+
+    from compliance.lineage import build_lineage, collect_dagster, collect_delta
+    from lake.delta import DeltaLake
+    from orchestration.definitions import defs
+    from tests._env import fresh_home
+
+    source = {"n_users": 40, "n_items": 50, "n_categories": 4, "days": 2, "seed": 5}
+    with fresh_home(tmp_path / "kairos", redis_server.url) as settings:
+        instance = DagsterInstance.get()
+        job = defs.resolve_job_def("ingest_events")
+        runs = [job.execute_in_process(instance=instance, partition_key="2026-01-02", raise_on_error=True,
+                                       run_config={"ops": {"bronze_events": {"config": source}}}) for _ in range(2)]
+        first, replay = (r.run_id for r in runs)
+        lake = DeltaLake(settings.lake_uri)
+        pins = {t: {"version": lake.version(t), "rows": len(lake.read(t))} for t in ("bronze_events", "silver_events")}
+        dagster = collect_dagster(instance, None, list(pins))
+        reported = {(m["asset"], m["run_id"]): m["delta_version"] for m in dagster["materializations"]}
+        for table, pin in pins.items():  # both runs report the version; only the first wrote it
+            assert reported[(table, first)] == reported[(table, replay)] == pin["version"], (table, reported)
+        inputs = _inputs()
+        inputs["model_version"]["tags"] = {**{f"delta.{t}.version": str(p["version"]) for t, p in pins.items()},
+                                           **{f"delta.{t}.rows": str(p["rows"]) for t, p in pins.items()},
+                                           "dagster.run_id": "build-1"}
+        inputs["dagster"] = dagster
+        inputs["delta"] = collect_delta(settings, pins)
+        tables = build_lineage(**inputs)["data"]["tables"]
+        assert {t: tables[t]["produced_by_run"] for t in pins} == {t: first for t in pins}
+        for table in pins:  # an older table without the commit's run id: the event order still says the first
+            inputs["delta"][table].pop("written_by_run", None)
+        tables = build_lineage(**inputs)["data"]["tables"]
+        assert {t: tables[t]["produced_by_run"] for t in pins} == {t: first for t in pins}

@@ -5,6 +5,7 @@ from dagster import AssetKey
 
 from assets.resources import LakeResource
 from orchestration.definitions import defs
+from orchestration.launch import QUIET_LOGS
 from orchestration.sensors import drift_decision
 
 
@@ -51,6 +52,32 @@ def test_drift_sensor_requests_retrain_from_a_real_instance() -> None:
         assert len(loud.run_requests) == 1
         request = loud.run_requests[0]
         assert request.tags["kairos/trigger"] == "drift" and "0.410" in request.tags["kairos/reason"]
+        assert request.run_config == QUIET_LOGS  # the daemon's run logs at INFO
+
+
+def test_dagster_debug_is_off_in_every_launch_path() -> None:
+    """The launchpad opens with each job's default run config and the daemon runs what schedules and sensors
+    request: all of them set the console logger to INFO (framework DEBUG events were half the demo's lines)."""
+    import datetime
+
+    from dagster import DagsterInstance, build_schedule_context
+
+    # drain_stream (an op job) has no default: a dict config on a Dagster 1.13 op job makes execute_in_process
+    # ignore its `resources=` overrides; the stream-lag sensor's requests carry QUIET_LOGS instead
+    graph_jobs = [j.name for j in defs.resolve_all_job_defs() if not j.name.startswith("__") and j.name != "drain_stream"]
+    assert len(graph_jobs) >= 9
+    for name in graph_jobs:
+        job = defs.resolve_job_def(name)
+        config = (job.partitioned_config.get_run_config_for_partition_key("2026-01-05") if job.partitioned_config
+                  else job.run_config)
+        assert config["loggers"]["console"]["config"]["log_level"] == "INFO", name
+    tick = datetime.datetime(2026, 1, 6, 4, 30, tzinfo=datetime.timezone.utc)
+    with DagsterInstance.ephemeral() as instance:
+        for schedule in defs.get_repository_def().schedule_defs:
+            context = build_schedule_context(instance=instance, scheduled_execution_time=tick,
+                                             repository_def=defs.get_repository_def())
+            requests = schedule.evaluate_tick(context).run_requests
+            assert requests and all(r.run_config["loggers"] == QUIET_LOGS["loggers"] for r in requests), schedule.name
 
 
 def test_every_asset_has_owner_kinds_tags_and_every_check_a_description() -> None:
@@ -89,3 +116,42 @@ def test_resources_are_configured_through_envvar(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("KAIROS_LAKE_URI", str(tmp_path / "lake-from-env"))
     result = materialize([lake_root], resources={"lake": resources()["lake"]})
     assert result.output_for_node("lake_root") == str(tmp_path / "lake-from-env")
+def test_partitions_start_where_the_demo_found_the_data(tmp_path, monkeypatch) -> None:
+    """`kairos demo` records the data's first ingest day under KAIROS_HOME; a later process on that home (the
+    code server `make ui` starts) draws the daily partitions from it, and KAIROS_PARTITION_START still wins."""
+    import os
+    import subprocess
+    import sys
+
+    from ground.settings import PROJECT_ROOT, Settings
+
+    import argparse
+
+    from orchestration.cli import resolve_demo_world
+
+    monkeypatch.delenv("KAIROS_PARTITION_START", raising=False)
+    monkeypatch.setenv("KAIROS_HOME", str(tmp_path / "home"))
+    assert Settings.from_env().partition_start == "2026-01-01"
+    log = tmp_path / "log.csv"  # a file log from 2025-12-20 on (one export batch: its ingest day is the last)
+    log.write_text("uid,sku,ts\n" + "".join(f"u{k % 9},i{k % 13},{1766188800 + k * 4000}\n" for k in range(2000)))
+    args = argparse.Namespace(config="", source="file", path=str(log), mapping='{"user": "uid", "item": "sku", '
+                              '"timestamp": "ts", "timestamp_unit": "s"}', delimiter="", encoding="", catalog="",
+                              catalog_mapping="", users_file="", users_mapping="", users=None, items=None, days=None,
+                              seed=None)
+    world = resolve_demo_world(args)  # what `kairos demo` does first
+    assert world.partition_start != "2026-01-01"
+    monkeypatch.delenv("KAIROS_PARTITION_START")  # a later process on the same home has no variable
+    assert Settings.from_env().partition_start == world.partition_start
+    Settings.from_env().record_partition_start("2025-12-20")
+    assert Settings.from_env().partition_start == "2025-12-20"
+
+    def first_ui_partition(**env: str) -> str:
+        code = ("from orchestration.definitions import defs\n"
+                "print(defs.resolve_job_def('ingest_events').partitions_def.get_first_partition_key())")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **env})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()[-1]
+
+    assert first_ui_partition() == "2025-12-20"
+    assert first_ui_partition(KAIROS_PARTITION_START="2025-12-28") == "2025-12-28"

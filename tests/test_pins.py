@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import tomllib
 
-from orchestration.settings import PROJECT_ROOT
+from ground.settings import PROJECT_ROOT
 
 
 def _name(raw: str) -> str:

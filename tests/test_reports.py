@@ -57,3 +57,31 @@ def test_unreachable_tracking_store_falls_back_to_the_path(tmp_path: Path, monke
     report.write_text("x")
     value = ArtifactsResource().publish_report(report, "run-1")
     assert type(value).__name__ == "PathMetadataValue" and value.path == str(report)
+
+
+def test_screenshot_script_shoots_every_published_report(tmp_path: Path) -> None:
+    """tools/screenshots.py takes the report URLs from the assets' newest materializations (a real instance), so
+    each report page the UI links to is looked at; a report that fell back to a path has no page."""
+    import importlib.util
+
+    from dagster import AssetMaterialization, DagsterInstance, MetadataValue
+
+    spec = importlib.util.spec_from_file_location("screenshots", Path(__file__).resolve().parents[1] / "tools" / "screenshots.py")
+    screenshots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshots)
+    ui = "http://127.0.0.1:5000/#/experiments/3/runs/abc/artifacts"
+    with DagsterInstance.ephemeral() as instance:
+        for asset, metadata in (("silver_events", {"data_docs_url": MetadataValue.url(f"{ui}/data_docs/docs/index.html")}),
+                                ("feature_drift", {"report_url": MetadataValue.url(f"{ui}/reports/drift.html"),
+                                                   "ranker_report_url": MetadataValue.path("/tmp/ranker.html")}),
+                                ("registered_model", {"lineage_url": MetadataValue.url(f"{ui}/reports/lineage.html")})):
+            instance.report_runless_asset_event(AssetMaterialization(asset, metadata=metadata))
+        links = screenshots.report_links(instance)
+    assert links == {"report_silver_events_data_docs": f"{ui}/data_docs/docs/index.html",
+                     "report_feature_drift_report": f"{ui}/reports/drift.html",
+                     "report_registered_model_lineage": f"{ui}/reports/lineage.html"}
+    targets = screenshots.pages("http://d", "http://m", "http://b", "7", "kairos-ranker", "4", "run9", links)
+    assert targets["mlflow_model_version"] == "http://m/#/models/kairos-ranker/versions/4"
+    assert targets["mlflow_training_run"] == "http://m/#/experiments/7/runs/run9"
+    assert targets["swagger"] == "http://b/docs" and set(links) <= set(targets)
+    assert targets["dagster_impression_log_skew_check"] == "http://d/assets/impression_log?view=checks"

@@ -58,6 +58,7 @@ def test_lag_sensor_alerts_and_the_drain_job_catches_up(redis_server, tmp_path: 
         alert = sensor(build_sensor_context(instance=instance, resources=resources))
         assert isinstance(alert, RunRequest) and alert.job_name in (None, "drain_stream")
         assert alert.tags["kairos/trigger"] == "stream_lag" and int(alert.tags["kairos/lag_ms"]) >= 300
+        assert alert.run_config["loggers"]["console"]["config"]["log_level"] == "INFO"  # Dagster DEBUG off
 
         result = job.execute_in_process(
             instance=instance, resources=resources, tags=alert.tags,

@@ -4,9 +4,11 @@
 
 Starts a Dagster webserver over KAIROS_HOME's instance (the demo's runs), `mlflow ui` over its tracking store
 and, if a champion exists, the BentoML ranking server; then saves one PNG per page: runs and jobs, the asset
-catalog (owners, kinds), checks, partitions, drift metadata (report links), the MLflow experiment, model
-version (signature) and run (datasets), and Swagger (typed answers). Needs `chromium` (`apt-get install -y
-chromium`). Every process it starts is stopped at the end.
+catalog (owners, kinds), checks (contract and counts, the train/serve skew check), partitions, drift metadata
+(report links), the registered model (lineage metadata), every published report (GX data docs, Evidently
+drift, evaluation, lineage: the URLs the assets' metadata link to), the MLflow experiment, the newest model
+version (signature) and its training run (datasets), and Swagger (typed answers). Needs `chromium`
+(`apt-get install -y chromium`). Every process it starts is stopped at the end.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestration.services import free_port  # noqa: E402
+
+MODEL = os.environ.get("KAIROS_MODEL_NAME", "kairos-ranker")
 
 
 def _wait(url: str, timeout_s: float) -> None:
@@ -53,19 +57,47 @@ def shoot(browser: str, url: str, path: Path, wait_ms: int = 20000) -> Path:
     return path
 
 
-def pages(dagster: str, mlflow_ui: str, bento: str | None, experiment_id: str | None, model: str) -> dict[str, str]:
+# the report links the assets publish (MetadataValue.url into the MLflow UI): asset -> metadata keys
+REPORT_LINKS = {"silver_events": ("data_docs_url",), "feature_drift": ("report_url", "ranker_report_url"),
+                "model_evaluation": ("report_url",), "registered_model": ("lineage_url",)}
+
+
+def report_links(instance) -> dict[str, str]:
+    """The newest published report URL of each asset in REPORT_LINKS (what one click opens in the UI); a report
+    that fell back to a file path is left out, it has no page to show."""
+    from dagster import AssetKey, UrlMetadataValue
+
+    out: dict[str, str] = {}
+    for asset, keys in REPORT_LINKS.items():
+        event = instance.get_latest_materialization_event(AssetKey(asset))
+        metadata = event.asset_materialization.metadata if event is not None else {}
+        for key in keys:
+            value = metadata.get(key)  # every MetadataValue has a `url` (the factory): only UrlMetadataValue links
+            if isinstance(value, UrlMetadataValue) and value.url:
+                out[f"report_{asset}_{key.removesuffix('_url')}"] = value.url
+    return out
+
+
+def pages(dagster: str, mlflow_ui: str, bento: str | None, experiment_id: str | None, model: str,
+          version: str = "1", training_run_id: str | None = None,
+          reports: dict[str, str] | None = None) -> dict[str, str]:
     out = {
         "dagster_runs": f"{dagster}/runs",
         "dagster_job_build_runs": f"{dagster}/locations/kairos/jobs/build/runs",
         "dagster_job_ingest_events_partitions": f"{dagster}/locations/kairos/jobs/ingest_events/partitions",
         "dagster_asset_catalog": f"{dagster}/assets",
         "dagster_silver_events_checks": f"{dagster}/assets/silver_events?view=checks",
+        "dagster_impression_log_skew_check": f"{dagster}/assets/impression_log?view=checks",
+        "dagster_registered_model_lineage": f"{dagster}/assets/registered_model",
         "dagster_feature_drift": f"{dagster}/assets/feature_drift",
         "dagster_model_evaluation": f"{dagster}/assets/model_evaluation",
-        "mlflow_models": f"{mlflow_ui}/#/models/{model}/versions/1",
+        "mlflow_model_version": f"{mlflow_ui}/#/models/{model}/versions/{version}",
     }
     if experiment_id:
         out["mlflow_experiment"] = f"{mlflow_ui}/#/experiments/{experiment_id}"
+        if training_run_id:
+            out["mlflow_training_run"] = f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{training_run_id}"
+    out.update(reports or {})
     if bento:
         out["swagger"] = f"{bento}/docs"
     return out
@@ -96,7 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         _wait(mlflow_ui, 600)
         from mlflow.tracking import MlflowClient
 
-        experiment = MlflowClient(tracking).get_experiment_by_name("kairos")
+        from dagster import DagsterInstance
+
+        from training.registry import EXPERIMENT
+
+        client = MlflowClient(tracking)
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        versions = sorted(client.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))
+        newest = versions[-1] if versions else None
+        os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+        with DagsterInstance.get() as instance:
+            reports = report_links(instance)
         bento = None
         if os.environ.get("KAIROS_SCREENSHOT_SWAGGER", "1") != "0":
             from serving.server import start_server, wait_ready
@@ -105,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(start_server(b_port, env={**env, "MLFLOW_TRACKING_URI": tracking}))
             bento = f"http://127.0.0.1:{b_port}"
             wait_ready(bento, timeout_s=300)
-        targets = pages(dagster, mlflow_ui, bento, experiment.experiment_id if experiment else None, "kairos-ranker")
+        targets = pages(dagster, mlflow_ui, bento, experiment.experiment_id if experiment else None, MODEL,
+                        newest.version if newest else "1", newest.run_id if newest else None, reports)
         print(f"[2/3] {len(targets)} pages", flush=True)
         for k, (name, url) in enumerate(targets.items(), 1):
             path = shoot(browser, url, out / f"{name}.png")
