@@ -26,7 +26,7 @@ def test_wrk_bodies_match_the_httpx_driver_and_codes_are_counted():
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_POST(self):  # noqa: N802 - http.server's name
+        def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             with lock:
                 seen.append(body)
