@@ -3,11 +3,17 @@
     .venv/bin/python bench/ranking.py                      # 4 and 8 concurrent clients, 20 s each, then the fault test
     .venv/bin/python bench/ranking.py --clients 4 8 --seconds 15 --no-fault --home /tmp/kairos-bench
     .venv/bin/python bench/ranking.py --rates 10 20 30     # also the open-loop p99 at these arrival rates
+    .venv/bin/python bench/ranking.py --driver httpx wrk --no-fault   # the closed loop with both drivers, one run
 
 Builds a fresh world through the real asset graph (Dagster, Spark, Delta, MLflow) in a
 temporary KAIROS_HOME (or `--home`, reused on the next run) with an embedded redis-server, starts the
-BentoML server (KAIROS_SERVE_WORKERS processes, one per core by default), and drives it with concurrent
-httpx clients at 200 candidates. Prints p50/p95/p99, throughput, status codes and `served_by` counts;
+BentoML server (KAIROS_SERVE_WORKERS processes, one per core by default), and drives it at 200 candidates
+with `clients` concurrent connections back to back (the closed loop): `--driver wrk` (the default when wrk is
+on PATH; a C load generator, bench/wrk_load.py) or `--driver httpx` (Python client threads in this process,
+which take a large share of the same cores). Each closed-loop row also says the CPU the load took: the
+client's CPU time, the server's processes', Redis's and the rest of the machine's, as shares of the cores
+over the load window. The open loop (a fixed arrival rate) and the fault test always use httpx: wrk has no
+constant-rate mode. Prints p50/p95/p99, throughput, status codes and `served_by` counts;
 the in-process floor per stage; the ranker alone compiled (lleaves) vs LightGBM on the same feature
 matrices; the open-loop p99 at half the saturated rate; and the issue-21 figures, each against its
 target computed from the in-process figures of the same run. For the fault test, Redis is SAVEd, killed
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -37,6 +44,74 @@ def _body(user: str, session: str, now_ms: int) -> dict:
     return {"user_id": user, "surface": "home_feed",
             "context": {"session_id": session, "device_type": "mobile", "timestamp_ms": now_ms, "geo_region": "eu"},
             "request_config": {"num_results": 10, "candidate_pool_size": 200, "max_latency_ms": 100}}
+
+
+def _tree_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process and its live descendants (the server's workers)."""
+    import psutil
+
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _machine_busy_s() -> float:
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
+class CpuWindow:
+    """CPU seconds the server tree, Redis and the whole machine used between start() and stop()."""
+
+    def __init__(self, server_pid: int | None, redis_pid: int | None) -> None:
+        self.server_pid, self.redis_pid = server_pid, redis_pid
+
+    def start(self) -> CpuWindow:
+        self._t = (time.perf_counter(), _tree_cpu_s(self.server_pid), _tree_cpu_s(self.redis_pid),
+                   _machine_busy_s(), time.process_time())
+        return self
+
+    def stop(self) -> dict:
+        w0, s0, r0, m0, p0 = self._t
+        return {"wall_s": time.perf_counter() - w0, "server_cpu_s": _tree_cpu_s(self.server_pid) - s0,
+                "redis_cpu_s": _tree_cpu_s(self.redis_pid) - r0, "machine_cpu_s": _machine_busy_s() - m0,
+                "bench_cpu_s": time.process_time() - p0}
+
+
+def cpu_shares(window: dict, client_cpu_s: float, cores: int) -> dict:
+    """Each party's CPU as a share of cores x wall over the load window; `other` = everything else on the box."""
+    cap = max(window["wall_s"] * cores, 1e-9)
+    other = window["machine_cpu_s"] - window["server_cpu_s"] - window["redis_cpu_s"] - client_cpu_s
+    return {"client": client_cpu_s / cap, "server": window["server_cpu_s"] / cap, "redis": window["redis_cpu_s"] / cap,
+            "other": max(other, 0.0) / cap, "client_per_server": client_cpu_s / max(window["server_cpu_s"], 1e-9)}
+
+
+def sample_served_by(base: str, users: list[str], now_ms: int, n: int = 20) -> dict:
+    """A few httpx requests after a load: status codes and `served_by`, read from the answers by Python."""
+    import httpx
+
+    codes: Counter = Counter()
+    served: Counter = Counter()
+    with httpx.Client(base_url=base, timeout=10) as http:
+        for i in range(n):
+            r = http.post("/v1/personalize", json=_body(users[(7919 * i) % len(users)], f"sample-{i % 7}", now_ms))
+            codes[r.status_code] += 1
+            served[r.json().get("served_by", "?") if r.status_code == 200 else f"http_{r.status_code}"] += 1
+    return {"codes": dict(codes), "served_by": dict(served)}
 
 
 def load(base: str, users: list[str], now_ms: int, clients: int, seconds: float,
@@ -185,6 +260,12 @@ def main() -> int:
     parser.add_argument("--no-fault", action="store_true")
     parser.add_argument("--rates", type=float, nargs="*", default=[],
                         help="open-loop request rates (req/s) to report the p99 at, besides half the saturated rate")
+    default_driver = "wrk" if shutil.which("wrk") else "httpx"
+    parser.add_argument("--driver", nargs="+", choices=["wrk", "httpx"], default=[default_driver],
+                        help="closed-loop load generator(s), run one after the other on the same server (default: "
+                             f"wrk when on PATH, else httpx; here: {default_driver}); the open loop and the fault "
+                             "test use httpx")
+    parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (event loops) for --driver wrk")
     parser.add_argument("--home", type=Path, default=None,
                         help="KAIROS_HOME to build the world in, or to reuse if a previous run built it there")
     args = parser.parse_args()
@@ -266,45 +347,75 @@ def main() -> int:
                 probe.append((time.perf_counter() - t) * 1000)
         print(f"\nHTTP floor (GET /healthz, 1 client): p50 {np.percentile(probe, 50):.2f} ms, "
               f"p99 {np.percentile(probe, 99):.2f} ms")
-        print(f"\nHTTP load, 200 candidates, {workers} BentoML worker(s) on {cores} core(s) "
-              "(pipeline = the server's own total, p50):")
-        print(f"  {'clients':>7} {'requests':>8} {'req/s':>7} {'p50':>7} {'p95':>7} {'p99':>7} {'pipeline':>8}  "
-              "codes / served_by")
-        closed: dict[int, dict] = {}
-        for c in args.clients:
-            r = closed[c] = load(base, users, now_ms, c, args.seconds)
-            print(f"  {c:>7} {r['requests']:>8} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} "
-                  f"{r['pipeline_p50']:>8.1f}  "
-                  f"{r['codes']} {r['served_by']}", flush=True)
-        saturated = max(r["rps"] for r in closed.values()) if closed else float("nan")
-        half = round(saturated / 2) if closed else None
-        rates = list(args.rates or []) + ([half] if half and half not in (args.rates or []) else [])
-        at_half = None
+        drivers = list(dict.fromkeys(args.driver))
+        print(f"\n[bench] load average before the HTTP load: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(f"\nHTTP load, closed loop, 200 candidates, {workers} BentoML worker(s) on {cores} core(s), "
+              f"driver(s) {', '.join(drivers)} (pipeline = the server's own total, p50; CPU = share of "
+              f"{cores} cores x the load window: client / server / redis / rest of the machine):")
+        print(f"  {'driver':>6} {'clients':>7} {'requests':>8} {'req/s':>7} {'p50':>7} {'p95':>7} {'p99':>7} "
+              f"{'pipeline':>8} {'cpu c/s/r/o':>20} {'c/s':>5}  codes / served_by")
+        closed: dict[str, dict[int, dict]] = {d: {} for d in drivers}
+        redis_pid = getattr(getattr(redis, "process", None), "pid", None)
+        for driver in drivers:
+            for c in args.clients:
+                window = CpuWindow(proc.pid, redis_pid).start()
+                if driver == "wrk":
+                    from bench.wrk_load import wrk_load
+
+                    r = wrk_load(base, users, now_ms, c, args.seconds, threads=args.wrk_threads)
+                    win = window.stop()
+                    client_cpu = r["client_cpu_s"]
+                else:
+                    r = load(base, users, now_ms, c, args.seconds)
+                    win = window.stop()
+                    client_cpu = win["bench_cpu_s"]  # this process: the client threads (the main thread waits)
+                    r["non_2xx"] = sum(n for code, n in r["codes"].items() if not 200 <= int(code) < 300)
+                r["cpu"] = cpu_shares(win, client_cpu, cores)
+                closed[driver][c] = r
+                cpu = r["cpu"]
+                print(f"  {driver:>6} {c:>7} {r['requests']:>8} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} "
+                      f"{r['p99']:>7.1f} {r['pipeline_p50']:>8.1f} "
+                      f"{cpu['client']:>5.1%} /{cpu['server']:>4.0%} /{cpu['redis']:>4.0%} /{cpu['other']:>4.0%} "
+                      f"{cpu['client_per_server']:>5.2f}  non-2xx {r['non_2xx']} {r['codes']} {r['served_by']}", flush=True)
+                if driver == "wrk":
+                    sample = sample_served_by(base, users, now_ms)
+                    print(f"  {'':>6} {'':>7} after it, 20 httpx requests: {sample['codes']} {sample['served_by']}",
+                          flush=True)
+        saturated = {d: max(r["rps"] for r in rows.values()) for d, rows in closed.items() if rows}
+        halves = {d: round(v / 2) for d, v in saturated.items()}
+        rates = list(dict.fromkeys(list(args.rates or []) + [h for h in halves.values() if h]))
+        open_at: dict[float, dict] = {}
         if rates:
-            print("\nOpen loop (fixed arrival rate, latency from the scheduled send time), 200 candidates:")
+            print("\nOpen loop (httpx; fixed arrival rate, latency from the scheduled send time), 200 candidates:")
             print(f"  {'req/s':>7} {'requests':>8} {'p50':>7} {'p95':>7} {'p99':>7}  codes")
             for rate in rates:
-                r = open_loop(base, users, now_ms, rate, args.seconds)
-                if rate == half:
-                    at_half = r
+                r = open_at[rate] = open_loop(base, users, now_ms, rate, args.seconds)
+                which = [d for d, h in halves.items() if h == rate]
                 print(f"  {rate:>7.0f} {r['requests']:>8} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f}  {r['codes']}"
-                      + ("  (half the saturated rate)" if rate == half else ""), flush=True)
+                      + (f"  (half the saturated rate, {'/'.join(which)})" if which else ""), flush=True)
+        print(f"\n[bench] load average after the HTTP load: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         p50, p99 = floor["total"]
         print("\nIssue 21 figures (one run; targets from the in-process figures of this same run):")
         target = 0.7 * cores * 1000 / p50
         print(f"  in process: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
-        if closed:
-            best = max(closed, key=lambda c: closed[c]["rps"])
-            print(f"  saturated throughput {saturated:.0f} req/s ({best} clients) vs 0.7 x {cores} cores x 1000 / "
-                  f"{p50:.2f} ms = {target:.0f} req/s: {saturated / target:.2f} of the target "
-                  f"({'met' if saturated >= target else 'NOT met'})")
-        if at_half is not None:
-            print(f"  p99 at half the saturated rate ({half} req/s) {at_half['p99']:.1f} ms vs 2 x in-process p99 = "
-                  f"{2 * p99:.1f} ms: {at_half['p99'] / (2 * p99):.2f} ({'met' if at_half['p99'] <= 2 * p99 else 'NOT met'})")
-        if 4 in closed:
-            pipe = closed[4]["pipeline_p50"]
-            print(f"  server pipeline p50 under 4 clients {pipe:.2f} ms vs 1.5 x in-process p50 = {1.5 * p50:.2f} ms: "
-                  f"{pipe / (1.5 * p50):.2f} ({'met' if pipe <= 1.5 * p50 else 'NOT met'})")
+        for driver, rows in closed.items():
+            if not rows:
+                continue
+            best = max(rows, key=lambda c: rows[c]["rps"])
+            sat = saturated[driver]
+            print(f"  [{driver}] saturated throughput {sat:.0f} req/s ({best} clients) vs 0.7 x {cores} cores x 1000 / "
+                  f"{p50:.2f} ms = {target:.0f} req/s: {sat / target:.2f} of the target "
+                  f"({'met' if sat >= target else 'NOT met'}); client CPU {rows[best]['cpu']['client']:.1%} of the "
+                  f"cores, server {rows[best]['cpu']['server']:.0%}, rest of the machine {rows[best]['cpu']['other']:.0%}")
+            at_half = open_at.get(halves[driver])
+            if at_half is not None:
+                print(f"  [{driver}] p99 at half the saturated rate ({halves[driver]} req/s, open loop, httpx) "
+                      f"{at_half['p99']:.1f} ms vs 2 x in-process p99 = {2 * p99:.1f} ms: {at_half['p99'] / (2 * p99):.2f} "
+                      f"({'met' if at_half['p99'] <= 2 * p99 else 'NOT met'})")
+            if 4 in rows:
+                pipe = rows[4]["pipeline_p50"]
+                print(f"  [{driver}] server pipeline p50 under 4 clients {pipe:.2f} ms vs 1.5 x in-process p50 = "
+                      f"{1.5 * p50:.2f} ms: {pipe / p50:.2f} x in-process ({'met' if pipe <= 1.5 * p50 else 'NOT met'})")
         if "compiled" in ranker:
             print(f"  ranker at {ranker['rows']} candidates: compiled p50 {ranker['compiled'][0]:.3f} ms vs LightGBM "
                   f"{ranker['lightgbm'][0]:.3f} ms ({ranker['lightgbm'][0] / ranker['compiled'][0]:.1f}x), "
