@@ -12,7 +12,8 @@ training may import serving, never the reverse (tests/test_layering.py).
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -117,6 +118,25 @@ def replay_request(user_id: str, at_ms: int, k: int, surface: str, session_id: s
     if region:
         context["geo_region"] = region
     return {"user_id": user_id, "surface": surface, "context": context, "request_config": {"num_results": k}}
+
+
+@contextmanager
+def one_thread_per_request() -> Iterator[None]:
+    """Run a replay the way a server worker runs requests: BLAS/OpenMP pools and torch at one thread (the
+    server sets OMP_NUM_THREADS=1 and torch.set_num_threads(1) at start). A request's matrices are tiny; with
+    the default pools torch's idle OpenMP threads spin after the user tower while NumPy's BLAS threads wait
+    for a core, which multiplies the CPU of every replayed request on a small machine (MMR's 30 x 30
+    similarity took ~6 ms instead of 0.07 ms inside the model_evaluation step)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def served_recommender(bundle: Any, store: SnapshotStore, at_ms: int, users: pd.DataFrame | None = None,

@@ -73,6 +73,17 @@ def test_temporal_split_end_bound_keeps_a_validation_window_off_the_test_window(
     assert set(bounded.relevant) <= set(temporal_split(log, catalog, split_ms=start).relevant)
 
 
+def test_sample_users_is_seeded_and_keeps_each_users_relevant_items() -> None:
+    log = _log()
+    split = temporal_split(log, [f"i{j}" for j in range(30)], quantile=0.5)
+    n = len(split.test_users) // 2
+    a, b = split.sample_users(n), split.sample_users(n)
+    assert len(a.test_users) == n and a.test_users == b.test_users  # same seed, same users
+    assert all(a.relevant[u] == split.relevant[u] for u in a.test_users)
+    assert a.warm_users == split.warm_users & set(a.test_users)
+    assert split.sample_users(len(split.test_users) + 5) is split
+
+
 def test_baselines_exclude_consumed_and_popularity_orders_by_count() -> None:
     split = temporal_split(_log(), [f"i{j}" for j in range(30)], quantile=0.8)
     pos = split.train[split.train.positive]

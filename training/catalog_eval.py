@@ -17,7 +17,7 @@ exclusions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -42,6 +42,16 @@ class CatalogSplit:
     @property
     def test_users(self) -> list[str]:
         return sorted(self.relevant)
+
+    def sample_users(self, n: int, seed: int = 7) -> "CatalogSplit":
+        """The same split over a seeded sample of `n` test users (all of them when there are no more): a fit
+        that replays the served pipeline many times needs a bounded, reproducible set of users."""
+        users = self.test_users
+        if len(users) <= n:
+            return self
+        keep = {users[i] for i in np.random.default_rng(seed).choice(len(users), size=n, replace=False)}
+        return replace(self, relevant={u: r for u, r in self.relevant.items() if u in keep},
+                       warm_users=frozenset(u for u in self.warm_users if u in keep))
 
 
 def temporal_split(interactions: pd.DataFrame, catalog: Sequence[str], split_ms: int | None = None,

@@ -15,7 +15,7 @@ import pandas as pd
 
 from features.history import CONSUMED_TYPES, consumed_items, serving_snapshot
 from models.bundle import POPULARITY_PRIOR
-from serving.offline import SnapshotStore, served_recommender, served_session_predictor
+from serving.offline import SnapshotStore, one_thread_per_request, served_recommender, served_session_predictor
 from serving.rerank import RerankConfig
 from training.baselines import SessionIndex, baseline_recommenders, last_item_cooccurrence, session_knn
 from training.catalog_eval import evaluate_recommender, score_sessions, session_prefixes, temporal_split
@@ -52,9 +52,13 @@ def catalog_split(labels: pd.DataFrame, engagements: pd.DataFrame, catalog_ids: 
 PRIOR_FEATURES: tuple[str, ...] = ("item_engaged_decayed_30d", "item_clicks_7d")
 PRIOR_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
 MIN_FIT_USERS = 30
+# seeded sample of the validation window's test users: each weight tried replays the served pipeline for every one
+# of them (~5 ms a user), so a long log's window (818 users on a 20-year log) is bounded like the session cases
+MAX_FIT_USERS = 300
 MAX_FIT_SESSION_CASES = 300  # seeded sample of the validation window's session prefixes
 
 
+@one_thread_per_request()
 def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.DataFrame, user_snaps: pd.DataFrame,
                          item_snaps: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame, start_ms: int, end_ms: int,
                          weights: Sequence[float] = PRIOR_WEIGHTS, features: Sequence[str] = PRIOR_FEATURES, k: int = 10,
@@ -66,13 +70,18 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
     Then, with that weight, the weight inside a live session (`session_weight`) that maximizes P@20 of the
     session protocol on the window's sessions (every prefix -> its next click, through the session path).
 
+    The window's test users are a seeded sample of at most MAX_FIT_USERS; a feature that is zero or missing for
+    every item (e.g. engagement on a log without dwell, purchases or shares) is not tried.
+
     Returns {"feature", "weight", "session_weight", "validation_users", "ndcg_by_weight" (of the chosen feature),
     "ndcg_by_feature", "session_cases", "p20_by_session_weight"}; a weight stays 0 (the ranker alone) when its
     evidence is below MIN_FIT_USERS users / cases or no weight beats the ranker alone (ties: the smaller weight,
     the earlier feature).
     """
-    split = catalog_split(labels, engagements, catalog["item_id"].astype(str).tolist(), start_ms, end_ms=end_ms)
+    whole = catalog_split(labels, engagements, catalog["item_id"].astype(str).tolist(), start_ms, end_ms=end_ms)
+    split = whole.sample_users(MAX_FIT_USERS)
     out: dict[str, Any] = {"feature": features[0], "weight": 0.0, "session_weight": 0.0, "validation_users": len(split.test_users),
+                           "validation_users_in_window": len(whole.test_users),
                            "window_ms": [int(start_ms), int(end_ms)], "ndcg_by_weight": {}, "p20_by_session_weight": {}}
     if len(split.test_users) < MIN_FIT_USERS:
         out["reason"] = f"{len(split.test_users)} validation users < {MIN_FIT_USERS}: the ranker alone"
@@ -99,7 +108,10 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
         return round(result.summary[f"ndcg_at_{k}"], 5)
 
     alone = ndcg(features[0], 0.0)  # weight 0: the ranker alone, whatever the feature
-    for feature in features:
+    informative = [f for f in features if f in item_snaps
+                   and bool((pd.to_numeric(item_snaps[f], errors="coerce").fillna(0.0) != 0).any())]
+    out["features_skipped"] = [f for f in features if f not in informative]
+    for feature in informative:
         scores = {str(float(w)): alone if w == 0 else ndcg(feature, w) for w in weights}
         out.setdefault("ndcg_by_feature", {})[feature] = scores
         w = best(scores)
@@ -116,6 +128,7 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
     return out
 
 
+@one_thread_per_request()
 def evaluate_catalog(bundles: Mapping[str, Any], labels: pd.DataFrame, engagements: pd.DataFrame,
                      user_snaps: pd.DataFrame, item_snaps: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame,
                      split_ms: int, k: int = 10, ablations: bool = True, sessions: bool = True,
