@@ -3,7 +3,8 @@
 from dagster import AssetSelection, define_asset_job
 
 from assets.ingestion import EVENT_ASSETS, daily_partitions
-from orchestration.launch import QUIET_LOGS  # the default run config of every job: the launchpad opens with it
+# the default run config of every job (the launchpad opens with it); the training jobs also run in process
+from orchestration.launch import GRAPH_RUN_DEFAULTS, QUIET_LOGS
 
 _events = AssetSelection.assets(*EVENT_ASSETS)
 _maintenance = AssetSelection.groups("maintenance")
@@ -18,14 +19,14 @@ ingest_job = define_asset_job(
 )
 
 build_job = define_asset_job(
-    "build", config=QUIET_LOGS,
+    "build", config=GRAPH_RUN_DEFAULTS,
     selection=AssetSelection.all() - _events - _maintenance - _served - _served_health - _tuning - _rollout,
     description="Everything downstream of the events: catalog, labels, features, training, gates, registry, "
                 "online store, drift.",
 )
 
 retrain_job = define_asset_job(
-    "retrain", config=QUIET_LOGS,
+    "retrain", config=GRAPH_RUN_DEFAULTS,
     selection=AssetSelection.assets("labels", "online_features") | AssetSelection.groups("features", "training"),
     description="Relabel, rebuild features and the training set, retrain, gate, register, refresh the online store.",
 )
@@ -36,7 +37,7 @@ maintenance_job = define_asset_job("lake_maintenance_job", config=QUIET_LOGS, se
 impressions_job = define_asset_job("log_impressions", config=QUIET_LOGS, selection=_served,
                                    description="Land served impressions from Redis in Delta and run the train/serve skew check.")
 
-tune_job = define_asset_job("tune_ranker", config=QUIET_LOGS, selection=_tuning,
+tune_job = define_asset_job("tune_ranker", config=GRAPH_RUN_DEFAULTS, selection=_tuning,
                             description="Random search over the ranker's LightGBM knobs on the validation window "
                                         "(then retrain with ranker_model config use_tuned_params: true).")
 

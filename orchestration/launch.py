@@ -27,6 +27,10 @@ IN_PROCESS = {"execution": {"config": {"in_process": {}}}}  # one run worker, on
 # the demo's launches, as every job's default run config (the UI launchpad) and in every schedule and sensor request
 # (the daemon; a run config there replaces the job's default)
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+# the graph jobs that train (build, retrain, tune_ranker): their steps share one run worker and one Spark session
+# (13 Spark sessions and 13 model-pickle round trips otherwise). Their default run config, and what the schedules and
+# sensors that start them request, so a UI or daemon launch runs exactly what the demo and tests launch.
+GRAPH_RUN_DEFAULTS = {**QUIET_LOGS, **IN_PROCESS}
 
 
 @dataclass

@@ -14,7 +14,7 @@ from assets.monitoring import FEATURE_DRIFT
 from assets.streaming import STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING, drain_stream, lag_decision
 from assets.resources import MlflowResource, RedisResource
 from ground.settings import env_number
-from orchestration.launch import QUIET_LOGS
+from orchestration.launch import GRAPH_RUN_DEFAULTS, QUIET_LOGS
 from orchestration.jobs import (impressions_job, ingest_job, maintenance_job, monitor_job, refresh_online_job,
                                 retrain_job, rollout_job)
 
@@ -76,12 +76,12 @@ def drift_sensor(context: SensorEvaluationContext, asset_event: EventLogEntry):
     fire, reason = drift_decision(status, max_psi, last_ts, time.time(), min_interval)
     if not fire:
         return SkipReason(reason)
-    return RunRequest(run_config=QUIET_LOGS, run_key=f"drift-{asset_event.run_id or 'runless'}-{asset_event.timestamp:.0f}",
+    return RunRequest(run_config=GRAPH_RUN_DEFAULTS, run_key=f"drift-{asset_event.run_id or 'runless'}-{asset_event.timestamp:.0f}",
                       tags={"kairos/trigger": "drift", "kairos/reason": reason, "kairos/max_psi": f"{max_psi:.4f}",
                             "kairos/min_interval_s": f"{min_interval:.0f}"})
 
 
-daily_retrain = ScheduleDefinition(name="daily_retrain", run_config=QUIET_LOGS, job=retrain_job, cron_schedule="0 3 * * *",
+daily_retrain = ScheduleDefinition(name="daily_retrain", run_config=GRAPH_RUN_DEFAULTS, job=retrain_job, cron_schedule="0 3 * * *",
                                    execution_timezone="UTC")
 
 # each day at 00:30 UTC, ingest the day that just ended (its partition key)

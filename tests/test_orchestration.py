@@ -5,7 +5,7 @@ from dagster import AssetKey
 
 from assets.resources import LakeResource
 from orchestration.definitions import defs
-from orchestration.launch import QUIET_LOGS
+from orchestration.launch import GRAPH_RUN_DEFAULTS, IN_PROCESS, QUIET_LOGS
 from orchestration.sensors import drift_decision
 
 
@@ -52,7 +52,7 @@ def test_drift_sensor_requests_retrain_from_a_real_instance() -> None:
         assert len(loud.run_requests) == 1
         request = loud.run_requests[0]
         assert request.tags["kairos/trigger"] == "drift" and "0.410" in request.tags["kairos/reason"]
-        assert request.run_config == QUIET_LOGS  # the daemon's run logs at INFO
+        assert request.run_config == GRAPH_RUN_DEFAULTS  # the daemon runs it at INFO, in process (as the tests launch it)
 
 
 def test_dagster_debug_is_off_in_every_launch_path() -> None:
@@ -78,6 +78,11 @@ def test_dagster_debug_is_off_in_every_launch_path() -> None:
                                              repository_def=defs.get_repository_def())
             requests = schedule.evaluate_tick(context).run_requests
             assert requests and all(r.run_config["loggers"] == QUIET_LOGS["loggers"] for r in requests), schedule.name
+            if schedule.job_name == "retrain":  # the daemon runs the training job as the demo and tests launch it
+                assert all(r.run_config == GRAPH_RUN_DEFAULTS for r in requests)
+    for name in ("build", "retrain", "tune_ranker"):  # one run worker, one Spark session: what the tests launch
+        assert defs.resolve_job_def(name).run_config == GRAPH_RUN_DEFAULTS, name
+        assert GRAPH_RUN_DEFAULTS["execution"] == IN_PROCESS["execution"]
 
 
 def test_every_asset_has_owner_kinds_tags_and_every_check_a_description() -> None:
