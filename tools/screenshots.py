@@ -103,6 +103,24 @@ def pages(dagster: str, mlflow_ui: str, bento: str | None, experiment_id: str | 
     return out
 
 
+def _report_port(reports: dict[str, str]) -> int | None:
+    """The loopback port the published report links name (KAIROS_MLFLOW_UI_URL, `make mlflow-ui`: 5000), when it is
+    free: the MLflow UI is started there, so the report pages are shot at the very URLs a user clicks."""
+    import socket
+    from urllib.parse import urlparse
+
+    for url in reports.values():
+        parsed = urlparse(url)
+        if parsed.hostname in ("127.0.0.1", "localhost") and parsed.port:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", parsed.port))
+                except OSError:
+                    return None  # something already listens there (a user's own `make mlflow-ui`): leave it
+            return parsed.port
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", default=os.environ.get("KAIROS_HOME", str(ROOT / ".kairos")))
@@ -116,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "KAIROS_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
-    d_port, m_port = free_port(), free_port()
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        reports = report_links(instance)
+    d_port, m_port = free_port(), _report_port(reports) or free_port()
     procs = [subprocess.Popen([str(bin_dir / "dagster-webserver"), "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
                                "-p", str(d_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
              subprocess.Popen([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", tracking, "--host", "127.0.0.1",
@@ -128,17 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         _wait(mlflow_ui, 600)
         from mlflow.tracking import MlflowClient
 
-        from dagster import DagsterInstance
-
         from training.registry import EXPERIMENT
 
         client = MlflowClient(tracking)
         experiment = client.get_experiment_by_name(EXPERIMENT)
         versions = sorted(client.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))
         newest = versions[-1] if versions else None
-        os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
-        with DagsterInstance.get() as instance:
-            reports = report_links(instance)
         bento = None
         if os.environ.get("KAIROS_SCREENSHOT_SWAGGER", "1") != "0":
             from serving.server import start_server, wait_ready
