@@ -131,6 +131,12 @@ def test_evaluate_models_reports_everything(outcome, trainset, tmp_path) -> None
     assert page.exists() and text.startswith("<!DOCTYPE html>")
     assert "ndcg_at_20" in text and "calibration" in text.lower() and "user_new" in text and "co_occurrence" in text
     assert "http" not in text and "<script" not in text  # self-contained
+    catalog = {"split": {"split_ms": 5, "users": 2, "warm_users": 1, "catalog_items": 9},
+               "systems": {"popularity": {"ndcg_at_10": 0.2}, "served": {"ndcg_at_10": 0.3, "recall_at_20": 0.5}},
+               "sessions": {"served": {"cases": 4.0, "p_at_20": 25.0}}}
+    text = evaluation_report_html({**res, "catalog": catalog}, tmp_path / "c.html").read_text(encoding="utf-8")
+    assert text.index("whole catalog") < text.index("Ranker diagnostics")  # the gate's evidence leads the page
+    assert text.index("<td>served</td>") < text.index("<td>popularity</td>") and "Session protocol" in text
     from training.evaluation import evaluation_plot_png
 
     png = evaluation_plot_png(res, tmp_path / "report" / "evaluation.png")

@@ -384,13 +384,37 @@ def _html_table(caption: str, header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+CATALOG_COLUMNS = ("ndcg_at_10", "ndcg_at_10_ci_low", "ndcg_at_10_ci_high", "recall_at_10", "recall_at_20", "hr_at_10",
+                   "mrr_at_10", "warm_ndcg_at_10", "cold_ndcg_at_10", "catalog_coverage", "personalized_share")
+
+
+def _catalog_tables(catalog: dict[str, Any]) -> list[str]:
+    """The tables the gate decides on, first: the served top-K over the whole catalog beside every baseline (best
+    first), and the session protocol (training/served_eval.py evaluate_catalog)."""
+    systems = catalog.get("systems") or {}
+    if not systems:
+        return []
+    split = catalog.get("split") or {}
+    caption = (f"Served top-10 over the whole catalog vs baselines (split at {split.get('split_ms')}: "
+               f"{split.get('users')} test users, {split.get('warm_users')} warm, {split.get('catalog_items')} items)")
+    order = sorted(systems, key=lambda n: -float(systems[n].get("ndcg_at_10") or 0.0))
+    out = [_html_table(caption, ["system", *CATALOG_COLUMNS], [[n, *(systems[n].get(c) for c in CATALOG_COLUMNS)] for n in order])]
+    sessions = catalog.get("sessions") or {}
+    if sessions:
+        cols = ["cases", "p_at_20", "p_at_20_ci_low", "p_at_20_ci_high", "mrr_at_20"]
+        out.append(_html_table("Session protocol: every prefix of a held-out session -> its next click (P@20, MRR@20 x 100)",
+                               ["system", *cols], [[n, *(v.get(c) for c in cols)] for n, v in sessions.items()]))
+    return out
+
+
 def evaluation_report_html(results: dict[str, Any], path: str | Path) -> Path:
     """Write a self-contained HTML page (inline CSS, no external assets) of an evaluate_models result:
     models x metrics, the two-stage calibration table and the slices; a reviewer reads it off the run."""
     models = model_names(results)
     metrics = [m for m in REPORT_METRICS if any(m in results[name] for name in models)]
-    parts = [_html_table("Models (test split)", ["model", *metrics],
-                         [[name, *(results[name].get(m) for m in metrics)] for name in models])]
+    parts = _catalog_tables(results.get("catalog") or {})
+    parts.append(_html_table("Ranker diagnostics: the logged rows of the test split re-ranked (impression level)",
+                             ["model", *metrics], [[name, *(results[name].get(m) for m in metrics)] for name in models]))
     calib = results.get("calibration") or []
     cols = ["bin", "lower", "upper", "count", "mean_predicted", "observed_rate"]
     parts.append(_html_table("Two-stage calibration" + ("" if calib else " (ranker does not output probabilities)"),
