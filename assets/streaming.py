@@ -16,7 +16,7 @@ from assets.resources import LakeResource, RedisResource
 from ground.settings import redis_url_from_env
 
 # the alert decision is pure and shared with the server's /readyz and /v1/status (streaming/retention.py)
-from streaming.retention import STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING, lag_decision  # noqa: F401
+from streaming.retention import lag_decision  # noqa: F401
 
 
 class DrainConfig(Config):

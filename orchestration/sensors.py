@@ -4,17 +4,19 @@ retrain; hourly monitoring; weekly lake maintenance."""
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from dagster import (AssetKey, DagsterRunStatus, EventLogEntry, RunRequest, RunsFilter, ScheduleDefinition,
                      SensorEvaluationContext, SkipReason, asset_sensor, build_schedule_from_partitioned_job, sensor)
 
 from assets.monitoring import FEATURE_DRIFT
-from assets.streaming import STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING, drain_stream, lag_decision
+from assets.streaming import drain_stream
+from streaming.retention import lag_decision
 from assets.resources import MlflowResource, RedisResource
 from ground.settings import env_number
 from orchestration.launch import GRAPH_RUN_DEFAULTS, QUIET_LOGS
+from streaming.options import LagThresholds
 from orchestration.jobs import (impressions_job, ingest_job, maintenance_job, monitor_job, refresh_online_job,
                                 retrain_job, rollout_job)
 
@@ -33,8 +35,7 @@ class SensorSettings:
 
     retrain_min_interval_s: float = MIN_RETRAIN_INTERVAL_S  # least time between drift-triggered retrains
     freshness_min_interval_s: float = FRESHNESS_MIN_INTERVAL_S  # least time between refreshes the sensor requests
-    stream_lag_alert_ms: int = STREAM_LAG_ALERT_MS
-    stream_lag_alert_pending: int = STREAM_LAG_ALERT_PENDING
+    stream_lag: LagThresholds = field(default_factory=LagThresholds)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "SensorSettings":
@@ -43,9 +44,7 @@ class SensorSettings:
             retrain_min_interval_s=env_number(env, "KAIROS_RETRAIN_MIN_INTERVAL_S", float, d.retrain_min_interval_s, 0.0),
             freshness_min_interval_s=env_number(env, "KAIROS_FRESHNESS_MIN_INTERVAL_S", float,
                                                 d.freshness_min_interval_s, 0.0),
-            stream_lag_alert_ms=env_number(env, "KAIROS_STREAM_LAG_ALERT_MS", int, d.stream_lag_alert_ms, 0),
-            stream_lag_alert_pending=env_number(env, "KAIROS_STREAM_LAG_ALERT_PENDING", int,
-                                                d.stream_lag_alert_pending, 0),
+            stream_lag=LagThresholds.from_env(env),
         )
 
 
@@ -216,8 +215,8 @@ def stream_lag_sensor(context: SensorEvaluationContext, redis: RedisResource):
 
     lag = stream_lag(redis.client(), STREAM)
     limits = SensorSettings.from_env()
-    fire, reason = lag_decision(lag, GROUP, max_lag_ms=limits.stream_lag_alert_ms,
-                                max_pending=limits.stream_lag_alert_pending)
+    fire, reason = lag_decision(lag, GROUP, max_lag_ms=limits.stream_lag.max_lag_ms,
+                                max_pending=limits.stream_lag.max_pending)
     if not fire:
         return SkipReason(reason)
     context.log.warning(f"ALERT stream lag: {reason}")

@@ -905,8 +905,8 @@ class KairosRanker:
         except Exception as exc:  # noqa: BLE001
             return {"error": f"{type(exc).__name__}: {exc}", "alert": True,
                     "reason": "the stream's state could not be read"}
-        alert, reason = lag_decision(lag, GROUP, max_lag_ms=self.serve.stream_lag_alert_ms,
-                                     max_pending=self.serve.stream_lag_alert_pending)
+        alert, reason = lag_decision(lag, GROUP, max_lag_ms=self.serve.stream_lag.max_lag_ms,
+                                     max_pending=self.serve.stream_lag.max_pending)
         return {**lag, "alert": alert, "reason": reason}
 
 

@@ -16,7 +16,8 @@ from features.online import FRESH_WINDOW, ITEM_CACHE_ROWS, PUBLISHED_KEEP
 from ground.settings import env_flag, env_number
 from serving.experiments import Experiment
 from serving.rerank import RerankConfig
-from streaming.retention import DEFAULT_MAX_BACKLOG, STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING
+from streaming.options import LagThresholds
+from streaming.retention import DEFAULT_MAX_BACKLOG
 
 
 def cores() -> int:
@@ -39,8 +40,6 @@ ENV_VARS: dict[str, str] = {
     "api_key": "KAIROS_API_KEY",
     "max_body_bytes": "KAIROS_MAX_BODY_BYTES",
     "stream_metrics_s": "KAIROS_STREAM_METRICS_S",
-    "stream_lag_alert_ms": "KAIROS_STREAM_LAG_ALERT_MS",
-    "stream_lag_alert_pending": "KAIROS_STREAM_LAG_ALERT_PENDING",
     "stale_max_age_s": "KAIROS_STALE_FEATURES_MAX_AGE_S",
     "item_cache_rows": "KAIROS_ITEM_CACHE_ROWS",
     "fresh_window": "KAIROS_FRESH_WINDOW",
@@ -66,9 +65,8 @@ class ServeSettings:
     api_key: str | None = None  # set: /v1/* requires the header x-api-key
     max_body_bytes: int = 1 << 20  # 1 MiB: 1,000 events fit in ~300 kB
     stream_metrics_s: float = 5.0  # how often the event stream's lag is re-read for /metrics
-    # the stream alert in /readyz and /v1/status: the same thresholds (and variables) as Dagster's stream_lag_sensor
-    stream_lag_alert_ms: int = STREAM_LAG_ALERT_MS
-    stream_lag_alert_pending: int = STREAM_LAG_ALERT_PENDING
+    # the stream alert in /readyz and /v1/status: the thresholds (and variables) of Dagster's stream_lag_sensor
+    stream_lag: LagThresholds = field(default_factory=LagThresholds)
     stale_max_age_s: float = 3600.0  # the in-process copy of a user's features served while Redis is down
     item_cache_rows: int = ITEM_CACHE_ROWS  # decoded item rows kept per worker
     fresh_window: int = FRESH_WINDOW  # newest items the fresh channel looks at
@@ -102,8 +100,7 @@ class ServeSettings:
             api_key=env.get(v["api_key"]) or None,
             max_body_bytes=env_number(env, v["max_body_bytes"], int, d.max_body_bytes, 1),
             stream_metrics_s=env_number(env, v["stream_metrics_s"], float, d.stream_metrics_s, 0.0),
-            stream_lag_alert_ms=env_number(env, v["stream_lag_alert_ms"], int, d.stream_lag_alert_ms, 0),
-            stream_lag_alert_pending=env_number(env, v["stream_lag_alert_pending"], int, d.stream_lag_alert_pending, 0),
+            stream_lag=LagThresholds.from_env(env),
             stale_max_age_s=env_number(env, v["stale_max_age_s"], float, d.stale_max_age_s, 0.0),
             item_cache_rows=env_number(env, v["item_cache_rows"], int, d.item_cache_rows, 0),
             fresh_window=env_number(env, v["fresh_window"], int, d.fresh_window, 1, PUBLISHED_KEEP),

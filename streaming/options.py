@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ground.settings import env_number
+from streaming.retention import STREAM_LAG_ALERT_MS, STREAM_LAG_ALERT_PENDING
 
 # field -> the environment variable that sets its default (a flag given on the command line wins)
 ENV_VARS: dict[str, str] = {
@@ -16,6 +17,21 @@ ENV_VARS: dict[str, str] = {
     "session_ttl_s": "KAIROS_SESSION_TTL_S",
     "bronze_window_ms": "KAIROS_BRONZE_WINDOW_MS",
 }
+
+
+@dataclass(frozen=True)
+class LagThresholds:
+    """When a consumer group's lag is an alert (`streaming.retention.lag_decision`): one definition and one read of
+    KAIROS_STREAM_LAG_ALERT_MS / _PENDING for Dagster's stream_lag_sensor and the server's /readyz and /v1/status."""
+
+    max_lag_ms: int = STREAM_LAG_ALERT_MS
+    max_pending: int = STREAM_LAG_ALERT_PENDING
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "LagThresholds":
+        d = cls()
+        return cls(max_lag_ms=env_number(env, "KAIROS_STREAM_LAG_ALERT_MS", int, d.max_lag_ms, 0),
+                   max_pending=env_number(env, "KAIROS_STREAM_LAG_ALERT_PENDING", int, d.max_pending, 0))
 
 
 @dataclass
