@@ -33,10 +33,10 @@ def feature_snapshots(context: AssetExecutionContext, lake: LakeResource, spark:
     events = spark.read_table(store, SILVER, ev_pin.version)
     items = spark.read_table(store, ITEMS, it_pin.version)
     catalog_users = spark.read_table(store, USERS, us_pin.version)
-    users = user_snapshots(spark.session(), events, items, catalog_users).toPandas()
-    itemf = item_snapshots(spark.session(), events, items).toPandas()
-    u = store.write(USER_FEATURES, users)
-    i = store.write(ITEM_FEATURES, itemf)
+    u = spark.write_table(store, USER_FEATURES, user_snapshots(spark.session(), events, items, catalog_users))
+    i = spark.write_table(store, ITEM_FEATURES, item_snapshots(spark.session(), events, items))
+    users = store.read(USER_FEATURES, version=u.version, columns=["feature_ts"])
+    itemf = store.read(ITEM_FEATURES, version=i.version, columns=["feature_ts"])
     common = {"silver_version": ev_pin.version, "catalog_users_version": us_pin.version,
               "feature_registry_version": registry_version()}
     yield MaterializeResult(asset_key=USER_FEATURES, metadata={"rows": u.rows, "delta_version": u.version,
@@ -65,27 +65,28 @@ class TrainingSetConfig(Config):
     description="Labels joined as-of to feature snapshots and replayed session features; split by time with a gap.",
 )
 def training_set(context: AssetExecutionContext, config: TrainingSetConfig, lake: LakeResource, spark: SparkResource):
-    from training.dataset import SplitConfig, build_training_set
+    from training.dataset import SplitConfig, build_training_set, leak_count, read_training_set
 
     store = lake.lake()
     pins = {t: store.pin(t) for t in (LABELS, SILVER, USER_FEATURES, ITEM_FEATURES, ITEMS)}
     read = {t: spark.read_table(store, t, p.version) for t, p in pins.items()}
     items = store.read(ITEMS, version=pins[ITEMS].version)
-    frame, bounds = build_training_set(spark.session(), read[LABELS], read[SILVER], read[USER_FEATURES],
+    built, bounds = build_training_set(spark.session(), read[LABELS], read[SILVER], read[USER_FEATURES],
                                        read[ITEM_FEATURES], items,
                                        SplitConfig(config.validation_days, config.test_days, config.gap_hours,
                                                    test_quantile=config.test_quantile))
-    out = store.write(TRAINING_SET, frame)
-    leaks = 0
-    for col in ("user_id_feature_ts", "item_id_feature_ts"):
-        m = frame[col].notna()
-        leaks += int((frame.loc[m, col] >= frame.loc[m, "timestamp"]).sum())
+    out = spark.write_table(store, TRAINING_SET, built)  # written by the executors, never collected
+    frame = read_training_set(store, TRAINING_SET, out.version, columns=[
+        "timestamp", "split", "label_binary", "user_id_feature_ts", "item_id_feature_ts"])
+    leaks = leak_count(frame)
+    splits = frame["split"].value_counts().to_dict()
+    context.log.info(f"training set: {len(frame)} rows {splits}")
     inputs = {f"{t}_version": p.version for t, p in pins.items()}
     yield MaterializeResult(metadata={
         "rows": len(frame), "delta_version": out.version, **inputs,
-        "splits": MetadataValue.json(frame["split"].value_counts().to_dict()),
+        "splits": MetadataValue.json(splits),
         "split_boundaries": MetadataValue.json(bounds.as_dict()),
-        "positive_rate": round(float(frame["label_binary"].mean()), 4),
+        "positive_rate": round(float(frame["label_binary"].mean()), 4) if len(frame) else 0.0,
     }, data_version=delta_data_version(TRAINING_SET, out.version))
     yield AssetCheckResult(check_name="point_in_time_correct", passed=leaks == 0,
                            metadata={"rows_with_future_features": leaks},

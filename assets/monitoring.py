@@ -15,6 +15,7 @@ from assets.features import ITEM_FEATURES, TRAINING_SET, USER_FEATURES
 from assets.ingestion import ITEMS, SILVER
 from assets.serving import ONLINE_FEATURES
 from compliance.versions import source_version
+from training.dataset import read_training_set
 from data_contracts.schema import DAY_MS, HOUR_MS
 from assets.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource
 
@@ -48,7 +49,7 @@ def _ranker_windows(store, config: DriftConfig, pins: dict) -> tuple[pd.DataFram
     from features.functions import assemble_features
     from monitoring.drift import served_feature_window
 
-    frame = store.read(TRAINING_SET, version=pins[TRAINING_SET].version)
+    frame = read_training_set(store, TRAINING_SET, pins[TRAINING_SET].version)
     train = frame[frame["split"] == "train"]
     if len(train) > config.max_reference_rows:
         train = train.sample(config.max_reference_rows, random_state=config.seed)
@@ -251,7 +252,7 @@ def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, 
 
     store = lake.lake()
     pin = store.pin(TRAINING_SET)
-    frame = store.read(TRAINING_SET, version=pin.version)
+    frame = read_training_set(store, TRAINING_SET, pin.version)
     recent = frame[frame["timestamp"] > int(frame["timestamp"].max()) - int(config.recent_days * DAY_MS)]
     # sampled catalog negatives (ingestion/labels.py, ids "easy:...") are mostly items with no recent activity:
     # their defaults are by design, not a feature pipeline losing values, so health is measured on real rows

@@ -13,8 +13,8 @@ from typing import Any
 from dagster import ConfigurableResource
 
 from ground.settings import Settings, redis_client, redis_url_from_env
-from lake.delta import DeltaLake
-from lake.spark import spark_read, spark_session
+from lake.delta import DeltaLake, TableVersion
+from lake.spark import spark_read, spark_session, spark_write
 
 
 def _settings() -> Settings:
@@ -43,6 +43,10 @@ class SparkResource(ConfigurableResource):
 
     def read_table(self, lake: DeltaLake, table: str, version: int) -> Any:
         return spark_read(self.session(), lake, table, version)
+
+    def write_table(self, lake: DeltaLake, table: str, frame: Any) -> TableVersion:
+        """Overwrite `table` with a Spark DataFrame, written by the executors (lake/spark.py `spark_write`)."""
+        return spark_write(self.session(), lake, table, frame)
 
 
 class RedisResource(ConfigurableResource):

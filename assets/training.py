@@ -18,6 +18,7 @@ from assets.ingestion import BRONZE, ITEMS, LABELS, SILVER, USERS
 from features.registry import registry_version
 from assets.resources import ArtifactsResource, LakeResource, MlflowResource
 from compliance.versions import source_version
+from training.dataset import read_training_set
 from ground.settings import PROJECT_ROOT
 
 GROUP = "training"
@@ -35,7 +36,7 @@ def git_sha() -> str:
 def _load_training_inputs(lake: LakeResource) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     store = lake.lake()
     pins = {t: store.pin(t) for t in (TRAINING_SET, ITEMS, USERS)}
-    frame = store.read(TRAINING_SET, version=pins[TRAINING_SET].version)
+    frame = read_training_set(store, TRAINING_SET, pins[TRAINING_SET].version)
     items = store.read(ITEMS, version=pins[ITEMS].version)
     users = store.read(USERS, version=pins[USERS].version)
     return frame, items, users, pins

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 from urllib.parse import unquote
 
 from ground.settings import PROJECT_ROOT, Settings
-from lake.delta import DeltaLake, TableMissing
+from lake.delta import DeltaLake, TableMissing, TableVersion
 
 log = logging.getLogger("kairos.spark")
 
@@ -434,6 +434,98 @@ def spark_read(spark: Any, lake: DeltaLake, table: str, version: int, reader: st
     if missing:
         raise TableMissing(f"snapshot of '{table}' v{version} lacks columns {missing}")
     return frame.select(*expected)
+
+
+# ---------------------------------------------------------------------------------------------- writing a table
+WRITE_ROWS_PER_FILE = 1_000_000
+
+
+def _write_partition_files(root: str, storage_options: dict[str, str], token: str, batches: Iterator[Any],
+                           rows_per_file: int = WRITE_ROWS_PER_FILE) -> Iterator[dict[str, Any]]:
+    """One Spark partition's Arrow batches as parquet files under the table root, through delta-rs' object store
+    (the same one `read_file_batches` reads with); yields what the driver commits for each file. Memory stays
+    bounded by one batch: the parquet writer streams row groups out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from deltalake.fs import DeltaStorageHandler
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    index = context.partitionId() if context is not None else 0
+    if not is_object_store(root):  # a new table's folder (delta-rs opens a local root only if it exists)
+        os.makedirs(root.removeprefix("file://"), exist_ok=True)
+    fs = pa.fs.PyFileSystem(DeltaStorageHandler(root, storage_options or None))
+    writer, stream, name, rows, part = None, None, "", 0, 0
+
+    def close() -> dict[str, Any]:
+        writer.close()
+        stream.close()
+        return {"path": name, "size": int(fs.get_file_info(name).size), "rows": rows,
+                "schema": writer.schema.serialize().to_pybytes().hex()}
+
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        if writer is not None and rows >= rows_per_file:
+            yield close()
+            writer, part = None, part + 1
+        if writer is None:
+            name, rows = f"part-{index:05d}-{part:03d}-{token}.parquet", 0
+            stream = fs.open_output_stream(name)
+            writer = pq.ParquetWriter(stream, batch.schema, compression="snappy")
+        writer.write_batch(batch)
+        rows += batch.num_rows
+    if writer is not None:
+        yield close()
+
+
+def spark_write(spark: Any, lake: DeltaLake, table: str, frame: Any,
+                commit_properties: dict[str, Any] | None = None) -> TableVersion:
+    """Overwrite `table` with a Spark DataFrame, written by the executors: each task writes its partition's
+    parquet files straight into the table's folder (local path or object store, no JVM connector), and the
+    driver commits the files in one Delta transaction. Nothing but the file list reaches the driver, so a
+    table of any size is written in memory bounded per partition; a failed job commits nothing (its files
+    are unreferenced and go with the next vacuum). With the delta-spark connector (`delta` reader) Spark's
+    own Delta writer is used instead."""
+    import time
+    import uuid
+
+    import pyarrow as pa
+    from deltalake import CommitProperties, DeltaTable, Schema
+    from deltalake.transaction import AddAction, create_table_with_add_actions
+
+    check_reachable(spark.sparkContext.master, lake.root)
+    if lake_reader(lake.root) == "delta":
+        frame.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(_hadoop_uri(lake.uri(table)))
+        return lake.pin(table)
+    root, options, token = lake.uri(table), executor_storage_options(lake), uuid.uuid4().hex
+
+    def write(batches: Iterator[Any]) -> Iterator[Any]:
+        for entry in _write_partition_files(root, options, token, batches):
+            yield pa.RecordBatch.from_pylist([entry])
+
+    written = frame.mapInArrow(write, "path string, size long, rows long, schema string").collect()
+    if not written:  # no rows at all: an empty table of the frame's schema
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        return lake.write(table, pa.Table.from_batches([], schema=to_arrow_schema(frame.schema)),
+                          commit_properties=commit_properties)
+    schema = _arrow_schema(written[0]["schema"])
+    now = int(time.time() * 1000)
+    actions = [AddAction(r["path"], int(r["size"]), {}, now, True, json.dumps({"numRecords": int(r["rows"])}))
+               for r in sorted(written, key=lambda r: r["path"])]
+    props = CommitProperties(custom_metadata={k: str(v) for k, v in (commit_properties or {}).items()}) \
+        if commit_properties else None
+    if lake.exists(table):
+        DeltaTable(root, storage_options=lake.storage_options).create_write_transaction(
+            actions, mode="overwrite", schema=schema, commit_properties=props)
+    else:
+        create_table_with_add_actions(root, Schema.from_arrow(schema), actions, mode="error",
+                                      storage_options=lake.storage_options, commit_properties=props)
+    rows = sum(int(r["rows"]) for r in written)
+    version = lake.version(table)
+    log.info("executors wrote %s rows in %s files to %s -> version %s", rows, len(actions), table, version)
+    return TableVersion(table, version, rows)
 
 
 def executor_environment(spark: Any, tasks: int = 2) -> list[dict[str, Any]]:

@@ -8,8 +8,9 @@ import pytest
 
 from features.batch import final_snapshot, item_snapshots, user_snapshots
 from data_contracts.schema import DAY_MS, HOUR_MS
-from lake.spark import spark_session
-from training.dataset import SplitConfig, assign_split, build_training_set, split_boundaries
+from lake.delta import DeltaLake
+from lake.spark import spark_session, spark_write
+from training.dataset import SplitConfig, assign_split, build_training_set, read_training_set, split_boundaries
 
 T0 = 1_767_225_600_000  # 2026-01-01 00:00 UTC
 
@@ -25,7 +26,7 @@ def spark():
     return spark_session("local[2]")
 
 
-def test_as_of_join_never_uses_a_later_snapshot(spark) -> None:
+def test_as_of_join_never_uses_a_later_snapshot(spark, tmp_path) -> None:
     items = pd.DataFrame({"item_id": ["i1", "i2"], "title": ["a", "b"], "category": ["books", "music"],
                           "tags": ["", ""], "publish_ts": [T0 - DAY_MS, T0 - DAY_MS]})
     events = pd.DataFrame([
@@ -41,8 +42,14 @@ def test_as_of_join_never_uses_a_later_snapshot(spark) -> None:
     labels = events[events["event_type"] == "impression"].assign(label=0.0, label_binary=0)
     sev, sit = spark.createDataFrame(events), spark.createDataFrame(items)
     us, its = user_snapshots(spark, sev, sit), item_snapshots(spark, sev, sit)
-    frame, _ = build_training_set(spark, spark.createDataFrame(labels), sev, us, its, items,
+    built, _ = build_training_set(spark, spark.createDataFrame(labels), sev, us, its, items,
                                   SplitConfig(validation_days=1, test_days=1))
+    # the asset's path: the executors write the set, the trainers read it back in its one order
+    lake = DeltaLake(str(tmp_path / "lake"))
+    written = spark_write(spark, lake, "training_set", built)
+    frame = read_training_set(lake, "training_set", written.version)
+    assert written.rows == len(frame) == len(labels)
+    assert frame["timestamp"].is_monotonic_increasing
     row = frame.set_index("event_id").loc["e4"]
     # snapshot of day 1 midnight: only e2 (one click) is before; the day-2/day-3 snapshots see 7 clicks
     assert row["user_id_feature_ts"] == T0 + DAY_MS
@@ -156,3 +163,33 @@ def test_snapshots_cost_follows_events_not_calendar_days(spark) -> None:
     assert by_day.loc[day0 + 1, "item_engaged_decayed_30d"] == 1.0
     assert by_day.loc[day0 + 8, "item_engaged_decayed_30d"] == 0.5  # one half-life (7 days) after yesterday
     assert 0 < by_day.loc[day0 + 30, "item_engaged_decayed_30d"] < 0.06
+
+
+def test_quantile_split_from_spark_matches_numpy(spark) -> None:
+    """The asset computes the test start where the rows are (Spark's exact percentile): the same boundary
+    as NumPy's quantile over the collected timestamps, which the world planner uses."""
+    import numpy as np
+    from pyspark.sql import functions as F
+
+    ts = np.random.default_rng(3).integers(0, 90 * DAY_MS, size=5_001)
+    frame = spark.createDataFrame(pd.DataFrame({"timestamp": ts}))
+    q = frame.agg(F.percentile("timestamp", F.lit(0.8))).first()[0]
+    config = SplitConfig(validation_days=3, test_quantile=0.8)
+    assert split_boundaries(int(ts.max()), config, quantile_ts=q) == split_boundaries(int(ts.max()), config, timestamps=ts)
+
+
+def test_spark_write_overwrites_in_one_commit_and_reads_back(spark, tmp_path) -> None:
+    """Executors write the files, the driver commits them: rows, schema changes and an empty result."""
+    lake = DeltaLake(str(tmp_path / "lake"))
+    df = spark.range(0, 50_000, numPartitions=4).selectExpr("id", "cast(id % 7 as string) as s",
+                                                           "case when id % 3 = 0 then null else id * 0.5 end as x")
+    first = spark_write(spark, lake, "t", df)
+    back = lake.read("t", version=first.version).sort_values("id").reset_index(drop=True)
+    assert first.rows == 50_000 and lake.pin("t").rows == 50_000
+    assert back["id"].tolist() == list(range(50_000)) and back["x"].isna().sum() == 16_667
+    second = spark_write(spark, lake, "t", df.limit(10).selectExpr("id", "'new' as z"))  # schema change
+    assert second.version == first.version + 1
+    assert sorted(lake.read("t").columns) == ["id", "z"] and len(lake.read("t")) == 10
+    assert len(lake.read("t", version=first.version)) == 50_000  # the old version is intact (time travel)
+    empty = spark_write(spark, lake, "t", df.where("id < 0"))
+    assert empty.rows == 0 and lake.read("t").columns.tolist() == ["id", "s", "x"] and lake.read("t").empty

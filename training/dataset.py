@@ -49,15 +49,19 @@ class SplitBoundaries:
         return asdict(self)
 
 
-def split_boundaries(max_ts: int, config: SplitConfig, timestamps: Any = None) -> SplitBoundaries:
+def split_boundaries(max_ts: int, config: SplitConfig, timestamps: Any = None,
+                     quantile_ts: float | None = None) -> SplitBoundaries:
+    """The windows; a `test_quantile` split needs the rows' timestamps, or their quantile computed where they are
+    (`quantile_ts`: Spark's exact `percentile`, the same linear interpolation as NumPy's default)."""
     end = int(max_ts) + 1
     test_start = end - int(config.test_days * DAY_MS)
     if config.test_quantile is not None:
         import numpy as np
 
-        if timestamps is None or not 0.0 < config.test_quantile < 1.0:
+        if (timestamps is None and quantile_ts is None) or not 0.0 < config.test_quantile < 1.0:
             raise ValueError(f"test_quantile must be in (0, 1) and needs the rows' timestamps, got {config.test_quantile}")
-        test_start = int(np.quantile(np.asarray(timestamps, dtype=np.int64), config.test_quantile))
+        test_start = int(quantile_ts if quantile_ts is not None
+                         else np.quantile(np.asarray(timestamps, dtype=np.int64), config.test_quantile))
     gap = int(config.gap_hours * HOUR_MS)
     valid_start = test_start - gap - int(config.validation_days * DAY_MS)
     return SplitBoundaries(valid_start, test_start, end, gap)
@@ -113,13 +117,44 @@ def session_features_spark(spark: Any, events: Any, item_category: dict[str, str
     )
 
 
+# rows of one executor task in the final pass (users are bucketed so one bucket's rows and history fit in memory)
+ROWS_PER_TASK = 200_000
+# the order every reader sees (the join's output has none): reproducible samples and time-ordered splits
+ROW_ORDER = ["timestamp", "event_id"]
+
+
+def finish_rows(rows: pd.DataFrame, consumed: pd.DataFrame, bounds: SplitBoundaries) -> pd.DataFrame:
+    """Split, defaults and the user's recent items for rows of some users, given those users' consumed events.
+
+    Runs on the executors, one bucket of users at a time, so no step needs the whole set in one process."""
+    rows = rows.copy()
+    rows["split"] = assign_split(rows["timestamp"], bounds)
+    rows = rows[rows["split"] != "gap"]
+    for c in SESSION_COLUMNS[:-1]:
+        rows[c] = rows[c].fillna(0.0)
+    rows["session_last_items"] = rows["session_last_items"].fillna(json.dumps([]))
+    # the user's latest consumed items before each row (what the server reads from the online store's user row)
+    rows["user_recent_items"] = recent_items_before(consumed, rows) if len(rows) else pd.Series(dtype=object)
+    return rows
+
+
 def build_training_set(spark: Any, labels: Any, events: Any, user_snaps: Any, item_snaps: Any,
-                       items: pd.DataFrame, config: SplitConfig) -> tuple[pd.DataFrame, SplitBoundaries]:
-    """Join labels to features as of each impression, add session features, split by time."""
+                       items: pd.DataFrame, config: SplitConfig) -> tuple[Any, SplitBoundaries]:
+    """Join labels to features as of each impression, add session features, split by time.
+
+    Returns a Spark DataFrame (write it with `lake.spark.spark_write`; read it back with `read_training_set`):
+    the set is built and written by the executors and never collected into the driver."""
     from pyspark.sql import functions as F
+    from pyspark.sql import types as T
 
     lab = labels.select("event_id", "user_id", "item_id", "session_id", "timestamp", "position",
                         "device_type", "page_context", "label", "label_binary")
+    quantile = F.percentile("timestamp", F.lit(config.test_quantile)) if config.test_quantile is not None \
+        else F.lit(None)
+    stats = lab.agg(F.count(F.lit(1)).alias("n"), F.max("timestamp").alias("hi"), quantile.alias("q")).first()
+    if not stats["n"]:
+        raise ValueError("the training set is empty: no labeled impressions (is the attribution window longer than the data?)")
+    bounds = split_boundaries(int(stats["hi"]), config, quantile_ts=stats["q"])
     with_user = as_of_join(spark, lab, user_snaps, "user_id", config.max_feature_age_days)
     with_item = as_of_join(spark, with_user, item_snaps, "item_id", config.max_feature_age_days)
     item_category = dict(zip(items["item_id"], items["category"]))
@@ -135,18 +170,38 @@ def build_training_set(spark: Any, labels: Any, events: Any, user_snaps: Any, it
         .withColumn("query_id", F.col("session_id"))
         .withColumn("request_ts", F.col("timestamp"))
     )
-    pdf = full.toPandas()
-    if pdf.empty:
-        raise ValueError("the training set is empty: no labeled impressions (is the attribution window longer than the data?)")
-    bounds = split_boundaries(int(pdf["timestamp"].max()), config, pdf["timestamp"].to_numpy())
-    pdf["split"] = assign_split(pdf["timestamp"], bounds)
-    pdf = pdf[pdf["split"] != "gap"].sort_values(["timestamp", "event_id"], kind="mergesort").reset_index(drop=True)
-    for c in SESSION_COLUMNS[:-1]:
-        pdf[c] = pdf[c].fillna(0.0)
-    pdf["session_last_items"] = pdf["session_last_items"].fillna(json.dumps([]))
-    # the user's latest consumed items before each row (what the server reads from the online store's user row)
     consumed = (events.where(F.col("event_type").isin(*sorted(CONSUMED_TYPES)))
-                .select("user_id", "item_id", "event_type", "timestamp").toPandas())
-    pdf["user_recent_items"] = recent_items_before(consumed, pdf)
-    log.info("training set: %s rows (%s)", len(pdf), pdf["split"].value_counts().to_dict())
-    return pdf, bounds
+                .select("user_id", "item_id", "event_type", "timestamp"))
+    buckets = max(2 * spark.sparkContext.defaultParallelism, -(-int(stats["n"]) // ROWS_PER_TASK))
+    bucket = F.abs(F.hash("user_id")) % F.lit(buckets)
+    columns = full.columns
+    schema = T.StructType([f for f in full.schema.fields]
+                          + [T.StructField("split", T.StringType()), T.StructField("user_recent_items", T.StringType())])
+    names = [f.name for f in schema.fields]
+
+    def finish(rows: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+        if rows.empty:
+            return pd.DataFrame({c: pd.Series(dtype=object) for c in names})
+        return finish_rows(rows[columns], history, bounds)[names]
+
+    log.info("training set: %s labeled rows, %s user buckets, split %s", stats["n"], buckets, bounds.as_dict())
+    out = (full.withColumn("_bucket", bucket).groupBy("_bucket")
+           .cogroup(consumed.withColumn("_bucket", bucket).groupBy("_bucket"))
+           .applyInPandas(finish, schema=schema))
+    return out, bounds
+
+
+def read_training_set(store: Any, table: str, version: int, columns: list[str] | None = None) -> pd.DataFrame:
+    """A training set version in its one row order (time, then event id), whatever files the executors wrote."""
+    frame = store.read(table, version=version, columns=columns)
+    order = [c for c in ROW_ORDER if c in frame.columns]
+    return frame.sort_values(order, kind="mergesort").reset_index(drop=True) if order else frame
+
+
+def leak_count(frame: pd.DataFrame) -> int:
+    """Rows whose joined snapshot is not strictly older than the row (must be 0: point-in-time correctness)."""
+    leaks = 0
+    for col in ("user_id_feature_ts", "item_id_feature_ts"):
+        m = frame[col].notna()
+        leaks += int((frame.loc[m, col] >= frame.loc[m, "timestamp"]).sum())
+    return leaks
