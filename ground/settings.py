@@ -26,9 +26,10 @@ def _env(name: str, default: str) -> str:
     return value if value not in (None, "") else default
 
 
-# The parsers every settings object uses (Settings, serving.settings.ServeSettings, serving.rerank.RerankConfig,
-# monitoring.health.FreshnessThresholds, streaming.options.StreamJobOptions): a bad value fails where the settings
-# are built, with the variable's name, instead of running with a silently different setting.
+# The parsers every settings object uses (Settings, SparkSettings, LakeStorageSettings, EmbeddedRedisSettings below,
+# serving.settings.ServeSettings, serving.rerank.RerankConfig, monitoring.health.FreshnessThresholds,
+# streaming.options.StreamJobOptions): a bad value fails where the settings are built, with the variable's name,
+# instead of running with a silently different setting.
 def env_number(env: Mapping[str, str], var: str, kind: type, default: Any, minimum: float | None = None,
                maximum: float | None = None) -> Any:
     """`env[var]` parsed as `kind` (int or float), `default` when unset or blank; a bad value raises naming the
