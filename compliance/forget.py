@@ -160,7 +160,7 @@ def _user_sessions_and_events(lake: DeltaLake, tables: Iterable[str], user_id: s
     events: set[str] = set()
     for table in tables:
         names = [f.name for f in lake._table(table).schema().fields]
-        cols = [c for c in ("session_id", "event_id") if c in names]
+        cols: list[str] = [c for c in ("session_id", "event_id") if c in names]
         if not cols:
             continue
         rows = lake.read(table, columns=cols, filters=[("user_id", "=", str(user_id))])

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ground.settings import Settings
 
@@ -73,7 +73,7 @@ def promotions(tags: Mapping[str, str]) -> list[dict[str, Any]]:
     out = []
     for e in events.values():
         at = e.get("at")
-        out.append({"alias": e["alias"], "at_ms": int(at) if str(at).isdigit() else None, "at": _iso(at),
+        out.append({"alias": e["alias"], "at_ms": int(str(at)) if str(at).isdigit() else None, "at": _iso(at),
                     "by": e.get("by"), "reason": e.get("reason")})
     return sorted(out, key=lambda e: (e["at_ms"] or 0, e["alias"]))
 
@@ -199,7 +199,7 @@ def _cell(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _table(rows: list[Mapping[str, Any]], columns: list[str]) -> str:
+def _table(rows: Sequence[Mapping[str, Any]], columns: list[str]) -> str:
     if not rows:
         return "<p class='empty'>none recorded</p>"
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
@@ -360,7 +360,11 @@ def collect_delta(settings: Settings, pins: Mapping[str, Mapping[str, int]]) -> 
             continue
         info["current_version"] = lake.version(table)
         version = pin.get("version")
-        for commit in lake.history(table, limit=max(info["current_version"] - int(version or 0) + 2, 2)):
+        if version is None:  # only a row count was tagged: there is no version to time-travel to
+            info["time_travel"] = "unavailable (no pinned version)"
+            out[table] = info
+            continue
+        for commit in lake.history(table, limit=max(info["current_version"] - version + 2, 2)):
             if commit.get("version") == version:
                 info["committed_at"] = _iso(commit.get("timestamp"))
                 info["operation"] = commit.get("operation")
@@ -368,7 +372,7 @@ def collect_delta(settings: Settings, pins: Mapping[str, Mapping[str, int]]) -> 
                 if writer:  # lake writes stamp the Dagster run in the commit (lake.DeltaLake commit_properties)
                     info["written_by_run"] = str(writer)
         try:
-            local = [f[len("file://"):] if f.startswith("file://") else f for f in lake.files(table, int(version))]
+            local = [f[len("file://"):] if f.startswith("file://") else f for f in lake.files(table, version)]
             gone = [f for f in local if "://" not in f and not Path(f).exists()]
             info["time_travel"] = "files vacuumed" if gone else "available"
         except Exception as exc:  # noqa: BLE001 - a vacuumed/cleaned log: say so, do not fail the report

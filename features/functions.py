@@ -42,7 +42,7 @@ def update_session(state: Mapping[str, Any], event_type: str, item_id: str | Non
     The streaming job applies this to each event from the stream; the training-set
     builder replays it over historical events, so both see identical session features.
     """
-    out = {
+    out: dict[str, Any] = {
         "last_items": list(state.get("last_items", [])),
         "cat_weights": dict(state.get("cat_weights", {})),
         "length": int(state.get("length", 0)) + 1,
@@ -191,7 +191,7 @@ def tower_history_column(rows: pd.DataFrame) -> list[str]:
 
 
 def co_engagement(co_items: Iterable[str | Mapping[str, float] | None],
-                  last_items: Iterable[str | list | None], limit: int = SESSION_HISTORY_FOR_TOWER) -> np.ndarray:
+                  last_items: Iterable[str | list | tuple | None], limit: int = SESSION_HISTORY_FOR_TOWER) -> np.ndarray:
     """Per row: the share of the item's co-click mass (sessions that clicked both) shared with the
     `limit` latest items of the history (the session's, or the user's). 0 without history or co-clicks."""
     out = []

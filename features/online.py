@@ -93,11 +93,13 @@ _SEP = "\x1f"
 
 
 def _s(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value.decode()
-    return str(value)
+    """A Redis reply that may be missing (nil) as text, or None."""
+    return None if value is None else _str(value)
+
+
+def _str(value: Any) -> str:
+    """A Redis reply that is never nil (a key, a member, a field, a value checked present) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def user_key(version: str, user_id: str) -> str:
@@ -169,7 +171,7 @@ def _user_mapping(row: Mapping[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for col in (*USER_STORE_COLUMNS, *USER_HISTORY_COLUMNS):
         value = row.get(col)
-        if _is_missing(value):
+        if value is None or _is_missing(value):
             continue
         if col in STRING_USER_COLUMNS:
             out[col] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
@@ -184,10 +186,10 @@ def decode_user(raw: Mapping[Any, Any] | None) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {}
     for k, v in raw.items():
-        k, v = _s(k), _s(v)
+        k, v = _str(k), _s(v)
         if k in STRING_USER_COLUMNS:
             out[k] = v
-        else:
+        elif v is not None:
             try:
                 out[k] = float(v)
             except (TypeError, ValueError):
@@ -199,7 +201,7 @@ def decode_session(raw: Any) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        state = json.loads(_s(raw))
+        state = json.loads(_str(raw))
     except (TypeError, ValueError):
         log.warning("unreadable session state ignored")
         return None
@@ -231,7 +233,7 @@ class PackedMap(Mapping):
     def __iter__(self):
         return iter(self.keys())
 
-    def items(self):  # type: ignore[override]
+    def items(self):
         return zip(self.keys(), self.values())
 
     def get(self, key: Any, default: Any = None) -> Any:
@@ -668,7 +670,7 @@ class OnlineStore:
         # everything is written: now flip readers to the new version (the pointer expires with its data)
         c.set(CURRENT_KEY, version, pxat=expires_at_ms)
         # keep the new version and the one before it (readers mid-request, instant rollback)
-        others = [_s(v) for v in c.zrevrange(VERSIONS_KEY, 0, -1) if _s(v) != version]
+        others = [_str(v) for v in c.zrevrange(VERSIONS_KEY, 0, -1) if _str(v) != version]
         deleted = self._cleanup(keep={version, *others[:1]})
         seconds = time.perf_counter() - t0
         log.info("materialized %d users, %d items as %s in %.2fs (previous %s, deleted %s)",
@@ -711,7 +713,7 @@ class OnlineStore:
         if raw_meta is None:
             raise ValueError(f"online-store version {version!r} does not exist (expired or never written): "
                              f"materialize a snapshot first")
-        meta = json.loads(_s(raw_meta))
+        meta = json.loads(_str(raw_meta))
         codec = ItemCodec.from_doc(meta["layout"])
         expires_at_ms = int(meta["expires_at_ms"])
         if not len(items):
@@ -723,7 +725,7 @@ class OnlineStore:
                     seq = int(pipe.hget(rev_key(version), "seq") or 0) + 1
                     codes, added = {}, {}
                     for col in codec.text:
-                        known = [_s(v) for v in pipe.lrange(text_key(version, col), 0, -1)]
+                        known = [_str(v) for v in pipe.lrange(text_key(version, col), 0, -1)]
                         fresh = sorted({str(v) for v in items[col].tolist() if not _is_missing(v)} - set(known)) \
                             if col in items else []
                         codes[col] = {v: k + 1 for k, v in enumerate(known + fresh)}
@@ -757,12 +759,12 @@ class OnlineStore:
     def _cleanup(self, keep: set[str]) -> list[str]:
         c = self.client
         now_ms = int(time.time() * 1000)
-        versions = [_s(v) for v in c.zrange(VERSIONS_KEY, 0, -1)]
+        versions = [_str(v) for v in c.zrange(VERSIONS_KEY, 0, -1)]
         doomed = [v for v in versions if v not in keep]
         for v in doomed:
             batch: list[str] = []
             for key in c.scan_iter(match=f"{PREFIX}:{v}:*", count=1000):
-                batch.append(_s(key))
+                batch.append(_str(key))
                 if len(batch) >= 1000:
                     c.unlink(*batch)
                     batch = []
@@ -884,7 +886,7 @@ class OnlineStore:
 
     @staticmethod
     def _state_from_meta(version: str, raw_meta: Any) -> VersionState:
-        meta = json.loads(_s(raw_meta))
+        meta = json.loads(_str(raw_meta))
         if "layout" not in meta:
             log.error("online-store version %s has no item row layout (written by an older Kairos?): its items "
                       "read as missing until the online_features asset is materialized again", version)
@@ -905,7 +907,7 @@ class OnlineStore:
             return
         if seq < state.seq:
             return
-        changed = [_s(i) for i in self.client.zrangebyscore(changes_key(version), f"({state.seq}", seq)]
+        changed = [_str(i) for i in self.client.zrangebyscore(changes_key(version), f"({state.seq}", seq)]
         with self._lock:
             for iid in changed:
                 self._rows.pop((version, epoch, iid), None)
@@ -967,7 +969,7 @@ class OnlineStore:
             return cached
         epoch, seq = state.epoch, state.seq
         pairs = self.client.zrevrange(published_key(state.version), 0, self.fresh_window - 1, withscores=True)
-        window = ([_s(i) for i, _ in pairs], np.array([float(ts) for _, ts in pairs], dtype=np.float64))
+        window = ([_str(i) for i, _ in pairs], np.array([float(ts) for _, ts in pairs], dtype=np.float64))
         with self._lock:
             if state.epoch == epoch and state.seq == seq:
                 state.fresh = window
@@ -1012,7 +1014,7 @@ class OnlineStore:
         ids: list[str] = []
         raws: list[bytes] = []
         for iid, raw in self._binary().hscan_iter(items_key(version), count=1000):
-            ids.append(_s(iid))
+            ids.append(_str(iid))
             raws.append(raw)
             if len(ids) >= n:
                 break
@@ -1039,7 +1041,7 @@ class OnlineStore:
         if cached is not None:
             return cached
         raw = self.client.get(popular_key(version))
-        ranked = json.loads(_s(raw)) if raw else []
+        ranked = json.loads(_str(raw)) if raw else []
         self._popular = {k: v for k, v in self._popular.items() if k == self._version}
         self._popular[version] = ranked
         return ranked

@@ -6,7 +6,9 @@ local mode) or on a cluster by configuration alone.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,9 +26,10 @@ def _env(name: str, default: str) -> str:
     return value if value not in (None, "") else default
 
 
-# The parsers every settings object uses (Settings, serving.settings.ServeSettings, serving.rerank.RerankConfig,
-# monitoring.health.FreshnessThresholds, streaming.options.StreamJobOptions): a bad value fails where the settings
-# are built, with the variable's name, instead of running with a silently different setting.
+# The parsers every settings object uses (Settings, SparkSettings, LakeStorageSettings, EmbeddedRedisSettings below,
+# serving.settings.ServeSettings, serving.rerank.RerankConfig, monitoring.health.FreshnessThresholds,
+# streaming.options.StreamJobOptions): a bad value fails where the settings are built, with the variable's name,
+# instead of running with a silently different setting.
 def env_number(env: Mapping[str, str], var: str, kind: type, default: Any, minimum: float | None = None,
                maximum: float | None = None) -> Any:
     """`env[var]` parsed as `kind` (int or float), `default` when unset or blank; a bad value raises naming the
@@ -54,6 +57,89 @@ def env_flag(env: Mapping[str, str], var: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{var} must be one of 1/true/yes/on or 0/false/no/off, got {raw!r}")
+
+
+def env_choice(env: Mapping[str, str], var: str, choices: tuple[str, ...], default: str, why: str = "") -> str:
+    """`env[var]` lower-cased, one of `choices`, `default` when unset or blank; a bad value raises naming the
+    variable and the choices (and `why`, what each choice means)."""
+    raw = env.get(var, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ValueError(f"{var} must be one of {', '.join(choices)}, got {raw!r}" + (f" ({why})" if why else ""))
+    return raw
+
+
+def env_json_object(env: Mapping[str, str], var: str, what: str, example: str) -> dict[str, str]:
+    """`env[var]` as a JSON object of `what` (its values as strings), {} when unset or blank; anything else raises
+    naming the variable with an `example` of the expected shape."""
+    raw = env.get(var, "").strip()
+    if not raw:
+        return {}
+    expected = f"{var} must be a JSON object of {what}, e.g. '{example}'"
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{expected}: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{expected}, got a JSON {type(value).__name__}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+# ---------------------------------------------------------------------------------------------- Spark and the lake
+SPARK_LAKE_READERS = ("auto", "python", "hadoop", "delta")  # lake.spark's module doc says what each one does
+# a JVM memory size as Spark parses it (JavaUtils.byteStringAs): a number with an optional b/k/m/g/t/p(b) unit
+_JVM_MEMORY = re.compile(r"[0-9]+([kmgtp]b?|b)?", re.IGNORECASE)
+
+
+def validate_spark_conf(conf: Mapping[str, Any], source: str = "Spark settings") -> dict[str, str]:
+    """Only `spark.*` keys are settings of a SparkSession; anything else is a typo to report, not ignore."""
+    bad = sorted(str(k) for k in conf if not str(k).startswith("spark."))
+    if bad:
+        raise ValueError(f"{source}: Spark settings must start with 'spark.' (got {bad}); "
+                         "Hadoop options are spark.hadoop.*")
+    return {str(k): str(v) for k, v in conf.items()}
+
+
+@dataclass(frozen=True)
+class SparkSettings:
+    """The Spark session's knobs (lake.spark), one read of the environment:
+      KAIROS_SPARK_CONF            a JSON object of spark.* settings passed to the session as they are (they win)
+      KAIROS_SPARK_DRIVER_MEMORY   spark.driver.memory, a JVM size (3g, 512m)
+      KAIROS_SPARK_LAKE_READER     auto | python | hadoop | delta: how Spark reads a pinned lake snapshot
+      KAIROS_SPARK_DELTA_NATIVE=1  the same as KAIROS_SPARK_LAKE_READER=delta (the reader, when that is unset)
+    """
+
+    conf: Mapping[str, str] = field(default_factory=dict)
+    driver_memory: str = "3g"
+    lake_reader: str = "auto"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "SparkSettings":
+        d = cls()
+        conf = validate_spark_conf(env_json_object(env, "KAIROS_SPARK_CONF", "spark.* settings",
+                                                   '{"spark.executor.memory": "2g"}'), "KAIROS_SPARK_CONF")
+        memory = env.get("KAIROS_SPARK_DRIVER_MEMORY", "").strip() or d.driver_memory
+        if not _JVM_MEMORY.fullmatch(memory):
+            raise ValueError(f"KAIROS_SPARK_DRIVER_MEMORY must be a JVM memory size such as 3g or 512m, got {memory!r}")
+        native = env_flag(env, "KAIROS_SPARK_DELTA_NATIVE", False)
+        reader = env_choice(env, "KAIROS_SPARK_LAKE_READER", SPARK_LAKE_READERS, "delta" if native else d.lake_reader)
+        return cls(conf=conf, driver_memory=memory, lake_reader=reader)
+
+
+@dataclass(frozen=True)
+class LakeStorageSettings:
+    """KAIROS_LAKE_STORAGE_OPTIONS: a JSON object of delta-rs storage options (endpoint, region, ...), for
+    settings the standard AWS_* / GOOGLE_* / AZURE_* environment does not cover (lake.delta.DeltaLake)."""
+
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "LakeStorageSettings":
+        return cls(options=env_json_object(env, "KAIROS_LAKE_STORAGE_OPTIONS", "delta-rs storage options",
+                                           '{"aws_region": "eu-west-1"}'))
+
+
 def _recorded_partition_start(home: Path) -> str:
     """The day `record_partition_start` left under `home`, else the default."""
     try:
@@ -115,6 +201,22 @@ class Settings:
 #   KAIROS_REDIS_TLS_CA        CA bundle that signed the server certificate
 #   KAIROS_REDIS_TLS_CERT / KAIROS_REDIS_TLS_KEY   client certificate and key (mutual TLS)
 #   KAIROS_REDIS_TLS_VERIFY    required (default) | none (self-signed test servers only)
+
+
+APPENDFSYNC_POLICIES = ("always", "everysec", "no")
+
+
+@dataclass(frozen=True)
+class EmbeddedRedisSettings:
+    """The embedded redis-server's durability (orchestration.services.start_redis): KAIROS_REDIS_APPENDFSYNC,
+    always (default: an acknowledged write is on disk) | everysec | no."""
+
+    appendfsync: str = "always"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "EmbeddedRedisSettings":
+        return cls(appendfsync=env_choice(env, "KAIROS_REDIS_APPENDFSYNC", APPENDFSYNC_POLICIES, cls().appendfsync,
+                                          "always: no acknowledged write is lost; everysec: up to 1 s may be"))
 
 
 def redis_connection_kwargs(url: str) -> tuple[str, dict[str, Any]]:

@@ -7,7 +7,6 @@ environment, or KAIROS_LAKE_STORAGE_OPTIONS). Spark reads a pinned snapshot of a
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,6 +19,8 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
+from ground.settings import LakeStorageSettings
+
 log = logging.getLogger("kairos.lake")
 
 
@@ -29,18 +30,9 @@ class TableMissing(LookupError):
 
 def storage_options_from_env() -> dict[str, str]:
     """KAIROS_LAKE_STORAGE_OPTIONS: a JSON object of delta-rs storage options (endpoint, region, ...), for
-    settings the standard AWS_* / GOOGLE_* / AZURE_* environment does not cover."""
-    raw = os.environ.get("KAIROS_LAKE_STORAGE_OPTIONS", "").strip()
-    if not raw:
-        return {}
-    try:
-        options = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"KAIROS_LAKE_STORAGE_OPTIONS must be a JSON object of delta-rs storage options, e.g. "
-                         f"'{{\"aws_region\": \"eu-west-1\"}}': {exc}") from exc
-    if not isinstance(options, dict):
-        raise ValueError("KAIROS_LAKE_STORAGE_OPTIONS must be a JSON object of delta-rs storage options")
-    return {str(k): str(v) for k, v in options.items()}
+    settings the standard AWS_* / GOOGLE_* / AZURE_* environment does not cover (ground.settings.LakeStorageSettings
+    reads and checks it)."""
+    return dict(LakeStorageSettings.from_env().options)
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import unquote
 
-from ground.settings import PROJECT_ROOT, Settings
+from ground.settings import PROJECT_ROOT, SPARK_LAKE_READERS, Settings, SparkSettings
 from lake.delta import DeltaLake, TableMissing, TableVersion
 
 log = logging.getLogger("kairos.spark")
 
-READERS = ("auto", "python", "hadoop", "delta")
+READERS = SPARK_LAKE_READERS
 SOURCE_NAME = "kairos_delta"
 STORAGE_PREFIX = "storage."       # data source options carrying delta-rs storage options (Spark redacts secrets)
 PLAN_OPTION = "plan"
@@ -62,36 +62,18 @@ def is_object_store(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def conf_from_env() -> dict[str, str]:
-    """KAIROS_SPARK_CONF: a JSON object of `spark.*` settings passed to the session as they are."""
-    raw = os.environ.get("KAIROS_SPARK_CONF", "").strip()
-    if not raw:
-        return {}
-    try:
-        conf = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"KAIROS_SPARK_CONF must be a JSON object of spark.* settings, e.g. "
-                         f"'{{\"spark.executor.memory\": \"2g\"}}': {exc}") from exc
-    if not isinstance(conf, dict):
-        raise ValueError("KAIROS_SPARK_CONF must be a JSON object of spark.* settings")
-    return validate_conf(conf)
+def conf_from_env(settings: SparkSettings | None = None) -> dict[str, str]:
+    """KAIROS_SPARK_CONF: a JSON object of `spark.*` settings passed to the session as they are
+    (ground.settings.SparkSettings reads and checks it)."""
+    return dict((settings or SparkSettings.from_env()).conf)
 
 
-def validate_conf(conf: dict[str, Any]) -> dict[str, str]:
-    """Only `spark.*` keys are settings of a SparkSession; anything else is a typo to report, not ignore."""
-    bad = sorted(k for k in conf if not str(k).startswith("spark."))
-    if bad:
-        raise ValueError(f"Spark settings must start with 'spark.' (got {bad}); Hadoop options are spark.hadoop.*")
-    return {str(k): str(v) for k, v in conf.items()}
-
-
-def lake_reader(lake_uri: str, reader: str | None = None) -> str:
-    """The reader for a lake: KAIROS_SPARK_LAKE_READER, else delta if KAIROS_SPARK_DELTA_NATIVE=1, else by the URI."""
-    choice = (reader or os.environ.get("KAIROS_SPARK_LAKE_READER") or "").strip().lower()
-    if not choice:
-        choice = "delta" if os.environ.get("KAIROS_SPARK_DELTA_NATIVE") == "1" else "auto"
+def lake_reader(lake_uri: str, reader: str | None = None, settings: SparkSettings | None = None) -> str:
+    """The reader for a lake: `reader`, else SparkSettings.lake_reader (KAIROS_SPARK_LAKE_READER, else delta if
+    KAIROS_SPARK_DELTA_NATIVE=1), and `auto` decided by the URI."""
+    choice = (reader or "").strip().lower() or (settings or SparkSettings.from_env()).lake_reader
     if choice not in READERS:
-        raise ValueError(f"KAIROS_SPARK_LAKE_READER must be one of {READERS}, got {choice!r}")
+        raise ValueError(f"the lake reader must be one of {READERS}, got {choice!r}")
     if choice == "auto":
         return "python" if is_object_store(lake_uri) else "hadoop"
     return choice
@@ -142,21 +124,22 @@ def product_zip(dest: Path, root: Path = PROJECT_ROOT) -> Path:
 
 
 def session_conf(master: str, extra: dict[str, str] | None = None, lake_uri: str = "",
-                 code_dir: Path | None = None) -> dict[str, str]:
+                 code_dir: Path | None = None, settings: SparkSettings | None = None) -> dict[str, str]:
     """Every setting of the session for `master`: Kairos' defaults, then the pass-through (which wins)."""
+    spark = settings or SparkSettings.from_env()
     conf = {
         "spark.sql.shuffle.partitions": os.environ.get("KAIROS_SPARK_SHUFFLE_PARTITIONS", "4"),
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.ui.enabled": "false",
         "spark.ui.showConsoleProgress": "false",
-        "spark.driver.memory": os.environ.get("KAIROS_SPARK_DRIVER_MEMORY", "3g"),
+        "spark.driver.memory": spark.driver_memory,
         "spark.sql.session.timeZone": "UTC",
         # a pinned Delta snapshot is read as its file list; years of day-partitioned history are thousands of
         # small files: list them in the driver (no listing job of one task per file) and pack them into tasks
         "spark.sql.sources.parallelPartitionDiscovery.threshold": "100000",
         "spark.sql.files.openCostInBytes": str(512 * 1024),
     }
-    if lake_uri and lake_reader(lake_uri) == "delta":
+    if lake_uri and lake_reader(lake_uri, settings=spark) == "delta":
         conf.update(delta_native_conf())
     if not is_local_master(master):
         conf["spark.submit.pyFiles"] = str(product_zip(code_dir or Settings.from_env().home / "spark"))

@@ -28,11 +28,17 @@ MANIFEST_SHA_TAG = "bundle.manifest_sha256"
 
 
 class RegistrySettings(Protocol):
-    """What the registry read path needs from the settings."""
+    """What the registry read path needs from the settings (read-only, so the frozen ground.settings.Settings
+    is one)."""
 
-    home: Path
-    mlflow_tracking_uri: str
-    model_name: str
+    @property
+    def home(self) -> Path: ...
+
+    @property
+    def mlflow_tracking_uri(self) -> str: ...
+
+    @property
+    def model_name(self) -> str: ...
 
 
 def mlflow_client(settings: RegistrySettings) -> Any:

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ground.settings import APPENDFSYNC_POLICIES, EmbeddedRedisSettings
+
 log = logging.getLogger("kairos.services")
 
 
@@ -41,16 +43,10 @@ def redis_server_binary() -> str:
     return binary
 
 
-APPENDFSYNC_POLICIES = ("always", "everysec", "no")
-
-
 def appendfsync_from_env() -> str:
-    """KAIROS_REDIS_APPENDFSYNC (always | everysec | no), default `always`: acknowledged means on disk."""
-    policy = os.environ.get("KAIROS_REDIS_APPENDFSYNC", "always").strip().lower()
-    if policy not in APPENDFSYNC_POLICIES:
-        raise ValueError(f"KAIROS_REDIS_APPENDFSYNC={policy!r}: use one of {', '.join(APPENDFSYNC_POLICIES)} "
-                         "(always: no acknowledged write is lost; everysec: up to 1 s may be)")
-    return policy
+    """KAIROS_REDIS_APPENDFSYNC (always | everysec | no), default `always`: acknowledged means on disk
+    (ground.settings.EmbeddedRedisSettings reads and checks it)."""
+    return EmbeddedRedisSettings.from_env().appendfsync
 
 
 def redis_durability(client) -> dict[str, object]:

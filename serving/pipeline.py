@@ -23,7 +23,7 @@ import logging
 import math
 import time
 import uuid
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -63,6 +63,35 @@ STALE_MAX_AGE_S = 3600.0
 FALLBACK_REDIS = "popularity_fallback:redis_unavailable"
 FALLBACK_NO_MODEL = "popularity_fallback:no_model"
 FALLBACK_MODEL_ERROR = "popularity_fallback:model_error"
+
+
+class ItemRows(Protocol):
+    """One version's item rows as a request reads them: features.online.ItemTable (Redis), or
+    serving.offline.FrameItemTable (a snapshot, the offline replay)."""
+
+    @property
+    def category(self) -> Mapping[str, Any]: ...
+
+    def columns_for(self, item_ids: list[str]) -> dict[str, np.ndarray]: ...
+
+    def co_items_for(self, item_ids: Sequence[str]) -> dict[str, Mapping[str, float]]: ...
+
+    def fresh_window(self) -> tuple[list[str], np.ndarray]: ...
+
+
+class FeatureReader(Protocol):
+    """The online store's read interface `personalize` uses: features.online.OnlineStore, or
+    serving.offline.SnapshotStore."""
+
+    def fetch(self, user_id: str, session_id: str | None) -> tuple[dict | None, dict | None, str | None]: ...
+
+    def stale(self, user_id: str, max_age_s: float) -> tuple[dict | None, str, float] | None: ...
+
+    def item_table(self, version: str | None) -> ItemRows: ...
+
+    def popular(self, version: str | None) -> list[str]: ...
+
+    def last_popular(self) -> list[str]: ...
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
@@ -187,7 +216,7 @@ def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | 
     return pd.DataFrame(data)
 
 
-def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: int | None = None,
+def personalize(request: dict, bundle: Any | None, store: FeatureReader | None, now_ms: int | None = None,
                 log_impression: Callable[[dict], None] | None = None, rerank: RerankConfig | None = None,
                 request_id: str | None = None, channels: tuple[Channel, ...] | None = None,
                 stale_max_age_s: float = STALE_MAX_AGE_S) -> dict:
@@ -238,8 +267,10 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
 
     # ---- 1. features + session state: one round trip
     t = time.perf_counter()
-    user_row = session = version = None
-    table = None
+    user_row: dict | None = None
+    session: dict | None = None
+    version: str | None = None
+    table: ItemRows
     served_path = SERVED_TWO_STAGE
     try:
         if store is None:
@@ -249,7 +280,7 @@ def personalize(request: dict, bundle: Any | None, store: Any | None, now_ms: in
     except REDIS_ERRORS as exc:
         lat["feature_fetch"] = _ms(time.perf_counter() - t)
         stale = store.stale(req["user_id"], stale_max_age_s) if store is not None and bundle is not None else None
-        if stale is None:
+        if store is None or stale is None:
             log.warning("online store unavailable (%s: %s); serving popularity", type(exc).__name__, exc)
             if bundle is not None:
                 ranked = bundle.popular(n, segment=req["device_type"], region=req["geo_region"])

@@ -27,13 +27,21 @@ import threading
 import time
 import uuid
 
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, cast
 
 import bentoml
 from pydantic import BaseModel, ConfigDict, Field
 
 from ground.settings import Settings, redis_client, redis_url_from_env
 from serving.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
+
+    from features.online import OnlineStore
+    from models.bundle import Bundle
+    from serving.experiments import Experiment, ServingPlan
+    from serving.impressions import ImpressionLogger
 
 log = logging.getLogger("kairos.service")
 
@@ -105,10 +113,10 @@ class BodyLimitMiddleware:
         headers = dict(scope.get("headers") or [])
         media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
         if scope.get("path", "").startswith("/v1/") and media not in (b"application/json", b""):
-            start, body = _json_response(415, {"error": "unsupported media type", "detail":
-                                               f"Content-Type {media.decode(errors='replace')!r}: send application/json"})
+            start, refusal = _json_response(415, {"error": "unsupported media type", "detail":
+                                                  f"Content-Type {media.decode(errors='replace')!r}: send application/json"})
             await send(start)
-            await send(body)
+            await send(refusal)
             return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -185,7 +193,7 @@ def _label_metrics_by_route() -> None:
     1.3 MB). Hand it the route template instead for paths no route serves: they answer 404 all the same."""
     from bentoml._internal.server.http import instruments
 
-    cls = instruments.RunnerTrafficMetricsMiddleware
+    cls: Any = instruments.RunnerTrafficMetricsMiddleware  # BentoML's class, patched at runtime
     if getattr(cls, "_kairos_by_route", False):
         return
     original = cls.__call__
@@ -204,7 +212,7 @@ def _publish_400_as_sent() -> None:
     {loc, msg, type}; publish what is sent (string or list), so clients and schemathesis agree with the server."""
     import importlib
 
-    sdk_openapi = importlib.import_module("_bentoml_sdk.service.openapi")
+    sdk_openapi: Any = importlib.import_module("_bentoml_sdk.service.openapi")  # BentoML's module, patched at runtime
     from bentoml._internal.service.openapi.specification import Schema
 
     if getattr(sdk_openapi, "_kairos_400", False):
@@ -561,10 +569,10 @@ class KairosRanker:
 
         self.settings = Settings.from_env()
         self.serve = SETTINGS
-        self.bundle = None
-        self.store = None
-        self.impressions = None
-        self.metrics = None
+        self.bundle: Bundle | None = None
+        self.store: OnlineStore | None = None
+        self.impressions: ImpressionLogger | None = None
+        self.metrics: ServingMetrics | None = None
         self._cache_seen = (0, 0)
         self._stop = threading.Event()
         try:
@@ -591,11 +599,11 @@ class KairosRanker:
         self._env_experiment = self.serve.experiment
         self._env_shadow = self.serve.shadow
         self._env_canary_share = self.serve.canary_share
-        self.experiment = self._env_experiment
+        self.experiment: Experiment | None = self._env_experiment
         self.shadow = self._env_shadow
-        self.plan = None
-        self.challenger = None
-        self._previous = None  # the last champion, kept in memory: a rollback to it is one reference swap
+        self.plan: ServingPlan | None = None
+        self.challenger: Bundle | None = None
+        self._previous: Bundle | None = None  # the last champion, kept in memory: a rollback to it is one reference swap
         self._shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kairos-shadow")
         self._load_champion()
         self._apply_rollout()
@@ -614,6 +622,7 @@ class KairosRanker:
 
         try:
             previous = self._previous
+            bundle: Bundle | None
             wanted = wanted if wanted is not None else alias_version(self.settings, "champion")
             if previous is not None and wanted is not None and str(previous.model_version) == str(wanted):
                 bundle = previous  # a rollback to the version served before: no download, no load
@@ -723,8 +732,9 @@ class KairosRanker:
         return bool(getattr(self, "_ready", False))
 
     # ------------------------------------------------------------------ routes
-    @bentoml.api(route="/v1/personalize")
-    def personalize(self, body: PersonalizeRequest, /) -> PersonalizeResponse:
+    # each route answers with a serialized Response (no pydantic pass over the output); output_spec publishes its schema
+    @bentoml.api(route="/v1/personalize", output_spec=PersonalizeResponse)
+    def personalize(self, body: PersonalizeRequest, /) -> Response:
         from starlette.responses import JSONResponse, Response
 
         from serving.pipeline import personalize
@@ -738,15 +748,18 @@ class KairosRanker:
             champion, challenger = self.bundle, self.challenger
             arm = assign(experiment, body.user_id) if challenger is not None else CHAMPION_ARM
             bundle = challenger if arm != CHAMPION_ARM else champion
-            if arm != CHAMPION_ARM and experiment.mode == INTERLEAVE:
+            if experiment is not None and arm != CHAMPION_ARM and experiment.mode == INTERLEAVE:
                 arm = INTERLEAVE_ARM
                 answer = self._interleaved(request, champion, challenger, experiment.name)
             else:
                 # serialized here: skips BentoML's pydantic pass over the output (~1 ms per request)
+                impressions = self.impressions
+                log_arm: Callable[[dict], None] | None = None
+                if impressions is not None:
+                    def log_arm(rec: dict, arm: str = arm) -> None:
+                        impressions({**rec, "experiment": getattr(experiment, "name", None), "arm": arm})
                 answer = personalize(request, bundle, self.store, rerank=self.serve.rerank,
-                                     stale_max_age_s=self.serve.stale_max_age_s, log_impression=None if self.impressions is None else
-                                     (lambda rec, arm=arm: self.impressions({**rec, "experiment": getattr(
-                                         experiment, "name", None), "arm": arm})))
+                                     stale_max_age_s=self.serve.stale_max_age_s, log_impression=log_arm)
             if experiment is not None:
                 answer["experiment"] = {"name": experiment.name, "arm": arm}
             if self.shadow and challenger is not None and arm == CHAMPION_ARM:
@@ -789,10 +802,11 @@ class KairosRanker:
         from serving.rerank import request_rng
 
         records: dict[str, dict] = {}
-        opts = {"rerank": self.serve.rerank, "stale_max_age_s": self.serve.stale_max_age_s}
-        a = personalize(request, champion, self.store, log_impression=lambda r: records.__setitem__(TEAM_A, r), **opts)
-        b = personalize(request, challenger, self.store, request_id=a["request_id"], **opts,
-                        log_impression=lambda r: records.__setitem__(TEAM_B, r))
+        rerank, stale_max_age_s = self.serve.rerank, self.serve.stale_max_age_s
+        a = personalize(request, champion, self.store, log_impression=lambda r: records.__setitem__(TEAM_A, r),
+                        rerank=rerank, stale_max_age_s=stale_max_age_s)
+        b = personalize(request, challenger, self.store, request_id=a["request_id"], rerank=rerank,
+                        stale_max_age_s=stale_max_age_s, log_impression=lambda r: records.__setitem__(TEAM_B, r))
         n = int((request.get("request_config") or {}).get("num_results", 10))
         answer, record = interleave_answers(a, b, n, request_rng(a["request_id"] + ":interleave"),
                                             records.get(TEAM_A), records.get(TEAM_B))
@@ -804,11 +818,12 @@ class KairosRanker:
         """Score the same request with the challenger and log it flagged `shadow` (never shown)."""
         from serving.pipeline import personalize
 
+        impressions = self.impressions
         try:
             personalize(request, challenger, self.store, request_id=f"{request_id}:shadow", rerank=self.serve.rerank,
                         stale_max_age_s=self.serve.stale_max_age_s,
-                        log_impression=None if self.impressions is None else
-                        (lambda rec: self.impressions({**rec, "shadow": True, "arm": "challenger"})))
+                        log_impression=None if impressions is None else
+                        (lambda rec: impressions({**rec, "shadow": True, "arm": "challenger"})))
         except Exception as exc:  # noqa: BLE001 - shadow traffic must never disturb serving
             log.debug("shadow scoring failed: %s", exc)
 
@@ -824,7 +839,7 @@ class KairosRanker:
             log.debug("metrics not recorded: %s", exc)
 
     def _start_stream_metrics(self) -> None:
-        self.stream_metrics = None
+        self.stream_metrics: StreamMetrics | None = None
         if self.store is None:
             return
         try:
@@ -834,8 +849,8 @@ class KairosRanker:
         except Exception as exc:  # noqa: BLE001
             log.warning("stream lag metrics unavailable: %s", exc)
 
-    @bentoml.api(route="/v1/events")
-    def events(self, body: EventsRequest, /) -> EventsResponse:
+    @bentoml.api(route="/v1/events", output_spec=EventsResponse)
+    def events(self, body: EventsRequest, /) -> Response:
         """Event intake: valid events go to the Redis stream the streaming job reads, invalid ones to the
         quarantine stream; the answer lists accepted ids and per-event errors. A backlog past
         KAIROS_STREAM_MAX_BACKLOG is a 429 with Retry-After: nothing was accepted, retry the batch."""
@@ -867,8 +882,8 @@ class KairosRanker:
                 for e in answer["errors"]], **answer}, status_code=400)
         return Response(dumps(answer), media_type="application/json")
 
-    @bentoml.api(route="/v1/status")
-    def status(self) -> StatusResponse:
+    @bentoml.api(route="/v1/status", output_spec=StatusResponse)
+    def status(self) -> Response:
         from starlette.responses import Response
 
         redis_ok = False
@@ -898,10 +913,11 @@ class KairosRanker:
         from streaming.job import GROUP
         from streaming.retention import lag_decision
 
-        if getattr(self, "stream_metrics", None) is None:
+        metrics: StreamMetrics | None = getattr(self, "stream_metrics", None)
+        if metrics is None:
             return None
         try:
-            lag = self.stream_metrics.refresh()
+            lag = metrics.refresh()
         except Exception as exc:  # noqa: BLE001
             return {"error": f"{type(exc).__name__}: {exc}", "alert": True,
                     "reason": "the stream's state could not be read"}
@@ -910,6 +926,8 @@ class KairosRanker:
         return {**lag, "alert": alert, "reason": reason}
 
 
+# bentoml.service replaced the class by a bentoml.Service; mypy does not apply class decorators (python/mypy#3135)
+_SERVICE = cast("bentoml.Service[KairosRanker]", KairosRanker)
 if SETTINGS.api_key:
-    KairosRanker.add_asgi_middleware(ApiKeyMiddleware, key=SETTINGS.api_key)
-KairosRanker.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
+    _SERVICE.add_asgi_middleware(ApiKeyMiddleware, key=SETTINGS.api_key)
+_SERVICE.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)

@@ -31,6 +31,7 @@ def test_reader_choice_and_settings_pass_through(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("KAIROS_SPARK_LAKE_READER", "jdbc")
     with pytest.raises(ValueError, match="KAIROS_SPARK_LAKE_READER must be one of"):
         lake_reader("/data/lake")
+    monkeypatch.delenv("KAIROS_SPARK_LAKE_READER")  # one settings object: a bad reader fails every Spark setting
     monkeypatch.setenv("KAIROS_SPARK_CONF", '{"spark.executor.memory": "2g", "spark.sql.shuffle.partitions": 8}')
     assert conf_from_env() == {"spark.executor.memory": "2g", "spark.sql.shuffle.partitions": "8"}
     assert session_conf("local[2]", conf_from_env())["spark.sql.shuffle.partitions"] == "8"  # pass-through wins

@@ -143,7 +143,8 @@ def test_every_product_package_is_in_the_layers_contract() -> None:
 # configuration passed down from a settings object built at its entry point (issue 18): a new reader must either
 # go into one of these settings objects or be added here with a reason.
 ENVIRONMENT_MODULES: dict[str, str] = {
-    "ground/settings.py": "Settings.from_env, the Redis credentials/TLS and the privacy key",
+    "ground/settings.py": "Settings / SparkSettings / LakeStorageSettings / EmbeddedRedisSettings.from_env, the Redis "
+                          "credentials/TLS and the privacy key",
     "serving/settings.py": "ServeSettings.from_env(env=os.environ)",
     "serving/rerank.py": "RerankConfig.from_env(env=os.environ)",
     "serving/experiments.py": "Experiment.from_env(env=os.environ), called by ServeSettings.from_env",
@@ -156,9 +157,9 @@ ENVIRONMENT_MODULES: dict[str, str] = {
     "orchestration/services.py": "the environment of the child services it starts",
     "serving/server.py": "the environment of the BentoML server process it starts",
     "compliance/lineage.py": "DAGSTER_HOME (set by the CLI) locates the Dagster instance",
-    # still to move into ground.settings.Settings: the Spark and delta-rs knobs
-    "lake/spark.py": "KAIROS_SPARK_CONF / _LAKE_READER / _SHUFFLE_PARTITIONS / _DRIVER_MEMORY, JAVA_HOME, executor env",
-    "lake/delta.py": "KAIROS_LAKE_STORAGE_OPTIONS",
+    "lake/spark.py": "JAVA_HOME / PYSPARK_PYTHON for the JVM it starts, the AWS_*/AZURE_*/GOOGLE_* handed to "
+                     "executors; still to move into SparkSettings: KAIROS_SPARK_SHUFFLE_PARTITIONS, "
+                     "KAIROS_SPARK_ALLOW_LOCAL_LAKE",
 }
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from training.catalog_eval import CatalogSplit, SessionCase, top_k_excluding
+from training.catalog_eval import CatalogSplit, Recommender, SessionCase, top_k_excluding
 
 log = logging.getLogger("kairos.baselines")
 
@@ -139,9 +139,9 @@ class ALS:
         return top_k_excluding(np.asarray(scores), self.split.catalog, self.split.consumed.get(user, ()), k), True
 
 
-def baseline_recommenders(split: CatalogSplit, seed: int = 7) -> dict[str, object]:
+def baseline_recommenders(split: CatalogSplit, seed: int = 7) -> dict[str, Recommender]:
     """Every catalog baseline, fitted on `split` (ALS is skipped, with a warning, if implicit is missing)."""
-    out: dict[str, object] = {
+    out: dict[str, Recommender] = {
         "popularity": popularity(split),
         "recent_popularity_14d": window_popularity(split, 14.0),
         "recent_popularity_decayed": recent_popularity(split, 7.0),

@@ -121,7 +121,7 @@ def mrr_at_k(ranked: Sequence[str], relevant: Iterable[str], k: int = DEFAULT_K)
     return 0.0
 
 
-def bootstrap_ci(values: Sequence[float], rounds: int = BOOTSTRAP_ROUNDS, seed: int = BOOTSTRAP_SEED,
+def bootstrap_ci(values: Iterable[float], rounds: int = BOOTSTRAP_ROUNDS, seed: int = BOOTSTRAP_SEED,
                  level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean over users (resampled with replacement, seeded)."""
     v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)

@@ -52,13 +52,13 @@ def scoring_latency(predict: Any, features: Any, requests: int = 1000, rows: int
             "cpu_p99_ms": float(np.percentile(ca, 99)), "requests": float(requests), "rows_per_request": float(rows)}
 
 
-def feature_health(features: Any) -> dict[str, dict[str, float]]:
+def feature_health(features: Any) -> dict[str, dict[str, float | str]]:
     """Per registry feature: NaN share and coverage (share of rows not equal to the registry default)."""
     import numpy as np
 
     from features.registry import BY_NAME
 
-    out = {}
+    out: dict[str, dict[str, float | str]] = {}
     for name in features.columns:
         col = features[name].to_numpy(dtype=np.float64)
         spec = BY_NAME.get(name)
@@ -82,9 +82,11 @@ class GateResult:
 def _num(d: dict | None, key: str) -> float | None:
     if not d:
         return None
-    v = d.get(key)
+    raw = d.get(key)
+    if raw is None:
+        return None
     try:
-        v = float(v)
+        v = float(raw)
     except (TypeError, ValueError):
         return None
     return None if math.isnan(v) else v
@@ -124,7 +126,7 @@ def catalog_checks(catalog: dict, config: GateConfig, k: int = 10) -> tuple[bool
     baselines = {n: float(m[metric]) for n, m in systems.items() if not n.startswith((SERVED, "champion"))}
     ok = True
     if baselines:
-        best = max(baselines, key=baselines.get)
+        best = max(baselines, key=lambda name: baselines[name])
         lift, lo, hi = paired_lift_ci(per_user.get(served, []), per_user.get(best, []))
         ok = bool(np.isfinite(lift) and lift >= config.min_lift_over_best_baseline) if baselines[best] > 0 else cand > 0
         reasons.append(f"{'PASS' if ok else 'FAIL'} beats_best_baseline: {served} {metric} {cand:.4f} vs best baseline "

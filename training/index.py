@@ -1,7 +1,12 @@
 """The FAISS index over item embeddings (inner product on L2-normalized vectors = cosine)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import faiss
 
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
@@ -9,7 +14,7 @@ HNSW_EF_SEARCH = 256
 
 
 def build_faiss_index(embeddings: np.ndarray, kind: str = "hnsw", m: int = HNSW_M,
-                      ef_search: int = HNSW_EF_SEARCH, ef_construction: int = HNSW_EF_CONSTRUCTION):
+                      ef_search: int = HNSW_EF_SEARCH, ef_construction: int = HNSW_EF_CONSTRUCTION) -> faiss.Index:
     """IndexHNSWFlat (METRIC_INNER_PRODUCT, M=32, efSearch>=128) or, with kind="flat", exact IndexFlatIP."""
     import faiss
 
@@ -17,12 +22,14 @@ def build_faiss_index(embeddings: np.ndarray, kind: str = "hnsw", m: int = HNSW_
     if x.ndim != 2:
         raise ValueError(f"embeddings must be 2-d, got shape {x.shape}")
     d = x.shape[1]
+    index: faiss.Index
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = ef_construction
-        index.hnsw.efSearch = max(128, ef_search)
+        hnsw = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = ef_construction
+        hnsw.hnsw.efSearch = max(128, ef_search)
+        index = hnsw
     else:
         raise ValueError(f"unknown index kind {kind!r} (expected 'hnsw' or 'flat')")
     if len(x):

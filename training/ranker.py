@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -117,7 +117,8 @@ def train_ranker(train_rows: pd.DataFrame, valid_rows: pd.DataFrame | None, conf
         raise ValueError("no training rows for the ranker")
     params = ranker_params(config, len(train_rows))
     dtrain = _dataset(train_rows, config.objective)
-    valid_sets, callbacks = [], []
+    valid_sets: list[lgb.Dataset] = []
+    callbacks: list[Callable[..., Any]] = []
     if valid_rows is not None and len(valid_rows) and valid_rows["label_binary"].nunique() > 1:
         valid_sets = [_dataset(valid_rows, config.objective, reference=dtrain)]
         if config.early_stopping_rounds:

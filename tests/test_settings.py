@@ -1,0 +1,87 @@
+"""The settings objects of ground.settings read from an environment mapping: defaults when unset, and a bad value
+fails where the settings are built with a message naming the variable and what to set instead."""
+from __future__ import annotations
+
+import pytest
+
+from ground.settings import EmbeddedRedisSettings, LakeStorageSettings, SparkSettings
+
+
+def test_spark_settings_defaults_and_values() -> None:
+    assert SparkSettings.from_env({}) == SparkSettings(conf={}, driver_memory="3g", lake_reader="auto")
+    s = SparkSettings.from_env({"KAIROS_SPARK_CONF": '{"spark.executor.memory": "2g", "spark.sql.shuffle.partitions": 8}',
+                                "KAIROS_SPARK_DRIVER_MEMORY": " 512m ", "KAIROS_SPARK_LAKE_READER": "Python"})
+    assert s.conf == {"spark.executor.memory": "2g", "spark.sql.shuffle.partitions": "8"}
+    assert (s.driver_memory, s.lake_reader) == ("512m", "python")
+    assert SparkSettings.from_env({"KAIROS_SPARK_DELTA_NATIVE": "1"}).lake_reader == "delta"
+    # the explicit reader wins over the delta-native switch
+    assert SparkSettings.from_env({"KAIROS_SPARK_DELTA_NATIVE": "1", "KAIROS_SPARK_LAKE_READER": "hadoop"}).lake_reader \
+        == "hadoop"
+    for size in ("4g", "2048m", "1G", "3gb", "1073741824"):
+        assert SparkSettings.from_env({"KAIROS_SPARK_DRIVER_MEMORY": size}).driver_memory == size
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"KAIROS_SPARK_CONF": "spark.executor.memory=2g"},
+     r"KAIROS_SPARK_CONF must be a JSON object of spark\.\* settings, e\.g\. '\{\"spark\.executor\.memory\""),
+    ({"KAIROS_SPARK_CONF": '["spark.executor.memory"]'}, "KAIROS_SPARK_CONF must be a JSON object .*got a JSON list"),
+    ({"KAIROS_SPARK_CONF": '{"executor.memory": "2g"}'},
+     r"KAIROS_SPARK_CONF: Spark settings must start with 'spark\.' \(got \['executor\.memory'\]\); Hadoop options"),
+    ({"KAIROS_SPARK_DRIVER_MEMORY": "lots"}, "KAIROS_SPARK_DRIVER_MEMORY must be a JVM memory size such as 3g"),
+    ({"KAIROS_SPARK_DRIVER_MEMORY": "3 g"}, "KAIROS_SPARK_DRIVER_MEMORY must be a JVM memory size"),
+    ({"KAIROS_SPARK_DRIVER_MEMORY": "-1g"}, "KAIROS_SPARK_DRIVER_MEMORY must be a JVM memory size"),
+    ({"KAIROS_SPARK_LAKE_READER": "jdbc"},
+     "KAIROS_SPARK_LAKE_READER must be one of auto, python, hadoop, delta, got 'jdbc'"),
+    ({"KAIROS_SPARK_DELTA_NATIVE": "maybe"}, "KAIROS_SPARK_DELTA_NATIVE must be one of 1/true/yes/on or 0/false/no/off"),
+])
+def test_spark_settings_bad_values_say_what_to_set(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SparkSettings.from_env(env)
+
+
+def test_lake_storage_settings() -> None:
+    assert LakeStorageSettings.from_env({}).options == {}
+    assert LakeStorageSettings.from_env({"KAIROS_LAKE_STORAGE_OPTIONS": " "}).options == {}
+    env = {"KAIROS_LAKE_STORAGE_OPTIONS": '{"aws_region": "eu-west-1", "allow_http": true}'}
+    assert LakeStorageSettings.from_env(env).options == {"aws_region": "eu-west-1", "allow_http": "True"}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("aws_region=eu-west-1",
+     r"KAIROS_LAKE_STORAGE_OPTIONS must be a JSON object of delta-rs storage options, e\.g\. '\{\"aws_region\""),
+    ('"eu-west-1"', "KAIROS_LAKE_STORAGE_OPTIONS must be a JSON object .*got a JSON str"),
+])
+def test_lake_storage_settings_bad_values_say_what_to_set(raw: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LakeStorageSettings.from_env({"KAIROS_LAKE_STORAGE_OPTIONS": raw})
+
+
+def test_embedded_redis_settings() -> None:
+    assert EmbeddedRedisSettings.from_env({}).appendfsync == "always"
+    assert EmbeddedRedisSettings.from_env({"KAIROS_REDIS_APPENDFSYNC": " EverySec "}).appendfsync == "everysec"
+    with pytest.raises(ValueError, match="KAIROS_REDIS_APPENDFSYNC must be one of always, everysec, no, got 'sometimes' "
+                                         r"\(always: no acknowledged write is lost"):
+        EmbeddedRedisSettings.from_env({"KAIROS_REDIS_APPENDFSYNC": "sometimes"})
+
+
+def test_the_modules_read_through_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lake.delta, lake.spark and orchestration.services take these values from the settings objects (their
+    functions keep their names and are still called with no arguments)."""
+    from lake.delta import DeltaLake, storage_options_from_env
+    from lake.spark import conf_from_env, lake_reader, session_conf
+    from orchestration.services import appendfsync_from_env
+
+    for var in ("KAIROS_SPARK_CONF", "KAIROS_SPARK_LAKE_READER", "KAIROS_SPARK_DELTA_NATIVE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("KAIROS_LAKE_STORAGE_OPTIONS", '{"aws_region": "eu-west-1"}')
+    assert storage_options_from_env() == {"aws_region": "eu-west-1"}
+    assert DeltaLake("s3://bucket/lake").storage_options == {"aws_region": "eu-west-1"}
+    monkeypatch.setenv("KAIROS_SPARK_DRIVER_MEMORY", "1g")
+    assert session_conf("local[2]")["spark.driver.memory"] == "1g"
+    assert session_conf("local[2]", settings=SparkSettings(driver_memory="5g"))["spark.driver.memory"] == "5g"
+    assert conf_from_env() == {} and conf_from_env(SparkSettings(conf={"spark.a": "b"})) == {"spark.a": "b"}
+    assert lake_reader("/data/lake", settings=SparkSettings(lake_reader="delta")) == "delta"
+    with pytest.raises(ValueError, match="the lake reader must be one of"):
+        lake_reader("/data/lake", reader="jdbc")
+    monkeypatch.setenv("KAIROS_REDIS_APPENDFSYNC", "no")
+    assert appendfsync_from_env() == "no"
