@@ -438,7 +438,9 @@ def _write_partition_files(root: str, storage_options: dict[str, str], token: st
     if not is_object_store(root):  # a new table's folder (delta-rs opens a local root only if it exists)
         os.makedirs(root.removeprefix("file://"), exist_ok=True)
     fs = pa.fs.PyFileSystem(DeltaStorageHandler(root, storage_options or None))
-    writer, stream, name, rows, part = None, None, "", 0, 0
+    writer: Any = None
+    stream: Any = None
+    name, rows, part = "", 0, 0
 
     def close() -> dict[str, Any]:
         writer.close()
@@ -495,13 +497,13 @@ def spark_write(spark: Any, lake: DeltaLake, table: str, frame: Any,
                           commit_properties=commit_properties)
     schema = _arrow_schema(written[0]["schema"])
     now = int(time.time() * 1000)
-    actions = [AddAction(r["path"], int(r["size"]), {}, now, True, json.dumps({"numRecords": int(r["rows"])}))
+    actions: list[Any] = [AddAction(r["path"], int(r["size"]), {}, now, True, json.dumps({"numRecords": int(r["rows"])}))
                for r in sorted(written, key=lambda r: r["path"])]
     props = CommitProperties(custom_metadata={k: str(v) for k, v in (commit_properties or {}).items()}) \
         if commit_properties else None
     if lake.exists(table):
         DeltaTable(root, storage_options=lake.storage_options).create_write_transaction(
-            actions, mode="overwrite", schema=schema, commit_properties=props)
+            list(actions), mode="overwrite", schema=schema, commit_properties=props)
     else:
         create_table_with_add_actions(root, Schema.from_arrow(schema), actions, mode="error",
                                       storage_options=lake.storage_options, commit_properties=props)
