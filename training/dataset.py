@@ -175,7 +175,7 @@ def build_training_set(spark: Any, labels: Any, events: Any, user_snaps: Any, it
     buckets = max(2 * spark.sparkContext.defaultParallelism, -(-int(stats["n"]) // ROWS_PER_TASK))
     bucket = F.abs(F.hash("user_id")) % F.lit(buckets)
     columns = full.columns
-    schema = T.StructType([f for f in full.schema.fields]
+    schema = T.StructType(list(full.schema.fields)
                           + [T.StructField("split", T.StringType()), T.StructField("user_recent_items", T.StringType())])
     names = [f.name for f in schema.fields]
 
