@@ -39,7 +39,30 @@ REFINE_CODE = source_version(__file__, "ingestion/refine.py", "ingestion/bots.py
                              "data_contracts/events.py")
 LABELS_CODE = source_version(__file__, "ingestion/labels.py", "compliance/exclusion.py")
 
-daily_partitions = DailyPartitionsDefinition(start_date=Settings.from_env().partition_start, end_offset=1)
+
+
+def daily_partitions_def(start: str, end: str | None) -> DailyPartitionsDefinition:
+    """The ingest days: `start` .. `end` (inclusive) for a historical world, else `start` .. today (end_offset=1:
+    today's partition exists while its batches arrive). A bad or reversed day fails here, naming the variable."""
+    import datetime as dt
+
+    days = {}
+    for var, day in (("KAIROS_PARTITION_START", start), ("KAIROS_PARTITION_END", end)):
+        try:
+            days[var] = dt.date.fromisoformat(day) if day is not None else None
+        except ValueError:
+            raise ValueError(f"{var} (or KAIROS_HOME/{var.lower()[7:]}) must be a day YYYY-MM-DD"
+                             f"{' or live' if var.endswith('END') else ''}, got {day!r}") from None
+    last = days["KAIROS_PARTITION_END"]
+    if last is None:
+        return DailyPartitionsDefinition(start_date=start, end_offset=1)
+    if last < days["KAIROS_PARTITION_START"]:
+        raise ValueError(f"KAIROS_PARTITION_END {end} is before KAIROS_PARTITION_START {start}")
+    # end_date is exclusive; end_offset=1 still caps the range at today when the data's last day is in the future
+    return DailyPartitionsDefinition(start_date=start, end_date=(last + dt.timedelta(days=1)).isoformat(), end_offset=1)
+
+
+daily_partitions = daily_partitions_def(Settings.from_env().partition_start, Settings.from_env().partition_end)
 
 
 class SourceConfig(Config):

@@ -73,6 +73,16 @@ class MlflowResource(ConfigurableResource):
 
 
 REPORTS_EXPERIMENT = "kairos-reports"
+# MLflow 3.17's UI picks its view (GenAI or "Model training") from the URL's `workflowType` query parameter, else
+# from the browser's localStorage (`mlflow.workflowType_v1`, written by the top-left toggle), else GenAI; with the
+# toggle on it ignores the experiment's `mlflow.experimentKind` tag, and no server setting changes the default.
+# Every MLflow link Kairos publishes carries the parameter, so it opens on runs, artifacts and the model registry.
+MLFLOW_MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def mlflow_ui_link(base: str, route: str) -> str:
+    """The MLflow UI URL of `route` (e.g. `/experiments/3/runs/abc`) under `base`, in the model-training view."""
+    return f"{base.rstrip('/')}/#/{route.lstrip('/')}?{MLFLOW_MODEL_TRAINING_VIEW}"
 
 
 class ArtifactsResource(ConfigurableResource):
@@ -123,8 +133,8 @@ class ArtifactsResource(ConfigurableResource):
             else:
                 client.log_artifact(run.info.run_id, str(report), artifact_dir)
                 target = f"{artifact_dir}/{report.name}"
-            return MetadataValue.url(f"{self.mlflow_ui_url.rstrip('/')}/#/experiments/{experiment.experiment_id}"
-                                     f"/runs/{run.info.run_id}/artifacts/{target}")
+            return MetadataValue.url(mlflow_ui_link(self.mlflow_ui_url, f"experiments/{experiment.experiment_id}"
+                                                                        f"/runs/{run.info.run_id}/artifacts/{target}"))
         except Exception as exc:  # noqa: BLE001 - a report link must not fail the asset that computed the data
             import logging
 

@@ -72,7 +72,8 @@ def _step_seconds(run_id: str) -> dict[str, float]:
 def child(shape: str, home: Path) -> None:
     """One shape in this process: generate, resolve the world, run both jobs, print one JSON line."""
     os.environ["KAIROS_HOME"] = str(home)
-    for key in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI", "REDIS_URL", "KAIROS_PARTITION_START"):
+    for key in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI", "REDIS_URL", "KAIROS_PARTITION_START",
+                "KAIROS_PARTITION_END"):
         os.environ.pop(key, None)
     t0 = time.perf_counter()
     spec = _spec(shape, home / "data")
@@ -83,6 +84,7 @@ def child(shape: str, home: Path) -> None:
     world = resolve_world(spec)
     t_world = time.perf_counter() - t1
     os.environ["KAIROS_PARTITION_START"] = world.partition_start
+    os.environ["KAIROS_PARTITION_END"] = world.partition_end or "live"  # the log's days, as `kairos demo` draws them
     print(world.describe(), flush=True)
     from orchestration.cli import ensure_redis, materialize_all, prepare_home
     from ground.settings import Settings

@@ -15,10 +15,13 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# KAIROS_HOME/partition_start: the first ingest day `kairos demo` derived from its data, so every later process
-# on that home (`make ui`, its code server, the daemon) draws the same daily partitions without an export
+# KAIROS_HOME/partition_start and partition_end: the first and last ingest day `kairos demo` derived from its data,
+# so every later process on that home (`make ui`, its code server, the daemon) draws the same daily partitions
+# without an export. No end recorded (or KAIROS_PARTITION_END=live): a live world, partitions run through today.
 PARTITION_START_FILE = "partition_start"
+PARTITION_END_FILE = "partition_end"
 DEFAULT_PARTITION_START = "2026-01-01"
+LIVE = "live"  # KAIROS_PARTITION_END=live: no end, whatever the home recorded
 
 
 def _env(name: str, default: str) -> str:
@@ -140,13 +143,19 @@ class LakeStorageSettings:
                                            '{"aws_region": "eu-west-1"}'))
 
 
-def _recorded_partition_start(home: Path) -> str:
-    """The day `record_partition_start` left under `home`, else the default."""
+def _recorded(home: Path, name: str, default: str) -> str:
+    """The day `record_partition_start` / `record_partition_end` left under `home`, else `default`."""
     try:
-        day = (home / PARTITION_START_FILE).read_text().strip()
+        day = (home / name).read_text().strip()
     except OSError:
-        return DEFAULT_PARTITION_START
-    return day or DEFAULT_PARTITION_START
+        return default
+    return day or default
+
+
+def _partition_end(home: Path) -> str | None:
+    """KAIROS_PARTITION_END (a day, or `live`) if set, else the recorded end; None = live (no end)."""
+    day = _env("KAIROS_PARTITION_END", _recorded(home, PARTITION_END_FILE, LIVE))
+    return None if day.lower() == LIVE else day
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,7 @@ class Settings:
     redis_url: str | None
     model_name: str = "kairos-ranker"
     partition_start: str = DEFAULT_PARTITION_START  # first daily partition of the event assets (UTC day)
+    partition_end: str | None = None  # last daily partition (a historical world's last ingest day); None = live
     shared_dir: Path = field(default_factory=lambda: PROJECT_ROOT.parent / "shared")
     mlflow_artifacts: str | None = None  # KAIROS_MLFLOW_ARTIFACTS: where new experiments keep artifacts, if set
 
@@ -173,7 +183,8 @@ class Settings:
             spark_master=_env("KAIROS_SPARK_MASTER", "local[2]"),
             redis_url=os.environ.get("REDIS_URL") or None,
             model_name=_env("KAIROS_MODEL_NAME", "kairos-ranker"),
-            partition_start=_env("KAIROS_PARTITION_START", _recorded_partition_start(home)),
+            partition_start=_env("KAIROS_PARTITION_START", _recorded(home, PARTITION_START_FILE, DEFAULT_PARTITION_START)),
+            partition_end=_partition_end(home),
             shared_dir=Path(_env("KAIROS_SHARED_DIR", str(PROJECT_ROOT.parent / "shared"))),
             mlflow_artifacts=os.environ.get("KAIROS_MLFLOW_ARTIFACTS") or None,
         )
@@ -182,6 +193,12 @@ class Settings:
         """Remember the data's first ingest day under KAIROS_HOME (read back by `from_env` when unset)."""
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / PARTITION_START_FILE).write_text(day + "\n")
+
+    def record_partition_end(self, day: str | None) -> None:
+        """Remember the data's last ingest day under KAIROS_HOME (None or `live`: no end, partitions run through
+        today); read back by `from_env` when KAIROS_PARTITION_END is unset."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / PARTITION_END_FILE).write_text((day or LIVE) + "\n")
 
     @property
     def movielens_100k_dir(self) -> Path:

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ground.settings import PROJECT_ROOT, Settings, redact_url, redis_client, redis_url_from_env
+from ground.settings import LIVE, PROJECT_ROOT, Settings, redact_url, redis_client, redis_url_from_env
 from ingestion.sources import SOURCES
 
 log = logging.getLogger("kairos")
@@ -75,7 +75,8 @@ def materialize_all(settings: Settings, source_config: dict, build_ops: dict | N
     outside = [d for d in days if d not in known]
     if outside:
         raise SystemExit(f"the source's events arrive on days {outside[0]}..{outside[-1]} outside the daily partitions "
-                         f"(start {settings.partition_start}): set KAIROS_PARTITION_START=YYYY-MM-DD to the first day")
+                         f"({settings.partition_start}..{settings.partition_end or 'today'}): set KAIROS_PARTITION_START / "
+                         "KAIROS_PARTITION_END=YYYY-MM-DD to the first / last day")
     ingest = launch_job("ingest_events", {**IN_PROCESS, "ops": {"bronze_events": {"config": source_config}}},
                         tags={"dagster/asset_partition_range_start": days[0], "dagster/asset_partition_range_end": days[-1]})
     t_ingest = time.perf_counter() - t0
@@ -239,7 +240,8 @@ def demo(args: argparse.Namespace) -> int:
             server_redis.stop()
     print(f"\nDagster runs {run['ingest_run_id']} (ingest, {run['days']} daily partitions, {run['ingest_seconds']:.1f}s) "
           f"and {run['run_id']} (build): whole asset graph in {pipeline_s:.1f}s; demo wall time {time.perf_counter() - started:.1f}s")
-    print("Open the Dagster UI with `make ui`, MLflow with `make mlflow-ui`.")
+    print("Open the Dagster UI with `make ui`, MLflow with `make mlflow-ui` (http://127.0.0.1:5000: click \"Model "
+          "training\" at the top left once, MLflow 3.17 opens in its GenAI view).")
     if not any(str(by).startswith(SERVED_BY_MODEL) for by in served):
         print(f"\n{'!' * 100}\nNO MODEL SERVES: every demo answer came from {sorted(set(map(str, served)))}, not the "
               f"trained model ({SERVED_BY_MODEL}).\nCheck the validation_gate result of build run {run['run_id']} "
@@ -290,9 +292,10 @@ def _demo_spec(args: argparse.Namespace) -> dict:
 def resolve_demo_world(args: argparse.Namespace):
     """Read the source once, derive partitions / split / labels, and refuse an untrainable world now.
 
-    Sets KAIROS_PARTITION_START to the data's first day (unless set) before the assets are imported,
-    so the daily partitions cover the log, and records it under KAIROS_HOME for later processes on that
-    home (`make ui`); prints what the data decided.
+    Sets KAIROS_PARTITION_START / KAIROS_PARTITION_END to the data's first / last ingest day (unless set)
+    before the assets are imported, so the daily partitions are the log's days (not hundreds of empty ones up to
+    today), and records them under KAIROS_HOME for later processes on that home (`make ui`); prints what the
+    data decided.
     """
     from ingestion.generic import ImportError_
     from orchestration.world import WorldError, resolve_world
@@ -307,10 +310,19 @@ def resolve_demo_world(args: argparse.Namespace):
     elif chosen > world.partition_start:
         raise SystemExit(f"kairos demo: KAIROS_PARTITION_START={chosen} is after the data's first day "
                          f"{world.partition_start}: unset it (the demo derives it) or set it to that day or earlier")
-    Settings.from_env().record_partition_start(os.environ["KAIROS_PARTITION_START"])  # for `make ui` on this home
+    end = os.environ.get("KAIROS_PARTITION_END")
+    if not end:
+        os.environ["KAIROS_PARTITION_END"] = end = world.partition_end or LIVE
+    elif end.lower() != LIVE and world.partition_end and end < world.partition_end:
+        raise SystemExit(f"kairos demo: KAIROS_PARTITION_END={end} is before the data's last ingest day "
+                         f"{world.partition_end}: unset it (the demo derives it), set it to that day or later, or to "
+                         f"{LIVE} (partitions through today)")
+    settings = Settings.from_env()
+    settings.record_partition_start(os.environ["KAIROS_PARTITION_START"])  # for `make ui` on this home
+    settings.record_partition_end(settings.partition_end)
     print(world.describe())
-    print(f"daily partitions start {os.environ['KAIROS_PARTITION_START']} (recorded in KAIROS_HOME/partition_start "
-          "for `make ui` on this home)")
+    print(f"daily partitions {settings.partition_start}..{settings.partition_end or 'today (live)'} (recorded in "
+          "KAIROS_HOME/partition_start and partition_end for `make ui` on this home)")
     return world
 
 
@@ -440,7 +452,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     prepare_home(settings)
-    print(f"Dagster UI over DAGSTER_HOME={os.environ['DAGSTER_HOME']}; daily partitions start {settings.partition_start}")
+    print(f"Dagster UI over DAGSTER_HOME={os.environ['DAGSTER_HOME']}; daily partitions "
+          f"{settings.partition_start}..{settings.partition_end or 'today (live)'}")
     os.execvp(str(Path(sys.executable).parent / "dagster"), ["dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml")])
     return 0
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from dagster import (AssetKey, DagsterRunStatus, EventLogEntry, RunRequest, RunsFilter, ScheduleDefinition,
-                     SensorEvaluationContext, SkipReason, asset_sensor, build_schedule_from_partitioned_job, sensor)
+                     ScheduleEvaluationContext, SensorEvaluationContext, SkipReason, asset_sensor, schedule, sensor)
 
+from assets.ingestion import daily_partitions
 from assets.monitoring import FEATURE_DRIFT
 from assets.streaming import drain_stream
 from streaming.retention import lag_decision
@@ -83,8 +84,34 @@ def drift_sensor(context: SensorEvaluationContext, asset_event: EventLogEntry):
 daily_retrain = ScheduleDefinition(name="daily_retrain", run_config=GRAPH_RUN_DEFAULTS, job=retrain_job, cron_schedule="0 3 * * *",
                                    execution_timezone="UTC")
 
-# each day at 00:30 UTC, ingest the day that just ended (its partition key)
-daily_ingest = build_schedule_from_partitioned_job(ingest_job, hour_of_day=0, minute_of_hour=30, name="daily_ingest")
+def ingest_day_due(tick_day: str, partition_keys: list[str] | tuple[str, ...] | set[str]) -> tuple[str | None, str]:
+    """The ingest day the 00:30 tick of `tick_day` requests: the day that just ended, when it is a partition;
+    else None and why (a historical world's partitions end on its data's last day; pure, tested without Dagster)."""
+    import datetime as dt
+
+    day = (dt.date.fromisoformat(tick_day) - dt.timedelta(days=1)).isoformat()
+    if day in partition_keys:
+        return day, f"ingest {day}, the day that just ended"
+    keys = sorted(partition_keys)
+    if keys and day > keys[-1]:
+        return None, (f"{day} is after the last daily partition {keys[-1]}: a historical world (its data ends there; "
+                      "KAIROS_PARTITION_END or KAIROS_HOME/partition_end); set KAIROS_PARTITION_END=live to ingest new days")
+    return None, f"{day} is before the first daily partition {keys[0] if keys else '(none)'}"
+
+
+# each day at 00:30 UTC, ingest the day that just ended. Not build_schedule_from_partitioned_job: with end_offset=1
+# (today's partition exists) that requests the day that began 30 minutes ago, and past a historical world's end it
+# re-requests the last day every night
+@schedule(job=ingest_job, cron_schedule="30 0 * * *", execution_timezone="UTC", name="daily_ingest",
+          description="Each day at 00:30 UTC, ingests the day that just ended; skips (saying why) when that day is "
+                      "outside the daily partitions (a historical world ends on its data's last day).")
+def daily_ingest(context: ScheduleEvaluationContext):
+    tick = context.scheduled_execution_time
+    day, reason = ingest_day_due(tick.strftime("%Y-%m-%d"), set(daily_partitions.get_partition_keys(tick)))
+    if day is None:
+        return SkipReason(reason)
+    return RunRequest(run_key=f"ingest-{day}", partition_key=day, run_config=QUIET_LOGS,
+                      tags={"kairos/trigger": "daily_ingest"})
 
 weekly_maintenance = ScheduleDefinition(name="weekly_lake_maintenance", run_config=QUIET_LOGS, job=maintenance_job, cron_schedule="0 4 * * 0",
                                         execution_timezone="UTC")

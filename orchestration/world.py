@@ -65,13 +65,14 @@ class World:
     partition_start: str
     log_kind: str
     summary: dict[str, Any] = field(default_factory=dict)
+    partition_end: str | None = None  # the last ingest day: a historical world's daily partitions end there
 
     def describe(self) -> str:
         s = self.summary
         return (f"world: source={self.source['source']} ({self.log_kind} log, label rule {s.get('label_rule')}): "
                 f"{s.get('events')} events, {s.get('users')} users, {s.get('items')} items, "
                 f"{s.get('first_day')}..{s.get('last_day')} ({s.get('span_days')} days), arriving in "
-                f"{s.get('ingest_days')} daily partition(s) from {self.partition_start}; split validation {s.get('validation_days')} d + test {s.get('test_window')} "
+                f"{s.get('ingest_days')} daily partition(s) {self.partition_start}..{self.partition_end or 'today'}; split validation {s.get('validation_days')} d + test {s.get('test_window')} "
                 f"({s.get('split_origin')}): impressions train/validation/test {s.get('train_impressions')}/"
                 f"{s.get('validation_impressions')}/{s.get('test_impressions')}; "
                 f"{s.get('positive_labels')} positive labels")
@@ -186,6 +187,7 @@ def resolve_world(spec: dict[str, Any]) -> World:
     ts = pd.to_numeric(events["timestamp"], errors="coerce").dropna().astype("int64").to_numpy()
     arrived = events["received_at"].to_numpy(dtype="int64")
     partition_start = str(event_dates(np.array([arrived.min()]))[0])
+    partition_end = str(event_dates(np.array([arrived.max()]))[0])
     first_day = str(event_dates(np.array([ts.min()]))[0])
     last_day = str(event_dates(np.array([ts.max()]))[0])
 
@@ -240,7 +242,7 @@ def resolve_world(spec: dict[str, Any]) -> World:
                                          if k in labels_cfg}, sort_keys=True)}
     summary["ingest_days"] = len(np.unique(arrived // DAY_MS))
     return World(source=config, ops=ops, serving=serving, partition_start=partition_start, log_kind=kind,
-                 summary=summary)
+                 summary=summary, partition_end=partition_end)
 
 
 __all__ = ["World", "WorldError", "derive_split", "load_world_file", "resolve_world", "source_config"]

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import redis
-from dagster import AssetKey, DagsterInstance, RunsFilter
+from dagster import AssetKey, DagsterEventType, DagsterInstance, RunsFilter
 
 from lake.delta import DeltaLake
 from streaming.job import COUNTS_KEY, GROUP, STREAM, publish
@@ -131,3 +131,35 @@ def test_a_queued_run_is_launched_by_the_daemon(tmp_path: Path, redis_server) ->
             except subprocess.TimeoutExpired:
                 os.killpg(daemon.pid, signal.SIGKILL)
                 daemon.wait(timeout=30)
+
+
+MULTIPROCESS = {"execution": {"config": {"multiprocess": {"max_concurrent": 2}}}}
+BUILD_WORLD = {"source": "simulator", "n_users": 150, "n_items": 200, "days": 10, "seed": 3}  # test_end_to_end's
+
+
+def test_the_build_succeeds_under_the_multiprocess_executor(tmp_path: Path, redis_server) -> None:
+    """The training jobs default to the in-process executor (GRAPH_RUN_DEFAULTS); a user who picks the multiprocess
+    executor in the launchpad gets one spawned process per step (its own code-location load, Spark session and
+    pickled inputs). The whole `build` launched that way through the run launcher succeeds on a small world:
+    every step in its own worker process, none of them exiting on pyspark's Spark Connect check, the model
+    registered with its checks (about 1.5 min)."""
+    from assets.ingestion import SourceConfig, source_partitions
+    from orchestration.launch import IN_PROCESS, launch_job
+
+    with fresh_home(tmp_path / "kairos", redis_server.url):
+        days = source_partitions(SourceConfig(**BUILD_WORLD))
+        with DagsterInstance.get() as instance:
+            ingest = launch_job("ingest_events", {**IN_PROCESS, "ops": {"bronze_events": {"config": BUILD_WORLD}}},
+                                tags={"dagster/asset_partition_range_start": days[0],
+                                      "dagster/asset_partition_range_end": days[-1]}, instance=instance, timeout_s=800)
+            assert ingest.success, ingest.failure
+            build = launch_job("build", {**MULTIPROCESS, "ops": {"catalog": {"config": BUILD_WORLD}}},
+                               instance=instance, timeout_s=1500)
+            assert build.success, build.failure
+            assert instance.get_run_by_id(build.run_id).run_config["execution"] == MULTIPROCESS["execution"]
+            workers = instance.all_logs(build.run_id, of_type=DagsterEventType.STEP_WORKER_STARTED)
+            assert {e.dagster_event.step_key for e in workers} == set(build.steps)  # one process per step
+            assert {"training_set", "ranker_model", "model_evaluation", "registered_model"} <= set(build.steps)
+            assert {"point_in_time_correct", "index_recall", "gate_passed"} <= set(build.check_evaluations)
+            registered = instance.get_latest_materialization_event(AssetKey("registered_model"))
+            assert registered is not None and registered.run_id == build.run_id

@@ -121,22 +121,53 @@ def test_resources_are_configured_through_envvar(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("KAIROS_LAKE_URI", str(tmp_path / "lake-from-env"))
     result = materialize([lake_root], resources={"lake": resources()["lake"]})
     assert result.output_for_node("lake_root") == str(tmp_path / "lake-from-env")
-def test_partitions_start_where_the_demo_found_the_data(tmp_path, monkeypatch) -> None:
-    """`kairos demo` records the data's first ingest day under KAIROS_HOME; a later process on that home (the
-    code server `make ui` starts) draws the daily partitions from it, and KAIROS_PARTITION_START still wins."""
-    import os
-    import subprocess
-    import sys
+def _code_location_view(instance_dir, ticks: list[str]) -> dict:
+    """What the UI and the daemon get from a real code location (the gRPC code server `make ui` starts from
+    workspace.yaml, in this process's environment): the ingest_events partitions, the bronze_events asset's
+    partitions and the daily_ingest schedule's answer at 00:30 UTC of each of `ticks`."""
+    import datetime as dt
 
-    from ground.settings import PROJECT_ROOT, Settings
+    from dagster import DagsterInstance, __version__
+    from dagster._cli.workspace.cli_target import (WorkspaceOpts, get_code_location_from_workspace,
+                                                   get_remote_repository_from_code_location,
+                                                   get_workspace_from_cli_opts)
+    from dagster._core.definitions.timestamp import TimestampWithTimezone
 
+    from orchestration.launch import WORKSPACE
+
+    instance_dir.mkdir(parents=True, exist_ok=True)
+    with DagsterInstance.local_temp(tempdir=str(instance_dir)) as instance, get_workspace_from_cli_opts(
+            instance, version=__version__, workspace_opts=WorkspaceOpts(workspace=(str(WORKSPACE),))) as context:
+        location = get_code_location_from_workspace(context, None)
+        repo = get_remote_repository_from_code_location(location, None)
+        names = list(location.get_partition_names_from_repo(repo.handle, "ingest_events").partition_names)
+        bronze = next(n for n in repo.get_asset_node_snaps() if n.asset_key.to_user_string() == "bronze_events")
+        asset_keys = bronze.partitions.get_partitions_definition().get_partition_keys()
+        schedule = {}
+        for day in ticks:
+            when = dt.datetime.fromisoformat(f"{day}T00:30:00+00:00").timestamp()
+            data = location.get_schedule_execution_data(instance, repo.handle, "daily_ingest",
+                                                        TimestampWithTimezone(when, "UTC"), None)
+            schedule[day] = [r.partition_key for r in data.run_requests or []] or data.skip_message
+    return {"job": (names[0], names[-1], len(names)), "asset": (asset_keys[0], asset_keys[-1]), "schedule": schedule}
+
+
+def test_partitions_are_the_days_the_demo_found_in_the_data(tmp_path, monkeypatch) -> None:
+    """`kairos demo` records the data's first and last ingest day under KAIROS_HOME; a later process on that home
+    (the code server `make ui` starts) draws the daily partitions between them, not hundreds of empty days up to
+    today, and the daily_ingest schedule never asks for a day outside them. KAIROS_PARTITION_START/_END still win;
+    KAIROS_PARTITION_END=live (or no end recorded) keeps the live range through today."""
     import argparse
+    import datetime as dt
 
+    from ground.settings import Settings
     from orchestration.cli import resolve_demo_world
 
-    monkeypatch.delenv("KAIROS_PARTITION_START", raising=False)
+    for var in ("KAIROS_PARTITION_START", "KAIROS_PARTITION_END"):  # set then unset: restored to absent afterwards
+        monkeypatch.setenv(var, "x")
+        monkeypatch.delenv(var)
     monkeypatch.setenv("KAIROS_HOME", str(tmp_path / "home"))
-    assert Settings.from_env().partition_start == "2026-01-01"
+    assert (Settings.from_env().partition_start, Settings.from_env().partition_end) == ("2026-01-01", None)
     log = tmp_path / "log.csv"  # a file log from 2025-12-20 on (one export batch: its ingest day is the last)
     log.write_text("uid,sku,ts\n" + "".join(f"u{k % 9},i{k % 13},{1766188800 + k * 4000}\n" for k in range(2000)))
     args = argparse.Namespace(config="", source="file", path=str(log), mapping='{"user": "uid", "item": "sku", '
@@ -144,19 +175,53 @@ def test_partitions_start_where_the_demo_found_the_data(tmp_path, monkeypatch) -
                               catalog_mapping="", users_file="", users_mapping="", users=None, items=None, days=None,
                               seed=None)
     world = resolve_demo_world(args)  # what `kairos demo` does first
-    assert world.partition_start != "2026-01-01"
-    monkeypatch.delenv("KAIROS_PARTITION_START")  # a later process on the same home has no variable
-    assert Settings.from_env().partition_start == world.partition_start
+    last = world.partition_end
+    assert world.partition_start == last == "2026-03-22"  # 2000 events 4000 s apart from 2025-12-20, one batch
+    for var in ("KAIROS_PARTITION_START", "KAIROS_PARTITION_END"):
+        monkeypatch.delenv(var)  # a later process on the same home has no variable
+    assert (Settings.from_env().partition_start, Settings.from_env().partition_end) == (last, last)
     Settings.from_env().record_partition_start("2025-12-20")
     assert Settings.from_env().partition_start == "2025-12-20"
 
-    def first_ui_partition(**env: str) -> str:
-        code = ("from orchestration.definitions import defs\n"
-                "print(defs.resolve_job_def('ingest_events').partitions_def.get_first_partition_key())")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                             cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **env})
-        assert out.returncode == 0, out.stderr[-2000:]
-        return out.stdout.split()[-1]
+    after = (dt.date.fromisoformat(last) + dt.timedelta(days=1)).isoformat()
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    view = _code_location_view(tmp_path / "dagster", ["2025-12-20", "2025-12-21", after, today])
+    assert view["job"] == ("2025-12-20", last, 93) and view["asset"] == ("2025-12-20", last)  # not ..today
+    assert view["schedule"]["2025-12-21"] == ["2025-12-20"] and view["schedule"][after] == [last]
+    assert "before the first daily partition 2025-12-20" in view["schedule"]["2025-12-20"]
+    assert f"after the last daily partition {last}" in view["schedule"][today]  # skipped, not the last day again
 
-    assert first_ui_partition() == "2025-12-20"
-    assert first_ui_partition(KAIROS_PARTITION_START="2025-12-28") == "2025-12-28"
+    monkeypatch.setenv("KAIROS_PARTITION_START", "2025-12-28")
+    monkeypatch.setenv("KAIROS_PARTITION_END", "2026-01-03")
+    view = _code_location_view(tmp_path / "dagster", ["2026-01-04", "2026-01-05"])
+    assert view["job"] == ("2025-12-28", "2026-01-03", 7)
+    assert view["schedule"]["2026-01-04"] == ["2026-01-03"] and "after the last" in view["schedule"]["2026-01-05"]
+    monkeypatch.setenv("KAIROS_PARTITION_END", "live")  # a live world: partitions run through today (end_offset=1)
+    yesterday = (dt.date.fromisoformat(today) - dt.timedelta(days=1)).isoformat()
+    view = _code_location_view(tmp_path / "dagster", [today])
+    assert view["job"][:2] == ("2025-12-28", today) and view["schedule"][today] == [yesterday]
+
+
+def test_the_daily_ingest_tick_asks_for_the_day_that_ended_inside_the_partitions() -> None:
+    from orchestration.sensors import ingest_day_due
+
+    keys = ["2026-01-01", "2026-01-02", "2026-01-03"]
+    assert ingest_day_due("2026-01-03", keys)[0] == "2026-01-02"  # the day that just ended, not the one just begun
+    assert ingest_day_due("2026-01-04", keys)[0] == "2026-01-03"
+    day, reason = ingest_day_due("2026-03-01", keys)
+    assert day is None and "after the last daily partition 2026-01-03" in reason and "KAIROS_PARTITION_END=live" in reason
+    assert ingest_day_due("2026-01-01", keys) == (None, "2025-12-31 is before the first daily partition 2026-01-01")
+
+
+def test_a_bad_partition_end_fails_naming_the_variable() -> None:
+    import pytest
+
+    from assets.ingestion import daily_partitions_def
+
+    assert daily_partitions_def("2026-01-01", "2026-01-03").get_partition_keys() == ["2026-01-01", "2026-01-02",
+                                                                                     "2026-01-03"]
+    assert daily_partitions_def("2026-01-01", None).end_offset == 1
+    with pytest.raises(ValueError, match="KAIROS_PARTITION_END 2025-12-01 is before KAIROS_PARTITION_START"):
+        daily_partitions_def("2026-01-01", "2025-12-01")
+    with pytest.raises(ValueError, match=r"KAIROS_PARTITION_END \(or KAIROS_HOME/partition_end\) must be a day"):
+        daily_partitions_def("2026-01-01", "tomorrow")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,6 +13,16 @@ import httpx
 
 from assets.resources import ArtifactsResource
 from orchestration.services import free_port
+
+
+def _sidebar(browser: str, url: str, profile: Path) -> set[str]:
+    """Which of MLflow 3.17's view-specific sidebar entries the rendered page shows, in a fresh browser profile:
+    "Model registry" (model-training view) or "Playground" (GenAI view)."""
+    dom = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+                          "--virtual-time-budget=20000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=240).stdout
+    assert "workflow" in dom or "mlflow" in dom.lower(), dom[:500]
+    return {entry for entry in ("Model registry", "Playground") if entry in dom}
 
 
 def test_report_link_opens_over_http(settings, tmp_path: Path) -> None:
@@ -26,7 +37,8 @@ def test_report_link_opens_over_http(settings, tmp_path: Path) -> None:
     again = artifacts.publish_report(docs, "run-abc12345", "data_docs")  # same Dagster run: same MLflow run
     assert type(link).__name__ == "UrlMetadataValue" and link.url.startswith(f"http://127.0.0.1:{port}/#/experiments/")
     run_id = link.url.split("/runs/")[1].split("/")[0]
-    assert again.url.endswith(f"/runs/{run_id}/artifacts/data_docs/docs/index.html")
+    assert link.url.endswith(f"/runs/{run_id}/artifacts/reports/drift.html?workflowType=machine_learning")
+    assert again.url.endswith(f"/runs/{run_id}/artifacts/data_docs/docs/index.html?workflowType=machine_learning")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
                              settings.mlflow_tracking_uri, "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1"],
@@ -44,6 +56,10 @@ def test_report_link_opens_over_http(settings, tmp_path: Path) -> None:
         assert page is not None and page.status_code == 200, page and page.text[:300]
         assert "feature drift: ok" in page.text
         assert httpx.get(base + "/", timeout=10).status_code == 200  # the UI page the link opens
+        browser = shutil.which("chromium") or shutil.which("chromium-browser")
+        if browser:  # a fresh browser opens the link in MLflow's model-training view; without the parameter, GenAI
+            assert _sidebar(browser, link.url, tmp_path / "p1") == {"Model registry"}
+            assert _sidebar(browser, link.url.split("?")[0], tmp_path / "p2") == {"Playground"}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -81,7 +97,9 @@ def test_screenshot_script_shoots_every_published_report(tmp_path: Path) -> None
                      "report_feature_drift_report": f"{ui}/reports/drift.html",
                      "report_registered_model_lineage": f"{ui}/reports/lineage.html"}
     targets = screenshots.pages("http://d", "http://m", "http://b", "7", "kairos-ranker", "4", "run9", links)
-    assert targets["mlflow_model_version"] == "http://m/#/models/kairos-ranker/versions/4"
-    assert targets["mlflow_training_run"] == "http://m/#/experiments/7/runs/run9"
+    view = "?workflowType=machine_learning"  # MLflow 3.17 opens GenAI without it (assets.resources.mlflow_ui_link)
+    assert targets["mlflow_model_version"] == f"http://m/#/models/kairos-ranker/versions/4{view}"
+    assert targets["mlflow_training_run"] == f"http://m/#/experiments/7/runs/run9{view}"
+    assert targets["mlflow_experiment"] == f"http://m/#/experiments/7{view}"
     assert targets["swagger"] == "http://b/docs" and set(links) <= set(targets)
     assert targets["dagster_impression_log_skew_check"] == "http://d/assets/impression_log?view=checks"

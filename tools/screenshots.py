@@ -25,6 +25,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from assets.resources import mlflow_ui_link  # noqa: E402
 from orchestration.services import free_port  # noqa: E402
 
 MODEL = os.environ.get("KAIROS_MODEL_NAME", "kairos-ranker")
@@ -50,10 +51,15 @@ def _chromium() -> str:
 
 
 def shoot(browser: str, url: str, path: Path, wait_ms: int = 20000) -> Path:
-    """One page as PNG; the virtual time budget lets the single-page apps fetch and render their data."""
-    subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1600,1100", f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=240)
+    """One page as PNG; the virtual time budget lets the single-page apps fetch and render their data. Each shot
+    has a fresh browser profile (no localStorage, e.g. MLflow's remembered view): what a new visitor sees."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kairos-chromium-") as profile:
+        subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--user-data-dir={profile}", "--window-size=1600,1100", f"--virtual-time-budget={wait_ms}",
+                        f"--screenshot={path}", url],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=240)
     return path
 
 
@@ -91,12 +97,12 @@ def pages(dagster: str, mlflow_ui: str, bento: str | None, experiment_id: str | 
         "dagster_registered_model_lineage": f"{dagster}/assets/registered_model",
         "dagster_feature_drift": f"{dagster}/assets/feature_drift",
         "dagster_model_evaluation": f"{dagster}/assets/model_evaluation",
-        "mlflow_model_version": f"{mlflow_ui}/#/models/{model}/versions/{version}",
+        "mlflow_model_version": mlflow_ui_link(mlflow_ui, f"models/{model}/versions/{version}"),
     }
-    if experiment_id:
-        out["mlflow_experiment"] = f"{mlflow_ui}/#/experiments/{experiment_id}"
+    if experiment_id:  # in the model-training view, as the published links open (assets.resources.mlflow_ui_link)
+        out["mlflow_experiment"] = mlflow_ui_link(mlflow_ui, f"experiments/{experiment_id}")
         if training_run_id:
-            out["mlflow_training_run"] = f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{training_run_id}"
+            out["mlflow_training_run"] = mlflow_ui_link(mlflow_ui, f"experiments/{experiment_id}/runs/{training_run_id}")
     out.update(reports or {})
     if bento:
         out["swagger"] = f"{bento}/docs"
@@ -136,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     from dagster import DagsterInstance
+    from dagster._core.nux import set_nux_seen
+
+    set_nux_seen()  # the "Join the Dagster community" dialog a fresh profile gets once per instance: as if skipped
 
     with DagsterInstance.get() as instance:
         reports = report_links(instance)
