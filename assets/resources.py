@@ -12,7 +12,7 @@ from typing import Any
 
 from dagster import ConfigurableResource
 
-from ground.settings import Settings, redis_client, redis_url_from_env
+from ground.settings import Settings, SparkSettings, redis_client, redis_url_from_env
 from lake.delta import DeltaLake, TableVersion
 from lake.spark import spark_read, spark_session, spark_write
 
@@ -37,16 +37,19 @@ class SparkResource(ConfigurableResource):
     master: str = ""
     conf: dict[str, str] = {}
 
-    def session(self) -> Any:
+    def session(self, spark: SparkSettings | None = None) -> Any:
         settings = _settings()
-        return spark_session(self.master or settings.spark_master, conf=dict(self.conf), lake_uri=settings.lake_uri)
+        return spark_session(self.master or settings.spark_master, conf=dict(self.conf), lake_uri=settings.lake_uri,
+                             settings=spark or SparkSettings.from_env())
 
     def read_table(self, lake: DeltaLake, table: str, version: int) -> Any:
-        return spark_read(self.session(), lake, table, version)
+        spark = SparkSettings.from_env()  # one read of the KAIROS_SPARK_* environment per call
+        return spark_read(self.session(spark), lake, table, version, settings=spark)
 
     def write_table(self, lake: DeltaLake, table: str, frame: Any) -> TableVersion:
         """Overwrite `table` with a Spark DataFrame, written by the executors (lake/spark.py `spark_write`)."""
-        return spark_write(self.session(), lake, table, frame)
+        spark = SparkSettings.from_env()
+        return spark_write(self.session(spark), lake, table, frame, settings=spark)
 
 
 class RedisResource(ConfigurableResource):

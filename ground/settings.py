@@ -111,11 +111,15 @@ class SparkSettings:
       KAIROS_SPARK_DRIVER_MEMORY   spark.driver.memory, a JVM size (3g, 512m)
       KAIROS_SPARK_LAKE_READER     auto | python | hadoop | delta: how Spark reads a pinned lake snapshot
       KAIROS_SPARK_DELTA_NATIVE=1  the same as KAIROS_SPARK_LAKE_READER=delta (the reader, when that is unset)
+      KAIROS_SPARK_SHUFFLE_PARTITIONS  spark.sql.shuffle.partitions, a positive integer (4)
+      KAIROS_SPARK_ALLOW_LOCAL_LAKE=1  a local-path lake may be read on a non-local master (every worker mounts it)
     """
 
     conf: Mapping[str, str] = field(default_factory=dict)
     driver_memory: str = "3g"
     lake_reader: str = "auto"
+    shuffle_partitions: int = 4
+    allow_local_lake: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "SparkSettings":
@@ -127,7 +131,10 @@ class SparkSettings:
             raise ValueError(f"KAIROS_SPARK_DRIVER_MEMORY must be a JVM memory size such as 3g or 512m, got {memory!r}")
         native = env_flag(env, "KAIROS_SPARK_DELTA_NATIVE", False)
         reader = env_choice(env, "KAIROS_SPARK_LAKE_READER", SPARK_LAKE_READERS, "delta" if native else d.lake_reader)
-        return cls(conf=conf, driver_memory=memory, lake_reader=reader)
+        return cls(conf=conf, driver_memory=memory, lake_reader=reader,
+                   shuffle_partitions=env_number(env, "KAIROS_SPARK_SHUFFLE_PARTITIONS", int, d.shuffle_partitions,
+                                                 minimum=1),
+                   allow_local_lake=env_flag(env, "KAIROS_SPARK_ALLOW_LOCAL_LAKE", d.allow_local_lake))
 
 
 @dataclass(frozen=True)

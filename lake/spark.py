@@ -128,7 +128,7 @@ def session_conf(master: str, extra: dict[str, str] | None = None, lake_uri: str
     """Every setting of the session for `master`: Kairos' defaults, then the pass-through (which wins)."""
     spark = settings or SparkSettings.from_env()
     conf = {
-        "spark.sql.shuffle.partitions": os.environ.get("KAIROS_SPARK_SHUFFLE_PARTITIONS", "4"),
+        "spark.sql.shuffle.partitions": str(spark.shuffle_partitions),
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.ui.enabled": "false",
         "spark.ui.showConsoleProgress": "false",
@@ -181,14 +181,15 @@ def _alive(session: Any) -> bool:
 
 
 def spark_session(master: str = "local[2]", app_name: str = "kairos", conf: dict[str, str] | None = None,
-                  lake_uri: str = "") -> Any:
+                  lake_uri: str = "", settings: SparkSettings | None = None) -> Any:
     """The process's SparkSession for (master, settings): reused while they match, rebuilt when they change.
 
     A JVM holds one SparkContext, so asking for another master (or other settings) stops the current session
     and starts the new one, loudly, instead of silently handing back a session on the old master.
     """
     global _SESSION, _SPEC
-    full = session_conf(master, {**conf_from_env(), **(conf or {})}, lake_uri=lake_uri)
+    spark = settings or SparkSettings.from_env()  # one read of the environment for the whole session
+    full = session_conf(master, {**conf_from_env(spark), **(conf or {})}, lake_uri=lake_uri, settings=spark)
     spec = SessionSpec(master, app_name, tuple(sorted(full.items())))
     with _LOCK:
         if _alive(_SESSION) and _SPEC == spec:
@@ -210,7 +211,7 @@ def spark_session(master: str = "local[2]", app_name: str = "kairos", conf: dict
         _ship_code(session, full.get("spark.submit.pyFiles", ""))
         _SESSION, _SPEC = session, spec
         log.info("Spark session on %s (%d settings, lake reader for %s: %s)", master, len(full), lake_uri or "-",
-                 lake_reader(lake_uri) if lake_uri else "-")
+                 lake_reader(lake_uri, settings=spark) if lake_uri else "-")
         return session
 
 
@@ -233,11 +234,12 @@ def stop_session() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- reading a snapshot
-def check_reachable(master: str, lake_uri: str) -> None:
-    """A local-path lake is readable only by executors on this machine: refuse it on a non-local master."""
+def check_reachable(master: str, lake_uri: str, settings: SparkSettings | None = None) -> None:
+    """A local-path lake is readable only by executors on this machine: refuse it on a non-local master
+    (unless SparkSettings.allow_local_lake, KAIROS_SPARK_ALLOW_LOCAL_LAKE=1, says every worker mounts it)."""
     if is_local_master(master) or is_object_store(lake_uri):
         return
-    if os.environ.get("KAIROS_SPARK_ALLOW_LOCAL_LAKE") == "1":
+    if (settings or SparkSettings.from_env()).allow_local_lake:
         return
     raise LakeNotReachable(
         f"the lake is a local path ({lake_uri}) but Spark runs on {master}: its executors cannot read this "
@@ -395,11 +397,13 @@ def _hadoop_uri(uri: str) -> str:
     return "s3a://" + uri[len("s3://"):] if uri.startswith("s3://") else uri
 
 
-def spark_read(spark: Any, lake: DeltaLake, table: str, version: int, reader: str | None = None) -> Any:
+def spark_read(spark: Any, lake: DeltaLake, table: str, version: int, reader: str | None = None,
+               settings: SparkSettings | None = None) -> Any:
     """A Spark DataFrame of exactly `table@version`, read the configured way (module doc)."""
     master = spark.sparkContext.master
-    check_reachable(master, lake.root)
-    how = lake_reader(lake.root, reader)
+    settings = settings or SparkSettings.from_env()
+    check_reachable(master, lake.root, settings=settings)
+    how = lake_reader(lake.root, reader, settings=settings)
     if how == "delta":
         return spark.read.format("delta").option("versionAsOf", version).load(_hadoop_uri(lake.uri(table)))
     plan = snapshot_plan(lake, table, version, min_partitions=2 * spark.sparkContext.defaultParallelism)
@@ -465,7 +469,7 @@ def _write_partition_files(root: str, storage_options: dict[str, str], token: st
 
 
 def spark_write(spark: Any, lake: DeltaLake, table: str, frame: Any,
-                commit_properties: dict[str, Any] | None = None) -> TableVersion:
+                commit_properties: dict[str, Any] | None = None, settings: SparkSettings | None = None) -> TableVersion:
     """Overwrite `table` with a Spark DataFrame, written by the executors: each task writes its partition's
     parquet files straight into the table's folder (local path or object store, no JVM connector), and the
     driver commits the files in one Delta transaction. Nothing but the file list reaches the driver, so a
@@ -479,8 +483,9 @@ def spark_write(spark: Any, lake: DeltaLake, table: str, frame: Any,
     from deltalake import CommitProperties, DeltaTable, Schema
     from deltalake.transaction import AddAction, create_table_with_add_actions
 
-    check_reachable(spark.sparkContext.master, lake.root)
-    if lake_reader(lake.root) == "delta":
+    settings = settings or SparkSettings.from_env()
+    check_reachable(spark.sparkContext.master, lake.root, settings=settings)
+    if lake_reader(lake.root, settings=settings) == "delta":
         frame.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(_hadoop_uri(lake.uri(table)))
         return lake.pin(table)
     root, options, token = lake.uri(table), executor_storage_options(lake), uuid.uuid4().hex

@@ -8,6 +8,7 @@ import zipfile
 import pandas as pd
 import pytest
 
+from ground.settings import SparkSettings
 from lake.delta import DeltaLake
 from lake.spark import (LakeNotReachable, check_reachable, conf_from_env, lake_reader, product_zip, session_conf,
                         snapshot_plan, spark_read, spark_session)
@@ -56,6 +57,7 @@ def test_code_is_shipped_to_non_local_masters_and_local_lakes_refused(tmp_path) 
         check_reachable("spark://10.0.0.1:7077", str(tmp_path / "lake"))
     check_reachable("spark://10.0.0.1:7077", "s3://bucket/lake")
     check_reachable("local[2]", str(tmp_path / "lake"))
+    check_reachable("spark://10.0.0.1:7077", str(tmp_path / "lake"), settings=SparkSettings(allow_local_lake=True))
 
 
 def test_python_reader_reads_the_pinned_snapshot_like_delta_rs(tmp_path) -> None:

@@ -158,8 +158,7 @@ ENVIRONMENT_MODULES: dict[str, str] = {
     "serving/server.py": "the environment of the BentoML server process it starts",
     "compliance/lineage.py": "DAGSTER_HOME (set by the CLI) locates the Dagster instance",
     "lake/spark.py": "JAVA_HOME / PYSPARK_PYTHON for the JVM it starts, the AWS_*/AZURE_*/GOOGLE_* handed to "
-                     "executors; still to move into SparkSettings: KAIROS_SPARK_SHUFFLE_PARTITIONS, "
-                     "KAIROS_SPARK_ALLOW_LOCAL_LAKE",
+                     "executors",
 }
 
 

@@ -8,7 +8,11 @@ from ground.settings import EmbeddedRedisSettings, LakeStorageSettings, SparkSet
 
 
 def test_spark_settings_defaults_and_values() -> None:
-    assert SparkSettings.from_env({}) == SparkSettings(conf={}, driver_memory="3g", lake_reader="auto")
+    assert SparkSettings.from_env({}) == SparkSettings(conf={}, driver_memory="3g", lake_reader="auto",
+                                                       shuffle_partitions=4, allow_local_lake=False)
+    s = SparkSettings.from_env({"KAIROS_SPARK_SHUFFLE_PARTITIONS": " 16 ", "KAIROS_SPARK_ALLOW_LOCAL_LAKE": "1"})
+    assert (s.shuffle_partitions, s.allow_local_lake) == (16, True)
+    assert SparkSettings.from_env({"KAIROS_SPARK_ALLOW_LOCAL_LAKE": "off"}).allow_local_lake is False
     s = SparkSettings.from_env({"KAIROS_SPARK_CONF": '{"spark.executor.memory": "2g", "spark.sql.shuffle.partitions": 8}',
                                 "KAIROS_SPARK_DRIVER_MEMORY": " 512m ", "KAIROS_SPARK_LAKE_READER": "Python"})
     assert s.conf == {"spark.executor.memory": "2g", "spark.sql.shuffle.partitions": "8"}
@@ -33,6 +37,10 @@ def test_spark_settings_defaults_and_values() -> None:
     ({"KAIROS_SPARK_LAKE_READER": "jdbc"},
      "KAIROS_SPARK_LAKE_READER must be one of auto, python, hadoop, delta, got 'jdbc'"),
     ({"KAIROS_SPARK_DELTA_NATIVE": "maybe"}, "KAIROS_SPARK_DELTA_NATIVE must be one of 1/true/yes/on or 0/false/no/off"),
+    ({"KAIROS_SPARK_SHUFFLE_PARTITIONS": "many"}, "KAIROS_SPARK_SHUFFLE_PARTITIONS must be an integer, got 'many'"),
+    ({"KAIROS_SPARK_SHUFFLE_PARTITIONS": "0"}, r"KAIROS_SPARK_SHUFFLE_PARTITIONS must be in \[1, inf\], got '0'"),
+    ({"KAIROS_SPARK_ALLOW_LOCAL_LAKE": "sure"},
+     "KAIROS_SPARK_ALLOW_LOCAL_LAKE must be one of 1/true/yes/on or 0/false/no/off, got 'sure'"),
 ])
 def test_spark_settings_bad_values_say_what_to_set(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -79,6 +87,9 @@ def test_the_modules_read_through_the_settings(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("KAIROS_SPARK_DRIVER_MEMORY", "1g")
     assert session_conf("local[2]")["spark.driver.memory"] == "1g"
     assert session_conf("local[2]", settings=SparkSettings(driver_memory="5g"))["spark.driver.memory"] == "5g"
+    monkeypatch.setenv("KAIROS_SPARK_SHUFFLE_PARTITIONS", "12")
+    assert session_conf("local[2]")["spark.sql.shuffle.partitions"] == "12"
+    assert session_conf("local[2]", settings=SparkSettings(shuffle_partitions=3))["spark.sql.shuffle.partitions"] == "3"
     assert conf_from_env() == {} and conf_from_env(SparkSettings(conf={"spark.a": "b"})) == {"spark.a": "b"}
     assert lake_reader("/data/lake", settings=SparkSettings(lake_reader="delta")) == "delta"
     with pytest.raises(ValueError, match="the lake reader must be one of"):
