@@ -29,9 +29,9 @@ def _env(name: str, default: str) -> str:
     return value if value not in (None, "") else default
 
 
-# The parsers every settings object uses (Settings, SparkSettings, LakeStorageSettings, EmbeddedRedisSettings below,
-# serving.settings.ServeSettings, serving.rerank.RerankConfig, monitoring.health.FreshnessThresholds,
-# streaming.options.StreamJobOptions): a bad value fails where the settings are built, with the variable's name,
+# The parsers every settings object uses (Settings, SparkSettings, LakeStorageSettings, EmbeddedRedisSettings,
+# RedisConnectionSettings, PrivacySettings below, serving.settings.ServeSettings, serving.rerank.RerankConfig,
+# monitoring.health.FreshnessThresholds, streaming.options.StreamJobOptions): a bad value fails where the settings are built, with the variable's name,
 # instead of running with a silently different setting.
 def env_number(env: Mapping[str, str], var: str, kind: type, default: Any, minimum: float | None = None,
                maximum: float | None = None) -> Any:
@@ -218,7 +218,8 @@ class Settings:
 
 # ---------------------------------------------------------------------------------------------- Redis
 # Every Redis client of Kairos is built by `redis_client` so credentials and TLS are configured once,
-# and only from the environment (never in code, URLs checked into config, or files):
+# and only from the environment (never in code, URLs checked into config, or files), read by
+# RedisConnectionSettings.from_env:
 #   REDIS_URL                  redis://host:6379/0, or rediss://… for TLS
 #   REDIS_USERNAME, REDIS_PASSWORD   ACL user / password (used when the URL carries none)
 #   KAIROS_REDIS_TLS=1         upgrade a redis:// URL to TLS
@@ -243,33 +244,68 @@ class EmbeddedRedisSettings:
                                           "always: no acknowledged write is lost; everysec: up to 1 s may be"))
 
 
-def redis_connection_kwargs(url: str) -> tuple[str, dict[str, Any]]:
-    """(url, extra redis.Redis.from_url kwargs) with credentials and TLS options from the environment."""
+REDIS_TLS_VERIFY = ("required", "none")
+
+
+@dataclass(frozen=True)
+class RedisConnectionSettings:
+    """Credentials and TLS of every Redis client (`redis_client`), one read of the variables listed above."""
+
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False  # upgrade a redis:// URL to rediss://
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_verify: str = "required"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "RedisConnectionSettings":
+        def text(var: str) -> str | None:
+            return env.get(var) or None
+
+        key = text("KAIROS_REDIS_TLS_KEY")
+        cert = text("KAIROS_REDIS_TLS_CERT")
+        if key and not cert:
+            raise ValueError("KAIROS_REDIS_TLS_KEY is set without KAIROS_REDIS_TLS_CERT: the client key needs its "
+                             "certificate (set both for mutual TLS, or neither)")
+        return cls(username=text("REDIS_USERNAME"), password=text("REDIS_PASSWORD"),
+                   tls=env_flag(env, "KAIROS_REDIS_TLS", False), tls_ca=text("KAIROS_REDIS_TLS_CA"),
+                   tls_cert=cert, tls_key=key,
+                   tls_verify=env_choice(env, "KAIROS_REDIS_TLS_VERIFY", REDIS_TLS_VERIFY, "required",
+                                         "none skips certificate checks, for self-signed test servers only"))
+
+
+def redis_connection_kwargs(url: str, settings: RedisConnectionSettings | None = None) -> tuple[str, dict[str, Any]]:
+    """(url, extra redis.Redis.from_url kwargs) with the credentials and TLS options of `settings`
+    (RedisConnectionSettings.from_env() when not given)."""
+    conn = settings or RedisConnectionSettings.from_env()
     parts = urlsplit(url)
     scheme = parts.scheme
-    if scheme == "redis" and os.environ.get("KAIROS_REDIS_TLS", "").lower() in ("1", "true", "yes"):
+    if scheme == "redis" and conn.tls:
         scheme = "rediss"
         url = urlunsplit(("rediss", *parts[1:]))
     kwargs: dict[str, Any] = {}
-    if not parts.password and os.environ.get("REDIS_PASSWORD"):
-        kwargs["password"] = os.environ["REDIS_PASSWORD"]
-        if os.environ.get("REDIS_USERNAME") and not parts.username:
-            kwargs["username"] = os.environ["REDIS_USERNAME"]
+    if not parts.password and conn.password:
+        kwargs["password"] = conn.password
+        if conn.username and not parts.username:
+            kwargs["username"] = conn.username
     if scheme == "rediss":
-        if os.environ.get("KAIROS_REDIS_TLS_CA"):
-            kwargs["ssl_ca_certs"] = os.environ["KAIROS_REDIS_TLS_CA"]
-        if os.environ.get("KAIROS_REDIS_TLS_CERT"):
-            kwargs["ssl_certfile"] = os.environ["KAIROS_REDIS_TLS_CERT"]
-            kwargs["ssl_keyfile"] = os.environ.get("KAIROS_REDIS_TLS_KEY") or None
-        kwargs["ssl_cert_reqs"] = "none" if os.environ.get("KAIROS_REDIS_TLS_VERIFY", "").lower() == "none" else "required"
+        if conn.tls_ca:
+            kwargs["ssl_ca_certs"] = conn.tls_ca
+        if conn.tls_cert:
+            kwargs["ssl_certfile"] = conn.tls_cert
+            kwargs["ssl_keyfile"] = conn.tls_key
+        kwargs["ssl_cert_reqs"] = conn.tls_verify
     return url, kwargs
 
 
-def redis_client(url: str, **kwargs: Any) -> Any:
-    """A redis.Redis for `url` with the environment's password and TLS settings (decode_responses by default)."""
+def redis_client(url: str, settings: RedisConnectionSettings | None = None, **kwargs: Any) -> Any:
+    """A redis.Redis for `url` with the password and TLS settings of `settings` (the environment's when not
+    given; decode_responses by default)."""
     import redis
 
-    url, extra = redis_connection_kwargs(url)
+    url, extra = redis_connection_kwargs(url, settings)
     kwargs.setdefault("decode_responses", True)
     return redis.Redis.from_url(url, **{**extra, **kwargs})
 
@@ -299,16 +335,28 @@ def redact_url(url: str | None) -> str:
     return urlunsplit((parts.scheme, netloc, *parts[2:]))
 
 
-def privacy_key(settings: "Settings") -> bytes:
-    """The key of the keyed user hashes (audit log, exclusion list): KAIROS_PRIVACY_KEY.
+@dataclass(frozen=True)
+class PrivacySettings:
+    """KAIROS_PRIVACY_KEY: the key of the keyed user hashes (`privacy_key`); None = the generated one under
+    KAIROS_HOME."""
+
+    key: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "PrivacySettings":
+        return cls(key=env.get("KAIROS_PRIVACY_KEY") or None)
+
+
+def privacy_key(settings: "Settings", privacy: PrivacySettings | None = None) -> bytes:
+    """The key of the keyed user hashes (audit log, exclusion list): `privacy.key`, KAIROS_PRIVACY_KEY.
 
     Without it, one random key is generated once under KAIROS_HOME (mode 0600) so the embedded
     defaults work; set KAIROS_PRIVACY_KEY in production (the same value everywhere: a different key
     makes the exclusion list stop matching).
     """
-    env = os.environ.get("KAIROS_PRIVACY_KEY")
-    if env:
-        return env.encode()
+    key = (privacy or PrivacySettings.from_env()).key
+    if key:
+        return key.encode()
     path = settings.home / "privacy.key"
     if not path.exists():
         import secrets

@@ -21,7 +21,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ground.settings import LIVE, PROJECT_ROOT, Settings, redact_url, redis_client, redis_url_from_env
+from ground.settings import (LIVE, PROJECT_ROOT, RedisConnectionSettings, Settings, redact_url, redis_client,
+                             redis_url_from_env)
 from ingestion.sources import SOURCES
 
 log = logging.getLogger("kairos")
@@ -50,7 +51,7 @@ def ensure_redis(settings: Settings):
         return None
     from orchestration.services import start_redis
 
-    server = start_redis(settings.home / "redis", password=os.environ.get("REDIS_PASSWORD") or None)
+    server = start_redis(settings.home / "redis", password=RedisConnectionSettings.from_env().password)
     (settings.home / "redis.url").write_text(server.url)
     os.environ["REDIS_URL"] = server.url
     return server
@@ -332,7 +333,7 @@ def cmd_redis(args: argparse.Namespace) -> int:
     from orchestration.services import start_redis
 
     # with REDIS_PASSWORD set the server requires it (requirepass); clients read the same variable
-    server = start_redis(settings.home / "redis", port=args.port or None, password=os.environ.get("REDIS_PASSWORD") or None)
+    server = start_redis(settings.home / "redis", port=args.port or None, password=RedisConnectionSettings.from_env().password)
     (settings.home / "redis.url").write_text(server.url)
     print(f"embedded redis-server at {server.url} (URL written to {settings.home / 'redis.url'}); append-only file in "
           f"{server.workdir} with appendfsync {server.appendfsync}: acknowledged writes survive a crash; Ctrl-C stops it")

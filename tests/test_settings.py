@@ -96,3 +96,44 @@ def test_the_modules_read_through_the_settings(monkeypatch: pytest.MonkeyPatch) 
         lake_reader("/data/lake", reader="jdbc")
     monkeypatch.setenv("KAIROS_REDIS_APPENDFSYNC", "no")
     assert appendfsync_from_env() == "no"
+
+
+def test_redis_connection_settings() -> None:
+    from ground.settings import RedisConnectionSettings, redis_connection_kwargs
+
+    assert RedisConnectionSettings.from_env({}) == RedisConnectionSettings()
+    env = {"REDIS_USERNAME": "kairos", "REDIS_PASSWORD": "pw", "KAIROS_REDIS_TLS": "True",
+           "KAIROS_REDIS_TLS_CERT": "/c.pem", "KAIROS_REDIS_TLS_KEY": "/k.pem", "KAIROS_REDIS_TLS_VERIFY": "None"}
+    s = RedisConnectionSettings.from_env(env)
+    assert (s.username, s.password, s.tls, s.tls_cert, s.tls_key, s.tls_verify) == \
+        ("kairos", "pw", True, "/c.pem", "/k.pem", "none")
+    url, kwargs = redis_connection_kwargs("redis://h:6379/0", s)  # passed down: no environment read
+    assert url == "rediss://h:6379/0"
+    assert kwargs == {"password": "pw", "username": "kairos", "ssl_certfile": "/c.pem", "ssl_keyfile": "/k.pem",
+                      "ssl_cert_reqs": "none"}
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"KAIROS_REDIS_TLS": "maybe"}, "KAIROS_REDIS_TLS must be one of 1/true/yes/on or 0/false/no/off, got 'maybe'"),
+    ({"KAIROS_REDIS_TLS_VERIFY": "optional"},
+     r"KAIROS_REDIS_TLS_VERIFY must be one of required, none, got 'optional' \(none skips certificate checks"),
+    ({"KAIROS_REDIS_TLS_KEY": "/k.pem"}, "KAIROS_REDIS_TLS_KEY is set without KAIROS_REDIS_TLS_CERT"),
+])
+def test_redis_connection_settings_bad_values_say_what_to_set(env: dict[str, str], message: str) -> None:
+    from ground.settings import RedisConnectionSettings
+
+    with pytest.raises(ValueError, match=message):
+        RedisConnectionSettings.from_env(env)
+
+
+def test_privacy_settings(tmp_path) -> None:
+    from ground.settings import PrivacySettings, Settings, privacy_key
+
+    assert PrivacySettings.from_env({}).key is None and PrivacySettings.from_env({"KAIROS_PRIVACY_KEY": ""}).key is None
+    assert PrivacySettings.from_env({"KAIROS_PRIVACY_KEY": "k1"}).key == "k1"
+    settings = Settings(home=tmp_path, lake_uri=str(tmp_path / "lake"), mlflow_tracking_uri="", spark_master="local[1]",
+                        redis_url=None)
+    assert privacy_key(settings, PrivacySettings(key="k1")) == b"k1"
+    generated = privacy_key(settings, PrivacySettings())
+    assert len(generated) == 64 and privacy_key(settings, PrivacySettings()) == generated  # once, then reused
+    assert (tmp_path / "privacy.key").stat().st_mode & 0o777 == 0o600
