@@ -1,6 +1,6 @@
 """Feature assets: daily snapshots in Spark (offline store), the point-in-time training set."""
 
-from typing import Optional
+from typing import Any, Optional
 
 from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetSpec, Config, MaterializeResult,
                      MetadataValue, asset, multi_asset)
@@ -37,7 +37,7 @@ def feature_snapshots(context: AssetExecutionContext, lake: LakeResource, spark:
     i = spark.write_table(store, ITEM_FEATURES, item_snapshots(spark.session(), events, items))
     users = store.read(USER_FEATURES, version=u.version, columns=["feature_ts"])
     itemf = store.read(ITEM_FEATURES, version=i.version, columns=["feature_ts"])
-    common = {"silver_version": ev_pin.version, "catalog_users_version": us_pin.version,
+    common: dict[str, Any] = {"silver_version": ev_pin.version, "catalog_users_version": us_pin.version,
               "feature_registry_version": registry_version()}
     yield MaterializeResult(asset_key=USER_FEATURES, metadata={"rows": u.rows, "delta_version": u.version,
                                                                "snapshots": int(users["feature_ts"].nunique()), **common},

@@ -9,6 +9,7 @@ a day changes nothing downstream.
 
 import json
 from pathlib import Path
+from typing import Any
 import time
 
 import numpy as np
@@ -46,17 +47,17 @@ def daily_partitions_def(start: str, end: str | None) -> DailyPartitionsDefiniti
     today's partition exists while its batches arrive). A bad or reversed day fails here, naming the variable."""
     import datetime as dt
 
-    days = {}
+    days: dict[str, dt.date | None] = {}
     for var, day in (("KAIROS_PARTITION_START", start), ("KAIROS_PARTITION_END", end)):
         try:
             days[var] = dt.date.fromisoformat(day) if day is not None else None
         except ValueError:
             raise ValueError(f"{var} (or KAIROS_HOME/{var.lower()[7:]}) must be a day YYYY-MM-DD"
                              f"{' or live' if var.endswith('END') else ''}, got {day!r}") from None
-    last = days["KAIROS_PARTITION_END"]
+    first, last = days["KAIROS_PARTITION_START"], days["KAIROS_PARTITION_END"]
     if last is None:
         return DailyPartitionsDefinition(start_date=start, end_offset=1)
-    if last < days["KAIROS_PARTITION_START"]:
+    if first is not None and last < first:
         raise ValueError(f"KAIROS_PARTITION_END {end} is before KAIROS_PARTITION_START {start}")
     # end_date is exclusive; end_offset=1 still caps the range at today when the data's last day is in the future
     return DailyPartitionsDefinition(start_date=start, end_date=(last + dt.timedelta(days=1)).isoformat(), end_offset=1)
@@ -319,7 +320,7 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
     quarantine_rate = totals["quarantined"] / max(totals["in"], 1)
     day_table = pd.DataFrame(per_day)
     all_bots = pd.concat(bots, ignore_index=True) if bots else pd.DataFrame()
-    meta = {**{("n_in" if k == "in" else k): v for k, v in totals.items()}, "days": len(days),
+    meta: dict[str, Any] = {**{("n_in" if k == "in" else k): v for k, v in totals.items()}, "days": len(days),
             "bronze_version": pin.version, "delta_version": silver_v, "quarantine_rate": round(quarantine_rate, 5),
             "expectation_failures": MetadataValue.json(failures), "duplicate_reasons": MetadataValue.json(dup_reasons),
             "bot_sessions_filtered": MetadataValue.json(json.loads(bot_report(all_bots))),

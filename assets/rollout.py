@@ -153,12 +153,19 @@ def rollout_decision(context: AssetExecutionContext, config: RolloutDecisionSett
         return Verdict(report["decision"], list(report.get("reasons", [])), {})
 
     action, reason = next_action(state, verdict(shadow_report), verdict(canary_evaluation), config.force_rollback)
+
+    def rolling() -> str:
+        """The version the shadow/canary stage is about: start_canary and promote act on it."""
+        if state.version is None:
+            raise RuntimeError(f"rollout action {action} in stage {state.stage} has no version to act on")
+        return state.version
+
     effect: dict[str, Any] = {}
     if action == "start_canary":
-        start_canary(settings, state.version, config.canary_share, reason=reason)
+        start_canary(settings, rolling(), config.canary_share, reason=reason)
         effect = {"canary": state.version, "share": config.canary_share}
     elif action == "promote":
-        effect = promote(settings, state.version, reason=reason, by=f"dagster run {context.run_id} (rollout_decision)")
+        effect = promote(settings, rolling(), reason=reason, by=f"dagster run {context.run_id} (rollout_decision)")
     elif action == "abort_canary":
         effect = abort_canary(settings, reason, stage=ROLLED_BACK)
     elif action == "refuse":

@@ -1,5 +1,7 @@
 """Serving assets: the latest feature snapshot materialized into Redis (the online store)."""
 
+from typing import Any
+
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, asset
 
 from assets.features import ITEM_FEATURES, USER_FEATURES
@@ -33,7 +35,7 @@ def online_features(context: AssetExecutionContext, lake: LakeResource, redis: R
     online = OnlineStore(redis.client())
     result = online.materialize(users, items, version=version, popular=popular)
     context.log.info(f"materialized {len(users)} users and {len(items)} items to Redis as {version}")
-    meta = {"version": version, "users": len(users), "items": len(items),
+    meta: dict[str, Any] = {"version": version, "users": len(users), "items": len(items),
             "user_features_version": u_pin.version, "item_features_version": i_pin.version, "snapshot_ts": int(newest)}
     meta.update({k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str, bool))})
     return MaterializeResult(metadata=meta, data_version=DataVersion(version))  # the Redis snapshot version

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from typing import Any
 from pathlib import Path
 
 from ground.settings import (LIVE, PROJECT_ROOT, RedisConnectionSettings, Settings, redact_url, redis_client,
@@ -129,11 +130,17 @@ def _print_quality() -> None:
     from dagster import AssetKey, DagsterInstance
 
     instance = DagsterInstance.get()
-    evaluation = instance.get_latest_materialization_event(AssetKey("model_evaluation"))
-    gate = instance.get_latest_materialization_event(AssetKey("validation_gate"))
-    if evaluation is None or gate is None:
+
+    def metadata(asset: str) -> dict[str, Any] | None:
+        """The latest materialization's metadata values of `asset` (None: never materialized)."""
+        event = instance.get_latest_materialization_event(AssetKey(asset))
+        materialization = event.asset_materialization if event is not None else None
+        return {k: v.value for k, v in materialization.metadata.items()} if materialization is not None else None
+
+    evaluation, meta = metadata("model_evaluation"), metadata("validation_gate")
+    if evaluation is None or meta is None:
         return
-    catalog = evaluation.asset_materialization.metadata["table"].value.get("catalog") or {}
+    catalog = evaluation["table"].get("catalog") or {}
     systems = catalog.get("systems", {})
     split = catalog.get("split", {})
     print(f"\nServed top-10 over the whole catalog at the test window's start ({split.get('users')} test users, "
@@ -142,9 +149,8 @@ def _print_quality() -> None:
         m = systems[name]
         print(f"  {name:<32} {m['ndcg_at_10']:.4f} [{m['ndcg_at_10_ci_low']:.4f}, {m['ndcg_at_10_ci_high']:.4f}]  "
               f"recall@10 {m['recall_at_10']:.4f}  coverage {m['catalog_coverage']:.3f}")
-    meta = gate.asset_materialization.metadata
-    print(f"Validation gate {'PASSED' if meta['passed'].value else 'FAILED'}:")
-    for reason in meta["reasons"].value:
+    print(f"Validation gate {'PASSED' if meta['passed'] else 'FAILED'}:")
+    for reason in meta["reasons"]:
         print(f"  {reason}")
 
 
@@ -177,7 +183,7 @@ def demo(args: argparse.Namespace) -> int:
            "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri}
     proc = start_server(port, env=env)
     stop = threading.Event()
-    client = redis_client(settings.redis_url)  # password / TLS from the environment
+    client = redis_client(redis_url_from_env(settings))  # the URL ensure_redis set; password / TLS from the environment
     processor = SessionStreamProcessor(client, consumer_name="demo")
     processor.ensure_group()
     thread = threading.Thread(target=processor.run_forever, args=(stop,), daemon=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from dagster import (AssetSpec, ConfigurableResource, Definitions, EnvVar, FilesystemIOManager,
+from dagster import (AssetsDefinition, AssetSpec, ConfigurableResource, Definitions, EnvVar, FilesystemIOManager,
                      load_asset_checks_from_modules, load_assets_from_modules, map_asset_specs)
 
 from assets import features, ingestion, maintenance, monitoring, rollout, serving, training
@@ -72,8 +72,18 @@ def resources(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     return out
 
 
+def _asset_definitions() -> list[AssetsDefinition | AssetSpec]:
+    """The assets of `_modules`: all @asset / @multi_asset definitions (map_asset_specs cannot map a SourceAsset)."""
+    loaded = load_assets_from_modules(_modules)
+    other = [a for a in loaded if not isinstance(a, (AssetsDefinition, AssetSpec))]
+    if other:
+        raise TypeError(f"asset modules define {len(other)} non-asset definition(s) (source or cacheable assets): "
+                        f"{other}; declare them as AssetSpec")
+    return [a for a in loaded if isinstance(a, (AssetsDefinition, AssetSpec))]
+
+
 defs = Definitions(
-    assets=map_asset_specs(with_ownership, load_assets_from_modules(_modules)),
+    assets=map_asset_specs(with_ownership, _asset_definitions()),
     asset_checks=load_asset_checks_from_modules(_modules),
     jobs=[ingest_job, build_job, retrain_job, maintenance_job, impressions_job, tune_job, rollout_job, monitor_job,
           refresh_online_job, drain_stream],

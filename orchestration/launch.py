@@ -22,7 +22,7 @@ from ground.settings import PROJECT_ROOT
 log = logging.getLogger("kairos.launch")
 
 WORKSPACE = PROJECT_ROOT / "workspace.yaml"
-IN_PROCESS = {"execution": {"config": {"in_process": {}}}}  # one run worker, one Spark session for all steps
+IN_PROCESS: dict[str, Any] = {"execution": {"config": {"in_process": {}}}}  # one run worker, one Spark session for all steps
 # Dagster's console logger prints every framework event at DEBUG (half of the demo's lines): INFO by default, in
 # the demo's launches, as every job's default run config (the UI launchpad) and in every schedule and sensor request
 # (the daemon; a run config there replaces the job's default)

@@ -65,7 +65,10 @@ def drift_sensor(context: SensorEvaluationContext, asset_event: EventLogEntry):
     mat = asset_event.asset_materialization
     meta = mat.metadata if mat else {}
     status = str(meta["status"].value) if "status" in meta else "ok"
-    max_psi = float(meta["max_psi"].value) if "max_psi" in meta else 0.0
+    psi = meta["max_psi"].value if "max_psi" in meta else 0.0
+    if not isinstance(psi, (int, float)):  # the drift asset writes a float; anything else is a bug to report
+        raise TypeError(f"feature_drift metadata max_psi must be a number, got {psi!r}")
+    max_psi = float(psi)
     records = context.instance.get_run_records(
         RunsFilter(job_name=retrain_job.name, statuses=[DagsterRunStatus.SUCCESS, *IN_FLIGHT]), limit=1)
     last_ts = None

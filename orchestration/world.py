@@ -28,7 +28,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -163,7 +163,7 @@ def derive_split(impression_ts: np.ndarray) -> dict[str, float]:
     return {"validation_days": valid_days, "test_days": test_days, "gap_hours": 0.0}
 
 
-def _window_counts(impression_ts: np.ndarray, split: dict[str, float]) -> tuple[int, int, int]:
+def _window_counts(impression_ts: np.ndarray, split: Mapping[str, Any]) -> tuple[int, int, int]:
     """(train, validation, test) labeled rows under the training_set asset's own split rule."""
     from training.dataset import SplitConfig, split_boundaries
 
