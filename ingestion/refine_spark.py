@@ -177,7 +177,9 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
 
     from lake.spark import spark_read, spark_write
 
-    raw = spark_read(spark, store, bronze, bronze_version).where(F.col("ingest_date").isin(days))
+    # (the parquet reader infers a `ingest_date=YYYY-MM-DD` folder as a date: the lake's type is a string)
+    raw = (spark_read(spark, store, bronze, bronze_version).withColumn("ingest_date", F.col("ingest_date").cast("string"))
+           .where(F.col("ingest_date").isin(days)))
     stats = {r["ingest_date"]: r for r in raw.groupBy("ingest_date").agg(
         F.count(F.lit(1)).alias("n"),
         F.min(F.when(F.col("timestamp") > 0, F.col("timestamp"))).alias("lo"),
@@ -206,6 +208,7 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
     if store.exists(silver) and lows:
         hi_all = max(hi for _, hi in info.values() if hi is not None)
         prior = (spark_read(spark, store, silver, store.version(silver))
+                 .withColumn("ingest_date", F.col("ingest_date").cast("string"))
                  .where((F.col("ingest_date") < days[0]) & (F.col("event_date") >= min(lows))
                         & (F.col("event_date") <= hi_all)))
     if prior is not None:

@@ -16,7 +16,7 @@ from assets.resources import ArtifactsResource, LakeResource
 from lake.delta import DeltaLake
 
 # bots on (300 users x 6 days: a few scripted sessions), retries, duplicates, malformed rows, late arrivals
-SOURCE = {"n_users": 300, "n_items": 120, "n_categories": 4, "days": 6, "seed": 5}
+SOURCE = {"n_users": 300, "n_items": 120, "n_categories": 4, "days": 6, "seed": 6}
 RESOURCES = {"lake": LakeResource(), "artifacts": ArtifactsResource()}
 
 
