@@ -8,7 +8,7 @@ the very same functions on Spark executors:
 2. repeated event ids over the whole range: a window (row_number over event_id by arrival), the rule the
    pandas contract applies with `duplicated(keep="first")` on rows sorted by arrival.
 3. event ids already in silver (earlier ingest days, within the lookback): a join, per batch's event-day range.
-4. bots, and repeats within the dedup window: grouped by user (`applyInPandas`), each user's batches in
+4. bots, and repeats within the dedup window: grouped by buckets of whole users (`applyInPandas`), each user's batches in
    order, calling `judge_valid` (bots, bots.py; window, dedup.py) against the user's prior silver rows and
    what the user's earlier batches of this run accepted, exactly what `_prior_silver` hands the pandas engine.
 5. silver and quarantine are written by the executors (`lake.spark.spark_write`, replacing the run's days);
@@ -34,6 +34,7 @@ from ingestion.refine import (REJECT_SCHEMA, SEEN_BEFORE_REASON, SILVER_SCHEMA, 
                               event_dates, judge_valid, window_reason)
 
 CONTRACT_CHUNK_ROWS = 200_000  # rows GX judges at once in a worker: bounds a task's memory
+USERS_BUCKET_ROWS = 250_000    # about this many events per bucket of users judged in one pandas call
 _INT = {f.name for f in EVENT_SCHEMA if str(f.type) == "int64"}
 _EVENT_DDL = ", ".join(f"{c} {'long' if c in _INT else 'string'}" for c in EVENT_COLUMNS)
 STAGE_DDL = (f"{_EVENT_DDL}, received_at long, ingest_date string, role string, reasons string, "
@@ -228,7 +229,11 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
                                              F.col("ingest_date"), F.lit("prior").alias("role"),
                                              F.lit(-1).alias("batch"), F.lit(False).alias("seen"),
                                              F.col("event_date")))
-    judged = rows.groupBy("user_id").applyInPandas(_user_bucket(info, config, run_id, now_ms), OUT_DDL)
+    # buckets of whole users (every rule in judge_valid groups by user): a pandas call per bucket, not per user
+    n_buckets = max(2 * spark.sparkContext.defaultParallelism,
+                    sum(int(r["n"]) for r in stats.values()) // USERS_BUCKET_ROWS)
+    rows = rows.withColumn("bucket", F.pmod(F.xxhash64("user_id"), F.lit(n_buckets)))
+    judged = rows.groupBy("bucket").applyInPandas(_user_bucket(info, config, run_id, now_ms), OUT_DDL)
     contract_rows = staged.where(F.col("role") == "contract").select(
         *event_cols, "reasons", "raw_payload", F.lit(run_id).alias("run_id"), "quarantined_at",
         F.lit("contract").alias("disposition"), "ingest_date", F.lit(None).cast("string").alias("event_date"),
