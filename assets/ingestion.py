@@ -36,7 +36,7 @@ EVENT_ASSETS = (BRONZE, SILVER, QUARANTINE)
 SOURCE_CODE = source_version(__file__, "ingestion/simulator.py", "ingestion/movielens.py", "ingestion/generic.py",
                              "ingestion/catalog.py", "ingestion/sources.py", "data_contracts/schema.py",
                              "compliance/exclusion.py")
-REFINE_CODE = source_version(__file__, "ingestion/refine.py", "ingestion/bots.py", "ingestion/dedup.py",
+REFINE_CODE = source_version(__file__, "ingestion/refine.py", "ingestion/refine_spark.py", "ingestion/bots.py", "ingestion/dedup.py",
                              "data_contracts/events.py")
 LABELS_CODE = source_version(__file__, "ingestion/labels.py", "compliance/exclusion.py")
 
@@ -208,6 +208,10 @@ class RefineSettings(Config):
     bot_max_median_dwell_ms: int = 1_000
     max_future_skew_seconds: int = 300
     max_quarantine_rate: float = 0.05
+    # pandas: one process judges the run; spark: executors do (ingestion/refine_spark.py, same rules, memory bounded
+    # per partition); auto: spark when the run's bronze rows reach spark_min_events
+    engine: str = "pandas"  # auto is opt-in until the Spark engine is measured faster (README "Measured")
+    spark_min_events: int = 1_000_000
 
     def refine_config(self):
         from ingestion.bots import BotConfig
@@ -266,6 +270,13 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
     pin = store.pin(BRONZE)
     days = _partition_days(context)
     rc = config.refine_config()
+    if config.engine not in ("pandas", "spark", "auto"):
+        raise Failure(description=f"silver_events engine must be pandas, spark or auto, got {config.engine!r}")
+    n_bronze = store.count_rows(BRONZE, "ingest_date", days)
+    engine = config.engine if config.engine != "auto" else ("spark" if n_bronze >= config.spark_min_events else "pandas")
+    if engine == "spark":
+        yield from _silver_on_spark(context, config, store, pin, days, artifacts)
+        return
     totals = {"in": 0, "accepted": 0, "quarantined": 0, "duplicates": 0, "bot_filtered": 0, "bot_sessions": 0}
     dup_reasons: dict[str, int] = {}
     per_day, bots = [], []
@@ -342,6 +353,61 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
         description="At most max_quarantine_rate of events may fail the contract; per-expectation failure counts attached.",
     )
     yield _reconcile_check(store, days, totals, per_day)
+
+
+def _silver_on_spark(context: AssetExecutionContext, config: RefineSettings, store, pin, days: list[str],
+                     artifacts: ArtifactsResource):
+    """The spark engine of silver_events (ingestion/refine_spark.py): same rules, same outputs and checks."""
+    from assets.resources import SparkResource
+    from data_contracts.events import build_data_docs, event_rules, validate_events
+    from ingestion.refine_spark import CONTRACT_CHUNK_ROWS, refine_on_spark
+    from ingestion.refine import bot_report
+
+    rc = config.refine_config()
+    end_of_range = int(pd.Timestamp(days[-1], tz="UTC").value // 1_000_000) + DAY_MS
+    now_ms = min(int(time.time() * 1000), end_of_range)
+    spark = SparkResource().session()
+    day_counts = {d: store.count_rows(BRONZE, "ingest_date", [d]) for d in days}
+    batches = backfill_batches(days, np.repeat(np.array(days, dtype=object), [day_counts[d] for d in days]))
+    out = refine_on_spark(spark, store, BRONZE, SILVER, QUARANTINE, pin.version, days, batches, context.run_id, now_ms,
+                          rc, config.dedup_lookback_days)
+    totals = out.totals
+    rules = event_rules(now_ms, rc.max_future_skew_ms)
+    failures = {r.name: int(out.expectation_failures.get(r.name, 0)) for r in rules}
+    context.log.info(f"silver (spark): {totals}")
+    docs = None
+    if totals["in"]:  # GX data docs of a sample (one worker chunk); the counts above cover every row
+        sample = store.read(BRONZE, version=pin.version, filters=[("ingest_date", "in", days[:1])])
+        sample = sample.head(CONTRACT_CHUNK_ROWS).drop(columns=["ingest_date"])
+        if len(sample):
+            docs = build_data_docs(validate_events(sample, run_id=context.run_id, now_ms=now_ms,
+                                                   max_future_skew_ms=rc.max_future_skew_ms),
+                                   artifacts.path("data_docs", context.run_id))
+    quarantine_rate = totals["quarantined"] / max(totals["in"], 1)
+    day_table = pd.DataFrame(out.per_batch)
+    meta = {**{("n_in" if k == "in" else k): v for k, v in totals.items()}, "days": len(days), "engine": "spark",
+            "bronze_version": pin.version, "delta_version": out.silver_version,
+            "quarantine_rate": round(quarantine_rate, 5),
+            "expectation_failures": MetadataValue.json(failures),
+            "duplicate_reasons": MetadataValue.json(out.duplicate_reasons),
+            "bot_sessions_filtered": MetadataValue.json(json.loads(bot_report(out.bots))),
+            "per_day": MetadataValue.md(day_table.to_markdown(index=False) if len(day_table) else "no days")}
+    if docs is not None:
+        meta["data_docs"] = MetadataValue.path(str(docs))
+        meta["data_docs_url"] = artifacts.publish_report(Path(docs).parent, context.run_id, "data_docs")
+    yield MaterializeResult(asset_key=SILVER, metadata=meta, data_version=delta_data_version(SILVER, out.silver_version))
+    yield MaterializeResult(asset_key=QUARANTINE, metadata={
+        "rows": totals["quarantined"] + totals["duplicates"] + totals["bot_filtered"],
+        "delta_version": out.quarantine_version, "contract": totals["quarantined"], "duplicate": totals["duplicates"],
+        "bot": totals["bot_filtered"]}, data_version=delta_data_version(QUARANTINE, out.quarantine_version))
+    yield AssetCheckResult(
+        check_name="events_contract", passed=quarantine_rate <= config.max_quarantine_rate, severity=AssetCheckSeverity.WARN,
+        metadata={"quarantined": totals["quarantined"], "quarantine_rate": round(quarantine_rate, 5),
+                  "max_quarantine_rate": config.max_quarantine_rate,
+                  "failures_by_expectation": MetadataValue.json(failures)},
+        description="At most max_quarantine_rate of events may fail the contract; per-expectation failure counts attached.",
+    )
+    yield _reconcile_check(store, days, totals, out.per_batch)
 
 
 def _reconcile_check(store, days: list[str], totals: dict[str, int], per_day: list[dict]) -> AssetCheckResult:

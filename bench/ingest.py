@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ingest.py                      # 1M and 5M simulated events
     .venv/bin/python bench/ingest.py --events 1000000     # one size
+    .venv/bin/python bench/ingest.py --events 1000000 --engine pandas spark   # both silver engines, same run
 
 Each size runs in its own process (so its peak RSS is its own) against a fresh lake:
 simulate (reported, not counted), then one range-backfill run of the daily
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EVENTS_PER_USER = 82_828 / 300  # the default world: 300 users, 14 days -> ~83k events
 
 
-def _one(target: int) -> dict:
+def _one(target: int, engine: str = "pandas") -> dict:
     from dagster import DagsterInstance, materialize
 
     from assets.ingestion import (LABELS, SILVER, SourceConfig, bronze_events, labels, load_source, silver_events,
@@ -44,7 +45,8 @@ def _one(target: int) -> dict:
     with DagsterInstance.ephemeral() as instance:
         t1 = time.perf_counter()
         ingest = materialize([bronze_events, silver_events], instance=instance, resources=resources,
-                             run_config={"ops": {"bronze_events": {"config": source}}},
+                             run_config={"ops": {"bronze_events": {"config": source},
+                                                 "silver_events": {"config": {"engine": engine}}}},
                              tags={"dagster/asset_partition_range_start": days[0],
                                    "dagster/asset_partition_range_end": days[-1]})
         t_ingest = time.perf_counter() - t1
@@ -57,32 +59,41 @@ def _one(target: int) -> dict:
         meta = instance.get_latest_materialization_event(
             __import__("dagster").AssetKey(SILVER)).asset_materialization.metadata
     lake = DeltaLake(Settings.from_env().lake_uri)
+    from lake.spark import stop_session
+
+    stop_session()  # the JVM and its Python workers exit: their peak RSS lands in RUSAGE_CHILDREN
     step_s = {k: round(v.event_specific_data.duration_ms / 1000, 2) for k, v in steps.items()}
     return {
-        "events": n, "days": len(days), "simulate_s": round(t_sim, 1), "ingest_run_s": round(t_ingest, 1),
+        "engine": engine, "events": n, "days": len(days), "simulate_s": round(t_sim, 1), "ingest_run_s": round(t_ingest, 1),
         "bronze_s": step_s.get("bronze_events"), "silver_s": step_s.get("silver_events"), "labels_s": round(t_labels, 1),
         "accepted": meta["accepted"].value, "quarantined": meta["quarantined"].value,
         "duplicates": meta["duplicates"].value, "bot_filtered": meta["bot_filtered"].value,
         "label_rows": lake.pin(LABELS).rows, "checks": checks,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
+        "child_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 0),
+        "cpu_s": round(sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                           for f in ("ru_utime", "ru_stime")), 1),
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, nargs="+", default=[1_000_000, 5_000_000])
+    parser.add_argument("--engine", nargs="+", default=["pandas"], choices=["pandas", "spark"],
+                        help="silver_events engine(s); each size runs once per engine, side by side")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--one-engine", default="pandas", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(_one(args.one)))
+        print(json.dumps(_one(args.one, args.one_engine)))
         return 0
     rows = []
-    for target in args.events:
+    for target, engine in [(t, e) for t in args.events for e in args.engine]:
         with tempfile.TemporaryDirectory() as home:
             env = {**os.environ, "KAIROS_HOME": home, "DAGSTER_HOME": home}
             env.pop("KAIROS_LAKE_URI", None)
-            print(f"[bench] {target:,} events: simulating and ingesting (fresh lake in {home}) ...", flush=True)
-            out = subprocess.run([sys.executable, __file__, "--one", str(target)], env=env, cwd=ROOT,
+            print(f"[bench] {target:,} events, {engine} engine: simulating and ingesting (fresh lake in {home}) ...", flush=True)
+            out = subprocess.run([sys.executable, __file__, "--one", str(target), "--one-engine", engine], env=env, cwd=ROOT,
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)
@@ -91,13 +102,14 @@ def main() -> int:
             r = rows[-1]
             print(f"[bench] done: {r['events']:,} events in {r['ingest_run_s'] + r['labels_s']:.1f}s", flush=True)
     print("\nIngest + validate + dedup + bots + label (Dagster runs, Delta on local disk, 2 cores)")
-    print(f"{'events':>10} {'days':>4} {'bronze s/M':>10} {'silver s/M':>10} {'labels s/M':>10} {'total s/M':>9} "
-          f"{'peak RSS MB':>11}  accepted / quarantined / duplicates / bots, label rows, checks")
+    print(f"{'engine':>6} {'events':>10} {'days':>4} {'bronze s/M':>10} {'silver s/M':>10} {'labels s/M':>10} {'total s/M':>9} "
+          f"{'peak RSS MB':>11} {'JVM+workers MB':>14} {'CPU s/M':>7}  accepted / quarantined / duplicates / bots, label rows, checks")
     for r in rows:
         m = r["events"] / 1e6
         total = r["ingest_run_s"] + r["labels_s"]
-        print(f"{r['events']:>10,} {r['days']:>4} {r['bronze_s'] / m:>10.1f} {r['silver_s'] / m:>10.1f} "
-              f"{r['labels_s'] / m:>10.1f} {total / m:>9.1f} {r['peak_rss_mb']:>11.0f}  "
+        print(f"{r['engine']:>6} {r['events']:>10,} {r['days']:>4} {r['bronze_s'] / m:>10.1f} {r['silver_s'] / m:>10.1f} "
+              f"{r['labels_s'] / m:>10.1f} {total / m:>9.1f} {r['peak_rss_mb']:>11.0f} {r['child_peak_rss_mb']:>14.0f} "
+              f"{r['cpu_s'] / m:>7.1f}  "
               f"{r['accepted']:,} / {r['quarantined']:,} / {r['duplicates']:,} / {r['bot_filtered']:,}, "
               f"{r['label_rows']:,}, {r['checks']}")
     print("(simulation time, not counted: " + ", ".join(f"{r['events']:,}: {r['simulate_s']}s" for r in rows) + ")")

@@ -585,13 +585,15 @@ def _accepted_frame(typed: pd.DataFrame, keep: np.ndarray) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- entry point
 def validate_events(events: pd.DataFrame, run_id: str, now_ms: int | None = None,
-                    max_future_skew_ms: int = DEFAULT_MAX_FUTURE_SKEW_MS) -> ContractResult:
+                    max_future_skew_ms: int = DEFAULT_MAX_FUTURE_SKEW_MS, dedup: bool = True) -> ContractResult:
     """Split raw events into accepted (valid, deduplicated), quarantined (with reasons) and duplicates.
 
     GX decides validity; this function only coerces types beforehand and maps GX's
     unexpected row indices back to rows afterwards. Raises ValueError only when a
     required column is absent (nothing can be judged then); bad values never raise.
     `now_ms` (default: wall clock) bounds future timestamps; set it when backfilling.
+    `dedup=False` keeps repeated event ids among the accepted rows: for a caller that judges one slice of
+    a larger input and drops repeats across all of it (the Spark engine, ingestion/refine_spark.py).
     """
     if not isinstance(events, pd.DataFrame):
         raise TypeError(f"validate_events expects a pandas DataFrame, got {type(events).__name__}")
@@ -609,7 +611,8 @@ def validate_events(events: pd.DataFrame, run_id: str, now_ms: int | None = None
     valid = ~bad
     # "already seen" counts valid rows only: a quarantined twin must not shadow a good event
     dup = np.zeros(n, dtype=bool)
-    dup[valid] = typed.loc[valid, "event_id"].duplicated(keep="first").to_numpy()
+    if dedup:
+        dup[valid] = typed.loc[valid, "event_id"].duplicated(keep="first").to_numpy()
     keep = valid & ~dup
     quarantined = _quarantine_frame(events, typed, masks, bad, run_id, wall_ms) if bad.any() else empty_quarantine()
     result = ContractResult(

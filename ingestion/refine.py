@@ -97,6 +97,43 @@ def _typed(frame: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
     return pd.DataFrame(cols, index=frame.index).reset_index(drop=True)
 
 
+SEEN_BEFORE_REASON = "duplicate_event_id: seen in an earlier batch"
+
+
+def window_reason(config: RefineConfig) -> str:
+    return (f"duplicate_within_window: same user, item, event type and session within "
+            f"{config.dedup_window_ms // 1000}s")
+
+
+@dataclass
+class Judgement:
+    """What happened to each contract-valid row of a batch: bot, duplicate of an earlier batch, window duplicate."""
+
+    bots: pd.DataFrame          # the bot sessions (BOT_SESSION_COLUMNS)
+    is_bot: np.ndarray          # over the valid rows
+    bot_reasons: np.ndarray     # over the valid rows ("" for humans)
+    seen_before: np.ndarray     # over the humans (valid[~is_bot]): event_id already in an earlier batch
+    in_window: np.ndarray       # over the rest (humans[~seen_before]): a repeat within the dedup window
+
+
+def judge_valid(valid: pd.DataFrame, prior: pd.DataFrame | None, config: RefineConfig,
+                seen_before: np.ndarray | None = None) -> Judgement:
+    """The post-contract rules of one batch over its contract-valid rows, in their order: bots first (a script's
+    retries and repeats are part of its velocity), then event ids seen in an earlier batch (`prior`), then
+    repeats within the window. Every rule groups by user (bots by user and session, the window by user, item,
+    type and session), so any set of whole users can be judged apart (the Spark engine judges user buckets);
+    only the event-id lookup is global, which is why a caller may pass it in (`seen_before`, over `valid`)."""
+    bots = bot_sessions(valid, config.bots)
+    is_bot, bot_reasons = bot_mask(valid, bots)
+    humans = valid[~is_bot]
+    if seen_before is None:
+        seen = exact_duplicates(humans, prior) & ~humans["event_id"].duplicated(keep="first").to_numpy()
+    else:
+        seen = np.asarray(seen_before, dtype=bool)[~is_bot]
+    in_window = window_duplicates(humans[~seen], prior, config.dedup_window_ms)
+    return Judgement(bots=bots, is_bot=is_bot, bot_reasons=bot_reasons, seen_before=seen, in_window=in_window)
+
+
 def refine_batch(raw: pd.DataFrame, ingest_date: str, run_id: str, prior: pd.DataFrame | None = None,
                  now_ms: int | None = None, config: RefineConfig = RefineConfig(),
                  contract: ContractResult | None = None, ingest_dates: np.ndarray | None = None) -> RefineResult:
@@ -133,22 +170,17 @@ def refine_batch(raw: pd.DataFrame, ingest_date: str, run_id: str, prior: pd.Dat
     if contract.duplicate_rows is not None and len(contract.duplicate_rows):
         parts.append(_rejects(contract.duplicate_rows, ["duplicate_event_id"] * len(contract.duplicate_rows),
                               "duplicate", run_id, day_of("duplicates"), now_ms))
-    # bots first: a script's retries and repeats are part of its velocity
-    bots = bot_sessions(valid, config.bots)
-    is_bot, bot_reasons = bot_mask(valid, bots)
+    j = judge_valid(valid, prior, config)
+    is_bot, seen_before, in_window = j.is_bot, j.seen_before, j.in_window
+    bots, humans, rest = j.bots, valid[~is_bot], valid[~is_bot][~seen_before]
     if is_bot.any():
-        parts.append(_rejects(valid[is_bot], bot_reasons[is_bot], "bot", run_id, valid_days(valid[is_bot]), now_ms))
-    humans = valid[~is_bot]
-    seen_before = exact_duplicates(humans, prior) & ~humans["event_id"].duplicated(keep="first").to_numpy()
-    rest = humans[~seen_before]
+        parts.append(_rejects(valid[is_bot], j.bot_reasons[is_bot], "bot", run_id, valid_days(valid[is_bot]), now_ms))
     if seen_before.any():
-        parts.append(_rejects(humans[seen_before], ["duplicate_event_id: seen in an earlier batch"] * int(seen_before.sum()),
+        parts.append(_rejects(humans[seen_before], [SEEN_BEFORE_REASON] * int(seen_before.sum()),
                               "duplicate", run_id, valid_days(humans[seen_before]), now_ms))
     dup_reasons["duplicate_event_id"] += int(seen_before.sum())
-    in_window = window_duplicates(rest, prior, config.dedup_window_ms)
     if in_window.any():
-        reason = f"duplicate_within_window: same user, item, event type and session within {config.dedup_window_ms // 1000}s"
-        parts.append(_rejects(rest[in_window], [reason] * int(in_window.sum()), "duplicate", run_id,
+        parts.append(_rejects(rest[in_window], [window_reason(config)] * int(in_window.sum()), "duplicate", run_id,
                               valid_days(rest[in_window]), now_ms))
     dup_reasons["duplicate_within_window"] = int(in_window.sum())
     accepted = rest[~in_window].copy()
@@ -168,5 +200,5 @@ def bot_report(bots: pd.DataFrame, limit: int = 20) -> str:
     return json.dumps(bots.head(limit).to_dict("records"), default=str)
 
 
-__all__ = ["DISPOSITIONS", "REJECT_SCHEMA", "SILVER_SCHEMA", "RefineConfig", "RefineResult", "bot_report", "event_dates",
+__all__ = ["DISPOSITIONS", "SEEN_BEFORE_REASON", "Judgement", "judge_valid", "window_reason", "REJECT_SCHEMA", "SILVER_SCHEMA", "RefineConfig", "RefineResult", "bot_report", "event_dates",
            "refine_batch"]

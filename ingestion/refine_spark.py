@@ -1,0 +1,288 @@
+"""Bronze → silver on Spark: the same rules as `refine_batch`, run on executors, memory bounded per partition.
+
+One rule set, two engines. The pandas engine (`refine_batch`) judges a batch in one process; this one runs
+the very same functions on Spark executors:
+
+1. contract: bronze partitions stream through `validate_events` (Great Expectations, pandas execution engine,
+   inside the Python worker) in chunks of `CONTRACT_CHUNK_ROWS`; the driver sees no row.
+2. repeated event ids over the whole range: a window (row_number over event_id by arrival), the rule the
+   pandas contract applies with `duplicated(keep="first")` on rows sorted by arrival.
+3. event ids already in silver (earlier ingest days, within the lookback): a join, per batch's event-day range.
+4. bots, and repeats within the dedup window: grouped by buckets of whole users (`applyInPandas`), each user's batches in
+   order, calling `judge_valid` (bots, bots.py; window, dedup.py) against the user's prior silver rows and
+   what the user's earlier batches of this run accepted, exactly what `_prior_silver` hands the pandas engine.
+5. silver and quarantine are written by the executors (`lake.spark.spark_write`, replacing the run's days);
+   only file lists and counts reach the driver.
+
+Why GX runs on its pandas engine inside the workers rather than on its Spark execution engine: the row-level
+verdict (which row failed which rule) is GX's `unexpected_index_list`, which its Spark engine can only give by
+collecting every failing row's key on the driver; per chunk in the worker the same suite is evaluated by the
+same code as the pandas engine, so both engines quarantine the same rows with the same reasons. The data docs
+are rendered from one chunk-sized sample run on the driver; per-rule failure counts cover the whole range.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from data_contracts.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA
+from ingestion.refine import (REJECT_SCHEMA, SEEN_BEFORE_REASON, SILVER_SCHEMA, RefineConfig, _rejects, _typed,
+                              event_dates, judge_valid, window_reason)
+
+CONTRACT_CHUNK_ROWS = 200_000  # rows GX judges at once in a worker: bounds a task's memory
+USERS_BUCKET_ROWS = 250_000    # about this many events per bucket of users judged in one pandas call
+_INT = {f.name for f in EVENT_SCHEMA if str(f.type) == "int64"}
+_EVENT_DDL = ", ".join(f"{c} {'long' if c in _INT else 'string'}" for c in EVENT_COLUMNS)
+STAGE_DDL = (f"{_EVENT_DDL}, received_at long, ingest_date string, role string, reasons string, "
+             f"raw_payload string, quarantined_at long")
+OUT_DDL = (f"{_EVENT_DDL}, reasons string, raw_payload string, run_id string, quarantined_at long, "
+           f"disposition string, ingest_date string, event_date string, outcome string, batch int")
+OUT_COLUMNS = [c.strip().split(" ")[0] for c in OUT_DDL.split(",")]
+
+
+@dataclass
+class SparkRefineResult:
+    totals: dict[str, int]
+    per_batch: list[dict[str, Any]]
+    duplicate_reasons: dict[str, int]
+    expectation_failures: dict[str, int]
+    bots: pd.DataFrame
+    silver_version: int
+    quarantine_version: int
+    sample: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)  # bronze rows for the data docs
+
+
+def _contract_chunks(run_id: str, now_ms: int, skew_ms: int, chunk_rows: int):
+    def judge(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from data_contracts.events import validate_events
+
+        def run(chunk: pd.DataFrame) -> pd.DataFrame:
+            chunk = chunk.reset_index(drop=True)
+            day, received = chunk["ingest_date"].to_numpy(dtype=object), chunk["received_at"]
+            c = validate_events(chunk.drop(columns=["ingest_date"]), run_id=run_id, now_ms=now_ms,
+                                max_future_skew_ms=skew_ms, dedup=False)
+            acc, bad = c.positions["accepted"], c.positions["quarantined"]
+            a = c.accepted.assign(received_at=received.to_numpy()[acc], ingest_date=day[acc], role="valid",
+                                  reasons=None, raw_payload=None, quarantined_at=None)
+            q = c.quarantined.drop(columns=["run_id"]).assign(received_at=received.to_numpy()[bad],
+                                                              ingest_date=day[bad], role="contract")
+            out = pd.concat([a, q], ignore_index=True)
+            return _typed_stage(out)
+
+        buffer: list[pd.DataFrame] = []
+        n = 0
+        for frame in frames:
+            buffer.append(frame)
+            n += len(frame)
+            if n >= chunk_rows:
+                yield run(pd.concat(buffer, ignore_index=True))
+                buffer, n = [], 0
+        if buffer:
+            yield run(pd.concat(buffer, ignore_index=True))
+    return judge
+
+
+def _typed_stage(frame: pd.DataFrame) -> pd.DataFrame:
+    cols = [c.strip().split(" ")[0] for c in STAGE_DDL.split(",")]
+    out = {}
+    for c in cols:
+        s = frame[c]
+        if c in _INT or c in ("received_at", "quarantined_at"):
+            out[c] = pd.to_numeric(s, errors="coerce").astype("Int64")
+        else:
+            out[c] = s.astype(object).where(s.notna(), None)
+    return pd.DataFrame(out)
+
+
+def _user_bucket(info: dict[int, tuple[str | None, str | None]], config: RefineConfig, run_id: str, now_ms: int):
+    """The per-user judge: every batch of one user in order, against the user's prior silver and what the user's
+    earlier batches accepted (what `_prior_silver` gives the pandas engine, restricted to this user)."""
+    def judge(rows: pd.DataFrame) -> pd.DataFrame:
+        rows = rows.sort_values(["batch", "ingest_date", "received_at", "event_id"], kind="mergesort")
+        prior_rows = rows[rows["role"] == "prior"]
+        prior_rows = _typed(prior_rows, SILVER_SCHEMA)
+        parts: list[pd.DataFrame] = []
+        accepted_before: list[pd.DataFrame] = []
+        for b in sorted(int(x) for x in rows.loc[rows["role"] != "prior", "batch"].unique()):
+            mine = rows[(rows["batch"] == b) & (rows["role"] != "prior")]
+            dup = mine[mine["role"] == "dup_id"]
+            if len(dup):
+                parts.append(_rejects(_typed(dup, EVENT_SCHEMA), ["duplicate_event_id"] * len(dup), "duplicate",
+                                      run_id, dup["ingest_date"].to_numpy(dtype=object), now_ms).assign(batch=b))
+            valid_rows = mine[mine["role"] == "valid"]
+            if valid_rows.empty:
+                continue
+            valid = _typed(valid_rows, EVENT_SCHEMA)
+            for col in ("timestamp", "schema_version"):
+                valid[col] = valid[col].astype("int64")
+            days = valid_rows["ingest_date"].to_numpy(dtype=object)
+            lo, hi = info[b]
+            prior = None
+            if lo is not None and hi is not None:
+                pool = pd.concat([prior_rows, *accepted_before], ignore_index=True)
+                pool = pool[(pool["event_date"] >= lo) & (pool["event_date"] <= hi)]
+                prior = pool if len(pool) else None
+            j = judge_valid(valid, prior, config, seen_before=valid_rows["seen"].fillna(False).to_numpy(dtype=bool))
+            humans, hdays = valid[~j.is_bot], days[~j.is_bot]
+            rest, rdays = humans[~j.seen_before], hdays[~j.seen_before]
+            if j.is_bot.any():
+                parts.append(_rejects(valid[j.is_bot], j.bot_reasons[j.is_bot], "bot", run_id, days[j.is_bot],
+                                      now_ms).assign(batch=b))
+            if j.seen_before.any():
+                k = int(j.seen_before.sum())
+                parts.append(_rejects(humans[j.seen_before], [SEEN_BEFORE_REASON] * k, "duplicate", run_id,
+                                      hdays[j.seen_before], now_ms).assign(batch=b))
+            if j.in_window.any():
+                k = int(j.in_window.sum())
+                parts.append(_rejects(rest[j.in_window], [window_reason(config)] * k, "duplicate", run_id,
+                                      rdays[j.in_window], now_ms).assign(batch=b))
+            acc = rest[~j.in_window].copy()
+            acc["event_date"] = event_dates(acc["timestamp"]) if len(acc) else []
+            acc["ingest_date"] = rdays[~j.in_window]
+            accepted_before.append(_typed(acc, SILVER_SCHEMA))
+            parts.append(acc.assign(outcome="accepted", batch=b))
+            if len(j.bots):
+                parts.append(pd.DataFrame({"raw_payload": [json.dumps(r, default=str) for r in
+                                                           j.bots.to_dict("records")],
+                                           "outcome": "bot_session", "batch": b}))
+        if not parts:
+            return pd.DataFrame({c: pd.Series([], dtype=object) for c in OUT_COLUMNS})
+        out = pd.concat(parts, ignore_index=True)
+        if "disposition" in out:
+            out["outcome"] = out["outcome"].where(out["outcome"].notna(), out["disposition"])
+        for c in OUT_COLUMNS:
+            if c not in out:
+                out[c] = None
+        typed = {}
+        for c in OUT_COLUMNS:
+            s = out[c]
+            if c in _INT or c in ("quarantined_at", "batch"):
+                typed[c] = pd.to_numeric(s, errors="coerce").astype("Int64")
+            else:
+                typed[c] = s.astype(object).where(s.notna(), None)
+        return pd.DataFrame(typed)
+    return judge
+
+
+def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine: str, bronze_version: int,
+                    days: list[str], batches: list[list[str]], run_id: str, now_ms: int, config: RefineConfig,
+                    lookback_days: int, chunk_rows: int = CONTRACT_CHUNK_ROWS) -> SparkRefineResult:
+    """Judge the run's bronze days on Spark and write silver + quarantine (module docstring)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from lake.spark import spark_read, spark_write
+
+    # (the parquet reader infers a `ingest_date=YYYY-MM-DD` folder as a date: the lake's type is a string)
+    raw = (spark_read(spark, store, bronze, bronze_version).withColumn("ingest_date", F.col("ingest_date").cast("string"))
+           .where(F.col("ingest_date").isin(days)))
+    stats = {r["ingest_date"]: r for r in raw.groupBy("ingest_date").agg(
+        F.count(F.lit(1)).alias("n"),
+        F.min(F.when(F.col("timestamp") > 0, F.col("timestamp"))).alias("lo"),
+        F.max(F.when(F.col("timestamp") > 0, F.col("timestamp"))).alias("hi")).collect()}
+    batch_of = {d: i for i, bd in enumerate(batches) for d in bd}
+    info: dict[int, tuple[str | None, str | None]] = {}
+    for i, bd in enumerate(batches):
+        los = [int(stats[d]["lo"]) for d in bd if d in stats and stats[d]["lo"] is not None]
+        his = [int(stats[d]["hi"]) for d in bd if d in stats and stats[d]["hi"] is not None]
+        info[i] = (None, None) if not los else (
+            str(event_dates(np.array([min(los) - lookback_days * DAY_MS]))[0]),
+            str(event_dates(np.array([max(his) + DAY_MS]))[0]))
+    batch_map = F.create_map(*[x for d, i in batch_of.items() for x in (F.lit(d), F.lit(i))])
+    lo_map = F.create_map(*[x for i, (lo, _) in info.items() for x in (F.lit(i), F.lit(lo))])
+    hi_map = F.create_map(*[x for i, (_, hi) in info.items() for x in (F.lit(i), F.lit(hi))])
+
+    staged = (raw.mapInPandas(_contract_chunks(run_id, now_ms, config.max_future_skew_ms, chunk_rows), STAGE_DDL)
+              .withColumn("batch", batch_map[F.col("ingest_date")].cast("int"))
+              .persist(StorageLevel.MEMORY_AND_DISK))
+    arrival = Window.partitionBy("event_id").orderBy("ingest_date", "received_at")
+    valid = (staged.where(F.col("role") == "valid")
+             .withColumn("role", F.when(F.row_number().over(arrival) > 1, F.lit("dup_id")).otherwise(F.lit("valid"))))
+    event_cols = [F.col(c) for c in EVENT_COLUMNS]
+    lows = [lo for lo, _ in info.values() if lo is not None]
+    prior = None
+    if store.exists(silver) and lows:
+        hi_all = max(hi for _, hi in info.values() if hi is not None)
+        prior = (spark_read(spark, store, silver, store.version(silver))
+                 .withColumn("ingest_date", F.col("ingest_date").cast("string"))
+                 .where((F.col("ingest_date") < days[0]) & (F.col("event_date") >= min(lows))
+                        & (F.col("event_date") <= hi_all)))
+    if prior is not None:
+        ids = prior.select(F.col("event_id").alias("pid"), F.col("event_date").alias("pdate"))
+        v = valid.where(F.col("role") == "valid").select("event_id", "batch")
+        seen = (v.join(ids, (v["event_id"] == ids["pid"]) & (ids["pdate"] >= lo_map[v["batch"]])
+                       & (ids["pdate"] <= hi_map[v["batch"]]))
+                .select("event_id").distinct().withColumn("seen", F.lit(True)))
+        valid = valid.join(seen, "event_id", "left")
+    else:
+        valid = valid.withColumn("seen", F.lit(False))
+    bucket_cols = [*event_cols, F.col("received_at"), F.col("ingest_date"), F.col("role"), F.col("batch"),
+                   F.coalesce(F.col("seen"), F.lit(False)).alias("seen"), F.lit(None).cast("string").alias("event_date")]
+    rows = valid.select(*bucket_cols)
+    if prior is not None:
+        rows = rows.unionByName(prior.select(*event_cols, F.lit(None).cast("long").alias("received_at"),
+                                             F.col("ingest_date"), F.lit("prior").alias("role"),
+                                             F.lit(-1).alias("batch"), F.lit(False).alias("seen"),
+                                             F.col("event_date")))
+    # buckets of whole users (every rule in judge_valid groups by user): a pandas call per bucket, not per user
+    n_buckets = max(2 * spark.sparkContext.defaultParallelism,
+                    sum(int(r["n"]) for r in stats.values()) // USERS_BUCKET_ROWS)
+    rows = rows.withColumn("bucket", F.pmod(F.xxhash64("user_id"), F.lit(n_buckets)))
+    judged = rows.groupBy("bucket").applyInPandas(_user_bucket(info, config, run_id, now_ms), OUT_DDL)
+    contract_rows = staged.where(F.col("role") == "contract").select(
+        *event_cols, "reasons", "raw_payload", F.lit(run_id).alias("run_id"), "quarantined_at",
+        F.lit("contract").alias("disposition"), "ingest_date", F.lit(None).cast("string").alias("event_date"),
+        F.lit("contract").alias("outcome"), "batch")
+    final = judged.unionByName(contract_rows).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        counts = final.groupBy("batch", "outcome").agg(
+            F.count(F.lit(1)).alias("n"),
+            F.sum(F.when(F.col("reasons").startswith("duplicate_within_window"), 1).otherwise(0)).alias("window"),
+        ).collect()
+        fails = {r["rule"]: int(r["n"]) for r in final.where(F.col("outcome") == "contract")
+                 .select(F.explode(F.split("reasons", "; ")).alias("rule")).groupBy("rule").count()
+                 .withColumnRenamed("count", "n").collect()}
+        bot_rows = final.where(F.col("outcome") == "bot_session").select("raw_payload", "batch").collect()
+        s = spark_write(spark, store, silver, final.where(F.col("outcome") == "accepted").select(*SILVER_SCHEMA.names),
+                        commit_properties={"run_id": run_id, "bronze_version": bronze_version, "engine": "spark"},
+                        partition_by=["ingest_date"], replace_partitions=days)
+        q = spark_write(spark, store, quarantine,
+                        final.where(F.col("outcome").isin("contract", "duplicate", "bot")).select(*REJECT_SCHEMA.names),
+                        commit_properties={"run_id": run_id, "engine": "spark"},
+                        partition_by=["ingest_date"], replace_partitions=days)
+    finally:
+        final.unpersist()
+        staged.unpersist()
+    per: dict[int, dict[str, int]] = {i: {"accepted": 0, "contract": 0, "duplicate": 0, "bot": 0, "bot_session": 0,
+                                          "window": 0} for i in range(len(batches))}
+    for r in counts:
+        per[int(r["batch"])][r["outcome"]] += int(r["n"])
+        per[int(r["batch"])]["window"] += int(r["window"]) if r["outcome"] == "duplicate" else 0
+    totals = {"in": 0, "accepted": 0, "quarantined": 0, "duplicates": 0, "bot_filtered": 0, "bot_sessions": 0}
+    per_batch = []
+    for i, bd in enumerate(batches):
+        p = per[i]
+        n_in = sum(int(stats[d]["n"]) for d in bd if d in stats)
+        c = {"in": n_in, "accepted": p["accepted"], "quarantined": p["contract"], "duplicates": p["duplicate"],
+             "bot_filtered": p["bot"], "bot_sessions": p["bot_session"]}
+        for k, val in c.items():
+            totals[k] += val
+        per_batch.append({"ingest_dates": f"{bd[0]}..{bd[-1]}", "days": len(bd), **c,
+                          "reconciles": n_in == p["accepted"] + p["contract"] + p["duplicate"] + p["bot"],
+                          "silver_unchanged": False})
+    window = sum(p["window"] for p in per.values())
+    bots = pd.DataFrame([{**json.loads(r["raw_payload"]), "ingest_date": f"{batches[r['batch']][0]}..{batches[r['batch']][-1]}"}
+                         for r in bot_rows])
+    return SparkRefineResult(totals=totals, per_batch=per_batch,
+                             duplicate_reasons={"duplicate_event_id": totals["duplicates"] - window,
+                                                "duplicate_within_window": window},
+                             expectation_failures=fails, bots=bots, silver_version=s.version,
+                             quarantine_version=q.version)
+
+
+__all__ = ["CONTRACT_CHUNK_ROWS", "SparkRefineResult", "refine_on_spark"]
