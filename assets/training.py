@@ -47,6 +47,11 @@ class TwoTowerTrainConfig(Config):
     epochs: int = 8
     temperature: float = 0.05
     seed: int = 7
+    # training budget (training/two_tower.py TwoTowerConfig; 0 = no cap): a seeded sample of at most this many
+    # positives per epoch, and of validation positives for early stopping; recorded in the asset metadata and
+    # in the registered version's params (two_tower.max_examples_per_epoch, ...)
+    max_examples_per_epoch: int = 100_000
+    max_validation_examples: int = 20_000
 
 
 @asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP,
@@ -56,7 +61,9 @@ def two_tower_model(context: AssetExecutionContext, config: TwoTowerTrainConfig,
     from training.two_tower import TwoTowerConfig, train_two_tower
 
     frame, items, users, pins = _load_training_inputs(lake)
-    tt_config = TwoTowerConfig(dim=config.dim, epochs=config.epochs, temperature=config.temperature, seed=config.seed)
+    tt_config = TwoTowerConfig(dim=config.dim, epochs=config.epochs, temperature=config.temperature, seed=config.seed,
+                               max_examples_per_epoch=config.max_examples_per_epoch,
+                               max_validation_examples=config.max_validation_examples)
     result = train_two_tower(frame[frame["split"] == "train"], items, users, tt_config,
                              valid_rows=frame[frame["split"] == "validation"])
     metrics = {k: v for k, v in getattr(result, "metrics", {}).items() if isinstance(v, (int, float))}
@@ -148,6 +155,9 @@ class CatalogEvalConfig(Config):
     ablations: bool = False  # also score the served pipeline without exploration / MMR (their cost on the metric)
     sessions: bool = True  # the next-item session protocol beside session-kNN
     max_session_cases: int = 300  # seeded sample of held-out session prefixes (bench/quality.py asks for 2000)
+    # seeded sample of the test window's users the served pipeline is replayed for (0: all of them); every system
+    # and baseline is scored on the same users; keep it >= the gate's min_test_users
+    max_eval_users: int = 1000
 
 
 def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfig, lake: LakeResource, frame: pd.DataFrame,
@@ -183,10 +193,12 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
     t = time.perf_counter()
     result = evaluate_catalog({"served": candidate, "champion": champion}, *lake_frames, split_ms,
                               k=config.k, ablations=config.ablations, sessions=config.sessions,
-                              max_session_cases=config.max_session_cases, rerank=rerank)
+                              max_session_cases=config.max_session_cases, rerank=rerank,
+                              max_users=config.max_eval_users or None)
     result[POPULARITY_PRIOR] = prior
     context.log.info(f"catalog evaluation at {split_ms} over {result['split']['users']} test users "
-                     f"({result['split']['warm_users']} warm) in {time.perf_counter() - t:.1f}s: "
+                     f"(seeded sample of {result['split']['users_in_window']}; "
+                     f"{result['split']['warm_users']} warm) in {time.perf_counter() - t:.1f}s: "
                      + ", ".join(f"{name} {m[f'ndcg_at_{config.k}']:.4f}" for name, m in result["systems"].items()))
     return result
 

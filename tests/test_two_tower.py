@@ -153,3 +153,19 @@ def test_bundles_saved_before_content_features_still_load() -> None:
     vec = encode_users(again.eval(), [0, -1], [[1, 2], []])
     assert vec.shape == (2, 8) and np.allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
     assert again.all_item_embeddings().shape == (7, 8)
+
+
+def test_training_budget_caps_examples_per_epoch_and_validation_seeded(splits, small_world) -> None:
+    train, valid = splits
+    cfg = TwoTowerConfig(epochs=2, seed=9, patience=5, max_examples_per_epoch=300, max_validation_examples=50)
+    a = train_two_tower(train, small_world.items, small_world.users, cfg, valid_rows=valid)
+    b = train_two_tower(train, small_world.items, small_world.users, cfg, valid_rows=valid)
+    assert np.array_equal(a.item_embeddings, b.item_embeddings)  # the sample is seeded
+    m = a.metrics
+    assert m["train_positives"] > 300 and m["examples_per_epoch"] == 300 and m["budget_capped"] == 1.0
+    assert m["examples_seen"] == 300 * m["epochs_run"]
+    assert m["validation_positives"] == 50
+    assert a.config["max_examples_per_epoch"] == 300  # the budget lands in the registered params (two_tower.*)
+    whole = train_two_tower(train, small_world.items, small_world.users,
+                            TwoTowerConfig(epochs=2, seed=9, patience=5, max_examples_per_epoch=0), valid_rows=valid)
+    assert whole.metrics["budget_capped"] == 0.0 and whole.metrics["examples_per_epoch"] == whole.metrics["train_positives"]

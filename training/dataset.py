@@ -96,8 +96,13 @@ def as_of_join(spark: Any, labels: Any, snapshots: Any, key: str, max_age_days: 
     return joined.withColumn("_rn", F.row_number().over(w)).where("_rn = 1").drop("_rn")
 
 
-def session_features_spark(spark: Any, events: Any, item_category: dict[str, str]) -> Any:
-    """Session features per impression, replayed per session in Spark with the shared fold."""
+def session_features_spark(spark: Any, events: Any, item_category: dict[str, str], buckets: int | None = None) -> Any:
+    """Session features per impression, replayed per session in Spark with the shared fold.
+
+    Sessions are hashed into `buckets` groups (default: two per core) and one pandas call replays a whole
+    bucket (replay_session_features folds each session of its frame separately): a group per session cost one
+    Arrow batch and one Python call per session, ~1 ms each, 350 s on a 1M-click log of short sessions."""
+    from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
     schema = T.StructType(
@@ -110,10 +115,12 @@ def session_features_spark(spark: Any, events: Any, item_category: dict[str, str
     def replay(pdf: pd.DataFrame) -> pd.DataFrame:
         return replay_session_features(pdf, cats.value)
 
+    n_buckets = max(int(buckets or 0), 2 * spark.sparkContext.defaultParallelism)
     return (
         events.select("event_id", "session_id", "event_type", "item_id", "timestamp")
-        .groupBy("session_id")
-        .applyInPandas(replay, schema=schema)
+        .withColumn("_session_bucket", F.abs(F.hash("session_id")) % F.lit(n_buckets))
+        .groupBy("_session_bucket")
+        .applyInPandas(lambda pdf: replay(pdf.drop(columns="_session_bucket")), schema=schema)
     )
 
 
@@ -162,7 +169,7 @@ def build_training_set(spark: Any, labels: Any, events: Any, user_snaps: Any, it
     if "negative_kind" in labels.columns:  # catalog negatives get the session state of their moment, like impressions
         replay = replay.unionByName(labels.where(F.col("negative_kind") == "easy").select(
             "event_id", "session_id", F.lit(CANDIDATE_EVENT).alias("event_type"), "item_id", "timestamp"))
-    sess = session_features_spark(spark, replay, item_category)
+    sess = session_features_spark(spark, replay, item_category, buckets=-(-int(stats["n"]) // ROWS_PER_TASK))
     catalog = spark.createDataFrame(items[["item_id", "category", "publish_ts"]])
     full = (
         with_item.join(sess, "event_id", "left")

@@ -132,15 +132,22 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
 def evaluate_catalog(bundles: Mapping[str, Any], labels: pd.DataFrame, engagements: pd.DataFrame,
                      user_snaps: pd.DataFrame, item_snaps: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame,
                      split_ms: int, k: int = 10, ablations: bool = True, sessions: bool = True,
-                     max_session_cases: int = 2000, seed: int = 7, rerank: RerankConfig | None = None) -> dict[str, Any]:
+                     max_session_cases: int = 2000, seed: int = 7, rerank: RerankConfig | None = None,
+                     max_users: int | None = None) -> dict[str, Any]:
     """Catalog metrics at `split_ms` of each served bundle (e.g. {"served": candidate, "champion": ...}) beside
     every baseline, on one split; plus the session protocol and, for "served", the cost of MMR and exploration.
+
+    `max_users`: every system is scored on the same seeded sample of at most that many test users (each replays
+    the served pipeline per user, ~5 ms a user and system): a long log's test window (tens of thousands of users)
+    is bounded like the prior fit's. "split" reports the users evaluated (`users`, what the gate's minimum-users
+    rule reads) and the window's (`users_in_window`); the bootstrap CIs are over the evaluated users.
 
     Returns {"split": {...}, "systems": {name: summary}, "per_user": {name: ndcg list}, "sessions": {...}}.
     """
 
     item_ids = catalog["item_id"].astype(str).tolist()
-    split = catalog_split(labels, engagements, item_ids, split_ms)
+    whole = catalog_split(labels, engagements, item_ids, split_ms)
+    split = whole.sample_users(max_users, seed=seed) if max_users else whole
     store, snap_ts = _store_at(user_snaps, item_snaps, catalog, engagements, split_ms, "eval")
     systems: dict[str, Any] = {}
     per_user: dict[str, list[float]] = {}
@@ -164,6 +171,7 @@ def evaluate_catalog(bundles: Mapping[str, Any], labels: pd.DataFrame, engagemen
     for name, recommend in baseline_recommenders(split, seed=seed).items():
         run(name, recommend)
     out: dict[str, Any] = {"split": {"split_ms": int(split_ms), "snapshot_ts": int(snap_ts), "users": len(split.test_users),
+                                     "users_in_window": len(whole.test_users), "max_users": int(max_users or 0),
                                      "warm_users": len(split.warm_users), "catalog_items": len(item_ids)},
                            "systems": systems, "per_user": per_user}
     if sessions and bundles.get("served") is not None:

@@ -70,6 +70,12 @@ class TwoTowerConfig:
     patience: int = 2
     text_buckets: int = TEXT_BUCKETS
     text_len: int = TEXT_LEN
+    # training budget, so a large log trains in bounded time (0 = no cap): every epoch draws a seeded sample of
+    # at most `max_examples_per_epoch` positives (an epoch over fewer positives is the plain permutation, so small
+    # logs train exactly as without the cap), and early stopping scores a fixed seeded sample of at most
+    # `max_validation_examples` validation positives (each scoring pass is over the whole catalog)
+    max_examples_per_epoch: int = 100_000
+    max_validation_examples: int = 20_000
     # 1 thread: on 2 shared cores, 2 intra-op threads measured up to 30x slower under contention
     num_threads: int = 1
 
@@ -349,21 +355,28 @@ def _train(train_rows: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, c
     valid = None
     if valid_rows is not None and len(valid_rows):
         valid = _examples(valid_rows, user_row, item_row, n_users, n_items, config.history_len)
+        valid_cap = int(config.max_validation_examples)
+        if valid_cap > 0 and len(valid[2]) > valid_cap:  # own stream: the training draws stay those of an uncapped run
+            keep = np.sort(np.random.default_rng(config.seed + 1).choice(len(valid[2]), size=valid_cap, replace=False))
+            valid = (valid[0][keep], valid[1][keep], valid[2][keep])
         if not len(valid[2]):
             valid = None
     ks = sorted({*REPORTED_RECALL_KS, int(config.recall_k)})
 
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel over every parameter instead of a Python loop of tensor ops; the same Adam update. The
+    # id tables are dense (users x dim): on a 132k-user log the unfused step took 170 ms of a 215 ms batch, fused 26 ms
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     bs = max(2, int(config.batch_size))
     losses: list[float] = []
     best_recall, best_epoch, best_state, stale = -1.0, 0, None, 0
     history: list[float] = []
     epochs_run = 0
+    per_epoch = n if int(config.max_examples_per_epoch) <= 0 else min(n, int(config.max_examples_per_epoch))
     for epoch in range(config.epochs):
         model.train()
-        perm = rng.permutation(n)
+        perm = rng.permutation(n)[:per_epoch]
         epoch_loss, batches = 0.0, 0
-        for s in range(0, n, bs):
+        for s in range(0, per_epoch, bs):
             idx = perm[s: s + bs]
             if len(idx) < 2:
                 continue
@@ -418,14 +431,17 @@ def _train(train_rows: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, c
     metrics: dict[str, float] = {"train_positives": float(n),
                                  "final_train_loss": float(losses[best_epoch - 1]) if losses else float("nan"),
                                  "train_seconds": 0.0, "best_epoch": float(best_epoch),
-                                 "epochs_run": float(epochs_run)}
+                                 "epochs_run": float(epochs_run), "examples_per_epoch": float(per_epoch),
+                                 "examples_seen": float(per_epoch * epochs_run),
+                                 "steps": float(epochs_run * sum(1 for s in range(0, per_epoch, bs) if per_epoch - s >= 2)),
+                                 "budget_capped": float(per_epoch < n)}
     for k in ks:
         metrics[f"random_recall_at_{k}"] = float(min(k, n_items) / n_items)
     if valid is not None:
         for k, r in recall_at_ks(model, emb, *valid, ks).items():
             metrics[f"validation_recall_at_{k}"] = float(r)
         metrics[f"validation_recall_at_{config.recall_k}"] = float(best_recall)
-        metrics["validation_positives"] = float(len(valid[2]))
+        metrics["validation_positives"] = float(len(valid[2]))  # the (sampled) positives scored
     metrics["train_seconds"] = round(time.perf_counter() - t0, 3)
     log.info("two-tower trained: %s (validation recall@%d by epoch: %s)", metrics, config.recall_k,
              [round(r, 4) for r in history])
