@@ -605,6 +605,7 @@ class KairosRanker:
         self.challenger: Bundle | None = None
         self._previous: Bundle | None = None  # the last champion, kept in memory: a rollback to it is one reference swap
         self._shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kairos-shadow")
+        self._limiter: Any = None  # anyio.CapacityLimiter(1) for /v1/personalize, made on the event loop
         self._load_champion()
         self._apply_rollout()
         self._load_challenger()
@@ -653,13 +654,15 @@ class KairosRanker:
         except Exception as exc:  # noqa: BLE001 - LightGBM serves
             log.warning("ranker compilation not started: %s", exc)
 
-    def _apply_rollout(self) -> None:
-        """Env experiment/shadow settings win; else the registry's rollout stage (shadow, canary share)."""
+    def _apply_rollout(self, state: Any = None) -> None:
+        """Env experiment/shadow settings win; else the registry's rollout stage (shadow, canary share); `state`:
+        a RolloutState the caller has just read."""
         from models.rollout import rollout_state
         from serving.experiments import serving_plan
 
-        state = None
-        if self._env_experiment is None:
+        if self._env_experiment is not None:
+            state = None
+        elif state is None:
             try:
                 state = rollout_state(self.settings)
             except Exception as exc:  # noqa: BLE001 - registry unreachable: keep the current plan
@@ -709,15 +712,34 @@ class KairosRanker:
         except Exception as exc:  # noqa: BLE001
             log.warning("could not warm the online store: %s", exc)
 
+    def _refresh_once(self) -> None:
+        """One registry read (the registered model: its aliases and rollout tags) per poll; the champion or the
+        challenger is loaded only when its alias points at another version than the one served."""
+        from models.rollout import rollout_state
+
+        state = rollout_state(self.settings)
+        current = getattr(self.bundle, "model_version", None)
+        latest = state.champion
+        if latest is not None and latest != (None if current is None else str(current)):
+            self._load_champion(latest)
+        self._apply_rollout(state)
+        plan = self.plan
+        if plan is None or not plan.needs_candidate:
+            self.challenger = None
+            return
+        wanted = state.aliases.get(plan.candidate_alias)
+        champion = str(getattr(self.bundle, "model_version", None))
+        served = None if self.challenger is None else str(self.challenger.model_version)
+        if (wanted is None or wanted == champion) and served is None:
+            return  # no challenger to serve, none served
+        if wanted is not None and wanted == served and wanted != champion:
+            return  # the challenger served is the one the alias points at
+        self._load_challenger()
+
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.serve.model_poll_s):
             try:
-                current = getattr(self.bundle, "model_version", None)
-                latest = self._champion_version()
-                if latest is not None and latest != (None if current is None else str(current)):
-                    self._load_champion(latest)
-                self._apply_rollout()
-                self._load_challenger()
+                self._refresh_once()
             except Exception as exc:  # noqa: BLE001
                 log.warning("champion check failed: %s", exc)
             self._warm_store()
@@ -734,7 +756,18 @@ class KairosRanker:
     # ------------------------------------------------------------------ routes
     # each route answers with a serialized Response (no pydantic pass over the output); output_spec publishes its schema
     @bentoml.api(route="/v1/personalize", output_spec=PersonalizeResponse)
-    def personalize(self, body: PersonalizeRequest, /) -> Response:
+    async def personalize(self, body: PersonalizeRequest, /) -> Response:
+        """Async on the event loop; the synchronous pipeline runs in a thread under a one-slot CapacityLimiter
+        per worker process: the pipeline is CPU-bound Python, so several request threads of one worker only
+        contend for its GIL (tail latency); concurrency comes from the workers (one per core)."""
+        import anyio
+
+        limiter = self._limiter
+        if limiter is None:  # created on the worker's event loop, on first use
+            limiter = self._limiter = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(self._personalize_sync, body, limiter=limiter)
+
+    def _personalize_sync(self, body: PersonalizeRequest) -> Response:
         from starlette.responses import JSONResponse, Response
 
         from serving.pipeline import personalize
