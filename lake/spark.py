@@ -488,7 +488,7 @@ def _write_partition_files(root: str, storage_options: dict[str, str], token: st
                 f = {"writer": pq.ParquetWriter(stream, piece.schema, compression="snappy"), "stream": stream,
                      "name": name, "rows": 0, "part": part}
                 open_files[key] = f
-            f["writer"].write_table(piece)
+            f["writer"].write(piece)  # a RecordBatch (no partitions) or a Table (a partition's rows)
             f["rows"] += piece.num_rows
     for key in list(open_files):
         if "writer" in open_files[key]:
