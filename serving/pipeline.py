@@ -32,14 +32,11 @@ from features.functions import SESSION_HISTORY_FOR_TOWER, assemble_features, ses
 from features.history import USER_RECENT_ITEMS
 from features.registry import ITEM_STORE_COLUMNS, USER_JSON_COLUMNS, USER_STORE_COLUMNS
 from serving.candidates import DEFAULT_CHANNELS, Channel, channels_for_budget, co_visitation, fresh_items, run_channels
+from serving.request import validate_request
 from serving.rerank import RerankConfig, explore, limit_category_runs, mmr, request_rng, thompson
 
 log = logging.getLogger("kairos.serving")
 
-DEFAULT_NUM_RESULTS = 10
-MAX_NUM_RESULTS = 100
-DEFAULT_POOL = 200
-MAX_POOL = 1000
 POPULAR_CHANNEL_SHARE = 0.25  # share of the pool offered to the popularity channel
 # Re-rank business rule "session intent": when the session shows a clear category intent
 # (>= INTENT_MIN_ENGAGEMENTS engaged items, dominant category >= INTENT_MIN_SHARE of the decayed
@@ -50,9 +47,6 @@ INTENT_SLOT_SHARE = RerankConfig.intent_slot_share
 INTENT_MIN_SHARE = 0.5
 INTENT_MIN_ENGAGEMENTS = 2
 
-TOP_LEVEL = {"user_id", "surface", "context", "request_config"}
-CONTEXT_FIELDS = {"session_id", "device_type", "timestamp_ms", "geo_region"}
-CONFIG_FIELDS = {"num_results", "candidate_pool_size", "max_latency_ms"}
 
 SERVED_TWO_STAGE = "two_stage"
 SERVED_STALE = "two_stage:stale_features"
@@ -101,64 +95,6 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
 
 
 REDIS_ERRORS = _redis_errors()
-
-
-def _int_field(value: Any, name: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise ValueError(f"{name} must be an integer between {lo} and {hi}, got {value!r}")
-    value = int(value)
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def validate_request(request: Any) -> dict[str, Any]:
-    """The request with defaults filled in; ValueError with a clear message if it is malformed."""
-    if not isinstance(request, Mapping):
-        raise ValueError("request body must be a JSON object")
-    unknown = set(request) - TOP_LEVEL
-    if unknown:
-        raise ValueError(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(TOP_LEVEL)}")
-    user_id = request.get("user_id")
-    if not isinstance(user_id, str) or not user_id.strip():
-        raise ValueError("user_id is required (a non-empty string)")
-    surface = request.get("surface", "home_feed")
-    if surface is not None and not isinstance(surface, str):
-        raise ValueError("surface must be a string")
-    context = request.get("context") or {}
-    if not isinstance(context, Mapping):
-        raise ValueError("context must be an object")
-    unknown = set(context) - CONTEXT_FIELDS
-    if unknown:
-        raise ValueError(f"unknown context field(s) {sorted(unknown)}; allowed: {sorted(CONTEXT_FIELDS)}")
-    session_id = context.get("session_id")
-    if session_id is not None and not isinstance(session_id, str):
-        raise ValueError("context.session_id must be a string")
-    device_type = context.get("device_type") or "mobile"
-    if not isinstance(device_type, str):
-        raise ValueError("context.device_type must be a string")
-    ts = context.get("timestamp_ms")
-    if ts is not None:
-        ts = _int_field(ts, "context.timestamp_ms", 0, 2**62)
-    geo = context.get("geo_region")
-    if geo is not None and not isinstance(geo, str):
-        raise ValueError("context.geo_region must be a string")
-    config = request.get("request_config") or {}
-    if not isinstance(config, Mapping):
-        raise ValueError("request_config must be an object")
-    unknown = set(config) - CONFIG_FIELDS
-    if unknown:
-        raise ValueError(f"unknown request_config field(s) {sorted(unknown)}; allowed: {sorted(CONFIG_FIELDS)}")
-    num = config.get("num_results", DEFAULT_NUM_RESULTS)
-    num = _int_field(num, "request_config.num_results", 1, MAX_NUM_RESULTS)
-    pool = config.get("candidate_pool_size", DEFAULT_POOL)
-    pool = _int_field(pool, "request_config.candidate_pool_size", 1, MAX_POOL)
-    max_latency = config.get("max_latency_ms")
-    if max_latency is not None and (isinstance(max_latency, bool) or not isinstance(max_latency, (int, float)) or max_latency <= 0):
-        raise ValueError(f"request_config.max_latency_ms must be a positive number, got {max_latency!r}")
-    return {"user_id": user_id, "surface": surface or "home_feed", "session_id": session_id or None,
-            "device_type": device_type, "timestamp_ms": ts, "geo_region": geo,
-            "num_results": num, "candidate_pool_size": max(pool, num), "max_latency_ms": max_latency}
 
 
 def _ms(seconds: float) -> float:

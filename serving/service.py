@@ -33,6 +33,7 @@ import bentoml
 from pydantic import BaseModel, ConfigDict, Field
 
 from ground.settings import Settings, redis_client, redis_url_from_env
+from serving.request import DEFAULT_NUM_RESULTS, DEFAULT_POOL, ID_MAX, LABEL_MAX, MAX_NUM_RESULTS, MAX_POOL
 from serving.settings import ServeSettings
 
 if TYPE_CHECKING:
@@ -341,10 +342,9 @@ class StreamMetrics:
 # ---------------------------------------------------------------------------- the HTTP contract
 # The request body, exactly (DESIGN "The ranking request"); unknown fields are refused. BentoML
 # validates the body against these models before the handler runs and answers 400 with the
-# failing field's location (e.g. ["request_config", "num_results"]) on any violation; the same
-# rules are re-checked by serving.pipeline.validate_request for in-process callers.
-ID_MAX = 256  # = data_contracts.events.MAX_ID_LENGTH: ids are Redis keys; a megabyte id is refused with a 400
-LABEL_MAX = 64
+# failing field's location (e.g. ["request_config", "num_results"]) on any violation. The limits are
+# serving.request's (ID_MAX, LABEL_MAX, MAX_NUM_RESULTS, ...), and its validate_request, which every request
+# also passes (in serving.pipeline.personalize), enforces the same ones for in-process callers (and refuses a blank user_id).
 
 
 def openapi30(schema: dict) -> None:
@@ -381,8 +381,8 @@ class RequestContext(BaseModel):
 class RequestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=openapi30)
 
-    num_results: Annotated[int, Field(strict=True, ge=1, le=100)] = 10
-    candidate_pool_size: Annotated[int, Field(strict=True, ge=1, le=1000)] = 200
+    num_results: Annotated[int, Field(strict=True, ge=1, le=MAX_NUM_RESULTS)] = DEFAULT_NUM_RESULTS
+    candidate_pool_size: Annotated[int, Field(strict=True, ge=1, le=MAX_POOL)] = DEFAULT_POOL
     max_latency_ms: Optional[Annotated[float, Field(gt=0)]] = None
 
 

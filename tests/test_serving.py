@@ -85,6 +85,11 @@ def _pct(values, qs=(50, 99)) -> str:
     ({"user_id": "u1", "request_config": {"num_results": "ten"}}, "num_results"),
     ({"user_id": "u1", "debug": True}, "unknown field"),
     ({"user_id": "u1", "context": {"sessionid": "x"}}, "unknown context field"),
+    ({"user_id": "   "}, "user_id is required"),
+    ({"user_id": "u" * 257}, "user_id must be at most 256"),
+    ({"user_id": "u1", "surface": "s" * 65}, "surface must be at most 64"),
+    ({"user_id": "u1", "context": {"session_id": "s" * 257}}, "session_id must be at most 256"),
+    ({"user_id": "u1", "context": {"geo_region": 7}}, "geo_region must be a string"),
 ])
 def test_bad_requests_raise_a_clear_value_error(body: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -396,3 +401,32 @@ def test_empty_online_store_says_which_features_are_missing(trained, redis_clien
     answer = personalize(_request("u00001"), outcome.bundle, OnlineStore(redis_client), rerank=GREEDY)
     assert answer["served_by"] == SERVED_NO_FEATURES and answer["feature_version"] is None
     assert answer["missing_features"] == ["user", "item"] and len(answer["ranked_items"]) == 10
+
+
+def test_the_http_schema_and_the_pipeline_share_one_request_rule() -> None:
+    """The pydantic models (what BentoML checks and OpenAPI publishes) take their limits from serving.request, and
+    every body the schema accepts at a limit passes validate_request, every body one past it fails both."""
+    from pydantic import ValidationError
+
+    from serving.request import ID_MAX, LABEL_MAX, MAX_NUM_RESULTS, MAX_POOL
+    from serving.service import PersonalizeRequest
+
+    at_limit = {"user_id": "u" * ID_MAX, "surface": "s" * LABEL_MAX,
+                "context": {"session_id": "x" * ID_MAX, "device_type": "d" * LABEL_MAX, "geo_region": "g" * LABEL_MAX},
+                "request_config": {"num_results": MAX_NUM_RESULTS, "candidate_pool_size": MAX_POOL}}
+    PersonalizeRequest.model_validate(at_limit)
+    validate_request(at_limit)
+    for path, value in [(("user_id",), "u" * (ID_MAX + 1)), (("surface",), "s" * (LABEL_MAX + 1)),
+                        (("context", "session_id"), "x" * (ID_MAX + 1)),
+                        (("context", "device_type"), "d" * (LABEL_MAX + 1)),
+                        (("request_config", "num_results"), MAX_NUM_RESULTS + 1),
+                        (("request_config", "candidate_pool_size"), MAX_POOL + 1)]:
+        body = {**at_limit, "context": dict(at_limit["context"]), "request_config": dict(at_limit["request_config"])}
+        target = body
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        with pytest.raises(ValidationError):
+            PersonalizeRequest.model_validate(body)
+        with pytest.raises(ValueError, match=path[-1]):
+            validate_request(body)
