@@ -23,6 +23,7 @@ import logging
 import math
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -152,22 +153,44 @@ def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | 
     return pd.DataFrame(data)
 
 
-def personalize(request: dict, bundle: Any | None, store: FeatureReader | None, now_ms: int | None = None,
-                log_impression: Callable[[dict], None] | None = None, rerank: RerankConfig | None = None,
-                request_id: str | None = None, channels: tuple[Channel, ...] | None = None,
-                stale_max_age_s: float = STALE_MAX_AGE_S) -> dict:
-    """Answer one ranking request (see the module docstring). Raises ValueError only on bad input.
+@dataclass
+class Trace:
+    """One request's state as it moves through the stages: what each stage read, decided and how long it took.
+    The answer (`response`) and the stage latencies (`lat`) are filled in place; `finish` closes it."""
 
-    `log_impression` receives serving.impressions.impression_record(...) for every answer, with the
-    ranker's feature values for each shown item (DESIGN invariant 6); it must not block. `channels`
-    replaces the candidate channels (the offline replay keeps their shares and lifts their time budgets).
-    Settings come in as arguments (`rerank`, `stale_max_age_s`), never from the environment: the entry point
-    (serving/service.py) builds them once from it.
-    """
+    req: dict[str, Any]
+    now_ms: int
+    t_start: float
+    response: dict[str, Any]
+    cfg: RerankConfig
+    lat: dict[str, float] = field(default_factory=lambda: {"feature_fetch": 0.0, "candidate_retrieval": 0.0,
+                                                             "ranking_inference": 0.0, "post_processing": 0.0})
+    shown_features: dict[str, dict[str, float]] = field(default_factory=dict)
+    served_path: str = SERVED_TWO_STAGE
+    user_row: dict | None = None
+    session: dict | None = None
+    version: str | None = None
+    table: ItemRows | None = None  # the item rows of `version` (set by stage 1)
+    seen: list[str] = field(default_factory=list)
+    consumed: list[str] = field(default_factory=list)
+    seen_set: set[str] = field(default_factory=set)
+    repeats: bool = False
+    query: Any = None  # the session-aware user vector
+    candidates: list[str] = field(default_factory=list)
+    vectors: Any = None
+    feats: Any = None
+    scores: Any = None
+
+
+Early = tuple[str, list[dict]]  # a stage that answers on its own: (served_by, ranked items)
+
+
+def _begin(request: Any, bundle: Any | None, now_ms: int | None, rerank: RerankConfig | None,
+           request_id: str | None) -> Trace:
+    """Validate the request, fix its clock and open the answer."""
     t_start = time.perf_counter()
     req = validate_request(request)
-    now_ms = int(req["timestamp_ms"] if req["timestamp_ms"] is not None else (now_ms if now_ms is not None else time.time() * 1000))
-    n = req["num_results"]
+    clock = int(req["timestamp_ms"] if req["timestamp_ms"] is not None else (now_ms if now_ms is not None else time.time() * 1000))
     response: dict[str, Any] = {
         "request_id": request_id or uuid.uuid4().hex,
         "user_id": req["user_id"],
@@ -178,43 +201,44 @@ def personalize(request: dict, bundle: Any | None, store: FeatureReader | None, 
         "served_by": SERVED_TWO_STAGE,
         "latency_breakdown_ms": {},
     }
-    lat = {"feature_fetch": 0.0, "candidate_retrieval": 0.0, "ranking_inference": 0.0, "post_processing": 0.0}
-    shown_features: dict[str, dict[str, float]] = {}
+    return Trace(req=req, now_ms=clock, t_start=t_start, response=response, cfg=rerank or RerankConfig())
 
-    def finish(served_by: str, items: list[dict]) -> dict:
-        t = time.perf_counter()
-        response["served_by"] = served_by
-        response["ranked_items"] = items
-        lat["post_processing"] += _ms(time.perf_counter() - t)
-        lat["total"] = _ms(time.perf_counter() - t_start)
-        response["latency_breakdown_ms"] = lat
-        if req["max_latency_ms"] is not None and lat["total"] > req["max_latency_ms"]:
-            response["over_budget"] = True  # answered anyway (never a 5xx), but the caller should know
-        if served_by not in (SERVED_TWO_STAGE, SERVED_STALE, SERVED_NO_FEATURES):
-            log.info("request %s for %s served by %s", response["request_id"], req["user_id"], served_by)
-        if log_impression is not None:
-            try:
-                from serving.impressions import impression_record
 
-                log_impression(impression_record(response, req, now_ms, shown_features))
-            except Exception as exc:  # noqa: BLE001 - logging must never fail a request
-                log.warning("impression not logged: %s", exc)
-        return response
-
-    # ---- 1. features + session state: one round trip
+def _finish(tr: Trace, served_by: str, items: list[dict], log_impression: Callable[[dict], None] | None) -> dict:
+    """Close the answer: latencies, the over-budget flag, and the impression record (never failing the request)."""
     t = time.perf_counter()
-    user_row: dict | None = None
-    session: dict | None = None
-    version: str | None = None
-    table: ItemRows
-    served_path = SERVED_TWO_STAGE
+    req, response, lat = tr.req, tr.response, tr.lat
+    response["served_by"] = served_by
+    response["ranked_items"] = items
+    lat["post_processing"] += _ms(time.perf_counter() - t)
+    lat["total"] = _ms(time.perf_counter() - tr.t_start)
+    response["latency_breakdown_ms"] = lat
+    if req["max_latency_ms"] is not None and lat["total"] > req["max_latency_ms"]:
+        response["over_budget"] = True  # answered anyway (never a 5xx), but the caller should know
+    if served_by not in (SERVED_TWO_STAGE, SERVED_STALE, SERVED_NO_FEATURES):
+        log.info("request %s for %s served by %s", response["request_id"], req["user_id"], served_by)
+    if log_impression is not None:
+        try:
+            from serving.impressions import impression_record
+
+            log_impression(impression_record(response, req, tr.now_ms, tr.shown_features))
+        except Exception as exc:  # noqa: BLE001 - logging must never fail a request
+            log.warning("impression not logged: %s", exc)
+    return response
+
+
+def _fetch_features(tr: Trace, bundle: Any | None, store: FeatureReader | None, stale_max_age_s: float) -> Early | None:
+    """Stage 1: user features + session state in one round trip; the in-process stale copy or popularity when
+    the store is down. Also settles what the user already consumed (excluded unless the surface allows repeats)."""
+    req, response, n = tr.req, tr.response, tr.req["num_results"]
+    t = time.perf_counter()
     try:
         if store is None:
             raise ConnectionError("no online store configured")
-        user_row, session, version = store.fetch(req["user_id"], req["session_id"])
-        table = store.item_table(version)
+        tr.user_row, tr.session, tr.version = store.fetch(req["user_id"], req["session_id"])
+        tr.table = store.item_table(tr.version)
     except REDIS_ERRORS as exc:
-        lat["feature_fetch"] = _ms(time.perf_counter() - t)
+        tr.lat["feature_fetch"] = _ms(time.perf_counter() - t)
         stale = store.stale(req["user_id"], stale_max_age_s) if store is not None and bundle is not None else None
         if store is None or stale is None:
             log.warning("online store unavailable (%s: %s); serving popularity", type(exc).__name__, exc)
@@ -222,115 +246,163 @@ def personalize(request: dict, bundle: Any | None, store: FeatureReader | None, 
                 ranked = bundle.popular(n, segment=req["device_type"], region=req["geo_region"])
             else:
                 ranked = store.last_popular() if store is not None else []
-            return finish(FALLBACK_REDIS, _popularity_items(ranked, n))
+            return FALLBACK_REDIS, _popularity_items(ranked, n)
         # the in-process copy of this user's features (no session state: that lives only in Redis)
-        user_row, version, age = stale
-        session = None
-        table = store.item_table(version)
-        served_path = SERVED_STALE
+        tr.user_row, tr.version, age = stale
+        tr.session = None
+        tr.table = store.item_table(tr.version)
+        tr.served_path = SERVED_STALE
         response["stale_feature_age_s"] = round(age, 1)
         log.info("online store unavailable (%s); serving %s from features %.0fs old", type(exc).__name__,
                  req["user_id"], age)
-    lat["feature_fetch"] = _ms(time.perf_counter() - t)
-    response["feature_version"] = version
-    if version is None and served_path == SERVED_TWO_STAGE:
+    tr.lat["feature_fetch"] = _ms(time.perf_counter() - t)
+    response["feature_version"] = tr.version
+    if tr.version is None and tr.served_path == SERVED_TWO_STAGE:
         # the store answered but holds no snapshot (e.g. Redis restarted empty; orchestration's
         # online_store_empty_sensor rebuilds it): every user and item feature is its registry default
-        served_path = SERVED_NO_FEATURES
+        tr.served_path = SERVED_NO_FEATURES
         response["missing_features"] = ["user", "item"]
-    seen = list((session or {}).get("last_items", []))
-    cfg = rerank or RerankConfig()
-    consumed = consumed_history(user_row)
-    repeats = req["surface"] in cfg.repeat_surfaces
+    tr.seen = list((tr.session or {}).get("last_items", []))
+    tr.consumed = consumed_history(tr.user_row)
+    tr.repeats = req["surface"] in tr.cfg.repeat_surfaces
     # what the user already consumed (session + history) is not recommended again, unless the surface
     # allows repeats (then the "recently_engaged" channel offers it to the ranker like any candidate)
-    seen_set = set() if repeats else set(seen) | set(consumed)
+    tr.seen_set = set() if tr.repeats else set(tr.seen) | set(tr.consumed)
+    return None
 
-    # ---- no model: the store's popular list, minus what the session already engaged
-    if bundle is None:
-        try:
-            ranked = store.popular(version) or store.last_popular()
-        except REDIS_ERRORS:
-            ranked = store.last_popular()
-        return finish(FALLBACK_NO_MODEL, _popularity_items(ranked, n, seen_set))
 
-    pool = req["candidate_pool_size"]
+def _no_model(tr: Trace, store: FeatureReader) -> Early:
+    """No model: the store's popular list, minus what the session already engaged."""
     try:
-        # ---- 2. candidates: ANN on the session-aware user vector, co-visitation, trending, fresh
-        t = time.perf_counter()
-        query = np.asarray(bundle.user_vector(req["user_id"], tower_history(seen, consumed)), dtype=np.float32)
+        ranked = store.popular(tr.version) or store.last_popular()
+    except REDIS_ERRORS:
+        ranked = store.last_popular()
+    return FALLBACK_NO_MODEL, _popularity_items(ranked, tr.req["num_results"], tr.seen_set)
 
-        def trending(k: int) -> list[str]:
-            # what is popular now (the online snapshot's recent clicks) interleaved with what the user's segment
-            # clicked over the training window: recency carries cold users, the segment their context
-            try:
-                recent = (store.popular(version) if version else [])[:k]
-            except REDIS_ERRORS:
-                recent = []
-            segment = bundle.popular(k, segment=req["device_type"], region=req["geo_region"])
-            merged = [i for pair in zip(recent, segment) for i in pair] + recent[len(segment):] + segment[len(recent):]
-            return list(dict.fromkeys(merged))[:k]
 
-        producers = {
-            "ann": lambda k: bundle.retrieve(query, min(k, len(bundle.item_ids)))[0],
-            "co_visitation": lambda k: co_visitation(table.co_items_for(seen[:10]), seen, k),
-            "trending": trending,
-            "fresh": lambda k: fresh_items(*table.fresh_window(), bundle.item_row, now_ms, k),
-        }
-        if not seen and consumed:  # no live session: co-visitation starts from the user's latest consumption
-            producers["co_visitation"] = lambda k: co_visitation(table.co_items_for(consumed[:10]), consumed, k)
-        if repeats:
-            producers["recently_engaged"] = lambda k: list(dict.fromkeys(seen + consumed))[:k]
-        candidates, contributed, channel_errors = run_channels(producers, pool, seen_set,
-                                                               channels_for_budget(req["max_latency_ms"], channels or DEFAULT_CHANNELS))
-        response["candidate_channels"] = contributed
-        if channel_errors:
-            response["channel_errors"] = channel_errors
-        lat["candidate_retrieval"] = _ms(time.perf_counter() - t)
-        if not candidates:
-            return finish(FALLBACK_MODEL_ERROR, _popularity_items(bundle.popular(n + len(seen_set), segment=req["device_type"], region=req["geo_region"]), n, seen_set))
+def _segment_popular(tr: Trace, bundle: Any) -> Early:
+    """The model failed or found nothing: the user's segment's popular list, minus what was consumed."""
+    req, n = tr.req, tr.req["num_results"]
+    ranked = bundle.popular(n + len(tr.seen_set), segment=req["device_type"], region=req["geo_region"])
+    return FALLBACK_MODEL_ERROR, _popularity_items(ranked, n, tr.seen_set)
 
-        # ---- 3. features over the shared functions, then the ranker
-        t = time.perf_counter()
-        vectors = bundle.item_vectors(candidates)
-        affinity = vectors @ query
-        rows = build_rows(user_row, session, candidates, table.columns_for(candidates), affinity, now_ms, req["device_type"],
-                          consumed)
-        feats = assemble_features(rows)
-        scores = np.asarray(bundle.rank(feats), dtype=np.float64)
-        if scores.shape[0] != len(candidates) or not np.all(np.isfinite(scores)):
-            raise RuntimeError("ranker returned malformed scores")
-        lat["ranking_inference"] = _ms(time.perf_counter() - t)
-    except Exception as exc:  # noqa: BLE001 - any model failure must still answer
-        log.exception("ranking failed for %s; serving popularity: %s", req["user_id"], exc)
-        return finish(FALLBACK_MODEL_ERROR, _popularity_items(bundle.popular(n + len(seen_set), segment=req["device_type"], region=req["geo_region"]), n, seen_set))
 
-    # ---- 4. post-processing: MMR diversity, session-intent slots, category runs, exploration
+def _retrieve(tr: Trace, bundle: Any, store: FeatureReader, channels: tuple[Channel, ...] | None) -> Early | None:
+    """Stage 2: candidates from ANN on the session-aware user vector, co-visitation, trending and fresh."""
+    req, table, seen, consumed, version = tr.req, tr.table, tr.seen, tr.consumed, tr.version
+    assert table is not None  # stage 1 answered early otherwise
     t = time.perf_counter()
+    query = tr.query = np.asarray(bundle.user_vector(req["user_id"], tower_history(seen, consumed)), dtype=np.float32)
+
+    def trending(k: int) -> list[str]:
+        # what is popular now (the online snapshot's recent clicks) interleaved with what the user's segment
+        # clicked over the training window: recency carries cold users, the segment their context
+        try:
+            recent = (store.popular(version) if version else [])[:k]
+        except REDIS_ERRORS:
+            recent = []
+        segment = bundle.popular(k, segment=req["device_type"], region=req["geo_region"])
+        merged = [i for pair in zip(recent, segment) for i in pair] + recent[len(segment):] + segment[len(recent):]
+        return list(dict.fromkeys(merged))[:k]
+
+    producers = {
+        "ann": lambda k: bundle.retrieve(query, min(k, len(bundle.item_ids)))[0],
+        "co_visitation": lambda k: co_visitation(table.co_items_for(seen[:10]), seen, k),
+        "trending": trending,
+        "fresh": lambda k: fresh_items(*table.fresh_window(), bundle.item_row, tr.now_ms, k),
+    }
+    if not seen and consumed:  # no live session: co-visitation starts from the user's latest consumption
+        producers["co_visitation"] = lambda k: co_visitation(table.co_items_for(consumed[:10]), consumed, k)
+    if tr.repeats:
+        producers["recently_engaged"] = lambda k: list(dict.fromkeys(seen + consumed))[:k]
+    tr.candidates, contributed, channel_errors = run_channels(
+        producers, req["candidate_pool_size"], tr.seen_set,
+        channels_for_budget(req["max_latency_ms"], channels or DEFAULT_CHANNELS))
+    tr.response["candidate_channels"] = contributed
+    if channel_errors:
+        tr.response["channel_errors"] = channel_errors
+    tr.lat["candidate_retrieval"] = _ms(time.perf_counter() - t)
+    return _segment_popular(tr, bundle) if not tr.candidates else None
+
+
+def _rank(tr: Trace, bundle: Any) -> None:
+    """Stage 3: the candidates' features over the shared feature functions, then the ranker."""
+    assert tr.table is not None
+    t = time.perf_counter()
+    tr.vectors = bundle.item_vectors(tr.candidates)
+    affinity = tr.vectors @ tr.query
+    rows = build_rows(tr.user_row, tr.session, tr.candidates, tr.table.columns_for(tr.candidates), affinity, tr.now_ms,
+                      tr.req["device_type"], tr.consumed)
+    tr.feats = assemble_features(rows)
+    tr.scores = np.asarray(bundle.rank(tr.feats), dtype=np.float64)
+    if tr.scores.shape[0] != len(tr.candidates) or not np.all(np.isfinite(tr.scores)):
+        raise RuntimeError("ranker returned malformed scores")
+    tr.lat["ranking_inference"] = _ms(time.perf_counter() - t)
+
+
+def _post_process(tr: Trace, keep_features: bool) -> list[dict]:
+    """Stage 4: MMR diversity, session-intent slots, category runs, exploration (with each slot's propensity)."""
+    assert tr.table is not None
+    t = time.perf_counter()
+    cfg, candidates, scores, n, pool = tr.cfg, tr.candidates, tr.scores, tr.req["num_results"], tr.req["candidate_pool_size"]
     order = np.argsort(-scores, kind="stable")
-    picked = mmr(order, scores, vectors, n, cfg.mmr_lambda)
+    picked = mmr(order, scores, tr.vectors, n, cfg.mmr_lambda)
     picked_set = set(picked)
     diversified = np.array(picked + [int(i) for i in order if int(i) not in picked_set])
-    top, intent = apply_session_intent(diversified, n, candidates, table.category, session,
+    top, intent = apply_session_intent(diversified, n, candidates, tr.table.category, tr.session,
                                        slot_share=cfg.intent_slot_share)
     if intent:
-        response["rerank"] = intent
-    category = {i: table.category.get(candidates[i]) for i in range(len(candidates))}
+        tr.response["rerank"] = intent
+    category = {i: tr.table.category.get(candidates[i]) for i in range(len(candidates))}
     top = limit_category_runs(top, [int(i) for i in diversified], category, cfg.max_category_run)
+    rng = request_rng(tr.response["request_id"])
     if cfg.exploration == "thompson":
-        top, propensity = thompson(top, [int(i) for i in order[:pool]], scores, cfg.thompson_strength,
-                                   request_rng(response["request_id"]), cfg.thompson_draws)
+        top, propensity = thompson(top, [int(i) for i in order[:pool]], scores, cfg.thompson_strength, rng,
+                                   cfg.thompson_draws)
     else:
-        top, propensity = explore(top, [int(i) for i in order[:pool]], cfg.epsilon, request_rng(response["request_id"]))
+        top, propensity = explore(top, [int(i) for i in order[:pool]], cfg.epsilon, rng)
     items = [{"item_id": candidates[i], "score": round(float(scores[i]), 6), "rank": r + 1,
               "propensity": round(float(propensity[r]), 6)} for r, i in enumerate(top)]
-    if log_impression is not None:  # the exact values the ranker scored, for the log and the skew check
-        values = feats.to_numpy(dtype=np.float64)
-        names = list(feats.columns)
+    if keep_features:  # the exact values the ranker scored, for the log and the skew check
+        values = tr.feats.to_numpy(dtype=np.float64)
+        names = list(tr.feats.columns)
         for i in top:
-            shown_features[candidates[i]] = {name: float(v) for name, v in zip(names, values[i])}
-    lat["post_processing"] = _ms(time.perf_counter() - t)
-    return finish(served_path, items)
+            tr.shown_features[candidates[i]] = {name: float(v) for name, v in zip(names, values[i])}
+    tr.lat["post_processing"] = _ms(time.perf_counter() - t)
+    return items
+
+
+def personalize(request: dict, bundle: Any | None, store: FeatureReader | None, now_ms: int | None = None,
+                log_impression: Callable[[dict], None] | None = None, rerank: RerankConfig | None = None,
+                request_id: str | None = None, channels: tuple[Channel, ...] | None = None,
+                stale_max_age_s: float = STALE_MAX_AGE_S) -> dict:
+    """Answer one ranking request (see the module docstring). Raises ValueError only on bad input.
+
+    The stages run over one `Trace`: features (1), candidates (2), ranking (3), post-processing (4); any stage
+    may answer early with a fallback, and every answer is closed by `_finish`.
+    `log_impression` receives serving.impressions.impression_record(...) for every answer, with the
+    ranker's feature values for each shown item (DESIGN invariant 6); it must not block. `channels`
+    replaces the candidate channels (the offline replay keeps their shares and lifts their time budgets).
+    Settings come in as arguments (`rerank`, `stale_max_age_s`), never from the environment: the entry point
+    (serving/service.py) builds them once from it.
+    """
+    tr = _begin(request, bundle, now_ms, rerank, request_id)
+    early = _fetch_features(tr, bundle, store, stale_max_age_s)
+    if early is None and bundle is None:
+        assert store is not None  # no store and no model already answered from the popularity fallback
+        early = _no_model(tr, store)
+    if early is not None:
+        return _finish(tr, *early, log_impression)
+    assert store is not None  # a missing store answered in stage 1
+    try:
+        early = _retrieve(tr, bundle, store, channels)
+        if early is not None:
+            return _finish(tr, *early, log_impression)
+        _rank(tr, bundle)
+    except Exception as exc:  # noqa: BLE001 - any model failure must still answer
+        log.exception("ranking failed for %s; serving popularity: %s", tr.req["user_id"], exc)
+        return _finish(tr, *_segment_popular(tr, bundle), log_impression)
+    return _finish(tr, tr.served_path, _post_process(tr, log_impression is not None), log_impression)
 
 
 def session_intent(session: Mapping[str, Any] | None) -> tuple[str | None, float]:
