@@ -9,7 +9,7 @@ a day changes nothing downstream.
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 import time
 
 import numpy as np
@@ -264,7 +264,7 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
                   artifacts: ArtifactsResource):
     """Judge the run's bronze days in batches (contract → dedup → bots) and write silver and quarantine."""
     from data_contracts.events import build_data_docs, validate_events
-    from ingestion.refine import REJECT_SCHEMA, SILVER_SCHEMA, bot_report, refine_batch
+    from ingestion.refine import REJECT_SCHEMA, SILVER_SCHEMA, refine_batch
 
     store = lake.lake()
     pin = store.pin(BRONZE)
@@ -328,31 +328,11 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
                          f"{totals['accepted']} accepted so far")
     failures = contract.expectation_failures
     docs = build_data_docs(contract, artifacts.path("data_docs", context.run_id)) if contract.n_in else None
-    quarantine_rate = totals["quarantined"] / max(totals["in"], 1)
-    day_table = pd.DataFrame(per_day)
     all_bots = pd.concat(bots, ignore_index=True) if bots else pd.DataFrame()
-    meta: dict[str, Any] = {**{("n_in" if k == "in" else k): v for k, v in totals.items()}, "days": len(days),
-            "bronze_version": pin.version, "delta_version": silver_v, "quarantine_rate": round(quarantine_rate, 5),
-            "expectation_failures": MetadataValue.json(failures), "duplicate_reasons": MetadataValue.json(dup_reasons),
-            "bot_sessions_filtered": MetadataValue.json(json.loads(bot_report(all_bots))),
-            "per_day": MetadataValue.md(day_table.to_markdown(index=False) if len(day_table) else "no days")}
-    if docs is not None:
-        meta["data_docs"] = MetadataValue.path(str(docs))
-        meta["data_docs_url"] = artifacts.publish_report(Path(docs).parent, context.run_id, "data_docs")
-    yield MaterializeResult(asset_key=SILVER, metadata=meta,
-                            data_version=delta_data_version(SILVER, silver_v) if silver_v >= 0 else None)
-    yield MaterializeResult(asset_key=QUARANTINE, metadata={
-        "rows": totals["quarantined"] + totals["duplicates"] + totals["bot_filtered"], "delta_version": quarantine_v,
-        "contract": totals["quarantined"], "duplicate": totals["duplicates"], "bot": totals["bot_filtered"]},
-        data_version=delta_data_version(QUARANTINE, quarantine_v) if quarantine_v >= 0 else None)
-    yield AssetCheckResult(
-        check_name="events_contract", passed=quarantine_rate <= config.max_quarantine_rate, severity=AssetCheckSeverity.WARN,
-        metadata={"quarantined": totals["quarantined"], "quarantine_rate": round(quarantine_rate, 5),
-                  "max_quarantine_rate": config.max_quarantine_rate,
-                  "failures_by_expectation": MetadataValue.json(failures)},
-        description="At most max_quarantine_rate of events may fail the contract; per-expectation failure counts attached.",
-    )
-    yield _reconcile_check(store, days, totals, per_day)
+    yield from _silver_results(store, config, artifacts, context.run_id, engine="pandas", days=days,
+                               bronze_version=pin.version, totals=totals, silver_version=silver_v,
+                               quarantine_version=quarantine_v, failures=failures, duplicate_reasons=dup_reasons,
+                               bots=all_bots, per_batch=per_day, docs=docs)
 
 
 def _silver_on_spark(context: AssetExecutionContext, config: RefineSettings, store, pin, days: list[str],
@@ -361,7 +341,6 @@ def _silver_on_spark(context: AssetExecutionContext, config: RefineSettings, sto
     from assets.resources import SparkResource
     from data_contracts.events import build_data_docs, event_rules, validate_events
     from ingestion.refine_spark import CONTRACT_CHUNK_ROWS, refine_on_spark
-    from ingestion.refine import bot_report
 
     rc = config.refine_config()
     end_of_range = int(pd.Timestamp(days[-1], tz="UTC").value // 1_000_000) + DAY_MS
@@ -383,23 +362,37 @@ def _silver_on_spark(context: AssetExecutionContext, config: RefineSettings, sto
             docs = build_data_docs(validate_events(sample, run_id=context.run_id, now_ms=now_ms,
                                                    max_future_skew_ms=rc.max_future_skew_ms),
                                    artifacts.path("data_docs", context.run_id))
+    yield from _silver_results(store, config, artifacts, context.run_id, engine="spark", days=days,
+                               bronze_version=pin.version, totals=totals, silver_version=out.silver_version,
+                               quarantine_version=out.quarantine_version, failures=failures,
+                               duplicate_reasons=out.duplicate_reasons, bots=out.bots, per_batch=out.per_batch, docs=docs)
+
+
+def _silver_results(store, config: RefineSettings, artifacts: ArtifactsResource, run_id: str, *, engine: str,
+                    days: list[str], bronze_version: int, totals: dict[str, int], silver_version: int,
+                    quarantine_version: int, failures: dict[str, int], duplicate_reasons: dict[str, int],
+                    bots: pd.DataFrame, per_batch: list[dict], docs: Any) -> Iterator[Any]:
+    """What either engine's silver run reports: silver's and quarantine's materializations, the contract check
+    and the blocking reconcile check (one definition, so both engines publish the same metadata)."""
+    from ingestion.refine import bot_report
+
     quarantine_rate = totals["quarantined"] / max(totals["in"], 1)
-    day_table = pd.DataFrame(out.per_batch)
-    meta = {**{("n_in" if k == "in" else k): v for k, v in totals.items()}, "days": len(days), "engine": "spark",
-            "bronze_version": pin.version, "delta_version": out.silver_version,
-            "quarantine_rate": round(quarantine_rate, 5),
-            "expectation_failures": MetadataValue.json(failures),
-            "duplicate_reasons": MetadataValue.json(out.duplicate_reasons),
-            "bot_sessions_filtered": MetadataValue.json(json.loads(bot_report(out.bots))),
-            "per_day": MetadataValue.md(day_table.to_markdown(index=False) if len(day_table) else "no days")}
+    day_table = pd.DataFrame(per_batch)
+    meta: dict[str, Any] = {
+        **{("n_in" if k == "in" else k): v for k, v in totals.items()}, "days": len(days), "engine": engine,
+        "bronze_version": bronze_version, "delta_version": silver_version, "quarantine_rate": round(quarantine_rate, 5),
+        "expectation_failures": MetadataValue.json(failures), "duplicate_reasons": MetadataValue.json(duplicate_reasons),
+        "bot_sessions_filtered": MetadataValue.json(json.loads(bot_report(bots))),
+        "per_day": MetadataValue.md(day_table.to_markdown(index=False) if len(day_table) else "no days")}
     if docs is not None:
         meta["data_docs"] = MetadataValue.path(str(docs))
-        meta["data_docs_url"] = artifacts.publish_report(Path(docs).parent, context.run_id, "data_docs")
-    yield MaterializeResult(asset_key=SILVER, metadata=meta, data_version=delta_data_version(SILVER, out.silver_version))
+        meta["data_docs_url"] = artifacts.publish_report(Path(docs).parent, run_id, "data_docs")
+    yield MaterializeResult(asset_key=SILVER, metadata=meta,
+                            data_version=delta_data_version(SILVER, silver_version) if silver_version >= 0 else None)
     yield MaterializeResult(asset_key=QUARANTINE, metadata={
-        "rows": totals["quarantined"] + totals["duplicates"] + totals["bot_filtered"],
-        "delta_version": out.quarantine_version, "contract": totals["quarantined"], "duplicate": totals["duplicates"],
-        "bot": totals["bot_filtered"]}, data_version=delta_data_version(QUARANTINE, out.quarantine_version))
+        "rows": totals["quarantined"] + totals["duplicates"] + totals["bot_filtered"], "delta_version": quarantine_version,
+        "contract": totals["quarantined"], "duplicate": totals["duplicates"], "bot": totals["bot_filtered"]},
+        data_version=delta_data_version(QUARANTINE, quarantine_version) if quarantine_version >= 0 else None)
     yield AssetCheckResult(
         check_name="events_contract", passed=quarantine_rate <= config.max_quarantine_rate, severity=AssetCheckSeverity.WARN,
         metadata={"quarantined": totals["quarantined"], "quarantine_rate": round(quarantine_rate, 5),
@@ -407,7 +400,7 @@ def _silver_on_spark(context: AssetExecutionContext, config: RefineSettings, sto
                   "failures_by_expectation": MetadataValue.json(failures)},
         description="At most max_quarantine_rate of events may fail the contract; per-expectation failure counts attached.",
     )
-    yield _reconcile_check(store, days, totals, out.per_batch)
+    yield _reconcile_check(store, days, totals, per_batch)
 
 
 def _reconcile_check(store, days: list[str], totals: dict[str, int], per_day: list[dict]) -> AssetCheckResult:
