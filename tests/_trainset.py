@@ -16,6 +16,8 @@ import json
 import numpy as np
 import pandas as pd
 
+from features.batch import (CO_ITEMS_WINDOW_DAYS, ENGAGED, ITEM_WINDOW_DAYS, USER_SHORT_WINDOW_DAYS, USER_WINDOW_DAYS,
+                            co_items_sweep)
 from features.functions import replay_session_features, smoothed_ctr
 from ingestion.bots import bot_mask, bot_sessions
 from ingestion.dedup import window_duplicates
@@ -24,9 +26,6 @@ from features.registry import (CATEGORY_HALF_LIFE_DAYS, CO_ITEMS_TOP_K, ENGAGED_
 from data_contracts.schema import DAY_MS, EVENT_TYPES
 from ingestion.labels import LabelConfig, build_labels
 
-USER_WINDOW_DAYS = 30
-USER_SHORT_WINDOW_DAYS = 7
-ITEM_WINDOW_DAYS = 7
 LABELS = LabelConfig()  # the product's rule, no catalog negatives: the fixture stays one row per impression
 
 
@@ -78,7 +77,7 @@ def make_training_set(world) -> pd.DataFrame:
     # user store columns: counts from days strictly before the impression's day
     u_codes, u_uni = pd.factorize(pd.concat([ev["user_id"], imp["user_id"]]))
     u_ev, u_imp = u_codes[: len(ev)], u_codes[len(ev):]
-    is_click = (ev["event_type"] == "click").to_numpy(dtype=float)
+    is_click = ev["event_type"].isin(ENGAGED).to_numpy(dtype=float)
     is_imp = (ev["event_type"] == "impression").to_numpy(dtype=float)
     ed, qd = ev["day"].to_numpy(), imp["day"].to_numpy()
     nu = len(u_uni)
@@ -140,18 +139,15 @@ def make_training_set(world) -> pd.DataFrame:
     ie30 = _window_counts(i_ev, ed, engaged * 2.0 ** (ed / ITEM_ENGAGED_HALF_LIFE_DAYS), ni, n_days, i_imp, qd,
                           ITEM_ENGAGED_WINDOW_DAYS) * 2.0 ** ((1 - qd) / ITEM_ENGAGED_HALF_LIFE_DAYS)
     imp["item_engaged_decayed_30d"] = np.where(has_item | (ie30 > 1e-12), np.round(ie30, 6), np.nan)
-    # co-clicked items (sessions that clicked both) in the 30 days before the snapshot day, top-K per item
-    clicks = ev.loc[ev["event_type"] == "click", ["session_id", "item_id", "day"]].drop_duplicates(["session_id", "item_id"])
+    # co-clicked items (sessions that clicked both) in the window before the snapshot day, top-K per item: the
+    # product's sweep (features.batch.co_items_sweep) over the pair-days co_item_pairs would count
+    clicks = ev.loc[ev["event_type"].isin(ENGAGED), ["session_id", "item_id", "day"]].drop_duplicates(["session_id", "item_id"])
     pairs = clicks.merge(clicks, on="session_id", suffixes=("", "_o"))
-    pairs = pairs[pairs["item_id"] != pairs["item_id_o"]].assign(pday=lambda f: np.maximum(f["day"], f["day_o"]))
-    co_json: dict[tuple[str, int], str] = {}
-    for q in range(n_days + 1):
-        win = pairs[(pairs["pday"] < q) & (pairs["pday"] >= q - USER_WINDOW_DAYS)]
-        counts = win.groupby(["item_id", "item_id_o"]).size().reset_index(name="n")
-        counts = counts.sort_values(["item_id", "n", "item_id_o"], ascending=[True, False, True])
-        for item, grp in counts.groupby("item_id", sort=False):
-            top = grp.head(CO_ITEMS_TOP_K)
-            co_json[(item, q)] = json.dumps({o: float(n) for o, n in sorted(zip(top["item_id_o"], top["n"]))})
+    pairs = pairs[pairs["item_id"] != pairs["item_id_o"]]
+    pairs = (pairs.assign(day=np.maximum(pairs["day"], pairs["day_o"])).rename(columns={"item_id_o": "other"})
+             .groupby(["item_id", "other", "day"]).size().astype(float).reset_index(name="n"))
+    co = co_items_sweep(pairs, CO_ITEMS_WINDOW_DAYS, n_days, CO_ITEMS_TOP_K)
+    co_json = dict(zip(zip(co["item_id"], co["snap_day"].astype(int)), co["co_items_30d"]))
     imp["co_items_30d"] = [co_json.get((i, int(q))) if ok else None
                            for i, q, ok in zip(imp["item_id"], imp["day"], has_item)]
     imp["category"] = imp["item_id"].map(cat_of)
