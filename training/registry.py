@@ -21,6 +21,7 @@ from mlflow.pyfunc import PythonModel
 from models.bundle import MANIFEST, Bundle, file_sha256
 from models.registry import CHALLENGER, CHAMPION, MANIFEST_SHA_TAG, alias_model_version, mlflow_client
 from ground.settings import Settings
+from training.rollout import promote, record_promotion, start_rollout
 
 log = logging.getLogger("kairos.registry")
 
@@ -36,21 +37,6 @@ EXPERIMENT_DESCRIPTION = ("Kairos ranking models: each run trains the two-tower 
 MODEL_DESCRIPTION = ("One version = user tower + item embeddings + FAISS index + LightGBM ranker + feature schema + "
                      "popularity lists, served together by the BentoML ranking endpoint (alias champion). Input: "
                      "user_id and optional history (JSON list of item ids); output: the top item ids.")
-
-
-def promotion_tags(alias: str, by: str, reason: str, at_ms: int | None = None) -> dict[str, str]:
-    """Model-version tags recording who/what moved an alias to the version, when and why (read by lineage)."""
-    import time
-
-    at = int(time.time() * 1000) if at_ms is None else int(at_ms)
-    return {f"promoted.{alias}.at": str(at), f"promoted.{alias}.by": by[:500], f"promoted.{alias}.reason": reason[:4900]}
-
-
-def record_promotion(settings: Settings, version: str, alias: str, by: str, reason: str) -> None:
-    """Stamp a promotion on the model version (aliases themselves keep no history)."""
-    client = mlflow_client(settings)
-    for k, v in promotion_tags(alias, by, reason).items():
-        client.set_model_version_tag(settings.model_name, str(version), k, v)
 
 
 class BundleModel(PythonModel):  # imported by name: mypy reads mlflow.pyfunc as mlflow's LazyLoader attribute
@@ -239,8 +225,6 @@ def register_bundle(settings: Settings, bundle_dir: Path, metrics: dict[str, dic
     record_promotion(settings, version, CHALLENGER, by, "newly registered version")
     stage = "challenger only (gate failed)"
     if gate_dict["passed"]:
-        from training.rollout import promote, start_rollout
-
         if auto_promote:
             promote(settings, version, reason="gate passed (auto_promote)", by=by)
             stage = "promoted"

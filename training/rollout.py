@@ -14,6 +14,8 @@ over numbers read from the impression log, so they are tested without MLflow; th
 (`start_rollout`, `start_canary`, `promote`, `abort_canary`, `rollback`) are thin MLflow adapters.
 Every version stays in the registry, so a demoted version is always loadable again.
 The read side the server needs (RolloutState, the stage names, `rollout_state`) is models/rollout.py.
+The promotion record (`promotion_tags`, `record_promotion`) lives here too: training/registry.py imports this
+module at its top, and this module never imports it back (no registry <-> rollout cycle).
 """
 from __future__ import annotations
 
@@ -364,6 +366,19 @@ def _delete_alias(client: Any, settings: Any, alias: str) -> None:
         pass
 
 
+def promotion_tags(alias: str, by: str, reason: str, at_ms: int | None = None) -> dict[str, str]:
+    """Model-version tags recording who/what moved an alias to the version, when and why (read by lineage)."""
+    at = int(time.time() * 1000) if at_ms is None else int(at_ms)
+    return {f"promoted.{alias}.at": str(at), f"promoted.{alias}.by": by[:500], f"promoted.{alias}.reason": reason[:4900]}
+
+
+def record_promotion(settings: Any, version: str, alias: str, by: str, reason: str) -> None:
+    """Stamp a promotion on the model version (aliases themselves keep no history)."""
+    client = mlflow_client(settings)
+    for k, v in promotion_tags(alias, by, reason).items():
+        client.set_model_version_tag(settings.model_name, str(version), k, v)
+
+
 def promote(settings: Any, version: str, reason: str = "promoted", by: str = "training.rollout.promote") -> dict[str, Any]:
     """champion -> `version`; the old champion stays loadable as `previous_champion`; the canary ends.
     `by` (who/what promoted) and `reason` are stamped on the version (promoted.champion.*) for its lineage."""
@@ -378,8 +393,6 @@ def promote(settings: Any, version: str, reason: str = "promoted", by: str = "tr
     if state.aliases.get(CANARY):
         _delete_alias(client, settings, CANARY)
     _set_stage(client, settings, PROMOTED, str(version), reason, share=0.0)
-    from training.registry import record_promotion
-
     record_promotion(settings, str(version), CHAMPION, by, reason)
     return {"champion": str(version), "previous_champion": old if old != str(version) else state.previous_champion,
             "seconds": flipped, "total_seconds": time.perf_counter() - t}
