@@ -5,7 +5,9 @@ rule (ingestion.labels.build_labels with its default LabelConfig: engagements at
 impression of the same user and item within the attribution window, label_binary = label >= the
 positive threshold), read once every window has closed so that no impression is left unlabeled;
 user/item store columns counted from strictly earlier days (the daily snapshot as of the impression's
-day); session columns replayed with the shared fold; a time split (first 70% of days train, next 15%
+day; the engaged types and windows are features.batch's, the co-items map is its co_items_sweep over the
+pair-days, the counts themselves are numpy sums the Spark snapshot jobs make in Spark); session columns
+replayed with the shared fold; a time split (first 70% of days train, next 15%
 validation, last 15% test). Labels are not re-implemented here: a test model trains on what the
 product would have written.
 """
