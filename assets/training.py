@@ -4,6 +4,7 @@ Large objects pass between these assets through Dagster's IO manager (pickled
 under KAIROS_HOME); the registered bundle is the unit that serves (invariant 4).
 """
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -277,10 +278,7 @@ def validation_gate(context: AssetExecutionContext, config: GateSettings, model_
 
     gate = evaluate_gate(model_evaluation["two_stage"], model_evaluation["popularity"],
                          model_evaluation.get("champion") or None,
-                         GateConfig(config.min_ndcg_lift_over_popularity, config.max_auc_drop_vs_champion,
-                                    config.max_p99_scoring_ms, config.max_null_rate, config.min_batch_feature_coverage,
-                                    config.min_lift_over_best_baseline, config.max_ndcg_drop_vs_champion,
-                                    config.min_test_users),
+                         GateConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(GateConfig)}),
                          latency=model_evaluation.get("scoring_latency"), health=model_evaluation.get("feature_health"),
                          catalog=model_evaluation.get("catalog"))
     for reason in gate.reasons:

@@ -174,3 +174,26 @@ def test_only_settings_and_entry_points_touch_the_environment() -> None:
             found.add(str(path.relative_to(ROOT)))
     assert found <= set(ENVIRONMENT_MODULES), f"environment read outside the settings objects: {sorted(found - set(ENVIRONMENT_MODULES))}"
     assert not set(ENVIRONMENT_MODULES) - found, f"no longer reads the environment: {sorted(set(ENVIRONMENT_MODULES) - found)}"
+
+
+@pytest.mark.parametrize("config_path, dataclass_path, extras", [
+    ("assets.training:GateSettings", "training.gates:GateConfig", {"auto_promote"}),
+    ("assets.training:TwoTowerTrainConfig", "training.two_tower:TwoTowerConfig", set()),
+    ("assets.training:RankerTrainConfig", "training.ranker:RankerConfig", {"use_tuned_params"}),
+])
+def test_a_dagster_config_mirror_keeps_its_dataclass_defaults(config_path: str, dataclass_path: str,
+                                                               extras: set[str]) -> None:
+    """A Dagster Config exposing a product dataclass's knobs names only that dataclass's fields (plus the
+    asset's own switches) with the dataclass's defaults: a default changed in one place fails here."""
+    import dataclasses
+    import importlib
+
+    def load(path: str):
+        module, name = path.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    config, dc = load(config_path), load(dataclass_path)
+    defaults = {f.name: f.default for f in dataclasses.fields(dc)}
+    mirrored = {k: v.default for k, v in config.model_fields.items() if k not in extras}
+    assert set(mirrored) <= set(defaults), f"{config.__name__} names fields {dc.__name__} does not have"
+    assert mirrored == {k: defaults[k] for k in mirrored}
