@@ -7,7 +7,8 @@ percentile rating time). Two thirds of that split's test users have no rating be
 can only use what is popular (and, on MovieLens, the user's demographic segment). This prints, on exactly the
 protocol and metric code of training/catalog_eval.py (ratings >= 4 relevant, consumed items excluded):
 decayed recent popularity (the best baseline), and the same list blended with the user's segment's own
-decayed popularity (gender x age band, gender, occupation) at several blend weights, per slice. If no segment
+decayed popularity (gender x age band, gender, occupation) at several blend weights, per slice, and recent
+popularity per half-life, the half-life picked on a validation split before T. If no segment
 blend beats global recent popularity on cold users, the cold two thirds cap what any model can gain there.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ from training.catalog_eval import evaluate_recommender, temporal_split  # noqa: 
 
 AGE_BANDS = [0, 24, 34, 44, 200]
 BLENDS = (0.0, 0.3, 0.5, 0.7, 1.0)
+HALF_LIVES = (1.0, 3.0, 7.0, 14.0, 30.0, None)  # days; None = all-time counts
+VALIDATION_QUANTILE = 0.875  # of the ratings before T: T_v = the 70th percentile overall, its test window < T
 
 
 def _load(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -64,6 +67,27 @@ class SegmentBlend(ScoreRecommender):
             self.scores = base
 
 
+def half_life_sweep(interactions: pd.DataFrame, split) -> None:
+    """Recent popularity per half-life, chosen on a validation split before T (never on the test window)."""
+    before = interactions[interactions["timestamp"] < split.split_ms]
+    valid = temporal_split(before, split.catalog, quantile=VALIDATION_QUANTILE)
+    print(f"\nrecent popularity by half-life (validation: T_v {pd.to_datetime(valid.split_ms, unit='ms')}, "
+          f"{len(valid.test_users)} users, test window < T)")
+    print(f"{'half-life (days)':<20} {'validation':>10} {'test all':>9} {'warm':>7} {'cold':>7}")
+    scores = {}
+    for hl in HALF_LIVES:
+        v = evaluate_recommender(valid, ScoreRecommender(valid, decayed_counts(_positives(valid), valid.catalog,
+                                                                                 valid.split_ms, hl)), 10).summary
+        t = evaluate_recommender(split, ScoreRecommender(split, decayed_counts(_positives(split), split.catalog,
+                                                                                 split.split_ms, hl)), 10).summary
+        scores[hl] = (v["ndcg_at_10"], t["ndcg_at_10"])
+        print(f"{str(hl):<20} {v['ndcg_at_10']:>10.4f} {t['ndcg_at_10']:>9.4f} {t['warm_ndcg_at_10']:>7.4f} "
+              f"{t['cold_ndcg_at_10']:>7.4f}", flush=True)
+    pick = max(scores, key=lambda h: scores[h][0])
+    print(f"validation picks half-life {pick}: test {scores[pick][1]:.4f} ({scores[pick][1] / scores[7.0][1]:.3f} x the "
+          f"7-day half-life's {scores[7.0][1]:.4f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--path", type=Path, default=ROOT.parent / "shared" / "data" / "movielens-100k")
@@ -91,6 +115,7 @@ def main() -> None:
     print(f"1.15 x global recent popularity = {1.15 * best['ndcg_at_10']:.4f}: with cold users at its "
           f"{best['cold_ndcg_at_10']:.4f}, warm users would need {need:.4f} "
           f"({need / best['warm_ndcg_at_10']:.2f} x its warm {best['warm_ndcg_at_10']:.4f})")
+    half_life_sweep(interactions, split)
 
 
 if __name__ == "__main__":
