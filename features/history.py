@@ -39,27 +39,56 @@ def consumed_items(events: pd.DataFrame, as_of_ms: int | None = None, cap: int =
 def recent_items_before(engagements: pd.DataFrame, rows: pd.DataFrame, n: int = USER_RECENT_ITEMS) -> list[str]:
     """For each row (user_id, timestamp): JSON list of the user's `n` latest distinct consumed items strictly
     before the row's timestamp, most recent first: the point-in-time twin of consumed_items()[:n], which the
-    server reads from the online store (training rows see only their past)."""
-    ev = engagements[engagements["event_type"].isin(CONSUMED_TYPES) & engagements["item_id"].notna()]
-    ev = ev[["user_id", "item_id", "timestamp"]].sort_values(["user_id", "timestamp"], kind="mergesort")
-    by_user = {u: (g["timestamp"].to_numpy(dtype=np.int64), g["item_id"].astype(str).to_numpy())
-               for u, g in ev.groupby("user_id", sort=False)}
-    out: list[str] = []
+    server reads from the online store (training rows see only their past).
+
+    One vectorized search finds each row's last prior event (its position in the (user, time) order); the
+    Python walk-back and the JSON encoding run once per distinct position, not per row (the impressions and
+    negatives of one moment share it)."""
     empty = json.dumps([])
-    for user, ts in zip(rows["user_id"].to_numpy(), rows["timestamp"].to_numpy(dtype=np.int64)):
-        hit = by_user.get(user)
-        if hit is None:
-            out.append(empty)
-            continue
-        times, items = hit
-        j = int(np.searchsorted(times, ts, side="left")) - 1
+    ev = engagements[engagements["event_type"].isin(CONSUMED_TYPES) & engagements["item_id"].notna()
+                     & engagements["user_id"].notna()]
+    if ev.empty or not len(rows):
+        return [empty] * len(rows)
+    ev = ev[["user_id", "item_id", "timestamp"]].sort_values(["user_id", "timestamp"], kind="mergesort")
+    users = pd.Index(pd.unique(ev["user_id"].to_numpy()))
+    ev_code = users.get_indexer(ev["user_id"]).astype(np.int64)
+    ev_ts = ev["timestamp"].to_numpy(dtype=np.int64)
+    items = ev["item_id"].astype(str).tolist()
+    row_code = users.get_indexer(rows["user_id"]).astype(np.int64)
+    row_ts = rows["timestamp"].to_numpy(dtype=np.int64)
+    known = np.flatnonzero(row_code >= 0)
+    out = np.full(len(rows), empty, dtype=object)
+    if not len(known):
+        return out.tolist()
+    code, ts = row_code[known], row_ts[known]
+    first = np.searchsorted(ev_code, code, side="left")  # the user's first event
+    last = _pair_searchsorted(ev_code, ev_ts, code, ts) - 1  # the user's last event strictly before the row
+    hit = last >= first
+    stops, inverse = np.unique(last[hit], return_inverse=True)
+    first_of = np.empty(len(stops), dtype=np.int64)
+    first_of[inverse] = first[hit]
+    texts: list[str] = []
+    for j, lo in zip(stops.tolist(), first_of.tolist()):
         recent: list[str] = []
-        while j >= 0 and len(recent) < n:
+        while j >= lo and len(recent) < n:
             if items[j] not in recent:
                 recent.append(items[j])
             j -= 1
-        out.append(json.dumps(recent) if recent else empty)
-    return out
+        texts.append(json.dumps(recent))
+    out[known[hit]] = np.asarray(texts, dtype=object)[inverse]
+    return out.tolist()
+
+
+def _pair_searchsorted(a_code: np.ndarray, a_ts: np.ndarray, q_code: np.ndarray, q_ts: np.ndarray) -> np.ndarray:
+    """searchsorted(side="left") of the pairs (q_code, q_ts) into the (code, ts)-sorted pairs (a_code, a_ts)."""
+    base = min(int(a_ts.min()), int(q_ts.min()))
+    span = max(int(a_ts.max()), int(q_ts.max())) - base + 1
+    if span * (int(max(a_code.max(), q_code.max())) + 1) < 2 ** 62:  # one int64 key keeps the order
+        return np.searchsorted(a_code * span + (a_ts - base), q_code * span + (q_ts - base), side="left")
+    lo = np.searchsorted(a_code, q_code, side="left")
+    hi = np.searchsorted(a_code, q_code, side="right")
+    return np.array([lo[i] + np.searchsorted(a_ts[lo[i]:hi[i]], q_ts[i], side="left") for i in range(len(q_code))],
+                    dtype=np.int64)
 
 
 def serving_snapshot(user_snaps: pd.DataFrame, item_snaps: pd.DataFrame, catalog: pd.DataFrame,

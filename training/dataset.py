@@ -86,12 +86,20 @@ def as_of_join(spark: Any, labels: Any, snapshots: Any, key: str, max_age_days: 
     snap = snapshots.withColumnRenamed("feature_ts", ts_col).withColumnRenamed(key, "_snap_key")
     if key == "item_id":  # item attributes come from the catalog, not the snapshot
         snap = snap.drop("category", "publish_ts")
+    # an equi-join on (key, age window): a snapshot joins its own window and the next one, so the range condition
+    # is evaluated on at most two windows of the key's snapshots, not on all of them (2 years of daily item
+    # snapshots is ~730 candidate pairs per label row under a key-only join)
+    width = F.lit(max(int(max_age_days), 1) * DAY_MS)
+    snap = snap.withColumn("_snap_window", F.explode(F.array(
+        F.floor(F.col(ts_col) / width), F.floor(F.col(ts_col) / width) + F.lit(1))))
+    labels = labels.withColumn("_label_window", F.floor(F.col("timestamp") / width))
     cond = (
         (labels[key] == snap["_snap_key"])
+        & (labels["_label_window"] == snap["_snap_window"])
         & (snap[ts_col] < labels["timestamp"])
         & (snap[ts_col] >= labels["timestamp"] - F.lit(max_age_days * DAY_MS))
     )
-    joined = labels.join(snap, cond, "left").drop("_snap_key")
+    joined = labels.join(snap, cond, "left").drop("_snap_key", "_snap_window", "_label_window")
     w = Window.partitionBy("event_id").orderBy(F.col(ts_col).desc_nulls_last())
     return joined.withColumn("_rn", F.row_number().over(w)).where("_rn = 1").drop("_rn")
 
