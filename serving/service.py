@@ -555,8 +555,6 @@ class StatusResponse(BaseModel):
     stream: Optional[dict[str, Any]] = Field(default=None, description="event-stream length and per-group lag")
 
 
-@bentoml.service(name="kairos_ranker", workers=SETTINGS.worker_count, threads=SETTINGS.threads, traffic={"timeout": 30},
-                 logging={"access": {"enabled": SETTINGS.access_log}})
 def freeze_heap() -> None:
     """Move everything alive now (the model bundle, item cache, imports) into the collector's permanent
     generation: once per model version instead of the full collections re-walking it under load (issue 21, p99)."""
@@ -567,6 +565,8 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+@bentoml.service(name="kairos_ranker", workers=SETTINGS.worker_count, threads=SETTINGS.threads, traffic={"timeout": 30},
+                 logging={"access": {"enabled": SETTINGS.access_log}})
 class KairosRanker:
     def __init__(self) -> None:
         try:
