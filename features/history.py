@@ -80,15 +80,13 @@ def recent_items_before(engagements: pd.DataFrame, rows: pd.DataFrame, n: int = 
 
 
 def _pair_searchsorted(a_code: np.ndarray, a_ts: np.ndarray, q_code: np.ndarray, q_ts: np.ndarray) -> np.ndarray:
-    """searchsorted(side="left") of the pairs (q_code, q_ts) into the (code, ts)-sorted pairs (a_code, a_ts)."""
-    base = min(int(a_ts.min()), int(q_ts.min()))
-    span = max(int(a_ts.max()), int(q_ts.max())) - base + 1
-    if span * (int(max(a_code.max(), q_code.max())) + 1) < 2 ** 62:  # one int64 key keeps the order
-        return np.searchsorted(a_code * span + (a_ts - base), q_code * span + (q_ts - base), side="left")
-    lo = np.searchsorted(a_code, q_code, side="left")
-    hi = np.searchsorted(a_code, q_code, side="right")
-    return np.array([lo[i] + np.searchsorted(a_ts[lo[i]:hi[i]], q_ts[i], side="left") for i in range(len(q_code))],
-                    dtype=np.int64)
+    """searchsorted(side="left") of the pairs (q_code, q_ts) into the (code, ts)-sorted pairs (a_code, a_ts).
+
+    Timestamps become their dense rank over both sets, so one int64 key (code × ranks + rank) keeps the pair
+    order whatever the clock's span (at most (rows + events)² < 2⁶³)."""
+    times, rank = np.unique(np.concatenate([a_ts, q_ts]), return_inverse=True)
+    width = len(times)
+    return np.searchsorted(a_code * width + rank[:len(a_ts)], q_code * width + rank[len(a_ts):], side="left")
 
 
 def serving_snapshot(user_snaps: pd.DataFrame, item_snaps: pd.DataFrame, catalog: pd.DataFrame,

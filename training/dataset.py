@@ -91,8 +91,8 @@ def as_of_join(spark: Any, labels: Any, snapshots: Any, key: str, max_age_days: 
     # is evaluated on at most two windows of the key's snapshots, not on all of them (2 years of daily item
     # snapshots is ~730 candidate pairs per label row under a key-only join)
     width = F.lit(max(math.ceil(max_age_days), 1) * DAY_MS)  # at least max_age: two windows cover it
-    snap = snap.withColumn("_snap_window", F.explode(F.array(
-        F.floor(F.col(ts_col) / width), F.floor(F.col(ts_col) / width) + F.lit(1))))
+    window = F.floor(F.col(ts_col) / width)
+    snap = snap.withColumn("_snap_window", F.explode(F.array(window, window + F.lit(1))))
     labels = labels.withColumn("_label_window", F.floor(F.col("timestamp") / width))
     cond = (
         (labels[key] == snap["_snap_key"])
