@@ -555,16 +555,6 @@ class StatusResponse(BaseModel):
     stream: Optional[dict[str, Any]] = Field(default=None, description="event-stream length and per-group lag")
 
 
-def freeze_heap() -> None:
-    """Move everything alive now (the model bundle, item cache, imports) into the collector's permanent
-    generation: once per model version instead of the full collections re-walking it under load (issue 21, p99)."""
-    import gc
-
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-
-
 @bentoml.service(name="kairos_ranker", workers=SETTINGS.worker_count, threads=SETTINGS.threads, traffic={"timeout": 30},
                  logging={"access": {"enabled": SETTINGS.access_log}})
 class KairosRanker:
@@ -620,7 +610,6 @@ class KairosRanker:
         self._apply_rollout()
         self._load_challenger()
         self._warm_store()
-        freeze_heap()
         self._thread = threading.Thread(target=self._refresh_loop, name="kairos-model-refresh", daemon=True)
         self._thread.start()
         self._start_stream_metrics()
@@ -653,8 +642,6 @@ class KairosRanker:
         if self.bundle is not None and str(old) != str(bundle.model_version):
             self._previous = self.bundle
         self.bundle = bundle  # one reference swap: requests see the old or the new bundle, never a mix
-        if getattr(self, "_ready", False):
-            freeze_heap()  # the new version's objects out of the collector's way too
         log.info("serving model version %s (was %s)", bundle.model_version, old)
 
     def _compile_ranker(self, bundle) -> None:
