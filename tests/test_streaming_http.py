@@ -32,6 +32,18 @@ def _gauge(metrics: str, name: str, group: str | None = None) -> float | None:
     return None
 
 
+def _settled_gauge(http: httpx.Client, name: str, group: str | None = None, want=lambda value: True,
+                   timeout_s: float = 10.0) -> float | None:
+    """The gauge once `want` holds, or its last value at the deadline: each worker's metrics thread refreshes
+    every KAIROS_STREAM_METRICS_S, and on a busy 2-core machine one fixed sleep before one read is not enough."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = _gauge(http.get("/metrics").text, name, group)
+        if (value is not None and want(value)) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
 def test_events_endpoint_backpressure_and_lag_metrics(redis_server, settings, tmp_path: Path) -> None:
     from serving.server import start_server, stop_server, wait_ready
 
@@ -64,8 +76,7 @@ def test_events_endpoint_backpressure_and_lag_metrics(redis_server, settings, tm
             assert "retry in 1 s" in refused.json()["detail"] and client.xlen(STREAM) == 3
 
             # the lag is visible while the job is behind
-            time.sleep(0.5)
-            assert _gauge(http.get("/metrics").text, "kairos_stream_length") == 3.0
+            assert _settled_gauge(http, "kairos_stream_length", want=lambda v: v == 3.0) == 3.0
 
             # the job catches up and trims what it finished: the producer's retry is accepted
             proc_ = SessionStreamProcessor(client, consumer_name="http")
@@ -73,8 +84,7 @@ def test_events_endpoint_backpressure_and_lag_metrics(redis_server, settings, tm
             time.sleep(0.3)
             lagging = http.post("/v1/status", json={}).json()["stream"]["groups"][GROUP]
             assert lagging["lag_ms"] >= 300 and lagging["pending"] == 0
-            time.sleep(0.5)
-            assert _gauge(http.get("/metrics").text, "kairos_stream_lag_ms", GROUP) >= 300
+            assert _settled_gauge(http, "kairos_stream_lag_ms", GROUP, want=lambda v: v >= 300) >= 300
             assert proc_.process_once(count=10, block_ms=20) == 3
             assert trim_processed(client, STREAM) == 3
             retried = http.post("/v1/events", json={"events": [_event(5), _event(6), _event(7)]})
@@ -83,10 +93,8 @@ def test_events_endpoint_backpressure_and_lag_metrics(redis_server, settings, tm
             status = http.post("/v1/status", json={}).json()["stream"]
             assert status["length"] == 3 and status["groups"][GROUP] == {
                 "pending": 0, "last_delivered_id": retried.json()["stream_ids"][-1], "lag_ms": 0}
-            time.sleep(0.5)
-            metrics = http.get("/metrics").text
-            assert _gauge(metrics, "kairos_stream_lag_ms", GROUP) == 0.0
-            assert _gauge(metrics, "kairos_stream_pending", GROUP) == 0.0
-            assert _gauge(metrics, "kairos_stream_length") == 3.0
+            assert _settled_gauge(http, "kairos_stream_lag_ms", GROUP, want=lambda v: v == 0.0) == 0.0
+            assert _settled_gauge(http, "kairos_stream_pending", GROUP, want=lambda v: v == 0.0) == 0.0
+            assert _settled_gauge(http, "kairos_stream_length", want=lambda v: v == 3.0) == 3.0
     finally:
         stop_server(proc)
