@@ -258,7 +258,7 @@ def in_process_floor(settings, users: list[str], now_ms: int, n: int = 300) -> t
 
 def profile_in_process(settings, users: list[str], now_ms: int, n: int = 500, top: int = 0) -> dict:
     """Per-request CPU of the pipeline in this process (time.process_time over `n` requests, one at a time, after
-    30 warm-up ones), with the ranker the server serves; `top` > 0 also prints cProfile's `top` functions by
+    30 warm-up ones), with the ranker and the impression log the server runs; `top` > 0 also prints cProfile's `top` functions by
     own time. What a change to the request path costs, measured without the HTTP server or the machine's load."""
     import cProfile
     import pstats
@@ -276,10 +276,15 @@ def profile_in_process(settings, users: list[str], now_ms: int, n: int = 500, to
     store = OnlineStore.from_url(settings.redis_url, timeout_s=0.5, item_cache_rows=serve.item_cache_rows,
                                  fresh_window=serve.fresh_window)
     store.warm()
+    from serving.impressions import ImpressionLogger
+
+    # the impression log as a server worker keeps it (serving/service.py): the record with the shown items' feature
+    # values built on the request path, written by its thread in this process (so in its CPU time)
+    impressions = ImpressionLogger(store.client)
 
     def run(k: int) -> dict:
         return personalize(_body(users[k % len(users)], f"floor-{k % 7}", now_ms), bundle, store, rerank=serve.rerank,
-                           stale_max_age_s=serve.stale_max_age_s)
+                           stale_max_age_s=serve.stale_max_age_s, log_impression=impressions)
 
     with one_thread_per_request():
         for k in range(30):
@@ -290,6 +295,7 @@ def profile_in_process(settings, users: list[str], now_ms: int, n: int = 500, to
             t = time.perf_counter()
             run(k)
             wall.append((time.perf_counter() - t) * 1000)
+        impressions.flush()
         cpu_ms = (time.process_time() - cpu0) * 1000 / n
         if top > 0:
             prof = cProfile.Profile()
@@ -298,6 +304,7 @@ def profile_in_process(settings, users: list[str], now_ms: int, n: int = 500, to
                 run(k)
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    impressions.close()
     return {"n": n, "scorer": bundle.scorer_name, "cpu_ms": cpu_ms, "p50": float(np.percentile(wall, 50)),
             "p99": float(np.percentile(wall, 99))}
 

@@ -171,16 +171,17 @@ def category_affinity(user_category_counts: Iterable[str | Mapping[str, float] |
     user's counts (one object): it is parsed and summed once, not once per row."""
     out = []
     last: Any = _UNSET
+    shares: dict[Any, float] = {}  # category -> its share, for the current counts
     counts: Mapping[str, float] | None = None
     total = 0.0
     for cell, cat in zip(user_category_counts, categories):
         if cell is not last:
-            last, counts = cell, _as_counts(cell)
+            last, counts, shares = cell, _as_counts(cell), {}
             total = float(sum(counts.values())) if counts else 0.0
-        if not counts or not isinstance(cat, str) or not cat:
-            out.append(0.0)
-            continue
-        out.append(counts.get(cat, 0.0) / total if total > 0 else 0.0)
+        share = shares.get(cat) if isinstance(cat, str) else 0.0
+        if share is None:
+            share = shares[cat] = counts.get(cat, 0.0) / total if counts and cat and total > 0 else 0.0
+        out.append(share)
     return np.asarray(out, dtype=np.float64)
 
 
@@ -222,17 +223,19 @@ def co_engagement(co_items: Iterable[str | Mapping[str, float] | None],
     out = []
     last: Any = _UNSET
     recent: list | tuple = ()
+    zeros: tuple[float, ...] = ()
     for co, hist in zip(co_items, last_items):
         if hist is not last:
             last = hist
             if isinstance(hist, str):
                 hist = _parse_list(hist)
             recent = hist[:limit] if isinstance(hist, (list, tuple)) and hist else ()
+            zeros = (0.0,) * len(recent)
         if type(co) is WeightMap:  # the online store's decoded row: its total is already summed
             if not co or not recent or co.keys().isdisjoint(recent):
                 out.append(0.0)
                 continue
-            shared = sum(co.get(i, 0.0) for i in recent)
+            shared = sum(map(co.get, recent, zeros))  # co.get(i, 0.0) over the history, in its order
             out.append(0.0 if shared == 0.0 else shared / (1.0 + co.total))
             continue
         co = _as_counts(co)

@@ -181,6 +181,7 @@ class Trace:
     vectors: Any = None
     feats: Any = None  # float64 [candidates, features] in the ranker's column order (`feature_names`)
     feature_names: tuple[str, ...] = ()
+    categories: list = field(default_factory=list)  # each candidate's category, as its item row decoded it
     scores: Any = None
 
 
@@ -333,8 +334,10 @@ def _rank(tr: Trace, bundle: Any) -> None:
     t = time.perf_counter()
     tr.vectors = bundle.item_vectors(tr.candidates)
     affinity = tr.vectors @ tr.query
-    rows = build_rows(tr.user_row, tr.session, tr.candidates, tr.table.columns_for(tr.candidates), affinity, tr.now_ms,
-                      tr.req["device_type"], tr.consumed)
+    item_cols = tr.table.columns_for(tr.candidates)
+    tr.categories = item_cols["category"].tolist()
+    rows = build_rows(tr.user_row, tr.session, tr.candidates, item_cols, affinity, tr.now_ms, tr.req["device_type"],
+                      tr.consumed)
     # the features straight into the ranker's column order (the shared feature functions, no frame, no reorder)
     tr.feature_names = bundle.ranker_columns
     tr.feats = feature_matrix(rows, len(tr.candidates), tr.feature_names)
@@ -357,7 +360,7 @@ def _post_process(tr: Trace, keep_features: bool) -> list[dict]:
                                        slot_share=cfg.intent_slot_share)
     if intent:
         tr.response["rerank"] = intent
-    category = {i: tr.table.category.get(candidates[i]) for i in range(len(candidates))}
+    category = dict(enumerate(tr.categories))  # = table.category.get(candidate), read in stage 3
     top = limit_category_runs(top, [int(i) for i in diversified], category, cfg.max_category_run)
     rng = request_rng(tr.response["request_id"])
     if cfg.exploration == "thompson":
@@ -368,9 +371,9 @@ def _post_process(tr: Trace, keep_features: bool) -> list[dict]:
     items = [{"item_id": candidates[i], "score": round(float(scores[i]), 6), "rank": r + 1,
               "propensity": round(float(propensity[r]), 6)} for r, i in enumerate(top)]
     if keep_features:  # the exact values the ranker scored, for the log and the skew check
-        values, names = tr.feats, tr.feature_names
-        for i in top:
-            tr.shown_features[candidates[i]] = {name: float(v) for name, v in zip(names, values[i])}
+        names = tr.feature_names
+        for i, values in zip(top, tr.feats[top].tolist()):
+            tr.shown_features[candidates[i]] = dict(zip(names, values))
     tr.lat["post_processing"] = _ms(time.perf_counter() - t)
     return items
 
