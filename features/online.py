@@ -394,9 +394,12 @@ class ItemCodec:
 
     # -- decode
     def decode(self, raws: Sequence[bytes], columns: Sequence[str],
-               text_values: Callable[[str, int], np.ndarray]) -> dict[str, np.ndarray]:
+               text_values: Callable[[str, int], np.ndarray],
+               known: Mapping[str, Sequence[Any]] | None = None) -> dict[str, np.ndarray]:
         """Packed rows -> {column: array aligned with raws} for `columns` (floats with NaN, object arrays for
-        text and maps). text_values(column, highest code) gives the column's value table [None, v1, ...]."""
+        text and maps). text_values(column, highest code) gives the column's value table [None, v1, ...].
+        known[map column][r], when not None, is row r's map already decoded (the online store's cache): served as
+        it is where the row holds the map, instead of a new PackedMap."""
         n = len(raws)
         size = self.head_dtype.itemsize
         heads = np.frombuffer(b"".join([r[:size] for r in raws]), dtype=self.head_dtype) if n else \
@@ -422,8 +425,12 @@ class ItemCodec:
                 arr = np.empty(n, dtype=object)
                 cnt, beg, kl, has = counts[:, k].tolist(), start[:, k].tolist(), heads["klen"][:, k].tolist(), \
                     present[:, k].tolist()
+                pre = (known or {}).get(col) or [None] * n
                 for r in range(n):  # element-wise: numpy would otherwise read each Mapping as a sequence
                     if has[r]:
+                        if pre[r] is not None:
+                            arr[r] = pre[r]
+                            continue
                         w = beg[r] + 4 * cnt[r]
                         arr[r] = PackedMap(raws[r], beg[r], cnt[r], w, w + kl[r])
                 out[col] = arr
@@ -952,39 +959,38 @@ class OnlineStore:
                         while len(self._rows) > self.item_cache_rows:
                             self._rows.popitem(last=False)
             found.update(fetched)
+        cache = state.maps
+        known = {col: [cache.get((col, epoch, i)) for i in item_ids] for col in state.codec.maps}
         cols = state.codec.decode([found[i] for i in item_ids], ITEM_STORE_COLUMNS,
-                                  lambda col, top: self._text_values(state, col, top))
+                                  lambda col, top: self._text_values(state, col, top), known)
         for col in state.codec.maps:
             if col in cols:
-                cols[col] = self._weight_maps(state, epoch, seq, col, item_ids, cols[col])
+                self._weight_maps(state, epoch, seq, col, item_ids, cols[col])
         return cols
 
     def _weight_maps(self, state: VersionState, epoch: str, seq: int, column: str, item_ids: Sequence[str],
-                     packed: np.ndarray) -> np.ndarray:
-        """A map column's rows as WeightMaps, each decoded once per (version, epoch, item) and then read from the
-        version's cache: a request's ~200 candidates cost dict lookups, not ~200 key-blob searches and sums. New
-        ones are kept only if no write raced this read (the same rule as the packed rows)."""
+                     rows: np.ndarray) -> None:
+        """A map column's rows (in place) as WeightMaps, each decoded once per (version, epoch, item) and then read
+        from the version's cache (decode serves the cached ones): a request's ~200 candidates cost dict lookups, not
+        ~200 key-blob searches and sums. New ones are kept only if no write raced this read (the rule of the packed
+        rows)."""
         cache = state.maps
-        out = np.empty(len(item_ids), dtype=object)
         new: dict[tuple[str, str, str], WeightMap] = {}
         for r, iid in enumerate(item_ids):
-            row = packed[r]
-            if row is None:
+            row = rows[r]
+            if row is None or type(row) is WeightMap:
                 continue
             key = (column, epoch, iid)
-            hit = cache.get(key)
-            if hit is None:
-                hit = new.get(key)
+            hit = new.get(key)
             if hit is None:
                 hit = new[key] = WeightMap(row.items())
-            out[r] = hit
+            rows[r] = hit
         if new and self.item_cache_rows:
             with self._lock:
                 if state.epoch == epoch and state.seq == seq:
                     cache.update(new)
                     while len(cache) > self.item_cache_rows:
                         del cache[next(iter(cache))]  # the oldest decoded first
-        return out
 
     def _text_values(self, state: VersionState, column: str, top: int) -> np.ndarray:
         """The value table [None, v1, v2, ...] of a text column, re-read when a code is past what we hold
