@@ -256,6 +256,59 @@ def in_process_floor(settings, users: list[str], now_ms: int, n: int = 300) -> t
     return floor, ranker
 
 
+def profile_in_process(settings, users: list[str], now_ms: int, n: int = 500, top: int = 0) -> dict:
+    """Per-request CPU of the pipeline in this process (time.process_time over `n` requests, one at a time, after
+    30 warm-up ones), with the ranker and the impression log the server runs; `top` > 0 also prints cProfile's `top` functions by
+    own time. What a change to the request path costs, measured without the HTTP server or the machine's load."""
+    import cProfile
+    import pstats
+
+    from features.online import OnlineStore
+    from models.registry import load_alias
+    from serving.compiled_ranker import CACHE_DIRNAME, attach
+    from serving.offline import one_thread_per_request
+    from serving.pipeline import personalize
+    from serving.settings import ServeSettings
+
+    serve = ServeSettings.from_env()
+    bundle = load_alias(settings, alias="champion")
+    attach(bundle, settings.home / CACHE_DIRNAME, background=False, enabled=serve.compiled_ranker)
+    store = OnlineStore.from_url(settings.redis_url, timeout_s=0.5, item_cache_rows=serve.item_cache_rows,
+                                 fresh_window=serve.fresh_window)
+    store.warm()
+    from serving.impressions import ImpressionLogger
+
+    # the impression log as a server worker keeps it (serving/service.py): the record with the shown items' feature
+    # values built on the request path, written by its thread in this process (so in its CPU time)
+    impressions = ImpressionLogger(store.client)
+
+    def run(k: int) -> dict:
+        return personalize(_body(users[k % len(users)], f"floor-{k % 7}", now_ms), bundle, store, rerank=serve.rerank,
+                           stale_max_age_s=serve.stale_max_age_s, log_impression=impressions)
+
+    with one_thread_per_request():
+        for k in range(30):
+            run(k)
+        wall: list[float] = []
+        cpu0 = time.process_time()
+        for k in range(30, 30 + n):
+            t = time.perf_counter()
+            run(k)
+            wall.append((time.perf_counter() - t) * 1000)
+        impressions.flush()
+        cpu_ms = (time.process_time() - cpu0) * 1000 / n
+        if top > 0:
+            prof = cProfile.Profile()
+            prof.enable()
+            for k in range(30, 30 + n):
+                run(k)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    impressions.close()
+    return {"n": n, "scorer": bundle.scorer_name, "cpu_ms": cpu_ms, "p50": float(np.percentile(wall, 50)),
+            "p99": float(np.percentile(wall, 99))}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[4, 8])
@@ -271,6 +324,10 @@ def main() -> int:
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (event loops) for --driver wrk")
     parser.add_argument("--home", type=Path, default=None,
                         help="KAIROS_HOME to build the world in, or to reuse if a previous run built it there")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="only the in-process CPU per request over N requests (no server), then exit")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="TOP",
+                        help="with --profile: also print cProfile's TOP functions by own time")
     args = parser.parse_args()
 
     home = args.home.resolve() if args.home else Path(tempfile.mkdtemp(prefix="kairos-bench-ranking-"))
@@ -315,6 +372,12 @@ def main() -> int:
     users = DeltaLake(settings.lake_uri).read("catalog_users", columns=["user_id"])["user_id"].tolist()
     now_ms = data_clock_ms(settings)
 
+    if args.profile:
+        prof = profile_in_process(settings, users, now_ms, args.profile, args.cprofile)
+        print(f"\nIn-process CPU per request over {prof['n']} requests (time.process_time), ranker on "
+              f"{prof['scorer']}: {prof['cpu_ms']:.3f} ms; wall p50 {prof['p50']:.2f} / p99 {prof['p99']:.2f} ms")
+        redis.stop()
+        return 0
     floor, ranker = in_process_floor(settings, users, now_ms)
     print(f"\nIn-process floor, one request at a time, 200 candidates, ranker on {ranker['scorer']} (p50 / p99 ms):")
     for s, (p50, p99) in floor.items():

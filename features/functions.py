@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping as AbcMapping
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from features.registry import REGISTRY
+from features.registry import REGISTRY, FeatureSpec
 
 SESSION_MAX_ITEMS = 50
 SESSION_HISTORY_FOR_TOWER = 10
@@ -143,20 +143,45 @@ def _parse_counts(raw: str) -> dict[str, float]:
     return json.loads(raw) if raw else {}
 
 
+class WeightMap(dict):
+    """A map column (key -> weight) decoded once, holding the sum of its weights (summed in its stored order, as
+    `sum(values())` would): the online store keeps one per cached item row of a version, so co_engagement's
+    denominator is not summed again for every request."""
+
+    __slots__ = ("total",)
+
+    def __init__(self, pairs: Iterable[tuple[str, float]] = ()) -> None:
+        super().__init__(pairs)
+        self.total = float(sum(self.values()))
+
+
+_UNSET = object()
+
+
+def _as_counts(counts: Any) -> Mapping[str, float] | None:
+    """A counts cell (JSON text, a mapping, None / NaN) as a mapping, or None when no counts are known."""
+    if isinstance(counts, str):
+        return _parse_counts(counts)
+    return counts if isinstance(counts, AbcMapping) else None  # collections.abc: a fast check
+
+
 def category_affinity(user_category_counts: Iterable[str | Mapping[str, float] | None],
                       categories: Iterable[str | None]) -> np.ndarray:
-    """Share of a user's recent clicks that fell in each row's item category."""
+    """Share of a user's recent clicks that fell in each row's item category. A request's rows all carry the same
+    user's counts (one object): it is parsed and summed once, not once per row."""
     out = []
-    for counts, cat in zip(user_category_counts, categories):
-        if isinstance(counts, str):
-            counts = _parse_counts(counts)
-        elif not isinstance(counts, AbcMapping):  # None / NaN: no clicks known (collections.abc: a fast check)
-            counts = None
-        if not counts or not isinstance(cat, str) or not cat:
-            out.append(0.0)
-            continue
-        total = float(sum(counts.values()))
-        out.append(counts.get(cat, 0.0) / total if total > 0 else 0.0)
+    last: Any = _UNSET
+    shares: dict[Any, float] = {}  # category -> its share, for the current counts
+    counts: Mapping[str, float] | None = None
+    total = 0.0
+    for cell, cat in zip(user_category_counts, categories):
+        if cell is not last:
+            last, counts, shares = cell, _as_counts(cell), {}
+            total = float(sum(counts.values())) if counts else 0.0
+        share = shares.get(cat) if isinstance(cat, str) else 0.0
+        if share is None:
+            share = shares[cat] = counts.get(cat, 0.0) / total if counts and cat and total > 0 else 0.0
+        out.append(share)
     return np.asarray(out, dtype=np.float64)
 
 
@@ -193,19 +218,30 @@ def tower_history_column(rows: pd.DataFrame) -> list[str]:
 def co_engagement(co_items: Iterable[str | Mapping[str, float] | None],
                   last_items: Iterable[str | list | tuple | None], limit: int = SESSION_HISTORY_FOR_TOWER) -> np.ndarray:
     """Per row: the share of the item's co-click mass (sessions that clicked both) shared with the
-    `limit` latest items of the history (the session's, or the user's). 0 without history or co-clicks."""
+    `limit` latest items of the history (the session's, or the user's). 0 without history or co-clicks.
+    A request's rows share one history object: it is parsed and cut once, not once per row."""
     out = []
+    last: Any = _UNSET
+    recent: list | tuple = ()
+    zeros: tuple[float, ...] = ()
     for co, hist in zip(co_items, last_items):
-        if isinstance(co, str):
-            co = _parse_counts(co)
-        elif not isinstance(co, AbcMapping):
-            co = None
-        if isinstance(hist, str):
-            hist = _parse_list(hist)
-        if not co or not isinstance(hist, (list, tuple)) or not hist:
+        if hist is not last:
+            last = hist
+            if isinstance(hist, str):
+                hist = _parse_list(hist)
+            recent = hist[:limit] if isinstance(hist, (list, tuple)) and hist else ()
+            zeros = (0.0,) * len(recent)
+        if type(co) is WeightMap:  # the online store's decoded row: its total is already summed
+            if not co or not recent or co.keys().isdisjoint(recent):
+                out.append(0.0)
+                continue
+            shared = sum(map(co.get, recent, zeros))  # co.get(i, 0.0) over the history, in its order
+            out.append(0.0 if shared == 0.0 else shared / (1.0 + co.total))
+            continue
+        co = _as_counts(co)
+        if not co or not recent:
             out.append(0.0)
             continue
-        recent = hist[:limit]
         # a packed row (features.online.PackedMap) finds all the history's keys in one scan of its key blob
         # instead of one search per key; the sum below runs over the history in the same order either way
         found = co.weights_of(recent) if hasattr(co, "weights_of") else co
@@ -253,7 +289,10 @@ def item_age_hours(publish_ts: np.ndarray, now_ms: np.ndarray | int) -> np.ndarr
 
 # --------------------------------------------------------------------------- assembly
 # --------------------------------------------------------------------------- one function per feature
-FeatureFunction = Callable[[pd.DataFrame], np.ndarray]
+# the raw columns a feature function reads: a training frame (pandas) or one request's columns (a dict of arrays
+# and lists, serving.pipeline.build_rows); a function reads them only by name (`rows[col]`, `col in rows`)
+Columns = Any
+FeatureFunction = Callable[[Columns], np.ndarray]
 FEATURE_FUNCTIONS: dict[str, FeatureFunction] = {}
 
 
@@ -265,58 +304,75 @@ def feature_function(name: str) -> Callable[[FeatureFunction], FeatureFunction]:
     return register
 
 
-def _numeric(rows: pd.DataFrame, col: str) -> np.ndarray:
+def _numeric(rows: Columns, col: str) -> np.ndarray:
     column = rows[col]
-    if column.dtype.kind in "fiu":  # already numeric: to_numeric would return it unchanged (~40 us per column)
-        return column.to_numpy(dtype=float)
-    return pd.to_numeric(column, errors="coerce").to_numpy(dtype=float)
+    dtype = getattr(column, "dtype", None)
+    if dtype is not None and dtype.kind in "fiu":  # already numeric: to_numeric would return it unchanged (~40 us)
+        return np.asarray(column, dtype=float)
+    return np.asarray(pd.to_numeric(column, errors="coerce"), dtype=float)
+
+
+def _cells(rows: Columns, col: str) -> list:
+    """A column's values as a list of Python objects (a frame's Series or an array: tolist; a list as it is)."""
+    column = rows[col]
+    return column if isinstance(column, list) else column.tolist()
 
 
 @feature_function("user_account_age_days")
-def _account_age(rows: pd.DataFrame) -> np.ndarray:
+def _account_age(rows: Columns) -> np.ndarray:
     signup = _numeric(rows, "signup_ts")
     return np.where(np.isnan(signup), np.nan, account_age_days(np.nan_to_num(signup), _numeric(rows, "request_ts")))
 
 
 @feature_function("item_age_hours")
-def _item_age(rows: pd.DataFrame) -> np.ndarray:
+def _item_age(rows: Columns) -> np.ndarray:
     publish = _numeric(rows, "publish_ts")
     return np.where(np.isnan(publish), np.nan, item_age_hours(np.nan_to_num(publish), _numeric(rows, "request_ts")))
 
 
 @feature_function("user_category_affinity")
-def _category_affinity(rows: pd.DataFrame) -> np.ndarray:
-    return category_affinity(rows["user_category_clicks_30d"].tolist(), rows["category"].tolist())
+def _category_affinity(rows: Columns) -> np.ndarray:
+    return category_affinity(_cells(rows, "user_category_clicks_30d"), _cells(rows, "category"))
 
 
 @feature_function("user_category_pref_decayed")
-def _category_pref_decayed(rows: pd.DataFrame) -> np.ndarray:
-    return category_affinity(rows["user_category_decayed_30d"].tolist(), rows["category"].tolist())
+def _category_pref_decayed(rows: Columns) -> np.ndarray:
+    return category_affinity(_cells(rows, "user_category_decayed_30d"), _cells(rows, "category"))
 
 
 @feature_function("co_engagement")
-def _co_engagement(rows: pd.DataFrame) -> np.ndarray:
-    return co_engagement(rows["co_items_30d"].tolist(), rows["session_last_items"].tolist())
+def _co_engagement(rows: Columns) -> np.ndarray:
+    return co_engagement(_cells(rows, "co_items_30d"), _cells(rows, "session_last_items"))
 
 
 @feature_function("user_history_co_engagement")
-def _history_co_engagement(rows: pd.DataFrame) -> np.ndarray:
-    return co_engagement(rows["co_items_30d"].tolist(), rows["user_recent_items"].tolist(), limit=USER_HISTORY_ITEMS)
+def _history_co_engagement(rows: Columns) -> np.ndarray:
+    return co_engagement(_cells(rows, "co_items_30d"), _cells(rows, "user_recent_items"), limit=USER_HISTORY_ITEMS)
 
 
 @feature_function("hour_of_day")
-def _hour(rows: pd.DataFrame) -> np.ndarray:
-    return context_features(rows["request_ts"].to_numpy(dtype=np.int64), "mobile")["hour_of_day"]
+def _hour(rows: Columns) -> np.ndarray:
+    return context_features(np.asarray(rows["request_ts"], dtype=np.int64), "mobile")["hour_of_day"]
 
 
 @feature_function("day_of_week")
-def _weekday(rows: pd.DataFrame) -> np.ndarray:
-    return context_features(rows["request_ts"].to_numpy(dtype=np.int64), "mobile")["day_of_week"]
+def _weekday(rows: Columns) -> np.ndarray:
+    return context_features(np.asarray(rows["request_ts"], dtype=np.int64), "mobile")["day_of_week"]
 
 
 @feature_function("device_code")
-def _device(rows: pd.DataFrame) -> np.ndarray:
+def _device(rows: Columns) -> np.ndarray:
     return np.array([DEVICE_CODES.get(d, 0.0) if isinstance(d, str) else 0.0 for d in rows["device_type"]], dtype=float)
+
+
+def _feature_values(rows: Columns, spec: FeatureSpec, n: int) -> np.ndarray:
+    """One feature over `n` rows: its function over its declared inputs (or the column of its name), the registry
+    default where an input column is absent or a value unknown."""
+    if not all(c in rows for c in spec.input_columns):
+        return np.full(n, float(spec.default))
+    fn = FEATURE_FUNCTIONS.get(spec.name)
+    values = np.asarray(fn(rows), dtype=float) if fn is not None else _numeric(rows, spec.name)
+    return np.where(np.isnan(values), float(spec.default), values)
 
 
 def assemble_features(rows: pd.DataFrame) -> pd.DataFrame:
@@ -326,15 +382,26 @@ def assemble_features(rows: pd.DataFrame) -> pd.DataFrame:
     so adding a feature is one declaration in the registry plus, if it is not a plain column, one function.
     """
     n = len(rows)
-    out: dict[str, np.ndarray] = {}
-    for spec in REGISTRY:
-        if not all(c in rows for c in spec.input_columns):
-            out[spec.name] = np.full(n, float(spec.default))
-            continue
-        fn = FEATURE_FUNCTIONS.get(spec.name)
-        values = np.asarray(fn(rows), dtype=float) if fn is not None else _numeric(rows, spec.name)
-        out[spec.name] = np.where(np.isnan(values), float(spec.default), values)
-    return pd.DataFrame(out, index=rows.index)
+    return pd.DataFrame({spec.name: _feature_values(rows, spec, n) for spec in REGISTRY}, index=rows.index)
+
+
+@lru_cache(maxsize=64)
+def _specs_of(names: tuple[str, ...]) -> tuple[FeatureSpec, ...]:
+    """The registry declarations of a model's feature columns, in its order: looked up once per column order (one
+    per model version), not per request. KeyError for a column the registry does not declare."""
+    by_name = {spec.name: spec for spec in REGISTRY}
+    return tuple(by_name[name] for name in names)
+
+
+def feature_matrix(rows: Columns, n: int, names: Sequence[str]) -> np.ndarray:
+    """float64 [n, len(names)]: column j is the feature names[j], computed exactly as assemble_features computes it
+    (the same function and default), laid out in the ranker's column order, so a request's rows go to the ranker
+    with no frame built and no reorder. `rows` holds the raw columns (serving.pipeline.build_rows)."""
+    specs = _specs_of(tuple(names))
+    out = np.empty((n, len(specs)), dtype=np.float64)
+    for j, spec in enumerate(specs):
+        out[:, j] = _feature_values(rows, spec, n)
+    return out
 
 
 __all__ = [name for name in dir() if not name.startswith("_")] + ["REGISTRY"]

@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from features.functions import WeightMap
 from features.registry import (ITEM_JSON_COLUMNS, ITEM_STORE_COLUMNS, USER_HISTORY_COLUMNS, USER_JSON_COLUMNS,
                                USER_STORE_COLUMNS)
 from ground.settings import redis_client
@@ -393,9 +394,12 @@ class ItemCodec:
 
     # -- decode
     def decode(self, raws: Sequence[bytes], columns: Sequence[str],
-               text_values: Callable[[str, int], np.ndarray]) -> dict[str, np.ndarray]:
+               text_values: Callable[[str, int], np.ndarray],
+               known: Mapping[str, Sequence[Any]] | None = None) -> dict[str, np.ndarray]:
         """Packed rows -> {column: array aligned with raws} for `columns` (floats with NaN, object arrays for
-        text and maps). text_values(column, highest code) gives the column's value table [None, v1, ...]."""
+        text and maps). text_values(column, highest code) gives the column's value table [None, v1, ...].
+        known[map column][r], when not None, is row r's map already decoded (the online store's cache): served as
+        it is where the row holds the map, instead of a new PackedMap."""
         n = len(raws)
         size = self.head_dtype.itemsize
         heads = np.frombuffer(b"".join([r[:size] for r in raws]), dtype=self.head_dtype) if n else \
@@ -421,8 +425,12 @@ class ItemCodec:
                 arr = np.empty(n, dtype=object)
                 cnt, beg, kl, has = counts[:, k].tolist(), start[:, k].tolist(), heads["klen"][:, k].tolist(), \
                     present[:, k].tolist()
+                pre = (known or {}).get(col) or [None] * n
                 for r in range(n):  # element-wise: numpy would otherwise read each Mapping as a sequence
                     if has[r]:
+                        if pre[r] is not None:
+                            arr[r] = pre[r]
+                            continue
                         w = beg[r] + 4 * cnt[r]
                         arr[r] = PackedMap(raws[r], beg[r], cnt[r], w, w + kl[r])
                 out[col] = arr
@@ -447,6 +455,10 @@ class VersionState:
     seq: int = 0
     fresh: tuple[list[str], np.ndarray] | None = None  # newest FRESH_WINDOW (ids, publish_ts) at (epoch, seq)
     texts: dict[str, np.ndarray] = field(default_factory=dict)
+    # (map column, epoch, item_id) -> the row's map decoded once (features.functions.WeightMap, its total summed):
+    # held with the version, so a version switch drops them with it; an epoch change or an incremental write
+    # drops them as it drops the packed rows; at most the store's item_cache_rows of them
+    maps: dict[tuple[str, str, str], WeightMap] = field(default_factory=dict)
 
 
 class ItemTable:
@@ -903,7 +915,7 @@ class OnlineStore:
             return
         if epoch != state.epoch:  # (re)written whole: cached rows are keyed by epoch and simply stop matching
             with self._lock:
-                state.epoch, state.seq, state.fresh, state.texts = epoch, seq, None, {}
+                state.epoch, state.seq, state.fresh, state.texts, state.maps = epoch, seq, None, {}, {}
             return
         if seq < state.seq:
             return
@@ -911,6 +923,8 @@ class OnlineStore:
         with self._lock:
             for iid in changed:
                 self._rows.pop((version, epoch, iid), None)
+                for col in state.codec.maps:
+                    state.maps.pop((col, epoch, iid), None)
             state.seq, state.fresh = seq, None
 
     def _item_columns(self, state: VersionState, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
@@ -945,8 +959,38 @@ class OnlineStore:
                         while len(self._rows) > self.item_cache_rows:
                             self._rows.popitem(last=False)
             found.update(fetched)
-        return state.codec.decode([found[i] for i in item_ids], ITEM_STORE_COLUMNS,
-                                  lambda col, top: self._text_values(state, col, top))
+        cache = state.maps
+        known = {col: [cache.get((col, epoch, i)) for i in item_ids] for col in state.codec.maps}
+        cols = state.codec.decode([found[i] for i in item_ids], ITEM_STORE_COLUMNS,
+                                  lambda col, top: self._text_values(state, col, top), known)
+        for col in state.codec.maps:
+            if col in cols:
+                self._weight_maps(state, epoch, seq, col, item_ids, cols[col])
+        return cols
+
+    def _weight_maps(self, state: VersionState, epoch: str, seq: int, column: str, item_ids: Sequence[str],
+                     rows: np.ndarray) -> None:
+        """A map column's rows (in place) as WeightMaps, each decoded once per (version, epoch, item) and then read
+        from the version's cache (decode serves the cached ones): a request's ~200 candidates cost dict lookups, not
+        ~200 key-blob searches and sums. New ones are kept only if no write raced this read (the rule of the packed
+        rows)."""
+        cache = state.maps
+        new: dict[tuple[str, str, str], WeightMap] = {}
+        for r, iid in enumerate(item_ids):
+            row = rows[r]
+            if row is None or type(row) is WeightMap:
+                continue
+            key = (column, epoch, iid)
+            hit = new.get(key)
+            if hit is None:
+                hit = new[key] = WeightMap(row.items())
+            rows[r] = hit
+        if new and self.item_cache_rows:
+            with self._lock:
+                if state.epoch == epoch and state.seq == seq:
+                    cache.update(new)
+                    while len(cache) > self.item_cache_rows:
+                        del cache[next(iter(cache))]  # the oldest decoded first
 
     def _text_values(self, state: VersionState, column: str, top: int) -> np.ndarray:
         """The value table [None, v1, v2, ...] of a text column, re-read when a code is past what we hold

@@ -50,14 +50,14 @@ POPULARITY_PRIOR = "popularity_prior"
 SESSION_FEATURE = "session_length"  # > 0: the request comes from a live session
 
 
-def prior_weights(prior: dict[str, Any], features: pd.DataFrame) -> np.ndarray | float:
+def prior_weights(prior: dict[str, Any], features: Any) -> np.ndarray | float:
     """Per row: the session weight where the row has a live session, else the home weight. Inside a session
     its own clicks say what comes next (co-visitation, session intent), so popularity gets its own, usually
     smaller, weight; a prior without `session_weight` applies `weight` everywhere."""
     weight = float(prior.get("weight", 0.0))
     if "session_weight" not in prior or SESSION_FEATURE not in features:
         return weight
-    live = features[SESSION_FEATURE].to_numpy(dtype=np.float64) > 0
+    live = np.asarray(features[SESSION_FEATURE], dtype=np.float64) > 0  # a frame's column or an array
     return np.where(live, float(prior["session_weight"]), weight)
 
 
@@ -179,18 +179,30 @@ class Bundle:
         keep = idx[0] >= 0
         return [self.item_ids[i] for i in idx[0][keep]], scores[0][keep]
 
+    @property
+    def ranker_columns(self) -> tuple[str, ...]:
+        """The ranker's input columns, in its order (the manifest's, else the registry's)."""
+        return tuple(self.manifest.get("ranker_features") or ranker_feature_names())
+
     def rank(self, features: pd.DataFrame) -> np.ndarray:
         """Ranker scores for a feature frame in registry order (see features.functions.assemble_features),
         fused with the popularity prior the manifest names (`POPULARITY_PRIOR`; none = the ranker alone)."""
-        cols = self.manifest.get("ranker_features", ranker_feature_names())
-        values = features[cols].to_numpy(dtype=np.float64)
+        return self._score(features[list(self.ranker_columns)].to_numpy(dtype=np.float64), features)
+
+    def rank_matrix(self, values: np.ndarray) -> np.ndarray:
+        """`rank` for a float64 matrix already in `ranker_columns` order (features.functions.feature_matrix): the
+        request path's form, with no frame and no reorder; the same scores as `rank` on the same features."""
+        return self._score(values, dict(zip(self.ranker_columns, values.T)))
+
+    def _score(self, values: np.ndarray, features: Any) -> np.ndarray:
+        """The ranker over `values` (ranker_columns order), then the prior over `features` (columns by name)."""
         scorer = self.scorer
         scores = scorer(values) if scorer is not None else self.ranker.predict(values, num_threads=1)
         prior = self.manifest.get(POPULARITY_PRIOR) or {}
         if prior.get("feature") in features:
             weight = prior_weights(prior, features)
             if np.any(weight):
-                scores = fuse_popularity_prior(scores, features[prior["feature"]].to_numpy(dtype=np.float64), weight)
+                scores = fuse_popularity_prior(scores, np.asarray(features[prior["feature"]], dtype=np.float64), weight)
         return scores
 
     def popular(self, n: int, segment: str | None = None, region: str | None = None) -> list[str]:

@@ -2,8 +2,8 @@
 
     validate -> features + session (one Redis round trip) -> session-aware user vector
     -> candidates (FAISS ANN + popular, deduplicated, engaged items removed, capped)
-    -> rows (user, item, session, context, embedding affinity) -> features.functions.assemble_features
-    -> LightGBM (bundle.rank) -> top num_results
+    -> rows (user, item, session, context, embedding affinity) -> features.functions.feature_matrix (the ranker's
+    column order) -> LightGBM / lleaves (bundle.rank_matrix) -> top num_results
 
 Every request answers (DESIGN invariant 5); `served_by` says which path served it:
     two_stage                                   the normal path
@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
-import pandas as pd
 
-from features.functions import SESSION_HISTORY_FOR_TOWER, assemble_features, session_features, tower_history
+from features.functions import SESSION_HISTORY_FOR_TOWER, feature_matrix, session_features, tower_history
 from features.history import USER_RECENT_ITEMS
 from features.registry import ITEM_STORE_COLUMNS, USER_JSON_COLUMNS, USER_STORE_COLUMNS
 from serving.candidates import DEFAULT_CHANNELS, Channel, channels_for_budget, co_visitation, fresh_items, run_channels
@@ -129,9 +128,11 @@ def consumed_history(user_row: Mapping[str, Any] | None) -> list[str]:
 
 def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | None, candidates: list[str],
                item_cols: Mapping[str, np.ndarray], affinity: np.ndarray, now_ms: int, device_type: str,
-               recent: list[str] | None = None) -> pd.DataFrame:
-    """The raw per-candidate frame assemble_features expects (store columns, not features); `recent` = the
-    user's latest consumed items (features.history.USER_RECENT_ITEMS of them, most recent first)."""
+               recent: list[str] | None = None) -> dict[str, Any]:
+    """The raw per-candidate columns the feature functions read (store columns, not features), as arrays and lists
+    aligned with `candidates` (no frame: features.functions.feature_matrix reads them by name; pd.DataFrame(...) of
+    them is what assemble_features takes); `recent` = the user's latest consumed items
+    (features.history.USER_RECENT_ITEMS of them, most recent first)."""
     n = len(candidates)
     data: dict[str, Any] = {"item_id": candidates}
     user_row = user_row or {}
@@ -150,7 +151,7 @@ def build_rows(user_row: Mapping[str, Any] | None, session: Mapping[str, Any] | 
     data["request_ts"] = np.full(n, int(now_ms), dtype=np.int64)
     data["device_type"] = [device_type] * n
     data["embedding_affinity"] = affinity.astype(np.float64)
-    return pd.DataFrame(data)
+    return data
 
 
 @dataclass
@@ -178,7 +179,9 @@ class Trace:
     query: Any = None  # the session-aware user vector
     candidates: list[str] = field(default_factory=list)
     vectors: Any = None
-    feats: Any = None
+    feats: Any = None  # float64 [candidates, features] in the ranker's column order (`feature_names`)
+    feature_names: tuple[str, ...] = ()
+    categories: list = field(default_factory=list)  # each candidate's category, as its item row decoded it
     scores: Any = None
 
 
@@ -331,10 +334,14 @@ def _rank(tr: Trace, bundle: Any) -> None:
     t = time.perf_counter()
     tr.vectors = bundle.item_vectors(tr.candidates)
     affinity = tr.vectors @ tr.query
-    rows = build_rows(tr.user_row, tr.session, tr.candidates, tr.table.columns_for(tr.candidates), affinity, tr.now_ms,
-                      tr.req["device_type"], tr.consumed)
-    tr.feats = assemble_features(rows)
-    tr.scores = np.asarray(bundle.rank(tr.feats), dtype=np.float64)
+    item_cols = tr.table.columns_for(tr.candidates)
+    tr.categories = item_cols["category"].tolist()
+    rows = build_rows(tr.user_row, tr.session, tr.candidates, item_cols, affinity, tr.now_ms, tr.req["device_type"],
+                      tr.consumed)
+    # the features straight into the ranker's column order (the shared feature functions, no frame, no reorder)
+    tr.feature_names = bundle.ranker_columns
+    tr.feats = feature_matrix(rows, len(tr.candidates), tr.feature_names)
+    tr.scores = np.asarray(bundle.rank_matrix(tr.feats), dtype=np.float64)
     if tr.scores.shape[0] != len(tr.candidates) or not np.all(np.isfinite(tr.scores)):
         raise RuntimeError("ranker returned malformed scores")
     tr.lat["ranking_inference"] = _ms(time.perf_counter() - t)
@@ -353,7 +360,7 @@ def _post_process(tr: Trace, keep_features: bool) -> list[dict]:
                                        slot_share=cfg.intent_slot_share)
     if intent:
         tr.response["rerank"] = intent
-    category = {i: tr.table.category.get(candidates[i]) for i in range(len(candidates))}
+    category = dict(enumerate(tr.categories))  # = table.category.get(candidate), read in stage 3
     top = limit_category_runs(top, [int(i) for i in diversified], category, cfg.max_category_run)
     rng = request_rng(tr.response["request_id"])
     if cfg.exploration == "thompson":
@@ -364,10 +371,9 @@ def _post_process(tr: Trace, keep_features: bool) -> list[dict]:
     items = [{"item_id": candidates[i], "score": round(float(scores[i]), 6), "rank": r + 1,
               "propensity": round(float(propensity[r]), 6)} for r, i in enumerate(top)]
     if keep_features:  # the exact values the ranker scored, for the log and the skew check
-        values = tr.feats.to_numpy(dtype=np.float64)
-        names = list(tr.feats.columns)
-        for i in top:
-            tr.shown_features[candidates[i]] = {name: float(v) for name, v in zip(names, values[i])}
+        names = tr.feature_names
+        for i, values in zip(top, tr.feats[top].tolist()):
+            tr.shown_features[candidates[i]] = dict(zip(names, values))
     tr.lat["post_processing"] = _ms(time.perf_counter() - t)
     return items
 

@@ -374,3 +374,31 @@ def test_a_session_is_read_only_by_its_owner(redis_client) -> None:
     assert store.fetch("other-u", "shared-s")[1] is None
     redis_client.set(session_key("free-s"), _json.dumps({"last_items": ["i2"], "length": 1}))  # no owner yet
     assert store.fetch("anyone", "free-s")[1]["last_items"] == ["i2"]
+
+
+def test_decoded_co_item_maps_are_cached_per_version_and_follow_writes(redis_client: redis.Redis) -> None:
+    """A row's co-item map is decoded once per (version, epoch) into a WeightMap held with the version (the same
+    object on the next read, its total summed); an incremental write of the row replaces it, a new version
+    serves its own and the old version's maps go with the old version."""
+    from features.functions import WeightMap
+
+    OnlineStore(redis_client).materialize(_users(1), _items(10), version="v1")
+    store = OnlineStore(redis_client)
+    store.fetch("u00000", None)
+    first = store.item_table("v1").columns_for(["i00001", "i00000", "i00002"])["co_items_30d"]
+    assert first[1] is None and isinstance(first[0], WeightMap)
+    assert dict(first[0]) == {"i00002": 3.0, "i00003": 1.0} and first[0].total == 4.0
+    again = store.item_table("v1").columns_for(["i00001"])["co_items_30d"]
+    assert again[0] is first[0]  # the version's cached map, not decoded again
+    OnlineStore(redis_client).write_items(pd.DataFrame({"item_id": ["i00001"],
+                                                        "co_items_30d": [json.dumps({"i00009": 2.5})]}))
+    store.fetch("u00000", None)  # the round trip that carries the version's rev
+    moved = store.item_table("v1").columns_for(["i00001", "i00002"])["co_items_30d"]
+    assert dict(moved[0]) == {"i00009": 2.5} and moved[0].total == 2.5
+    assert moved[1] is first[2]  # rows the write did not touch stay cached
+    OnlineStore(redis_client).materialize(_users(1), _items(10, clicks=1.0), version="v2")
+    store.fetch("u00000", None)  # adopts v2
+    fresh = store.item_table("v2").columns_for(["i00001"])["co_items_30d"]
+    assert dict(fresh[0]) == {"i00002": 3.0, "i00003": 1.0} and fresh[0] is not first[0]
+    assert set(store._states) == {"v1", "v2"} and all(k[1] == store._states["v2"].epoch
+                                                      for k in store._states["v2"].maps)
