@@ -367,7 +367,7 @@ def _post_process(tr: Trace, keep_features: bool) -> list[dict]:
         top, propensity = thompson(top, [int(i) for i in order[:pool]], scores, cfg.thompson_strength, rng,
                                    cfg.thompson_draws)
     else:
-        top, propensity = explore(top, [int(i) for i in order[:pool]], cfg.epsilon, rng, cfg.explore_tail)
+        top, propensity = explore(top, [int(i) for i in order[:pool]], cfg.epsilon, rng, cfg.explore_from)
     items = [{"item_id": candidates[i], "score": round(float(scores[i]), 6), "rank": r + 1,
               "propensity": round(float(propensity[r]), 6)} for r, i in enumerate(top)]
     if keep_features:  # the exact values the ranker scored, for the log and the skew check
