@@ -170,7 +170,7 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
     from models.bundle import POPULARITY_PRIOR, SIMILARITY_PRIOR
     from serving.rerank import RerankConfig
     from training.served_eval import evaluate_catalog, fit_popularity_prior, similarity_prior
-    from training.trainer import assemble_bundle
+    from training.trainer import SIMILARITY_SERVE_SPLITS, assemble_bundle, item_similarity
 
     store = lake.lake()
     rerank = RerankConfig.from_env()  # evaluated with the re-ranking the server is configured with
@@ -188,6 +188,7 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
                                      rerank=rerank)
     candidate.manifest[POPULARITY_PRIOR] = {k: prior.get(k, 0.0) for k in ("feature", "weight", "session_weight")}
     candidate.manifest[SIMILARITY_PRIOR] = similarity_prior(prior)
+    candidate.similarity = item_similarity(frame, SIMILARITY_SERVE_SPLITS)  # weight fitted: counts up to the test window
     context.log.info(f"popularity prior fitted on the validation window ({prior.get('validation_users', 0)} users, "
                      f"{prior.get('session_cases', 0)} session prefixes) in {time.perf_counter() - t:.1f}s: weight "
                      f"{prior['weight']} ({prior.get('ndcg_by_weight') or prior.get('reason')}), in sessions "
@@ -306,7 +307,7 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
     from models.bundle import POPULARITY_PRIOR, SIMILARITY_PRIOR
     from training.registry import register_bundle
     from training.served_eval import similarity_prior
-    from training.trainer import assemble_bundle
+    from training.trainer import SIMILARITY_SERVE_SPLITS, assemble_bundle, item_similarity
 
     frame, items, users, pins = _load_training_inputs(lake)
     store = lake.lake()
@@ -325,6 +326,7 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
                                        POPULARITY_PRIOR: {"feature": prior.get("feature"), "weight": float(prior.get("weight", 0.0)),
                                                           "session_weight": float(prior.get("session_weight", 0.0))},
                                        SIMILARITY_PRIOR: similarity_prior(prior)})
+    bundle.similarity = item_similarity(frame, SIMILARITY_SERVE_SPLITS)  # what model_evaluation evaluated
     bundle_dir = bundle.save(artifacts.path("bundles", context.run_id))
     params = {"training_rows": len(frame), "git_sha": tags["git.sha"],
               **{f"two_tower.{k}": v for k, v in (getattr(two_tower_model, "config", None) or {}).items()},

@@ -19,10 +19,17 @@ from training.two_tower import TwoTowerConfig, TwoTowerResult, train_two_tower
 log = logging.getLogger("kairos.trainer")
 
 
-def item_similarity(frame: pd.DataFrame) -> ItemSimilarity | None:
-    """SAR item-item similarity of the train split's positives (models/item_similarity.py): fitted before the
-    validation window, so the weight model_evaluation fits for it there is not fitted on what it saw."""
-    train = frame[frame["split"] == "train"] if "split" in frame else frame
+# which splits' positives the SAR similarity counts: the train split while its fused weight is fitted on the
+# validation window (so the fit never scores what the artifact saw), then everything before the test window for
+# the bundle that is evaluated at the test window's start and registered (the weight chosen, the counts refreshed,
+# as the online store's item features are refreshed up to that time)
+SIMILARITY_FIT_SPLITS: tuple[str, ...] = ("train",)
+SIMILARITY_SERVE_SPLITS: tuple[str, ...] = ("train", "validation")
+
+
+def item_similarity(frame: pd.DataFrame, splits: tuple[str, ...] = SIMILARITY_FIT_SPLITS) -> ItemSimilarity | None:
+    """SAR item-item similarity of the positives of `splits` (models/item_similarity.py); None without any."""
+    train = frame[frame["split"].isin(splits)] if "split" in frame else frame
     pos = train[(train["label_binary"] == 1) & train["user_id"].notna() & train["item_id"].notna()]
     if not len(pos):
         return None
