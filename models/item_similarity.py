@@ -63,6 +63,9 @@ class ItemSimilarity:
     item_ids: list[str]
     matrix: sp.csr_matrix
     row: dict[str, int] = field(init=False, repr=False)
+    # the last history's scores: a request asks twice (retrieval, then ranking) for the same history; one tuple,
+    # swapped whole, so concurrent requests never read another history's scores
+    _last: tuple[tuple[str, ...], np.ndarray] | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self.row = {item: i for i, item in enumerate(self.item_ids)}
@@ -81,10 +84,15 @@ class ItemSimilarity:
 
     def scores(self, history: Sequence[str]) -> np.ndarray:
         """Per known item (self.item_ids order): the sum of its similarity to the history's known items."""
+        key = tuple(history)
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1]
         rows = sorted({self.row[h] for h in history if h in self.row})
-        if not rows:
-            return np.zeros(len(self.item_ids))
-        return np.asarray(self.matrix[rows].sum(axis=0)).ravel()
+        out = np.asarray(self.matrix[rows].sum(axis=0)).ravel() if rows else np.zeros(len(self.item_ids))
+        out.flags.writeable = False
+        self._last = (key, out)
+        return out
 
     def affinity(self, history: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
         """Per candidate: its summed similarity to the history (0 for items the artifact does not know)."""
