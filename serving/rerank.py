@@ -136,6 +136,12 @@ def limit_category_runs(picked: list[int], backlog: list[int], category: Mapping
     return out
 
 
+def exploration_rate(epsilon: float, first: int) -> float:
+    """Each explorable slot's probability when only slots from `first` on explore a screen's epsilon budget."""
+    first = min(max(1, first), EXPLORATION_SCREEN - 1)
+    return min(1.0, epsilon * (EXPLORATION_SCREEN - 1) / (EXPLORATION_SCREEN - first))
+
+
 def explore(picked: list[int], pool: list[int], epsilon: float, rng: np.random.Generator,
             first: int = 1) -> tuple[list[int], list[float]]:
     """Epsilon-greedy slots (slot 0 is always exploited); returns the list and each item's propensity.
@@ -151,7 +157,7 @@ def explore(picked: list[int], pool: list[int], epsilon: float, rng: np.random.G
     others = [p for p in pool if p not in set(picked)]
     n_alt = len(others)
     first = min(max(1, first), EXPLORATION_SCREEN - 1)
-    rate = min(1.0, epsilon * (EXPLORATION_SCREEN - 1) / (EXPLORATION_SCREEN - first))
+    rate = exploration_rate(epsilon, first)
     for slot in range(first, len(out)):
         if rng.random() < rate and others:
             j = int(rng.integers(len(others)))
@@ -189,4 +195,4 @@ def thompson(picked: list[int], pool: list[int], scores: np.ndarray, strength: f
     return out, props
 
 
-__all__ = ["ENV_VARS", "EXPLORATIONS", "RerankConfig", "explore", "limit_category_runs", "mmr", "request_rng", "thompson"]
+__all__ = ["ENV_VARS", "EXPLORATIONS", "EXPLORATION_SCREEN", "RerankConfig", "exploration_rate", "explore", "limit_category_runs", "mmr", "request_rng", "thompson"]
