@@ -376,6 +376,7 @@ class OPEConfig(Config):
     # the challenger's policy over the logged slate (monitoring/ope.slate_target_probabilities): epsilon-greedy
     # like serving/rerank.explore; < 0 = the serving default (KAIROS_EXPLORATION_EPSILON)
     epsilon: float = -1.0
+    explore_from: int = -1  # the first slot that explores (serving/rerank.py); < 0 = KAIROS_EXPLORATION_FROM's
     temperature: float = 0.0   # > 0: a softmax (Plackett-Luce) policy over the challenger's scores
     max_weight: float = 10.0
     n_bootstrap: int = 500
@@ -411,7 +412,7 @@ def off_policy_evaluation(context: AssetExecutionContext, config: OPEConfig, lak
                           mlflow: MlflowResource) -> MaterializeResult:
     from models.registry import CHALLENGER, CHAMPION, alias_version, load_alias
     from monitoring.ope import evaluate_policy, slate_target_probabilities
-    from serving.rerank import RerankConfig
+    from serving.rerank import RerankConfig, exploration_rate
 
     settings = mlflow.settings()
     champion, challenger = alias_version(settings, CHAMPION), alias_version(settings, CHALLENGER)
@@ -429,16 +430,19 @@ def off_policy_evaluation(context: AssetExecutionContext, config: OPEConfig, lak
         return MaterializeResult(metadata={**base, "status": "no_traffic"})
     rows = _attributed(store, log, config.attribution_window_hours)
     bundle = load_alias(settings, CHALLENGER)
-    epsilon = config.epsilon if config.epsilon >= 0 else RerankConfig.from_env().epsilon  # what serving was told
+    serving = RerankConfig.from_env()  # what serving was told
+    epsilon = config.epsilon if config.epsilon >= 0 else serving.epsilon
+    first = config.explore_from if config.explore_from >= 0 else serving.explore_from
     scores = challenger_scores(bundle, rows)
-    target = slate_target_probabilities(rows, scores.to_numpy(), epsilon=epsilon, temperature=config.temperature)
+    target = slate_target_probabilities(rows, scores.to_numpy(), epsilon=exploration_rate(epsilon, first),
+                                        temperature=config.temperature, first=first)
     result = evaluate_policy(rows.assign(reward=rows["clicked"].astype(float)), target, max_weight=config.max_weight,
                              n_bootstrap=config.n_bootstrap, seed=config.seed)
     context.log.info(f"OPE of challenger v{challenger} on {result.n} logged rows: IPS {result.ips:.4f} "
                      f"{result.ci['ips']}, SNIPS {result.snips:.4f}, logged CTR {result.logged_value:.4f}, "
                      f"ESS {result.ess:.1f}")
     return MaterializeResult(metadata={
-        **base, "status": "estimated", **result.as_metadata(), "epsilon": epsilon, "temperature": config.temperature,
+        **base, "status": "estimated", **result.as_metadata(), "epsilon": epsilon, "explore_from": first, "temperature": config.temperature,
         "snips_lift_over_logged": round(result.snips - result.logged_value, 6),
         "logged_model_versions": MetadataValue.json(rows["model_version"].astype(str).value_counts().to_dict()),
     })

@@ -167,10 +167,10 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
     """The served top-K over the whole catalog at the test window's start, beside the baselines (training/served_eval.py)."""
     import time
 
-    from models.bundle import POPULARITY_PRIOR
+    from models.bundle import POPULARITY_PRIOR, SIMILARITY_PRIOR
     from serving.rerank import RerankConfig
-    from training.served_eval import evaluate_catalog, fit_popularity_prior
-    from training.trainer import assemble_bundle
+    from training.served_eval import evaluate_catalog, fit_popularity_prior, similarity_prior
+    from training.trainer import SIMILARITY_SERVE_SPLITS, assemble_bundle, item_similarity
 
     store = lake.lake()
     rerank = RerankConfig.from_env()  # evaluated with the re-ranking the server is configured with
@@ -187,10 +187,13 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
         prior = fit_popularity_prior(candidate, *lake_frames, int(valid["timestamp"].min()), split_ms, k=config.k,
                                      rerank=rerank)
     candidate.manifest[POPULARITY_PRIOR] = {k: prior.get(k, 0.0) for k in ("feature", "weight", "session_weight")}
+    candidate.manifest[SIMILARITY_PRIOR] = similarity_prior(prior)
+    candidate.similarity = item_similarity(frame, SIMILARITY_SERVE_SPLITS)  # weight fitted: counts up to the test window
     context.log.info(f"popularity prior fitted on the validation window ({prior.get('validation_users', 0)} users, "
                      f"{prior.get('session_cases', 0)} session prefixes) in {time.perf_counter() - t:.1f}s: weight "
                      f"{prior['weight']} ({prior.get('ndcg_by_weight') or prior.get('reason')}), in sessions "
-                     f"{prior.get('session_weight', 0.0)} ({prior.get('p20_by_session_weight') or prior.get('session_reason')})")
+                     f"{prior.get('session_weight', 0.0)} ({prior.get('p20_by_session_weight') or prior.get('session_reason')}); "
+                     f"item similarity {prior.get('similarity')}")
     t = time.perf_counter()
     result = evaluate_catalog({"served": candidate, "champion": champion}, *lake_frames, split_ms,
                               k=config.k, ablations=config.ablations, sessions=config.sessions,
@@ -207,7 +210,7 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
 @asset(deps=[TRAINING_SET, ITEMS, USERS, LABELS, SILVER, USER_FEATURES, ITEM_FEATURES], group_name=GROUP,
        code_version=source_version(__file__, "training/evaluation.py", "training/gates.py", "training/catalog_eval.py",
                                    "training/baselines.py", "training/served_eval.py", "serving/offline.py",
-                                   "serving/pipeline.py"),
+                                   "serving/pipeline.py", "models/item_similarity.py"),
        description="Test-window metrics of the two-stage model beside popularity, logistic regression and two-tower alone.")
 def model_evaluation(context: AssetExecutionContext, config: CatalogEvalConfig, two_tower_model: Any, ranker_model: Any,
                      faiss_index: bytes, lake: LakeResource, mlflow: MlflowResource, artifacts: ArtifactsResource) -> Output:
@@ -292,6 +295,7 @@ def validation_gate(context: AssetExecutionContext, config: GateSettings, model_
 
 @asset(deps=[BRONZE, SILVER, LABELS, USER_FEATURES, ITEM_FEATURES, TRAINING_SET, ITEMS, USERS], group_name=GROUP,
        code_version=source_version(__file__, "training/trainer.py", "models/bundle.py", "models/two_tower.py",
+                                   "models/item_similarity.py",
                                    "training/registry.py", "models/registry.py", "compliance/lineage.py"),
        check_specs=[AssetCheckSpec("lineage_complete", asset="registered_model",
                                    description="Every Delta version the model read is credited to the Dagster run that wrote it.")],
@@ -300,9 +304,10 @@ def validation_gate(context: AssetExecutionContext, config: GateSettings, model_
 def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss_index: bytes, ranker_model: Any,
                      model_evaluation: dict, validation_gate: Any, lake: LakeResource, mlflow: MlflowResource,
                      artifacts: ArtifactsResource):
-    from models.bundle import POPULARITY_PRIOR
+    from models.bundle import POPULARITY_PRIOR, SIMILARITY_PRIOR
     from training.registry import register_bundle
-    from training.trainer import assemble_bundle
+    from training.served_eval import similarity_prior
+    from training.trainer import SIMILARITY_SERVE_SPLITS, assemble_bundle, item_similarity
 
     frame, items, users, pins = _load_training_inputs(lake)
     store = lake.lake()
@@ -319,7 +324,9 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
                                        "dagster_run_id": context.run_id,
                                        # the weight model_evaluation fitted on validation and evaluated with
                                        POPULARITY_PRIOR: {"feature": prior.get("feature"), "weight": float(prior.get("weight", 0.0)),
-                                                          "session_weight": float(prior.get("session_weight", 0.0))}})
+                                                          "session_weight": float(prior.get("session_weight", 0.0))},
+                                       SIMILARITY_PRIOR: similarity_prior(prior)})
+    bundle.similarity = item_similarity(frame, SIMILARITY_SERVE_SPLITS)  # what model_evaluation evaluated
     bundle_dir = bundle.save(artifacts.path("bundles", context.run_id))
     params = {"training_rows": len(frame), "git_sha": tags["git.sha"],
               **{f"two_tower.{k}": v for k, v in (getattr(two_tower_model, "config", None) or {}).items()},

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from features.registry import ranker_feature_names, registry_version
+from models.item_similarity import ItemSimilarity
 
 log = logging.getLogger("kairos.bundle")
 
@@ -48,13 +49,16 @@ CACHE_DIR = "model_cache"  # under KAIROS_HOME: where models.registry downloads 
 # one} (training.served_eval.fit_popularity_prior)
 POPULARITY_PRIOR = "popularity_prior"
 SESSION_FEATURE = "session_length"  # > 0: the request comes from a live session
+# manifest key: {"weight": w without a live session, "session_weight": w in one} of the user-history item similarity
+# fused into the ranker's score (fuse_similarity; fitted like the popularity prior, training.served_eval)
+SIMILARITY_PRIOR = "item_similarity_prior"
 
 
 def prior_weights(prior: dict[str, Any], features: Any) -> np.ndarray | float:
     """Per row: the session weight where the row has a live session, else the home weight. Inside a session
-    its own clicks say what comes next (co-visitation, session intent), so popularity gets its own, usually
+    its own clicks say what comes next (co-visitation, session intent), so a prior gets its own, usually
     smaller, weight; a prior without `session_weight` applies `weight` everywhere."""
-    weight = float(prior.get("weight", 0.0))
+    weight = float(prior.get("weight", 0.0) or 0.0)
     if "session_weight" not in prior or SESSION_FEATURE not in features:
         return weight
     live = np.asarray(features[SESSION_FEATURE], dtype=np.float64) > 0  # a frame's column or an array
@@ -71,6 +75,20 @@ def fuse_popularity_prior(probabilities: np.ndarray, popularity: np.ndarray, wei
     """
     p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-9, 1 - 1e-9)
     z = np.log(p / (1 - p)) + np.asarray(weight, dtype=np.float64) * np.log1p(np.clip(np.nan_to_num(popularity), 0.0, None))
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def fuse_similarity(probabilities: np.ndarray, similarity: np.ndarray, weight: float | np.ndarray) -> np.ndarray:
+    """sigmoid(logit(p) + weight * s / max(s)): s = each candidate's summed item similarity to the user's history
+    (models/item_similarity.py), scaled by the request's best so the weight means the same for short and long
+    histories. Why: the ranker sees co-engagement only as 30-day session co-clicks; the SAR baseline's
+    whole-window co-engagement by the same user ranks warm users better. 0 = the ranker alone."""
+    s = np.clip(np.nan_to_num(np.asarray(similarity, dtype=np.float64)), 0.0, None)
+    top = float(s.max()) if s.size else 0.0
+    if top <= 0:
+        return np.asarray(probabilities, dtype=np.float64)
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-9, 1 - 1e-9)
+    z = np.log(p / (1 - p)) + np.asarray(weight, dtype=np.float64) * (s / top)
     return 1.0 / (1.0 + np.exp(-z))
 
 
@@ -136,6 +154,7 @@ class Bundle:
     manifest: dict[str, Any] = field(default_factory=dict)
     model_version: str = "unregistered"
     source_path: Path | None = None  # the verified bundle directory it was loaded from (None: built in memory)
+    similarity: ItemSimilarity | None = None  # SAR item-item similarity of the training window (None: none saved)
 
     def __post_init__(self) -> None:
         self.item_row = {iid: i for i, iid in enumerate(self.item_ids)}
@@ -184,18 +203,29 @@ class Bundle:
         """The ranker's input columns, in its order (the manifest's, else the registry's)."""
         return tuple(self.manifest.get("ranker_features") or ranker_feature_names())
 
-    def rank(self, features: pd.DataFrame) -> np.ndarray:
-        """Ranker scores for a feature frame in registry order (see features.functions.assemble_features),
-        fused with the popularity prior the manifest names (`POPULARITY_PRIOR`; none = the ranker alone)."""
-        return self._score(features[list(self.ranker_columns)].to_numpy(dtype=np.float64), features)
+    def history_similarity(self, history: list[str], candidates: list[str]) -> np.ndarray | None:
+        """Per candidate: its summed similarity to the user's history items (None: no artifact or no history)."""
+        if self.similarity is None or not history:
+            return None
+        return self.similarity.affinity(history, candidates)
 
-    def rank_matrix(self, values: np.ndarray) -> np.ndarray:
+    def similar_items(self, history: list[str], k: int) -> list[str]:
+        """The retrieval channel: the k items most similar to the history (none without the artifact)."""
+        return self.similarity.top(history, k) if self.similarity is not None and history else []
+
+    def rank(self, features: pd.DataFrame, similarity: np.ndarray | None = None) -> np.ndarray:
+        """Ranker scores for a feature frame in registry order (see features.functions.assemble_features),
+        fused with the popularity prior the manifest names (`POPULARITY_PRIOR`; none = the ranker alone) and
+        with `similarity` (history_similarity of the same rows) at the `SIMILARITY_PRIOR` weight."""
+        return self._score(features[list(self.ranker_columns)].to_numpy(dtype=np.float64), features, similarity)
+
+    def rank_matrix(self, values: np.ndarray, similarity: np.ndarray | None = None) -> np.ndarray:
         """`rank` for a float64 matrix already in `ranker_columns` order (features.functions.feature_matrix): the
         request path's form, with no frame and no reorder; the same scores as `rank` on the same features."""
-        return self._score(values, dict(zip(self.ranker_columns, values.T)))
+        return self._score(values, dict(zip(self.ranker_columns, values.T)), similarity)
 
-    def _score(self, values: np.ndarray, features: Any) -> np.ndarray:
-        """The ranker over `values` (ranker_columns order), then the prior over `features` (columns by name)."""
+    def _score(self, values: np.ndarray, features: Any, similarity: np.ndarray | None) -> np.ndarray:
+        """The ranker over `values` (ranker_columns order), then the priors over `features` (columns by name)."""
         scorer = self.scorer
         scores = scorer(values) if scorer is not None else self.ranker.predict(values, num_threads=1)
         prior = self.manifest.get(POPULARITY_PRIOR) or {}
@@ -203,6 +233,11 @@ class Bundle:
             weight = prior_weights(prior, features)
             if np.any(weight):
                 scores = fuse_popularity_prior(scores, np.asarray(features[prior["feature"]], dtype=np.float64), weight)
+        fused = self.manifest.get(SIMILARITY_PRIOR) or {}
+        if similarity is not None and fused:
+            weight = prior_weights(fused, features)
+            if np.any(weight):
+                scores = fuse_similarity(scores, similarity, weight)
         return scores
 
     def popular(self, n: int, segment: str | None = None, region: str | None = None) -> list[str]:
@@ -229,6 +264,8 @@ class Bundle:
         faiss.write_index(self.index, str(path / FAISS_INDEX))
         self.ranker.save_model(str(path / RANKER))
         (path / POPULARITY).write_text(json.dumps(self.popularity))
+        if self.similarity is not None:
+            self.similarity.save(path)
         manifest = {
             "feature_registry_version": registry_version(),
             "ranker_features": ranker_feature_names(),
@@ -285,4 +322,5 @@ class Bundle:
             manifest=manifest,
             model_version=model_version,
             source_path=path,
+            similarity=ItemSimilarity.load(path),
         )

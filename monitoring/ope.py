@@ -173,7 +173,8 @@ def evaluate_policy(log: pd.DataFrame, target_probability: Any, reward_col: str 
 
 # --------------------------------------------------------------------------- target policies over logged slates
 def slate_target_probabilities(log: pd.DataFrame, scores: Any, epsilon: float = 0.05, temperature: float = 0.0,
-                               request_col: str = "request_id", position_col: str = "position") -> np.ndarray:
+                               request_col: str = "request_id", position_col: str = "position",
+                               first: int = 1) -> np.ndarray:
     """The probability that a scoring policy shows each logged item at its logged position.
 
     Assumption (documented in the README): the candidate set of a slot is the request's logged slate from that
@@ -181,7 +182,9 @@ def slate_target_probabilities(log: pd.DataFrame, scores: Any, epsilon: float = 
     serving/rerank.explore: slot 0 is always exploited; each later slot shows the policy's best remaining
     item with probability 1 - epsilon, else a uniformly drawn other remaining item (epsilon / (m - 1) each).
     With `temperature` > 0 the exploited choice is a softmax over scores / temperature instead of the argmax
-    (a Plackett-Luce policy), so ties and near-ties share probability.
+    (a Plackett-Luce policy), so ties and near-ties share probability. `first`: the first slot (0-based) that
+    explores, as serving's KAIROS_EXPLORATION_FROM; `epsilon` is then each such slot's rate
+    (serving.rerank.exploration_rate).
     """
     s = np.asarray(scores, dtype=float)
     if len(s) != len(log):
@@ -204,7 +207,8 @@ def slate_target_probabilities(log: pd.DataFrame, scores: Any, epsilon: float = 
         best = by_req["score"].cummax().to_numpy()
         ties = frame.groupby(["req", "score"], sort=False).cumcount().to_numpy() + 1  # same score, at or below
         greedy = np.where(frame["score"].to_numpy() == best, 1.0 / ties, 0.0)
-    eps = np.where(first_slot | (remaining == 1), 0.0, epsilon)
+    slot = by_req["score"].transform("size").to_numpy() - remaining   # 0-based slot from the top
+    eps = np.where(first_slot | (remaining == 1) | (slot < first), 0.0, epsilon)
     uniform = np.where(remaining > 1, eps / np.maximum(remaining - 1, 1), 0.0)
     # P(logged item) = exploit it, or explore onto it (exploring never picks the greedy choice itself)
     prob = (1.0 - eps) * greedy + uniform * (1.0 - greedy)

@@ -1,6 +1,7 @@
 """Candidate generation: several channels, each with its own share of the pool and time budget.
 
     ann            FAISS inner product on the session-aware user vector (personal taste + session)
+    item_similarity  items engaged by the same users as the user's history items (SAR Jaccard, the bundle's)
     co_visitation  items co-clicked in past sessions with the session's last items (item-to-item)
     trending       the most clicked items in the user's segment (device) last week
     fresh          catalog items newer than the model's index, newest first (new items get a chance)
@@ -36,6 +37,8 @@ DEFAULT_CHANNELS: tuple[Channel, ...] = (
     # only on surfaces that allow repeats (RerankConfig.repeat_surfaces): what the user engaged with lately
     # (first after ANN, so what it contributes is counted as its own)
     Channel("recently_engaged", 0.10, 2.0),
+    # SAR: items co-engaged by the same users with the user's history (the bundle's models/item_similarity.py)
+    Channel("item_similarity", 0.15, 5.0),
     Channel("co_visitation", 0.15, 5.0),
     Channel("trending", 0.15, 5.0),
     Channel("fresh", 0.10, 5.0),

@@ -316,6 +316,7 @@ def _retrieve(tr: Trace, bundle: Any, store: FeatureReader, channels: tuple[Chan
     }
     if not seen and consumed:  # no live session: co-visitation starts from the user's latest consumption
         producers["co_visitation"] = lambda k: co_visitation(table.co_items_for(consumed[:10]), consumed, k)
+    producers["item_similarity"] = lambda k: bundle.similar_items(_history(tr), k)
     if tr.repeats:
         producers["recently_engaged"] = lambda k: list(dict.fromkeys(seen + consumed))[:k]
     tr.candidates, contributed, channel_errors = run_channels(
@@ -326,6 +327,11 @@ def _retrieve(tr: Trace, bundle: Any, store: FeatureReader, channels: tuple[Chan
         tr.response["channel_errors"] = channel_errors
     tr.lat["candidate_retrieval"] = _ms(time.perf_counter() - t)
     return _segment_popular(tr, bundle) if not tr.candidates else None
+
+
+def _history(tr: Trace) -> list[str]:
+    """What the user engaged with, session first then consumption (most recent first): the item-similarity input."""
+    return list(dict.fromkeys(tr.seen + tr.consumed))
 
 
 def _rank(tr: Trace, bundle: Any) -> None:
@@ -341,7 +347,8 @@ def _rank(tr: Trace, bundle: Any) -> None:
     # the features straight into the ranker's column order (the shared feature functions, no frame, no reorder)
     tr.feature_names = bundle.ranker_columns
     tr.feats = feature_matrix(rows, len(tr.candidates), tr.feature_names)
-    tr.scores = np.asarray(bundle.rank_matrix(tr.feats), dtype=np.float64)
+    tr.scores = np.asarray(bundle.rank_matrix(tr.feats, similarity=bundle.history_similarity(_history(tr), tr.candidates)),
+                           dtype=np.float64)
     if tr.scores.shape[0] != len(tr.candidates) or not np.all(np.isfinite(tr.scores)):
         raise RuntimeError("ranker returned malformed scores")
     tr.lat["ranking_inference"] = _ms(time.perf_counter() - t)
@@ -367,7 +374,7 @@ def _post_process(tr: Trace, keep_features: bool) -> list[dict]:
         top, propensity = thompson(top, [int(i) for i in order[:pool]], scores, cfg.thompson_strength, rng,
                                    cfg.thompson_draws)
     else:
-        top, propensity = explore(top, [int(i) for i in order[:pool]], cfg.epsilon, rng)
+        top, propensity = explore(top, [int(i) for i in order[:pool]], cfg.epsilon, rng, cfg.explore_from)
     items = [{"item_id": candidates[i], "score": round(float(scores[i]), 6), "rank": r + 1,
               "propensity": round(float(propensity[r]), 6)} for r, i in enumerate(top)]
     if keep_features:  # the exact values the ranker scored, for the log and the skew check

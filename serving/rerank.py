@@ -2,8 +2,11 @@
 
     mmr            pick greedily by  lambda * relevance - (1 - lambda) * max cosine to what is already picked
     max_run        no more than N items of one category in a row (the next best other item moves up)
-    exploration    epsilon-greedy (default): each slot after the first keeps its item with probability
-                   1 - epsilon, or shows a uniformly drawn item from the rest of the pool;
+    exploration    epsilon-greedy (default): epsilon is the share of a 10-slot screen's slots after the first
+                   that show a uniformly drawn item from the rest of the pool instead of the ranker's; only
+                   slots from `explore_from` on explore (KAIROS_EXPLORATION_FROM, default 7 = positions 8-10
+                   of a screen), each at epsilon * 9 / (10 - explore_from): the same number of explored items
+                   on a screen, where a miss costs the least NDCG (1 = any slot after the first, at epsilon);
                    Thompson sampling (KAIROS_EXPLORATION=thompson): each candidate's click probability is
                    drawn from a Beta posterior centred on the ranker's score (KAIROS_THOMPSON_STRENGTH
                    pseudo-observations: more = less exploration) and the slots are filled in order of the
@@ -25,12 +28,14 @@ import numpy as np
 from ground.settings import env_number
 
 EXPLORATIONS = ("epsilon_greedy", "thompson")
+EXPLORATION_SCREEN = 10  # slots a user sees at once: the unit the exploration budget is counted in
 
 
 ENV_VARS: dict[str, str] = {  # field -> the environment variable that sets it (README "Serving")
     "mmr_lambda": "KAIROS_MMR_LAMBDA",
     "max_category_run": "KAIROS_MAX_CATEGORY_RUN",
     "epsilon": "KAIROS_EXPLORATION_EPSILON",
+    "explore_from": "KAIROS_EXPLORATION_FROM",
     "exploration": "KAIROS_EXPLORATION",
     "thompson_strength": "KAIROS_THOMPSON_STRENGTH",
     "repeat_surfaces": "KAIROS_REPEAT_SURFACES",
@@ -47,7 +52,10 @@ class RerankConfig:
     # 6% NDCG@10 against 0.95 and no run rule, for +0.07 coverage; both stay one setting away
     mmr_lambda: float = 0.95  # 1.0 = pure relevance
     max_category_run: int = 0  # 0 = off
-    epsilon: float = 0.05  # 0 = no exploration
+    epsilon: float = 0.05  # share of a screen's slots after the first that explore, on average; 0 = no exploration
+    # epsilon-greedy explores only from this slot (0-based) on, as many items per screen as epsilon anywhere:
+    # a slot's NDCG discount falls with its rank, so the budget costs least at the bottom; 1 = any slot after the first
+    explore_from: int = 7
     exploration: str = "epsilon_greedy"  # or "thompson"
     thompson_strength: float = 50.0  # Beta pseudo-counts
     thompson_draws: int = 200  # Monte Carlo draws that estimate each shown item's propensity
@@ -72,6 +80,7 @@ class RerankConfig:
             mmr_lambda=env_number(env, ENV_VARS["mmr_lambda"], float, d.mmr_lambda, 0.0, 1.0),
             max_category_run=env_number(env, ENV_VARS["max_category_run"], int, d.max_category_run, 0),
             epsilon=env_number(env, ENV_VARS["epsilon"], float, d.epsilon, 0.0, 1.0),
+            explore_from=env_number(env, ENV_VARS["explore_from"], int, d.explore_from, 1, EXPLORATION_SCREEN - 1),
             exploration=exploration,
             thompson_strength=env_number(env, ENV_VARS["thompson_strength"], float, d.thompson_strength),
             repeat_surfaces=tuple(s.strip() for s in env.get(ENV_VARS["repeat_surfaces"], "").split(",") if s.strip()),
@@ -127,21 +136,35 @@ def limit_category_runs(picked: list[int], backlog: list[int], category: Mapping
     return out
 
 
-def explore(picked: list[int], pool: list[int], epsilon: float, rng: np.random.Generator) -> tuple[list[int], list[float]]:
-    """Epsilon-greedy slots (slot 0 is always exploited); returns the list and each item's propensity."""
+def exploration_rate(epsilon: float, first: int) -> float:
+    """Each explorable slot's probability when only slots from `first` on explore a screen's epsilon budget."""
+    first = min(max(1, first), EXPLORATION_SCREEN - 1)
+    return min(1.0, epsilon * (EXPLORATION_SCREEN - 1) / (EXPLORATION_SCREEN - first))
+
+
+def explore(picked: list[int], pool: list[int], epsilon: float, rng: np.random.Generator,
+            first: int = 1) -> tuple[list[int], list[float]]:
+    """Epsilon-greedy slots (slot 0 is always exploited); returns the list and each item's propensity.
+
+    `epsilon` is the expected share of a screen's (EXPLORATION_SCREEN slots) slots 1.. that explore; with
+    `first` > 1 only slots from `first` on may, each at epsilon * (screen - 1) / (screen - first) (at most 1), so a
+    screen explores as many items on average, in its lowest slots. Longer lists explore every slot from `first`
+    on at that rate, so a list's first screen looks the same whatever length was asked for."""
     if epsilon <= 0 or len(pool) <= len(picked):
         return picked, [1.0] * len(picked)
     out = list(picked)
     props = [1.0] * len(out)
     others = [p for p in pool if p not in set(picked)]
     n_alt = len(others)
-    for slot in range(1, len(out)):
-        if rng.random() < epsilon and others:
+    first = min(max(1, first), EXPLORATION_SCREEN - 1)
+    rate = exploration_rate(epsilon, first)
+    for slot in range(first, len(out)):
+        if rng.random() < rate and others:
             j = int(rng.integers(len(others)))
             out[slot] = others.pop(j)
-            props[slot] = epsilon / n_alt
+            props[slot] = rate / n_alt
         else:
-            props[slot] = 1.0 - epsilon
+            props[slot] = 1.0 - rate
     return out, props
 
 
@@ -172,4 +195,4 @@ def thompson(picked: list[int], pool: list[int], scores: np.ndarray, strength: f
     return out, props
 
 
-__all__ = ["ENV_VARS", "EXPLORATIONS", "RerankConfig", "explore", "limit_category_runs", "mmr", "request_rng", "thompson"]
+__all__ = ["ENV_VARS", "EXPLORATIONS", "EXPLORATION_SCREEN", "RerankConfig", "exploration_rate", "explore", "limit_category_runs", "mmr", "request_rng", "thompson"]

@@ -438,11 +438,11 @@ PERSONALIZE_EXAMPLE = {
         "request_id": "3f0c2a9e5b7d4c1e8a6f2b0d9c4e7a15", "user_id": "u00001", "surface": "home_feed",
         "ranked_items": [{"item_id": "i00217", "score": 0.412983, "rank": 1, "propensity": 1.0},
                          {"item_id": "i00031", "score": 0.387214, "rank": 2, "propensity": 1.0},
-                         {"item_id": "i00158", "score": 0.351077, "rank": 3, "propensity": 0.95}],
+                         {"item_id": "i00158", "score": 0.351077, "rank": 3, "propensity": 1.0}],
         "model_version": "1", "feature_version": "u14-i14-1768348800000", "served_by": "two_stage",
         "latency_breakdown_ms": {"feature_fetch": 0.61, "candidate_retrieval": 1.12, "ranking_inference": 2.35,
                                  "post_processing": 0.48, "total": 4.71},
-        "candidate_channels": {"ann": 120, "co_visitation": 40, "trending": 25, "fresh": 15}}
+        "candidate_channels": {"ann": 100, "item_similarity": 30, "co_visitation": 30, "trending": 25, "fresh": 15}}
 
 
 def _response_schema(schema: dict) -> None:

@@ -113,6 +113,25 @@ def test_slate_probabilities_are_a_distribution_per_slot_and_match_epsilon_greed
     assert 0 < soft[1] < 1 - eps
 
 
+def test_slate_probabilities_follow_where_serving_explores() -> None:
+    """With exploration from slot 3 on (KAIROS_EXPLORATION_FROM), the slots above are the policy's best for certain
+    and each later one still sums to 1 over the items that could fill it."""
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=6)
+    order = np.argsort(-scores)
+    log = pd.DataFrame({"request_id": "r", "position": range(6)})
+    probs = slate_target_probabilities(log, scores[order], epsilon=0.2, first=3)
+    assert np.allclose(probs[:3], 1.0) and np.allclose(probs[3:5], 0.8) and probs[5] == 1.0
+    fixed = [int(i) for i in order[:3]]
+    rest = [i for i in range(6) if i not in fixed]
+    total = sum(slate_target_probabilities(log, scores[fixed + [item] + [i for i in rest if i != item]], epsilon=0.2,
+                                           first=3)[3] for item in rest)
+    assert total == pytest.approx(1.0)
+    # a slot above `first` that is not the policy's best is impossible under it
+    swapped = list(order[:1]) + [order[2], order[1]] + list(order[3:])
+    assert slate_target_probabilities(log, scores[swapped], epsilon=0.2, first=3)[1] == 0.0
+
+
 def test_slate_probabilities_share_ties_and_handle_many_requests() -> None:
     log = pd.DataFrame({"request_id": ["a"] * 3 + ["b"] * 3, "position": [2, 0, 1, 0, 1, 2]})
     # request a, slots 0..2 hold scores 0.9, 0.5, 0.5 (given out of order); request b's slot 1 ties with slot 2

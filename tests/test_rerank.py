@@ -41,6 +41,22 @@ def test_exploration_logs_propensities_and_is_seeded_per_request() -> None:
     assert 0.03 < np.mean(rates) < 0.07
 
 
+def test_exploration_from_slot_7_keeps_the_budget_and_the_head() -> None:
+    """From slot 7 on, only positions 8-10 of a 10-slot screen explore, each at epsilon * 9 / 3: as many explored
+    items per screen on average as epsilon anywhere after the first slot, where a miss costs less NDCG. A longer
+    list explores every slot from 7 at that rate, so its first screen is drawn like a 10-item list."""
+    picked, pool = list(range(10)), list(range(200))
+    out, props = explore(picked, pool, 0.05, request_rng("req-1"), first=7)
+    assert out[:7] == picked[:7] and props[:7] == [1.0] * 7
+    assert all(props[k] in (1.0 - 0.15, 0.15 / 190) for k in range(7, 10))
+    runs = [explore(picked, pool, 0.05, request_rng(f"r{i}"), first=7)[0] for i in range(600)]
+    assert all(o[:7] == picked[:7] for o in runs)
+    assert 0.03 < np.mean([sum(o != p for o, p in zip(r, picked)) / 9 for r in runs]) < 0.07
+    long_out, long_props = explore(list(range(20)), pool, 0.05, request_rng("req-2"), first=7)
+    assert long_out[:7] == list(range(7)) and all(p in (1.0 - 0.15, 0.15 / 180) for p in long_props[7:])
+    assert all(q <= 1.0 for q in explore(picked, pool, 0.9, request_rng("x"), first=8)[1])  # the rate is capped at 1
+
+
 def test_co_visitation_and_fresh_channels() -> None:
     co = {"a": {"x": 5.0, "y": 1.0}, "b": {"y": 4.0, "z": 1.0}}
     assert co_visitation(co, ["a", "b"], 2) == ["x", "y"]  # y: 1 + 4/2 = 3 < x: 5

@@ -268,3 +268,45 @@ def test_cold_start_popularity_by_device_and_region() -> None:
     assert bundle.popular(1, segment="mobile", region="mars") == ["i1"]  # unknown region: the device's list
     assert bundle.popular(1, segment="tv", region="eu") == ["i3"]  # unknown device: the region's list
     assert bundle.popular(2) == ["i3", "i1"]
+
+
+def test_item_similarity_is_fitted_on_the_train_split_and_fused_at_its_manifest_weight(outcome, trainset, tmp_path) -> None:
+    """The bundle carries SAR item-item similarity of the train split's positives; the server fuses each candidate's
+    summed similarity to the user's history at the SIMILARITY_PRIOR weight (0 = the ranker alone)."""
+    from models.bundle import SIMILARITY_PRIOR, fuse_similarity
+    from models.item_similarity import ItemSimilarity
+
+    p = np.array([0.2, 0.2, 0.5])
+    assert np.allclose(fuse_similarity(p, np.array([0.0, 2.0, 1.0]), 0.0), p)
+    assert np.allclose(fuse_similarity(p, np.zeros(3), 3.0), p)  # no similarity at all: nothing changes
+    fused = fuse_similarity(p, np.array([0.0, 2.0, 1.0]), 1.0)
+    odds = lambda q: q / (1 - q)  # noqa: E731
+    assert np.allclose(odds(fused), odds(p) * np.exp([0.0, 1.0, 0.5]))  # scaled by the request's best
+
+    bundle = outcome.bundle
+    assert isinstance(bundle.similarity, ItemSimilarity)
+    train = trainset[(trainset["split"] == "train") & (trainset["label_binary"] == 1)]
+    assert set(bundle.similarity.item_ids) == set(train["item_id"].astype(str))
+    user = str(train["user_id"].value_counts().index[0])
+    history = train[train["user_id"] == user]["item_id"].astype(str).tolist()
+    similar = bundle.similar_items(history, 5)
+    assert similar and bundle.history_similarity(history, similar)[0] > 0
+    assert bundle.history_similarity([], similar) is None and bundle.similar_items([], 5) == []
+
+    test = add_embedding_affinity(trainset[trainset["split"] == "test"], outcome.two_tower)
+    feats = assemble_features(test)
+    sims = bundle.history_similarity(history, test["item_id"].astype(str).tolist())
+    plain = bundle.rank(feats, similarity=sims)
+    bundle.manifest[SIMILARITY_PRIOR] = {"weight": 2.0, "session_weight": 0.0}
+    try:
+        live = feats["session_length"].to_numpy() > 0
+        expected = fuse_similarity(plain, sims, np.where(live, 0.0, 2.0))
+        assert np.allclose(bundle.rank(feats, similarity=sims), expected)
+        assert np.allclose(bundle.rank(feats), plain)  # no history given: the ranker alone
+        loaded = Bundle.load(bundle.save(tmp_path / "similarity"), model_version="1", allow_untrusted_path=True)
+        assert loaded.similarity is not None and loaded.similarity.item_ids == bundle.similarity.item_ids
+        assert np.allclose(loaded.similarity.matrix.toarray(), bundle.similarity.matrix.toarray(), atol=1e-6)
+        assert np.allclose(loaded.rank(feats, similarity=loaded.history_similarity(history, test["item_id"].astype(str).tolist())),
+                           expected, atol=1e-6)
+    finally:
+        bundle.manifest.pop(SIMILARITY_PRIOR)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from models.item_similarity import jaccard
 from training.catalog_eval import CatalogSplit, Recommender, SessionCase, top_k_excluding
 
 log = logging.getLogger("kairos.baselines")
@@ -93,13 +94,8 @@ class CoOccurrence:
     def __init__(self, split: CatalogSplit, half_life_days: float = 30.0) -> None:
         pos = _positives(split)
         self.split = split
-        binary, users = _user_item_matrix(pos, split.catalog)
-        binary.data[:] = 1.0
-        co = (binary.T @ binary).tocsr().astype(np.float64)
-        diag = co.diagonal()
-        co = co.tocoo()
-        jac = co.data / (diag[co.row] + diag[co.col] - co.data)
-        self.similarity = sp.csr_matrix((jac, (co.row, co.col)), shape=co.shape)
+        binary, _ = _user_item_matrix(pos, split.catalog)
+        self.similarity = jaccard(binary)  # the product's implementation (models/item_similarity.py)
         age = (split.split_ms - pos["timestamp"].to_numpy(dtype=np.float64)) / DAY_MS
         affinity, self.users = _user_item_matrix(pos, split.catalog, np.power(0.5, np.clip(age, 0, None) / half_life_days))
         self.affinity = affinity

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 
 from features.history import CONSUMED_TYPES, consumed_items, serving_snapshot
-from models.bundle import POPULARITY_PRIOR
+from models.bundle import POPULARITY_PRIOR, SIMILARITY_PRIOR
 from serving.offline import SnapshotStore, one_thread_per_request, served_recommender, served_session_predictor
 from serving.rerank import RerankConfig
 from training.baselines import SessionIndex, baseline_recommenders, last_item_cooccurrence, session_knn
@@ -51,6 +51,8 @@ def catalog_split(labels: pd.DataFrame, engagements: pd.DataFrame, catalog_ids: 
 # window cliff; zero on logs without dwell, purchases or shares) and the 7-day click count
 PRIOR_FEATURES: tuple[str, ...] = ("item_engaged_decayed_30d", "item_clicks_7d")
 PRIOR_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
+# weights of the user-history item similarity (models/bundle.py fuse_similarity: its logit term is at most the weight)
+SIMILARITY_WEIGHTS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
 MIN_FIT_USERS = 30
 # seeded sample of the validation window's test users: each weight tried replays the served pipeline for every one
 # of them (~5 ms a user), so a long log's window (818 users on a 20-year log) is bounded like the session cases
@@ -62,7 +64,8 @@ MAX_FIT_SESSION_CASES = 300  # seeded sample of the validation window's session 
 def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.DataFrame, user_snaps: pd.DataFrame,
                          item_snaps: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame, start_ms: int, end_ms: int,
                          weights: Sequence[float] = PRIOR_WEIGHTS, features: Sequence[str] = PRIOR_FEATURES, k: int = 10,
-                         rerank: RerankConfig | None = None) -> dict[str, Any]:
+                         rerank: RerankConfig | None = None,
+                         similarity_weights: Sequence[float] = SIMILARITY_WEIGHTS) -> dict[str, Any]:
     """The popularity-prior feature and weight (models/bundle.py fuse_popularity_prior) that maximize the served
     catalog NDCG@k on the validation window [start_ms, end_ms): the served pipeline without exploration,
     replayed at `start_ms` like the test evaluation, so the test window is never looked at.
@@ -73,16 +76,22 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
     The window's test users are a seeded sample of at most MAX_FIT_USERS; a feature that is zero or missing for
     every item (e.g. engagement on a log without dwell, purchases or shares) is not tried.
 
+    With the popularity weights fixed, the same two fits for the weight of the user-history item similarity
+    (models/bundle.py fuse_similarity; bundles without the artifact keep 0): `similarity` = {"weight",
+    "session_weight", "ndcg_by_weight", "p20_by_session_weight"}, what the bundle's SIMILARITY_PRIOR holds.
+
     Returns {"feature", "weight", "session_weight", "validation_users", "ndcg_by_weight" (of the chosen feature),
-    "ndcg_by_feature", "session_cases", "p20_by_session_weight"}; a weight stays 0 (the ranker alone) when its
-    evidence is below MIN_FIT_USERS users / cases or no weight beats the ranker alone (ties: the smaller weight,
-    the earlier feature).
+    "ndcg_by_feature", "session_cases", "p20_by_session_weight", "similarity"}; a weight stays 0 (the ranker alone)
+    when its evidence is below MIN_FIT_USERS users / cases or no weight beats the ranker alone (ties: the smaller
+    weight, the earlier feature).
     """
     whole = catalog_split(labels, engagements, catalog["item_id"].astype(str).tolist(), start_ms, end_ms=end_ms)
     split = whole.sample_users(MAX_FIT_USERS)
+    fused: dict[str, Any] = {"weight": 0.0, "session_weight": 0.0, "ndcg_by_weight": {}, "p20_by_session_weight": {}}
     out: dict[str, Any] = {"feature": features[0], "weight": 0.0, "session_weight": 0.0, "validation_users": len(split.test_users),
                            "validation_users_in_window": len(whole.test_users),
-                           "window_ms": [int(start_ms), int(end_ms)], "ndcg_by_weight": {}, "p20_by_session_weight": {}}
+                           "window_ms": [int(start_ms), int(end_ms)], "ndcg_by_weight": {}, "p20_by_session_weight": {},
+                           "similarity": fused}
     if len(split.test_users) < MIN_FIT_USERS:
         out["reason"] = f"{len(split.test_users)} validation users < {MIN_FIT_USERS}: the ranker alone"
         return out
@@ -90,9 +99,10 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
     trial = copy.copy(bundle)  # each trial sets its own manifest; the candidate's stays untouched
     rerank = replace(rerank or RerankConfig(), epsilon=0.0)  # the server's re-ranking, without exploration noise
 
-    def prior(feature: str, w: float, session_w: float) -> None:
+    def prior(feature: str, w: float, session_w: float, sim_w: float = 0.0, sim_session_w: float = 0.0) -> None:
         trial.manifest = {**bundle.manifest, POPULARITY_PRIOR: {"feature": feature, "weight": float(w),
-                                                                "session_weight": float(session_w)}}
+                                                                "session_weight": float(session_w)},
+                          SIMILARITY_PRIOR: {"weight": float(sim_w), "session_weight": float(sim_session_w)}}
 
     def best(scores: dict[str, float]) -> float:  # ties go to the smaller weight (the ranker alone first)
         return float(max(scores, key=lambda w: (scores[w], -float(w))))
@@ -102,8 +112,8 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
     out["session_cases"] = len(cases)
     category = dict(zip(catalog["item_id"].astype(str), catalog["category"])) if "category" in catalog else {}
 
-    def ndcg(feature: str, w: float) -> float:
-        prior(feature, w, 0.0)
+    def ndcg(feature: str, w: float, sim_w: float = 0.0) -> float:
+        prior(feature, w, 0.0, sim_w)
         result = evaluate_recommender(split, served_recommender(trial, store, start_ms, users, rerank=rerank), k)
         return round(result.summary[f"ndcg_at_{k}"], 5)
 
@@ -117,15 +127,33 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
         w = best(scores)
         if scores[str(w)] > out["ndcg_by_weight"].get(str(out["weight"]), -1.0):
             out.update(feature=feature, weight=w, ndcg_by_weight=scores)
+    if getattr(bundle, "similarity", None) is not None:
+        chosen = out["ndcg_by_weight"].get(str(out["weight"]), alone)
+        fused["ndcg_by_weight"] = {str(float(w)): chosen if w == 0 else ndcg(out["feature"], out["weight"], w)
+                                   for w in similarity_weights}
+        fused["weight"] = best(fused["ndcg_by_weight"])
     if len(cases) < MIN_FIT_USERS:
         out["session_reason"] = f"{len(cases)} validation session prefixes < {MIN_FIT_USERS}: the ranker alone in sessions"
         return out
-    for w in weights:
-        prior(out["feature"], out["weight"], w)
-        scored = score_sessions(cases, served_session_predictor(trial, store, category, rerank=rerank))
-        out["p20_by_session_weight"][str(float(w))] = round(scored["p_at_20"], 3)
+
+    def p20(session_w: float, sim_session_w: float) -> float:
+        prior(out["feature"], out["weight"], session_w, fused["weight"], sim_session_w)
+        return round(score_sessions(cases, served_session_predictor(trial, store, category, rerank=rerank))["p_at_20"], 3)
+
+    out["p20_by_session_weight"] = {str(float(w)): p20(w, 0.0) for w in weights}
     out["session_weight"] = best(out["p20_by_session_weight"])
+    if getattr(bundle, "similarity", None) is not None:
+        chosen = out["p20_by_session_weight"][str(out["session_weight"])]
+        fused["p20_by_session_weight"] = {str(float(w)): chosen if w == 0 else p20(out["session_weight"], w)
+                                          for w in similarity_weights}
+        fused["session_weight"] = best(fused["p20_by_session_weight"])
     return out
+
+
+def similarity_prior(fit: Mapping[str, Any]) -> dict[str, float]:
+    """What a bundle's SIMILARITY_PRIOR holds, from fit_popularity_prior's answer (0 weights when it fitted none)."""
+    fused = fit.get("similarity") or {}
+    return {"weight": float(fused.get("weight", 0.0)), "session_weight": float(fused.get("session_weight", 0.0))}
 
 
 @one_thread_per_request()

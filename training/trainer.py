@@ -11,11 +11,29 @@ import pandas as pd
 
 from features.registry import ranker_feature_names, registry_version
 from models.bundle import Bundle
+from models.item_similarity import ItemSimilarity
 from training.index import build_faiss_index, index_recall_at_k
 from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
 from training.two_tower import TwoTowerConfig, TwoTowerResult, train_two_tower
 
 log = logging.getLogger("kairos.trainer")
+
+
+# which splits' positives the SAR similarity counts: the train split while its fused weight is fitted on the
+# validation window (so the fit never scores what the artifact saw), then everything before the test window for
+# the bundle that is evaluated at the test window's start and registered (the weight chosen, the counts refreshed,
+# as the online store's item features are refreshed up to that time)
+SIMILARITY_FIT_SPLITS: tuple[str, ...] = ("train",)
+SIMILARITY_SERVE_SPLITS: tuple[str, ...] = ("train", "validation")
+
+
+def item_similarity(frame: pd.DataFrame, splits: tuple[str, ...] = SIMILARITY_FIT_SPLITS) -> ItemSimilarity | None:
+    """SAR item-item similarity of the positives of `splits` (models/item_similarity.py); None without any."""
+    train = frame[frame["split"].isin(splits)] if "split" in frame else frame
+    pos = train[(train["label_binary"] == 1) & train["user_id"].notna() & train["item_id"].notna()]
+    if not len(pos):
+        return None
+    return ItemSimilarity.fit(pos["user_id"].astype(str).tolist(), pos["item_id"].astype(str).tolist())
 
 
 def popularity_lists(frame: pd.DataFrame, users: pd.DataFrame | None, item_ids: list[str]) -> dict[str, list[str]]:
@@ -84,7 +102,8 @@ def assemble_bundle(tt: TwoTowerResult, faiss_index_bytes: bytes, booster: Any, 
     }
     return Bundle(towers=tt.model, item_ids=list(tt.item_ids), user_ids=list(tt.user_ids),
                   item_embeddings=np.ascontiguousarray(tt.item_embeddings, dtype=np.float32), index=index,
-                  ranker=booster, popularity=popularity_lists(frame, users, list(tt.item_ids)), manifest=info)
+                  ranker=booster, popularity=popularity_lists(frame, users, list(tt.item_ids)), manifest=info,
+                  similarity=item_similarity(frame))
 
 
 @dataclass
