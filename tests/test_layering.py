@@ -152,13 +152,12 @@ ENVIRONMENT_MODULES: dict[str, str] = {
     "monitoring/health.py": "FreshnessThresholds.from_env(env=os.environ)",
     "orchestration/sensors.py": "SensorSettings.from_env(env=os.environ), per tick",
     "orchestration/definitions.py": "EnvVar for the resource variables that are set",
-    "orchestration/__init__.py": "DAGSTER_GRPC_TIMEOUT_SECONDS, before dagster is imported",
     "orchestration/cli.py": "the entry point: the environment of the processes it starts (KAIROS_HOME, DAGSTER_HOME, ...)",
     "orchestration/services.py": "the environment of the child services it starts",
     "serving/server.py": "the environment of the BentoML server process it starts",
     "compliance/lineage.py": "DAGSTER_HOME (set by the CLI) locates the Dagster instance",
-    "lake/spark.py": "JAVA_HOME / PYSPARK_PYTHON for the JVM it starts, the AWS_*/AZURE_*/GOOGLE_* handed to "
-                     "executors",
+    "ground/jvm.py": "JAVA_HOME / PYSPARK_PYTHON / PYARROW_IGNORE_TIMEZONE: pyspark reads them from os.environ only",
+    "lake/spark.py": "the AWS_*/AZURE_*/GOOGLE_* handed to executors",
 }
 
 
