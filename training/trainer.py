@@ -13,7 +13,8 @@ from features.registry import ranker_feature_names, registry_version
 from models.bundle import Bundle
 from training.index import build_faiss_index, index_recall_at_k
 from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
-from training.two_tower import TwoTowerConfig, TwoTowerResult, train_two_tower
+from training.two_tower import TwoTowerResult, train_two_tower
+from training.two_tower_config import TwoTowerConfig
 
 log = logging.getLogger("kairos.trainer")
 
