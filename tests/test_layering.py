@@ -129,7 +129,7 @@ def test_every_product_package_is_in_the_layers_contract() -> None:
     given a layer, and the packaged list (pyproject, the zip shipped to Spark executors) must name the same ones."""
     import tomllib
 
-    from lake.spark import PRODUCT_PACKAGES
+    from lake.spark_conf import PRODUCT_PACKAGES
 
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     contract = config["tool"]["importlinter"]
@@ -157,7 +157,7 @@ ENVIRONMENT_MODULES: dict[str, str] = {
     "serving/server.py": "the environment of the BentoML server process it starts",
     "compliance/lineage.py": "DAGSTER_HOME (set by the CLI) locates the Dagster instance",
     "ground/jvm.py": "JAVA_HOME / PYSPARK_PYTHON / PYARROW_IGNORE_TIMEZONE: pyspark reads them from os.environ only",
-    "lake/spark.py": "the AWS_*/AZURE_*/GOOGLE_* handed to executors",
+    "lake/spark_read.py": "the AWS_*/AZURE_*/GOOGLE_* handed to executors",
 }
 
 
