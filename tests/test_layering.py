@@ -179,6 +179,7 @@ def test_only_settings_and_entry_points_touch_the_environment() -> None:
     ("assets.training:GateSettings", "training.gates:GateConfig", {"auto_promote"}),
     ("assets.training:TwoTowerTrainConfig", "training.two_tower_config:TwoTowerConfig", set()),
     ("assets.training:RankerTrainConfig", "training.ranker:RankerConfig", {"use_tuned_params"}),
+    ("assets.features:TrainingSetConfig", "training.dataset:SplitConfig", set()),
 ])
 def test_a_dagster_config_mirror_keeps_its_dataclass_defaults(config_path: str, dataclass_path: str,
                                                                extras: set[str]) -> None:
