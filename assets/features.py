@@ -1,13 +1,15 @@
 """Feature assets: daily snapshots in Spark (offline store), the point-in-time training set."""
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any
 
-from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetSpec, Config, MaterializeResult,
+from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetSpec, MaterializeResult,
                      MetadataValue, asset, multi_asset)
 
 from assets.ingestion import ITEMS, LABELS, SILVER, USERS
 from compliance.versions import delta_data_version, source_version
 from features.registry import registry_version
+from training.dataset import SplitConfig
+from assets.config import dataclass_config, to_dataclass
 from assets.resources import LakeResource, SparkResource
 
 USER_FEATURES = "user_features"
@@ -47,13 +49,13 @@ def feature_snapshots(context: AssetExecutionContext, lake: LakeResource, spark:
                             data_version=delta_data_version(ITEM_FEATURES, i.version))
 
 
-class TrainingSetConfig(Config):
-    validation_days: float = 2.0
-    test_days: float = 2.0
-    # if set, the test window starts at this quantile of the labeled rows' timestamps (test_days is ignored):
-    # 0.8 = the last 20% of the log, whatever its time span
-    test_quantile: Optional[float] = None
-    gap_hours: float = 0.0
+# SplitConfig's windows. test_quantile, if set: the test window starts at this quantile of the labeled rows'
+# timestamps (test_days is ignored): 0.8 = the last 20% of the log, whatever its time span
+if TYPE_CHECKING:
+    TrainingSetConfig = Any
+else:
+    TrainingSetConfig = dataclass_config("TrainingSetConfig", SplitConfig,
+                                         ("validation_days", "test_days", "test_quantile", "gap_hours"), __name__)
 
 
 @asset(
@@ -65,7 +67,7 @@ class TrainingSetConfig(Config):
     description="Labels joined as-of to feature snapshots and replayed session features; split by time with a gap.",
 )
 def training_set(context: AssetExecutionContext, config: TrainingSetConfig, lake: LakeResource, spark: SparkResource):
-    from training.dataset import SplitConfig, build_training_set, leak_count, read_training_set
+    from training.dataset import build_training_set, leak_count, read_training_set
 
     store = lake.lake()
     pins = {t: store.pin(t) for t in (LABELS, SILVER, USER_FEATURES, ITEM_FEATURES, ITEMS)}
@@ -73,8 +75,7 @@ def training_set(context: AssetExecutionContext, config: TrainingSetConfig, lake
     items = store.read(ITEMS, version=pins[ITEMS].version)
     built, bounds = build_training_set(spark.session(), read[LABELS], read[SILVER], read[USER_FEATURES],
                                        read[ITEM_FEATURES], items,
-                                       SplitConfig(config.validation_days, config.test_days, config.gap_hours,
-                                                   test_quantile=config.test_quantile))
+                                       to_dataclass(config, SplitConfig))
     out = spark.write_table(store, TRAINING_SET, built)  # written by the executors, never collected
     frame = read_training_set(store, TRAINING_SET, out.version, columns=[
         "timestamp", "split", "label_binary", "user_id_feature_ts", "item_id_feature_ts"])

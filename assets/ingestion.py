@@ -339,7 +339,8 @@ def _silver_on_spark(context: AssetExecutionContext, config: RefineSettings, sto
                      artifacts: ArtifactsResource):
     """The spark engine of silver_events (ingestion/refine_spark.py): same rules, same outputs and checks."""
     from assets.resources import SparkResource
-    from data_contracts.events import build_data_docs, event_rules, validate_events
+    from data_contracts.event_rules import event_rules
+    from data_contracts.events import build_data_docs, validate_events
     from ingestion.refine_spark import CONTRACT_CHUNK_ROWS, refine_on_spark
 
     rc = config.refine_config()

@@ -244,7 +244,7 @@ def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, 
                    redis: RedisResource):
     import time
 
-    from features.online import CURRENT_KEY
+    from features.online_keys import CURRENT_KEY
     from features.registry import ranker_feature_names
     from monitoring.drift import MODEL_OUTPUT_FEATURES, served_feature_window
     from monitoring.health import (FreshnessThresholds, feature_quality, group_staleness, group_summary,

@@ -14,7 +14,9 @@ from dagster import ConfigurableResource
 
 from ground.settings import Settings, SparkSettings, redis_client, redis_url_from_env
 from lake.delta import DeltaLake, TableVersion
-from lake.spark import spark_read, spark_session, spark_write
+from lake.spark import spark_session
+from lake.spark_read import spark_read
+from lake.spark_write import spark_write
 
 
 def _settings() -> Settings:

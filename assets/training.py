@@ -8,7 +8,7 @@ import dataclasses
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Config, DataVersion, MetadataValue,
@@ -17,9 +17,13 @@ from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Co
 from assets.features import ITEM_FEATURES, TRAINING_SET, USER_FEATURES
 from assets.ingestion import BRONZE, ITEMS, LABELS, SILVER, USERS
 from features.registry import registry_version
+from assets.config import dataclass_config, to_dataclass
 from assets.resources import ArtifactsResource, LakeResource, MlflowResource
 from compliance.versions import source_version
 from training.dataset import read_training_set
+from training.gates import GateConfig
+from training.ranker import RankerConfig
+from training.two_tower_config import TwoTowerConfig
 from ground.settings import PROJECT_ROOT
 
 GROUP = "training"
@@ -43,28 +47,25 @@ def _load_training_inputs(lake: LakeResource) -> tuple[pd.DataFrame, pd.DataFram
     return frame, items, users, pins
 
 
-class TwoTowerTrainConfig(Config):
-    dim: int = 128
-    epochs: int = 8
-    temperature: float = 0.05
-    seed: int = 7
-    # training budget (training/two_tower.py TwoTowerConfig; 0 = no cap): a seeded sample of at most this many
-    # positives per epoch, and of validation positives for early stopping; recorded in the asset metadata and
-    # in the registered version's params (two_tower.max_examples_per_epoch, ...)
-    max_examples_per_epoch: int = 100_000
-    max_validation_examples: int = 20_000
+# the launchpad's two-tower knobs, types and defaults from TwoTowerConfig. The training budget (0 = no cap): a seeded
+# sample of at most max_examples_per_epoch positives per epoch, and of max_validation_examples validation positives
+# for early stopping; recorded in the asset metadata and the registered version's params (two_tower.max_examples_...)
+if TYPE_CHECKING:  # a class built at import: mypy reads these run configs as Any
+    TwoTowerTrainConfig = Any
+else:
+    TwoTowerTrainConfig = dataclass_config("TwoTowerTrainConfig", TwoTowerConfig, (
+        "dim", "epochs", "temperature", "seed", "max_examples_per_epoch", "max_validation_examples"), __name__)
 
 
 @asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP,
        code_version=source_version(__file__, "training/two_tower.py", "models/two_tower.py"),
        description="Two-tower retrieval model (PyTorch, in-batch softmax) and the item embeddings it produces.")
-def two_tower_model(context: AssetExecutionContext, config: TwoTowerTrainConfig, lake: LakeResource) -> Output:
-    from training.two_tower import TwoTowerConfig, train_two_tower
+def two_tower_model(context: AssetExecutionContext, config: TwoTowerTrainConfig,
+                    lake: LakeResource) -> Output:
+    from training.two_tower import train_two_tower
 
     frame, items, users, pins = _load_training_inputs(lake)
-    tt_config = TwoTowerConfig(dim=config.dim, epochs=config.epochs, temperature=config.temperature, seed=config.seed,
-                               max_examples_per_epoch=config.max_examples_per_epoch,
-                               max_validation_examples=config.max_validation_examples)
+    tt_config = to_dataclass(config, TwoTowerConfig)
     result = train_two_tower(frame[frame["split"] == "train"], items, users, tt_config,
                              valid_rows=frame[frame["split"] == "validation"])
     metrics = {k: v for k, v in getattr(result, "metrics", {}).items() if isinstance(v, (int, float))}
@@ -94,25 +95,24 @@ def faiss_index(context: AssetExecutionContext, two_tower_model: Any):
                            metadata={"recall_at_100": recall, "threshold": INDEX_MIN_RECALL})
 
 
-class RankerTrainConfig(Config):
-    num_boost_round: int = 300
-    learning_rate: float = 0.05
-    num_leaves: int = 31
-    seed: int = 7
-    objective: str = "binary"  # or "lambdarank" / "rank_xendcg" (scores are then not probabilities: no logloss/ECE)
-    use_tuned_params: bool = False  # take the knobs found by the `ranker_tuning` asset (job tune_ranker)
+# RankerConfig's knobs (objective: or "lambdarank" / "rank_xendcg": scores are then not probabilities, no logloss/ECE),
+# plus use_tuned_params: take the knobs found by the `ranker_tuning` asset (job tune_ranker)
+if TYPE_CHECKING:
+    RankerTrainConfig = Any
+else:
+    RankerTrainConfig = dataclass_config("RankerTrainConfig", RankerConfig, (
+        "num_boost_round", "learning_rate", "num_leaves", "seed", "objective"), __name__, use_tuned_params=(bool, False))
 
 
 @asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP, code_version=source_version(__file__, "training/ranker.py"),
        description="LightGBM ranker over the registry's features plus the two-tower affinity.")
-def ranker_model(context: AssetExecutionContext, config: RankerTrainConfig, two_tower_model: Any,
-                 lake: LakeResource, artifacts: ArtifactsResource) -> Output:
-    from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
+def ranker_model(context: AssetExecutionContext, config: RankerTrainConfig,
+                 two_tower_model: Any, lake: LakeResource, artifacts: ArtifactsResource) -> Output:
+    from training.ranker import add_embedding_affinity, train_ranker
 
     frame, _, _, pins = _load_training_inputs(lake)
     frame = add_embedding_affinity(frame, two_tower_model)
-    ranker_config = RankerConfig(num_boost_round=config.num_boost_round, learning_rate=config.learning_rate,
-                                 num_leaves=config.num_leaves, seed=config.seed, objective=config.objective)
+    ranker_config = to_dataclass(config, RankerConfig)
     if config.use_tuned_params:
         from training.tuning import load_tuned
 
@@ -255,18 +255,14 @@ def model_evaluation(context: AssetExecutionContext, config: CatalogEvalConfig, 
                                      "champion_source": source, **flat})
 
 
-class GateSettings(Config):
-    min_ndcg_lift_over_popularity: float = 0.0
-    max_auc_drop_vs_champion: float = 0.005
-    max_p99_scoring_ms: float = 25.0
-    max_null_rate: float = 0.0
-    min_batch_feature_coverage: float = 0.01
-    min_lift_over_best_baseline: float = -0.05  # non-inferiority margin vs the best baseline (training/gates.py)
-    max_ndcg_drop_vs_champion: float = 0.02
-    min_test_users: int = 30
-    # True: a passing version becomes champion at once (the demo). False: it enters the staged rollout
-    # (shadow -> canary -> promote, assets/rollout.py) and the champion moves only when the canary passes.
-    auto_promote: bool = True
+# every GateConfig threshold (training/gates.py says what each means), plus auto_promote. True: a passing version
+# becomes champion at once (the demo). False: it enters the staged rollout (shadow -> canary -> promote,
+# assets/rollout.py) and the champion moves only when the canary passes.
+if TYPE_CHECKING:
+    GateSettings = Any
+else:
+    GateSettings = dataclass_config("GateSettings", GateConfig, tuple(f.name for f in dataclasses.fields(GateConfig)),
+                                    __name__, auto_promote=(bool, True))
 
 
 @asset(group_name=GROUP, check_specs=[AssetCheckSpec("gate_passed", asset="validation_gate",
@@ -276,12 +272,13 @@ class GateSettings(Config):
        code_version=source_version(__file__, "training/gates.py"),
        description="Pass/fail with reasons: beat popularity on NDCG@10, keep the champion's AUC, score 200 candidates "
                    "within the p99 budget, no null or uncovered features.")
-def validation_gate(context: AssetExecutionContext, config: GateSettings, model_evaluation: dict):
-    from training.gates import GateConfig, evaluate_gate
+def validation_gate(context: AssetExecutionContext, config: GateSettings,
+                    model_evaluation: dict):
+    from training.gates import evaluate_gate
 
     gate = evaluate_gate(model_evaluation["two_stage"], model_evaluation["popularity"],
                          model_evaluation.get("champion") or None,
-                         GateConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(GateConfig)}),
+                         to_dataclass(config, GateConfig),
                          latency=model_evaluation.get("scoring_latency"), health=model_evaluation.get("feature_health"),
                          catalog=model_evaluation.get("catalog"))
     for reason in gate.reasons:

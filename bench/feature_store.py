@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from features.online import OnlineStore, session_key, user_key
+from features.online import OnlineStore
+from features.online_keys import session_key, user_key
 from orchestration.services import start_redis
 
 log = logging.getLogger("bench.features")

@@ -110,7 +110,7 @@ def _jvm_pid(spark) -> int:
 def measure(spark, lake, table: str, reader: str, n: int, extra_pids: tuple[int, ...] = (), repeats: int = 3) -> dict:
     from pyspark.sql import functions as F
 
-    from lake.spark import spark_read
+    from lake.spark_read import spark_read
 
     version = lake.version(table)
     walls = []

@@ -47,7 +47,7 @@ def build(root: Path, rows: int, users: int, seed: int = 7) -> None:
 def fill_redis(client, users: int, sessions_per_user: int = 2, stream_entries: int = 50_000) -> None:
     import json
 
-    from features.online import user_key
+    from features.online_keys import user_key
 
     pipe = client.pipeline(transaction=False)
     for v in ("v1", "v2"):

@@ -110,7 +110,7 @@ def _start_job(url: str, home: Path, consumer: str, bronze: bool = True) -> subp
 
 def _wait_applied(client, event: dict, timeout_s: float) -> None:
     """Publish one event and wait until the job applied it (the job process is up and reading)."""
-    from features.online import session_key
+    from features.online_keys import session_key
     from streaming.job import publish
 
     publish(client, [event])
@@ -124,7 +124,7 @@ def _wait_applied(client, event: dict, timeout_s: float) -> None:
 def freshness(url: str, home: Path, rates: list[int], seconds: float, bronze: bool = True) -> None:
     import redis
 
-    from features.online import session_key
+    from features.online_keys import session_key
     from streaming.job import STREAM, publish
 
     client = redis.Redis.from_url(url, decode_responses=True)

@@ -208,7 +208,7 @@ def forget_in_lake(lake: DeltaLake, user_id: str, retention_hours: float,
 # ---------------------------------------------------------------------------------------------- Redis
 def forget_in_redis(client: Any, user_id: str, session_ids: set[str], event_ids: set[str]) -> dict[str, int]:
     """Delete the user's keys, session keys, per-event markers and stream entries. {what: count}."""
-    from features.online import PREFIX, VERSIONS_KEY, session_key, user_key
+    from features.online_keys import PREFIX, VERSIONS_KEY, session_key, user_key
 
     def s(v: Any) -> str:
         return v.decode(errors="replace") if isinstance(v, bytes) else str(v)

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from data_contracts.events import DEFAULT_MAX_FUTURE_SKEW_MS, QUARANTINE_SCHEMA, ContractResult, validate_events
+from data_contracts.event_rules import DEFAULT_MAX_FUTURE_SKEW_MS
+from data_contracts.events import QUARANTINE_SCHEMA, ContractResult, validate_events
 from ingestion.bots import BOT_SESSION_COLUMNS, BotConfig, bot_mask, bot_sessions
 from ingestion.dedup import DEFAULT_WINDOW_MS, exact_duplicates, window_duplicates
 from data_contracts.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA

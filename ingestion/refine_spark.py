@@ -176,7 +176,8 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    from lake.spark import spark_read, spark_write
+    from lake.spark_read import spark_read
+    from lake.spark_write import spark_write
 
     # (the parquet reader infers a `ingest_date=YYYY-MM-DD` folder as a date: the lake's type is a string)
     raw = (spark_read(spark, store, bronze, bronze_version).withColumn("ingest_date", F.col("ingest_date").cast("string"))

@@ -332,6 +332,6 @@ class DeltaLake:
 
 def spark_read(spark: Any, lake: DeltaLake, table: str, version: int, native: bool | None = None) -> Any:
     """A Spark DataFrame of exactly `table@version` (see `lake.spark.spark_read`; `native=True` = delta-spark)."""
-    from lake.spark import spark_read as read
+    from lake.spark_read import spark_read as read
 
     return read(spark, lake, table, version, reader="delta" if native else None)

@@ -21,11 +21,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from features.functions import SESSION_HISTORY_FOR_TOWER
+from models.two_tower_shape import TEXT_BUCKETS, TEXT_LEN
 
 # architecture versions: 1 = id + history / id + category (bundles saved before content features)
 MODEL_VERSION = 2
-TEXT_BUCKETS = 4096  # hashed bag of words over title + tags
-TEXT_LEN = 16  # distinct tokens kept per item
 
 
 class TwoTower(nn.Module):

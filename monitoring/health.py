@@ -116,7 +116,8 @@ def online_null_rates(client: Any, version: str | None, sample_users: int = 500,
 
     Missing user fields are the ones materialize omitted because the snapshot had no value (the server then
     serves the registry default)."""
-    from features.online import PREFIX, OnlineStore
+    from features.online import OnlineStore
+    from features.online_keys import PREFIX
 
     if not version:
         return {}
@@ -175,7 +176,7 @@ def _id_ms(stream_id: str) -> int:
 
 def batch_freshness(client: Any, now_s: float) -> dict[str, Any]:
     """The live snapshot version, when it was written to Redis, and its age (None without a live version)."""
-    from features.online import CURRENT_KEY, meta_key
+    from features.online_keys import CURRENT_KEY, meta_key
 
     version = _s(client.get(CURRENT_KEY))
     if not version:
@@ -195,7 +196,7 @@ def streaming_freshness(client: Any, now_ms: int, stream: str | None = None, gro
     """How far the session keys lag the event stream: age of the oldest event not yet applied by the sessionizer
     group (streaming/retention.stream_lag: pending or never delivered, on the Redis server's clock; every entry when
     the group was never created), plus the newest session write (from its TTL) as context."""
-    from features.online import SESSION_PREFIX, SESSION_TTL_S
+    from features.online_keys import SESSION_PREFIX, SESSION_TTL_S
     from streaming.job import GROUP, STREAM
     from streaming.retention import stream_lag
 

@@ -28,6 +28,18 @@ from ingestion.sources import SOURCES
 
 log = logging.getLogger("kairos")
 
+# Dagster's gRPC client binds its call timeout when dagster is first imported: a run launched through the run
+# launcher asks the code server to start it, and on a busy 2-core machine that call once took longer than the 60 s
+# default (`DagsterUserCodeUnreachableError`). Set (unless already set) by every entry point before it imports
+# dagster; the processes it starts (`kairos ui`'s `dagster dev`, code servers, run workers) inherit it.
+DAGSTER_CLIENT_ENV = {"DAGSTER_GRPC_TIMEOUT_SECONDS": "600"}
+
+
+def use_dagster_client_env() -> None:
+    """DAGSTER_CLIENT_ENV into this process's environment (where dagster reads it), keeping values already set."""
+    for name, value in DAGSTER_CLIENT_ENV.items():
+        os.environ.setdefault(name, value)
+
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
@@ -36,7 +48,9 @@ def _setup_logging() -> None:
 
 
 def prepare_home(settings: Settings) -> None:
-    """KAIROS_HOME and a DAGSTER_HOME inside it, so `kairos ui` shows the demo's runs."""
+    """KAIROS_HOME and a DAGSTER_HOME inside it, so `kairos ui` shows the demo's runs (and the Dagster client's
+    timeout, for the scripts that call this before they launch jobs)."""
+    use_dagster_client_env()
     settings.home.mkdir(parents=True, exist_ok=True)
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or settings.home / "dagster")
     dagster_home.mkdir(parents=True, exist_ok=True)
@@ -466,6 +480,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_dagster_client_env()  # before anything imports dagster
     _setup_logging()
     parser = argparse.ArgumentParser(prog="kairos", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ground.jvm import java_home
 from ground.settings import APPENDFSYNC_POLICIES, EmbeddedRedisSettings
 
 log = logging.getLogger("kairos.services")
@@ -235,12 +236,13 @@ def start_spark_standalone(workdir: Path, cores: int = 1, memory: str = "1g",
 
     import pyspark
 
-    _ensure_java_for_services()
     spark_home = Path(pyspark.__file__).resolve().parent
     spark_class = str(spark_home / "bin" / "spark-class")
     port, ui = free_port(), free_port()
+    java = java_home(os.environ)  # passed to the master and worker, not written into this process
     env = _clean_env({"SPARK_HOME": str(spark_home), "SPARK_LOCAL_IP": "127.0.0.1",
-                      "SPARK_LOG_DIR": str(workdir / "logs"), "SPARK_NO_DAEMONIZE": "1"})
+                      "SPARK_LOG_DIR": str(workdir / "logs"), "SPARK_NO_DAEMONIZE": "1",
+                      **({"JAVA_HOME": java} if java else {})})
     master = _spawn("spark-master", [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                                      "--port", str(port), "--webui-port", str(ui)],
                     workdir / "master", env, f"spark://127.0.0.1:{port}")
@@ -261,12 +263,6 @@ def start_spark_standalone(workdir: Path, cores: int = 1, memory: str = "1g",
         raise
     log.info("standalone Spark master %s with one worker (%d cores, %s)", master.url, cores, memory)
     return master, worker
-
-
-def _ensure_java_for_services() -> None:
-    from lake.spark import _ensure_java
-
-    _ensure_java()
 
 
 def start_moto_s3(workdir: Path, timeout_s: float = 60) -> ServiceProcess:

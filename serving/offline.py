@@ -19,7 +19,10 @@ import numpy as np
 import pandas as pd
 
 from features.functions import new_session_state, update_session
-from features.online import FRESH_WINDOW, ITEM_STORE_COLUMNS, ItemCodec, ItemTable, OnlineStore
+from features.online import FRESH_WINDOW, OnlineStore
+from features.online_codec import ItemCodec
+from features.online_items import ItemTable
+from features.registry import ITEM_STORE_COLUMNS
 from features.registry import USER_HISTORY_COLUMNS, USER_STORE_COLUMNS
 from serving.candidates import DEFAULT_CHANNELS, Channel
 from serving.pipeline import SERVED_STALE, SERVED_TWO_STAGE, personalize

@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from features.online import FRESH_WINDOW, ITEM_CACHE_ROWS, PUBLISHED_KEEP
+from features.online import FRESH_WINDOW, ITEM_CACHE_ROWS
+from features.online_write import PUBLISHED_KEEP
 from ground.settings import env_flag, env_number
 from serving.experiments import Experiment
 from serving.rerank import RerankConfig

@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from data_contracts.events import DEFAULT_MAX_FUTURE_SKEW_MS, check_event, event_rules
+from data_contracts.event_rules import DEFAULT_MAX_FUTURE_SKEW_MS, check_event, event_rules
 from streaming.retention import DEFAULT_MAX_BACKLOG, as_text, check_backpressure
 
 INTAKE_KEY_PREFIX = "kairos:intake"

@@ -41,9 +41,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import redis
 
-from data_contracts.events import check_event
+from data_contracts.event_rules import check_event
 from features.functions import new_session_state, update_session
-from features.online import SESSION_TTL_S, OnlineStore, decode_session, session_key, session_owner_key
+from features.online import OnlineStore
+from features.online_codec import decode_session
+from features.online_keys import SESSION_TTL_S, session_key, session_owner_key
 from ground.settings import Settings, redact_url, redis_client, redis_url_from_env
 from streaming.intake import COUNTS_KEY, DEAD_LETTER_STREAM, QUARANTINE_MAXLEN, QUARANTINE_STREAM, intake  # noqa: F401 - re-exported
 from streaming.options import StreamJobOptions, parse_args

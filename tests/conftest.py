@@ -11,8 +11,11 @@ import pytest
 import redis
 
 from ingestion.simulator import SimulatorConfig, World, simulate
+from orchestration.cli import use_dagster_client_env
 from orchestration.services import EmbeddedRedis, start_redis
 from ground.settings import Settings
+
+use_dagster_client_env()  # the tests launch Dagster runs as the CLI does: set before anything imports dagster
 
 SHARED = Path(os.environ.get("KAIROS_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 MOVIELENS_100K = SHARED / "data" / "movielens-100k"

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_contracts.events import (MAX_ID_LENGTH, MIN_TIMESTAMP_MS, QUARANTINE_COLUMNS, ContractResult, build_data_docs,
-                                    build_suite, check_event, event_rules, event_violations, validate_events)
+from data_contracts.event_rules import MAX_ID_LENGTH, MIN_TIMESTAMP_MS, build_suite, check_event, event_rules, event_violations
+from data_contracts.events import QUARANTINE_COLUMNS, ContractResult, build_data_docs, validate_events
 from data_contracts.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA, SCHEMA_VERSION
 from ingestion.simulator import START_MS
 from lake.delta import DeltaLake

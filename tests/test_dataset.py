@@ -9,7 +9,8 @@ import pytest
 from features.batch import final_snapshot, item_snapshots, user_snapshots
 from data_contracts.schema import DAY_MS, HOUR_MS
 from lake.delta import DeltaLake
-from lake.spark import spark_session, spark_write
+from lake.spark import spark_session
+from lake.spark_write import spark_write
 from training.dataset import SplitConfig, assign_split, build_training_set, read_training_set, split_boundaries
 
 T0 = 1_767_225_600_000  # 2026-01-01 00:00 UTC

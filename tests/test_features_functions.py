@@ -78,7 +78,7 @@ def test_co_engagement_on_packed_rows_equals_the_dict_definition() -> None:
     import struct
 
     from features.functions import co_engagement
-    from features.online import _SEP, PackedMap
+    from features.online_codec import _SEP, PackedMap
 
     rng = random.Random(7)
     universe = [f"i{k:03d}" for k in range(60)] + ["i1", "i10", "i100"]  # prefixes of each other

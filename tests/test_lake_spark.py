@@ -10,8 +10,9 @@ import pytest
 
 from ground.settings import SparkSettings
 from lake.delta import DeltaLake
-from lake.spark import (LakeNotReachable, check_reachable, conf_from_env, lake_reader, product_zip, session_conf,
-                        snapshot_plan, spark_read, spark_session)
+from lake.spark import spark_session
+from lake.spark_conf import LakeNotReachable, conf_from_env, lake_reader, product_zip, session_conf
+from lake.spark_read import check_reachable, snapshot_plan, spark_read
 
 
 def _rows(frame) -> list[tuple]:

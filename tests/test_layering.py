@@ -129,7 +129,7 @@ def test_every_product_package_is_in_the_layers_contract() -> None:
     given a layer, and the packaged list (pyproject, the zip shipped to Spark executors) must name the same ones."""
     import tomllib
 
-    from lake.spark import PRODUCT_PACKAGES
+    from lake.spark_conf import PRODUCT_PACKAGES
 
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     contract = config["tool"]["importlinter"]
@@ -152,13 +152,12 @@ ENVIRONMENT_MODULES: dict[str, str] = {
     "monitoring/health.py": "FreshnessThresholds.from_env(env=os.environ)",
     "orchestration/sensors.py": "SensorSettings.from_env(env=os.environ), per tick",
     "orchestration/definitions.py": "EnvVar for the resource variables that are set",
-    "orchestration/__init__.py": "DAGSTER_GRPC_TIMEOUT_SECONDS, before dagster is imported",
     "orchestration/cli.py": "the entry point: the environment of the processes it starts (KAIROS_HOME, DAGSTER_HOME, ...)",
     "orchestration/services.py": "the environment of the child services it starts",
     "serving/server.py": "the environment of the BentoML server process it starts",
     "compliance/lineage.py": "DAGSTER_HOME (set by the CLI) locates the Dagster instance",
-    "lake/spark.py": "JAVA_HOME / PYSPARK_PYTHON for the JVM it starts, the AWS_*/AZURE_*/GOOGLE_* handed to "
-                     "executors",
+    "ground/jvm.py": "JAVA_HOME / PYSPARK_PYTHON / PYARROW_IGNORE_TIMEZONE: pyspark reads them from os.environ only",
+    "lake/spark_read.py": "the AWS_*/AZURE_*/GOOGLE_* handed to executors",
 }
 
 
@@ -178,8 +177,9 @@ def test_only_settings_and_entry_points_touch_the_environment() -> None:
 
 @pytest.mark.parametrize("config_path, dataclass_path, extras", [
     ("assets.training:GateSettings", "training.gates:GateConfig", {"auto_promote"}),
-    ("assets.training:TwoTowerTrainConfig", "training.two_tower:TwoTowerConfig", set()),
+    ("assets.training:TwoTowerTrainConfig", "training.two_tower_config:TwoTowerConfig", set()),
     ("assets.training:RankerTrainConfig", "training.ranker:RankerConfig", {"use_tuned_params"}),
+    ("assets.features:TrainingSetConfig", "training.dataset:SplitConfig", set()),
 ])
 def test_a_dagster_config_mirror_keeps_its_dataclass_defaults(config_path: str, dataclass_path: str,
                                                                extras: set[str]) -> None:

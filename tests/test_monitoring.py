@@ -49,7 +49,7 @@ def world(tmp_path_factory, redis_server, small_world, trainset, outcome):
     from training.ranker import RankerConfig
     from training.registry import register_bundle
     from training.trainer import train_bundle
-    from training.two_tower import TwoTowerConfig
+    from training.two_tower_config import TwoTowerConfig
 
     home = tmp_path_factory.mktemp("kairos-monitoring")
     env = contextlib.ExitStack()

@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from features.functions import co_engagement, new_session_state, update_session
-from features.online import (CURRENT_KEY, VERSIONS_KEY, OnlineStore, items_key, meta_key, popular_key, published_key,
-                             rev_key, session_key, text_key, user_key)
+from features.online import OnlineStore
+from features.online_keys import CURRENT_KEY, VERSIONS_KEY, items_key, meta_key, popular_key, published_key, rev_key, session_key, text_key, user_key
 from orchestration.services import EmbeddedRedis
 
 
@@ -350,9 +350,9 @@ def test_the_online_features_asset_writes_packed_rows_in_a_dagster_run(tmp_path,
 
 
 def test_the_fresh_index_keeps_only_the_newest_items(redis_client: redis.Redis, monkeypatch) -> None:
-    import features.online as online
+    import features.online_write as online_write
 
-    monkeypatch.setattr(online, "PUBLISHED_KEEP", 8)
+    monkeypatch.setattr(online_write, "PUBLISHED_KEEP", 8)
     store = OnlineStore(redis_client)
     store.materialize(_users(1), _items(30), version="v1")
     assert redis_client.zrevrange(published_key("v1"), 0, -1) == [f"i{i:05d}" for i in range(29, 21, -1)]
@@ -365,7 +365,8 @@ def test_a_session_is_read_only_by_its_owner(redis_client) -> None:
     naming that session id is served without it (no one personalizes from someone else's clicks)."""
     import json as _json
 
-    from features.online import OnlineStore, session_key, session_owner_key
+    from features.online import OnlineStore
+    from features.online_keys import session_key, session_owner_key
 
     redis_client.set(session_key("shared-s"), _json.dumps({"last_items": ["i1"], "length": 1}))
     redis_client.set(session_owner_key("shared-s"), "owner-u")

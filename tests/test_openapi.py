@@ -1,7 +1,8 @@
 """The OpenAPI document of POST /v1/personalize: typed answer, real examples (what Swagger shows)."""
 from __future__ import annotations
 
-from serving.service import KairosRanker, PersonalizeRequest, PersonalizeResponse
+from serving.http_models import PersonalizeRequest, PersonalizeResponse
+from serving.service import KairosRanker
 
 
 def _spec() -> dict:
@@ -48,7 +49,7 @@ def test_events_and_status_answers_are_typed_with_real_examples(redis_client) ->
     """Swagger once showed `{additionalProp1: {}}` for these: both are models now, and what the real intake
     (a real redis-server) and the real stream-lag / impression counters return fits them."""
     from serving.impressions import ImpressionLogger
-    from serving.service import EventsResponse, StatusResponse
+    from serving.http_models import EventsResponse, StatusResponse
     from streaming.intake import intake
     from streaming.job import STREAM
     from streaming.retention import stream_lag

@@ -12,7 +12,7 @@ from training.gates import GateResult
 from training.ranker import add_embedding_affinity
 from training.registry import champion_metrics, register_bundle
 from training.trainer import TrainingOutcome, train_bundle
-from training.two_tower import TwoTowerConfig
+from training.two_tower_config import TwoTowerConfig
 
 
 @pytest.fixture(scope="module")

@@ -409,7 +409,7 @@ def test_the_http_schema_and_the_pipeline_share_one_request_rule() -> None:
     from pydantic import ValidationError
 
     from serving.request import ID_MAX, LABEL_MAX, MAX_NUM_RESULTS, MAX_POOL
-    from serving.service import PersonalizeRequest
+    from serving.http_models import PersonalizeRequest
 
     at_limit = {"user_id": "u" * ID_MAX, "surface": "s" * LABEL_MAX,
                 "context": {"session_id": "x" * ID_MAX, "device_type": "d" * LABEL_MAX, "geo_region": "g" * LABEL_MAX},

@@ -76,7 +76,7 @@ def test_the_modules_read_through_the_settings(monkeypatch: pytest.MonkeyPatch) 
     """lake.delta, lake.spark and orchestration.services take these values from the settings objects (their
     functions keep their names and are still called with no arguments)."""
     from lake.delta import DeltaLake, storage_options_from_env
-    from lake.spark import conf_from_env, lake_reader, session_conf
+    from lake.spark_conf import conf_from_env, lake_reader, session_conf
     from orchestration.services import appendfsync_from_env
 
     for var in ("KAIROS_SPARK_CONF", "KAIROS_SPARK_LAKE_READER", "KAIROS_SPARK_DELTA_NATIVE"):

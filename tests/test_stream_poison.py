@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 from assets.streaming import lag_decision
-from features.online import session_key
+from features.online_keys import session_key
 from lake.delta import DeltaLake
 from streaming.bronze import (BRONZE_GROUP, BRONZE_TABLE, DEAD_LETTER_TABLE, QUARANTINE_TABLE, BronzeWriter,
                               bronze_rows, refused_landers)

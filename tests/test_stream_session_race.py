@@ -11,7 +11,7 @@ import time
 
 import redis
 
-from features.online import session_key, session_owner_key
+from features.online_keys import session_key, session_owner_key
 from streaming.job import (APPLY, COUNTS_KEY, DUPLICATE, GROUP, QUARANTINE_STREAM, REFUSED, STREAM,
                            SessionStreamProcessor, plan_events, publish, user_recent_key)
 

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import redis
 
-from features.online import OnlineStore, session_key
+from features.online import OnlineStore
+from features.online_keys import session_key
 from streaming.job import COUNTS_KEY, GROUP, QUARANTINE_STREAM, STREAM, SessionStreamProcessor, publish
 
 T0 = 1_767_225_600_000

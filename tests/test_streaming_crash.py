@@ -15,7 +15,8 @@ import pandas as pd
 import redis
 
 from features.functions import new_session_state, update_session
-from features.online import OnlineStore, session_key
+from features.online import OnlineStore
+from features.online_keys import session_key
 from ground.settings import PROJECT_ROOT
 from lake.delta import DeltaLake
 from streaming.bronze import BRONZE_GROUP, BRONZE_TABLE

@@ -16,7 +16,8 @@ from training.gates import GateConfig, GateResult, evaluate_gate
 from training.index import build_faiss_index, index_recall_at_k
 from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
 from training.trainer import assemble_bundle
-from training.two_tower import TwoTowerConfig, train_two_tower
+from training.two_tower import train_two_tower
+from training.two_tower_config import TwoTowerConfig
 
 
 def test_training_set_helper_is_point_in_time(trainset) -> None:

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from models.two_tower import TwoTower, encode_users
+from training.two_tower_config import TwoTowerConfig
 from tests._trainset import make_training_set
-from training.two_tower import TwoTowerConfig, _examples, recall_at_k, text_tokens, train_two_tower
+from training.two_tower import _examples, recall_at_k, text_tokens, train_two_tower
 
 NEW_ITEM = "i_new_0001"
 NEW_USER = "u_new_0001"

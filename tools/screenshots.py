@@ -26,7 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from assets.resources import mlflow_ui_link  # noqa: E402
+from orchestration.cli import use_dagster_client_env  # noqa: E402
 from orchestration.services import free_port  # noqa: E402
+
+use_dagster_client_env()  # an entry point: before dagster is imported (the webserver it starts inherits it)
 
 MODEL = os.environ.get("KAIROS_MODEL_NAME", "kairos-ranker")
 

@@ -14,7 +14,8 @@ from models.bundle import Bundle
 from models.item_similarity import ItemSimilarity
 from training.index import build_faiss_index, index_recall_at_k
 from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
-from training.two_tower import TwoTowerConfig, TwoTowerResult, train_two_tower
+from training.two_tower import TwoTowerResult, train_two_tower
+from training.two_tower_config import TwoTowerConfig
 
 log = logging.getLogger("kairos.trainer")
 

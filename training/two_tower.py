@@ -31,8 +31,10 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from features.functions import SESSION_HISTORY_FOR_TOWER, tower_history_column
-from models.two_tower import MODEL_VERSION, TEXT_BUCKETS, TEXT_LEN, TwoTower, encode_users, pad_histories
+from features.functions import tower_history_column
+from models.two_tower import MODEL_VERSION, TwoTower, encode_users, pad_histories
+from models.two_tower_shape import TEXT_BUCKETS, TEXT_LEN
+from training.two_tower_config import TwoTowerConfig
 
 log = logging.getLogger("kairos.two_tower")
 
@@ -42,42 +44,6 @@ FRESHNESS_MAX_DAYS = 365.0
 # recall@k values always reported (the early-stopping k is added to these)
 REPORTED_RECALL_KS = (50, 100)
 _TOKEN = re.compile(r"[0-9a-z_]+")
-
-
-@dataclass
-class TwoTowerConfig:
-    # the issue asks for 128-d; 64 stays the default because tests/test_training.py and the Dagster
-    # asset config (assets/training.py) pin 64. The FAISS code reads the width from the array.
-    dim: int = 128
-    epochs: int = 8
-    batch_size: int = 512
-    lr: float = 0.01
-    temperature: float = 0.05
-    seed: int = 7
-    hidden: int = 128
-    weight_decay: float = 1e-6
-    logq_correction: bool = True
-    # share of training examples whose user id is replaced by "unknown" (trains the cold-start row);
-    # half of those also lose the profile (trains the unknown segment/device rows)
-    unknown_user_dropout: float = 0.1
-    # share of in-batch items embedded from content alone (id part and popularity zeroed): trains
-    # the tower for items that have no training positives yet
-    unknown_item_dropout: float = 0.1
-    history_len: int = SESSION_HISTORY_FOR_TOWER
-    # early stopping: validation recall@recall_k after every epoch, stop after `patience` epochs
-    # without improvement, keep the best epoch's weights
-    recall_k: int = 100
-    patience: int = 2
-    text_buckets: int = TEXT_BUCKETS
-    text_len: int = TEXT_LEN
-    # training budget, so a large log trains in bounded time (0 = no cap): every epoch draws a seeded sample of
-    # at most `max_examples_per_epoch` positives (an epoch over fewer positives is the plain permutation, so small
-    # logs train exactly as without the cap), and early stopping scores a fixed seeded sample of at most
-    # `max_validation_examples` validation positives (each scoring pass is over the whole catalog)
-    max_examples_per_epoch: int = 100_000
-    max_validation_examples: int = 20_000
-    # 1 thread: on 2 shared cores, 2 intra-op threads measured up to 30x slower under contention
-    num_threads: int = 1
 
 
 @lru_cache(maxsize=100_000)
