@@ -47,7 +47,7 @@ def _walk(source: type, path: str) -> tuple[Any, Any]:
     head, _, rest = path.partition(".")
     hint = typing.get_type_hints(source)[head]
     field = {f.name: f for f in dataclasses.fields(source)}[head]
-    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[operator]
     if not rest:
         return hint, default
     for part in rest.split("."):  # the parent's own default instance may set the nested field
