@@ -15,7 +15,14 @@ from typing import Any
 import pydantic
 from dagster import Config
 
-_UNSET: Any = type("Unset", (), {"__repr__": lambda self: "<derived>"})()  # Knob.default not given
+class _Derived:
+    """`Knob.default` not given: the launchpad default is the dataclass field's, in the knob's unit."""
+
+    def __repr__(self) -> str:
+        return "<from the dataclass>"
+
+
+_UNSET: Any = _Derived()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +103,27 @@ def _dataclass_value(source: type, knob: Knob, value: Any) -> Any:
     return int(scaled) if hint is int else scaled
 
 
-def _build(source: type, values: dict[str, Any]) -> Any:
-    """`source` from dotted field values: nested dataclasses built from their own fields (the rest keep defaults)."""
+def _nest(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Dotted field values split into this level's fields and, per nested dataclass field, its own values."""
     flat = {k: v for k, v in values.items() if "." not in k}
     nested: dict[str, dict[str, Any]] = {}
     for key, value in values.items():
         if "." in key:
             head, _, rest = key.partition(".")
             nested.setdefault(head, {})[rest] = value
-    hints = typing.get_type_hints(source)
-    return source(**flat, **{head: _build(hints[head], sub) for head, sub in nested.items()})
+    return flat, nested
+
+
+def _replace(instance: Any, values: dict[str, Any]) -> Any:
+    flat, nested = _nest(values)
+    return dataclasses.replace(instance, **flat, **{h: _replace(getattr(instance, h), sub) for h, sub in nested.items()})
+
+
+def _build(source: type, values: dict[str, Any]) -> Any:
+    """`source` from dotted field values: a nested dataclass is its field's default with the values set (the rest,
+    and every other field, keep their defaults)."""
+    flat, nested = _nest(values)
+    return source(**flat, **{h: _replace(_walk(source, h)[1], sub) for h, sub in nested.items()})
 
 
 def to_dataclass(config: Config, source: type, **overrides: Any) -> Any:
