@@ -9,7 +9,7 @@ a day changes nothing downstream.
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 import time
 
 import numpy as np
@@ -20,8 +20,11 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
 
 from compliance.exclusion import drop_forgotten
 from compliance.versions import delta_data_version, source_version
-from data_contracts.schema import BRONZE_SCHEMA, DAY_MS, ITEM_SCHEMA, USER_SCHEMA
+from data_contracts.schema import BRONZE_SCHEMA, DAY_MS, HOUR_MS, ITEM_SCHEMA, USER_SCHEMA
+from ingestion.labels import LabelConfig
+from ingestion.refine import RefineConfig
 from ingestion.sources import CATALOG_NEGATIVES, SIMULATOR_DEFAULTS
+from assets.config import Knob, dataclass_config, to_dataclass
 from assets.resources import ArtifactsResource, LakeResource
 from ground.settings import Settings
 
@@ -197,31 +200,22 @@ def bronze_events(context: AssetExecutionContext, config: SourceConfig, lake: La
                              data_version=delta_data_version(BRONZE, version) if version >= 0 else None)
 
 
-class RefineSettings(Config):
-    """Thresholds of the bronze → silver step (all in one place, visible in the launchpad)."""
-
-    dedup_window_seconds: int = 300
-    dedup_lookback_days: int = 2       # earlier batches searched for duplicates of this one
-    bot_filter: bool = True
-    bot_max_clicks: int = 100
-    bot_window_seconds: int = 600
-    bot_max_median_dwell_ms: int = 1_000
-    max_future_skew_seconds: int = 300
-    max_quarantine_rate: float = 0.05
-    # pandas: one process judges the run; spark: executors do (ingestion/refine_spark.py, same rules, memory bounded
-    # per partition); auto: spark when the run's bronze rows reach spark_min_events
-    engine: str = "pandas"  # auto is opt-in until the Spark engine is measured faster (README "Measured")
-    spark_min_events: int = 1_000_000
-
-    def refine_config(self):
-        from ingestion.bots import BotConfig
-        from ingestion.refine import RefineConfig
-
-        return RefineConfig(dedup_window_ms=self.dedup_window_seconds * 1000,
-                            bots=BotConfig(enabled=self.bot_filter, max_clicks=self.bot_max_clicks,
-                                           window_ms=self.bot_window_seconds * 1000,
-                                           max_median_dwell_ms=self.bot_max_median_dwell_ms),
-                            max_future_skew_ms=self.max_future_skew_seconds * 1000)
+# the bronze -> silver thresholds: RefineConfig's (and its BotConfig's) in launchpad units, plus the asset's own.
+# dedup_lookback_days: earlier batches searched for duplicates of this one. engine: pandas = one process judges the
+# run; spark = executors do (ingestion/refine_spark.py, same rules, memory bounded per partition); auto = spark when
+# the run's bronze rows reach spark_min_events (opt-in until the Spark engine is measured faster, README "Measured")
+if TYPE_CHECKING:
+    RefineSettings = Any
+else:
+    RefineSettings = dataclass_config("RefineSettings", RefineConfig, (
+        Knob("dedup_window_seconds", "dedup_window_ms", scale=1000),
+        Knob("dedup_lookback_days", None, type=int, default=2),
+        Knob("bot_filter", "bots.enabled"), Knob("bot_max_clicks", "bots.max_clicks"),
+        Knob("bot_window_seconds", "bots.window_ms", scale=1000), Knob("bot_max_median_dwell_ms", "bots.max_median_dwell_ms"),
+        Knob("max_future_skew_seconds", "max_future_skew_ms", scale=1000),
+        Knob("max_quarantine_rate", None, type=float, default=0.05),
+        Knob("engine", None, type=str, default="pandas"), Knob("spark_min_events", None, type=int, default=1_000_000),
+    ), __name__, doc="Thresholds of the bronze → silver step (all in one place, visible in the launchpad).")
 
 
 def _prior_silver(store, day: str, batch: pd.DataFrame, lookback_days: int) -> pd.DataFrame | None:
@@ -269,7 +263,7 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
     store = lake.lake()
     pin = store.pin(BRONZE)
     days = _partition_days(context)
-    rc = config.refine_config()
+    rc = to_dataclass(config, RefineConfig)
     if config.engine not in ("pandas", "spark", "auto"):
         raise Failure(description=f"silver_events engine must be pandas, spark or auto, got {config.engine!r}")
     n_bronze = store.count_rows(BRONZE, "ingest_date", days)
@@ -343,7 +337,7 @@ def _silver_on_spark(context: AssetExecutionContext, config: RefineSettings, sto
     from data_contracts.events import build_data_docs, validate_events
     from ingestion.refine_spark import CONTRACT_CHUNK_ROWS, refine_on_spark
 
-    rc = config.refine_config()
+    rc = to_dataclass(config, RefineConfig)
     end_of_range = int(pd.Timestamp(days[-1], tz="UTC").value // 1_000_000) + DAY_MS
     now_ms = min(int(time.time() * 1000), end_of_range)
     spark = SparkResource().session()
@@ -420,17 +414,21 @@ def _reconcile_check(store, days: list[str], totals: dict[str, int], per_day: li
     )
 
 
-class LabelSettings(Config):
-    """The label rule; `kairos demo` sets click_is_positive / easy_negative_ratio per log kind (ingestion/sources.py)."""
-
-    attribution_window_hours: float = 72.0
-    positive_threshold: float = 0.3
-    # catalog negatives per positive (0 = hard negatives only): without them a ranker trained on impressions
-    # learns to re-order what was shown, not to rank the whole catalog it is asked to rank when serving
-    easy_negative_ratio: float = CATALOG_NEGATIVES  # per positive; the log kind's rule (ingestion/sources.py)
-    negative_popularity_alpha: float = 0.5  # draw ~ (engagements + 1) ** alpha; 0 = uniform over the catalog
-    click_is_positive: bool = False   # click-only logs: a click is a positive whatever its (unknown) dwell
-    seed: int = 17
+# LabelConfig's rule, the window in hours. Two defaults are the asset's on purpose: LabelConfig's 0.0 (no catalog
+# negatives, one row per impression) is what monitoring's served attribution, the world probe and the test fixture
+# build on, while a training set needs catalog negatives: without them a ranker trained on impressions learns to
+# re-order what was shown, not to rank the whole catalog it is asked to rank when serving. easy_negative_ratio:
+# catalog negatives per positive, the logged-outcome rule (ingestion/sources.py; `kairos demo` sets it and
+# click_is_positive per log kind); negative_popularity_alpha: draw ~ (engagements + 1) ** alpha, 0 = uniform
+if TYPE_CHECKING:
+    LabelSettings = Any
+else:
+    LabelSettings = dataclass_config("LabelSettings", LabelConfig, (
+        Knob("attribution_window_hours", "attribution_window_ms", scale=HOUR_MS, type=float), "positive_threshold",
+        Knob("easy_negative_ratio", default=CATALOG_NEGATIVES), Knob("negative_popularity_alpha", default=0.5),
+        "click_is_positive", "seed",
+    ), __name__, doc="The label rule; `kairos demo` sets click_is_positive / easy_negative_ratio per log kind "
+                     "(ingestion/sources.py).")
 
 
 @asset(deps=[SILVER, ITEMS], group_name="ingestion", code_version=LABELS_CODE,
@@ -438,7 +436,7 @@ class LabelSettings(Config):
                    "(forgotten users excluded).")
 def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeResource) -> MaterializeResult:
     from data_contracts.schema import EVENT_COLUMNS
-    from ingestion.labels import LabelConfig, build_labels, label_summary, untrainable_reason
+    from ingestion.labels import build_labels, label_summary, untrainable_reason
 
     store = lake.lake()
     pin = store.pin(SILVER)
@@ -446,11 +444,8 @@ def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeReso
     events, forgotten = drop_forgotten(events, store)  # training honours the exclusion list
     catalog = store.read(ITEMS, columns=["item_id"])["item_id"].tolist() if store.exists(ITEMS) else None
     as_of = int(events["timestamp"].max()) + 1
-    lab = build_labels(events, as_of_ms=as_of, catalog_item_ids=catalog, config=LabelConfig(
-        attribution_window_ms=int(config.attribution_window_hours * 3_600_000),
-        positive_threshold=config.positive_threshold, easy_negative_ratio=config.easy_negative_ratio,
-        negative_popularity_alpha=config.negative_popularity_alpha, click_is_positive=config.click_is_positive,
-        seed=config.seed))
+    lab = build_labels(events, as_of_ms=as_of, catalog_item_ids=catalog,
+                       config=to_dataclass(config, LabelConfig))
     if lab.empty or int(lab["label_binary"].sum()) == 0:
         raise Failure(description=untrainable_reason(events, lab, config.click_is_positive))
     out = store.write(LABELS, lab)

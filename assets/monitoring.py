@@ -6,6 +6,7 @@ monitoring/ (drift, health, ope, skew); thresholds are Dagster `Config`.
 """
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, Config,
@@ -17,6 +18,9 @@ from assets.serving import ONLINE_FEATURES
 from compliance.versions import source_version
 from training.dataset import read_training_set
 from data_contracts.schema import DAY_MS, HOUR_MS
+from ingestion.labels import LabelConfig
+from monitoring.drift import DriftThresholds
+from assets.config import Knob, dataclass_config, to_dataclass
 from assets.resources import ArtifactsResource, LakeResource, MlflowResource, RedisResource
 
 FEATURE_DRIFT = "feature_drift"
@@ -28,20 +32,22 @@ OFF_POLICY_EVALUATION = "off_policy_evaluation"
 SERVED_FEATURE_COLUMNS = ["request_ts", "features", "shadow", "served_by"]
 
 
-class DriftConfig(Config):
-    recent_days: float = 2.0
-    min_sessions: int = 300  # per behaviour window: fewer gives status insufficient_data (never a retrain)
-    warn_psi: float = 0.2
-    act_psi: float = 0.25
-    # ranker features: the serving window is the impression log's last recent_days when it holds at least
-    # min_served_rows shown two-stage rows, else the training set's newest recent_days (no traffic yet)
-    min_served_rows: int = 200
-    max_reference_rows: int = 50_000  # seeded sample of the train split (PSI bins need thousands, not millions)
-    # off by default: on short or young histories windowed counts (30d impressions...) trend while their
-    # windows fill, and user-level features are clustered by user, so their PSI is loud without a real shift
-    # (README: measured figures); the behaviour PSI above is what the sensor acts on unless this is set
-    ranker_psi_drives_status: bool = False
-    seed: int = 7
+# DriftThresholds' warn / act PSI, plus the asset's windows. min_sessions: per behaviour window, fewer gives status
+# insufficient_data (never a retrain). Ranker features: the serving window is the impression log's last recent_days
+# when it holds at least min_served_rows shown two-stage rows, else the training set's newest recent_days (no
+# traffic yet); max_reference_rows: a seeded sample of the train split (PSI bins need thousands, not millions).
+# ranker_psi_drives_status is off by default: on short or young histories windowed counts (30d impressions...) trend
+# while their windows fill, and user-level features are clustered by user, so their PSI is loud without a real
+# shift (README: measured figures); the behaviour PSI is what the sensor acts on unless this is set
+if TYPE_CHECKING:
+    DriftConfig = Any
+else:
+    DriftConfig = dataclass_config("DriftConfig", DriftThresholds, (
+        Knob("recent_days", None, type=float, default=2.0), Knob("min_sessions", None, type=int, default=300),
+        Knob("warn_psi", "warn"), Knob("act_psi", "act"),
+        Knob("min_served_rows", None, type=int, default=200), Knob("max_reference_rows", None, type=int, default=50_000),
+        Knob("ranker_psi_drives_status", None, type=bool, default=False), Knob("seed", None, type=int, default=7),
+    ), __name__)
 
 
 def _ranker_windows(store, config: DriftConfig, pins: dict) -> tuple[pd.DataFrame, pd.DataFrame, str]:
@@ -70,8 +76,8 @@ def _ranker_windows(store, config: DriftConfig, pins: dict) -> tuple[pd.DataFram
                    "(served features vs the training split), with Evidently HTML reports; status drives retraining.")
 def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: LakeResource,
                   artifacts: ArtifactsResource) -> MaterializeResult:
-    from monitoring.drift import (CYCLICAL_FEATURES, DriftThresholds, behaviour_windows, drift_report,
-                                  event_drift_frame, feature_statuses, ranker_feature_drift)
+    from monitoring.drift import (CYCLICAL_FEATURES, behaviour_windows, drift_report, event_drift_frame,
+                                  feature_statuses, ranker_feature_drift)
 
     store = lake.lake()
     pins = {t: store.pin(t) for t in (SILVER, ITEMS, TRAINING_SET)}
@@ -91,7 +97,7 @@ def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: Lak
     deciding = columns if windows.aligned else [c for c in columns if c not in CYCLICAL_FEATURES]
     reports = artifacts.path("reports", context.run_id)
     html = reports / "drift.html"
-    thresholds = DriftThresholds(warn=config.warn_psi, act=config.act_psi)
+    thresholds = to_dataclass(config, DriftThresholds)
     result = drift_report(reference, current, columns, html_path=html, thresholds=thresholds,
                           status_columns=deciding, min_rows=config.min_sessions)
     result.notes[:0] = windows.notes
@@ -317,9 +323,15 @@ def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, 
 
 
 # --------------------------------------------------------------------------- served model health
-class ServedHealthConfig(Config):
-    window_days: float = 7.0               # impressions of the last days of the log
-    attribution_window_hours: float = 72.0  # the labels' window (ingestion/labels.py)
+_ATTRIBUTION_HOURS = Knob("attribution_window_hours", "attribution_window_ms", scale=HOUR_MS, type=float)
+
+
+# the labels' attribution window (LabelConfig's, in hours) over the impressions of the log's last window_days
+if TYPE_CHECKING:
+    ServedHealthConfig = Any
+else:
+    ServedHealthConfig = dataclass_config("ServedHealthConfig", LabelConfig, (
+        Knob("window_days", None, type=float, default=7.0), _ATTRIBUTION_HOURS), __name__)
 
 
 def _served_window(store, window_days: float) -> pd.DataFrame:
@@ -330,7 +342,7 @@ def _served_window(store, window_days: float) -> pd.DataFrame:
     return log[ts > int(ts.max()) - int(window_days * DAY_MS)].reset_index(drop=True)
 
 
-def _attributed(store, log: pd.DataFrame, window_hours: float) -> pd.DataFrame:
+def _attributed(store, log: pd.DataFrame, config: Any) -> pd.DataFrame:
     """Shown impressions with clicks credited from silver events (shadow rows were never shown: no clicks)."""
     from monitoring.health import attribute_engagement
 
@@ -338,7 +350,7 @@ def _attributed(store, log: pd.DataFrame, window_hours: float) -> pd.DataFrame:
     start = int(shown["request_ts"].min()) if len(shown) else 0
     events = store.read(SILVER, columns=["event_id", "user_id", "item_id", "event_type", "timestamp", "dwell_time_ms"],
                         filters=[("timestamp", ">=", start)])
-    return attribute_engagement(shown, events, int(window_hours * HOUR_MS))
+    return attribute_engagement(shown, events, to_dataclass(config, LabelConfig).attribution_window_ms)
 
 
 @asset(deps=[IMPRESSION_LOG, SILVER], group_name="monitoring", code_version=source_version(__file__, "monitoring/health.py"),
@@ -352,7 +364,7 @@ def served_model_health(context: AssetExecutionContext, config: ServedHealthConf
         context.log.info("no impression log yet: nothing served to measure")
         return MaterializeResult(metadata={"rows": 0, "models": MetadataValue.json({})})
     log = _served_window(store, config.window_days)
-    shown = _attributed(store, log, config.attribution_window_hours)
+    shown = _attributed(store, log, config)
     shadow = log[log["shadow"].fillna(False).astype(bool)]
     frame = pd.concat([shown, shadow], ignore_index=True) if len(shadow) else shown
     models = health(frame) if len(frame) else {}
@@ -370,17 +382,19 @@ def served_model_health(context: AssetExecutionContext, config: ServedHealthConf
 
 
 # --------------------------------------------------------------------------- off-policy evaluation
-class OPEConfig(Config):
-    window_days: float = 7.0
-    attribution_window_hours: float = 72.0
-    # the challenger's policy over the logged slate (monitoring/ope.slate_target_probabilities): epsilon-greedy
-    # like serving/rerank.explore; < 0 = the serving default (KAIROS_EXPLORATION_EPSILON)
-    epsilon: float = -1.0
-    explore_from: int = -1  # the first slot that explores (serving/rerank.py); < 0 = KAIROS_EXPLORATION_FROM's
-    temperature: float = 0.0   # > 0: a softmax (Plackett-Luce) policy over the challenger's scores
-    max_weight: float = 10.0
-    n_bootstrap: int = 500
-    seed: int = 7
+# the labels' attribution window as in ServedHealthConfig, then the challenger's policy over the logged slate
+# (monitoring/ope.slate_target_probabilities): epsilon-greedy like serving/rerank.explore, epsilon < 0 = the serving
+# default (KAIROS_EXPLORATION_EPSILON); explore_from: the first slot that explores (serving/rerank.py), < 0 =
+# KAIROS_EXPLORATION_FROM's; temperature > 0: a softmax (Plackett-Luce) policy over the challenger's scores
+if TYPE_CHECKING:
+    OPEConfig = Any
+else:
+    OPEConfig = dataclass_config("OPEConfig", LabelConfig, (
+        Knob("window_days", None, type=float, default=7.0), _ATTRIBUTION_HOURS,
+        Knob("epsilon", None, type=float, default=-1.0), Knob("explore_from", None, type=int, default=-1),
+        Knob("temperature", None, type=float, default=0.0), Knob("max_weight", None, type=float, default=10.0),
+        Knob("n_bootstrap", None, type=int, default=500), Knob("seed", None, type=int, default=7),
+    ), __name__)
 
 
 def challenger_scores(bundle, logged: pd.DataFrame) -> pd.Series:
@@ -428,7 +442,7 @@ def off_policy_evaluation(context: AssetExecutionContext, config: OPEConfig, lak
               & log["served_by"].fillna("").str.startswith("two_stage") & (log["propensity"] > 0)]
     if log.empty:
         return MaterializeResult(metadata={**base, "status": "no_traffic"})
-    rows = _attributed(store, log, config.attribution_window_hours)
+    rows = _attributed(store, log, config)
     bundle = load_alias(settings, CHALLENGER)
     serving = RerankConfig.from_env()  # what serving was told
     epsilon = config.epsilon if config.epsilon >= 0 else serving.epsilon

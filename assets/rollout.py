@@ -9,14 +9,17 @@ champion kept as `previous_champion`) or rolls the canary back. The decisions ar
 training/rollout.py; these assets only read, call them and flip aliases.
 """
 
+import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, AssetKey, Config,
                      MetadataValue, Output, asset)
 
 from compliance.versions import source_version
+from training.rollout import Guardrails, ShadowGuardrails
+from assets.config import Knob, dataclass_config, to_dataclass
 from assets.resources import LakeResource, MlflowResource, RedisResource
 
 GROUP = "rollout"
@@ -45,11 +48,14 @@ def read_click_events(client: Any, since_ms: int = 0, count: int = 500_000) -> p
     return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
 
 
-class ShadowSettings(Config):
-    min_requests: int = 30          # shadow-scored requests before a verdict
-    max_error_rate: float = 0.01    # shadow answers that fell back
-    max_score_psi: float = -1.0     # < 0: report only (a retrained model is expected to score differently)
-    min_overlap_at_10: float = -1.0  # < 0: report only
+# ShadowGuardrails' verdict knobs (training/rollout.py says what each means); a psi / overlap@10 below 0 = None:
+# report only (a retrained model is expected to score differently)
+if TYPE_CHECKING:
+    ShadowSettings = Any
+else:
+    ShadowSettings = dataclass_config("ShadowSettings", ShadowGuardrails, (
+        "min_requests", "max_error_rate", Knob("max_score_psi", type=float, none_below=0),
+        Knob("min_overlap_at_10", "min_overlap_at_k", type=float, none_below=0)), __name__)
 
 
 @asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP,
@@ -60,7 +66,7 @@ class ShadowSettings(Config):
                    "overlap@10 and rank correlation of the lists; proceed / hold / refuse.")
 def shadow_report(context: AssetExecutionContext, config: ShadowSettings, lake: LakeResource, mlflow: MlflowResource):
     from models.rollout import SHADOW, rollout_state
-    from training.rollout import ShadowGuardrails, compare_shadow, shadow_inputs, shadow_verdict
+    from training.rollout import compare_shadow, shadow_inputs, shadow_verdict
 
     state = rollout_state(mlflow.settings())
     if state.stage != SHADOW or not state.version:
@@ -70,10 +76,7 @@ def shadow_report(context: AssetExecutionContext, config: ShadowSettings, lake: 
     inputs = shadow_inputs(_read_log(lake), state.version)
     comparison = compare_shadow(inputs["champion_scores"], inputs["challenger_scores"], inputs["champion_lists"],
                                 inputs["challenger_lists"])
-    verdict = shadow_verdict(comparison, inputs["shadow_errors"], ShadowGuardrails(
-        min_requests=config.min_requests, max_error_rate=config.max_error_rate,
-        max_score_psi=config.max_score_psi if config.max_score_psi >= 0 else None,
-        min_overlap_at_k=config.min_overlap_at_10 if config.min_overlap_at_10 >= 0 else None))
+    verdict = shadow_verdict(comparison, inputs["shadow_errors"], to_dataclass(config, ShadowGuardrails))
     for reason in verdict.reasons:
         context.log.info(f"shadow v{state.version}: {reason}")
     report = {"status": "evaluated", "version": state.version, "champion": state.champion, **verdict.as_dict()}
@@ -84,15 +87,13 @@ def shadow_report(context: AssetExecutionContext, config: ShadowSettings, lake: 
                            metadata={"decision": verdict.decision, "reasons": MetadataValue.json(verdict.reasons)})
 
 
-class CanarySettings(Config):
-    max_error_rate_increase: float = 0.01
-    max_p99_latency_ms: float = 50.0
-    max_p99_latency_ratio: float = 1.5
-    max_ctr_relative_drop: float = 0.10
-    ctr_alpha: float = 0.05
-    min_requests: int = 50
-    min_impressions: int = 300
-    click_window_minutes: float = 30.0  # a click credits an impression of the same user and item this recent
+# every canary Guardrails threshold (training/rollout.py), plus click_window_minutes: a click credits an impression
+# of the same user and item this recent
+if TYPE_CHECKING:
+    CanarySettings = Any
+else:
+    CanarySettings = dataclass_config("CanarySettings", Guardrails, tuple(f.name for f in dataclasses.fields(Guardrails)),
+                                      __name__, click_window_minutes=(float, 30.0))
 
 
 @asset(deps=[AssetKey(IMPRESSION_LOG)], group_name=GROUP,
@@ -104,7 +105,7 @@ class CanarySettings(Config):
 def canary_evaluation(context: AssetExecutionContext, config: CanarySettings, lake: LakeResource,
                       redis: RedisResource, mlflow: MlflowResource):
     from models.rollout import CANARY_STAGE, canary_experiment_name, rollout_state
-    from training.rollout import Guardrails, arm_metrics, canary_verdict
+    from training.rollout import arm_metrics, canary_verdict
 
     state = rollout_state(mlflow.settings())
     if state.stage != CANARY_STAGE or not state.version:
@@ -114,10 +115,7 @@ def canary_evaluation(context: AssetExecutionContext, config: CanarySettings, la
     clicks = read_click_events(redis.client(), since_ms=state.stage_started_ms)
     metrics = arm_metrics(_read_log(lake), clicks, int(config.click_window_minutes * 60_000),
                           experiment=canary_experiment_name(state.version))
-    verdict = canary_verdict(metrics, Guardrails(
-        max_error_rate_increase=config.max_error_rate_increase, max_p99_latency_ms=config.max_p99_latency_ms,
-        max_p99_latency_ratio=config.max_p99_latency_ratio, max_ctr_relative_drop=config.max_ctr_relative_drop,
-        ctr_alpha=config.ctr_alpha, min_requests=config.min_requests, min_impressions=config.min_impressions))
+    verdict = canary_verdict(metrics, to_dataclass(config, Guardrails))
     for reason in verdict.reasons:
         context.log.info(f"canary v{state.version}: {reason}")
     result = {"status": "evaluated", "version": state.version, "champion": state.champion,

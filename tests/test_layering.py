@@ -175,25 +175,108 @@ def test_only_settings_and_entry_points_touch_the_environment() -> None:
     assert not set(ENVIRONMENT_MODULES) - found, f"no longer reads the environment: {sorted(set(ENVIRONMENT_MODULES) - found)}"
 
 
-@pytest.mark.parametrize("config_path, dataclass_path, extras", [
-    ("assets.training:GateSettings", "training.gates:GateConfig", {"auto_promote"}),
-    ("assets.training:TwoTowerTrainConfig", "training.two_tower_config:TwoTowerConfig", set()),
-    ("assets.training:RankerTrainConfig", "training.ranker:RankerConfig", {"use_tuned_params"}),
-    ("assets.features:TrainingSetConfig", "training.dataset:SplitConfig", set()),
-])
-def test_a_dagster_config_mirror_keeps_its_dataclass_defaults(config_path: str, dataclass_path: str,
-                                                               extras: set[str]) -> None:
-    """A Dagster Config exposing a product dataclass's knobs names only that dataclass's fields (plus the
-    asset's own switches) with the dataclass's defaults: a default changed in one place fails here."""
-    import dataclasses
+HOUR = 3_600_000
+# (Config, dataclass, the asset's own switches, launchpad field -> (dataclass field path, launchpad unit in the
+# dataclass's), launchpad defaults the asset sets on purpose instead of the dataclass's). Written here by hand so a
+# generated class that maps a knob to another field or unit fails.
+MIRRORS = [
+    ("assets.training:GateSettings", "training.gates:GateConfig", {"auto_promote"}, {}, {}),
+    ("assets.training:TwoTowerTrainConfig", "training.two_tower_config:TwoTowerConfig", set(), {}, {}),
+    ("assets.training:RankerTrainConfig", "training.ranker:RankerConfig", {"use_tuned_params"}, {}, {}),
+    ("assets.features:TrainingSetConfig", "training.dataset:SplitConfig", set(), {}, {}),
+    ("assets.ingestion:RefineSettings", "ingestion.refine:RefineConfig",
+     {"dedup_lookback_days", "max_quarantine_rate", "engine", "spark_min_events"},
+     {"dedup_window_seconds": ("dedup_window_ms", 1000), "bot_filter": ("bots.enabled", 1),
+      "bot_max_clicks": ("bots.max_clicks", 1), "bot_window_seconds": ("bots.window_ms", 1000),
+      "bot_max_median_dwell_ms": ("bots.max_median_dwell_ms", 1), "max_future_skew_seconds": ("max_future_skew_ms", 1000)},
+     {}),
+    # LabelConfig's 0.0 = no catalog negatives (monitoring's attribution, the test fixture); training sets need them
+    ("assets.ingestion:LabelSettings", "ingestion.labels:LabelConfig", set(),
+     {"attribution_window_hours": ("attribution_window_ms", HOUR)},
+     {"easy_negative_ratio": 2.0, "negative_popularity_alpha": 0.5}),
+    ("assets.rollout:ShadowSettings", "training.rollout:ShadowGuardrails", set(),
+     {"min_overlap_at_10": ("min_overlap_at_k", 1)}, {}),
+    ("assets.rollout:CanarySettings", "training.rollout:Guardrails", {"click_window_minutes"}, {}, {}),
+    ("assets.monitoring:DriftConfig", "monitoring.drift:DriftThresholds",
+     {"recent_days", "min_sessions", "min_served_rows", "max_reference_rows", "ranker_psi_drives_status", "seed"},
+     {"warn_psi": ("warn", 1), "act_psi": ("act", 1)}, {}),
+    ("assets.monitoring:ServedHealthConfig", "ingestion.labels:LabelConfig", {"window_days"},
+     {"attribution_window_hours": ("attribution_window_ms", HOUR)}, {}),
+    ("assets.monitoring:OPEConfig", "ingestion.labels:LabelConfig",
+     {"window_days", "epsilon", "explore_from", "temperature", "max_weight", "n_bootstrap", "seed"},
+     {"attribution_window_hours": ("attribution_window_ms", HOUR)}, {}),
+]
+
+
+def _load(path: str):
     import importlib
 
-    def load(path: str):
-        module, name = path.split(":")
-        return getattr(importlib.import_module(module), name)
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
-    config, dc = load(config_path), load(dataclass_path)
+
+def _at(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@pytest.mark.parametrize("config_path, dataclass_path, extras, units, overrides", MIRRORS)
+def test_a_dagster_config_mirror_keeps_its_dataclass_defaults(config_path: str, dataclass_path: str, extras: set[str],
+                                                               units: dict, overrides: dict) -> None:
+    """A Dagster Config exposing a product dataclass's knobs names only that dataclass's fields (plus the
+    asset's own switches) with the dataclass's defaults in the launchpad's unit (a None shown as a negative
+    sentinel), except the asset's declared overrides: a default changed in one place fails here."""
+    import dataclasses
+
+    config, dc = _load(config_path), _load(dataclass_path)
     defaults = {f.name: f.default for f in dataclasses.fields(dc)}
-    mirrored = {k: v.default for k, v in config.model_fields.items() if k not in extras}
-    assert set(mirrored) <= set(defaults), f"{config.__name__} names fields {dc.__name__} does not have"
-    assert mirrored == {k: defaults[k] for k in mirrored}
+    same_name = {k: v.default for k, v in config.model_fields.items() if k not in extras and k not in units
+                 and k not in overrides}
+    assert set(same_name) <= set(defaults), f"{config.__name__} names fields {dc.__name__} does not have"
+    sentinels = {k for k, v in same_name.items() if defaults[k] is None and isinstance(v, float) and v < 0}
+    assert {k: v for k, v in same_name.items() if k not in sentinels} == {k: defaults[k] for k in same_name
+                                                                          if k not in sentinels}
+    assert extras <= set(config.model_fields), f"{config.__name__} lost a switch"
+    instance = dc()
+    for name, field in config.model_fields.items():
+        if name in extras:
+            continue
+        path, scale = units.get(name, (name, 1))
+        want = _at(instance, path)
+        if name in overrides:
+            assert field.default == overrides[name] != want / scale, f"{name}: not the declared asset default"
+        elif want is None:
+            assert field.default is None or field.default < 0, f"{name}: {dc.__name__}'s None shown as {field.default}"
+        else:
+            assert field.default * scale == want and type(field.default) is field.annotation, f"{name}: {field}"
+
+
+@pytest.mark.parametrize("config_path, dataclass_path, extras, units, overrides", MIRRORS)
+def test_a_run_config_becomes_its_dataclass_in_the_dataclass_units(config_path: str, dataclass_path: str,
+                                                                   extras: set[str], units: dict, overrides: dict) -> None:
+    """`to_dataclass` of the default run config is the dataclass's defaults (plus the declared overrides), and a
+    changed launchpad value lands in its field scaled to the dataclass's unit (an int field stays int; a negative
+    sentinel becomes None, a zero stays a threshold)."""
+    from assets.config import to_dataclass
+
+    config, dc = _load(config_path), _load(dataclass_path)
+    built = to_dataclass(config(), dc)
+    instance = dc()
+    for name, field in config.model_fields.items():
+        if name in extras:
+            continue
+        path, scale = units.get(name, (name, 1))
+        want = overrides[name] * scale if name in overrides else _at(instance, path)
+        assert _at(built, path) == want, f"{name}: the default run config gives {_at(built, path)!r}, not {want!r}"
+        default, sentinel = field.default, _at(instance, path) is None and isinstance(field.default, float)
+        changed = (not default if isinstance(default, bool) else 0.0 if sentinel
+                   else default + 3 if isinstance(default, int) else default + 0.25 if isinstance(default, float)
+                   else None)
+        if changed is None:
+            continue
+        got = _at(to_dataclass(config(**{name: changed}), dc), path)
+        assert got == changed * scale and type(got) is type(_at(instance, path) if _at(instance, path) is not None
+                                                            else changed), f"{name}={changed!r} -> {got!r}"
+        if sentinel:
+            assert _at(to_dataclass(config(**{name: -1.0}), dc), path) is None
