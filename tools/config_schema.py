@@ -1,7 +1,7 @@
 """The Dagster launchpad's config schema, printed as JSON so two commits can be diffed (issue 18: the Configs
 generated from the product's dataclasses must show the launchpad the hand-written classes did).
 
-    PYTHONPATH=. .venv/bin/python bench/config_schema.py > after.json   # and on the other commit: before.json
+    PYTHONPATH=. .venv/bin/python tools/config_schema.py > after.json   # and on the other commit: before.json
 
 Per `Config` class of the assets package: its pydantic JSON schema (field order, types, defaults, description)
 and Dagster's field snapshot (type key, required, default, description); per job of the definitions: the run
