@@ -32,9 +32,12 @@ def add_embedding_affinity(rows: pd.DataFrame, tt: Any, batch: int = 8192) -> pd
     item_rows = tt.item_rows(out["item_id"].tolist())
     hist = pd.Series(tower_history_column(out), index=out.index)  # session items, then the user's latest
     # one user vector per distinct (user, history): the impressions of one page share it
-    keys = pd.MultiIndex.from_arrays([out["user_id"].astype(object).where(out["user_id"].notna(), ""), hist.to_numpy()])
-    codes, uniq = pd.factorize(keys)
-    uv = tt.user_vectors(list(uniq.get_level_values(0)), list(uniq.get_level_values(1)), batch=batch)
+    # (factorized per column, then as one int64 pair code: a MultiIndex would build a tuple per row)
+    user_codes, user_uniq = pd.factorize(out["user_id"].astype(object).where(out["user_id"].notna(), "").to_numpy())
+    hist_codes, hist_uniq = pd.factorize(hist.to_numpy())
+    codes, pairs = pd.factorize(user_codes.astype(np.int64) * max(len(hist_uniq), 1) + hist_codes)
+    uv = tt.user_vectors(list(user_uniq[pairs // max(len(hist_uniq), 1)]), list(hist_uniq[pairs % max(len(hist_uniq), 1)]),
+                         batch=batch)
     emb = tt.item_embeddings
     aff = np.zeros(n, dtype=np.float64)
     for s in range(0, n, batch):
