@@ -101,6 +101,9 @@ class RankerTrainConfig(Config):
     seed: int = 7
     objective: str = "binary"  # or "lambdarank" / "rank_xendcg" (scores are then not probabilities: no logloss/ECE)
     use_tuned_params: bool = False  # take the knobs found by the `ranker_tuning` asset (job tune_ranker)
+    # training budget (training/ranker.py RankerConfig; 0 = no cap): above this many training rows, a seeded
+    # sample of whole queries holding at most this many; recorded in the asset metadata
+    max_train_rows: int = 1_000_000
 
 
 @asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP, code_version=source_version(__file__, "training/ranker.py"),
@@ -112,7 +115,8 @@ def ranker_model(context: AssetExecutionContext, config: RankerTrainConfig, two_
     frame, _, _, pins = _load_training_inputs(lake)
     frame = add_embedding_affinity(frame, two_tower_model)
     ranker_config = RankerConfig(num_boost_round=config.num_boost_round, learning_rate=config.learning_rate,
-                                 num_leaves=config.num_leaves, seed=config.seed, objective=config.objective)
+                                 num_leaves=config.num_leaves, seed=config.seed, objective=config.objective,
+                                 max_train_rows=config.max_train_rows)
     if config.use_tuned_params:
         from training.tuning import load_tuned
 
@@ -121,6 +125,7 @@ def ranker_model(context: AssetExecutionContext, config: RankerTrainConfig, two_
     booster = train_ranker(frame[frame["split"] == "train"], frame[frame["split"] == "validation"], ranker_config)
     gains = dict(zip(booster.feature_name(), booster.feature_importance("gain").round(2).tolist()))
     return Output(booster, metadata={"best_iteration": int(booster.best_iteration or booster.current_iteration()),
+                                     "max_train_rows": ranker_config.max_train_rows,
                                      "feature_importance_gain": MetadataValue.json(gains)})
 
 

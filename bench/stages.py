@@ -91,7 +91,7 @@ def _build_config(op: str) -> dict[str, Any]:
     return {}
 
 
-def models(store: Any, stages: list[str], profile: str) -> dict[str, dict[str, float]]:
+def models(store: Any, stages: list[str], profile: str, ranker_max_rows: int | None) -> dict[str, dict[str, float]]:
     from assets.features import TRAINING_SET
     from assets.ingestion import ITEMS, USERS
     from training.dataset import read_training_set
@@ -108,10 +108,11 @@ def models(store: Any, stages: list[str], profile: str) -> dict[str, dict[str, f
     tt, out["two_tower"] = timed("two_tower", lambda: train_two_tower(train, items, users, TwoTowerConfig(),
                                                                       valid_rows=valid), profile)
     if "ranker" in stages:
+        ranker_config = RankerConfig() if ranker_max_rows is None else RankerConfig(max_train_rows=ranker_max_rows)
         with_aff, out["ranker.embedding_affinity"] = timed("ranker.embedding_affinity",
                                                            lambda: add_embedding_affinity(frame, tt), profile)
         booster, out["ranker.train"] = timed("ranker.train", lambda: train_ranker(
-            with_aff[with_aff["split"] == "train"], with_aff[with_aff["split"] == "validation"], RankerConfig()), profile)
+            with_aff[with_aff["split"] == "train"], with_aff[with_aff["split"] == "validation"], ranker_config), profile)
         print(f"  ranker best iteration {booster.best_iteration}, validation "
               f"{dict(booster.best_score.get('validation', {}))}", flush=True)
     return out
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--home", required=True, help="a KAIROS_HOME kept by bench/world.py --keep")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--profile", default="", help="write cProfile stats to <path>.<stage>")
+    parser.add_argument("--ranker-max-rows", type=int, default=None, help="RankerConfig.max_train_rows (default: its own)")
     args = parser.parse_args()
     os.environ["KAIROS_HOME"] = args.home
     for key in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI", "REDIS_URL"):
@@ -134,7 +136,7 @@ def main() -> None:
     if "training_set" in args.stages:
         figures["training_set"] = training_set(lake, SparkResource(), args.profile)
     if {"two_tower", "ranker"} & set(args.stages):
-        figures.update(models(lake.lake(), args.stages, args.profile))
+        figures.update(models(lake.lake(), args.stages, args.profile, args.ranker_max_rows))
     print("RESULT " + json.dumps(figures), flush=True)
 
 
