@@ -34,10 +34,16 @@ def git_sha() -> str:
         return "unknown"
 
 
-def _load_training_inputs(lake: LakeResource) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+# what train_two_tower reads of the training set (plus the split and the row order): a fraction of its columns
+TWO_TOWER_COLUMNS = ["event_id", "timestamp", "split", "user_id", "item_id", "category", "publish_ts", "label_binary",
+                     "session_last_items", "user_recent_items"]
+
+
+def _load_training_inputs(lake: LakeResource, columns: list[str] | None = None
+                          ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     store = lake.lake()
     pins = {t: store.pin(t) for t in (TRAINING_SET, ITEMS, USERS)}
-    frame = read_training_set(store, TRAINING_SET, pins[TRAINING_SET].version)
+    frame = read_training_set(store, TRAINING_SET, pins[TRAINING_SET].version, columns=columns)
     items = store.read(ITEMS, version=pins[ITEMS].version)
     users = store.read(USERS, version=pins[USERS].version)
     return frame, items, users, pins
@@ -61,7 +67,7 @@ class TwoTowerTrainConfig(Config):
 def two_tower_model(context: AssetExecutionContext, config: TwoTowerTrainConfig, lake: LakeResource) -> Output:
     from training.two_tower import TwoTowerConfig, train_two_tower
 
-    frame, items, users, pins = _load_training_inputs(lake)
+    frame, items, users, pins = _load_training_inputs(lake, TWO_TOWER_COLUMNS)
     tt_config = TwoTowerConfig(dim=config.dim, epochs=config.epochs, temperature=config.temperature, seed=config.seed,
                                max_examples_per_epoch=config.max_examples_per_epoch,
                                max_validation_examples=config.max_validation_examples)

@@ -102,12 +102,14 @@ def budget_rows(rows: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
     (query_id) holding at most `cap` rows, in their original order: a ranking query is never split."""
     if cap <= 0 or len(rows) <= cap:
         return rows
-    codes, _ = pd.factorize(rows["query_id"].to_numpy() if "query_id" in rows else np.arange(len(rows)))
-    sizes = np.bincount(codes[codes >= 0])
+    codes, uniques = pd.factorize(rows["query_id"].to_numpy() if "query_id" in rows else np.arange(len(rows)))
+    missing = codes < 0  # a row without a query is a query of its own
+    codes[missing] = len(uniques) + np.arange(int(missing.sum()))
+    sizes = np.bincount(codes)
     order = np.random.default_rng(seed).permutation(len(sizes))
     kept = np.zeros(len(sizes), dtype=bool)
     kept[order[np.cumsum(sizes[order]) <= cap]] = True
-    return rows[(codes >= 0) & kept[np.maximum(codes, 0)]]
+    return rows[kept[codes]]
 
 
 def _dataset(rows: pd.DataFrame, objective: str, reference: Any = None):
