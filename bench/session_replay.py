@@ -12,9 +12,7 @@ working tree's on the same frame, prints CPU and wall seconds of each and checks
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.ab import function_at_ref, timed  # noqa: E402
 
 
 def replay_frame(events: int, items: int, candidates: int, seed: int) -> tuple[pd.DataFrame, dict[str, str]]:
@@ -53,20 +52,6 @@ def replay_frame(events: int, items: int, candidates: int, seed: int) -> tuple[p
     return frame, cats
 
 
-def old_function(ref: str):
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:features/functions.py"], check=True,
-                         capture_output=True, text=True).stdout
-    ns: dict = {"__name__": "functions_at_ref"}
-    exec(compile(src, f"{ref}:features/functions.py", "exec"), ns)
-    return ns["replay_session_features"]
-
-
-def timed(fn, *args):
-    c0, w0 = time.process_time(), time.perf_counter()
-    out = fn(*args)
-    return out, time.process_time() - c0, time.perf_counter() - w0
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--events", type=int, default=1_000_000, help="real events (clicks, impressions, skips)")
@@ -80,7 +65,7 @@ def main() -> None:
     frame, cats = replay_frame(a.events, a.items, a.candidates, a.seed)
     print(f"frame: {len(frame):,} rows, {frame['session_id'].nunique():,} sessions")
     after, ac, aw = timed(new, frame, cats)
-    before, bc, bw = timed(old_function(a.ref), frame, cats)
+    before, bc, bw = timed(function_at_ref(a.ref, "features/functions.py", "replay_session_features"), frame, cats)
     print(f"before ({a.ref}): cpu {bc:.1f} s  wall {bw:.1f} s")
     print(f"after (worktree): cpu {ac:.1f} s  wall {aw:.1f} s   cpu ratio {bc / max(ac, 1e-9):.1f}x")
     pd.testing.assert_frame_equal(before.reset_index(drop=True), after.reset_index(drop=True), check_exact=True)
