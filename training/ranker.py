@@ -69,7 +69,8 @@ class RankerConfig:
     num_threads: int = 0
     # training budget (0 = no cap): above this many training rows the ranker trains on a seeded sample of whole
     # queries holding at most this many (LightGBM's time is linear in rows: 4M rows of a 1M-click log took
-    # ~400 s); a smaller log trains exactly as without the cap
+    # ~400 s); a smaller log trains exactly as without the cap. Measured (bench/stages.py, 2y-200k): 745k rows
+    # capped at 250k trained in 60 CPU s instead of 138, validation AUC 0.8858 vs 0.8862
     max_train_rows: int = 1_000_000
 
 
