@@ -38,10 +38,16 @@ def git_sha() -> str:
         return "unknown"
 
 
-def _load_training_inputs(lake: LakeResource) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+# what train_two_tower reads of the training set (plus the split and the row order): a fraction of its columns
+TWO_TOWER_COLUMNS = ["event_id", "timestamp", "split", "user_id", "item_id", "category", "publish_ts", "label_binary",
+                     "session_last_items", "user_recent_items"]
+
+
+def _load_training_inputs(lake: LakeResource, columns: list[str] | None = None
+                          ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     store = lake.lake()
     pins = {t: store.pin(t) for t in (TRAINING_SET, ITEMS, USERS)}
-    frame = read_training_set(store, TRAINING_SET, pins[TRAINING_SET].version)
+    frame = read_training_set(store, TRAINING_SET, pins[TRAINING_SET].version, columns=columns)
     items = store.read(ITEMS, version=pins[ITEMS].version)
     users = store.read(USERS, version=pins[USERS].version)
     return frame, items, users, pins
@@ -64,7 +70,7 @@ def two_tower_model(context: AssetExecutionContext, config: TwoTowerTrainConfig,
                     lake: LakeResource) -> Output:
     from training.two_tower import train_two_tower
 
-    frame, items, users, pins = _load_training_inputs(lake)
+    frame, items, users, pins = _load_training_inputs(lake, TWO_TOWER_COLUMNS)
     tt_config = to_dataclass(config, TwoTowerConfig)
     result = train_two_tower(frame[frame["split"] == "train"], items, users, tt_config,
                              valid_rows=frame[frame["split"] == "validation"])
@@ -96,12 +102,13 @@ def faiss_index(context: AssetExecutionContext, two_tower_model: Any):
 
 
 # RankerConfig's knobs (objective: or "lambdarank" / "rank_xendcg": scores are then not probabilities, no logloss/ECE),
+# max_train_rows (0 = no cap: above it, a seeded sample of whole queries; recorded in the asset metadata),
 # plus use_tuned_params: take the knobs found by the `ranker_tuning` asset (job tune_ranker)
 if TYPE_CHECKING:
     RankerTrainConfig = Any
 else:
     RankerTrainConfig = dataclass_config("RankerTrainConfig", RankerConfig, (
-        "num_boost_round", "learning_rate", "num_leaves", "seed", "objective"), __name__, use_tuned_params=(bool, False))
+        "num_boost_round", "learning_rate", "num_leaves", "seed", "objective", "max_train_rows"), __name__, use_tuned_params=(bool, False))
 
 
 @asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP, code_version=source_version(__file__, "training/ranker.py"),
@@ -121,6 +128,7 @@ def ranker_model(context: AssetExecutionContext, config: RankerTrainConfig,
     booster = train_ranker(frame[frame["split"] == "train"], frame[frame["split"] == "validation"], ranker_config)
     gains = dict(zip(booster.feature_name(), booster.feature_importance("gain").round(2).tolist()))
     return Output(booster, metadata={"best_iteration": int(booster.best_iteration or booster.current_iteration()),
+                                     "max_train_rows": ranker_config.max_train_rows,
                                      "feature_importance_gain": MetadataValue.json(gains)})
 
 

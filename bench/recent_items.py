@@ -11,9 +11,7 @@ outputs are equal row for row. Not a test: the figures are for the README / the 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.ab import function_at_ref, timed  # noqa: E402
 
 
 def slice_frames(events: int, users: int, items: int, negatives: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -41,20 +40,6 @@ def slice_frames(events: int, users: int, items: int, negatives: int, seed: int)
     return ev, rows
 
 
-def old_function(ref: str):
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:features/history.py"], check=True,
-                         capture_output=True, text=True).stdout
-    ns: dict = {"__name__": "history_at_ref"}
-    exec(compile(src, f"{ref}:features/history.py", "exec"), ns)
-    return ns["recent_items_before"]
-
-
-def timed(fn, *args):
-    c0, w0 = time.process_time(), time.perf_counter()
-    out = fn(*args)
-    return out, time.process_time() - c0, time.perf_counter() - w0
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--events", type=int, default=1_000_000)
@@ -68,7 +53,7 @@ def main() -> None:
 
     ev, rows = slice_frames(a.events, a.users, a.items, a.negatives, a.seed)
     print(f"slice: {len(ev):,} events, {len(rows):,} rows, {ev['user_id'].nunique():,} users")
-    before, bc, bw = timed(old_function(a.ref), ev, rows)
+    before, bc, bw = timed(function_at_ref(a.ref, "features/history.py", "recent_items_before"), ev, rows)
     after, ac, aw = timed(new, ev, rows)
     same = before == after
     print(f"before ({a.ref}): cpu {bc:.1f} s  wall {bw:.1f} s")

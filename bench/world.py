@@ -8,6 +8,7 @@ Shapes (logs generated seeded by ingestion/synthetic_logs.py, except MovieLens-1
   2y-1m      1M session clicks over 2 years, `;`-separated, 60% anonymous ("NA") sessions, date + ms
              offset timestamps, with a products.csv catalog (click-only label rule)
   ml-100k    MovieLens-100K from ../shared/data/movielens-100k
+  2y-200k    2y-1m's generator at 200k clicks: the profiling shape (a fifth of the events, same span and kinds)
 
 Each shape runs in its own process (fresh KAIROS_HOME, embedded Redis, local Spark): the world is
 resolved from the data (partitions, split, label rule), then `materialize_all` runs the ingest and
@@ -32,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # package (the feature_health asset imports streaming.job): the project root goes first instead
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 SHAPES = ("20y-100k", "2y-1m", "ml-100k")
-TARGET_S = {"20y-100k": 180, "2y-1m": 600, "ml-100k": 180}
+PROFILE_SHAPES = ("2y-200k",)  # not run by default
+TARGET_S = {"20y-100k": 180, "2y-1m": 600, "ml-100k": 180, "2y-200k": 120}
 
 
 def _spec(shape: str, data: Path) -> dict:
@@ -41,15 +43,15 @@ def _spec(shape: str, data: Path) -> dict:
 
     if shape == "20y-100k":
         return {"source": "movielens-latest", "path": str(write_ratings_latest(data / "latest", 100_000, 20.0))}
-    if shape == "2y-1m":
-        clicks, products = write_session_clicks(data / "sessions", 1_000_000, 2.0)
+    if shape in ("2y-1m", "2y-200k"):
+        clicks, products = write_session_clicks(data / "sessions", 1_000_000 if shape == "2y-1m" else 200_000, 2.0)
         return {"source": "file", "path": str(clicks), "mapping": SESSION_CLICKS_MAPPING,
                 "catalog": {"path": str(products), "mapping": PRODUCTS_MAPPING}}
     if shape == "ml-100k":
         from ground.settings import Settings
 
         return {"source": "movielens-100k", "path": str(Settings.from_env().movielens_100k_dir)}
-    raise SystemExit(f"unknown shape {shape!r}; use {list(SHAPES)}")
+    raise SystemExit(f"unknown shape {shape!r}; use {list(SHAPES + PROFILE_SHAPES)}")
 
 
 def _step_seconds(run_id: str) -> dict[str, float]:
@@ -180,7 +182,7 @@ def report(r: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES + PROFILE_SHAPES)
     parser.add_argument("--keep", action="store_true", help="keep each shape's KAIROS_HOME (lake, logs)")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--home", default="", help=argparse.SUPPRESS)

@@ -55,10 +55,15 @@ def update_session(state: Mapping[str, Any], event_type: str, item_id: str | Non
         items = [i for i in out["last_items"] if i != item_id]
         out["last_items"] = ([item_id] + items)[:SESSION_MAX_ITEMS]
         if category:
-            weights = {c: w * SESSION_CATEGORY_DECAY for c, w in out["cat_weights"].items()}
-            weights[category] = weights.get(category, 0.0) + 1.0
-            out["cat_weights"] = {c: round(w, 6) for c, w in weights.items() if w > 1e-4}
+            out["cat_weights"] = fold_category(out["cat_weights"], category)
     return out
+
+
+def fold_category(cat_weights: Mapping[Any, float], category: Any) -> dict[Any, float]:
+    """The session's category weights after one engagement in `category`: the others decay, it gains 1."""
+    weights = {c: w * SESSION_CATEGORY_DECAY for c, w in cat_weights.items()}
+    weights[category] = weights.get(category, 0.0) + 1.0
+    return {c: round(w, 6) for c, w in weights.items() if w > 1e-4}
 
 
 def session_features(state: Mapping[str, Any] | None, item_ids: Iterable[str],
@@ -91,45 +96,164 @@ def replay_session_features(events: pd.DataFrame, item_category: Mapping[str, st
 
     `events` needs event_id, session_id, event_type, item_id, timestamp. Returns one
     row per impression event: event_id plus the session feature columns.
-    """
+
+    The values are those of folding update_session over each session's events (a block of events sharing a
+    timestamp sees only what came before it; a CANDIDATE_EVENT changes no state) and asking session_features
+    before each block, computed without a per-row fold: counts and the last event time are prefix sums over
+    the (session, time) order, "seen" is a search for the item's last engagement in the session, and only the
+    category weights (fold_category, rounded at each step) and the JSON history run in Python, once per
+    engagement and once per distinct history (tests/test_features_functions.py checks it against the fold)."""
     cols = ["session_length", "session_clicks", "session_category_share", "session_item_seen", "seconds_since_last_event"]
     ev = events.sort_values(["session_id", "timestamp"], kind="mergesort")
-    out_ids: list[str] = []
-    out_rows: list[list[float]] = []
-    out_hist: list[str] = []
-    sid_arr = ev["session_id"].to_numpy()
-    ts_arr = ev["timestamp"].to_numpy()
-    type_arr = ev["event_type"].to_numpy()
-    item_arr = ev["item_id"].to_numpy()
-    id_arr = ev["event_id"].to_numpy()
     n = len(ev)
-    i = 0
-    while i < n:
-        sid = sid_arr[i]
-        state = new_session_state()
-        while i < n and sid_arr[i] == sid:
-            # a block of events sharing one timestamp sees only what came strictly before
-            j = i
-            while j < n and sid_arr[j] == sid and ts_arr[j] == ts_arr[i]:
-                j += 1
-            for k in range(i, j):
-                if type_arr[k] in FEATURE_QUERY_TYPES:
-                    item = item_arr[k]
-                    feats = session_features(state, [item], [item_category.get(item)], int(ts_arr[k]))
-                    out_ids.append(id_arr[k])
-                    out_rows.append([float(feats[c][0]) for c in cols])
-                    out_hist.append(json.dumps(state["last_items"][:SESSION_HISTORY_FOR_TOWER]))
-            for k in range(i, j):
-                if type_arr[k] == CANDIDATE_EVENT:  # a sampled catalog negative: asks, never happened
-                    continue
-                item = item_arr[k]
-                state = update_session(state, type_arr[k], item, item_category.get(item), int(ts_arr[k]))
-            i = j
-    values = np.asarray(out_rows, dtype=np.float64).reshape(len(out_rows), len(cols))
-    frame = pd.DataFrame({"event_id": pd.Series(out_ids, dtype=object),
-                          **{c: values[:, k] for k, c in enumerate(cols)},
-                          "session_last_items": pd.Series(out_hist, dtype=object)})
-    return frame
+    sid = ev["session_id"].to_numpy()
+    ts = ev["timestamp"].to_numpy().astype(np.int64)
+    kind = ev["event_type"].to_numpy()
+    pos = np.arange(n, dtype=np.int64)
+    new_session = np.ones(n, dtype=bool)
+    new_session[1:] = sid[1:] != sid[:-1]
+    new_block = new_session.copy()
+    new_block[1:] |= ts[1:] != ts[:-1]
+    session = np.cumsum(new_session, dtype=np.int64) - 1
+    session_start = np.maximum.accumulate(np.where(new_session, pos, 0)) if n else pos
+    block_start = np.maximum.accumulate(np.where(new_block, pos, 0)) if n else pos
+    # items: truthy ids, their categories (None / "" = none) as dense codes, via the distinct items only
+    item_code, item_uniques = pd.factorize(ev["item_id"].to_numpy(dtype=object))
+    item_truthy = np.append(np.array([bool(u) for u in item_uniques], dtype=bool), False)[item_code]
+    cat_of_unique = [item_category.get(u) for u in item_uniques]
+    cat_code_u, _ = pd.factorize(pd.Series([c if c else None for c in cat_of_unique], dtype=object))
+    cat_code = np.append(cat_code_u.astype(np.int64), -1)[item_code]
+    update = kind != CANDIDATE_EVENT
+    engaged = update & np.isin(kind, list(ENGAGEMENT_TYPES)) & item_truthy
+    query = np.flatnonzero(np.isin(kind, list(FEATURE_QUERY_TYPES)))
+    qb, qs = block_start[query], session_start[query]
+
+    def before_block(flags: np.ndarray) -> np.ndarray:
+        """Per query: the position of the last flagged row of its session before its block (-1: none)."""
+        last = np.maximum.accumulate(np.where(flags, pos, -1)) if n else pos
+        prior = np.where(qb > 0, last[np.maximum(qb - 1, 0)], -1)
+        return np.where(prior >= qs, prior, -1)
+
+    def count_before_block(flags: np.ndarray) -> np.ndarray:
+        cum = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+        return (cum[qb] - cum[qs]).astype(np.float64)
+
+    last_update = before_block(update)
+    last_ts = np.where(last_update >= 0, np.maximum(ts[np.maximum(last_update, 0)], 0), 0)
+    gap = np.where(last_ts <= 0, SESSION_GAP_CAP_S,
+                   np.minimum(np.maximum((ts[query] - last_ts) / 1000.0, 0.0), SESSION_GAP_CAP_S))
+    frame = pd.DataFrame({
+        "event_id": pd.Series(ev["event_id"].to_numpy(dtype=object)[query], dtype=object),
+        "session_length": count_before_block(update),
+        "session_clicks": count_before_block(engaged & (kind == "click")),
+        "session_category_share": _replayed_category_share(engaged & (cat_code >= 0), session, cat_code, query,
+                                                           before_block(engaged & (cat_code >= 0))),
+        "session_item_seen": _replayed_item_seen(engaged, session, item_code, query, qb),
+        "seconds_since_last_event": gap.astype(np.float64),
+        "session_last_items": pd.Series(_replayed_histories(engaged, item_uniques, item_code, query,
+                                                            before_block(engaged), session_start), dtype=object),
+    })
+    return frame[["event_id", *cols, "session_last_items"]]
+
+
+def _replayed_category_share(folds: np.ndarray, session: np.ndarray, cat_code: np.ndarray, query: np.ndarray,
+                             state: np.ndarray) -> np.ndarray:
+    """Per query: session_features' category share, from the category weights folded (fold_category) over its
+    session's engagements with a category up to `state` (the last such row before the query's block; -1: none).
+
+    Sessions repeat the same few weight maps: each distinct map is folded, summed and divided once."""
+    rows = np.flatnonzero(folds)
+    fresh = np.ones(len(rows), dtype=bool)
+    fresh[1:] = session[rows[1:]] != session[rows[:-1]]
+    maps: list[dict[Any, float]] = [{}]
+    map_id: dict[tuple, int] = {(): 0}
+    step: dict[tuple[int, int], int] = {}
+    state_of_fold = np.empty(len(rows), dtype=np.int64)
+    current = 0
+    for k, (cat, first) in enumerate(zip(cat_code[rows].tolist(), fresh.tolist())):
+        key = (0 if first else current, cat)
+        current = step.get(key, -1)
+        if current < 0:
+            folded = fold_category(maps[key[0]], cat)
+            current = map_id.setdefault(tuple(folded.items()), len(maps))
+            if current == len(maps):
+                maps.append(folded)
+            step[key] = current
+        state_of_fold[k] = current
+    out = np.zeros(len(query), dtype=np.float64)
+    ask = np.flatnonzero((state >= 0) & (cat_code[query] >= 0))
+    if not len(ask):
+        return out
+    width = int(cat_code.max()) + 1
+    pairs, inverse = np.unique(state_of_fold[np.searchsorted(rows, state[ask])] * width + cat_code[query[ask]],
+                               return_inverse=True)
+    totals = [float(sum(w.values())) for w in maps]
+    shares = [maps[m].get(c, 0.0) / totals[m] if totals[m] > 0 else 0.0
+              for m, c in zip((pairs // width).tolist(), (pairs % width).tolist())]
+    out[ask] = np.asarray(shares, dtype=np.float64)[inverse]
+    return out
+
+
+def _replayed_item_seen(engaged: np.ndarray, session: np.ndarray, item_code: np.ndarray, query: np.ndarray,
+                        block: np.ndarray) -> np.ndarray:
+    """Per query: 1.0 if its item is among the session's SESSION_MAX_ITEMS latest distinct engaged items before
+    its block: engaged before in the session, with fewer distinct other items engaged since."""
+    n = len(engaged)
+    rows = np.flatnonzero(engaged)
+    out = np.zeros(len(query), dtype=np.float64)
+    if not len(rows) or not len(query):
+        return out
+    width = int(item_code.max()) + 2
+    pair = session[rows] * width + item_code[rows]
+    pairs = np.unique(pair)
+    # (pair, position) as one sortable key: the item's last engagement before a block is one search
+    keyed = np.sort(np.searchsorted(pairs, pair) * n + rows)
+    q_pair = session[query] * width + item_code[query]
+    j = np.minimum(np.searchsorted(pairs, q_pair), len(pairs) - 1)
+    known = (pairs[j] == q_pair) & (item_code[query] >= 0)
+    at = np.searchsorted(keyed, j * n + block) - 1
+    hit = known & (at >= 0) & (keyed[np.maximum(at, 0)] // n == j)
+    last = np.where(hit, keyed[np.maximum(at, 0)] % n, -1)
+    cum = np.concatenate([[0], np.cumsum(engaged, dtype=np.int64)])
+    since = cum[block] - cum[np.maximum(last + 1, 0)]  # engagements after the item's last one: distinct ones or more
+    seen = hit & (since < SESSION_MAX_ITEMS)
+    for k in np.flatnonzero(hit & (since >= SESSION_MAX_ITEMS)).tolist():  # long sessions: count the distinct ones
+        between = rows[(rows > last[k]) & (rows < block[k])]
+        seen[k] = len(set(item_code[between].tolist())) < SESSION_MAX_ITEMS
+    out[seen] = 1.0
+    return out
+
+
+def _replayed_histories(engaged: np.ndarray, item_uniques: Any, item_code: np.ndarray, query: np.ndarray,
+                        state: np.ndarray, session_start: np.ndarray) -> np.ndarray:
+    """Per query: JSON of the session's SESSION_HISTORY_FOR_TOWER latest distinct engaged items up to `state`
+    (its last engagement before the query's block; -1: none), most recent first; one walk per distinct state."""
+    rows = np.flatnonzero(engaged)
+    out = np.full(len(query), json.dumps([]), dtype=object)
+    has = np.flatnonzero(state >= 0)
+    if not len(has):
+        return out
+    states, inverse = np.unique(state[has], return_inverse=True)
+    texts = latest_distinct_json(item_code[rows].tolist(), [json.dumps(u) for u in item_uniques],
+                                 np.searchsorted(rows, states), np.searchsorted(rows, session_start[states]),
+                                 min(SESSION_HISTORY_FOR_TOWER, SESSION_MAX_ITEMS))
+    out[has] = np.asarray(texts, dtype=object)[inverse]
+    return out
+
+
+def latest_distinct_json(codes: list[int], encoded: list[str], stops: np.ndarray, firsts: np.ndarray,
+                         n: int) -> list[str]:
+    """Per (stop, first) pair: the JSON list of the `n` latest distinct items of codes[first .. stop], newest
+    first, as json.dumps writes it (`encoded[code]`: json.dumps of each distinct item, encoded once)."""
+    texts: list[str] = []
+    for j, lo in zip(np.asarray(stops).tolist(), np.asarray(firsts).tolist()):
+        recent: list[int] = []
+        while j >= lo and len(recent) < n:
+            if codes[j] not in recent:
+                recent.append(codes[j])
+            j -= 1
+        texts.append("[" + ", ".join([encoded[c] for c in recent]) + "]")
+    return texts
 
 
 # --------------------------------------------------------------------------- batch aggregates

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from features.functions import (assemble_features, category_affinity, context_features, new_session_state,
                                 replay_session_features, session_features, update_session)
@@ -143,3 +144,57 @@ def test_co_engagement_served_from_packed_item_rows_equals_the_training_set_valu
         assert (expected > 0).sum() > 30  # enough rows that share co-clicks with their history
         np.testing.assert_array_equal(train, expected)
         np.testing.assert_array_equal(serve, train)
+
+
+def _replay_by_fold(events: pd.DataFrame, item_category: dict) -> pd.DataFrame:
+    """The replay as its definition reads, one product call per row: fold update_session over each session's
+    events in time order, ask session_features before each block of equal timestamps (candidates never fold)."""
+    import json
+
+    from features.functions import CANDIDATE_EVENT, FEATURE_QUERY_TYPES, SESSION_HISTORY_FOR_TOWER
+
+    rows = []
+    for _, session in events.sort_values(["session_id", "timestamp"], kind="mergesort").groupby("session_id", sort=True):
+        state = new_session_state()
+        for _, block in session.groupby("timestamp", sort=True):
+            for r in block.itertuples():
+                if r.event_type in FEATURE_QUERY_TYPES:
+                    feats = session_features(state, [r.item_id], [item_category.get(r.item_id)], int(r.timestamp))
+                    rows.append({"event_id": r.event_id, **{k: float(v[0]) for k, v in feats.items()},
+                                 "session_last_items": json.dumps(state["last_items"][:SESSION_HISTORY_FOR_TOWER])})
+            for r in block.itertuples():
+                if r.event_type != CANDIDATE_EVENT:
+                    state = update_session(state, r.event_type, r.item_id, item_category.get(r.item_id), int(r.timestamp))
+    return pd.DataFrame(rows).set_index("event_id").sort_index()
+
+
+@pytest.mark.parametrize("cap", [50, 5])
+def test_replay_equals_the_per_event_fold_on_generated_sessions(cap: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vectorized replay gives exactly (float for float, JSON for JSON) what folding the product's
+    update_session / session_features event by event gives: ties, candidates, impressions of engaged items,
+    items without a category or id, sessions past the SESSION_MAX_ITEMS cap (the product's 50, and 5: below
+    the tower's 10-item history, and most engaged items fall out of it), skips and purchases."""
+    import features.functions
+
+    monkeypatch.setattr(features.functions, "SESSION_MAX_ITEMS", cap)  # both the fold and the replay read it
+    rng = np.random.default_rng(5)
+    frames = []
+    for s in range(120):
+        n = int(rng.choice([1, 3, 8, 30, 140])) if s % 10 else 160  # long sessions exceed the 50-item cap
+        pool = int(rng.choice([4, 20, 200]))
+        frames.append(pd.DataFrame({
+            "session_id": f"s{s % 97}" if s < 97 else f"late{s}",
+            "event_type": rng.choice(["click", "impression", "candidate", "skip", "purchase", "add_to_cart"], n,
+                                     p=[0.45, 0.2, 0.2, 0.05, 0.05, 0.05]),
+            "item_id": [f"i{k}" if k % 41 else None for k in rng.integers(0, pool, n)],
+            "timestamp": 1_000_000 + np.sort(rng.integers(0, 40, n)) * 1_000 * int(rng.choice([1, 5000])),
+        }))
+    events = pd.concat(frames, ignore_index=True).sample(frac=1.0, random_state=3).reset_index(drop=True)
+    events["event_id"] = [f"e{k}" for k in range(len(events))]
+    cats = {f"i{k}": ("" if k % 13 == 0 else f"c{k % 7}") for k in range(200) if k % 11}
+    got = replay_session_features(events, cats).set_index("event_id").sort_index()
+    expected = _replay_by_fold(events, cats)
+    assert len(got) == int(events["event_type"].isin(["impression", "candidate"]).sum()) > 500
+    pd.testing.assert_frame_equal(got[expected.columns], expected, check_exact=True)
+    assert got["session_item_seen"].sum() > 100 and (got["session_category_share"].between(0, 1, inclusive="neither")).sum() > 100
+    assert (got["session_length"] > cap).sum() > 50  # the cap was exercised

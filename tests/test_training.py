@@ -311,3 +311,25 @@ def test_item_similarity_is_fitted_on_the_train_split_and_fused_at_its_manifest_
                            expected, atol=1e-6)
     finally:
         bundle.manifest.pop(SIMILARITY_PRIOR)
+
+
+def test_ranker_row_budget_keeps_whole_queries_and_small_sets_whole(trainset) -> None:
+    """max_train_rows: a set within the budget trains on every row (the same booster as without a cap); a larger
+    one on a seeded sample of whole queries within the budget, in the original row order."""
+    from training.ranker import budget_rows
+
+    train = trainset[trainset["split"] == "train"]
+    assert budget_rows(train, len(train), 7) is train and budget_rows(train, 0, 7) is train
+    cap = len(train) // 3
+    sample = budget_rows(train, cap, 7)
+    assert 0.8 * cap < len(sample) <= cap
+    assert (np.diff(train.index.get_indexer(sample.index)) > 0).all()  # the original order
+    per_query = train.groupby("query_id").size()
+    kept = sample.groupby("query_id").size()
+    assert kept.equals(per_query[kept.index])  # a query is never split
+    assert sample.index.equals(budget_rows(train, cap, 7).index) and not sample.index.equals(budget_rows(train, cap, 8).index)
+    small = RankerConfig(num_boost_round=20, max_train_rows=len(train))
+    uncapped = RankerConfig(num_boost_round=20, max_train_rows=0)
+    a, b = train_ranker(train, None, small), train_ranker(train, None, uncapped)
+    x = assemble_features(train.head(200)).to_numpy()
+    np.testing.assert_array_equal(a.predict(x), b.predict(x))

@@ -1,0 +1,144 @@
+"""The heavy build steps' functions, run directly on a world `bench/world.py --keep` left behind: CPU per stage.
+
+    .venv/bin/python bench/world.py --shapes 2y-200k --keep            # once: prints the home it keeps
+    .venv/bin/python bench/stages.py --home /tmp/kairos-bench-world-2y-200k-XXXX
+    .venv/bin/python bench/stages.py --home ... --stages ranker --profile /tmp/ranker.prof
+
+Runs what the training_set, two_tower_model and ranker_model assets run (training/dataset.py, two_tower.py,
+ranker.py) on that home's lake, without Dagster, and prints per stage: wall seconds, CPU seconds of this
+process and CPU seconds of the whole process tree (the Spark JVM and its Python workers included, via psutil).
+With --profile, the driver-side Python of each stage is profiled (cProfile, written as <path>.<stage>).
+The training_set stage writes a new version of the home's training_set table (the later stages read it).
+Run A/B by pointing PYTHONPATH at two checkouts on the same home.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+STAGES = ("training_set", "two_tower", "ranker")
+
+
+def _tree_cpu() -> float:
+    """CPU seconds of this process and its live descendants, plus what their reaped children used."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def timed(name: str, fn: Callable[[], Any], profile: str) -> tuple[Any, dict[str, float]]:
+    prof = cProfile.Profile() if profile else None
+    w0, c0, t0 = time.perf_counter(), time.process_time(), _tree_cpu()
+    if prof:
+        prof.enable()
+    out = fn()
+    if prof:
+        prof.disable()
+        prof.dump_stats(f"{profile}.{name}")
+    figures = {"wall_s": round(time.perf_counter() - w0, 1), "driver_cpu_s": round(time.process_time() - c0, 1),
+               "tree_cpu_s": round(_tree_cpu() - t0, 1)}
+    print(f"{name:<28}" + "  ".join(f"{k} {v:>7.1f}" for k, v in figures.items()), flush=True)
+    return out, figures
+
+
+def training_set(lake: Any, spark: Any, profile: str) -> dict[str, float]:
+    """What the training_set asset runs (its split config from the world's build run), up to the Delta write."""
+    from assets.features import ITEM_FEATURES, TRAINING_SET, USER_FEATURES
+    from assets.ingestion import ITEMS, LABELS, SILVER
+    from training.dataset import SplitConfig, build_training_set
+
+    store = lake.lake()
+    pins = {t: store.pin(t) for t in (LABELS, SILVER, USER_FEATURES, ITEM_FEATURES, ITEMS)}
+    cfg = _build_config("training_set")
+    split = SplitConfig(cfg.get("validation_days", 2.0), cfg.get("test_days", 2.0), cfg.get("gap_hours", 0.0),
+                        test_quantile=cfg.get("test_quantile"))
+    print(f"  split {split}", flush=True)
+
+    def run() -> Any:
+        read = {t: spark.read_table(store, t, p.version) for t, p in pins.items()}
+        items = store.read(ITEMS, version=pins[ITEMS].version)
+        built, _ = build_training_set(spark.session(), read[LABELS], read[SILVER], read[USER_FEATURES],
+                                      read[ITEM_FEATURES], items, split)
+        return spark.write_table(store, TRAINING_SET, built)
+
+    return timed("training_set", run, profile)[1]
+
+
+def _build_config(op: str) -> dict[str, Any]:
+    """An op's config in the home's latest Dagster run that configured it ({} if none)."""
+    from dagster import DagsterInstance
+
+    for run in DagsterInstance.get().get_runs():  # newest first
+        cfg = (run.run_config or {}).get("ops", {}).get(op, {}).get("config")
+        if cfg is not None:
+            return dict(cfg)
+    return {}
+
+
+def models(store: Any, stages: list[str], profile: str, ranker_max_rows: int | None) -> dict[str, dict[str, float]]:
+    from assets.features import TRAINING_SET
+    from assets.ingestion import ITEMS, USERS
+    from training.dataset import read_training_set
+    from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
+    from training.two_tower import TwoTowerConfig, train_two_tower
+
+    out: dict[str, dict[str, float]] = {}
+    (frame, items, users), out["read_training_set"] = timed("read_training_set", lambda: (
+        read_training_set(store, TRAINING_SET, store.pin(TRAINING_SET).version),
+        store.read(ITEMS, version=store.pin(ITEMS).version), store.read(USERS, version=store.pin(USERS).version)),
+        profile)
+    print(f"  training set: {len(frame):,} rows, {frame['split'].value_counts().to_dict()}", flush=True)
+    train, valid = frame[frame["split"] == "train"], frame[frame["split"] == "validation"]
+    tt, out["two_tower"] = timed("two_tower", lambda: train_two_tower(train, items, users, TwoTowerConfig(),
+                                                                      valid_rows=valid), profile)
+    if "ranker" in stages:
+        ranker_config = RankerConfig() if ranker_max_rows is None else RankerConfig(max_train_rows=ranker_max_rows)
+        with_aff, out["ranker.embedding_affinity"] = timed("ranker.embedding_affinity",
+                                                           lambda: add_embedding_affinity(frame, tt), profile)
+        booster, out["ranker.train"] = timed("ranker.train", lambda: train_ranker(
+            with_aff[with_aff["split"] == "train"], with_aff[with_aff["split"] == "validation"], ranker_config), profile)
+        print(f"  ranker best iteration {booster.best_iteration}, validation "
+              f"{dict(booster.best_score.get('validation', {}))}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", required=True, help="a KAIROS_HOME kept by bench/world.py --keep")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--profile", default="", help="write cProfile stats to <path>.<stage>")
+    parser.add_argument("--ranker-max-rows", type=int, default=None, help="RankerConfig.max_train_rows (default: its own)")
+    args = parser.parse_args()
+    os.environ["KAIROS_HOME"] = args.home
+    for key in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "KAIROS_LAKE_URI", "REDIS_URL"):
+        os.environ.pop(key, None)
+    os.environ["DAGSTER_HOME"] = str(Path(args.home) / "dagster")
+    from assets.resources import LakeResource, SparkResource
+
+    lake = LakeResource()
+    figures: dict[str, Any] = {}
+    if "training_set" in args.stages:
+        figures["training_set"] = training_set(lake, SparkResource(), args.profile)
+    if {"two_tower", "ranker"} & set(args.stages):
+        figures.update(models(lake.lake(), args.stages, args.profile, args.ranker_max_rows))
+    print("RESULT " + json.dumps(figures), flush=True)
+
+
+if __name__ == "__main__":
+    main()
