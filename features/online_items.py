@@ -1,6 +1,7 @@
 """One version's item rows as a request reads them (ItemTable) and what a process knows about a version."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -29,7 +30,9 @@ class VersionState:
     # (map column, epoch, item_id) -> the row's map decoded once (features.functions.WeightMap, its total summed):
     # held with the version, so a version switch drops them with it; an epoch change or an incremental write
     # drops them as it drops the packed rows; at most the store's item_cache_rows of them
-    maps: dict[tuple[str, str, str], WeightMap] = field(default_factory=dict)
+    # an OrderedDict: evicting the oldest is popitem(last=False), O(1) (a dict's del d[next(iter(d))] rescans the
+    # slots freed at its front on every eviction: ~1 ms a request of 190 evictions from 50k entries, 0.06 ms here)
+    maps: OrderedDict[tuple[str, str, str], WeightMap] = field(default_factory=OrderedDict)
 
 
 class ItemTable:

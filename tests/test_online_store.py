@@ -378,15 +378,21 @@ def test_a_session_is_read_only_by_its_owner(redis_client) -> None:
 
 
 def test_decoded_co_item_maps_are_cached_per_version_and_follow_writes(redis_client: redis.Redis) -> None:
-    """A row's co-item map is decoded once per (version, epoch) into a WeightMap held with the version (the same
-    object on the next read, its total summed); an incremental write of the row replaces it, a new version
-    serves its own and the old version's maps go with the old version."""
+    """A row read once serves its co-item map lazily (a PackedMap: a catalog read uniformly decodes nothing it will not
+    see again); read again from the row cache, it is decoded once per (version, epoch) into a WeightMap held with the
+    version (the same object on the next read, its total summed); an incremental write of the row replaces it, a new
+    version serves its own and the old version's maps go with the old version."""
     from features.functions import WeightMap
+    from features.online_codec import PackedMap
 
     OnlineStore(redis_client).materialize(_users(1), _items(10), version="v1")
     store = OnlineStore(redis_client)
     store.fetch("u00000", None)
-    first = store.item_table("v1").columns_for(["i00001", "i00000", "i00002"])["co_items_30d"]
+    ids = ["i00001", "i00000", "i00002"]
+    lazy = store.item_table("v1").columns_for(ids)["co_items_30d"]
+    assert lazy[1] is None and type(lazy[0]) is PackedMap and dict(lazy[0].items()) == {"i00002": 3.0, "i00003": 1.0}
+    assert not store._states["v1"].maps  # nothing decoded for rows seen once
+    first = store.item_table("v1").columns_for(ids)["co_items_30d"]
     assert first[1] is None and isinstance(first[0], WeightMap)
     assert dict(first[0]) == {"i00002": 3.0, "i00003": 1.0} and first[0].total == 4.0
     again = store.item_table("v1").columns_for(["i00001"])["co_items_30d"]
@@ -394,11 +400,13 @@ def test_decoded_co_item_maps_are_cached_per_version_and_follow_writes(redis_cli
     OnlineStore(redis_client).write_items(pd.DataFrame({"item_id": ["i00001"],
                                                         "co_items_30d": [json.dumps({"i00009": 2.5})]}))
     store.fetch("u00000", None)  # the round trip that carries the version's rev
+    store.item_table("v1").columns_for(["i00001"])  # the rewritten row, read once: lazy again
     moved = store.item_table("v1").columns_for(["i00001", "i00002"])["co_items_30d"]
     assert dict(moved[0]) == {"i00009": 2.5} and moved[0].total == 2.5
     assert moved[1] is first[2]  # rows the write did not touch stay cached
     OnlineStore(redis_client).materialize(_users(1), _items(10, clicks=1.0), version="v2")
     store.fetch("u00000", None)  # adopts v2
+    store.item_table("v2").columns_for(["i00001"])
     fresh = store.item_table("v2").columns_for(["i00001"])["co_items_30d"]
     assert dict(fresh[0]) == {"i00002": 3.0, "i00003": 1.0} and fresh[0] is not first[0]
     assert set(store._states) == {"v1", "v2"} and all(k[1] == store._states["v2"].epoch
