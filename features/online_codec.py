@@ -271,7 +271,7 @@ class ItemCodec:
         if joined.count(_SEP) != max(len(keys) - 1, 0):
             raise ValueError(f"item {item_id!r}: a key of {col} contains the byte 0x1F")
         blob = (_SEP + joined + _SEP).encode() if keys else b""
-        if len(keys) >= _NONE16 or len(blob) >= _NONE16:
+        if len(keys) >= _NONE16 or 4 * len(keys) + len(blob) >= _NONE16:  # klen holds weights + keys
             raise ValueError(f"item {item_id!r}: {col} is too large ({len(keys)} entries, {len(blob)} bytes)")
         try:
             weights = array("f", value.values())
@@ -308,7 +308,7 @@ class ItemCodec:
         if self.maps:
             counts = heads["n"].astype(np.int64)
             present = counts != _NONE16
-            sizes = np.where(present, counts, 0) * 4 + heads["klen"].astype(np.int64)
+            sizes = heads["klen"].astype(np.int64)  # a map entry's whole length: its weights, then its keys
             start = size + np.cumsum(sizes, axis=1) - sizes  # where each map's bytes begin in its row
             for k, col in enumerate(self.maps):
                 arr = np.empty(n, dtype=object)
@@ -321,7 +321,7 @@ class ItemCodec:
                             arr[r] = pre[r]
                             continue
                         w = beg[r] + 4 * cnt[r]
-                        arr[r] = PackedMap(raws[r], beg[r], cnt[r], w, w + kl[r])
+                        arr[r] = PackedMap(raws[r], beg[r], cnt[r], w, beg[r] + kl[r])
                 out[col] = arr
         for col in columns:
             if col not in out:

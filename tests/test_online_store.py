@@ -391,6 +391,7 @@ def test_decoded_co_item_maps_are_cached_per_version_and_follow_writes(redis_cli
     ids = ["i00001", "i00000", "i00002"]
     lazy = store.item_table("v1").columns_for(ids)["co_items_30d"]
     assert lazy[1] is None and type(lazy[0]) is PackedMap and dict(lazy[0].items()) == {"i00002": 3.0, "i00003": 1.0}
+    assert lazy[0].keys() == ["i00002", "i00003"] and dict(lazy[0]) == {"i00002": 3.0, "i00003": 1.0}
     assert not store._states["v1"].maps  # nothing decoded for rows seen once
     first = store.item_table("v1").columns_for(ids)["co_items_30d"]
     assert first[1] is None and isinstance(first[0], WeightMap)
