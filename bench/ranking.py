@@ -12,8 +12,9 @@ with `clients` concurrent connections back to back (the closed loop): `--driver 
 on PATH; a C load generator, bench/wrk_load.py) or `--driver httpx` (Python client threads in this process,
 which take a large share of the same cores). Each closed-loop row also says the CPU the load took: the
 client's CPU time, the server's processes', Redis's and the rest of the machine's, as shares of the cores
-over the load window. The open loop (a fixed arrival rate) and the fault test always use httpx: wrk has no
-constant-rate mode. Prints p50/p95/p99, throughput, status codes and `served_by` counts;
+over the load window. The open loop (a fixed arrival rate) runs bench/open_loop.py in a process of its own (asyncio on
+raw keep-alive connections: wrk has no constant-rate mode, and Python client threads or this process's collector
+would delay the sends); the fault test uses httpx. Prints p50/p95/p99, throughput, status codes and `served_by` counts;
 the in-process floor per stage; the ranker alone compiled (lleaves) vs LightGBM on the same feature
 matrices; the open-loop p99 at half the saturated rate; and the issue-21 figures, each against its
 target computed from the in-process figures of the same run. For the fault test, Redis is SAVEd, killed
@@ -164,44 +165,6 @@ def load(base: str, users: list[str], now_ms: int, clients: int, seconds: float,
             "served_by": dict(Counter(p for _, p in served)), "timeline": served}
 
 
-def open_loop(base: str, users: list[str], now_ms: int, rate: float, seconds: float) -> dict:
-    """Requests sent at a fixed rate whatever the server does (an open loop, like real traffic), latency
-    measured from each request's *scheduled* send time, so a stalled server cannot hide its queue
-    (no coordinated omission). Says what the endpoint's p99 is at a given load, below saturation."""
-    import httpx
-    from concurrent.futures import ThreadPoolExecutor
-
-    local = threading.local()
-    lat: list[float] = []
-    codes: Counter = Counter()
-    lock = threading.Lock()
-
-    def one(i: int, scheduled: float) -> None:
-        http = getattr(local, "http", None)
-        if http is None:
-            http = local.http = httpx.Client(base_url=base, timeout=10)
-        try:
-            code = http.post("/v1/personalize", json=_body(users[i % len(users)], f"open-{i % 13}", now_ms)).status_code
-        except Exception:  # noqa: BLE001 - a transport error is a failure, counted
-            code = 599
-        with lock:
-            lat.append((time.perf_counter() - scheduled) * 1000)
-            codes[code] += 1
-
-    n = int(rate * seconds)
-    t0 = time.perf_counter() + 0.05
-    with ThreadPoolExecutor(max_workers=32) as pool:
-        for i in range(n):
-            scheduled = t0 + i / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            pool.submit(one, i, scheduled)
-    a = np.asarray(lat)
-    return {"rate": rate, "requests": len(lat), "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-            "p99": float(np.percentile(a, 99)), "codes": dict(codes)}
-
-
 def in_process_floor(settings, users: list[str], now_ms: int, n: int = 300) -> tuple[dict[str, tuple[float, float]], dict]:
     """The pipeline in this process, one request at a time, with the ranker the server serves (compiled when
     available); and the ranker alone on the same requests' feature matrices, compiled vs LightGBM."""
@@ -286,10 +249,22 @@ def profile_in_process(settings, users: list[str], now_ms: int, n: int = 500, to
         return personalize(_body(users[k % len(users)], f"floor-{k % 7}", now_ms), bundle, store, rerank=serve.rerank,
                            stale_max_age_s=serve.stale_max_age_s, log_impression=impressions)
 
+    import gc
+
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    began: list[float] = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:  # each collection's pause, per generation
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            pauses[int(info["generation"])].append((time.perf_counter() - began[0]) * 1000)
+
     with one_thread_per_request():
         for k in range(30):
             run(k)
         wall: list[float] = []
+        gc.callbacks.append(on_gc)
         cpu0 = time.process_time()
         for k in range(30, 30 + n):
             t = time.perf_counter()
@@ -297,8 +272,24 @@ def profile_in_process(settings, users: list[str], now_ms: int, n: int = 500, to
             wall.append((time.perf_counter() - t) * 1000)
         impressions.flush()
         cpu_ms = (time.process_time() - cpu0) * 1000 / n
+        gc.callbacks.remove(on_gc)
+        # what a worker's background threads take from its interpreter, off the request path but holding its GIL:
+        # one refresh poll (serving.model_slots: the registry read, the store warm) and a full collection
+        from models.rollout import rollout_state
+
+        background: dict[str, tuple[float, float]] = {}
+        for name, fn in (("refresh: rollout_state", lambda: rollout_state(settings)), ("refresh: store.warm", store.warm),
+                         ("gc.collect()", gc.collect)):
+            fn()
+            cpu, wall_b = [], []
+            for _ in range(5):
+                c, t = time.process_time(), time.perf_counter()
+                fn()
+                cpu.append((time.process_time() - c) * 1000)
+                wall_b.append((time.perf_counter() - t) * 1000)
+            background[name] = (float(np.median(cpu)), float(np.median(wall_b)))
         if top > 0:
-            prof = cProfile.Profile()
+            prof = cProfile.Profile(time.process_time)  # CPU time: a wait for Redis or the GIL is not own time
             prof.enable()
             for k in range(30, 30 + n):
                 run(k)
@@ -306,7 +297,9 @@ def profile_in_process(settings, users: list[str], now_ms: int, n: int = 500, to
             pstats.Stats(prof).sort_stats("tottime").print_stats(top)
     impressions.close()
     return {"n": n, "scorer": bundle.scorer_name, "cpu_ms": cpu_ms, "p50": float(np.percentile(wall, 50)),
-            "p99": float(np.percentile(wall, 99))}
+            "p99": float(np.percentile(wall, 99)), "gc": {g: (len(v), float(np.sum(v)), max(v, default=0.0))
+                                                         for g, v in pauses.items()},
+            "gc_tracked": len(gc.get_objects()), "background": background}
 
 
 def main() -> int:
@@ -319,8 +312,8 @@ def main() -> int:
     default_driver = "wrk" if shutil.which("wrk") else "httpx"
     parser.add_argument("--driver", nargs="+", choices=["wrk", "httpx"], default=[default_driver],
                         help="closed-loop load generator(s), run one after the other on the same server (default: "
-                             f"wrk when on PATH, else httpx; here: {default_driver}); the open loop and the fault "
-                             "test use httpx")
+                             f"wrk when on PATH, else httpx; here: {default_driver}); the open loop runs "
+                             "bench/open_loop.py, the fault test httpx")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (event loops) for --driver wrk")
     parser.add_argument("--home", type=Path, default=None,
                         help="KAIROS_HOME to build the world in, or to reuse if a previous run built it there")
@@ -376,6 +369,10 @@ def main() -> int:
         prof = profile_in_process(settings, users, now_ms, args.profile, args.cprofile)
         print(f"\nIn-process CPU per request over {prof['n']} requests (time.process_time), ranker on "
               f"{prof['scorer']}: {prof['cpu_ms']:.3f} ms; wall p50 {prof['p50']:.2f} / p99 {prof['p99']:.2f} ms")
+        print(f"Collections during them ({prof['gc_tracked']:,} objects tracked): "
+              + "; ".join(f"gen {g}: {k} ({total:.1f} ms, max {worst:.2f} ms)" for g, (k, total, worst) in prof["gc"].items()))
+        print("Off the request path, in a worker's interpreter (median of 5; CPU / wall ms): "
+              + "; ".join(f"{name} {cpu:.1f} / {wall:.1f}" for name, (cpu, wall) in prof["background"].items()))
         redis.stop()
         return 0
     floor, ranker = in_process_floor(settings, users, now_ms)
@@ -417,9 +414,10 @@ def main() -> int:
         print(f"\n[bench] load average before the HTTP load: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(f"\nHTTP load, closed loop, 200 candidates, {workers} BentoML worker(s) on {cores} core(s), "
               f"driver(s) {', '.join(drivers)} (pipeline = the server's own total, p50; CPU = share of "
-              f"{cores} cores x the load window: client / server / redis / rest of the machine):")
+              f"{cores} cores x the load window: client / server / redis / rest of the machine; srv ms/req = the "
+              f"server's CPU per request):")
         print(f"  {'driver':>6} {'clients':>7} {'requests':>8} {'req/s':>7} {'p50':>7} {'p95':>7} {'p99':>7} "
-              f"{'pipeline':>8} {'cpu c/s/r/o':>20} {'c/s':>5}  codes / served_by")
+              f"{'pipeline':>8} {'cpu c/s/r/o':>20} {'c/s':>5} {'srv ms/req':>10}  codes / served_by")
         closed: dict[str, dict[int, dict]] = {d: {} for d in drivers}
         redis_pid = getattr(getattr(redis, "process", None), "pid", None)
         for driver in drivers:
@@ -437,12 +435,14 @@ def main() -> int:
                     client_cpu = win["bench_cpu_s"]  # this process: the client threads (the main thread waits)
                     r["non_2xx"] = sum(n for code, n in r["codes"].items() if not 200 <= int(code) < 300)
                 r["cpu"] = cpu_shares(win, client_cpu, cores)
+                # the server's CPU per answered request (all its processes): the pipeline's (--profile) + HTTP's
+                r["server_cpu_ms"] = win["server_cpu_s"] * 1000 / max(r["requests"], 1)
                 closed[driver][c] = r
                 cpu = r["cpu"]
                 print(f"  {driver:>6} {c:>7} {r['requests']:>8} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} "
                       f"{r['p99']:>7.1f} {r['pipeline_p50']:>8.1f} "
                       f"{cpu['client']:>5.1%} /{cpu['server']:>4.0%} /{cpu['redis']:>4.0%} /{cpu['other']:>4.0%} "
-                      f"{cpu['client_per_server']:>5.2f}  non-2xx {r['non_2xx']} {r['codes']} {r['served_by']}", flush=True)
+                      f"{cpu['client_per_server']:>5.2f} {r['server_cpu_ms']:>10.2f}  non-2xx {r['non_2xx']} {r['codes']} {r['served_by']}", flush=True)
                 if driver == "wrk":
                     sample = sample_served_by(base, users, now_ms)
                     print(f"  {'':>6} {'':>7} after it, 20 httpx requests: {sample['codes']} {sample['served_by']}",
@@ -452,12 +452,25 @@ def main() -> int:
         rates = list(dict.fromkeys(list(args.rates or []) + [h for h in halves.values() if h]))
         open_at: dict[float, dict] = {}
         if rates:
-            print("\nOpen loop (httpx; fixed arrival rate, latency from the scheduled send time), 200 candidates:")
-            print(f"  {'req/s':>7} {'requests':>8} {'p50':>7} {'p95':>7} {'p99':>7}  codes")
+            from bench.open_loop import open_loop
+
+            print("\nOpen loop (bench/open_loop.py, its own process: fixed arrival rate, latency from the scheduled send "
+                  "time; lag = how late the generator sent, wait = handler entry to pipeline start, app = the "
+                  "pipeline, both from the server-timing header; tail = mean split of the requests at or above the "
+                  "p99: lag + wait + app + rest = queued before the worker's loop took it, HTTP, network), "
+                  "200 candidates:")
+            print(f"  {'req/s':>7} {'requests':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'lag p99':>7} {'wait p99':>8} "
+                  f"{'app p99':>7} {'client':>6}  tail: latency = lag + wait + app + rest  codes")
             for rate in rates:
                 r = open_at[rate] = open_loop(base, users, now_ms, rate, args.seconds)
                 which = [d for d, h in halves.items() if h == rate]
-                print(f"  {rate:>7.0f} {r['requests']:>8} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f}  {r['codes']}"
+                tail = r.get("tail") or {}
+                print(f"  {rate:>7.0f} {r['requests']:>8} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} "
+                      f"{r['send_lag_p99']:>7.1f} {r['wait_p99']:>8.1f} {r['app_p99']:>7.1f} "
+                      f"{r['client_cpu_s'] / max(r['wall_s'] * cores, 1e-9):>6.1%}  "
+                      f"{tail.get('latency', float('nan')):.1f} = {tail.get('send_lag', float('nan')):.1f} + "
+                      f"{tail.get('wait', float('nan')):.1f} + {tail.get('app', float('nan')):.1f} + "
+                      f"{tail.get('rest', float('nan')):.1f}  {r['codes']}"
                       + (f"  (half the saturated rate, {'/'.join(which)})" if which else ""), flush=True)
         print(f"\n[bench] load average after the HTTP load: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         p50, p99 = floor["total"]
@@ -475,7 +488,7 @@ def main() -> int:
                   f"cores, server {rows[best]['cpu']['server']:.0%}, rest of the machine {rows[best]['cpu']['other']:.0%}")
             at_half = open_at.get(halves[driver])
             if at_half is not None:
-                print(f"  [{driver}] p99 at half the saturated rate ({halves[driver]} req/s, open loop, httpx) "
+                print(f"  [{driver}] p99 at half the saturated rate ({halves[driver]} req/s, open loop, bench/open_loop.py) "
                       f"{at_half['p99']:.1f} ms vs 2 x in-process p99 = {2 * p99:.1f} ms: {at_half['p99'] / (2 * p99):.2f} "
                       f"({'met' if at_half['p99'] <= 2 * p99 else 'NOT met'})")
             if 4 in rows:

@@ -292,7 +292,18 @@ def _as_counts(counts: Any) -> Mapping[str, float] | None:
 def category_affinity(user_category_counts: Iterable[str | Mapping[str, float] | None],
                       categories: Iterable[str | None]) -> np.ndarray:
     """Share of a user's recent clicks that fell in each row's item category. A request's rows all carry the same
-    user's counts (one object): it is parsed and summed once, not once per row."""
+    user's counts (one object): it is parsed and summed once, not once per row, and each distinct category's
+    share is computed once (the same division as the per-row path below, so the same values)."""
+    if isinstance(user_category_counts, list) and user_category_counts \
+            and user_category_counts.count(user_category_counts[0]) == len(user_category_counts):
+        cats = categories if isinstance(categories, list) else list(categories)
+        counts_of = _as_counts(user_category_counts[0])
+        total_of = float(sum(counts_of.values())) if counts_of else 0.0
+        if not counts_of or total_of <= 0:
+            return np.zeros(len(cats), dtype=np.float64)
+        share_of = {cat: (counts_of.get(cat, 0.0) / total_of if isinstance(cat, str) and cat else 0.0)
+                    for cat in set(cats)}
+        return np.fromiter(map(share_of.__getitem__, cats), dtype=np.float64, count=len(cats))
     out = []
     last: Any = _UNSET
     shares: dict[Any, float] = {}  # category -> its share, for the current counts

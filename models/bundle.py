@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ SESSION_FEATURE = "session_length"  # > 0: the request comes from a live session
 # manifest key: {"weight": w without a live session, "session_weight": w in one} of the user-history item similarity
 # fused into the ranker's score (fuse_similarity; fitted like the popularity prior, training.served_eval)
 SIMILARITY_PRIOR = "item_similarity_prior"
+USER_VECTOR_CACHE = 10_000  # user tower outputs kept per bundle (128 float32 each: ~5 MB)
 
 
 def prior_weights(prior: dict[str, Any], features: Any) -> np.ndarray | float:
@@ -161,6 +163,9 @@ class Bundle:
         self.user_row = {uid: i for i, uid in enumerate(self.user_ids)}
         self.scorer = None  # a faster predictor of the same trees (serving.compiled_ranker); None: LightGBM
         self.scorer_name = "lightgbm"
+        # user tower outputs of this version by (user row, history rows): a user's requests between two of their
+        # events ask the tower the same question (the same towers, the same inputs: the same vector)
+        self._user_vectors: OrderedDict[tuple[int, tuple[int, ...]], np.ndarray] = OrderedDict()
 
     @property
     def ranker_file(self) -> Path | None:
@@ -181,8 +186,20 @@ class Bundle:
         """Session-aware user embedding: the user tower over the id and recent items."""
         from models.two_tower import encode_users
 
-        return encode_users(self.towers, [self.user_row.get(user_id or "", -1)],
-                            [[self.item_row[i] for i in history_item_ids if i in self.item_row]])[0]
+        key = (self.user_row.get(user_id or "", -1), tuple(self.item_row[i] for i in history_item_ids if i in self.item_row))
+        cached = self._user_vectors.get(key)
+        if cached is not None:
+            return cached
+        vector = encode_users(self.towers, [key[0]], [list(key[1])])[0]
+        vector.setflags(write=False)  # shared by the requests that hit it
+        cache = self._user_vectors
+        cache[key] = vector
+        if len(cache) > USER_VECTOR_CACHE:
+            try:
+                cache.popitem(last=False)  # the oldest entry (a concurrent request may have taken it first)
+            except KeyError:
+                pass
+        return vector
 
     def item_vectors(self, item_ids: list[str]) -> np.ndarray:
         rows = [self.item_row.get(i, -1) for i in item_ids]

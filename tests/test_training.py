@@ -183,6 +183,13 @@ def test_bundle_round_trip_gives_identical_scores(outcome, trainset, small_world
     (ids_a, sc_a), (ids_b, sc_b) = loaded.retrieve(q2, 20), bundle.retrieve(q1, 20)
     assert ids_a == ids_b and np.allclose(sc_a, sc_b)
     assert np.isfinite(loaded.user_vector(None, [])).all()
+    # the tower's output is cached per (user, history) on the bundle: a repeat is the tower's own answer, read-only
+    from models.two_tower import encode_users
+
+    again = loaded.user_vector(uid, hist)
+    assert again is q2 and not again.flags.writeable
+    assert np.array_equal(again, encode_users(loaded.towers, [loaded.user_row[uid]], [[loaded.item_row[hist[0]]]])[0])
+    assert not np.array_equal(loaded.user_vector(uid, []), q2)  # another history: another entry
     # popularity: global covers the catalog, per device and per segment lists exist
     assert sorted(loaded.popular(10_000)) == sorted(bundle.item_ids)
     assert {"global", "mobile", "desktop"} <= set(loaded.popularity)
