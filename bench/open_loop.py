@@ -11,10 +11,10 @@ connections, a new connection whenever none is idle: ~0.1 ms of CPU a request, n
 an interpreter, and no large heap (bench/ranking.py's process holds the models: its collector would pause the
 clock). The same bodies as bench/ranking.py `_body` (user users[i % len(users)], session f"open-{i % 13}").
 
-Per request it also reads the server's `server-timing` header (serving/service.py: `wait`, from the handler's
-entry to the pipeline's start, and `app`, the pipeline itself), so the slowest requests' latency splits into client
-send lag, wait, pipeline, and the rest (the request queued in front of its worker's event loop, HTTP parse and
-validation, the network). Prints one JSON line (MARK + JSON) with the percentiles and that split.
+Per request it also reads the server's `server-timing` header (serving/service.py: `wait`, the time the request
+queued for its worker's one pipeline slot, from the handler's entry, and `app`, the pipeline itself), so the
+slowest requests' latency splits into client send lag, wait for the slot, pipeline, and the rest (the request
+waiting for its worker's event loop, HTTP parse and validation, the network). Prints one JSON line (MARK + JSON) with the percentiles and that split.
 """
 from __future__ import annotations
 

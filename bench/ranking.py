@@ -68,6 +68,30 @@ def _tree_cpu_s(pid: int | None) -> float:
     return total
 
 
+def _tree_runq_s(pid: int | None) -> float:
+    """Seconds the threads of a process and its live descendants spent runnable but waiting for a CPU (the
+    scheduler's run queue, /proc/<pid>/task/<tid>/schedstat, second field): on a shared box, the time the server
+    was ready to work and the neighbours had the cores."""
+    import psutil
+
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        pids = [root.pid, *(p.pid for p in root.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0
+    for p in pids:
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9
+
+
 def _machine_busy_s() -> float:
     import psutil
 
@@ -83,12 +107,13 @@ class CpuWindow:
 
     def start(self) -> CpuWindow:
         self._t = (time.perf_counter(), _tree_cpu_s(self.server_pid), _tree_cpu_s(self.redis_pid),
-                   _machine_busy_s(), time.process_time())
+                   _machine_busy_s(), time.process_time(), _tree_runq_s(self.server_pid))
         return self
 
     def stop(self) -> dict:
-        w0, s0, r0, m0, p0 = self._t
+        w0, s0, r0, m0, p0, q0 = self._t
         return {"wall_s": time.perf_counter() - w0, "server_cpu_s": _tree_cpu_s(self.server_pid) - s0,
+                "server_runq_s": _tree_runq_s(self.server_pid) - q0,
                 "redis_cpu_s": _tree_cpu_s(self.redis_pid) - r0, "machine_cpu_s": _machine_busy_s() - m0,
                 "bench_cpu_s": time.process_time() - p0}
 
@@ -415,9 +440,10 @@ def main() -> int:
         print(f"\nHTTP load, closed loop, 200 candidates, {workers} BentoML worker(s) on {cores} core(s), "
               f"driver(s) {', '.join(drivers)} (pipeline = the server's own total, p50; CPU = share of "
               f"{cores} cores x the load window: client / server / redis / rest of the machine; srv ms/req = the "
-              f"server's CPU per request):")
+              f"server's CPU per request; runq ms/req = the time its threads were runnable but waited for a CPU, "
+              f"per request):")
         print(f"  {'driver':>6} {'clients':>7} {'requests':>8} {'req/s':>7} {'p50':>7} {'p95':>7} {'p99':>7} "
-              f"{'pipeline':>8} {'cpu c/s/r/o':>20} {'c/s':>5} {'srv ms/req':>10}  codes / served_by")
+              f"{'pipeline':>8} {'cpu c/s/r/o':>20} {'c/s':>5} {'srv ms/req':>10} {'runq ms/req':>11}  codes / served_by")
         closed: dict[str, dict[int, dict]] = {d: {} for d in drivers}
         redis_pid = getattr(getattr(redis, "process", None), "pid", None)
         for driver in drivers:
@@ -437,12 +463,13 @@ def main() -> int:
                 r["cpu"] = cpu_shares(win, client_cpu, cores)
                 # the server's CPU per answered request (all its processes): the pipeline's (--profile) + HTTP's
                 r["server_cpu_ms"] = win["server_cpu_s"] * 1000 / max(r["requests"], 1)
+                r["server_runq_ms"] = win["server_runq_s"] * 1000 / max(r["requests"], 1)
                 closed[driver][c] = r
                 cpu = r["cpu"]
                 print(f"  {driver:>6} {c:>7} {r['requests']:>8} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} "
                       f"{r['p99']:>7.1f} {r['pipeline_p50']:>8.1f} "
                       f"{cpu['client']:>5.1%} /{cpu['server']:>4.0%} /{cpu['redis']:>4.0%} /{cpu['other']:>4.0%} "
-                      f"{cpu['client_per_server']:>5.2f} {r['server_cpu_ms']:>10.2f}  non-2xx {r['non_2xx']} {r['codes']} {r['served_by']}", flush=True)
+                      f"{cpu['client_per_server']:>5.2f} {r['server_cpu_ms']:>10.2f} {r['server_runq_ms']:>11.2f}  non-2xx {r['non_2xx']} {r['codes']} {r['served_by']}", flush=True)
                 if driver == "wrk":
                     sample = sample_served_by(base, users, now_ms)
                     print(f"  {'':>6} {'':>7} after it, 20 httpx requests: {sample['codes']} {sample['served_by']}",
@@ -455,19 +482,24 @@ def main() -> int:
             from bench.open_loop import open_loop
 
             print("\nOpen loop (bench/open_loop.py, its own process: fixed arrival rate, latency from the scheduled send "
-                  "time; lag = how late the generator sent, wait = handler entry to pipeline start, app = the "
-                  "pipeline, both from the server-timing header; tail = mean split of the requests at or above the "
-                  "p99: lag + wait + app + rest = queued before the worker's loop took it, HTTP, network), "
-                  "200 candidates:")
+                  "time; lag = how late the generator sent, wait = queued for the worker's pipeline slot, app = the "
+                  "pipeline, both from the server-timing header; srv / runq ms/req = the server's CPU and run-queue "
+                  "wait per request; tail = mean split of the requests at or above the p99: lag + wait + app + "
+                  "rest = the worker's event loop, HTTP, network), 200 candidates:")
             print(f"  {'req/s':>7} {'requests':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'lag p99':>7} {'wait p99':>8} "
-                  f"{'app p99':>7} {'client':>6}  tail: latency = lag + wait + app + rest  codes")
+                  f"{'app p99':>7} {'client':>6} {'srv ms/req':>10} {'runq ms/req':>11}  tail: latency = lag + wait + app + rest  codes")
             for rate in rates:
+                window = CpuWindow(proc.pid, redis_pid).start()
                 r = open_at[rate] = open_loop(base, users, now_ms, rate, args.seconds)
+                win = window.stop()
+                r["server_cpu_ms"] = win["server_cpu_s"] * 1000 / max(r["requests"], 1)
+                r["server_runq_ms"] = win["server_runq_s"] * 1000 / max(r["requests"], 1)
                 which = [d for d, h in halves.items() if h == rate]
                 tail = r.get("tail") or {}
                 print(f"  {rate:>7.0f} {r['requests']:>8} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} "
                       f"{r['send_lag_p99']:>7.1f} {r['wait_p99']:>8.1f} {r['app_p99']:>7.1f} "
-                      f"{r['client_cpu_s'] / max(r['wall_s'] * cores, 1e-9):>6.1%}  "
+                      f"{r['client_cpu_s'] / max(r['wall_s'] * cores, 1e-9):>6.1%} {r['server_cpu_ms']:>10.2f} "
+                      f"{r['server_runq_ms']:>11.2f}  "
                       f"{tail.get('latency', float('nan')):.1f} = {tail.get('send_lag', float('nan')):.1f} + "
                       f"{tail.get('wait', float('nan')):.1f} + {tail.get('app', float('nan')):.1f} + "
                       f"{tail.get('rest', float('nan')):.1f}  {r['codes']}"
@@ -486,6 +518,11 @@ def main() -> int:
                   f"{p50:.2f} ms = {target:.0f} req/s: {sat / target:.2f} of the target "
                   f"({'met' if sat >= target else 'NOT met'}); client CPU {rows[best]['cpu']['client']:.1%} of the "
                   f"cores, server {rows[best]['cpu']['server']:.0%}, rest of the machine {rows[best]['cpu']['other']:.0%}")
+            # what the server's own CPU cost allows when it has the cores to itself (neighbours' load taken out):
+            # cores x 1000 / the server's CPU ms per request, at the saturated row
+            capacity = cores * 1000 / max(rows[best]["server_cpu_ms"], 1e-9)
+            print(f"  [{driver}] server CPU per request {rows[best]['server_cpu_ms']:.2f} ms (in process, pipeline only: "
+                  f"see --profile) -> {capacity:.0f} req/s on {cores} cores at 100% = {capacity / target:.2f} of the target")
             at_half = open_at.get(halves[driver])
             if at_half is not None:
                 print(f"  [{driver}] p99 at half the saturated rate ({halves[driver]} req/s, open loop, bench/open_loop.py) "
