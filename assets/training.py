@@ -103,32 +103,35 @@ def faiss_index(context: AssetExecutionContext, two_tower_model: Any):
 
 # RankerConfig's knobs (objective: or "lambdarank" / "rank_xendcg": scores are then not probabilities, no logloss/ECE),
 # max_train_rows (0 = no cap: above it, a seeded sample of whole queries; recorded in the asset metadata),
+# affinity_folds (the train split's embedding affinity out of fold, training/ranker.py ranker_training_affinity),
 # plus use_tuned_params: take the knobs found by the `ranker_tuning` asset (job tune_ranker)
 if TYPE_CHECKING:
     RankerTrainConfig = Any
 else:
     RankerTrainConfig = dataclass_config("RankerTrainConfig", RankerConfig, (
-        "num_boost_round", "learning_rate", "num_leaves", "seed", "objective", "max_train_rows"), __name__, use_tuned_params=(bool, False))
+        "num_boost_round", "learning_rate", "num_leaves", "seed", "objective", "max_train_rows", "affinity_folds"), __name__,
+        use_tuned_params=(bool, False))
 
 
 @asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP, code_version=source_version(__file__, "training/ranker.py"),
        description="LightGBM ranker over the registry's features plus the two-tower affinity.")
 def ranker_model(context: AssetExecutionContext, config: RankerTrainConfig,
                  two_tower_model: Any, lake: LakeResource, artifacts: ArtifactsResource) -> Output:
-    from training.ranker import add_embedding_affinity, train_ranker
+    from training.ranker import ranker_training_affinity, train_ranker
 
-    frame, _, _, pins = _load_training_inputs(lake)
-    frame = add_embedding_affinity(frame, two_tower_model)
+    frame, items, users, pins = _load_training_inputs(lake)
     ranker_config = to_dataclass(config, RankerConfig)
     if config.use_tuned_params:
         from training.tuning import load_tuned
 
         ranker_config = load_tuned(artifacts.path("tuning"), ranker_config)
         context.log.info(f"ranker uses tuned parameters: {ranker_config}")
+    frame = ranker_training_affinity(frame, two_tower_model, items, users, ranker_config.affinity_folds)
     booster = train_ranker(frame[frame["split"] == "train"], frame[frame["split"] == "validation"], ranker_config)
     gains = dict(zip(booster.feature_name(), booster.feature_importance("gain").round(2).tolist()))
     return Output(booster, metadata={"best_iteration": int(booster.best_iteration or booster.current_iteration()),
                                      "max_train_rows": ranker_config.max_train_rows,
+                                     "affinity_folds": ranker_config.affinity_folds,
                                      "feature_importance_gain": MetadataValue.json(gains)})
 
 
@@ -142,11 +145,11 @@ class TuningConfig(Config):
                    "ranker_model takes the best with use_tuned_params: true.")
 def ranker_tuning(context: AssetExecutionContext, config: TuningConfig, two_tower_model: Any, lake: LakeResource,
                   artifacts: ArtifactsResource) -> Output:
-    from training.ranker import add_embedding_affinity
+    from training.ranker import ranker_training_affinity
     from training.tuning import save_tuned, tune_ranker
 
-    frame, _, _, pins = _load_training_inputs(lake)
-    frame = add_embedding_affinity(frame, two_tower_model)
+    frame, items, users, pins = _load_training_inputs(lake)
+    frame = ranker_training_affinity(frame, two_tower_model, items, users)  # the rows ranker_model learns from
     result = tune_ranker(frame[frame["split"] == "train"], frame[frame["split"] == "validation"],
                          trials=config.trials, seed=config.seed)
     path = save_tuned({**result, "training_set_version": pins[TRAINING_SET].version}, artifacts.path("tuning"))

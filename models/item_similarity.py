@@ -83,13 +83,20 @@ class ItemSimilarity:
         return cls(items, top_k_per_row(sim, top_k) if top_k else sim)
 
     def scores(self, history: Sequence[str]) -> np.ndarray:
-        """Per known item (self.item_ids order): the sum of its similarity to the history's known items."""
+        """Per known item (self.item_ids order): the sum of its similarity to the history's other known items.
+
+        An item is not its own neighbour: the Jaccard diagonal (1, an item with itself) is left out, else on a
+        surface that allows repeats every history item got the fused term's whole weight (its self-similarity
+        dwarfs any neighbour's, ~0.05) and pushed out what comes next (simulator sessions with repeats allowed:
+        P@20 20.35 with the diagonal, 21.80 without; 22.80 without the term)."""
         key = tuple(history)
         last = self._last
         if last is not None and last[0] == key:
             return last[1]
         rows = sorted({self.row[h] for h in history if h in self.row})
         out = np.asarray(self.matrix[rows].sum(axis=0)).ravel() if rows else np.zeros(len(self.item_ids))
+        if rows:
+            out[rows] = np.maximum(out[rows] - np.asarray(self.matrix[rows, rows]).ravel(), 0.0)
         out.flags.writeable = False
         self._last = (key, out)
         return out

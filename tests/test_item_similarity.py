@@ -23,7 +23,9 @@ def test_history_scores_and_retrieval() -> None:
     s = ItemSimilarity.fit(["u0", "u0", "u1", "u1", "u2"], ["a", "b", "a", "c", "b"], top_k=None)
     assert np.allclose(s.affinity(["a"], ["b", "c", "unknown"]), [1 / 3, 1 / 2, 0.0])
     assert np.allclose(s.affinity(["b", "c"], ["a"]), [1 / 3 + 1 / 2])
-    assert s.top(["c"], 5) == ["c", "a"]  # positive scores only: b never met c
+    assert s.top(["c"], 5) == ["a"]  # positive scores only: b never met c; c is not its own neighbour
+    # an item of the history scores by the other history items only (the Jaccard diagonal left out)
+    assert np.allclose(s.affinity(["a", "b"], ["a", "b", "c"]), [1 / 3, 1 / 3, 1 / 2])
     assert s.affinity([], ["a"]).tolist() == [0.0] and s.top(["unknown"], 3) == []
 
 

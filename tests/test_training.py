@@ -342,3 +342,26 @@ def test_ranker_row_budget_keeps_whole_queries_and_small_sets_whole(trainset) ->
     a, b = train_ranker(train, None, small), train_ranker(train, None, uncapped)
     x = assemble_features(train.head(200)).to_numpy()
     np.testing.assert_array_equal(a.predict(x), b.predict(x))
+
+
+def test_the_ranker_learns_the_train_split_affinity_out_of_fold(outcome, trainset, small_world) -> None:
+    """The two-tower was fit on the train split's positives: its affinity on those rows is in-sample. The rows the
+    ranker learns from get it from towers fit on the other time blocks; validation and test rows keep the tower's,
+    which never saw them either (as serving reads it)."""
+    from training.ranker import ranker_training_affinity
+
+    tt = outcome.two_tower
+    in_sample = add_embedding_affinity(trainset, tt)["embedding_affinity"].to_numpy()
+    assert np.array_equal(ranker_training_affinity(trainset, tt, small_world.items, small_world.users, folds=1)
+                          ["embedding_affinity"].to_numpy(), in_sample)
+    oof = ranker_training_affinity(trainset, tt, small_world.items, small_world.users, folds=2)["embedding_affinity"].to_numpy()
+    train = (trainset["split"] == "train").to_numpy()
+    assert np.array_equal(oof[~train], in_sample[~train])
+    assert not np.allclose(oof[train], in_sample[train])
+    pos = trainset["label_binary"].to_numpy() == 1
+
+    def gap(a: np.ndarray) -> float:  # mean affinity of the train split's positives minus its other rows'
+        return float(a[train & pos].mean() - a[train & ~pos].mean())
+
+    # out of fold, the positives stand out less than where the tower memorized them
+    assert gap(oof) < gap(in_sample)

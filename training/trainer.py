@@ -13,7 +13,7 @@ from features.registry import ranker_feature_names, registry_version
 from models.bundle import Bundle
 from models.item_similarity import ItemSimilarity
 from training.index import build_faiss_index, index_recall_at_k
-from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
+from training.ranker import RankerConfig, ranker_training_affinity, train_ranker
 from training.two_tower import TwoTowerResult, train_two_tower
 from training.two_tower_config import TwoTowerConfig
 
@@ -139,7 +139,7 @@ def train_bundle(training_set: pd.DataFrame, items: pd.DataFrame, users: pd.Data
     recall = float(index_recall_at_k(index, emb, queries, k=min(100, len(emb))))
     timings["index_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    frame = add_embedding_affinity(training_set, tt)
+    frame = ranker_training_affinity(training_set, tt, items, users, ranker_config.affinity_folds)
     timings["affinity_s"] = time.perf_counter() - t
     t = time.perf_counter()
     booster = train_ranker(frame[frame["split"] == "train"], frame[frame["split"] == "validation"], ranker_config)
