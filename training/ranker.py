@@ -77,6 +77,11 @@ def ranker_training_affinity(rows: pd.DataFrame, tt: Any, items: pd.DataFrame, u
     from training.two_tower_config import TwoTowerConfig
 
     config = TwoTowerConfig(**(getattr(tt, "config", None) or {}))
+    if config.max_examples_per_epoch > 0:
+        # the folds together cost one tower fit, not `folds` of them: on a log above the per-epoch budget every
+        # fold tower would otherwise draw the full budget (issue 15: 2y-1m's tower is ~200 s); a log under the
+        # budget (with 2 folds: whole train split <= the budget, so each fold's half fits in half of it) trains exactly as before
+        config.max_examples_per_epoch = max(1, config.max_examples_per_epoch // folds)
     ts = rows["timestamp"].to_numpy(dtype=np.int64)
     edges = np.quantile(ts[train], np.linspace(0.0, 1.0, folds + 1)[1:-1])
     block = np.searchsorted(edges, ts, side="right")
