@@ -318,11 +318,11 @@ class ItemCodec:
                 arr = np.full(n, None, dtype=object)
                 need = present[:, k].copy()
                 pre = known.get(col) if known else None
-                if pre:
-                    for r, decoded in pre.items():
-                        if need[r]:
-                            arr[r] = decoded
-                            need[r] = False
+                if pre:  # served where the row holds its map, in one fancy-indexed assignment
+                    at = np.fromiter(pre, dtype=np.int64, count=len(pre))
+                    held = need[at]
+                    arr[at[held]] = np.fromiter(pre.values(), dtype=object, count=len(pre))[held]
+                    need[at] = False
                 rows = np.flatnonzero(need)
                 if len(rows):
                     beg, cnt = start[rows, k], counts[rows, k]
