@@ -23,6 +23,7 @@ rows/s. The two answers are cross-checked value by value on every Feast request.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -103,6 +104,28 @@ def kairos_answer(store: OnlineStore, req: dict) -> tuple[float, float, list]:
     cols = store.item_table(version).columns_for(req["items"])
     ms, cpu = (time.perf_counter() - t0) * 1000, (time.process_time() - c0) * 1000
     return ms, cpu, [user["user_clicks_7d"], cols["item_clicks_7d"][:3].tolist()]
+
+
+class GcWatch:
+    """The collections Python's garbage collector runs while it is entered, each timed (gc.callbacks): which
+    requests a collection landed in, and how long each paused the process."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, int]] = []  # (ms, generation)
+        self._t = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.pauses.append(((time.perf_counter() - self._t) * 1000, int(info["generation"])))
+
+    def __enter__(self) -> "GcWatch":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 class Feast:
@@ -205,9 +228,16 @@ def bench_size(n_items: int, n_users: int, rounds: int, per_round: int, feast_pe
                 k_cpu: list[float] = []
                 f_cpu: list[float] = []
                 hits0, loads0 = store.table_hits, store.table_loads
+                in_gc: list[bool] = []  # did a collection run inside this request
+                watch = GcWatch()
                 for _ in range(rounds):
                     reqs = make_requests(per_round, n_users, n_items, mix, rng)
-                    answers = [kairos_answer(store, q) for q in reqs]
+                    answers = []
+                    with watch:
+                        for q in reqs:
+                            n0 = len(watch.pauses)
+                            answers.append(kairos_answer(store, q))
+                            in_gc.append(len(watch.pauses) > n0)
                     k_ms += [a[0] for a in answers]
                     k_cpu += [a[1] for a in answers]
                     if feast is not None:
@@ -222,6 +252,10 @@ def bench_size(n_items: int, n_users: int, rounds: int, per_round: int, feast_pe
                 out[f"{mix}_hit_rate"] = hits / max(hits + loads, 1)
                 out[f"{mix}_n"] = (len(k_ms), len(f_ms))
                 out[f"{mix}_kairos_cpu"] = float(np.mean(k_cpu))
+                clean = [ms for ms, g in zip(k_ms, in_gc) if not g]
+                out[f"{mix}_gc"] = {"collections": len(watch.pauses), "gen2": sum(g == 2 for _, g in watch.pauses),
+                                    "max_ms": max((p for p, _ in watch.pauses), default=0.0),
+                                    "requests_hit": sum(in_gc), "p99_without": _pct(clean)[1] if clean else float("nan")}
                 if f_ms:
                     out[f"{mix}_feast"] = _pct(f_ms)
                     out[f"{mix}_feast_cpu"] = float(np.mean(f_cpu))
@@ -252,6 +286,13 @@ def report(results: list[dict]) -> None:
             print(f"{r['items']:>10,} {mix:>8} {k50:11.3f} {k99:8.3f} {kc:7.3f} {r[f'{mix}_hit_rate']:9.1%} {fs}  "
                   f"{r[f'{mix}_n']}")
     print("(CPU = mean client CPU ms per request in the answering process; the Redis server's CPU is not in it)")
+    print("Kairos requests and Python's garbage collector (collections that ran inside a request):")
+    for r in results:
+        for mix in ("uniform", "skewed"):
+            g = r[f"{mix}_gc"]
+            print(f"{r['items']:>10,} {mix:>8}  {g['collections']} collections ({g['gen2']} full) in "
+                  f"{g['requests_hit']} of {r[f'{mix}_n'][0]} requests, longest pause {g['max_ms']:.2f} ms; p99 of the "
+                  f"requests without one {g['p99_without']:.3f} ms (all: {r[f'{mix}_kairos'][1]:.3f})")
     print("\nprocess start to first answer (ms; in-process part after imports), Redis bytes per item, rows/s:")
     for r in results:
         kw, ki = r["kairos_first"]

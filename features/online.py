@@ -42,7 +42,8 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from itertools import compress, repeat, starmap
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -83,8 +84,6 @@ class OnlineStore(StoreWriter):
         self._popular: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self._bin: Any = None
-        # packed item rows, (version, epoch, item_id) -> bytes; one bounded LRU shared by every version
-        self._rows: "OrderedDict[tuple[str, str, str], bytes]" = OrderedDict()
         self.item_cache_rows = max(0, int(item_cache_rows))
         self.fresh_window = max(1, int(fresh_window))  # looking past PUBLISHED_KEEP finds nothing more
         # the last rows read per user, for the stale path when Redis is slow or down (bounded LRU)
@@ -252,87 +251,109 @@ class OnlineStore(StoreWriter):
         epoch, seq = _s(rev[0]) or "", int(_s(rev[1]) or 0)
         if epoch == state.epoch and seq == state.seq:
             return
-        if epoch != state.epoch:  # (re)written whole: cached rows are keyed by epoch and simply stop matching
+        if epoch != state.epoch:  # (re)written whole: the rows cached for the old epoch go
             with self._lock:
-                state.epoch, state.seq, state.fresh, state.texts, state.maps = epoch, seq, None, {}, OrderedDict()
+                state.epoch, state.seq, state.fresh, state.texts, state.rows = epoch, seq, None, {}, OrderedDict()
             return
         if seq < state.seq:
             return
         changed = [_str(i) for i in self.client.zrangebyscore(changes_key(version), f"({state.seq}", seq)]
         with self._lock:
             for iid in changed:
-                self._rows.pop((version, epoch, iid), None)
-                for col in state.codec.maps:
-                    state.maps.pop((col, epoch, iid), None)
+                state.rows.pop(iid, None)  # its bytes and its decoded maps
             state.seq, state.fresh = seq, None
 
     def _item_columns(self, state: VersionState, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
-        """ITEM_STORE_COLUMNS for item_ids (aligned): packed rows from the LRU, the misses in one HMGET (not
-        cached when a write raced this read), all decoded together."""
+        """ITEM_STORE_COLUMNS for item_ids (aligned): rows from the version's LRU, the misses in one HMGET (not
+        cached when a write raced this read), all decoded together.
+
+        One LRU entry per row holds its packed bytes and, once the row is read a second time, its decoded maps: one
+        lookup per candidate in a dict keyed by the id itself (a 50k-row cache is memory-bound: each lookup costs
+        its cache misses, so a separate (column, epoch, id)-keyed map cache had doubled them), and every per-id
+        step is a C-level batch (map / compress / comprehension), no Python statement per row."""
         version, epoch, seq = state.version, state.epoch, state.seq
         distinct = list(dict.fromkeys(item_ids))
-        found: dict[str, bytes] = {}
-        misses: list[str] = []
         with self._lock:
-            rows = self._rows
-            for iid in distinct:
-                raw = rows.get((version, epoch, iid))
-                if raw is None:
-                    misses.append(iid)
-                else:
-                    rows.move_to_end((version, epoch, iid))
-                    found[iid] = raw
-        hits = set(found)  # rows this process had read before: their maps are worth decoding once and keeping
-        self.table_hits += len(found)
-        if misses:
+            rows = state.rows
+            got: list[Any] = list(map(rows.get, distinct))
+            hit = [g is not None for g in got]
+            deque(map(rows.move_to_end, compress(distinct, hit)), maxlen=0)  # the LRU touch of every hit
+        n_hits = sum(hit)
+        self.table_hits += n_hits
+        if n_hits < len(distinct):
+            misses = [i for i, h in zip(distinct, hit) if not h]
             self.table_loads += len(misses)
             blank = state.codec.blank
             if time.monotonic() < self._down_until:  # Redis known down: what the cache holds, defaults for the rest
-                fetched = {i: blank for i in misses}
+                fetched = [blank] * len(misses)
             else:
-                raws = self._binary().hmget(items_key(version), misses)
-                fetched = {i: (blank if r is None else r) for i, r in zip(misses, raws)}
+                fetched = [blank if r is None else r for r in self._binary().hmget(items_key(version), misses)]
                 with self._lock:
                     if state.epoch == epoch and state.seq == seq and self.item_cache_rows:
-                        for iid, raw in fetched.items():
-                            self._rows[(version, epoch, iid)] = raw
-                        while len(self._rows) > self.item_cache_rows:
-                            self._rows.popitem(last=False)
-            found.update(fetched)
-        cache = state.maps
-        known = {col: [cache.get((col, epoch, i)) for i in item_ids] for col in state.codec.maps}
-        cols = state.codec.decode([found[i] for i in item_ids], ITEM_STORE_COLUMNS,
-                                  lambda col, top: self._text_values(state, col, top), known)
-        for col in state.codec.maps:
-            if col in cols:
-                self._weight_maps(state, epoch, seq, col, item_ids, cols[col], hits)
+                        rows.update(zip(misses, fetched))
+                        self._evict_rows(state)
+            it = iter(fetched)
+            got = [g if h else next(it) for g, h in zip(got, hit)]
+        if len(distinct) == len(item_ids):
+            entries, was_hit = got, hit
+        else:  # a repeated id: align with the request
+            pos = {i: r for r, i in enumerate(distinct)}
+            at = [pos[i] for i in item_ids]
+            entries, was_hit = [got[j] for j in at], [hit[j] for j in at]
+        raws = [e if type(e) is bytes else e[0] for e in entries]
+        map_cols = state.codec.maps
+        known: dict[str, dict[int, WeightMap]] = {}
+        if n_hits and map_cols:  # rows decoded before: their cached maps (a hit's entry is (raw, *maps))
+            decoded = [(r, e) for r, e in enumerate(entries) if type(e) is tuple]
+            known = {col: {r: e[k + 1] for r, e in decoded if e[k + 1] is not None} for k, col in enumerate(map_cols)}
+        cols = state.codec.decode(raws, ITEM_STORE_COLUMNS, lambda col, top: self._text_values(state, col, top), known)
+        if n_hits and map_cols:
+            self._weight_maps(state, epoch, seq, item_ids, entries, was_hit, cols)
         return cols
 
-    def _weight_maps(self, state: VersionState, epoch: str, seq: int, column: str, item_ids: Sequence[str],
-                     rows: np.ndarray, hits: set[str]) -> None:
-        """A map column's rows (in place) as WeightMaps, each decoded once per (version, epoch, item) and then read
-        from the version's cache (decode serves the cached ones): a request's ~200 candidates cost dict lookups, not
-        ~200 key-blob searches and sums. Only rows read before (`hits`, the packed-row LRU's) are decoded: a row seen
-        once stays a lazy PackedMap, so a catalog read uniformly (1M items, ~5% hits) does not decode ~190 maps a
-        request it will never see again. New ones are kept only if no write raced this read (the rule of the packed
-        rows)."""
-        cache = state.maps
-        new: dict[tuple[str, str, str], WeightMap] = {}
-        for r, iid in enumerate(item_ids):
-            row = rows[r]
-            if row is None or type(row) is WeightMap or iid not in hits:
+    def _evict_rows(self, keep: VersionState) -> None:
+        """Hold the rows of every version together to item_cache_rows (under the lock): other versions' rows go
+        first (they serve at most in-flight requests), then `keep`'s oldest."""
+        others = [s for s in self._states.values() if s is not keep]
+        over = sum(len(s.rows) for s in others) + len(keep.rows) - self.item_cache_rows
+        for state in (*others, keep):
+            n = min(over, len(state.rows))
+            if n > 0:  # popitem(last=False) n times, looped in C
+                deque(starmap(state.rows.popitem, repeat((False,), n)), maxlen=0)
+                over -= n
+
+    @property
+    def cached_rows(self) -> int:
+        """Item rows this process holds, every version together (at most item_cache_rows)."""
+        return sum(len(s.rows) for s in self._states.values())
+
+    def _weight_maps(self, state: VersionState, epoch: str, seq: int, item_ids: Sequence[str], entries: list[Any],
+                     was_hit: list[bool], cols: dict[str, np.ndarray]) -> None:
+        """The map columns of rows read before (in place) as WeightMaps, decoded once per (version, epoch, item) and
+        kept in the row's LRU entry (decode serves them from there): a request's ~200 candidates cost dict lookups,
+        not ~200 key-blob searches and sums. Only rows read before (`was_hit`) are decoded: a row seen once stays a
+        lazy PackedMap, so a catalog read uniformly (1M items, ~5% hits) does not decode ~190 maps a request it will
+        never see again. Kept only if no write raced this read (the rule of the packed rows)."""
+        map_cols = state.codec.maps
+        new: dict[str, tuple] = {}
+        for r, (entry, h) in enumerate(zip(entries, was_hit)):
+            if not h or type(entry) is not bytes:
                 continue
-            key = (column, epoch, iid)
-            hit = new.get(key)
-            if hit is None:
-                hit = new[key] = WeightMap(row.items())
-            rows[r] = hit
+            iid = item_ids[r]
+            done = new.get(iid)
+            if done is None:
+                done = new[iid] = (entry, *(None if cols[c][r] is None else WeightMap(cols[c][r].items())
+                                            for c in map_cols))
+            for k, col in enumerate(map_cols):
+                if done[k + 1] is not None:
+                    cols[col][r] = done[k + 1]
         if new and self.item_cache_rows:
+            rows = state.rows
             with self._lock:
                 if state.epoch == epoch and state.seq == seq:
-                    cache.update(new)
-                    while len(cache) > self.item_cache_rows:
-                        cache.popitem(last=False)  # the oldest decoded first
+                    for iid, done in new.items():
+                        if iid in rows:  # not evicted meanwhile: the entry keeps its place in the LRU
+                            rows[iid] = done
 
     def _text_values(self, state: VersionState, column: str, top: int) -> np.ndarray:
         """The value table [None, v1, v2, ...] of a text column, re-read when a code is past what we hold

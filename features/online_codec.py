@@ -284,11 +284,15 @@ class ItemCodec:
     # -- decode
     def decode(self, raws: Sequence[bytes], columns: Sequence[str],
                text_values: Callable[[str, int], np.ndarray],
-               known: Mapping[str, Sequence[Any]] | None = None) -> dict[str, np.ndarray]:
+               known: Mapping[str, Mapping[int, Any]] | None = None) -> dict[str, np.ndarray]:
         """Packed rows -> {column: array aligned with raws} for `columns` (floats with NaN, object arrays for
         text and maps). text_values(column, highest code) gives the column's value table [None, v1, ...].
-        known[map column][r], when not None, is row r's map already decoded (the online store's cache): served as
-        it is where the row holds the map, instead of a new PackedMap."""
+        known[map column][r], when given, is row r's map already decoded (the online store's cache): served as
+        it is where the row holds the map, instead of a new PackedMap.
+
+        Batch work only, no Python step per row but the PackedMap constructor: the heads are one numpy array, a
+        map column's offsets are computed for all rows at once and its PackedMaps are built by one map() call
+        over the rows that hold a map (a request's ~200 rows: ~0.1 ms)."""
         n = len(raws)
         size = self.head_dtype.itemsize
         heads = np.frombuffer(b"".join([r[:size] for r in raws]), dtype=self.head_dtype) if n else \
@@ -311,17 +315,21 @@ class ItemCodec:
             sizes = heads["klen"].astype(np.int64)  # a map entry's whole length: its weights, then its keys
             start = size + np.cumsum(sizes, axis=1) - sizes  # where each map's bytes begin in its row
             for k, col in enumerate(self.maps):
-                arr = np.empty(n, dtype=object)
-                cnt, beg, kl, has = counts[:, k].tolist(), start[:, k].tolist(), heads["klen"][:, k].tolist(), \
-                    present[:, k].tolist()
-                pre = (known or {}).get(col) or [None] * n
-                for r in range(n):  # element-wise: numpy would otherwise read each Mapping as a sequence
-                    if has[r]:
-                        if pre[r] is not None:
-                            arr[r] = pre[r]
-                            continue
-                        w = beg[r] + 4 * cnt[r]
-                        arr[r] = PackedMap(raws[r], beg[r], cnt[r], w, beg[r] + kl[r])
+                arr = np.full(n, None, dtype=object)
+                need = present[:, k].copy()
+                pre = known.get(col) if known else None
+                if pre:  # served where the row holds its map, in one fancy-indexed assignment
+                    at = np.fromiter(pre, dtype=np.int64, count=len(pre))
+                    held = need[at]
+                    arr[at[held]] = np.fromiter(pre.values(), dtype=object, count=len(pre))[held]
+                    need[at] = False
+                rows = np.flatnonzero(need)
+                if len(rows):
+                    beg, cnt = start[rows, k], counts[rows, k]
+                    packed = list(map(PackedMap, [raws[r] for r in rows.tolist()], beg.tolist(), cnt.tolist(),
+                                      (beg + 4 * cnt).tolist(), (beg + sizes[rows, k]).tolist()))
+                    # fromiter keeps each Mapping one element (assigning the list would read them as sequences)
+                    arr[rows] = np.fromiter(packed, dtype=object, count=len(packed))
                 out[col] = arr
         for col in columns:
             if col not in out:

@@ -27,12 +27,20 @@ class VersionState:
     seq: int = 0
     fresh: tuple[list[str], np.ndarray] | None = None  # newest FRESH_WINDOW (ids, publish_ts) at (epoch, seq)
     texts: dict[str, np.ndarray] = field(default_factory=dict)
-    # (map column, epoch, item_id) -> the row's map decoded once (features.functions.WeightMap, its total summed):
-    # held with the version, so a version switch drops them with it; an epoch change or an incremental write
-    # drops them as it drops the packed rows; at most the store's item_cache_rows of them
-    # an OrderedDict: evicting the oldest is popitem(last=False), O(1) (a dict's del d[next(iter(d))] rescans the
-    # slots freed at its front on every eviction: ~1 ms a request of 190 evictions from 50k entries, 0.06 ms here)
-    maps: OrderedDict[tuple[str, str, str], WeightMap] = field(default_factory=OrderedDict)
+    # the version's LRU of item rows at `epoch` (the store bounds all versions' together by item_cache_rows):
+    # item_id -> its packed bytes, or, once read a second time, (bytes, *decoded maps): the map columns as
+    # features.functions.WeightMap (its total summed), None where the row holds no map. An epoch change replaces it,
+    # an incremental write drops the row, a version switch drops it with the version. An OrderedDict: evicting the
+    # oldest is popitem(last=False), O(1) (a dict's del d[next(iter(d))] rescans the slots freed at its front on
+    # every eviction)
+    rows: OrderedDict[str, Any] = field(default_factory=OrderedDict)
+
+    def decoded(self, column: str) -> dict[str, WeightMap]:
+        """item_id -> the map of `column` decoded and cached for that row (introspection: what the LRU holds)."""
+        if column not in self.codec.maps:
+            return {}
+        k = self.codec.maps.index(column) + 1
+        return {i: e[k] for i, e in self.rows.items() if type(e) is tuple and e[k] is not None}
 
 
 class ItemTable:

@@ -149,7 +149,7 @@ def test_the_row_cache_is_bounded(redis_client: redis.Redis) -> None:
     table = store.item_table("v1")
     for k in range(10):
         table.columns_for([f"i{j:05d}" for j in range(10 * k, 10 * k + 10)])
-        assert len(store._rows) <= 10
+        assert store.cached_rows <= 10
     table.columns_for([f"i{j:05d}" for j in range(90, 100)])
     assert store.table_hits == 10  # the last ten are the ones kept
 
@@ -392,7 +392,7 @@ def test_decoded_co_item_maps_are_cached_per_version_and_follow_writes(redis_cli
     lazy = store.item_table("v1").columns_for(ids)["co_items_30d"]
     assert lazy[1] is None and type(lazy[0]) is PackedMap and dict(lazy[0].items()) == {"i00002": 3.0, "i00003": 1.0}
     assert lazy[0].keys() == ["i00002", "i00003"] and dict(lazy[0]) == {"i00002": 3.0, "i00003": 1.0}
-    assert not store._states["v1"].maps  # nothing decoded for rows seen once
+    assert not store._states["v1"].decoded("co_items_30d")  # nothing decoded for rows seen once
     first = store.item_table("v1").columns_for(ids)["co_items_30d"]
     assert first[1] is None and isinstance(first[0], WeightMap)
     assert dict(first[0]) == {"i00002": 3.0, "i00003": 1.0} and first[0].total == 4.0
@@ -410,5 +410,5 @@ def test_decoded_co_item_maps_are_cached_per_version_and_follow_writes(redis_cli
     store.item_table("v2").columns_for(["i00001"])
     fresh = store.item_table("v2").columns_for(["i00001"])["co_items_30d"]
     assert dict(fresh[0]) == {"i00002": 3.0, "i00003": 1.0} and fresh[0] is not first[0]
-    assert set(store._states) == {"v1", "v2"} and all(k[1] == store._states["v2"].epoch
-                                                      for k in store._states["v2"].maps)
+    assert set(store._states) == {"v1", "v2"} and store._states["v2"].decoded("co_items_30d") == {"i00001": fresh[0]}
+    assert store._states["v2"].decoded("co_items_30d")["i00001"] is fresh[0]
