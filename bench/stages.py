@@ -132,8 +132,10 @@ def models(store: Any, stages: list[str], profile: str, ranker_max_rows: int | N
 
 def _stable(value: Any) -> Any:
     """`value` without the entries named in VOLATILE (recursively), floats rounded to 9 significant digits."""
-    if not isinstance(value, (dict, list, tuple, str, int, float, bool, type(None))) and hasattr(value, "value"):
-        value = value.value  # a Dagster MetadataValue
+    from dagster import MetadataValue
+
+    if isinstance(value, MetadataValue):  # a record (a tuple): its value, not its fields
+        value = value.value
     if isinstance(value, dict):
         return {str(k): _stable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
                 if not any(w in str(k) for w in VOLATILE)}
