@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from features.functions import new_session_state, update_session
+from features.functions import WeightMap, new_session_state, update_session
 from features.online import FRESH_WINDOW, OnlineStore
 from features.online_codec import ItemCodec
 from features.online_items import ItemTable
@@ -59,6 +59,7 @@ class FrameItemTable:
         codes = {col: {v: k + 1 for k, v in enumerate(values)} for col, values in texts.items()}
         self._values = {col: np.array([None, *values], dtype=object) for col, values in texts.items()}
         self._rows, published = OnlineStore._pack(items, self.codec, codes)
+        self._maps: dict[tuple[str, str], WeightMap] = {}  # (map column, item id) -> its map decoded once
         newest = sorted(published.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:FRESH_WINDOW]
         self._fresh = ([i for i, _ in newest], np.array([t for _, t in newest], dtype=np.float64))
         self.category: dict[str, Any] = {}
@@ -67,9 +68,23 @@ class FrameItemTable:
             self.category = dict(zip(self._rows, decoded["category"].tolist()))
 
     def columns_for(self, item_ids: list[str]) -> dict[str, np.ndarray]:
+        """The online table's columns_for: map columns served as the online store serves a row it has read before
+        (its map decoded once into a features.functions.WeightMap, the weights' total summed once, the same values
+        as the packed row), so a replay of thousands of requests does not decode and sum the same candidates'
+        co-click maps in every request."""
         blank = self.codec.blank
-        return self.codec.decode([self._rows.get(i, blank) for i in item_ids], ITEM_STORE_COLUMNS,
-                                 lambda col, top: self._values[col])
+        known = {col: [self._maps.get((col, i)) for i in item_ids] for col in self.codec.maps}
+        cols = self.codec.decode([self._rows.get(i, blank) for i in item_ids], ITEM_STORE_COLUMNS,
+                                 lambda col, top: self._values[col], known)
+        for col in self.codec.maps:
+            if col not in cols:
+                continue
+            rows = cols[col]
+            for r, iid in enumerate(item_ids):
+                row = rows[r]
+                if row is not None and type(row) is not WeightMap:
+                    rows[r] = self._maps[(col, iid)] = WeightMap(row.items())
+        return cols
 
     co_items_for = ItemTable.co_items_for  # the online table's own rule, over this table's columns_for
 
