@@ -16,7 +16,7 @@ from assets.features import ITEM_FEATURES, TRAINING_SET, USER_FEATURES
 from assets.ingestion import ITEMS, SILVER
 from assets.serving import ONLINE_FEATURES
 from compliance.versions import source_version
-from training.dataset import read_training_set
+from training.dataset import read_training_set, stored_columns
 from data_contracts.schema import DAY_MS, HOUR_MS
 from ingestion.labels import LabelConfig
 from monitoring.drift import DriftThresholds
@@ -50,12 +50,23 @@ else:
     ), __name__)
 
 
-def _ranker_windows(store, config: DriftConfig, pins: dict) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+def _feature_rows(store, version: int, features: list[str] | None = None,
+                  filters: list[tuple] | None = None) -> pd.DataFrame:
+    """The training set's split, clock, event id and the raw columns of `features` (default: every registered
+    one), rows matching `filters`: what drift and health read. Features computed over these columns equal them
+    computed over every column, and the history / co-item list columns no feature reads are not decoded."""
+    from features.registry import feature_input_columns
+
+    columns = stored_columns(store, TRAINING_SET, version, ["split", "timestamp", "event_id",
+                                                             *feature_input_columns(features)])
+    return read_training_set(store, TRAINING_SET, version, columns=columns, filters=filters)
+
+
+def _ranker_windows(store, config: DriftConfig, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """(reference, current, current source) frames of ranker features: the train split vs the serving window."""
     from features.functions import assemble_features
     from monitoring.drift import served_feature_window
 
-    frame = read_training_set(store, TRAINING_SET, pins[TRAINING_SET].version)
     train = frame[frame["split"] == "train"]
     if len(train) > config.max_reference_rows:
         train = train.sample(config.max_reference_rows, random_state=config.seed)
@@ -76,15 +87,15 @@ def _ranker_windows(store, config: DriftConfig, pins: dict) -> tuple[pd.DataFram
                    "(served features vs the training split), with Evidently HTML reports; status drives retraining.")
 def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: LakeResource,
                   artifacts: ArtifactsResource) -> MaterializeResult:
-    from monitoring.drift import (CYCLICAL_FEATURES, behaviour_windows, drift_report, event_drift_frame,
-                                  feature_statuses, ranker_feature_drift)
+    from monitoring.drift import (BEHAVIOUR_EVENT_COLUMNS, CYCLICAL_FEATURES, behaviour_windows, drift_report,
+                                  event_drift_frame, feature_statuses, ranker_feature_drift)
 
     store = lake.lake()
     pins = {t: store.pin(t) for t in (SILVER, ITEMS, TRAINING_SET)}
-    events = store.read(SILVER, version=pins[SILVER].version)
+    events = store.read(SILVER, version=pins[SILVER].version, columns=BEHAVIOUR_EVENT_COLUMNS)
     items = store.read(ITEMS, version=pins[ITEMS].version)
-    ts = store.read(TRAINING_SET, version=pins[TRAINING_SET].version, columns=["timestamp", "split"])
-    train_ts = ts.loc[ts["split"] == "train", "timestamp"]
+    rows = _feature_rows(store, pins[TRAINING_SET].version)
+    train_ts = rows.loc[rows["split"] == "train", "timestamp"]
     # whole, closed sessions by their start, cut to whole UTC days (a partial last day holds only its first
     # hours: the hour of day would read as drift); too few sessions: insufficient_data, never a retrain
     windows = behaviour_windows(events, int(train_ts.min()), int(train_ts.max()), config.recent_days,
@@ -102,7 +113,7 @@ def feature_drift(context: AssetExecutionContext, config: DriftConfig, lake: Lak
                           status_columns=deciding, min_rows=config.min_sessions)
     result.notes[:0] = windows.notes
     # the ranker's own features: what the model was trained on vs what it is scoring now
-    ref_f, cur_f, source = _ranker_windows(store, config, pins)
+    ref_f, cur_f, source = _ranker_windows(store, config, rows)
     ranker_html = reports / "ranker_feature_drift.html"
     ranker = ranker_feature_drift(ref_f, cur_f, html_path=ranker_html, thresholds=thresholds)
     status, max_psi = result.status, float(result.max_psi)
@@ -258,13 +269,16 @@ def feature_health(context: AssetExecutionContext, config: FeatureHealthConfig, 
 
     store = lake.lake()
     pin = store.pin(TRAINING_SET)
-    frame = read_training_set(store, TRAINING_SET, pin.version)
-    recent = frame[frame["timestamp"] > int(frame["timestamp"].max()) - int(config.recent_days * DAY_MS)]
+    # the model's own output is computed per request from the bundle: not in the offline tables
+    measured = [f for f in ranker_feature_names() if f not in MODEL_OUTPUT_FEATURES]
+    # only the newest recent_days and the measured features' raw columns are read (the rates are over these rows
+    # and columns alone: the same figures as filtering the whole set, without decoding years of rows)
+    newest = int(store.read(TRAINING_SET, version=pin.version, columns=["timestamp"])["timestamp"].max())
+    recent = _feature_rows(store, pin.version, measured,
+                           filters=[("timestamp", ">", newest - int(config.recent_days * DAY_MS))])
     # sampled catalog negatives (ingestion/labels.py, ids "easy:...") are mostly items with no recent activity:
     # their defaults are by design, not a feature pipeline losing values, so health is measured on real rows
     recent = recent[~recent["event_id"].astype(str).str.startswith(EASY_PREFIX)]
-    # the model's own output is computed per request from the bundle: not in the offline tables
-    measured = [f for f in ranker_feature_names() if f not in MODEL_OUTPUT_FEATURES]
     quality = feature_quality(recent, measured)
     groups = group_summary(quality)
     served = served_feature_window(store.read(IMPRESSION_LOG, columns=SERVED_FEATURE_COLUMNS), config.recent_days) \

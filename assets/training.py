@@ -43,6 +43,11 @@ TWO_TOWER_COLUMNS = ["event_id", "timestamp", "split", "user_id", "item_id", "ca
                      "session_last_items", "user_recent_items"]
 
 
+# what registered_model reads of the training set: the bundle's popularity lists and item similarity
+# (training/trainer.py: split, label, user, item, device) and the row count; the row order's columns
+BUNDLE_COLUMNS = ["event_id", "timestamp", "split", "user_id", "item_id", "label_binary", "device_type"]
+
+
 def _load_training_inputs(lake: LakeResource, columns: list[str] | None = None
                           ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     store = lake.lake()
@@ -315,9 +320,9 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
     from models.bundle import POPULARITY_PRIOR, SIMILARITY_PRIOR
     from training.registry import register_bundle
     from training.served_eval import similarity_prior
-    from training.trainer import SIMILARITY_SERVE_SPLITS, assemble_bundle, item_similarity
+    from training.trainer import SIMILARITY_SERVE_SPLITS, assemble_bundle
 
-    frame, items, users, pins = _load_training_inputs(lake)
+    frame, items, users, pins = _load_training_inputs(lake, BUNDLE_COLUMNS)
     store = lake.lake()
     for t in (BRONZE, SILVER, LABELS, USER_FEATURES, ITEM_FEATURES):
         pins[t] = store.pin(t)
@@ -333,8 +338,8 @@ def registered_model(context: AssetExecutionContext, two_tower_model: Any, faiss
                                        # the weight model_evaluation fitted on validation and evaluated with
                                        POPULARITY_PRIOR: {"feature": prior.get("feature"), "weight": float(prior.get("weight", 0.0)),
                                                           "session_weight": float(prior.get("session_weight", 0.0))},
-                                       SIMILARITY_PRIOR: similarity_prior(prior)})
-    bundle.similarity = item_similarity(frame, SIMILARITY_SERVE_SPLITS)  # what model_evaluation evaluated
+                                       SIMILARITY_PRIOR: similarity_prior(prior)},
+                             similarity_splits=SIMILARITY_SERVE_SPLITS)  # what model_evaluation evaluated
     bundle_dir = bundle.save(artifacts.path("bundles", context.run_id))
     params = {"training_rows": len(frame), "git_sha": tags["git.sha"],
               **{f"two_tower.{k}": v for k, v in (getattr(two_tower_model, "config", None) or {}).items()},

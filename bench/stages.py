@@ -9,6 +9,13 @@ ranker.py) on that home's lake, without Dagster, and prints per stage: wall seco
 process and CPU seconds of the whole process tree (the Spark JVM and its Python workers included, via psutil).
 With --profile, the driver-side Python of each stage is profiled (cProfile, written as <path>.<stage>).
 The training_set stage writes a new version of the home's training_set table (the later stages read it).
+
+The Dagster steps (model_evaluation, registered_model, feature_drift, feature_health) are re-materialized one at a
+time through Dagster on the kept home's instance (their upstream outputs loaded by the IO manager, their run config
+from the home's build run), with the embedded Redis started on the home; per step it prints the same CPU figures
+and a sha256 of what the step produced that does not depend on timing (model_evaluation: its metrics without the
+latency/report entries; the others: their metadata without paths, urls and versions), so two checkouts can be
+compared for identical outputs on the same home.
 Run A/B by pointing PYTHONPATH at two checkouts on the same home.
 """
 from __future__ import annotations
@@ -24,7 +31,12 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-STAGES = ("training_set", "two_tower", "ranker")
+MODEL_STAGES = ("training_set", "two_tower", "ranker")
+DAGSTER_STAGES = ("model_evaluation", "registered_model", "feature_drift", "feature_health")
+STAGES = MODEL_STAGES + DAGSTER_STAGES
+# entries of a step's output / metadata that differ between two runs of the same code (clocks, paths, ids, versions)
+VOLATILE = ("latency", "report", "url", "path", "html", "version", "run_id", "freshness", "staleness", "age_s",
+            "lineage", "tags")
 
 
 def _tree_cpu() -> float:
@@ -118,10 +130,54 @@ def models(store: Any, stages: list[str], profile: str, ranker_max_rows: int | N
     return out
 
 
+def _stable(value: Any) -> Any:
+    """`value` without the entries named in VOLATILE (recursively), floats rounded to 9 significant digits."""
+    from dagster import MetadataValue
+
+    if isinstance(value, MetadataValue):  # a record (a tuple): its value, not its fields
+        value = value.value
+    if isinstance(value, dict):
+        return {str(k): _stable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+                if not any(w in str(k) for w in VOLATILE)}
+    if isinstance(value, (list, tuple)):
+        return [_stable(v) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.9g}")
+    return value if isinstance(value, (str, int, bool, type(None))) else str(value)
+
+
+def dagster_step(step: str, profile: str) -> dict[str, Any]:
+    """Re-materialize one asset of the build graph on the home's instance; CPU figures and the sha of its output."""
+    import hashlib
+
+    from dagster import DagsterInstance, materialize
+
+    from orchestration.definitions import defs
+
+    instance = DagsterInstance.get()
+    cfg = _build_config(step)
+    run_config = {"ops": {step: {"config": cfg}}} if cfg else {}
+    assets = list(defs.assets or [])
+    result, figures = timed(step, lambda: materialize(assets, selection=[step], instance=instance,
+                                                      resources=defs.resources, run_config=run_config), profile)
+    if not result.success:
+        raise SystemExit(f"{step} failed")
+    mats = result.asset_materializations_for_node(step)
+    stable: dict[str, Any] = {"metadata": _stable({k: v for m in mats for k, v in m.metadata.items()})}
+    if step == "model_evaluation":
+        stable["output"] = _stable(result.output_for_node(step))
+    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()
+    print(f"  {step} output sha256 {digest[:16]}", flush=True)
+    if os.environ.get("KAIROS_STAGES_DUMP"):  # a directory: the stable output as JSON, to diff two checkouts
+        Path(os.environ["KAIROS_STAGES_DUMP"], f"{step}.json").write_text(json.dumps(stable, sort_keys=True,
+                                                                                   indent=1, default=str))
+    return {**figures, "sha256": digest}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", required=True, help="a KAIROS_HOME kept by bench/world.py --keep")
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--stages", nargs="+", default=list(MODEL_STAGES), choices=STAGES)
     parser.add_argument("--profile", default="", help="write cProfile stats to <path>.<stage>")
     parser.add_argument("--ranker-max-rows", type=int, default=None, help="RankerConfig.max_train_rows (default: its own)")
     args = parser.parse_args()
@@ -137,6 +193,19 @@ def main() -> None:
         figures["training_set"] = training_set(lake, SparkResource(), args.profile)
     if {"two_tower", "ranker"} & set(args.stages):
         figures.update(models(lake.lake(), args.stages, args.profile, args.ranker_max_rows))
+    steps = [s for s in DAGSTER_STAGES if s in args.stages]
+    if steps:
+        from ground.settings import Settings
+        from orchestration.cli import ensure_redis, use_dagster_client_env
+
+        use_dagster_client_env()
+        redis = ensure_redis(Settings.from_env())
+        try:
+            for step in steps:
+                figures[step] = dagster_step(step, args.profile)
+        finally:
+            if redis is not None:
+                redis.stop()
     print("RESULT " + json.dumps(figures), flush=True)
 
 

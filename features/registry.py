@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Iterable, Literal
 
 Entity = Literal["user", "item", "user_item", "session", "context"]
 Tier = Literal["batch", "streaming", "request"]
@@ -125,6 +125,15 @@ CO_ITEMS_TOP_K = 20
 def ranker_feature_names() -> list[str]:
     """The model's input columns, in registry order."""
     return [f.name for f in REGISTRY]
+
+
+def feature_input_columns(names: Iterable[str] | None = None) -> list[str]:
+    """The raw columns the features `names` (default: every registered feature) are computed from, in registry
+    order, once each: what a reader of stored rows needs for assemble_features / monitoring's raw values (a frame
+    without the other columns gives the same features)."""
+    wanted = None if names is None else set(names)
+    specs = [f for f in REGISTRY if wanted is None or f.name in wanted]
+    return list(dict.fromkeys(c for f in specs for c in f.input_columns))
 
 
 def features_of(entity: Entity) -> list[FeatureSpec]:

@@ -265,6 +265,10 @@ class DeltaLake:
             dataset = dt.to_pyarrow_dataset()
             return dataset.to_table(columns=columns, filter=_filter_expression(dataset.schema, filters)).to_pandas()
 
+    def columns(self, table: str, version: int | None = None) -> list[str]:
+        """The table's column names at `version` (from the Delta log, no data file read)."""
+        return [f.name for f in self._table(table, version).schema().fields]
+
     def read_arrow(self, table: str, version: int | None = None, columns: list[str] | None = None) -> pa.Table:
         return self._table(table, version).to_pyarrow_table(columns=columns)
 

@@ -188,11 +188,16 @@ def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10, eps: float =
     return float(np.sum((cur_p - ref_p) * np.log(cur_p / ref_p)))
 
 
+# the event columns the behaviour drift reads (behaviour_windows cuts on timestamp and session_id): a reader of
+# the silver table needs no other
+BEHAVIOUR_EVENT_COLUMNS = ["session_id", "user_id", "item_id", "event_type", "timestamp", "device_type", "dwell_time_ms"]
+
+
 def event_drift_frame(events: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
     """Per-session behaviour features from raw events (one row per session)."""
     if events.empty:
         raise ValueError("no events to compute drift features from: the window is empty")
-    ev = events[["session_id", "user_id", "item_id", "event_type", "timestamp", "device_type", "dwell_time_ms"]]
+    ev = events[BEHAVIOUR_EVENT_COLUMNS]
     cats = dict(zip(items["item_id"], items["category"]))
     is_click = ev["event_type"].eq("click")
     grouped = ev.assign(click=is_click.astype(float), impression=ev["event_type"].eq("impression").astype(float),

@@ -11,6 +11,8 @@ training may import serving, never the reverse (tests/test_layering.py).
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -18,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from features.functions import new_session_state, update_session
+from features.functions import WeightMap, new_session_state, update_session
 from features.online import FRESH_WINDOW, OnlineStore
 from features.online_codec import ItemCodec
 from features.online_items import ItemTable
@@ -57,6 +59,7 @@ class FrameItemTable:
         codes = {col: {v: k + 1 for k, v in enumerate(values)} for col, values in texts.items()}
         self._values = {col: np.array([None, *values], dtype=object) for col, values in texts.items()}
         self._rows, published = OnlineStore._pack(items, self.codec, codes)
+        self._maps: dict[tuple[str, str], WeightMap] = {}  # (map column, item id) -> its map decoded once
         newest = sorted(published.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:FRESH_WINDOW]
         self._fresh = ([i for i, _ in newest], np.array([t for _, t in newest], dtype=np.float64))
         self.category: dict[str, Any] = {}
@@ -65,9 +68,23 @@ class FrameItemTable:
             self.category = dict(zip(self._rows, decoded["category"].tolist()))
 
     def columns_for(self, item_ids: list[str]) -> dict[str, np.ndarray]:
+        """The online table's columns_for: map columns served as the online store serves a row it has read before
+        (its map decoded once into a features.functions.WeightMap, the weights' total summed once, the same values
+        as the packed row), so a replay of thousands of requests does not decode and sum the same candidates'
+        co-click maps in every request."""
         blank = self.codec.blank
-        return self.codec.decode([self._rows.get(i, blank) for i in item_ids], ITEM_STORE_COLUMNS,
-                                 lambda col, top: self._values[col])
+        known = {col: [self._maps.get((col, i)) for i in item_ids] for col in self.codec.maps}
+        cols = self.codec.decode([self._rows.get(i, blank) for i in item_ids], ITEM_STORE_COLUMNS,
+                                 lambda col, top: self._values[col], known)
+        for col in self.codec.maps:
+            if col not in cols:
+                continue
+            rows = cols[col]
+            for r, iid in enumerate(item_ids):
+                row = rows[r]
+                if row is not None and type(row) is not WeightMap:
+                    rows[r] = self._maps[(col, iid)] = WeightMap(row.items())
+        return cols
 
     co_items_for = ItemTable.co_items_for  # the online table's own rule, over this table's columns_for
 
@@ -142,13 +159,79 @@ def one_thread_per_request() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def served_recommender(bundle: Any, store: SnapshotStore, at_ms: int, users: pd.DataFrame | None = None,
+def request_profiles(users: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
+    """user id -> the catalog's device and region, what a client sends with each request: built once per user
+    table (one replay asks served_recommender for many systems and prior weights over the same users)."""
+    if users is None:
+        return {}
+    cols = [c for c in ("device_type", "geo_region") if c in users]
+    return {str(r["user_id"]): r for r in users[["user_id", *cols]].to_dict("records")}
+
+
+def memoized_model(bundle: Any) -> Any:
+    """A shallow copy of `bundle` (its own manifest, the same towers, index, ranker and similarity) whose pure model
+    functions remember their answers: the ranker's raw scores of a feature matrix (keyed by the matrix's sha256 and
+    shape), the user tower's vector of (user, history), the ANN search of a query and the item-similarity channel.
+
+    A replay asks one model version the same questions many times: the prior fit replays the same users once per
+    weight tried, the evaluation once per system variant (with / without exploration, MMR). Retrieval, features and
+    the ranker's raw scores do not depend on those (the priors are fused after the ranker, models/bundle.py
+    `_score`; re-ranking and exploration come after the scores), so each is computed once per (model, request),
+    not once per trial -- the same answers, since every memoized function is deterministic in its arguments.
+    The answers are returned read-only or copied, so no caller can change a remembered one."""
+    out = copy.copy(bundle)
+    predict = bundle.scorer if bundle.scorer is not None else (lambda x: bundle.ranker.predict(x, num_threads=1))
+    scores: dict[tuple, np.ndarray] = {}
+    vectors: dict[tuple, np.ndarray] = {}
+    found: dict[tuple, tuple[list[str], np.ndarray]] = {}
+    similar: dict[tuple, list[str]] = {}
+
+    def scorer(values: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(values, dtype=np.float64)
+        key = (x.shape, hashlib.sha256(x.tobytes()).digest())
+        hit = scores.get(key)
+        if hit is None:
+            hit = scores[key] = np.asarray(predict(x), dtype=np.float64)
+        return hit.copy()
+
+    def user_vector(user_id: str | None, history_item_ids: list[str]) -> np.ndarray:
+        key = (user_id, tuple(history_item_ids))
+        hit = vectors.get(key)
+        if hit is None:
+            hit = vectors[key] = np.asarray(bundle.user_vector(user_id, history_item_ids))
+            hit.setflags(write=False)
+        return hit
+
+    def retrieve(query: np.ndarray, k: int) -> tuple[list[str], np.ndarray]:
+        q = np.ascontiguousarray(query, dtype=np.float32)
+        key = (q.tobytes(), int(k))
+        hit = found.get(key)
+        if hit is None:
+            ids, sc = bundle.retrieve(q, k)
+            sc = np.asarray(sc)
+            sc.setflags(write=False)
+            hit = found[key] = (list(ids), sc)
+        return list(hit[0]), hit[1]
+
+    def similar_items(history: list[str], k: int) -> list[str]:
+        key = (tuple(history), int(k))
+        if key not in similar:
+            similar[key] = list(bundle.similar_items(history, k))
+        return list(similar[key])
+
+    out.use_scorer(scorer, bundle.scorer_name)
+    out.user_vector, out.retrieve, out.similar_items = user_vector, retrieve, similar_items
+    return out
+
+
+def served_recommender(bundle: Any, store: SnapshotStore, at_ms: int, profiles: Mapping[str, Mapping[str, Any]] | None = None,
                        surface: str = "home_feed", rerank: RerankConfig | None = None
                        ) -> Callable[[str, int], tuple[list[str], bool]]:
     """(user, k) -> the served top k at `at_ms` and whether the two-stage path served it (personalized).
 
-    Each request carries the user's device and region from the catalog (as a client would send them)."""
-    profile = {} if users is None else {str(r["user_id"]): r for r in users.to_dict("records")}
+    Each request carries the user's device and region from the catalog (`profiles`: request_profiles(users)),
+    as a client would send them."""
+    profile = profiles or {}
 
     def recommend(user_id: str, k: int) -> tuple[list[str], bool]:
         p = profile.get(user_id, {})
@@ -184,5 +267,7 @@ def describe_store(store: SnapshotStore) -> str:
     return json.dumps({"version": store.version, "users": len(store._users), "items": len(store._table._rows)})
 
 
-__all__ = ["REPLAY_CHANNELS", "FrameItemTable", "SnapshotStore", "describe_store", "replay_request", "served_recommender",
+__all__ = ["REPLAY_CHANNELS", "FrameItemTable", "SnapshotStore", "describe_store", "memoized_model", "replay_request",
+           "request_profiles",
+           "served_recommender",
            "served_session_predictor", "session_state"]

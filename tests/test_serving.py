@@ -392,6 +392,39 @@ def test_offline_replay_serves_what_the_online_store_serves(trained, snapshot, r
         assert offline_items == online_items, user
 
 
+def test_memoized_model_answers_every_trial_as_the_model_does(trained, snapshot) -> None:
+    """serving/offline.memoized_model (the catalog replay's copy of a model version): every answer -- items, scores,
+    propensities -- equals the plain bundle's, for the trials a replay runs over the same users (another popularity
+    and similarity prior weight, exploration on and off, a session), including the second time the same request is
+    asked (answered from what the copy remembered), and the original bundle's manifest is left untouched."""
+    from models.bundle import POPULARITY_PRIOR, SIMILARITY_PRIOR
+    from serving.offline import REPLAY_CHANNELS, SnapshotStore, memoized_model, replay_request, session_state
+
+    outcome, _ = trained
+    users, items, popular, now_ms = snapshot
+    store = SnapshotStore(users, items, popular, version="p1")
+    bundle = outcome.bundle
+    manifest = dict(bundle.manifest)
+    memo = memoized_model(bundle)
+    ids = items["item_id"].astype(str).tolist()
+    store.sessions["s1"] = session_state(ids[:3], [now_ms - 3000, now_ms - 2000, now_ms - 1000], store.item_table(None).category)
+    trials = [({}, RerankConfig()), ({}, RerankConfig(epsilon=0.0)),
+              ({POPULARITY_PRIOR: {"feature": "item_clicks_7d", "weight": 1.0, "session_weight": 0.5},
+                SIMILARITY_PRIOR: {"weight": 2.0, "session_weight": 1.0}}, RerankConfig(epsilon=0.0))]
+    for _ in range(2):
+        for priors, rerank in trials:
+            plain, memo.manifest = copy.copy(bundle), {**manifest, **priors}
+            plain.manifest = memo.manifest
+            for user in users["user_id"].astype(str).head(6):
+                for session in (None, "s1"):
+                    request = replay_request(user, now_ms, 10, "home_feed", session_id=session)
+                    answers = [personalize(request, b, store, now_ms=now_ms, rerank=rerank, request_id=f"r-{user}",
+                                           channels=REPLAY_CHANNELS) for b in (plain, memo)]
+                    assert answers[0]["ranked_items"] == answers[1]["ranked_items"], (user, session, priors)
+                    assert answers[0]["candidate_channels"] == answers[1]["candidate_channels"]
+    assert bundle.manifest == manifest and bundle.scorer is None
+
+
 def test_empty_online_store_says_which_features_are_missing(trained, redis_client) -> None:
     """Redis up but holding no snapshot (restarted empty): the answer still comes from the model, and says it
     was served on registry defaults instead of pretending to be the normal path."""

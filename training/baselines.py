@@ -54,7 +54,8 @@ class ScoreRecommender:
         self.split, self.scores = split, scores
 
     def __call__(self, user: str, k: int) -> tuple[list[str], bool]:
-        return top_k_excluding(self.scores, self.split.catalog, self.split.consumed.get(user, ()), k), False
+        return top_k_excluding(self.scores, self.split.catalog, self.split.consumed.get(user, ()), k,
+                               self.split.catalog_index), False
 
 
 def popularity(split: CatalogSplit) -> ScoreRecommender:
@@ -104,9 +105,11 @@ class CoOccurrence:
     def __call__(self, user: str, k: int) -> tuple[list[str], bool]:
         j = self.users.get(user)
         if j is None:
-            return top_k_excluding(self.fallback, self.split.catalog, self.split.consumed.get(user, ()), k), False
+            return top_k_excluding(self.fallback, self.split.catalog, self.split.consumed.get(user, ()), k,
+                               self.split.catalog_index), False
         scores = np.asarray((self.affinity[j] @ self.similarity).todense()).ravel() + 1e-9 * self.fallback
-        return top_k_excluding(scores, self.split.catalog, self.split.consumed.get(user, ()), k), True
+        return top_k_excluding(scores, self.split.catalog, self.split.consumed.get(user, ()), k,
+                               self.split.catalog_index), True
 
 
 class ALS:
@@ -130,9 +133,11 @@ class ALS:
     def __call__(self, user: str, k: int) -> tuple[list[str], bool]:
         j = self.users.get(user)
         if j is None:
-            return top_k_excluding(self.fallback, self.split.catalog, self.split.consumed.get(user, ()), k), False
+            return top_k_excluding(self.fallback, self.split.catalog, self.split.consumed.get(user, ()), k,
+                               self.split.catalog_index), False
         scores = self.model.item_factors @ self.model.user_factors[j]
-        return top_k_excluding(np.asarray(scores), self.split.catalog, self.split.consumed.get(user, ()), k), True
+        return top_k_excluding(np.asarray(scores), self.split.catalog, self.split.consumed.get(user, ()), k,
+                               self.split.catalog_index), True
 
 
 def baseline_recommenders(split: CatalogSplit, seed: int = 7) -> dict[str, Recommender]:

@@ -18,6 +18,7 @@ exclusions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -38,6 +39,11 @@ class CatalogSplit:
     consumed: dict[str, set[str]]            # user -> items interacted with before T (excluded from the ranking)
     catalog: list[str]                       # every rankable item id
     warm_users: frozenset[str] = field(default_factory=frozenset)  # test users with history before T
+
+    @cached_property
+    def catalog_index(self) -> dict[str, int]:
+        """item id -> its position in `catalog`: built once per split, not once per user ranked over it."""
+        return {item: i for i, item in enumerate(self.catalog)}
 
     @property
     def test_users(self) -> list[str]:
@@ -235,10 +241,13 @@ def evaluate_recommender(split: CatalogSplit, recommend: Recommender, k: int = D
     return score_lists(split, lists, pers, k)
 
 
-def top_k_excluding(scores: np.ndarray, catalog: Sequence[str], exclude: Iterable[str], k: int) -> list[str]:
-    """The k best-scored catalog items not in `exclude` (ties: catalog order)."""
+def top_k_excluding(scores: np.ndarray, catalog: Sequence[str], exclude: Iterable[str], k: int,
+                    index: Mapping[str, int] | None = None) -> list[str]:
+    """The k best-scored catalog items not in `exclude` (ties: catalog order); `index`: item -> position in
+    `catalog` (CatalogSplit.catalog_index), built here when not given."""
     s = np.asarray(scores, dtype=np.float64).copy()
-    index = {item: i for i, item in enumerate(catalog)}
+    if index is None:
+        index = {item: i for i, item in enumerate(catalog)}
     for item in exclude:
         j = index.get(item)
         if j is not None:

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import pandas as pd
 
@@ -207,11 +207,21 @@ def build_training_set(spark: Any, labels: Any, events: Any, user_snaps: Any, it
     return out, bounds
 
 
-def read_training_set(store: Any, table: str, version: int, columns: list[str] | None = None) -> pd.DataFrame:
-    """A training set version in its one row order (time, then event id), whatever files the executors wrote."""
-    frame = store.read(table, version=version, columns=columns)
+def read_training_set(store: Any, table: str, version: int, columns: list[str] | None = None,
+                      filters: list[tuple] | None = None) -> pd.DataFrame:
+    """A training set version in its one row order (time, then event id), whatever files the executors wrote;
+    `columns` / `filters` (pyarrow DNF, e.g. [("split", "=", "train")]) read only those columns / rows: the same
+    rows, in the same order, as filtering the whole set after reading it."""
+    frame = store.read(table, version=version, columns=columns, filters=filters)
     order = [c for c in ROW_ORDER if c in frame.columns]
     return frame.sort_values(order, kind="mergesort").reset_index(drop=True) if order else frame
+
+
+def stored_columns(store: Any, table: str, version: int, wanted: Iterable[str]) -> list[str]:
+    """Those of `wanted` (once each, in order) that the table's `version` holds: a read of the columns some code
+    needs, where a column that was never written reads as absent (as it would in the whole frame)."""
+    stored = set(store.columns(table, version))
+    return [c for c in dict.fromkeys(wanted) if c in stored]
 
 
 def leak_count(frame: pd.DataFrame) -> int:

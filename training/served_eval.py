@@ -7,7 +7,6 @@ model_evaluation asset and bench/quality.py: training may import serving, servin
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from typing import Any, Callable, Mapping, Sequence
 
@@ -15,7 +14,8 @@ import pandas as pd
 
 from features.history import CONSUMED_TYPES, consumed_items, serving_snapshot
 from models.bundle import POPULARITY_PRIOR, SIMILARITY_PRIOR
-from serving.offline import SnapshotStore, one_thread_per_request, served_recommender, served_session_predictor
+from serving.offline import (SnapshotStore, memoized_model, one_thread_per_request, request_profiles,
+                             served_recommender, served_session_predictor)
 from serving.rerank import RerankConfig
 from training.baselines import SessionIndex, baseline_recommenders, last_item_cooccurrence, session_knn
 from training.catalog_eval import evaluate_recommender, score_sessions, session_prefixes, temporal_split
@@ -96,7 +96,9 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
         out["reason"] = f"{len(split.test_users)} validation users < {MIN_FIT_USERS}: the ranker alone"
         return out
     store, _ = _store_at(user_snaps, item_snaps, catalog, engagements, start_ms, "fit")
-    trial = copy.copy(bundle)  # each trial sets its own manifest; the candidate's stays untouched
+    # each trial sets its own manifest (the candidate's stays untouched) and reuses the model's answers of the
+    # trials before it: only the fused priors and the re-ranking after them are computed again
+    trial = memoized_model(bundle)
     rerank = replace(rerank or RerankConfig(), epsilon=0.0)  # the server's re-ranking, without exploration noise
 
     def prior(feature: str, w: float, session_w: float, sim_w: float = 0.0, sim_session_w: float = 0.0) -> None:
@@ -112,9 +114,11 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
     out["session_cases"] = len(cases)
     category = dict(zip(catalog["item_id"].astype(str), catalog["category"])) if "category" in catalog else {}
 
+    profiles = request_profiles(users)
+
     def ndcg(feature: str, w: float, sim_w: float = 0.0) -> float:
         prior(feature, w, 0.0, sim_w)
-        result = evaluate_recommender(split, served_recommender(trial, store, start_ms, users, rerank=rerank), k)
+        result = evaluate_recommender(split, served_recommender(trial, store, start_ms, profiles, rerank=rerank), k)
         return round(result.summary[f"ndcg_at_{k}"], 5)
 
     alone = ndcg(features[0], 0.0)  # weight 0: the ranker alone, whatever the feature
@@ -186,14 +190,17 @@ def evaluate_catalog(bundles: Mapping[str, Any], labels: pd.DataFrame, engagemen
         per_user[name] = [float(x) for x in result.per_user[f"ndcg_at_{k}"]]
 
     base = rerank or RerankConfig()  # the server's re-ranking (the asset passes RerankConfig.from_env())
+    profiles = request_profiles(users)
+    # every variant of a system (exploration, MMR, the session protocol) asks its model the same questions
+    bundles = {name: None if bundle is None else memoized_model(bundle) for name, bundle in bundles.items()}
     for name, bundle in bundles.items():
         if bundle is not None:
-            run(name, served_recommender(bundle, store, split_ms, users, rerank=base))
+            run(name, served_recommender(bundle, store, split_ms, profiles, rerank=base))
             # what the gate compares (training/gates.py JUDGED): the same pipeline without exploration's draws
-            run(f"{name}:no_exploration", served_recommender(bundle, store, split_ms, users,
+            run(f"{name}:no_exploration", served_recommender(bundle, store, split_ms, profiles,
                                                              rerank=replace(base, epsilon=0.0)))
     if ablations and bundles.get("served") is not None:
-        run("served:no_exploration_no_mmr", served_recommender(bundles["served"], store, split_ms, users,
+        run("served:no_exploration_no_mmr", served_recommender(bundles["served"], store, split_ms, profiles,
                                                                rerank=replace(base, epsilon=0.0, mmr_lambda=1.0,
                                                                               max_category_run=0)))
     for name, recommend in baseline_recommenders(split, seed=seed).items():

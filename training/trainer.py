@@ -79,8 +79,10 @@ def popularity_lists(frame: pd.DataFrame, users: pd.DataFrame | None, item_ids: 
 
 
 def assemble_bundle(tt: TwoTowerResult, faiss_index_bytes: bytes, booster: Any, frame: pd.DataFrame,
-                    users: pd.DataFrame, manifest: dict | None = None) -> Bundle:
-    """One Bundle from the trained towers, the serialized FAISS index and the ranker."""
+                    users: pd.DataFrame, manifest: dict | None = None,
+                    similarity_splits: tuple[str, ...] = SIMILARITY_FIT_SPLITS) -> Bundle:
+    """One Bundle from the trained towers, the serialized FAISS index and the ranker; its item similarity counts
+    the positives of `similarity_splits` (SIMILARITY_SERVE_SPLITS for the bundle that is registered)."""
     import faiss
 
     index = faiss.deserialize_index(np.frombuffer(faiss_index_bytes, dtype=np.uint8)
@@ -104,7 +106,7 @@ def assemble_bundle(tt: TwoTowerResult, faiss_index_bytes: bytes, booster: Any, 
     return Bundle(towers=tt.model, item_ids=list(tt.item_ids), user_ids=list(tt.user_ids),
                   item_embeddings=np.ascontiguousarray(tt.item_embeddings, dtype=np.float32), index=index,
                   ranker=booster, popularity=popularity_lists(frame, users, list(tt.item_ids)), manifest=info,
-                  similarity=item_similarity(frame))
+                  similarity=item_similarity(frame, similarity_splits))
 
 
 @dataclass
