@@ -335,7 +335,7 @@ def _silver_on_spark(context: AssetExecutionContext, config: RefineSettings, sto
     from assets.resources import SparkResource
     from data_contracts.event_rules import event_rules
     from data_contracts.events import build_data_docs, validate_events
-    from ingestion.refine_spark import CONTRACT_CHUNK_ROWS, refine_on_spark
+    from ingestion.refine_spark import DOCS_SAMPLE_ROWS, refine_on_spark
 
     rc = to_dataclass(config, RefineConfig)
     end_of_range = int(pd.Timestamp(days[-1], tz="UTC").value // 1_000_000) + DAY_MS
@@ -350,9 +350,9 @@ def _silver_on_spark(context: AssetExecutionContext, config: RefineSettings, sto
     failures = {r.name: int(out.expectation_failures.get(r.name, 0)) for r in rules}
     context.log.info(f"silver (spark): {totals}")
     docs = None
-    if totals["in"]:  # GX data docs of a sample (one worker chunk); the counts above cover every row
+    if totals["in"]:  # GX data docs of a sample of the first day; the counts above cover every row
         sample = store.read(BRONZE, version=pin.version, filters=[("ingest_date", "in", days[:1])])
-        sample = sample.head(CONTRACT_CHUNK_ROWS).drop(columns=["ingest_date"])
+        sample = sample.head(DOCS_SAMPLE_ROWS).drop(columns=["ingest_date"])
         if len(sample):
             docs = build_data_docs(validate_events(sample, run_id=context.run_id, now_ms=now_ms,
                                                    max_future_skew_ms=rc.max_future_skew_ms),

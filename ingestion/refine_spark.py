@@ -34,6 +34,8 @@ from ingestion.dedup import DEDUP_KEY, window_duplicates
 from ingestion.refine import REJECT_SCHEMA, SEEN_BEFORE_REASON, SILVER_SCHEMA, RefineConfig, event_dates, window_reason
 
 CONTRACT_CHUNK_ROWS = 200_000  # rows GX judges at once in a worker: bounds a task's memory
+USER_PARTITION_ROWS = 500_000  # about this many events per partition of users (the windows' and writers' tasks)
+DOCS_SAMPLE_ROWS = 20_000      # bronze rows the data docs are rendered from on the driver (a second GX run there)
 _INT = {f.name for f in EVENT_SCHEMA if str(f.type) == "int64"}
 _EVENT_DDL = ", ".join(f"{c} {'long' if c in _INT else 'string'}" for c in EVENT_COLUMNS)
 STAGE_DDL = (f"{_EVENT_DDL}, received_at long, ingest_date string, role string, reasons string, "
@@ -167,6 +169,7 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
     staged = (raw.mapInPandas(_contract_chunks(run_id, now_ms, config.max_future_skew_ms, chunk_rows), STAGE_DDL)
               .withColumn("batch", batch_map[F.col("ingest_date")].cast("int"))
               .persist(StorageLevel.MEMORY_AND_DISK))
+    # shuffle 1, by event_id: repeated event ids over the whole range (first arrival wins) and ids already in silver
     arrival = Window.partitionBy("event_id").orderBy("ingest_date", "received_at")
     valid = (staged.where(F.col("role") == "valid")
              .withColumn("role", F.when(F.row_number().over(arrival) > 1, F.lit("dup_id")).otherwise(F.lit("valid"))))
@@ -187,8 +190,16 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
                 .select("event_id").distinct().withColumn("seen", F.lit(True)))
         valid = valid.join(seen, "event_id", "left")
     valid = valid.withColumn("seen", F.coalesce(F.col("seen"), F.lit(False)) if prior is not None else F.lit(False))
-    dup_ids = valid.where(F.col("role") == "dup_id")
-    judged = valid.where(F.col("role") == "valid")
+    rows = valid.select(*event_cols, "received_at", "ingest_date", "role", "batch", "seen",
+                        F.date_format(F.timestamp_millis("timestamp"), "yyyy-MM-dd").alias("event_date"))
+    if prior is not None:  # the prior silver rows ride along: the window rule below reads them next to this run's
+        rows = rows.unionByName(prior.select(*event_cols, F.lit(None).cast("long").alias("received_at"),
+                                             F.col("ingest_date"), F.lit("prior").alias("role"),
+                                             F.lit(-1).alias("batch"), F.lit(False).alias("seen"), F.col("event_date")))
+    # shuffle 2, by user: every later rule groups by user (bots by batch, user and session; the window by user,
+    # item, type and session), so each window below runs on these partitions with no further exchange
+    n_parts = max(spark.sparkContext.defaultParallelism, sum(int(r["n"]) for r in stats.values()) // USER_PARTITION_ROWS)
+    users = rows = rows.repartition(n_parts, "user_id").persist(StorageLevel.MEMORY_AND_DISK)
     # bots (ingestion/bots.py, the same thresholds and reason text): per (batch, user, session), the most clicks
     # in any window_ms stretch (a range window) and the median click dwell
     session = ["batch", "user_id", "session_id"]
@@ -196,40 +207,37 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
     bad = None
     if bots_cfg.enabled:
         span = Window.partitionBy(*session).orderBy("timestamp").rangeBetween(0, bots_cfg.window_ms - 1)
-        per = (judged.where(F.col("event_type") == "click")
-               .select(*session, "dwell_time_ms", F.count(F.lit(1)).over(span).alias("in_window"))
-               .groupBy(*session).agg(F.count(F.lit(1)).alias("clicks"),
-                                      F.max("in_window").alias("max_clicks_in_window"),
-                                      F.coalesce(F.median(F.col("dwell_time_ms").cast("double")),
-                                                 F.lit(0.0)).alias("median_dwell_ms")))
-        bad = (per.where((F.col("max_clicks_in_window") >= bots_cfg.max_clicks)
-                         & (F.col("median_dwell_ms") <= bots_cfg.max_median_dwell_ms))
+        sessions_of = (rows.where((F.col("role") == "valid") & (F.col("event_type") == "click"))
+                       .select(*session, "dwell_time_ms", F.count(F.lit(1)).over(span).alias("in_window"))
+                       .groupBy(*session).agg(F.count(F.lit(1)).alias("clicks"),
+                                              F.max("in_window").alias("max_clicks_in_window"),
+                                              F.coalesce(F.median(F.col("dwell_time_ms").cast("double")),
+                                                         F.lit(0.0)).alias("median_dwell_ms")))
+        bad = (sessions_of.where((F.col("max_clicks_in_window") >= bots_cfg.max_clicks)
+                                 & (F.col("median_dwell_ms") <= bots_cfg.max_median_dwell_ms))
                .withColumn("reason", F.format_string(bot_reason_format(bots_cfg), F.col("max_clicks_in_window"),
                                                      F.bround("median_dwell_ms", 0)))
                .persist(StorageLevel.MEMORY_AND_DISK))
-        judged = judged.join(F.broadcast(bad.select(*session, F.col("reason").alias("bot_reason"))), session, "left")
+        rows = rows.join(F.broadcast(bad.select(*session, F.col("reason").alias("bot_reason"))), session, "left")
     else:
-        judged = judged.withColumn("bot_reason", F.lit(None).cast("string"))
+        rows = rows.withColumn("bot_reason", F.lit(None).cast("string"))
+    judged = rows.where(F.col("role") == "valid")
     humans = judged.where(F.col("bot_reason").isNull())
     # repeats within the window: only action keys with two events (this run's or prior silver's) closer than the
     # window can hold one (the pandas rule's own pre-filter); those keys are walked in Python, the rest are kept
-    cand = (humans.where(~F.col("seen")).select(*event_cols, "received_at", "ingest_date", "batch")
-            .withColumn("event_date", F.date_format(F.timestamp_millis("timestamp"), "yyyy-MM-dd")))
-    union = cand.withColumn("is_prior", F.lit(False))
-    if prior is not None:
-        union = union.unionByName(prior.select(*event_cols, F.lit(None).cast("long").alias("received_at"),
-                                               F.col("ingest_date"), F.lit(-1).alias("batch"),
-                                               F.col("event_date"), F.lit(True).alias("is_prior")))
+    union = rows.where((F.col("role") == "prior") | ((F.col("role") == "valid") & F.col("bot_reason").isNull()
+                                                      & ~F.col("seen")))
     key = list(DEDUP_KEY)
     by_time = Window.partitionBy(*key).orderBy("timestamp")
     gap = F.least(F.col("timestamp") - F.lag("timestamp").over(by_time), F.lead("timestamp").over(by_time) - F.col("timestamp"))
-    union = union.withColumn("close", F.coalesce(gap < config.dedup_window_ms, F.lit(False)))
-    union = union.withColumn("suspect", F.max("close").over(Window.partitionBy(*key))).persist(StorageLevel.MEMORY_AND_DISK)
-    clear = union.where(~F.col("suspect") & ~F.col("is_prior")).drop("close", "suspect", "is_prior")
-    n_buckets = max(spark.sparkContext.defaultParallelism, 1)
-    walked = (union.where(F.col("suspect")).drop("close", "suspect", "is_prior")
-              .withColumn("bucket", F.pmod(F.xxhash64(*key), F.lit(n_buckets)))
-              .groupBy("bucket").applyInPandas(_window_walk(info, config.dedup_window_ms), WALK_DDL))
+    union = (union.withColumn("close", F.coalesce(gap < config.dedup_window_ms, F.lit(False)))
+             .withColumn("suspect", F.max("close").over(Window.partitionBy(*key))))
+    walk_cols = [c for c in WALK_COLUMNS if c != "in_window"]
+    clear = union.where(~F.col("suspect") & (F.col("role") != "prior")).select(*walk_cols)
+    walked = (union.where(F.col("suspect")).select(*walk_cols)
+              .withColumn("bucket", F.pmod(F.xxhash64(*key), F.lit(n_parts)))
+              .groupBy("bucket").applyInPandas(_window_walk(info, config.dedup_window_ms), WALK_DDL)
+              .persist(StorageLevel.MEMORY_AND_DISK))
     accepted = clear.unionByName(walked.where(~F.col("in_window")).drop("in_window"))
 
     def rejects(rows: Any, reason: Any, disposition: str) -> Any:
@@ -247,7 +255,7 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
                                           (("reasons", "string"), ("raw_payload", "string"), ("run_id", "string"),
                                            ("quarantined_at", "long"), ("disposition", "string"))],
                            "ingest_date", "event_date", F.lit("accepted").alias("outcome"), "batch"),
-           rejects(dup_ids, F.lit("duplicate_event_id"), "duplicate"),
+           rejects(rows.where(F.col("role") == "dup_id"), F.lit("duplicate_event_id"), "duplicate"),
            rejects(judged.where(F.col("bot_reason").isNotNull()), F.col("bot_reason"), "bot"),
            rejects(humans.where(F.col("seen")), F.lit(SEEN_BEFORE_REASON), "duplicate"),
            rejects(walked.where(F.col("in_window")), F.lit(window_reason(config)), "duplicate"),
@@ -255,7 +263,7 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
     final = out[0]
     for part in out[1:]:
         final = final.unionByName(part)
-    final = final.persist(StorageLevel.MEMORY_AND_DISK)
+    final = final.coalesce(n_parts).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         counts = final.groupBy("batch", "outcome").agg(
             F.count(F.lit(1)).alias("n"),
@@ -273,7 +281,7 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
                         commit_properties={"run_id": run_id, "engine": "spark"},
                         partition_by=["ingest_date"], replace_partitions=days)
     finally:
-        for frame in (final, union, staged, bad):
+        for frame in (final, walked, users, staged, bad):
             if frame is not None:
                 frame.unpersist()
     per: dict[int, dict[str, int]] = {i: {"accepted": 0, "contract": 0, "duplicate": 0, "bot": 0, "bot_session": 0,
@@ -305,4 +313,4 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
                              quarantine_version=q.version)
 
 
-__all__ = ["CONTRACT_CHUNK_ROWS", "SparkRefineResult", "refine_on_spark"]
+__all__ = ["CONTRACT_CHUNK_ROWS", "DOCS_SAMPLE_ROWS", "SparkRefineResult", "refine_on_spark"]
