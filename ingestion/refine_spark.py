@@ -1,24 +1,27 @@
 """Bronze → silver on Spark: the same rules as `refine_batch`, run on executors, memory bounded per partition.
 
-One rule set, two engines. The pandas engine (`refine_batch`) judges a batch in one process; this one runs
-the very same functions on Spark executors:
+One rule set, two engines. The pandas engine (`refine_batch`) judges a batch in one process; this one runs the
+same rules on Spark executors, with two full shuffles and one Python pass over every row (the contract):
 
 1. contract: bronze partitions stream through `validate_events` (Great Expectations, pandas execution engine,
    inside the Python worker) in chunks of `CONTRACT_CHUNK_ROWS`; the driver sees no row.
-2. repeated event ids over the whole range: a window (row_number over event_id by arrival), the rule the
-   pandas contract applies with `duplicated(keep="first")` on rows sorted by arrival.
-3. event ids already in silver (earlier ingest days, within the lookback): a join, per batch's event-day range.
-4. bots, and repeats within the dedup window: grouped by buckets of whole users (`applyInPandas`), each user's batches in
-   order, calling `judge_valid` (bots, bots.py; window, dedup.py) against the user's prior silver rows and
-   what the user's earlier batches of this run accepted, exactly what `_prior_silver` hands the pandas engine.
+2. shuffle 1, by event_id: repeated event ids over the whole range (row_number by arrival, the rule the pandas
+   contract applies with `duplicated(keep="first")` on rows sorted by arrival), and ids already in silver
+   (earlier ingest days, within the lookback): a join, per batch's event-day range.
+3. shuffle 2, by user_id (the prior silver rows with them): bots as Spark expressions built from `BotConfig`
+   (a range window counts clicks per session, `median` dwell, `bot_reason_format`), no exchange of their own.
+4. repeats within the dedup window: a window over DEDUP_KEY by time finds the keys with two events closer than
+   the window (`window_duplicates`' own pre-filter); only those go to Python (`_window_walk`: the same
+   `window_duplicates`, batch by batch, against the key's prior silver and what its earlier batches kept, exactly
+   what `_prior_silver` hands the pandas engine); every other row is accepted without leaving the JVM.
 5. silver and quarantine are written by the executors (`lake.spark.spark_write`, replacing the run's days);
-   only file lists and counts reach the driver.
+   only file lists, counts and the bot sessions reach the driver.
 
 Why GX runs on its pandas engine inside the workers rather than on its Spark execution engine: the row-level
 verdict (which row failed which rule) is GX's `unexpected_index_list`, which its Spark engine can only give by
 collecting every failing row's key on the driver; per chunk in the worker the same suite is evaluated by the
 same code as the pandas engine, so both engines quarantine the same rows with the same reasons. The data docs
-are rendered from one chunk-sized sample run on the driver; per-rule failure counts cover the whole range.
+are rendered from a `DOCS_SAMPLE_ROWS` sample run on the driver; per-rule failure counts cover the whole range.
 """
 from __future__ import annotations
 
