@@ -477,7 +477,7 @@ def _labels_on_spark(config: LabelSettings, store, pin) -> MaterializeResult:
     mask = (lambda users: forgotten_mask(users, hashes, key).to_numpy()) if hashes else None
     catalog = store.read(ITEMS, columns=["item_id"])["item_id"].tolist() if store.exists(ITEMS) else None
     events = spark.read_table(store, SILVER, pin.version).select(*EVENT_COLUMNS)
-    out = labels_on_spark(spark.session(), events, to_dataclass(config, LabelConfig), catalog, mask)
+    out = labels_on_spark(spark.session(), events, to_dataclass(config, LabelConfig), catalog, mask, n_rows=pin.rows)
     try:
         kinds = {r["negative_kind"]: (int(r["n"]), int(r["pos"])) for r in out.frame.groupBy("negative_kind").agg(
             F.count(F.lit(1)).alias("n"), F.sum("label_binary").alias("pos")).collect()}

@@ -70,13 +70,14 @@ def _label(as_of_ms: int, config: LabelConfig, catalog: list[str] | None, engage
 
 
 def labels_on_spark(spark: Any, events: Any, config: LabelConfig, catalog_item_ids: Sequence[str] | None = None,
-                    forgotten: ForgottenMask | None = None) -> SparkLabels:
+                    forgotten: ForgottenMask | None = None, n_rows: int | None = None) -> SparkLabels:
     """Label silver `events` (a Spark DataFrame with EVENT_COLUMNS) as `build_labels` does (module docstring),
-    as of the last kept event + 1 ms (what the labels asset labels at, so every event counts for popularity)."""
+    as of the last kept event + 1 ms (what the labels asset labels at, so every event counts for popularity).
+    `n_rows`: the events' row count when the caller knows it (a Delta pin), else counted here (sizes the buckets)."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    n = events.count()
+    n = events.count() if n_rows is None else int(n_rows)
     n_buckets = max(spark.sparkContext.defaultParallelism, n // USER_BUCKET_ROWS)
     rows = (events.select(*EVENT_COLUMNS).withColumn("bucket", F.pmod(F.xxhash64("user_id"), F.lit(n_buckets)))
             .repartition(n_buckets, "bucket").persist(StorageLevel.MEMORY_AND_DISK))
