@@ -41,7 +41,7 @@ SOURCE_CODE = source_version(__file__, "ingestion/simulator.py", "ingestion/movi
                              "compliance/exclusion.py")
 REFINE_CODE = source_version(__file__, "ingestion/refine.py", "ingestion/refine_spark.py", "ingestion/bots.py", "ingestion/dedup.py",
                              "data_contracts/events.py")
-LABELS_CODE = source_version(__file__, "ingestion/labels.py", "compliance/exclusion.py")
+LABELS_CODE = source_version(__file__, "ingestion/labels.py", "ingestion/labels_spark.py", "compliance/exclusion.py")
 
 
 
@@ -218,6 +218,14 @@ else:
     ), __name__, doc="Thresholds of the bronze → silver step (all in one place, visible in the launchpad).")
 
 
+def pick_engine(engine: str, n_rows: Any, spark_min_events: int) -> str:
+    """The `engine` setting of silver_events and labels: pandas, spark, or auto = spark once the run's rows
+    (`n_rows()`, counted only for auto) reach spark_min_events."""
+    if engine not in ("pandas", "spark", "auto"):
+        raise Failure(description=f"engine must be pandas, spark or auto, got {engine!r}")
+    return engine if engine != "auto" else ("spark" if n_rows() >= spark_min_events else "pandas")
+
+
 def _prior_silver(store, day: str, batch: pd.DataFrame, lookback_days: int) -> pd.DataFrame | None:
     """Silver rows of earlier ingest days whose events happened near this batch's: where its duplicates hide."""
     from ingestion.refine import event_dates
@@ -264,10 +272,7 @@ def silver_events(context: AssetExecutionContext, config: RefineSettings, lake: 
     pin = store.pin(BRONZE)
     days = _partition_days(context)
     rc = to_dataclass(config, RefineConfig)
-    if config.engine not in ("pandas", "spark", "auto"):
-        raise Failure(description=f"silver_events engine must be pandas, spark or auto, got {config.engine!r}")
-    n_bronze = store.count_rows(BRONZE, "ingest_date", days)
-    engine = config.engine if config.engine != "auto" else ("spark" if n_bronze >= config.spark_min_events else "pandas")
+    engine = pick_engine(config.engine, lambda: store.count_rows(BRONZE, "ingest_date", days), config.spark_min_events)
     if engine == "spark":
         yield from _silver_on_spark(context, config, store, pin, days, artifacts)
         return
@@ -335,7 +340,7 @@ def _silver_on_spark(context: AssetExecutionContext, config: RefineSettings, sto
     from assets.resources import SparkResource
     from data_contracts.event_rules import event_rules
     from data_contracts.events import build_data_docs, validate_events
-    from ingestion.refine_spark import CONTRACT_CHUNK_ROWS, refine_on_spark
+    from ingestion.refine_spark import DOCS_SAMPLE_ROWS, refine_on_spark
 
     rc = to_dataclass(config, RefineConfig)
     end_of_range = int(pd.Timestamp(days[-1], tz="UTC").value // 1_000_000) + DAY_MS
@@ -350,9 +355,9 @@ def _silver_on_spark(context: AssetExecutionContext, config: RefineSettings, sto
     failures = {r.name: int(out.expectation_failures.get(r.name, 0)) for r in rules}
     context.log.info(f"silver (spark): {totals}")
     docs = None
-    if totals["in"]:  # GX data docs of a sample (one worker chunk); the counts above cover every row
+    if totals["in"]:  # GX data docs of a sample of the first day; the counts above cover every row
         sample = store.read(BRONZE, version=pin.version, filters=[("ingest_date", "in", days[:1])])
-        sample = sample.head(CONTRACT_CHUNK_ROWS).drop(columns=["ingest_date"])
+        sample = sample.head(DOCS_SAMPLE_ROWS).drop(columns=["ingest_date"])
         if len(sample):
             docs = build_data_docs(validate_events(sample, run_id=context.run_id, now_ms=now_ms,
                                                    max_future_skew_ms=rc.max_future_skew_ms),
@@ -427,6 +432,7 @@ else:
         Knob("attribution_window_hours", "attribution_window_ms", scale=HOUR_MS, type=float), "positive_threshold",
         Knob("easy_negative_ratio", default=CATALOG_NEGATIVES), Knob("negative_popularity_alpha", default=0.5),
         "click_is_positive", "seed",
+        Knob("engine", None, type=str, default="pandas"), Knob("spark_min_events", None, type=int, default=1_000_000),
     ), __name__, doc="The label rule; `kairos demo` sets click_is_positive / easy_negative_ratio per log kind "
                      "(ingestion/sources.py).")
 
@@ -440,6 +446,8 @@ def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeReso
 
     store = lake.lake()
     pin = store.pin(SILVER)
+    if pick_engine(config.engine, lambda: pin.rows, config.spark_min_events) == "spark":
+        return _labels_on_spark(config, store, pin)
     events = store.read(SILVER, version=pin.version, columns=EVENT_COLUMNS)
     events, forgotten = drop_forgotten(events, store)  # training honours the exclusion list
     catalog = store.read(ITEMS, columns=["item_id"])["item_id"].tolist() if store.exists(ITEMS) else None
@@ -449,10 +457,48 @@ def labels(context: AssetExecutionContext, config: LabelSettings, lake: LakeReso
     if lab.empty or int(lab["label_binary"].sum()) == 0:
         raise Failure(description=untrainable_reason(events, lab, config.click_is_positive))
     out = store.write(LABELS, lab)
+    return _labels_result(config, label_summary(lab), int(lab["label_binary"].sum()), pin.version, out.version,
+                          as_of, forgotten, "pandas")
+
+
+def _labels_on_spark(config: LabelSettings, store, pin) -> MaterializeResult:
+    """The spark engine of labels (ingestion/labels_spark.py): build_labels per bucket of users on the executors."""
+    from pyspark.sql import functions as F
+
+    from assets.resources import SparkResource
+    from compliance.exclusion import forgotten_hashes, forgotten_mask
+    from data_contracts.schema import EVENT_COLUMNS
+    from ground.settings import privacy_key
+    from ingestion.labels import summary_of_counts, untrainable_reason_of
+    from ingestion.labels_spark import labels_on_spark
+
+    spark = SparkResource()
+    hashes, key = forgotten_hashes(store), privacy_key(Settings.from_env())
+    mask = (lambda users: forgotten_mask(users, hashes, key).to_numpy()) if hashes else None
+    catalog = store.read(ITEMS, columns=["item_id"])["item_id"].tolist() if store.exists(ITEMS) else None
+    events = spark.read_table(store, SILVER, pin.version).select(*EVENT_COLUMNS)
+    out = labels_on_spark(spark.session(), events, to_dataclass(config, LabelConfig), catalog, mask, n_rows=pin.rows)
+    try:
+        kinds = {r["negative_kind"]: (int(r["n"]), int(r["pos"])) for r in out.frame.groupBy("negative_kind").agg(
+            F.count(F.lit(1)).alias("n"), F.sum("label_binary").alias("pos")).collect()}
+        rows, positives = sum(n for n, _ in kinds.values()), sum(p for _, p in kinds.values())
+        if not positives:
+            types = {r["event_type"]: int(r["count"]) for r in events.groupBy("event_type").count().collect()}
+            raise Failure(description=untrainable_reason_of(types, rows, config.click_is_positive))
+        written = spark.write_table(store, LABELS, out.frame)
+    finally:
+        out.frame.unpersist()
+    return _labels_result(config, summary_of_counts(rows, positives, {k: n for k, (n, _) in kinds.items()}), positives,
+                          pin.version, written.version, out.as_of_ms, out.forgotten, "spark")
+
+
+def _labels_result(config: LabelSettings, summary: dict, positives: int, silver_version: int, version: int,
+                   as_of: int, forgotten: int, engine: str) -> MaterializeResult:
+    """What either engine's labels run reports (one definition, so both publish the same metadata)."""
     return MaterializeResult(metadata={
-        **label_summary(lab), "positives": int(lab["label_binary"].sum()),
-        "silver_version": pin.version, "delta_version": out.version, "as_of_ms": as_of,
+        **summary, "positives": positives, "engine": engine,
+        "silver_version": silver_version, "delta_version": version, "as_of_ms": as_of,
         "attribution_window_hours": config.attribution_window_hours, "easy_negative_ratio": config.easy_negative_ratio,
         "negative_popularity_alpha": config.negative_popularity_alpha, "click_is_positive": config.click_is_positive,
         "forgotten_user_events_excluded": forgotten,
-    }, data_version=delta_data_version(LABELS, out.version))
+    }, data_version=delta_data_version(LABELS, version))

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ingest.py                      # 1M and 5M simulated events
     .venv/bin/python bench/ingest.py --events 1000000     # one size
-    .venv/bin/python bench/ingest.py --events 1000000 --engine pandas spark   # both silver engines, same run
+    .venv/bin/python bench/ingest.py --events 1000000 --engine pandas spark   # both engines (silver and labels), same run
 
 Each size runs in its own process (so its peak RSS is its own) against a fresh lake:
 simulate (reported, not counted), then one range-backfill run of the daily
@@ -52,7 +52,8 @@ def _one(target: int, engine: str = "pandas") -> dict:
         t_ingest = time.perf_counter() - t1
         steps = {e.step_key: e for e in ingest.all_events if e.event_type_value == "STEP_SUCCESS"}
         t2 = time.perf_counter()
-        lab = materialize([labels], instance=instance, resources=resources)
+        lab = materialize([labels], instance=instance, resources=resources,
+                          run_config={"ops": {"labels": {"config": {"engine": engine}}}})
         t_labels = time.perf_counter() - t2
         assert ingest.success and lab.success
         checks = {e.check_name: e.passed for e in ingest.get_asset_check_evaluations()}
@@ -80,7 +81,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, nargs="+", default=[1_000_000, 5_000_000])
     parser.add_argument("--engine", nargs="+", default=["pandas"], choices=["pandas", "spark"],
-                        help="silver_events engine(s); each size runs once per engine, side by side")
+                        help="silver_events and labels engine(s); each size runs once per engine, side by side")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--one-engine", default="pandas", help=argparse.SUPPRESS)
     args = parser.parse_args()

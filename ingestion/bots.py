@@ -59,12 +59,17 @@ def bot_sessions(events: pd.DataFrame, config: BotConfig = BotConfig()) -> pd.Da
     out = pd.DataFrame({"user_id": keys.get_level_values(0), "session_id": keys.get_level_values(1),
                         "clicks": bad["clicks"].to_numpy(), "max_clicks_in_window": bad["max_clicks_in_window"].to_numpy(),
                         "median_dwell_ms": bad["median_dwell_ms"].to_numpy()})
-    out["reason"] = [
-        f"bot_session_velocity: {int(m)} clicks within {config.window_ms // 1000}s (limit {config.max_clicks}), "
-        f"median dwell {d:.0f} ms (limit {config.max_median_dwell_ms})"
-        for m, d in zip(out["max_clicks_in_window"], out["median_dwell_ms"])
-    ]
+    template = bot_reason_format(config)
+    out["reason"] = [template % (int(m), d) for m, d in zip(out["max_clicks_in_window"], out["median_dwell_ms"])]
     return out[BOT_SESSION_COLUMNS].reset_index(drop=True)
+
+
+def bot_reason_format(config: BotConfig) -> str:
+    """The quarantine reason of a bot session, a printf format of (clicks in the window, median dwell): one text
+    for both engines (`%` here, Spark's `format_string` in ingestion/refine_spark.py; `%.0f` rounds half to even
+    in Python, so Spark is handed the median already rounded that way, `bround`)."""
+    return (f"bot_session_velocity: %d clicks within {config.window_ms // 1000}s (limit {config.max_clicks}), "
+            f"median dwell %.0f ms (limit {config.max_median_dwell_ms})")
 
 
 def bot_mask(events: pd.DataFrame, sessions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -78,4 +83,4 @@ def bot_mask(events: pd.DataFrame, sessions: pd.DataFrame) -> tuple[np.ndarray, 
     return mask, reasons.fillna("").to_numpy(dtype=object)
 
 
-__all__ = ["BOT_SESSION_COLUMNS", "BotConfig", "bot_mask", "bot_sessions"]
+__all__ = ["BOT_SESSION_COLUMNS", "BotConfig", "bot_mask", "bot_reason_format", "bot_sessions"]

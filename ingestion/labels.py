@@ -78,11 +78,21 @@ def _empty_labels() -> pd.DataFrame:
     })
 
 
+def item_engagements(events: pd.DataFrame) -> pd.Series:
+    """Engagements per item (the catalog negatives' popularity): over events as `build_labels` reads them."""
+    ev = events[events["user_id"].notna() & events["item_id"].notna() & events["timestamp"].notna()]
+    return ev.loc[ev["event_type"].isin(ENGAGEMENT_EVENT_TYPES).to_numpy(), "item_id"].value_counts()
+
+
 def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = LabelConfig(),
-                 catalog_item_ids: Sequence[str] | None = None) -> pd.DataFrame:
+                 catalog_item_ids: Sequence[str] | None = None,
+                 engagements: pd.Series | None = None) -> pd.DataFrame:
     """One row per impression whose attribution window closed by `as_of_ms` (exclusive: events at or after
     as_of are unknown). Columns: LABEL_COLUMNS; label = attributed engagement summed, clipped to
     [-0.1, 1.0]; label_binary = label >= positive_threshold; impressions nobody engaged with get 0.
+    Every row depends on its own user's events only, except the catalog negatives' popularity: `engagements`
+    (item_engagements over all users' events before as_of) lets a caller judge a slice of users (the Spark
+    engine, ingestion/labels_spark.py) and draw exactly what the whole log would.
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in events.columns]
     if missing:
@@ -156,7 +166,7 @@ def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = Labe
         catalog = np.asarray(sorted(pd.unique(np.asarray(list(catalog), dtype=object)), key=str), dtype=object)
         weights = None
         if config.negative_popularity_alpha > 0:
-            counts = ev.loc[eng_mask, "item_id"].value_counts()
+            counts = item_engagements(ev) if engagements is None else engagements
             weights = (pd.Series(catalog).map(counts).fillna(0.0).to_numpy(dtype=np.float64) + 1.0) ** config.negative_popularity_alpha
         easy = sample_easy_negatives(out[out["label_binary"] == 1], shown, catalog, config.easy_negative_ratio,
                                      config.seed, weights=weights)
@@ -164,6 +174,23 @@ def build_labels(events: pd.DataFrame, as_of_ms: int, config: LabelConfig = Labe
             out = pd.concat([out, easy], ignore_index=True)
     out = out.sort_values("timestamp", kind="mergesort").reset_index(drop=True)  # stable: canonical order on ties
     return out[LABEL_COLUMNS]
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _draws(event_ids: np.ndarray, seed: int, n: int) -> np.ndarray:
+    """(len(event_ids), n) uniforms in [0, 1): splitmix64 of (seed, the event id's stable hash, column). A
+    counter, not a stream: a positive's draws are the same whichever other positives are drawn with it, so a
+    slice of users (a Spark partition) samples what the whole log samples."""
+    with np.errstate(over="ignore"):
+        base = pd.util.hash_array(np.asarray(event_ids, dtype=object)).astype(np.uint64)
+        base ^= np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _GOLDEN
+        z = base[:, None] + (np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN)[None, :]
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def sample_easy_negatives(positives: pd.DataFrame, shown: pd.DataFrame, catalog: np.ndarray, ratio: float,
@@ -174,9 +201,11 @@ def sample_easy_negatives(positives: pd.DataFrame, shown: pd.DataFrame, catalog:
     the training set replays the same session state for it (training/dataset.py)."""
     if positives.empty or len(catalog) == 0 or ratio <= 0:
         return pd.DataFrame(columns=LABEL_COLUMNS)
-    rng = np.random.default_rng(seed)
     whole, frac = int(np.floor(ratio)), ratio - np.floor(ratio)
-    k = whole + (rng.random(len(positives)) < frac).astype(int)
+    k_cap = whole + (frac > 0)
+    # column 0 decides a fractional remainder, the rest are item draws: all a function of (seed, event id) only
+    u = _draws(positives["event_id"].to_numpy(dtype=object), seed, 1 + k_cap * attempts)
+    k = whole + (u[:, 0] < frac).astype(int)
     k_max = int(k.max()) if len(k) else 0
     if k_max == 0:
         return pd.DataFrame(columns=LABEL_COLUMNS)
@@ -189,11 +218,12 @@ def sample_easy_negatives(positives: pd.DataFrame, shown: pd.DataFrame, catalog:
     ok = shown_items.notna().to_numpy()
     seen = set((user_codes[len(positives):][ok].astype(np.int64) * n_items
                 + shown_items[ok].to_numpy(dtype=np.int64)).tolist())
+    u = u[:, 1:1 + k_max * attempts]
     if weights is None:
-        draws = rng.integers(0, n_items, size=(len(positives), k_max * attempts))
+        draws = np.minimum((u * n_items).astype(np.int64), n_items - 1)
     else:
-        p = np.asarray(weights, dtype=np.float64)
-        draws = rng.choice(n_items, size=(len(positives), k_max * attempts), p=p / p.sum())
+        cdf = np.cumsum(np.asarray(weights, dtype=np.float64))
+        draws = np.minimum(np.searchsorted(cdf / cdf[-1], u, side="right"), n_items - 1)
     rows, picks = [], []
     for r in range(len(positives)):
         need, got = int(k[r]), list[int]()
@@ -221,18 +251,28 @@ def sample_easy_negatives(positives: pd.DataFrame, shown: pd.DataFrame, catalog:
 def label_summary(labels: pd.DataFrame) -> dict[str, float]:
     """Rows, positive rate and counts per negative_kind (asset metadata)."""
     kinds = labels["negative_kind"].value_counts().to_dict() if "negative_kind" in labels else {}
-    return {"rows": len(labels), "positive_rate": round(float(labels["label_binary"].mean()), 4) if len(labels) else 0.0,
+    return summary_of_counts(len(labels), int(labels["label_binary"].sum()) if len(labels) else 0, kinds)
+
+
+def summary_of_counts(rows: int, positives: int, kinds: dict[str, int]) -> dict[str, float]:
+    """`label_summary` from counts (the Spark engine aggregates them without collecting the labels)."""
+    return {"rows": rows, "positive_rate": round(positives / rows, 4) if rows else 0.0,
             **{f"{k}_rows": int(kinds.get(k, 0)) for k in ("positive", "hard", "easy")}}
 
 
 def untrainable_reason(events: pd.DataFrame, labels: pd.DataFrame, click_is_positive: bool) -> str:
     """Why a log yields no positive label, and what to change: said before any feature or training step."""
     types = events["event_type"].value_counts().to_dict() if "event_type" in events else {}
+    return untrainable_reason_of(types, len(labels), click_is_positive)
+
+
+def untrainable_reason_of(types: dict[str, int], n_labels: int, click_is_positive: bool) -> str:
+    """`untrainable_reason` from the log's event-type counts and the number of labeled rows."""
     seen = ", ".join(f"{k}={v}" for k, v in sorted(types.items())) or "no events"
     if not types.get("impression"):
         hint = ("the log has no impressions to label; import it with the generic importer, which implies one "
                 "impression per (session, item) engagement for click-only and views/purchases logs")
-    elif labels.empty:
+    elif not n_labels:
         hint = ("no impression's attribution window has closed yet; lower attribution_window_hours in the labels "
                 "config or wait for more data")
     elif not click_is_positive and types.get("click"):
@@ -240,9 +280,9 @@ def untrainable_reason(events: pd.DataFrame, labels: pd.DataFrame, click_is_posi
                 "(labels config click_is_positive: true, easy_negative_ratio > 0) or map a value/rating column")
     else:
         hint = "no engagement was credited to an impression; check the event types mapping (event_type_map)"
-    return f"no positive labels from {len(labels)} labeled impressions (events: {seen}): {hint}"
+    return f"no positive labels from {n_labels} labeled impressions (events: {seen}): {hint}"
 
 
 __all__ = ["CLICK_DWELL_WEIGHTS", "ENGAGEMENT_EVENT_TYPES", "EVENT_WEIGHTS", "LABEL_COLUMNS", "LabelConfig",
-           "build_labels", "engagement_score", "engagement_scores", "label_summary", "sample_easy_negatives",
-           "untrainable_reason"]
+           "build_labels", "engagement_score", "item_engagements", "engagement_scores", "label_summary", "sample_easy_negatives",
+           "summary_of_counts", "untrainable_reason", "untrainable_reason_of"]

@@ -1,28 +1,30 @@
 """Bronze → silver on Spark: the same rules as `refine_batch`, run on executors, memory bounded per partition.
 
-One rule set, two engines. The pandas engine (`refine_batch`) judges a batch in one process; this one runs
-the very same functions on Spark executors:
+One rule set, two engines. The pandas engine (`refine_batch`) judges a batch in one process; this one runs the
+same rules on Spark executors, with two full shuffles and one Python pass over every row (the contract):
 
 1. contract: bronze partitions stream through `validate_events` (Great Expectations, pandas execution engine,
    inside the Python worker) in chunks of `CONTRACT_CHUNK_ROWS`; the driver sees no row.
-2. repeated event ids over the whole range: a window (row_number over event_id by arrival), the rule the
-   pandas contract applies with `duplicated(keep="first")` on rows sorted by arrival.
-3. event ids already in silver (earlier ingest days, within the lookback): a join, per batch's event-day range.
-4. bots, and repeats within the dedup window: grouped by buckets of whole users (`applyInPandas`), each user's batches in
-   order, calling `judge_valid` (bots, bots.py; window, dedup.py) against the user's prior silver rows and
-   what the user's earlier batches of this run accepted, exactly what `_prior_silver` hands the pandas engine.
+2. shuffle 1, by event_id: repeated event ids over the whole range (row_number by arrival, the rule the pandas
+   contract applies with `duplicated(keep="first")` on rows sorted by arrival), and ids already in silver
+   (earlier ingest days, within the lookback): a join, per batch's event-day range.
+3. shuffle 2, by user_id (the prior silver rows with them): bots as Spark expressions built from `BotConfig`
+   (a range window counts clicks per session, `median` dwell, `bot_reason_format`), no exchange of their own.
+4. repeats within the dedup window: a window over DEDUP_KEY by time finds the keys with two events closer than
+   the window (`window_duplicates`' own pre-filter); only those go to Python (`_window_walk`: the same
+   `window_duplicates`, batch by batch, against the key's prior silver and what its earlier batches kept, exactly
+   what `_prior_silver` hands the pandas engine); every other row is accepted without leaving the JVM.
 5. silver and quarantine are written by the executors (`lake.spark.spark_write`, replacing the run's days);
-   only file lists and counts reach the driver.
+   only file lists, counts and the bot sessions reach the driver.
 
 Why GX runs on its pandas engine inside the workers rather than on its Spark execution engine: the row-level
 verdict (which row failed which rule) is GX's `unexpected_index_list`, which its Spark engine can only give by
 collecting every failing row's key on the driver; per chunk in the worker the same suite is evaluated by the
 same code as the pandas engine, so both engines quarantine the same rows with the same reasons. The data docs
-are rendered from one chunk-sized sample run on the driver; per-rule failure counts cover the whole range.
+are rendered from a `DOCS_SAMPLE_ROWS` sample run on the driver; per-rule failure counts cover the whole range.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -30,18 +32,17 @@ import numpy as np
 import pandas as pd
 
 from data_contracts.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA
-from ingestion.refine import (REJECT_SCHEMA, SEEN_BEFORE_REASON, SILVER_SCHEMA, RefineConfig, _rejects, _typed,
-                              event_dates, judge_valid, window_reason)
+from ingestion.bots import BOT_SESSION_COLUMNS, bot_reason_format
+from ingestion.dedup import DEDUP_KEY, window_duplicates
+from ingestion.refine import REJECT_SCHEMA, SEEN_BEFORE_REASON, SILVER_SCHEMA, RefineConfig, event_dates, window_reason
 
 CONTRACT_CHUNK_ROWS = 200_000  # rows GX judges at once in a worker: bounds a task's memory
-USERS_BUCKET_ROWS = 250_000    # about this many events per bucket of users judged in one pandas call
+USER_PARTITION_ROWS = 500_000  # about this many events per partition of users (the windows' and writers' tasks)
+DOCS_SAMPLE_ROWS = 20_000      # bronze rows the data docs are rendered from on the driver (a second GX run there)
 _INT = {f.name for f in EVENT_SCHEMA if str(f.type) == "int64"}
 _EVENT_DDL = ", ".join(f"{c} {'long' if c in _INT else 'string'}" for c in EVENT_COLUMNS)
 STAGE_DDL = (f"{_EVENT_DDL}, received_at long, ingest_date string, role string, reasons string, "
              f"raw_payload string, quarantined_at long")
-OUT_DDL = (f"{_EVENT_DDL}, reasons string, raw_payload string, run_id string, quarantined_at long, "
-           f"disposition string, ingest_date string, event_date string, outcome string, batch int")
-OUT_COLUMNS = [c.strip().split(" ")[0] for c in OUT_DDL.split(",")]
 
 
 @dataclass
@@ -98,72 +99,42 @@ def _typed_stage(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _user_bucket(info: dict[int, tuple[str | None, str | None]], config: RefineConfig, run_id: str, now_ms: int):
-    """The per-user judge: every batch of one user in order, against the user's prior silver and what the user's
-    earlier batches accepted (what `_prior_silver` gives the pandas engine, restricted to this user)."""
+WALK_DDL = f"{_EVENT_DDL}, received_at long, ingest_date string, batch int, event_date string, in_window boolean"
+WALK_COLUMNS = [c.strip().split(" ")[0] for c in WALK_DDL.split(",")]
+
+
+def _window_walk(info: dict[int, tuple[str | None, str | None]], window_ms: int):
+    """Repeats within the dedup window over a bucket of *suspect* action keys (DEDUP_KEY groups holding two events
+    closer than the window, found by a Spark window): `window_duplicates`, the pandas engine's rule, walked batch
+    by batch against the key's prior silver rows and what its earlier batches kept (the pandas engine's `prior`,
+    restricted to these keys; any other key has no repeat, so it is accepted without a Python call)."""
     def judge(rows: pd.DataFrame) -> pd.DataFrame:
         rows = rows.sort_values(["batch", "ingest_date", "received_at", "event_id"], kind="mergesort")
-        prior_rows = rows[rows["role"] == "prior"]
-        prior_rows = _typed(prior_rows, SILVER_SCHEMA)
-        parts: list[pd.DataFrame] = []
-        accepted_before: list[pd.DataFrame] = []
-        for b in sorted(int(x) for x in rows.loc[rows["role"] != "prior", "batch"].unique()):
-            mine = rows[(rows["batch"] == b) & (rows["role"] != "prior")]
-            dup = mine[mine["role"] == "dup_id"]
-            if len(dup):
-                parts.append(_rejects(_typed(dup, EVENT_SCHEMA), ["duplicate_event_id"] * len(dup), "duplicate",
-                                      run_id, dup["ingest_date"].to_numpy(dtype=object), now_ms).assign(batch=b))
-            valid_rows = mine[mine["role"] == "valid"]
-            if valid_rows.empty:
-                continue
-            valid = _typed(valid_rows, EVENT_SCHEMA)
-            for col in ("timestamp", "schema_version"):
-                valid[col] = valid[col].astype("int64")
-            days = valid_rows["ingest_date"].to_numpy(dtype=object)
+        prior = rows[rows["batch"] < 0]
+        kept: list[pd.DataFrame] = [prior]
+        out: list[pd.DataFrame] = []
+        for b in sorted(int(x) for x in rows.loc[rows["batch"] >= 0, "batch"].unique()):
+            mine = rows[rows["batch"] == b].reset_index(drop=True)
             lo, hi = info[b]
-            prior = None
+            pool = None
             if lo is not None and hi is not None:
-                pool = pd.concat([prior_rows, *accepted_before], ignore_index=True)
+                pool = pd.concat(kept, ignore_index=True)
                 pool = pool[(pool["event_date"] >= lo) & (pool["event_date"] <= hi)]
-                prior = pool if len(pool) else None
-            j = judge_valid(valid, prior, config, seen_before=valid_rows["seen"].fillna(False).to_numpy(dtype=bool))
-            humans, hdays = valid[~j.is_bot], days[~j.is_bot]
-            rest, rdays = humans[~j.seen_before], hdays[~j.seen_before]
-            if j.is_bot.any():
-                parts.append(_rejects(valid[j.is_bot], j.bot_reasons[j.is_bot], "bot", run_id, days[j.is_bot],
-                                      now_ms).assign(batch=b))
-            if j.seen_before.any():
-                k = int(j.seen_before.sum())
-                parts.append(_rejects(humans[j.seen_before], [SEEN_BEFORE_REASON] * k, "duplicate", run_id,
-                                      hdays[j.seen_before], now_ms).assign(batch=b))
-            if j.in_window.any():
-                k = int(j.in_window.sum())
-                parts.append(_rejects(rest[j.in_window], [window_reason(config)] * k, "duplicate", run_id,
-                                      rdays[j.in_window], now_ms).assign(batch=b))
-            acc = rest[~j.in_window].copy()
-            acc["event_date"] = event_dates(acc["timestamp"]) if len(acc) else []
-            acc["ingest_date"] = rdays[~j.in_window]
-            accepted_before.append(_typed(acc, SILVER_SCHEMA))
-            parts.append(acc.assign(outcome="accepted", batch=b))
-            if len(j.bots):
-                parts.append(pd.DataFrame({"raw_payload": [json.dumps(r, default=str) for r in
-                                                           j.bots.to_dict("records")],
-                                           "outcome": "bot_session", "batch": b}))
-        if not parts:
-            return pd.DataFrame({c: pd.Series([], dtype=object) for c in OUT_COLUMNS})
-        out = pd.concat(parts, ignore_index=True)
-        if "disposition" in out:
-            out["outcome"] = out["outcome"].where(out["outcome"].notna(), out["disposition"])
-        for c in OUT_COLUMNS:
-            if c not in out:
-                out[c] = None
+            dup = window_duplicates(mine, pool if pool is not None and len(pool) else None, window_ms)
+            kept.append(mine[~dup])
+            out.append(mine.assign(in_window=dup))
+        if not out:
+            return pd.DataFrame({c: pd.Series([], dtype=object) for c in WALK_COLUMNS})
+        done = pd.concat(out, ignore_index=True)
         typed = {}
-        for c in OUT_COLUMNS:
-            s = out[c]
-            if c in _INT or c in ("quarantined_at", "batch"):
-                typed[c] = pd.to_numeric(s, errors="coerce").astype("Int64")
+        for c in WALK_COLUMNS:
+            col = done[c]
+            if c in _INT or c in ("received_at", "batch"):
+                typed[c] = pd.to_numeric(col, errors="coerce").astype("Int64")
+            elif c == "in_window":
+                typed[c] = col.astype(bool)
             else:
-                typed[c] = s.astype(object).where(s.notna(), None)
+                typed[c] = col.astype(object).where(col.notna(), None)
         return pd.DataFrame(typed)
     return judge
 
@@ -201,6 +172,7 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
     staged = (raw.mapInPandas(_contract_chunks(run_id, now_ms, config.max_future_skew_ms, chunk_rows), STAGE_DDL)
               .withColumn("batch", batch_map[F.col("ingest_date")].cast("int"))
               .persist(StorageLevel.MEMORY_AND_DISK))
+    # shuffle 1, by event_id: repeated event ids over the whole range (first arrival wins) and ids already in silver
     arrival = Window.partitionBy("event_id").orderBy("ingest_date", "received_at")
     valid = (staged.where(F.col("role") == "valid")
              .withColumn("role", F.when(F.row_number().over(arrival) > 1, F.lit("dup_id")).otherwise(F.lit("valid"))))
@@ -220,26 +192,81 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
                        & (ids["pdate"] <= hi_map[v["batch"]]))
                 .select("event_id").distinct().withColumn("seen", F.lit(True)))
         valid = valid.join(seen, "event_id", "left")
-    else:
-        valid = valid.withColumn("seen", F.lit(False))
-    bucket_cols = [*event_cols, F.col("received_at"), F.col("ingest_date"), F.col("role"), F.col("batch"),
-                   F.coalesce(F.col("seen"), F.lit(False)).alias("seen"), F.lit(None).cast("string").alias("event_date")]
-    rows = valid.select(*bucket_cols)
-    if prior is not None:
+    valid = valid.withColumn("seen", F.coalesce(F.col("seen"), F.lit(False)) if prior is not None else F.lit(False))
+    rows = valid.select(*event_cols, "received_at", "ingest_date", "role", "batch", "seen",
+                        F.date_format(F.timestamp_millis("timestamp"), "yyyy-MM-dd").alias("event_date"))
+    if prior is not None:  # the prior silver rows ride along: the window rule below reads them next to this run's
         rows = rows.unionByName(prior.select(*event_cols, F.lit(None).cast("long").alias("received_at"),
                                              F.col("ingest_date"), F.lit("prior").alias("role"),
-                                             F.lit(-1).alias("batch"), F.lit(False).alias("seen"),
-                                             F.col("event_date")))
-    # buckets of whole users (every rule in judge_valid groups by user): a pandas call per bucket, not per user
-    n_buckets = max(2 * spark.sparkContext.defaultParallelism,
-                    sum(int(r["n"]) for r in stats.values()) // USERS_BUCKET_ROWS)
-    rows = rows.withColumn("bucket", F.pmod(F.xxhash64("user_id"), F.lit(n_buckets)))
-    judged = rows.groupBy("bucket").applyInPandas(_user_bucket(info, config, run_id, now_ms), OUT_DDL)
+                                             F.lit(-1).alias("batch"), F.lit(False).alias("seen"), F.col("event_date")))
+    # shuffle 2, by user: every later rule groups by user (bots by batch, user and session; the window by user,
+    # item, type and session), so each window below runs on these partitions with no further exchange
+    n_parts = max(spark.sparkContext.defaultParallelism, sum(int(r["n"]) for r in stats.values()) // USER_PARTITION_ROWS)
+    users = rows = rows.repartition(n_parts, "user_id").persist(StorageLevel.MEMORY_AND_DISK)
+    # bots (ingestion/bots.py, the same thresholds and reason text): per (batch, user, session), the most clicks
+    # in any window_ms stretch (a range window) and the median click dwell
+    session = ["batch", "user_id", "session_id"]
+    bots_cfg = config.bots
+    bad = None
+    if bots_cfg.enabled:
+        span = Window.partitionBy(*session).orderBy("timestamp").rangeBetween(0, bots_cfg.window_ms - 1)
+        sessions_of = (rows.where((F.col("role") == "valid") & (F.col("event_type") == "click"))
+                       .select(*session, "dwell_time_ms", F.count(F.lit(1)).over(span).alias("in_window"))
+                       .groupBy(*session).agg(F.count(F.lit(1)).alias("clicks"),
+                                              F.max("in_window").alias("max_clicks_in_window"),
+                                              F.coalesce(F.median(F.col("dwell_time_ms").cast("double")),
+                                                         F.lit(0.0)).alias("median_dwell_ms")))
+        bad = (sessions_of.where((F.col("max_clicks_in_window") >= bots_cfg.max_clicks)
+                                 & (F.col("median_dwell_ms") <= bots_cfg.max_median_dwell_ms))
+               .withColumn("reason", F.format_string(bot_reason_format(bots_cfg), F.col("max_clicks_in_window"),
+                                                     F.bround("median_dwell_ms", 0)))
+               .persist(StorageLevel.MEMORY_AND_DISK))
+        rows = rows.join(F.broadcast(bad.select(*session, F.col("reason").alias("bot_reason"))), session, "left")
+    else:
+        rows = rows.withColumn("bot_reason", F.lit(None).cast("string"))
+    judged = rows.where(F.col("role") == "valid")
+    humans = judged.where(F.col("bot_reason").isNull())
+    # repeats within the window: only action keys with two events (this run's or prior silver's) closer than the
+    # window can hold one (the pandas rule's own pre-filter); those keys are walked in Python, the rest are kept
+    union = rows.where((F.col("role") == "prior") | ((F.col("role") == "valid") & F.col("bot_reason").isNull()
+                                                      & ~F.col("seen")))
+    key = list(DEDUP_KEY)
+    by_time = Window.partitionBy(*key).orderBy("timestamp")
+    gap = F.least(F.col("timestamp") - F.lag("timestamp").over(by_time), F.lead("timestamp").over(by_time) - F.col("timestamp"))
+    union = (union.withColumn("close", F.coalesce(gap < config.dedup_window_ms, F.lit(False)))
+             .withColumn("suspect", F.max("close").over(Window.partitionBy(*key))))
+    walk_cols = [c for c in WALK_COLUMNS if c != "in_window"]
+    clear = union.where(~F.col("suspect") & (F.col("role") != "prior")).select(*walk_cols)
+    walked = (union.where(F.col("suspect")).select(*walk_cols)
+              .withColumn("bucket", F.pmod(F.xxhash64(*key), F.lit(n_parts)))
+              .groupBy("bucket").applyInPandas(_window_walk(info, config.dedup_window_ms), WALK_DDL)
+              .persist(StorageLevel.MEMORY_AND_DISK))
+    accepted = clear.unionByName(walked.where(~F.col("in_window")).drop("in_window"))
+
+    def rejects(rows: Any, reason: Any, disposition: str) -> Any:
+        return rows.select(*event_cols, reason.alias("reasons"),
+                           F.to_json(F.struct(*event_cols), {"ignoreNullFields": "false"}).alias("raw_payload"),
+                           F.lit(run_id).alias("run_id"), F.lit(now_ms).cast("long").alias("quarantined_at"),
+                           F.lit(disposition).alias("disposition"), "ingest_date",
+                           F.lit(None).cast("string").alias("event_date"), F.lit(disposition).alias("outcome"), "batch")
+
     contract_rows = staged.where(F.col("role") == "contract").select(
         *event_cols, "reasons", "raw_payload", F.lit(run_id).alias("run_id"), "quarantined_at",
         F.lit("contract").alias("disposition"), "ingest_date", F.lit(None).cast("string").alias("event_date"),
         F.lit("contract").alias("outcome"), "batch")
-    final = judged.unionByName(contract_rows).persist(StorageLevel.MEMORY_AND_DISK)
+    out = [accepted.select(*event_cols, *[F.lit(None).cast(t).alias(c) for c, t in
+                                          (("reasons", "string"), ("raw_payload", "string"), ("run_id", "string"),
+                                           ("quarantined_at", "long"), ("disposition", "string"))],
+                           "ingest_date", "event_date", F.lit("accepted").alias("outcome"), "batch"),
+           rejects(rows.where(F.col("role") == "dup_id"), F.lit("duplicate_event_id"), "duplicate"),
+           rejects(judged.where(F.col("bot_reason").isNotNull()), F.col("bot_reason"), "bot"),
+           rejects(humans.where(F.col("seen")), F.lit(SEEN_BEFORE_REASON), "duplicate"),
+           rejects(walked.where(F.col("in_window")), F.lit(window_reason(config)), "duplicate"),
+           contract_rows]
+    final = out[0]
+    for part in out[1:]:
+        final = final.unionByName(part)
+    final = final.coalesce(n_parts).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         counts = final.groupBy("batch", "outcome").agg(
             F.count(F.lit(1)).alias("n"),
@@ -248,7 +275,7 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
         fails = {r["rule"]: int(r["n"]) for r in final.where(F.col("outcome") == "contract")
                  .select(F.explode(F.split("reasons", "; ")).alias("rule")).groupBy("rule").count()
                  .withColumnRenamed("count", "n").collect()}
-        bot_rows = final.where(F.col("outcome") == "bot_session").select("raw_payload", "batch").collect()
+        bot_rows = [] if bad is None else [r.asDict() for r in bad.orderBy(*session).collect()]
         s = spark_write(spark, store, silver, final.where(F.col("outcome") == "accepted").select(*SILVER_SCHEMA.names),
                         commit_properties={"run_id": run_id, "bronze_version": bronze_version, "engine": "spark"},
                         partition_by=["ingest_date"], replace_partitions=days)
@@ -257,10 +284,13 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
                         commit_properties={"run_id": run_id, "engine": "spark"},
                         partition_by=["ingest_date"], replace_partitions=days)
     finally:
-        final.unpersist()
-        staged.unpersist()
+        for frame in (final, walked, users, staged, bad):
+            if frame is not None:
+                frame.unpersist()
     per: dict[int, dict[str, int]] = {i: {"accepted": 0, "contract": 0, "duplicate": 0, "bot": 0, "bot_session": 0,
                                           "window": 0} for i in range(len(batches))}
+    for r in bot_rows:
+        per[int(r["batch"])]["bot_session"] += 1
     for r in counts:
         per[int(r["batch"])][r["outcome"]] += int(r["n"])
         per[int(r["batch"])]["window"] += int(r["window"]) if r["outcome"] == "duplicate" else 0
@@ -277,8 +307,8 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
                           "reconciles": n_in == p["accepted"] + p["contract"] + p["duplicate"] + p["bot"],
                           "silver_unchanged": False})
     window = sum(p["window"] for p in per.values())
-    bots = pd.DataFrame([{**json.loads(r["raw_payload"]), "ingest_date": f"{batches[r['batch']][0]}..{batches[r['batch']][-1]}"}
-                         for r in bot_rows])
+    bots = pd.DataFrame([{**{c: r[c] for c in BOT_SESSION_COLUMNS},
+                          "ingest_date": f"{batches[r['batch']][0]}..{batches[r['batch']][-1]}"} for r in bot_rows])
     return SparkRefineResult(totals=totals, per_batch=per_batch,
                              duplicate_reasons={"duplicate_event_id": totals["duplicates"] - window,
                                                 "duplicate_within_window": window},
@@ -286,4 +316,4 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
                              quarantine_version=q.version)
 
 
-__all__ = ["CONTRACT_CHUNK_ROWS", "SparkRefineResult", "refine_on_spark"]
+__all__ = ["CONTRACT_CHUNK_ROWS", "DOCS_SAMPLE_ROWS", "SparkRefineResult", "refine_on_spark"]

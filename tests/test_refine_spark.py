@@ -1,5 +1,6 @@
-"""The spark engine of silver_events equals the pandas engine row for row (same rules, one code path): a simulated
-world ingested in two runs (the second run's dedup looks back at the first's silver), once per engine."""
+"""The spark engine of silver_events and labels equals the pandas engine row for row (same rules, one code path): a
+simulated world ingested in two runs (the second run's dedup looks back at the first's silver), then labeled (catalog
+negatives by popularity included), once per engine."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import pandas as pd
 import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
-from assets.ingestion import (BRONZE, QUARANTINE, SILVER, SourceConfig, bronze_events, silver_events,
-                              source_partitions)
+from assets.ingestion import (BRONZE, LABELS, QUARANTINE, SILVER, SourceConfig, bronze_events, labels,
+                              silver_events, source_partitions)
 from assets.resources import ArtifactsResource, LakeResource
 from lake.delta import DeltaLake
 
@@ -37,6 +38,10 @@ def _ingest(home: Path, engine: str, monkeypatch: pytest.MonkeyPatch) -> tuple[p
             checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
             assert checks["counts_reconcile"], checks
             metas.append(instance.get_latest_materialization_event(AssetKey(SILVER)).asset_materialization.metadata)
+        labeled = materialize([labels], resources=RESOURCES, instance=instance,
+                              run_config={"ops": {"labels": {"config": {"engine": engine}}}})
+        assert labeled.success
+        label_meta = instance.get_latest_materialization_event(AssetKey(LABELS)).asset_materialization.metadata
     lake = DeltaLake(str(home / "lake")) if not os.environ.get("KAIROS_LAKE_URI") else None
     from ground.settings import Settings
 
@@ -44,7 +49,9 @@ def _ingest(home: Path, engine: str, monkeypatch: pytest.MonkeyPatch) -> tuple[p
     assert len(lake.read(BRONZE)) == len(lake.read(SILVER)) + len(lake.read(QUARANTINE))
     counts = [{k: m[k].value for k in ("n_in", "accepted", "quarantined", "duplicates", "bot_filtered")} for m in metas]
     counts += [m["expectation_failures"].value for m in metas] + [m["duplicate_reasons"].value for m in metas]
-    return lake.read(SILVER), lake.read(QUARANTINE), {"counts": counts}
+    summary = {k: label_meta[k].value for k in ("rows", "positive_rate", "positive_rows", "hard_rows", "easy_rows",
+                                                 "as_of_ms", "forgotten_user_events_excluded")}
+    return lake.read(SILVER), lake.read(QUARANTINE), {"counts": counts, "labels": summary, "label_rows": lake.read(LABELS)}
 
 
 def _canon(frame: pd.DataFrame, drop: tuple[str, ...] = ()) -> list[tuple]:
@@ -66,4 +73,7 @@ def test_spark_engine_equals_pandas_engine(tmp_path: Path, monkeypatch: pytest.M
     assert quarantine_p["reasons"].str.contains("seen in an earlier batch|within_window").any()
     assert _canon(silver_s) == _canon(silver_p)
     assert _canon(quarantine_s, ("run_id", "quarantined_at")) == _canon(quarantine_p, ("run_id", "quarantined_at"))
+    labels_p, labels_s = meta_p.pop("label_rows"), meta_s.pop("label_rows")
+    assert meta_p["labels"]["easy_rows"] > 0 and meta_p["labels"]["positive_rows"] > 0
+    assert _canon(labels_s) == _canon(labels_p)
     assert meta_s == meta_p
