@@ -73,7 +73,9 @@ class FrameItemTable:
         as the packed row), so a replay of thousands of requests does not decode and sum the same candidates'
         co-click maps in every request."""
         blank = self.codec.blank
-        known = {col: [self._maps.get((col, i)) for i in item_ids] for col in self.codec.maps}
+        known: dict[str, dict[int, WeightMap]] = {}  # codec.decode's cache shape: {map column: {row: its map}}
+        for col in self.codec.maps:
+            known[col] = {r: m for r, i in enumerate(item_ids) if (m := self._maps.get((col, i))) is not None}
         cols = self.codec.decode([self._rows.get(i, blank) for i in item_ids], ITEM_STORE_COLUMNS,
                                  lambda col, top: self._values[col], known)
         for col in self.codec.maps:
