@@ -49,23 +49,7 @@ def _body(user: str, session: str, now_ms: int) -> dict:
 
 def _tree_cpu_s(pid: int | None) -> float:
     """User + system CPU seconds of a process and its live descendants (the server's workers)."""
-    import psutil
-
-    if pid is None:
-        return 0.0
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    return sum(_tree_cpu_by_process(pid).values())
 
 
 def _tree_cpu_by_process(pid: int | None) -> dict[int, float]:
