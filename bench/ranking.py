@@ -49,23 +49,28 @@ def _body(user: str, session: str, now_ms: int) -> dict:
 
 def _tree_cpu_s(pid: int | None) -> float:
     """User + system CPU seconds of a process and its live descendants (the server's workers)."""
+    return sum(_tree_cpu_by_process(pid).values())
+
+
+def _tree_cpu_by_process(pid: int | None) -> dict[int, float]:
+    """User + system CPU seconds of each process of the tree (the supervisor and each worker), by pid."""
     import psutil
 
     if pid is None:
-        return 0.0
+        return {}
+    out: dict[int, float] = {}
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
+        return out
     for p in procs:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            out[p.pid] = t.user + t.system
         except psutil.NoSuchProcess:
             pass
-    return total
+    return out
 
 
 def _tree_runq_s(pid: int | None) -> float:
@@ -108,11 +113,14 @@ class CpuWindow:
     def start(self) -> CpuWindow:
         self._t = (time.perf_counter(), _tree_cpu_s(self.server_pid), _tree_cpu_s(self.redis_pid),
                    _machine_busy_s(), time.process_time(), _tree_runq_s(self.server_pid))
+        self._by_process = _tree_cpu_by_process(self.server_pid)
         return self
 
     def stop(self) -> dict:
         w0, s0, r0, m0, p0, q0 = self._t
-        return {"wall_s": time.perf_counter() - w0, "server_cpu_s": _tree_cpu_s(self.server_pid) - s0,
+        after = _tree_cpu_by_process(self.server_pid)
+        return {"server_by_process_s": sorted((round(after[p] - self._by_process.get(p, 0.0), 3) for p in after),
+                                              reverse=True),"wall_s": time.perf_counter() - w0, "server_cpu_s": _tree_cpu_s(self.server_pid) - s0,
                 "server_runq_s": _tree_runq_s(self.server_pid) - q0,
                 "redis_cpu_s": _tree_cpu_s(self.redis_pid) - r0, "machine_cpu_s": _machine_busy_s() - m0,
                 "bench_cpu_s": time.process_time() - p0}
@@ -470,6 +478,9 @@ def main() -> int:
                       f"{r['p99']:>7.1f} {r['pipeline_p50']:>8.1f} "
                       f"{cpu['client']:>5.1%} /{cpu['server']:>4.0%} /{cpu['redis']:>4.0%} /{cpu['other']:>4.0%} "
                       f"{cpu['client_per_server']:>5.2f} {r['server_cpu_ms']:>10.2f} {r['server_runq_ms']:>11.2f}  non-2xx {r['non_2xx']} {r['codes']} {r['served_by']}", flush=True)
+                print(f"  {'':>6} {'':>7} server CPU by process, busiest first (ms/req): "
+                      + " / ".join(f"{s * 1000 / max(r['requests'], 1):.2f}" for s in win["server_by_process_s"]),
+                      flush=True)
                 if driver == "wrk":
                     sample = sample_served_by(base, users, now_ms)
                     print(f"  {'':>6} {'':>7} after it, 20 httpx requests: {sample['codes']} {sample['served_by']}",

@@ -73,6 +73,15 @@ class KairosRanker(ModelSlots):
             pass
         from features.online import OnlineStore
 
+        if SETTINGS.switch_interval_ms > 0:
+            import sys
+
+            sys.setswitchinterval(SETTINGS.switch_interval_ms / 1000)
+        self._sampler = None
+        if SETTINGS.profile_out:
+            from serving.sampler import StackSampler
+
+            self._sampler = StackSampler(SETTINGS.profile_out).start()
         self.settings = Settings.from_env()
         self.serve = SETTINGS
         self.bundle: Bundle | None = None
@@ -125,6 +134,8 @@ class KairosRanker(ModelSlots):
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self._stop.set()
+        if self._sampler is not None:
+            self._sampler.stop()
         if self.impressions is not None:
             self.impressions.close()
 

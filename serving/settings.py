@@ -48,6 +48,8 @@ ENV_VARS: dict[str, str] = {
     "compiled_ranker": "KAIROS_COMPILED_RANKER",
     "shadow": "KAIROS_SHADOW",
     "canary_share": "KAIROS_CANARY_SHARE",
+    "profile_out": "KAIROS_PROFILE_OUT",
+    "switch_interval_ms": "KAIROS_SWITCH_INTERVAL_MS",
 }
 # `experiment` is KAIROS_EXPERIMENT (+ KAIROS_EXPERIMENT_MODE), parsed by serving.experiments.Experiment.from_env
 
@@ -78,6 +80,11 @@ class ServeSettings:
     experiment: Experiment | None = None  # users in its share get the challenger (or an interleaving)
     shadow: bool = False  # the challenger also scores every champion request, logged, never shown
     canary_share: float | None = None  # overrides the canary share of the rollout state
+    # set: each worker samples its threads' stacks (serving.sampler) into <this>.<pid>.txt / .collapsed
+    profile_out: str | None = None
+    # the worker's sys.setswitchinterval in ms (0: Python's 5 ms): how long a thread holding the GIL keeps it
+    # while another (the event loop, the pipeline thread) waits for it
+    switch_interval_ms: float = 0.0
 
     @property
     def worker_count(self) -> int:
@@ -111,6 +118,8 @@ class ServeSettings:
             experiment=Experiment.from_env(env),
             shadow=env_flag(env, v["shadow"], d.shadow),
             canary_share=env_number(env, v["canary_share"], float, d.canary_share, 0.0, 1.0),
+            profile_out=env.get(v["profile_out"]) or None,
+            switch_interval_ms=env_number(env, v["switch_interval_ms"], float, d.switch_interval_ms, 0.0),
         )
 
 
