@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from tests._loopback_http import recording_server
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -17,39 +17,16 @@ def test_open_loop_sends_on_schedule_and_splits_the_tail():
     from bench.open_loop import open_loop
     from bench.ranking import _body
 
-    seen: list[tuple[float, dict]] = []
-    lock = threading.Lock()
+    def answer(n: int, body: dict) -> tuple[int, dict, dict[str, str]]:
+        slow = n % 10 == 0  # every 10th request takes 80 ms in the "app": the tail must say so
+        if slow:
+            time.sleep(0.08)
+        code = 503 if n % 7 == 0 else 200
+        return code, {"served_by": "two_stage"}, {"server-timing": f"wait;dur=0.5, app;dur={80.0 if slow else 1.0}"}
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            with lock:
-                seen.append((time.perf_counter(), body))
-                n = len(seen)
-            slow = n % 10 == 0  # every 10th request takes 80 ms in the "app": the tail must say so
-            if slow:
-                time.sleep(0.08)
-            code = 503 if n % 7 == 0 else 200
-            out = json.dumps({"served_by": "two_stage"}, separators=(",", ":")).encode()
-            self.send_response(code)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(out)))
-            self.send_header("server-timing", f"wait;dur=0.5, app;dur={80.0 if slow else 1.0}")
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     users = ["u1", 'u"2', "u3"]
-    try:
-        r = open_loop(f"http://127.0.0.1:{server.server_port}", users, 1_700_000_000_123, rate=50, seconds=2)
-    finally:
-        server.shutdown()
+    with recording_server(answer) as (url, seen):
+        r = open_loop(url, users, 1_700_000_000_123, rate=50, seconds=2)
     assert r["requests"] == len(seen) == 100
     bodies = [b for _, b in seen]
     expected = [_body(users[i % 3], f"open-{i % 13}", 1_700_000_000_123) for i in range(100)]
