@@ -191,7 +191,7 @@ MIRRORS = [
       "bot_max_median_dwell_ms": ("bots.max_median_dwell_ms", 1), "max_future_skew_seconds": ("max_future_skew_ms", 1000)},
      {}),
     # LabelConfig's 0.0 = no catalog negatives (monitoring's attribution, the test fixture); training sets need them
-    ("assets.ingestion:LabelSettings", "ingestion.labels:LabelConfig", set(),
+    ("assets.ingestion:LabelSettings", "ingestion.labels:LabelConfig", {"engine", "spark_min_events"},
      {"attribution_window_hours": ("attribution_window_ms", HOUR)},
      {"easy_negative_ratio": 2.0, "negative_popularity_alpha": 0.5}),
     ("assets.rollout:ShadowSettings", "training.rollout:ShadowGuardrails", set(),
