@@ -122,7 +122,7 @@ else:
        description="LightGBM ranker over the registry's features plus the two-tower affinity.")
 def ranker_model(context: AssetExecutionContext, config: RankerTrainConfig,
                  two_tower_model: Any, lake: LakeResource, artifacts: ArtifactsResource) -> Output:
-    from training.ranker import ranker_training_affinity, train_ranker
+    from training.ranker import fit_ranker
 
     frame, items, users, pins = _load_training_inputs(lake)
     ranker_config = to_dataclass(config, RankerConfig)
@@ -131,12 +131,12 @@ def ranker_model(context: AssetExecutionContext, config: RankerTrainConfig,
 
         ranker_config = load_tuned(artifacts.path("tuning"), ranker_config)
         context.log.info(f"ranker uses tuned parameters: {ranker_config}")
-    frame = ranker_training_affinity(frame, two_tower_model, items, users, ranker_config.affinity_folds)
-    booster = train_ranker(frame[frame["split"] == "train"], frame[frame["split"] == "validation"], ranker_config)
+    booster, _, chosen = fit_ranker(frame, two_tower_model, items, users, ranker_config)
     gains = dict(zip(booster.feature_name(), booster.feature_importance("gain").round(2).tolist()))
     return Output(booster, metadata={"best_iteration": int(booster.best_iteration or booster.current_iteration()),
                                      "max_train_rows": ranker_config.max_train_rows,
                                      "affinity_folds": ranker_config.affinity_folds,
+                                     "affinity_choice": MetadataValue.json(chosen),
                                      "feature_importance_gain": MetadataValue.json(gains)})
 
 

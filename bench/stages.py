@@ -107,7 +107,7 @@ def models(store: Any, stages: list[str], profile: str, ranker_max_rows: int | N
     from assets.features import TRAINING_SET
     from assets.ingestion import ITEMS, USERS
     from training.dataset import read_training_set
-    from training.ranker import RankerConfig, add_embedding_affinity, train_ranker
+    from training.ranker import RankerConfig, fit_ranker
     from training.two_tower import TwoTowerConfig, train_two_tower
 
     out: dict[str, dict[str, float]] = {}
@@ -121,12 +121,9 @@ def models(store: Any, stages: list[str], profile: str, ranker_max_rows: int | N
                                                                       valid_rows=valid), profile)
     if "ranker" in stages:
         ranker_config = RankerConfig() if ranker_max_rows is None else RankerConfig(max_train_rows=ranker_max_rows)
-        with_aff, out["ranker.embedding_affinity"] = timed("ranker.embedding_affinity",
-                                                           lambda: add_embedding_affinity(frame, tt), profile)
-        booster, out["ranker.train"] = timed("ranker.train", lambda: train_ranker(
-            with_aff[with_aff["split"] == "train"], with_aff[with_aff["split"] == "validation"], ranker_config), profile)
-        print(f"  ranker best iteration {booster.best_iteration}, validation "
-              f"{dict(booster.best_score.get('validation', {}))}", flush=True)
+        (booster, _, chosen), out["ranker.fit"] = timed("ranker.fit", lambda: fit_ranker(
+            frame, tt, items, users, ranker_config), profile)  # the affinity in sample and out of fold, both rankers
+        print(f"  ranker best iteration {booster.best_iteration}, affinity choice {chosen}", flush=True)
     return out
 
 

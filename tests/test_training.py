@@ -365,3 +365,25 @@ def test_the_ranker_learns_the_train_split_affinity_out_of_fold(outcome, trainse
 
     # out of fold, the positives stand out less than where the tower memorized them
     assert gap(oof) < gap(in_sample)
+
+
+def test_the_ranker_keeps_the_affinity_that_ranks_the_validation_window_better(outcome, trainset, small_world) -> None:
+    """`fit_ranker` trains the ranker on the in-sample and on the out-of-fold affinity and keeps the one with the
+    better validation score (the early-stopping metric), saying which; with affinity_folds < 2 only in sample."""
+    from training.ranker import RankerConfig, fit_ranker, validation_score
+
+    tt = outcome.two_tower
+    config = RankerConfig(num_boost_round=40)
+    booster, frame, chosen = fit_ranker(trainset, tt, small_world.items, small_world.users, config)
+    in_s, oof = chosen["validation_score_in_sample"], chosen["validation_score_out_of_fold"]
+    assert 0.5 < in_s < 1 and 0.5 < oof < 1
+    assert chosen["affinity_folds"] == (config.affinity_folds if oof > in_s else 1)
+    assert validation_score(booster) == max(in_s, oof)
+    want = add_embedding_affinity(trainset, tt)["embedding_affinity"].to_numpy()
+    train = (trainset["split"] == "train").to_numpy()
+    got = frame["embedding_affinity"].to_numpy()
+    assert np.array_equal(got[~train], want[~train])  # validation / test rows: the full tower's, as serving reads
+    assert np.array_equal(got[train], want[train]) == (chosen["affinity_folds"] == 1)
+    single = fit_ranker(trainset, tt, small_world.items, small_world.users, RankerConfig(num_boost_round=40,
+                                                                                          affinity_folds=1))
+    assert single[2] == {"affinity_folds": 1, "validation_score_in_sample": in_s}

@@ -13,7 +13,7 @@ from features.registry import ranker_feature_names, registry_version
 from models.bundle import Bundle
 from models.item_similarity import ItemSimilarity
 from training.index import build_faiss_index, index_recall_at_k
-from training.ranker import RankerConfig, ranker_training_affinity, train_ranker
+from training.ranker import RankerConfig, fit_ranker
 from training.two_tower import TwoTowerResult, train_two_tower
 from training.two_tower_config import TwoTowerConfig
 
@@ -141,11 +141,8 @@ def train_bundle(training_set: pd.DataFrame, items: pd.DataFrame, users: pd.Data
     recall = float(index_recall_at_k(index, emb, queries, k=min(100, len(emb))))
     timings["index_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    frame = ranker_training_affinity(training_set, tt, items, users, ranker_config.affinity_folds)
-    timings["affinity_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    booster = train_ranker(frame[frame["split"] == "train"], frame[frame["split"] == "validation"], ranker_config)
-    timings["ranker_s"] = time.perf_counter() - t
+    booster, frame, _ = fit_ranker(training_set, tt, items, users, ranker_config)
+    timings["ranker_s"] = time.perf_counter() - t  # the affinity (in sample and out of fold) and both rankers
     t = time.perf_counter()
     metrics = evaluate_models(frame, tt, booster)
     timings["evaluation_s"] = time.perf_counter() - t
