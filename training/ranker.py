@@ -112,7 +112,7 @@ def fit_ranker(rows: pd.DataFrame, tt: Any, items: pd.DataFrame, users: pd.DataF
 
     Why a choice and not always out of fold: the fold towers each see part of the train split, so on a short log
     their affinity is much noisier than the full tower's (the 10-day test world: served NDCG 0.200 in sample,
-    0.171 out of fold), while on longer ones the in-sample affinity is the leak the ranker over-trusts (the
+    0.171 out of fold with 2 blocks, 0.193 with 4; the validation AUC prefers out of fold there as well), while on longer ones the in-sample affinity is the leak the ranker over-trusts (the
     simulator: 0.122 -> 0.137). Returns the booster, the rows it learned from (with their affinity) and what was
     chosen (run metadata)."""
     in_sample = add_embedding_affinity(rows, tt)
@@ -155,8 +155,9 @@ class RankerConfig:
     # ~400 s); a smaller log trains exactly as without the cap. Measured (bench/stages.py, 2y-200k): 745k rows
     # capped at 250k trained in 60 CPU s instead of 138, validation AUC 0.8858 vs 0.8862
     max_train_rows: int = 1_000_000
-    # the train split's embedding affinity out of fold, from towers fit on the other time blocks
-    # (ranker_training_affinity; < 2 = in-sample, as before): one extra tower fit per block
+    # time blocks for the train split's out-of-fold embedding affinity (ranker_training_affinity; fit_ranker keeps
+    # it only where it scores the validation window better than the in-sample one; < 2 = in sample only): a small
+    # log costs ~folds - 1 extra tower fits, one above the tower's per-epoch budget, plus a second ranker
     affinity_folds: int = AFFINITY_FOLDS
 
 
