@@ -173,7 +173,7 @@ def request_profiles(users: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
 def memoized_model(bundle: Any) -> Any:
     """A shallow copy of `bundle` (its own manifest, the same towers, index, ranker and similarity) whose pure model
     functions remember their answers: the ranker's raw scores of a feature matrix (keyed by the matrix's sha256 and
-    shape), the user tower's vector of (user, history), the ANN search of a query and the item-similarity channel.
+    shape), the ANN search of a query and the item-similarity channel.
 
     A replay asks one model version the same questions many times: the prior fit replays the same users once per
     weight tried, the evaluation once per system variant (with / without exploration, MMR). Retrieval, features and
@@ -184,7 +184,6 @@ def memoized_model(bundle: Any) -> Any:
     out = copy.copy(bundle)
     predict = bundle.scorer if bundle.scorer is not None else (lambda x: bundle.ranker.predict(x, num_threads=1))
     scores: dict[tuple, np.ndarray] = {}
-    vectors: dict[tuple, np.ndarray] = {}
     found: dict[tuple, tuple[list[str], np.ndarray]] = {}
     similar: dict[tuple, list[str]] = {}
 
@@ -195,14 +194,6 @@ def memoized_model(bundle: Any) -> Any:
         if hit is None:
             hit = scores[key] = np.asarray(predict(x), dtype=np.float64)
         return hit.copy()
-
-    def user_vector(user_id: str | None, history_item_ids: list[str]) -> np.ndarray:
-        key = (user_id, tuple(history_item_ids))
-        hit = vectors.get(key)
-        if hit is None:
-            hit = vectors[key] = np.asarray(bundle.user_vector(user_id, history_item_ids))
-            hit.setflags(write=False)
-        return hit
 
     def retrieve(query: np.ndarray, k: int) -> tuple[list[str], np.ndarray]:
         q = np.ascontiguousarray(query, dtype=np.float32)
@@ -222,7 +213,9 @@ def memoized_model(bundle: Any) -> Any:
         return list(similar[key])
 
     out.use_scorer(scorer, bundle.scorer_name)
-    out.user_vector, out.retrieve, out.similar_items = user_vector, retrieve, similar_items
+    # the user tower needs no memo here: Bundle.user_vector keeps its answers per (user, history) for the version,
+    # in the cache this shallow copy shares
+    out.retrieve, out.similar_items = retrieve, similar_items
     return out
 
 
