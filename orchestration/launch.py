@@ -74,9 +74,25 @@ def _check_evaluations(instance: Any, run_id: str) -> dict[str, tuple[bool, dict
     return out
 
 
+# how long a submitted run may stay QUEUED with no run-queue daemon heartbeating before launch_job says so
+DAEMON_GRACE_S = 180.0
+
+
+def _queue_daemon_alive(instance: Any, within_s: float) -> bool:
+    """True when a `dagster-daemon` serving this instance's run queue sent a heartbeat in the last `within_s`."""
+    heartbeats = instance.get_daemon_heartbeats()
+    beat = heartbeats.get("QUEUED_RUN_COORDINATOR")
+    return beat is not None and time.time() - beat.timestamp <= within_s
+
+
 def _follow(instance: Any, run_id: str, n_steps: int, started: float, timeout_s: float) -> list[str]:
-    """Poll the run's event log until it finishes; log each finished step with a counter and its seconds."""
-    from dagster import DagsterEventType
+    """Poll the run's event log until it finishes; log each finished step with a counter and its seconds.
+
+    A run that stays QUEUED while no run-queue daemon heartbeats fails after DAEMON_GRACE_S with what to start,
+    instead of waiting out `timeout_s` for a dequeue that cannot come."""
+    import os
+
+    from dagster import DagsterEventType, DagsterRunStatus
     from dagster._core.storage.dagster_run import FINISHED_STATUSES
 
     done: list[str] = []
@@ -98,6 +114,13 @@ def _follow(instance: Any, run_id: str, n_steps: int, started: float, timeout_s:
         run = instance.get_run_by_id(run_id)
         if run is not None and run.status in FINISHED_STATUSES:
             return done
+        waited = time.perf_counter() - started
+        if (run is not None and run.status == DagsterRunStatus.QUEUED and waited > DAEMON_GRACE_S
+                and not _queue_daemon_alive(instance, DAEMON_GRACE_S)):
+            raise RuntimeError(f"Dagster run {run_id} still QUEUED after {waited:.0f} s and no dagster-daemon has "
+                               f"served this instance's run queue (DAGSTER_HOME={os.environ.get('DAGSTER_HOME')}) "
+                               f"in the last {DAEMON_GRACE_S:.0f} s: start one (`make ui` runs `dagster dev`, or "
+                               f"`dagster-daemon run -w workspace.yaml`) or launch without the queue")
         if time.perf_counter() - started > timeout_s:
             raise TimeoutError(f"Dagster run {run_id} still {run.status.value if run else 'unknown'} after "
                                f"{timeout_s:.0f} s: look at it in the UI (`make ui`), Runs tab")

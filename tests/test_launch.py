@@ -85,6 +85,25 @@ def test_ingest_day_launched_through_the_run_launcher_succeeds(tmp_path: Path, r
         assert len(bronze) == len(silver) + len(quarantine) and len(silver) > 0
 
 
+def _tail(path: Path, n: int = 6000) -> str:
+    return path.read_bytes()[-n:].decode("utf-8", "replace") if path.exists() else "(no log)"
+
+
+def _wait_for_queue_daemon(instance: DagsterInstance, daemon: subprocess.Popen, log_path: Path,
+                           timeout_s: float = 300) -> None:
+    """Submit only once the daemon's run-queue thread heartbeats: a daemon that died or never came up fails here
+    with its own log, not as a run that sits QUEUED until the launch times out."""
+    import time
+
+    from orchestration.launch import _queue_daemon_alive
+
+    deadline = time.monotonic() + timeout_s
+    while not _queue_daemon_alive(instance, within_s=120):
+        assert daemon.poll() is None, f"dagster-daemon exited with {daemon.returncode}:\n{_tail(log_path)}"
+        assert time.monotonic() < deadline, f"no run-queue heartbeat after {timeout_s:.0f} s:\n{_tail(log_path)}"
+        time.sleep(1)
+
+
 def test_a_queued_run_is_launched_by_the_daemon(tmp_path: Path, redis_server) -> None:
     """What the UI's Launch button and the sensors do under `dagster dev`: the run goes to the instance's
     QueuedRunCoordinator and a real `dagster-daemon` dequeues it, launches it and it succeeds (lake maintenance,
@@ -99,13 +118,18 @@ def test_a_queued_run_is_launched_by_the_daemon(tmp_path: Path, redis_server) ->
         lake = DeltaLake(settings.lake_uri)
         lake.write_batch("item_features", pd.DataFrame({"item_id": ["i1", "i2"], "ingest_date": ["2026-01-02"] * 2}),
                          batch_id="2026-01-02", replace_where="ingest_date = '2026-01-02'")  # a table drain_stream leaves alone
+        daemon_log = tmp_path / "daemon.log"
         daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(WORKSPACE)],
                                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=daemon_log.open("wb"), stderr=subprocess.STDOUT)
         try:
             with DagsterInstance.get() as instance:
                 assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
-                run = launch_job("lake_maintenance_job", instance=instance, timeout_s=800, queued=True)
+                _wait_for_queue_daemon(instance, daemon, daemon_log)
+                try:
+                    run = launch_job("lake_maintenance_job", instance=instance, timeout_s=400, queued=True)
+                except (RuntimeError, TimeoutError) as exc:  # what the daemon said, beside what launch_job saw
+                    raise AssertionError(f"{exc}\n--- dagster-daemon log tail ---\n{_tail(daemon_log)}") from exc
                 assert run.success, run.failure
                 stored = instance.get_run_by_id(run.run_id)
                 assert stored.remote_job_origin is not None and stored.job_name == "lake_maintenance_job"
@@ -118,9 +142,12 @@ def test_a_queued_run_is_launched_by_the_daemon(tmp_path: Path, redis_server) ->
                 publish(client, [{"event_id": f"q{k}", "user_id": f"u{k % 5}", "item_id": f"i{k % 9}",
                                   "event_type": "click", "timestamp": 1_767_225_600_000 + k,
                                   "session_id": f"s{k % 5}", "schema_version": 1} for k in range(40)])
-                drain = launch_job("drain_stream", {"ops": {"consume_stream": {"config": {
-                    "max_seconds": 120, "bronze_window_ms": 200, "reclaim_idle_ms": 1000}}}},
-                    instance=instance, timeout_s=800, queued=True)
+                try:
+                    drain = launch_job("drain_stream", {"ops": {"consume_stream": {"config": {
+                        "max_seconds": 120, "bronze_window_ms": 200, "reclaim_idle_ms": 1000}}}},
+                        instance=instance, timeout_s=400, queued=True)
+                except (RuntimeError, TimeoutError) as exc:
+                    raise AssertionError(f"{exc}\n--- dagster-daemon log tail ---\n{_tail(daemon_log)}") from exc
                 assert drain.success, drain.failure
                 assert client.hgetall(COUNTS_KEY) == {"applied": "40"}
                 assert len(lake.read("bronze_events")) == 40  # the dual write's own process, under the step process
@@ -131,6 +158,22 @@ def test_a_queued_run_is_launched_by_the_daemon(tmp_path: Path, redis_server) ->
             except subprocess.TimeoutExpired:
                 os.killpg(daemon.pid, signal.SIGKILL)
                 daemon.wait(timeout=30)
+
+
+def test_a_queued_run_without_a_daemon_says_what_to_start(tmp_path: Path, redis_server, monkeypatch) -> None:
+    """Submitted to the queue with no `dagster-daemon` running, the run can never be dequeued: launch_job fails
+    after the grace period naming the missing daemon and how to start it, instead of waiting out its timeout."""
+    import pytest
+
+    from orchestration import launch
+
+    monkeypatch.setattr(launch, "DAEMON_GRACE_S", 5.0)
+    with fresh_home(tmp_path / "kairos", redis_server.url):
+        with DagsterInstance.get() as instance:
+            with pytest.raises(RuntimeError, match=r"still QUEUED .* no dagster-daemon .*`dagster-daemon run -w workspace.yaml`"):
+                launch.launch_job("lake_maintenance_job", instance=instance, timeout_s=300, queued=True)
+            [run] = instance.get_runs()
+            assert run.status.value == "QUEUED" and run.job_name == "lake_maintenance_job"
 
 
 MULTIPROCESS = {"execution": {"config": {"multiprocess": {"max_concurrent": 2}}}}
