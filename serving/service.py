@@ -151,6 +151,8 @@ class KairosRanker(ModelSlots):
         contend for its GIL (tail latency); concurrency comes from the workers (one per core). (Run inline on the
         loop instead, the server pipeline's p50 under 4 clients was 13-19 ms against 7-12 ms this way in 5
         alternating pairs on the shared box, with the same open-loop p99: kept this way.)"""
+        if self.serve.pipeline_on_loop:
+            return self._personalize_sync(body, time.perf_counter())
         import anyio
 
         limiter = self._limiter
