@@ -88,8 +88,8 @@ class ServeSettings:
     switch_interval_ms: float = 0.0
     # /v1/personalize runs the pipeline on the worker's event loop thread (True) or hands it to a thread under a
     # one-slot limiter (False). On the loop, a worker busy with a request does not accept connections, so a
-    # keep-alive client's connections spread over the workers; with the hand-off the idle loop of the busy worker
-    # took them all (4 of 4 A/B rows: one worker 5 ms CPU per request, the other 0.1; README "Measured", issue 21)
+    # keep-alive client's connections spread over the workers more often: in 3 A/B runs one worker held every
+    # connection in 8 of 12 load rows with the hand-off, 2 of 12 on the loop (README "Measured", issue 21)
     pipeline_on_loop: bool = True
 
     @property
