@@ -4,6 +4,7 @@
     .venv/bin/python bench/ranking.py --clients 4 8 --seconds 15 --no-fault --home /tmp/kairos-bench
     .venv/bin/python bench/ranking.py --rates 10 20 30     # also the open-loop p99 at these arrival rates
     .venv/bin/python bench/ranking.py --driver httpx wrk --no-fault   # the closed loop with both drivers, one run
+    .venv/bin/python bench/ranking.py --no-fault --vs KAIROS_PIPELINE_ON_LOOP=1 --repeat 2   # A/B, two servers, one run
 
 Builds a fresh world through the real asset graph (Dagster, Spark, Delta, MLflow) in a
 temporary KAIROS_HOME (or `--home`, reused on the next run) with an embedded redis-server, starts the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -352,6 +354,11 @@ def main() -> int:
                         help="KAIROS_HOME to build the world in, or to reuse if a previous run built it there")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="only the in-process CPU per request over N requests (no server), then exit")
+    parser.add_argument("--vs", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="A/B in one run: a second server with these environment variables on top (e.g. "
+                             "KAIROS_PIPELINE_ON_LOOP=1); every load row runs on A, then on B")
+    parser.add_argument("--repeat", type=int, default=1, help="run each load row this many times (A, B, A, B, ...); "
+                                                              "the figures take the median")
     parser.add_argument("--cprofile", type=int, default=0, metavar="TOP",
                         help="with --profile: also print cProfile's TOP functions by own time")
     args = parser.parse_args()
@@ -425,24 +432,38 @@ def main() -> int:
     workers = ServeSettings.from_env().worker_count  # what the server started below will run
     cores = _cores()
 
-    port = free_port()
     env = {**os.environ, "KAIROS_HOME": str(home), "REDIS_URL": redis.url, "KAIROS_ACCESS_LOG": "0",
            "KAIROS_IMPRESSION_LOG": os.environ.get("KAIROS_IMPRESSION_LOG", "1")}
-    proc = start_server(port, env=env)
-    base = f"http://127.0.0.1:{port}"
+    # --vs: a second server with these variables on top, every load row run on A then on B (--repeat times), so
+    # the comparison sees the same minutes of the shared machine; without it, one server labelled ""
+    vs = dict(kv.split("=", 1) for kv in args.vs)
+    variants: dict[str, dict[str, str]] = {"A": {}, "B": vs} if vs else {"": {}}
+    procs: dict[str, subprocess.Popen] = {}
+    bases: dict[str, str] = {}
     try:
-        wait_ready(base, timeout_s=180, proc=proc)
-        load(base, users, now_ms, 2, 3.0)  # warm-up
+        for label, extra in variants.items():
+            port = free_port()
+            while f"http://127.0.0.1:{port}" in bases.values():
+                port = free_port()
+            procs[label] = start_server(port, env={**env, **extra})
+            bases[label] = f"http://127.0.0.1:{port}"
+        for label in variants:
+            wait_ready(bases[label], timeout_s=180, proc=procs[label])
+            load(bases[label], users, now_ms, 2, 3.0)  # warm-up
+        if vs:
+            print(f"\n[bench] A/B in one run: server A as configured, server B with {' '.join(args.vs)}; each load "
+                  f"row runs on A, then on B, {args.repeat} time(s); the figures below take the median of the repeats")
         import httpx
 
-        with httpx.Client(base_url=base, timeout=10) as http:  # the HTTP floor: a route that does nothing
-            probe = []
-            for _ in range(300):
-                t = time.perf_counter()
-                http.get("/healthz")
-                probe.append((time.perf_counter() - t) * 1000)
-        print(f"\nHTTP floor (GET /healthz, 1 client): p50 {np.percentile(probe, 50):.2f} ms, "
-              f"p99 {np.percentile(probe, 99):.2f} ms")
+        for label in variants:
+            with httpx.Client(base_url=bases[label], timeout=10) as http:  # the HTTP floor: a route that does nothing
+                probe = []
+                for _ in range(300):
+                    t = time.perf_counter()
+                    http.get("/healthz")
+                    probe.append((time.perf_counter() - t) * 1000)
+            print(f"\nHTTP floor{' ' + label if label else ''} (GET /healthz, 1 client): p50 {np.percentile(probe, 50):.2f} ms, "
+                  f"p99 {np.percentile(probe, 99):.2f} ms")
         drivers = list(dict.fromkeys(args.driver))
         print(f"\n[bench] load average before the HTTP load: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(f"\nHTTP load, closed loop, 200 candidates, {workers} BentoML worker(s) on {cores} core(s), "
@@ -450,45 +471,53 @@ def main() -> int:
               f"{cores} cores x the load window: client / server / redis / rest of the machine; srv ms/req = the "
               f"server's CPU per request; runq ms/req = the time its threads were runnable but waited for a CPU, "
               f"per request):")
-        print(f"  {'driver':>6} {'clients':>7} {'requests':>8} {'req/s':>7} {'p50':>7} {'p95':>7} {'p99':>7} "
+        print(f"  {'':>2} {'driver':>6} {'clients':>7} {'requests':>8} {'req/s':>7} {'p50':>7} {'p95':>7} {'p99':>7} "
               f"{'pipeline':>8} {'cpu c/s/r/o':>20} {'c/s':>5} {'srv ms/req':>10} {'runq ms/req':>11}  codes / served_by")
-        closed: dict[str, dict[int, dict]] = {d: {} for d in drivers}
+        closed: dict[str, dict[str, dict[int, list[dict]]]] = {v: {d: {} for d in drivers} for v in variants}
         redis_pid = getattr(getattr(redis, "process", None), "pid", None)
         for driver in drivers:
             for c in args.clients:
-                window = CpuWindow(proc.pid, redis_pid).start()
-                if driver == "wrk":
-                    from bench.wrk_load import wrk_load
+                for _rep in range(args.repeat):
+                    for label in variants:
+                        base, proc = bases[label], procs[label]
+                        window = CpuWindow(proc.pid, redis_pid).start()
+                        if driver == "wrk":
+                            from bench.wrk_load import wrk_load
 
-                    r = wrk_load(base, users, now_ms, c, args.seconds, threads=args.wrk_threads)
-                    win = window.stop()
-                    client_cpu = r["client_cpu_s"]
-                else:
-                    r = load(base, users, now_ms, c, args.seconds)
-                    win = window.stop()
-                    client_cpu = win["bench_cpu_s"]  # this process: the client threads (the main thread waits)
-                    r["non_2xx"] = sum(n for code, n in r["codes"].items() if not 200 <= int(code) < 300)
-                r["cpu"] = cpu_shares(win, client_cpu, cores)
-                # the server's CPU per answered request (all its processes): the pipeline's (--profile) + HTTP's
-                r["server_cpu_ms"] = win["server_cpu_s"] * 1000 / max(r["requests"], 1)
-                r["server_runq_ms"] = win["server_runq_s"] * 1000 / max(r["requests"], 1)
-                closed[driver][c] = r
-                cpu = r["cpu"]
-                print(f"  {driver:>6} {c:>7} {r['requests']:>8} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} "
-                      f"{r['p99']:>7.1f} {r['pipeline_p50']:>8.1f} "
-                      f"{cpu['client']:>5.1%} /{cpu['server']:>4.0%} /{cpu['redis']:>4.0%} /{cpu['other']:>4.0%} "
-                      f"{cpu['client_per_server']:>5.2f} {r['server_cpu_ms']:>10.2f} {r['server_runq_ms']:>11.2f}  non-2xx {r['non_2xx']} {r['codes']} {r['served_by']}", flush=True)
-                print(f"  {'':>6} {'':>7} server CPU by process, busiest first (ms/req): "
-                      + " / ".join(f"{s * 1000 / max(r['requests'], 1):.2f}" for s in win["server_by_process_s"]),
-                      flush=True)
-                if driver == "wrk":
-                    sample = sample_served_by(base, users, now_ms)
-                    print(f"  {'':>6} {'':>7} after it, 20 httpx requests: {sample['codes']} {sample['served_by']}",
-                          flush=True)
-        saturated = {d: max(r["rps"] for r in rows.values()) for d, rows in closed.items() if rows}
-        halves = {d: round(v / 2) for d, v in saturated.items()}
+                            r = wrk_load(base, users, now_ms, c, args.seconds, threads=args.wrk_threads)
+                            win = window.stop()
+                            client_cpu = r["client_cpu_s"]
+                        else:
+                            r = load(base, users, now_ms, c, args.seconds)
+                            win = window.stop()
+                            client_cpu = win["bench_cpu_s"]  # this process: the client threads (the main thread waits)
+                            r["non_2xx"] = sum(n for code, n in r["codes"].items() if not 200 <= int(code) < 300)
+                        r["cpu"] = cpu_shares(win, client_cpu, cores)
+                        # the server's CPU per answered request (all its processes): the pipeline's (--profile) + HTTP's
+                        r["server_cpu_ms"] = win["server_cpu_s"] * 1000 / max(r["requests"], 1)
+                        r["server_runq_ms"] = win["server_runq_s"] * 1000 / max(r["requests"], 1)
+                        closed[label][driver].setdefault(c, []).append(r)
+                        cpu = r["cpu"]
+                        print(f"  {label:>2} {driver:>6} {c:>7} {r['requests']:>8} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} "
+                              f"{r['p99']:>7.1f} {r['pipeline_p50']:>8.1f} "
+                              f"{cpu['client']:>5.1%} /{cpu['server']:>4.0%} /{cpu['redis']:>4.0%} /{cpu['other']:>4.0%} "
+                              f"{cpu['client_per_server']:>5.2f} {r['server_cpu_ms']:>10.2f} {r['server_runq_ms']:>11.2f}  non-2xx {r['non_2xx']} {r['codes']} {r['served_by']}", flush=True)
+                        print(f"  {'':>2} {'':>6} {'':>7} server CPU by process, busiest first (ms/req): "
+                              + " / ".join(f"{s * 1000 / max(r['requests'], 1):.2f}" for s in win["server_by_process_s"]),
+                              flush=True)
+                        if driver == "wrk":
+                            sample = sample_served_by(base, users, now_ms)
+                            print(f"  {'':>2} {'':>6} {'':>7} after it, 20 httpx requests: {sample['codes']} {sample['served_by']}",
+                                  flush=True)
+
+        def median_of(rows: list[dict], key: str) -> float:
+            return float(np.median([r[key] for r in rows]))
+
+        saturated = {(v, d): max(median_of(rows, "rps") for rows in by_c.values())
+                     for v, by_driver in closed.items() for d, by_c in by_driver.items() if by_c}
+        halves = {k: round(s / 2) for k, s in saturated.items()}
         rates = list(dict.fromkeys(list(args.rates or []) + [h for h in halves.values() if h]))
-        open_at: dict[float, dict] = {}
+        open_at: dict[tuple[str, float], list[dict]] = {}
         if rates:
             from bench.open_loop import open_loop
 
@@ -497,56 +526,67 @@ def main() -> int:
                   "pipeline, both from the server-timing header; srv / runq ms/req = the server's CPU and run-queue "
                   "wait per request; tail = mean split of the requests at or above the p99: lag + wait + app + "
                   "rest = the worker's event loop, HTTP, network), 200 candidates:")
-            print(f"  {'req/s':>7} {'requests':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'lag p99':>7} {'wait p99':>8} "
+            print(f"  {'':>2} {'req/s':>7} {'requests':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'lag p99':>7} {'wait p99':>8} "
                   f"{'app p99':>7} {'client':>6} {'srv ms/req':>10} {'runq ms/req':>11}  tail: latency = lag + wait + app + rest  codes")
             for rate in rates:
-                window = CpuWindow(proc.pid, redis_pid).start()
-                r = open_at[rate] = open_loop(base, users, now_ms, rate, args.seconds)
-                win = window.stop()
-                r["server_cpu_ms"] = win["server_cpu_s"] * 1000 / max(r["requests"], 1)
-                r["server_runq_ms"] = win["server_runq_s"] * 1000 / max(r["requests"], 1)
-                which = [d for d, h in halves.items() if h == rate]
-                tail = r.get("tail") or {}
-                print(f"  {rate:>7.0f} {r['requests']:>8} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} "
-                      f"{r['send_lag_p99']:>7.1f} {r['wait_p99']:>8.1f} {r['app_p99']:>7.1f} "
-                      f"{r['client_cpu_s'] / max(r['wall_s'] * cores, 1e-9):>6.1%} {r['server_cpu_ms']:>10.2f} "
-                      f"{r['server_runq_ms']:>11.2f}  "
-                      f"{tail.get('latency', float('nan')):.1f} = {tail.get('send_lag', float('nan')):.1f} + "
-                      f"{tail.get('wait', float('nan')):.1f} + {tail.get('app', float('nan')):.1f} + "
-                      f"{tail.get('rest', float('nan')):.1f}  {r['codes']}"
-                      + (f"  (half the saturated rate, {'/'.join(which)})" if which else ""), flush=True)
+                for _rep in range(args.repeat):
+                    for label in variants:
+                        window = CpuWindow(procs[label].pid, redis_pid).start()
+                        r = open_loop(bases[label], users, now_ms, rate, args.seconds)
+                        open_at.setdefault((label, rate), []).append(r)
+                        win = window.stop()
+                        r["server_cpu_ms"] = win["server_cpu_s"] * 1000 / max(r["requests"], 1)
+                        r["server_runq_ms"] = win["server_runq_s"] * 1000 / max(r["requests"], 1)
+                        which = [d for (v, d), h in halves.items() if h == rate and v == label]
+                        tail = r.get("tail") or {}
+                        print(f"  {label:>2} {rate:>7.0f} {r['requests']:>8} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} "
+                              f"{r['send_lag_p99']:>7.1f} {r['wait_p99']:>8.1f} {r['app_p99']:>7.1f} "
+                              f"{r['client_cpu_s'] / max(r['wall_s'] * cores, 1e-9):>6.1%} {r['server_cpu_ms']:>10.2f} "
+                              f"{r['server_runq_ms']:>11.2f}  "
+                              f"{tail.get('latency', float('nan')):.1f} = {tail.get('send_lag', float('nan')):.1f} + "
+                              f"{tail.get('wait', float('nan')):.1f} + {tail.get('app', float('nan')):.1f} + "
+                              f"{tail.get('rest', float('nan')):.1f}  {r['codes']}"
+                              + (f"  (half the saturated rate, {'/'.join(which)})" if which else ""), flush=True)
         print(f"\n[bench] load average after the HTTP load: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         p50, p99 = floor["total"]
-        print("\nIssue 21 figures (one run; targets from the in-process figures of this same run):")
+        print("\nIssue 21 figures (one run; targets from the in-process figures of this same run"
+              + (f"; median of {args.repeat} repeats" if args.repeat > 1 else "") + "):")
         target = 0.7 * cores * 1000 / p50
         print(f"  in process: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
-        for driver, rows in closed.items():
-            if not rows:
-                continue
-            best = max(rows, key=lambda c: rows[c]["rps"])
-            sat = saturated[driver]
-            print(f"  [{driver}] saturated throughput {sat:.0f} req/s ({best} clients) vs 0.7 x {cores} cores x 1000 / "
-                  f"{p50:.2f} ms = {target:.0f} req/s: {sat / target:.2f} of the target "
-                  f"({'met' if sat >= target else 'NOT met'}); client CPU {rows[best]['cpu']['client']:.1%} of the "
-                  f"cores, server {rows[best]['cpu']['server']:.0%}, rest of the machine {rows[best]['cpu']['other']:.0%}")
-            # what the server's own CPU cost allows when it has the cores to itself (neighbours' load taken out):
-            # cores x 1000 / the server's CPU ms per request, at the saturated row
-            capacity = cores * 1000 / max(rows[best]["server_cpu_ms"], 1e-9)
-            print(f"  [{driver}] server CPU per request {rows[best]['server_cpu_ms']:.2f} ms (in process, pipeline only: "
-                  f"see --profile) -> {capacity:.0f} req/s on {cores} cores at 100% = {capacity / target:.2f} of the target")
-            at_half = open_at.get(halves[driver])
-            if at_half is not None:
-                print(f"  [{driver}] p99 at half the saturated rate ({halves[driver]} req/s, open loop, bench/open_loop.py) "
-                      f"{at_half['p99']:.1f} ms vs 2 x in-process p99 = {2 * p99:.1f} ms: {at_half['p99'] / (2 * p99):.2f} "
-                      f"({'met' if at_half['p99'] <= 2 * p99 else 'NOT met'})")
-            if 4 in rows:
-                pipe = rows[4]["pipeline_p50"]
-                print(f"  [{driver}] server pipeline p50 under 4 clients {pipe:.2f} ms vs 1.5 x in-process p50 = "
-                      f"{1.5 * p50:.2f} ms: {pipe / p50:.2f} x in-process ({'met' if pipe <= 1.5 * p50 else 'NOT met'})")
+        for label in variants:
+            tag = f"{label + ' ' if label else ''}{'with ' + ' '.join(args.vs) + ' ' if label == 'B' else ''}"
+            for driver, by_c in closed[label].items():
+                if not by_c:
+                    continue
+                best = max(by_c, key=lambda c: median_of(by_c[c], "rps"))
+                sat = saturated[(label, driver)]
+                row = by_c[best]
+                print(f"  {tag}[{driver}] saturated throughput {sat:.0f} req/s ({best} clients) vs 0.7 x {cores} cores x 1000 / "
+                      f"{p50:.2f} ms = {target:.0f} req/s: {sat / target:.2f} of the target "
+                      f"({'met' if sat >= target else 'NOT met'}); client CPU {np.median([r['cpu']['client'] for r in row]):.1%} of the "
+                      f"cores, server {np.median([r['cpu']['server'] for r in row]):.0%}, rest of the machine "
+                      f"{np.median([r['cpu']['other'] for r in row]):.0%}")
+                # what the server's own CPU cost allows when it has the cores to itself (neighbours' load taken out):
+                # cores x 1000 / the server's CPU ms per request, at the saturated row
+                srv_ms = median_of(row, "server_cpu_ms")
+                capacity = cores * 1000 / max(srv_ms, 1e-9)
+                print(f"  {tag}[{driver}] server CPU per request {srv_ms:.2f} ms (in process, pipeline only: "
+                      f"see --profile) -> {capacity:.0f} req/s on {cores} cores at 100% = {capacity / target:.2f} of the target")
+                at_half = open_at.get((label, halves[(label, driver)]))
+                if at_half:
+                    half_p99 = median_of(at_half, "p99")
+                    print(f"  {tag}[{driver}] p99 at half the saturated rate ({halves[(label, driver)]} req/s, open loop, "
+                          f"bench/open_loop.py) {half_p99:.1f} ms vs 2 x in-process p99 = {2 * p99:.1f} ms: "
+                          f"{half_p99 / (2 * p99):.2f} ({'met' if half_p99 <= 2 * p99 else 'NOT met'})")
+                if 4 in by_c:
+                    pipe = median_of(by_c[4], "pipeline_p50")
+                    print(f"  {tag}[{driver}] server pipeline p50 under 4 clients {pipe:.2f} ms vs 1.5 x in-process p50 = "
+                          f"{1.5 * p50:.2f} ms: {pipe / p50:.2f} x in-process ({'met' if pipe <= 1.5 * p50 else 'NOT met'})")
         if "compiled" in ranker:
             print(f"  ranker at {ranker['rows']} candidates: compiled p50 {ranker['compiled'][0]:.3f} ms vs LightGBM "
                   f"{ranker['lightgbm'][0]:.3f} ms ({ranker['lightgbm'][0] / ranker['compiled'][0]:.1f}x), "
                   f"max |diff| {ranker['max_abs_diff']:.1e}")
+        base = bases[next(iter(variants))]
         if not args.no_fault:
             import redis as redis_lib
 
@@ -586,7 +626,8 @@ def main() -> int:
             if box.get("revived") is not None:
                 box["revived"].stop()
     finally:
-        stop_server(proc)
+        for proc in procs.values():
+            stop_server(proc)
         redis.stop()
     return 0
 

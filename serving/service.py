@@ -146,11 +146,14 @@ class KairosRanker(ModelSlots):
     # each route answers with a serialized Response (no pydantic pass over the output); output_spec publishes its schema
     @bentoml.api(route="/v1/personalize", output_spec=PersonalizeResponse)
     async def personalize(self, body: PersonalizeRequest, /) -> Response:
-        """Async on the event loop; the synchronous pipeline runs in a thread under a one-slot CapacityLimiter
-        per worker process: the pipeline is CPU-bound Python, so several request threads of one worker only
-        contend for its GIL (tail latency); concurrency comes from the workers (one per core). (Run inline on the
-        loop instead, the server pipeline's p50 under 4 clients was 13-19 ms against 7-12 ms this way in 5
-        alternating pairs on the shared box, with the same open-loop p99: kept this way.)"""
+        """Async on the event loop. By default (KAIROS_PIPELINE_ON_LOOP=1) the synchronous pipeline runs right
+        here, on the loop's thread: the pipeline is CPU-bound Python, so concurrency comes from the workers (one per
+        core), and a worker busy with a request neither reads nor accepts until it answers, so new connections
+        go to an idle worker more often (with the hand-off below one worker held every keep-alive connection in 8
+        of 12 A/B load rows, on the loop in 2 of 12: the accept is still a race between the workers). KAIROS_PIPELINE_ON_LOOP=0: the pipeline runs in a thread under a
+        one-slot CapacityLimiter per worker (request threads of one worker would only contend for its GIL)."""
+        if self.serve.pipeline_on_loop:
+            return self._personalize_sync(body)  # no slot to wait for: `wait` is 0
         import anyio
 
         limiter = self._limiter
@@ -160,7 +163,8 @@ class KairosRanker(ModelSlots):
 
     def _personalize_sync(self, body: PersonalizeRequest, arrived: float | None = None) -> Response:
         """The pipeline's answer; its `server-timing` header says how long the request `wait`ed for this
-        worker's pipeline slot (from the handler's entry: the limiter's queue and the thread handoff) and how long
+        worker's pipeline slot (from the handler's entry: the limiter's queue and the thread handoff; 0 when the
+        pipeline runs on the loop, where a request waits before the handler, in the socket) and how long
         the `app` took (ms), so a client can tell a queue in front of a worker from a slow pipeline or a slow HTTP
         path (bench/open_loop.py reads it)."""
         started = time.perf_counter()

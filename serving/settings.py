@@ -50,6 +50,7 @@ ENV_VARS: dict[str, str] = {
     "canary_share": "KAIROS_CANARY_SHARE",
     "profile_out": "KAIROS_PROFILE_OUT",
     "switch_interval_ms": "KAIROS_SWITCH_INTERVAL_MS",
+    "pipeline_on_loop": "KAIROS_PIPELINE_ON_LOOP",
 }
 # `experiment` is KAIROS_EXPERIMENT (+ KAIROS_EXPERIMENT_MODE), parsed by serving.experiments.Experiment.from_env
 
@@ -85,6 +86,11 @@ class ServeSettings:
     # the worker's sys.setswitchinterval in ms (0: Python's 5 ms): how long a thread holding the GIL keeps it
     # while another (the event loop, the pipeline thread) waits for it
     switch_interval_ms: float = 0.0
+    # /v1/personalize runs the pipeline on the worker's event loop thread (True) or hands it to a thread under a
+    # one-slot limiter (False). On the loop, a worker busy with a request does not accept connections, so a
+    # keep-alive client's connections spread over the workers more often: in 3 A/B runs one worker held every
+    # connection in 8 of 12 load rows with the hand-off, 2 of 12 on the loop (README "Measured", issue 21)
+    pipeline_on_loop: bool = True
 
     @property
     def worker_count(self) -> int:
@@ -120,6 +126,7 @@ class ServeSettings:
             canary_share=env_number(env, v["canary_share"], float, d.canary_share, 0.0, 1.0),
             profile_out=env.get(v["profile_out"]) or None,
             switch_interval_ms=env_number(env, v["switch_interval_ms"], float, d.switch_interval_ms, 0.0),
+            pipeline_on_loop=env_flag(env, v["pipeline_on_loop"], d.pipeline_on_loop),
         )
 
 

@@ -309,6 +309,43 @@ def test_bentoml_server_over_http(trained, snapshot, store: OnlineStore, redis_s
     assert proc.poll() is not None
 
 
+def test_pipeline_on_the_loop_or_handed_to_a_thread_answers_alike(snapshot, store: OnlineStore,
+                                                                   redis_server: EmbeddedRedis, settings,
+                                                                   tmp_path: Path) -> None:
+    """KAIROS_PIPELINE_ON_LOOP (default on: the pipeline on the worker's event loop) and =0 (handed to a thread under
+    the one-slot limiter) serve the same answer; the server-timing header says the slot wait (0 on the loop)."""
+    from serving.server import start_server, stop_server, wait_ready
+    from serving.settings import ServeSettings
+
+    assert ServeSettings().pipeline_on_loop and not ServeSettings.from_env({"KAIROS_PIPELINE_ON_LOOP": "0"}).pipeline_on_loop
+    with pytest.raises(ValueError, match="KAIROS_PIPELINE_ON_LOOP"):
+        ServeSettings.from_env({"KAIROS_PIPELINE_ON_LOOP": "sometimes"})
+    _, _, _, now_ms = snapshot
+    env = {**os.environ, **SERVER_ENV, "KAIROS_HOME": str(settings.home), "REDIS_URL": redis_server.url,
+           "KAIROS_SERVE_WORKERS": "1", "KAIROS_IMPRESSION_LOG": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    procs, answers = {}, {}
+    try:
+        for on_loop in ("1", "0"):
+            port = free_port()
+            procs[on_loop] = (start_server(port, env={**env, "KAIROS_PIPELINE_ON_LOOP": on_loop},
+                                           log_path=tmp_path / f"server-{on_loop}.log"), f"http://127.0.0.1:{port}")
+        for on_loop, (proc, base) in procs.items():
+            wait_ready(base, timeout_s=90, proc=proc)
+            with httpx.Client(base_url=base, timeout=30) as http:
+                rs = [http.post("/v1/personalize", json=_request(f"u{k:05d}", session="s1", ts=now_ms)) for k in range(5)]
+            assert all(r.status_code == 200 for r in rs), [r.text[:200] for r in rs]
+            timing = dict(part.strip().split(";dur=") for part in rs[-1].headers["server-timing"].split(","))
+            assert set(timing) == {"wait", "app"} and float(timing["app"]) > 0
+            if on_loop == "1":
+                assert float(timing["wait"]) == 0.0  # no slot to wait for: the request waited in the socket
+            answers[on_loop] = [([i["item_id"] for i in r.json()["ranked_items"]], r.json()["served_by"]) for r in rs]
+    finally:
+        for proc, _ in procs.values():
+            stop_server(proc)
+    assert answers["1"] == answers["0"] and all(len(items) == 10 for items, _ in answers["1"])
+
+
 def test_channels_and_exploration_in_a_real_request(trained, store: OnlineStore, snapshot) -> None:
     from serving.rerank import RerankConfig
 
