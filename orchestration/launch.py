@@ -90,8 +90,6 @@ def _follow(instance: Any, run_id: str, n_steps: int, started: float, timeout_s:
 
     A run that stays QUEUED while no run-queue daemon heartbeats fails after DAEMON_GRACE_S with what to start,
     instead of waiting out `timeout_s` for a dequeue that cannot come."""
-    import os
-
     from dagster import DagsterEventType, DagsterRunStatus
     from dagster._core.storage.dagster_run import FINISHED_STATUSES
 
@@ -118,7 +116,7 @@ def _follow(instance: Any, run_id: str, n_steps: int, started: float, timeout_s:
         if (run is not None and run.status == DagsterRunStatus.QUEUED and waited > DAEMON_GRACE_S
                 and not _queue_daemon_alive(instance, DAEMON_GRACE_S)):
             raise RuntimeError(f"Dagster run {run_id} still QUEUED after {waited:.0f} s and no dagster-daemon has "
-                               f"served this instance's run queue (DAGSTER_HOME={os.environ.get('DAGSTER_HOME')}) "
+                               f"served this instance's run queue (DAGSTER_HOME={getattr(instance, 'root_directory', '?')}) "
                                f"in the last {DAEMON_GRACE_S:.0f} s: start one (`make ui` runs `dagster dev`, or "
                                f"`dagster-daemon run -w workspace.yaml`) or launch without the queue")
         if time.perf_counter() - started > timeout_s:
