@@ -118,24 +118,11 @@ else:
         use_tuned_params=(bool, False))
 
 
-def _lake_frames(lake: LakeResource, items: pd.DataFrame, users: pd.DataFrame
-                 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """What the catalog replay reads of the lake (training/served_eval.py): labels, silver's engagements, the user
-    and item feature snapshots, the catalog's items and users."""
-    store = lake.lake()
-    return (store.read(LABELS), store.read(SILVER, columns=["user_id", "item_id", "event_type", "timestamp", "session_id"]),
-            store.read(USER_FEATURES), store.read(ITEM_FEATURES), items, users)
-
-
-@asset(deps=[TRAINING_SET, ITEMS, USERS, LABELS, SILVER, USER_FEATURES, ITEM_FEATURES], group_name=GROUP,
-       code_version=source_version(__file__, "training/ranker.py", "training/served_eval.py"),
-       description="LightGBM ranker over the registry's features plus the two-tower affinity (in sample or out of "
-                   "fold: the variant whose served list scores the validation window best).")
-def ranker_model(context: AssetExecutionContext, config: RankerTrainConfig, two_tower_model: Any, faiss_index: bytes,
-                 lake: LakeResource, artifacts: ArtifactsResource) -> Output:
-    from serving.rerank import RerankConfig
+@asset(deps=[TRAINING_SET, ITEMS, USERS], group_name=GROUP, code_version=source_version(__file__, "training/ranker.py"),
+       description="LightGBM ranker over the registry's features plus the two-tower affinity.")
+def ranker_model(context: AssetExecutionContext, config: RankerTrainConfig,
+                 two_tower_model: Any, lake: LakeResource, artifacts: ArtifactsResource) -> Output:
     from training.ranker import fit_ranker
-    from training.served_eval import validation_catalog_scorer
 
     frame, items, users, pins = _load_training_inputs(lake)
     ranker_config = to_dataclass(config, RankerConfig)
@@ -144,13 +131,7 @@ def ranker_model(context: AssetExecutionContext, config: RankerTrainConfig, two_
 
         ranker_config = load_tuned(artifacts.path("tuning"), ranker_config)
         context.log.info(f"ranker uses tuned parameters: {ranker_config}")
-    valid, test = frame[frame["split"] == "validation"], frame[frame["split"] == "test"]
-    # the variants are compared on the validation window's catalog NDCG of the served pipeline, model_evaluation's
-    # replay one window earlier (its test window is never looked at)
-    score = None if not (len(valid) and len(test)) else validation_catalog_scorer(
-        two_tower_model, faiss_index, *_lake_frames(lake, items, users), int(valid["timestamp"].min()),
-        int(test["timestamp"].min()), rerank=RerankConfig.from_env())
-    booster, _, chosen = fit_ranker(frame, two_tower_model, items, users, ranker_config, score=score)
+    booster, _, chosen = fit_ranker(frame, two_tower_model, items, users, ranker_config)
     gains = dict(zip(booster.feature_name(), booster.feature_importance("gain").round(2).tolist()))
     return Output(booster, metadata={"best_iteration": int(booster.best_iteration or booster.current_iteration()),
                                      "max_train_rows": ranker_config.max_train_rows,
@@ -207,12 +188,14 @@ def _catalog_evaluation(context: AssetExecutionContext, config: CatalogEvalConfi
     from training.served_eval import evaluate_catalog, fit_popularity_prior, similarity_prior
     from training.trainer import SIMILARITY_SERVE_SPLITS, assemble_bundle, item_similarity
 
+    store = lake.lake()
     rerank = RerankConfig.from_env()  # evaluated with the re-ranking the server is configured with
     test = frame[frame["split"] == "test"]
     split_ms = int(test["timestamp"].min())
     candidate = assemble_bundle(two_tower_model, faiss_index, ranker_model, frame, users)
     candidate.model_version = "candidate"
-    lake_frames = _lake_frames(lake, items, users)
+    lake_frames = (store.read(LABELS), store.read(SILVER, columns=["user_id", "item_id", "event_type", "timestamp", "session_id"]),
+                   store.read(USER_FEATURES), store.read(ITEM_FEATURES), items, users)
     t = time.perf_counter()
     valid = frame[frame["split"] == "validation"]
     prior = {"feature": None, "weight": 0.0, "reason": "no validation window"}

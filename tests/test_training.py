@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import pickle
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -369,23 +368,17 @@ def test_the_ranker_learns_the_train_split_affinity_out_of_fold(outcome, trainse
 
 
 def test_the_ranker_keeps_the_affinity_that_ranks_the_validation_window_better(outcome, trainset, small_world) -> None:
-    """`fit_ranker` trains the ranker on the in-sample affinity and on the out-of-fold one with each block count of
-    `affinity_fold_counts` and, without a scorer, keeps the one with the best validation score (the early-stopping
-    metric), saying which; with affinity_folds < 2 only in sample."""
-    from training.ranker import RankerConfig, affinity_fold_counts, fit_ranker, validation_score
+    """`fit_ranker` trains the ranker on the in-sample and on the out-of-fold affinity and keeps the one with the
+    better validation score (the early-stopping metric), saying which; with affinity_folds < 2 only in sample."""
+    from training.ranker import RankerConfig, fit_ranker, validation_score
 
-    assert affinity_fold_counts(4) == (2, 4) and affinity_fold_counts(2) == (2,) and affinity_fold_counts(1) == ()
-    assert affinity_fold_counts(3) == (2, 3) and affinity_fold_counts(8) == (2, 4, 8)
     tt = outcome.two_tower
     config = RankerConfig(num_boost_round=40)
     booster, frame, chosen = fit_ranker(trainset, tt, small_world.items, small_world.users, config)
     in_s, oof = chosen["validation_score_in_sample"], chosen["validation_score_out_of_fold"]
     assert 0.5 < in_s < 1 and 0.5 < oof < 1
-    scores = chosen["validation_score"]
-    assert set(scores) == {"1", "2", "4"} and scores["1"] == in_s and scores["4"] == oof
-    assert chosen["chosen_by"] == "validation_score" and "validation_catalog_ndcg" not in chosen
-    assert chosen["affinity_folds"] == int(max(scores, key=lambda k: (scores[k], -int(k))))
-    assert validation_score(booster) == max(scores.values())
+    assert chosen["affinity_folds"] == (config.affinity_folds if oof > in_s else 1)
+    assert validation_score(booster) == max(in_s, oof)
     want = add_embedding_affinity(trainset, tt)["embedding_affinity"].to_numpy()
     train = (trainset["split"] == "train").to_numpy()
     got = frame["embedding_affinity"].to_numpy()
@@ -394,32 +387,3 @@ def test_the_ranker_keeps_the_affinity_that_ranks_the_validation_window_better(o
     single = fit_ranker(trainset, tt, small_world.items, small_world.users, RankerConfig(num_boost_round=40,
                                                                                           affinity_folds=1))
     assert single[2] == {"affinity_folds": 1, "validation_score_in_sample": in_s}
-
-
-def test_the_ranker_choice_follows_the_served_score_when_one_is_given(outcome, trainset, small_world) -> None:
-    """With a `score` (in the product: the validation window's catalog NDCG of the served pipeline,
-    training/served_eval.py validation_catalog_scorer) answering for every variant, `fit_ranker` keeps its best and
-    returns that variant's booster and rows; a score without evidence (None) for any variant falls back to the
-    validation score."""
-    from training.ranker import RankerConfig, fit_ranker
-
-    tt = outcome.two_tower
-    valid = trainset[trainset["split"] == "validation"]
-    pos = valid["label_binary"].to_numpy() == 1
-    asked: list[tuple[Any, pd.DataFrame]] = []
-
-    def margin(booster: Any, rows: pd.DataFrame) -> float:  # validation positives' mean score minus the others'
-        asked.append((booster, rows))
-        p = booster.predict(assemble_features(rows[rows["split"] == "validation"]).to_numpy(dtype=np.float64))
-        return float(p[pos].mean() - p[~pos].mean())
-
-    config = RankerConfig(num_boost_round=40)
-    booster, frame, chosen = fit_ranker(trainset, tt, small_world.items, small_world.users, config, score=margin)
-    catalog = chosen["validation_catalog_ndcg"]
-    assert chosen["chosen_by"] == "validation_catalog_ndcg" and set(catalog) == {"1", "2", "4"} and len(asked) == 3
-    assert chosen["affinity_folds"] == int(max(catalog, key=lambda k: (catalog[k], -int(k))))
-    best = asked[[1, 2, 4].index(chosen["affinity_folds"])]
-    assert booster is best[0] and frame is best[1]
-    assert margin(booster, frame) == max(catalog.values())
-    _, _, fallback = fit_ranker(trainset, tt, small_world.items, small_world.users, config, score=lambda b, f: None)
-    assert fallback["chosen_by"] == "validation_score" and "validation_catalog_ndcg" not in fallback

@@ -104,69 +104,34 @@ def validation_score(booster: Any) -> float | None:
     return float(next(iter(scores.values()))) if scores else None
 
 
-def affinity_fold_counts(folds: int) -> tuple[int, ...]:
-    """The out-of-fold block counts fit_ranker tries for `RankerConfig.affinity_folds`: 2, 4, ... doubling up to
-    it, and it (4 -> (2, 4)); none below 2."""
-    counts: list[int] = []
-    k = 2
-    while k < folds:
-        counts.append(k)
-        k *= 2
-    return (*counts, folds) if folds >= 2 else ()
-
-
-# (ranker, the rows it learned from) -> the validation window's score of the served pipeline with it (higher is
-# better; None = no evidence): training/served_eval.py validation_catalog_scorer, the catalog NDCG the gate judges
-RankerScore = Callable[[Any, pd.DataFrame], float | None]
-
-
 def fit_ranker(rows: pd.DataFrame, tt: Any, items: pd.DataFrame, users: pd.DataFrame,
-               config: RankerConfig, score: RankerScore | None = None) -> tuple[Any, pd.DataFrame, dict[str, Any]]:
-    """The ranker over the training set, its train split's embedding affinity in sample or out of fold (with each
-    block count of `affinity_fold_counts(config.affinity_folds)`), whichever ranks the validation window better.
+               config: RankerConfig) -> tuple[Any, pd.DataFrame, dict[str, Any]]:
+    """The ranker over the training set, its train split's embedding affinity in sample or out of fold, whichever
+    ranks the validation window better (`validation_score`, the early-stopping metric: validation rows carry
+    the full tower's affinity either way, as serving reads it, so the two rankers are compared on equal terms).
 
-    Better = the higher `score` (the served pipeline's catalog NDCG on the validation window, what the gate judges
-    on the test window) when it is given and answers for every variant; else the higher `validation_score` (the
-    early-stopping impression AUC). Validation rows carry the full tower's affinity in every variant, as serving
-    reads it, so the rankers are compared on equal terms.
-
-    Why a choice: the fold towers each see part of the train split, so on a short log their affinity is much
-    noisier than the full tower's (the 10-day test world: served NDCG 0.200 in sample, 0.171 out of fold with 2
-    blocks, 0.193 with 4), while on longer ones the in-sample affinity is the leak the ranker over-trusts (the
-    simulator: 0.123 in sample, 0.130 with 4 blocks, 0.138 with 2). Why on the catalog metric: the impression AUC
-    ranked those three in another order than the served list does (simulator: AUC 0.727 / 0.761 / 0.765, chose
-    4 blocks where 2 serve better; validation catalog NDCG 0.136 / 0.147 / 0.151 orders them as the test window).
-    Returns the booster, the rows it learned from (with their affinity) and what was chosen (run metadata:
-    `affinity_folds` 1 = in sample, each variant's `validation_score` and `validation_catalog_ndcg`, `chosen_by`)."""
+    Why a choice and not always out of fold: the fold towers each see part of the train split, so on a short log
+    their affinity is much noisier than the full tower's (the 10-day test world: served NDCG 0.200 in sample,
+    0.171 out of fold with 2 blocks, 0.193 with 4; the validation AUC prefers out of fold there as well), while on longer ones the in-sample affinity is the leak the ranker over-trusts (the
+    simulator: 0.122 -> 0.137). Returns the booster, the rows it learned from (with their affinity) and what was
+    chosen (run metadata)."""
     in_sample = add_embedding_affinity(rows, tt)
     split = rows["split"].to_numpy() if "split" in rows else np.full(len(rows), "train", dtype=object)
     train, valid = split == "train", split == "validation"
     booster = train_ranker(in_sample[train], in_sample[valid], config)
     base = validation_score(booster)
     chosen: dict[str, Any] = {"affinity_folds": 1, "validation_score_in_sample": base}
-    counts = affinity_fold_counts(config.affinity_folds)
-    if not counts or base is None:
+    if config.affinity_folds < 2 or base is None:
         return booster, in_sample, chosen
-    variants: dict[int, tuple[Any, pd.DataFrame]] = {1: (booster, in_sample)}
-    aucs: dict[int, float | None] = {1: base}
-    for k in counts:
-        oof = ranker_training_affinity(rows, tt, items, users, k, in_sample=in_sample)
-        variants[k] = (train_ranker(oof[train], oof[valid], config), oof)
-        aucs[k] = validation_score(variants[k][0])
-    chosen["validation_score_out_of_fold"] = aucs[counts[-1]]
-    chosen["validation_score"] = {str(k): v for k, v in aucs.items()}
-    catalog = {k: score(*variants[k]) for k in variants} if score is not None else {}
-    if catalog and all(v is not None for v in catalog.values()):
-        chosen["validation_catalog_ndcg"] = {str(k): v for k, v in catalog.items()}
-        chosen["chosen_by"] = "validation_catalog_ndcg"
-        best = max(variants, key=lambda k: (catalog[k], -k))  # ties: the fewer blocks (in sample first)
-    else:
-        chosen["chosen_by"] = "validation_score"
-        best = max(variants, key=lambda k: (aucs[k] if aucs[k] is not None else float("-inf"), -k))
-    chosen["affinity_folds"] = best
-    log.info("ranker: train-split affinity %s (validation %s)", f"out of fold, {best} blocks" if best > 1
+    oof = ranker_training_affinity(rows, tt, items, users, config.affinity_folds, in_sample=in_sample)
+    oof_booster = train_ranker(oof[train], oof[valid], config)
+    chosen["validation_score_out_of_fold"] = score = validation_score(oof_booster)
+    frame = in_sample
+    if score is not None and score > base:
+        booster, frame, chosen["affinity_folds"] = oof_booster, oof, config.affinity_folds
+    log.info("ranker: train-split affinity %s (validation %s)", "out of fold" if chosen["affinity_folds"] > 1
              else "in sample", chosen)
-    return (*variants[best], chosen)
+    return booster, frame, chosen
 
 
 @dataclass
@@ -190,10 +155,9 @@ class RankerConfig:
     # ~400 s); a smaller log trains exactly as without the cap. Measured (bench/stages.py, 2y-200k): 745k rows
     # capped at 250k trained in 60 CPU s instead of 138, validation AUC 0.8858 vs 0.8862
     max_train_rows: int = 1_000_000
-    # time blocks for the train split's out-of-fold embedding affinity (ranker_training_affinity): fit_ranker tries
-    # 2, 4, ... up to this many blocks beside the in-sample affinity and keeps the ranker that scores the validation
-    # window best (< 2 = in sample only). Each block count costs its fold towers (a small log: one fit per block;
-    # one fit in all above the tower's per-epoch budget) and one more ranker; with a scorer, one more prior fit
+    # time blocks for the train split's out-of-fold embedding affinity (ranker_training_affinity; fit_ranker keeps
+    # it only where it scores the validation window better than the in-sample one; < 2 = in sample only): a small
+    # log costs ~folds - 1 extra tower fits, one above the tower's per-epoch budget, plus a second ranker
     affinity_folds: int = AFFINITY_FOLDS
 
 

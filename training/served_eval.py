@@ -19,7 +19,6 @@ from serving.offline import (SnapshotStore, memoized_model, one_thread_per_reque
 from serving.rerank import RerankConfig
 from training.baselines import SessionIndex, baseline_recommenders, last_item_cooccurrence, session_knn
 from training.catalog_eval import evaluate_recommender, score_sessions, session_prefixes, temporal_split
-from training.trainer import assemble_bundle
 
 
 def _store_at(user_snaps: pd.DataFrame, item_snaps: pd.DataFrame, catalog: pd.DataFrame, engagements: pd.DataFrame,
@@ -66,7 +65,7 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
                          item_snaps: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame, start_ms: int, end_ms: int,
                          weights: Sequence[float] = PRIOR_WEIGHTS, features: Sequence[str] = PRIOR_FEATURES, k: int = 10,
                          rerank: RerankConfig | None = None,
-                         similarity_weights: Sequence[float] = SIMILARITY_WEIGHTS, sessions: bool = True) -> dict[str, Any]:
+                         similarity_weights: Sequence[float] = SIMILARITY_WEIGHTS) -> dict[str, Any]:
     """The popularity-prior feature and weight (models/bundle.py fuse_popularity_prior) that maximize the served
     catalog NDCG@k on the validation window [start_ms, end_ms): the served pipeline without exploration,
     replayed at `start_ms` like the test evaluation, so the test window is never looked at.
@@ -80,8 +79,6 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
     With the popularity weights fixed, the same two fits for the weight of the user-history item similarity
     (models/bundle.py fuse_similarity; bundles without the artifact keep 0): `similarity` = {"weight",
     "session_weight", "ndcg_by_weight", "p20_by_session_weight"}, what the bundle's SIMILARITY_PRIOR holds.
-
-    `sessions=False` fits the home feed only (the session weights stay 0): what `validation_catalog_scorer` asks.
 
     Returns {"feature", "weight", "session_weight", "validation_users", "ndcg_by_weight" (of the chosen feature),
     "ndcg_by_feature", "session_cases", "p20_by_session_weight", "similarity"}; a weight stays 0 (the ranker alone)
@@ -139,8 +136,6 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
         fused["ndcg_by_weight"] = {str(float(w)): chosen if w == 0 else ndcg(out["feature"], out["weight"], w)
                                    for w in similarity_weights}
         fused["weight"] = best(fused["ndcg_by_weight"])
-    if not sessions:
-        return out
     if len(cases) < MIN_FIT_USERS:
         out["session_reason"] = f"{len(cases)} validation session prefixes < {MIN_FIT_USERS}: the ranker alone in sessions"
         return out
@@ -157,34 +152,6 @@ def fit_popularity_prior(bundle: Any, labels: pd.DataFrame, engagements: pd.Data
                                           for w in similarity_weights}
         fused["session_weight"] = best(fused["p20_by_session_weight"])
     return out
-
-
-def fitted_ndcg(fit: Mapping[str, Any]) -> float | None:
-    """The validation catalog NDCG of the served pipeline at the weights fit_popularity_prior chose (None when it
-    had too few users to fit): with the similarity's weight when it fitted one, else with the popularity prior's."""
-    fused = (fit.get("similarity") or {}).get("ndcg_by_weight") or {}
-    if fused:
-        return float(fused[str(float(fit["similarity"]["weight"]))])
-    scores = fit.get("ndcg_by_weight") or {}
-    return float(scores[str(float(fit["weight"]))]) if scores else None
-
-
-def validation_catalog_scorer(tt: Any, faiss_index: bytes, labels: pd.DataFrame, engagements: pd.DataFrame,
-                              user_snaps: pd.DataFrame, item_snaps: pd.DataFrame, catalog: pd.DataFrame,
-                              users: pd.DataFrame, start_ms: int, end_ms: int, k: int = 10,
-                              rerank: RerankConfig | None = None) -> Callable[[Any, pd.DataFrame], float | None]:
-    """(ranker booster, the training rows it learned from) -> the validation window's catalog NDCG@k of the served
-    pipeline with that ranker (`fitted_ndcg`): the bundle model_evaluation would assemble, its popularity and
-    similarity weights fitted on [start_ms, end_ms) as model_evaluation fits them (home feed only), so a choice
-    between rankers (training/ranker.py fit_ranker) is made on the metric the gate judges, never on the test window.
-    None when the window has too few users to fit on."""
-
-    def score(booster: Any, frame: pd.DataFrame) -> float | None:
-        bundle = assemble_bundle(tt, faiss_index, booster, frame, users)
-        return fitted_ndcg(fit_popularity_prior(bundle, labels, engagements, user_snaps, item_snaps, catalog, users,
-                                                start_ms, end_ms, k=k, rerank=rerank, sessions=False))
-
-    return score
 
 
 def similarity_prior(fit: Mapping[str, Any]) -> dict[str, float]:
