@@ -23,7 +23,7 @@ from compliance.versions import source_version
 from training.dataset import read_training_set
 from training.gates import GateConfig
 from training.ranker import RankerConfig
-from training.two_tower_config import TwoTowerConfig
+from training.two_tower_config import TWO_TOWER_COLUMNS, TwoTowerConfig
 from ground.settings import PROJECT_ROOT
 
 GROUP = "training"
@@ -36,11 +36,6 @@ def git_sha() -> str:
                               timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-# what train_two_tower reads of the training set (plus the split and the row order): a fraction of its columns
-TWO_TOWER_COLUMNS = ["event_id", "timestamp", "split", "user_id", "item_id", "category", "publish_ts", "label_binary",
-                     "session_last_items", "user_recent_items"]
 
 
 # what registered_model reads of the training set: the bundle's popularity lists and item similarity

@@ -253,9 +253,17 @@ class DeltaLake:
 
     def read(self, table: str, version: int | None = None, columns: list[str] | None = None,
              filters: list[tuple] | None = None) -> pd.DataFrame:
+        return self.read_arrow(table, version, columns, filters).to_pandas()
+
+    def columns(self, table: str, version: int | None = None) -> list[str]:
+        """The table's column names at `version` (from the Delta log, no data file read)."""
+        return [f.name for f in self._table(table, version).schema().fields]
+
+    def read_arrow(self, table: str, version: int | None = None, columns: list[str] | None = None,
+                   filters: list[tuple] | None = None) -> pa.Table:
         dt = self._table(table, version)
         try:
-            return dt.to_pyarrow_table(columns=columns, filters=filters).to_pandas()
+            return dt.to_pyarrow_table(columns=columns, filters=filters)
         except pa.ArrowNotImplementedError:
             if not filters:
                 raise
@@ -263,14 +271,7 @@ class DeltaLake:
             # of later appends, and a plain filter then has no kernel for the mix: compare each column cast to the
             # table's type instead (same rows; used only when the fast path fails)
             dataset = dt.to_pyarrow_dataset()
-            return dataset.to_table(columns=columns, filter=_filter_expression(dataset.schema, filters)).to_pandas()
-
-    def columns(self, table: str, version: int | None = None) -> list[str]:
-        """The table's column names at `version` (from the Delta log, no data file read)."""
-        return [f.name for f in self._table(table, version).schema().fields]
-
-    def read_arrow(self, table: str, version: int | None = None, columns: list[str] | None = None) -> pa.Table:
-        return self._table(table, version).to_pyarrow_table(columns=columns)
+            return dataset.to_table(columns=columns, filter=_filter_expression(dataset.schema, filters))
 
     def pin(self, table: str) -> TableVersion:
         """The current version of a table and its row count: what a run records it read."""

@@ -212,9 +212,15 @@ def read_training_set(store: Any, table: str, version: int, columns: list[str] |
     """A training set version in its one row order (time, then event id), whatever files the executors wrote;
     `columns` / `filters` (pyarrow DNF, e.g. [("split", "=", "train")]) read only those columns / rows: the same
     rows, in the same order, as filtering the whole set after reading it."""
-    frame = store.read(table, version=version, columns=columns, filters=filters)
-    order = [c for c in ROW_ORDER if c in frame.columns]
-    return frame.sort_values(order, kind="mergesort").reset_index(drop=True) if order else frame
+    import pyarrow.compute as pc
+
+    arrow = store.read_arrow(table, version=version, columns=columns, filters=filters)
+    order = [c for c in ROW_ORDER if c in arrow.column_names]
+    if order:  # sorted in Arrow (a stable sort; strings by their bytes = code points, as Python compares them),
+        # then converted once: a pandas sort of the converted frame built a categorical of the event ids and copied
+        # every column twice (the take, then reset_index), a third of reading a 2y-200k training set
+        arrow = arrow.take(pc.sort_indices(arrow, sort_keys=[(c, "ascending") for c in order]))
+    return arrow.to_pandas()
 
 
 def stored_columns(store: Any, table: str, version: int, wanted: Iterable[str]) -> list[str]:

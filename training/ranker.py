@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from features.functions import assemble_features, tower_history_column
+from features.functions import assemble_features, feature_matrix, tower_history_column
 from features.registry import ranker_feature_names
 
 log = logging.getLogger("kairos.ranker")
@@ -25,10 +25,16 @@ def add_embedding_affinity(rows: pd.DataFrame, tt: Any, batch: int = 8192) -> pd
     missing from the bundle's vocabulary (their item vector is zero).
     """
     out = rows.copy()
+    out["embedding_affinity"] = embedding_affinity(rows, tt, batch)
+    return out
+
+
+def embedding_affinity(rows: pd.DataFrame, tt: Any, batch: int = 8192) -> np.ndarray:
+    """float64 per row of `rows`: what `add_embedding_affinity` adds, without copying the frame."""
+    out = rows
     n = len(out)
     if n == 0:
-        out["embedding_affinity"] = np.zeros(0)
-        return out
+        return np.zeros(0)
     item_rows = tt.item_rows(out["item_id"].tolist())
     hist = pd.Series(tower_history_column(out), index=out.index)  # session items, then the user's latest
     # one user vector per distinct (user, history): the impressions of one page share it
@@ -47,8 +53,7 @@ def add_embedding_affinity(rows: pd.DataFrame, tt: Any, batch: int = 8192) -> pd
         iv = np.zeros_like(u)
         iv[known] = emb[rows_[known]]
         aff[s: s + batch] = np.einsum("ij,ij->i", u, iv)
-    out["embedding_affinity"] = aff
-    return out
+    return aff
 
 
 # time blocks of the train split that each get their embedding affinity from a two-tower fit on the other blocks
@@ -74,7 +79,7 @@ def ranker_training_affinity(rows: pd.DataFrame, tt: Any, items: pd.DataFrame, u
     if folds < 2 or train.sum() < folds:
         return out
     from training.two_tower import train_two_tower
-    from training.two_tower_config import TwoTowerConfig
+    from training.two_tower_config import TWO_TOWER_COLUMNS, TwoTowerConfig
 
     config = TwoTowerConfig(**(getattr(tt, "config", None) or {}))
     if config.max_examples_per_epoch > 0:
@@ -85,14 +90,16 @@ def ranker_training_affinity(rows: pd.DataFrame, tt: Any, items: pd.DataFrame, u
     ts = rows["timestamp"].to_numpy(dtype=np.int64)
     edges = np.quantile(ts[train], np.linspace(0.0, 1.0, folds + 1)[1:-1])
     block = np.searchsorted(edges, ts, side="right")
-    valid = rows[(rows["split"] == "validation").to_numpy()] if "split" in rows else rows.iloc[:0]
+    # the towers read a tenth of the columns: their row subsets copy only those (4 folds x 3/4 of the train split)
+    tower_rows = rows[[c for c in TWO_TOWER_COLUMNS if c in rows]]
+    valid = tower_rows[(rows["split"] == "validation").to_numpy()] if "split" in rows else tower_rows.iloc[:0]
     for k in range(folds):
         held = train & (block == k)
-        fit_rows = rows[train & ~held]
+        fit_rows = tower_rows[train & ~held]
         if not held.any() or not (fit_rows["label_binary"] == 1).any():
             continue
         fold_tower = train_two_tower(fit_rows, items, users, config, valid_rows=valid if len(valid) else None)
-        out.loc[held, "embedding_affinity"] = add_embedding_affinity(rows[held], fold_tower)["embedding_affinity"].to_numpy()
+        out.loc[held, "embedding_affinity"] = embedding_affinity(tower_rows[held], fold_tower)
         log.info("embedding affinity of train block %d of %d (%d rows) from a tower fit on the other blocks", k + 1,
                  folds, int(held.sum()))
     return out
@@ -118,13 +125,17 @@ def fit_ranker(rows: pd.DataFrame, tt: Any, items: pd.DataFrame, users: pd.DataF
     in_sample = add_embedding_affinity(rows, tt)
     split = rows["split"].to_numpy() if "split" in rows else np.full(len(rows), "train", dtype=object)
     train, valid = split == "train", split == "validation"
-    booster = train_ranker(in_sample[train], in_sample[valid], config)
+    # the features are row-wise and the two rankers' rows differ only in the train split's affinity: assembled once
+    x = assemble_features(in_sample) if in_sample.index.is_unique else None
+    booster = train_ranker(in_sample[train], in_sample[valid], config, features=x)
     base = validation_score(booster)
     chosen: dict[str, Any] = {"affinity_folds": 1, "validation_score_in_sample": base}
     if config.affinity_folds < 2 or base is None:
         return booster, in_sample, chosen
     oof = ranker_training_affinity(rows, tt, items, users, config.affinity_folds, in_sample=in_sample)
-    oof_booster = train_ranker(oof[train], oof[valid], config)
+    if x is not None:
+        x = x.assign(embedding_affinity=feature_matrix(oof, len(oof), ["embedding_affinity"])[:, 0])
+    oof_booster = train_ranker(oof[train], oof[valid], config, features=x)
     chosen["validation_score_out_of_fold"] = score = validation_score(oof_booster)
     frame = in_sample
     if score is not None and score > base:
@@ -200,13 +211,14 @@ def budget_rows(rows: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
     return rows[kept[codes]]
 
 
-def _dataset(rows: pd.DataFrame, objective: str, reference: Any = None):
+def _dataset(rows: pd.DataFrame, objective: str, reference: Any = None, features: pd.DataFrame | None = None):
+    """`features`: assemble_features of a frame holding `rows` (same index labels), or None to assemble them here."""
     import lightgbm as lgb
 
     if objective in RANK_OBJECTIVES:
         rows = rows.sort_values(["query_id", "timestamp"], kind="mergesort") if "timestamp" in rows else \
             rows.sort_values("query_id", kind="mergesort")
-    x = assemble_features(rows).to_numpy(dtype=np.float64)
+    x = (assemble_features(rows) if features is None else features.loc[rows.index]).to_numpy(dtype=np.float64)
     y = rows["label_binary"].to_numpy(dtype=np.float64)
     ds = lgb.Dataset(x, label=y, feature_name=ranker_feature_names(), reference=reference, free_raw_data=False)
     if objective in RANK_OBJECTIVES:
@@ -214,10 +226,12 @@ def _dataset(rows: pd.DataFrame, objective: str, reference: Any = None):
     return ds
 
 
-def train_ranker(train_rows: pd.DataFrame, valid_rows: pd.DataFrame | None, config: RankerConfig | None = None):
+def train_ranker(train_rows: pd.DataFrame, valid_rows: pd.DataFrame | None, config: RankerConfig | None = None,
+                 features: pd.DataFrame | None = None):
     """A LightGBM Booster over assemble_features(rows) (registry order), label = label_binary.
 
-    Early stopping on the validation rows when there are any (with both classes).
+    Early stopping on the validation rows when there are any (with both classes). `features`: those already
+    assembled for a frame holding the train and validation rows (unique index labels), or None.
     """
     import lightgbm as lgb
 
@@ -229,11 +243,11 @@ def train_ranker(train_rows: pd.DataFrame, valid_rows: pd.DataFrame | None, conf
     if len(sampled) < len(train_rows):
         log.info("ranker trains on %d of %d rows (max_train_rows %d)", len(sampled), len(train_rows), config.max_train_rows)
     params = ranker_params(config, len(sampled))
-    dtrain = _dataset(sampled, config.objective)
+    dtrain = _dataset(sampled, config.objective, features=features)
     valid_sets: list[lgb.Dataset] = []
     callbacks: list[Callable[..., Any]] = []
     if valid_rows is not None and len(valid_rows) and valid_rows["label_binary"].nunique() > 1:
-        valid_sets = [_dataset(valid_rows, config.objective, reference=dtrain)]
+        valid_sets = [_dataset(valid_rows, config.objective, reference=dtrain, features=features)]
         if config.early_stopping_rounds:
             callbacks.append(lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False))
     booster = lgb.train(params, dtrain, num_boost_round=config.num_boost_round, valid_sets=valid_sets,

@@ -205,8 +205,11 @@ def _examples(rows: pd.DataFrame, user_row: dict[str, int], item_row: dict[str, 
     pos, items = pos[keep], items[keep]
     users = np.array([user_row.get(u, n_users) for u in pos["user_id"].astype(str)], dtype=np.int64)
     hist_col = tower_history_column(pos)  # the session's items, then the user's latest consumed (as served)
-    hists = [[item_row[i] for i in parse_history(h) if i in item_row] for h in hist_col]
-    return users, pad_histories(hists, n_items, history_len), items
+    # parsed and padded once per distinct history (a page's positives share one; the parse cache holds 100k):
+    # the same rows as per positive, a fifth of the ranker's fold-tower time on the 2y-200k set was this parse
+    codes, distinct = pd.factorize(np.asarray(hist_col, dtype=object))
+    hists = [[item_row[i] for i in parse_history(h) if i in item_row] for h in distinct]
+    return users, pad_histories(hists, n_items, history_len)[codes], items
 
 
 @torch.no_grad()

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from features.functions import SESSION_HISTORY_FOR_TOWER
 from models.two_tower_shape import TEXT_BUCKETS, TEXT_LEN
 
+# what train_two_tower (and the affinity of its towers) reads of the training set, plus the split and the row order:
+# a fraction of its columns (the two_tower_model asset reads only these; the ranker's fold towers copy only these)
+TWO_TOWER_COLUMNS = ["event_id", "timestamp", "split", "user_id", "item_id", "category", "publish_ts", "label_binary",
+                     "session_last_items", "user_recent_items"]
+
 
 @dataclass
 class TwoTowerConfig:
