@@ -25,25 +25,28 @@ are rendered from a `DOCS_SAMPLE_ROWS` sample run on the driver; per-rule failur
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from data_contracts.event_rules import event_rules
+from data_contracts.event_rules_spark import contract_columns
 from data_contracts.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA
 from ingestion.bots import BOT_SESSION_COLUMNS, bot_reason_format
 from ingestion.dedup import DEDUP_KEY, window_duplicates
+from ground.phases import Phases
 from ingestion.refine import REJECT_SCHEMA, SEEN_BEFORE_REASON, SILVER_SCHEMA, RefineConfig, event_dates, window_reason
 
-CONTRACT_CHUNK_ROWS = 200_000  # rows GX judges at once in a worker: bounds a task's memory
+log = logging.getLogger("kairos.spark")
+
 USER_PARTITION_ROWS = 500_000  # about this many events per partition of users (the windows' and writers' tasks)
 DOCS_SAMPLE_ROWS = 20_000      # bronze rows the data docs are rendered from on the driver (a second GX run there)
 _INT = {f.name for f in EVENT_SCHEMA if str(f.type) == "int64"}
 _EVENT_DDL = ", ".join(f"{c} {'long' if c in _INT else 'string'}" for c in EVENT_COLUMNS)
-STAGE_DDL = (f"{_EVENT_DDL}, received_at long, ingest_date string, role string, reasons string, "
-             f"raw_payload string, quarantined_at long")
-
 
 @dataclass
 class SparkRefineResult:
@@ -55,48 +58,6 @@ class SparkRefineResult:
     silver_version: int
     quarantine_version: int
     sample: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)  # bronze rows for the data docs
-
-
-def _contract_chunks(run_id: str, now_ms: int, skew_ms: int, chunk_rows: int):
-    def judge(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from data_contracts.events import validate_events
-
-        def run(chunk: pd.DataFrame) -> pd.DataFrame:
-            chunk = chunk.reset_index(drop=True)
-            day, received = chunk["ingest_date"].to_numpy(dtype=object), chunk["received_at"]
-            c = validate_events(chunk.drop(columns=["ingest_date"]), run_id=run_id, now_ms=now_ms,
-                                max_future_skew_ms=skew_ms, dedup=False)
-            acc, bad = c.positions["accepted"], c.positions["quarantined"]
-            a = c.accepted.assign(received_at=received.to_numpy()[acc], ingest_date=day[acc], role="valid",
-                                  reasons=None, raw_payload=None, quarantined_at=None)
-            q = c.quarantined.drop(columns=["run_id"]).assign(received_at=received.to_numpy()[bad],
-                                                              ingest_date=day[bad], role="contract")
-            out = pd.concat([a, q], ignore_index=True)
-            return _typed_stage(out)
-
-        buffer: list[pd.DataFrame] = []
-        n = 0
-        for frame in frames:
-            buffer.append(frame)
-            n += len(frame)
-            if n >= chunk_rows:
-                yield run(pd.concat(buffer, ignore_index=True))
-                buffer, n = [], 0
-        if buffer:
-            yield run(pd.concat(buffer, ignore_index=True))
-    return judge
-
-
-def _typed_stage(frame: pd.DataFrame) -> pd.DataFrame:
-    cols = [c.strip().split(" ")[0] for c in STAGE_DDL.split(",")]
-    out = {}
-    for c in cols:
-        s = frame[c]
-        if c in _INT or c in ("received_at", "quarantined_at"):
-            out[c] = pd.to_numeric(s, errors="coerce").astype("Int64")
-        else:
-            out[c] = s.astype(object).where(s.notna(), None)
-    return pd.DataFrame(out)
 
 
 WALK_DDL = f"{_EVENT_DDL}, received_at long, ingest_date string, batch int, event_date string, in_window boolean"
@@ -141,7 +102,7 @@ def _window_walk(info: dict[int, tuple[str | None, str | None]], window_ms: int)
 
 def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine: str, bronze_version: int,
                     days: list[str], batches: list[list[str]], run_id: str, now_ms: int, config: RefineConfig,
-                    lookback_days: int, chunk_rows: int = CONTRACT_CHUNK_ROWS) -> SparkRefineResult:
+                    lookback_days: int) -> SparkRefineResult:
     """Judge the run's bronze days on Spark and write silver + quarantine (module docstring)."""
     from pyspark import StorageLevel
     from pyspark.sql import Window
@@ -150,6 +111,7 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
     from lake.spark_read import spark_read
     from lake.spark_write import spark_write
 
+    phases = Phases("silver (spark)", log)
     # (the parquet reader infers a `ingest_date=YYYY-MM-DD` folder as a date: the lake's type is a string)
     raw = (spark_read(spark, store, bronze, bronze_version).withColumn("ingest_date", F.col("ingest_date").cast("string"))
            .where(F.col("ingest_date").isin(days)))
@@ -157,6 +119,7 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
         F.count(F.lit(1)).alias("n"),
         F.min(F.when(F.col("timestamp") > 0, F.col("timestamp"))).alias("lo"),
         F.max(F.when(F.col("timestamp") > 0, F.col("timestamp"))).alias("hi")).collect()}
+    phases.mark("bronze day stats")
     batch_of = {d: i for i, bd in enumerate(batches) for d in bd}
     info: dict[int, tuple[str | None, str | None]] = {}
     for i, bd in enumerate(batches):
@@ -169,9 +132,18 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
     lo_map = F.create_map(*[x for i, (lo, _) in info.items() for x in (F.lit(i), F.lit(lo))])
     hi_map = F.create_map(*[x for i, (_, hi) in info.items() for x in (F.lit(i), F.lit(hi))])
 
-    staged = (raw.mapInPandas(_contract_chunks(run_id, now_ms, config.max_future_skew_ms, chunk_rows), STAGE_DDL)
-              .withColumn("batch", batch_map[F.col("ingest_date")].cast("int"))
-              .persist(StorageLevel.MEMORY_AND_DISK))
+    # the contract: event_rules compiled to Spark expressions (data_contracts.event_rules_spark), judged in the JVM
+    values, reasons = contract_columns(raw, event_rules(now_ms, config.max_future_skew_ms))
+    received = [c for c in raw.columns if c != "ingest_date"]  # what was received: a contract reject's raw_payload
+    rejected = F.col("reasons").isNotNull()
+    staged = (raw.select(*[values[c].alias(c) for c in EVENT_COLUMNS], F.col("received_at").cast("long"),
+                         "ingest_date", reasons.alias("reasons"),
+                         F.when(reasons.isNotNull(), F.to_json(F.struct(*[F.col(c) for c in received]),
+                                                               {"ignoreNullFields": "false"})).alias("raw_payload"))
+              .withColumn("role", F.when(rejected, F.lit("contract")).otherwise(F.lit("valid")))
+              .withColumn("quarantined_at", F.when(rejected, F.lit(int(time.time() * 1000))).cast("long"))
+              .withColumn("batch", batch_map[F.col("ingest_date")].cast("int")))
+    phases.mark("plan")
     # shuffle 1, by event_id: repeated event ids over the whole range (first arrival wins) and ids already in silver
     arrival = Window.partitionBy("event_id").orderBy("ingest_date", "received_at")
     valid = (staged.where(F.col("role") == "valid")
@@ -203,6 +175,8 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
     # item, type and session), so each window below runs on these partitions with no further exchange
     n_parts = max(spark.sparkContext.defaultParallelism, sum(int(r["n"]) for r in stats.values()) // USER_PARTITION_ROWS)
     users = rows = rows.repartition(n_parts, "user_id").persist(StorageLevel.MEMORY_AND_DISK)
+    users.count()
+    phases.mark("contract, event-id window, lookback join, user shuffle")
     # bots (ingestion/bots.py, the same thresholds and reason text): per (batch, user, session), the most clicks
     # in any window_ms stretch (a range window) and the median click dwell
     session = ["batch", "user_id", "session_id"]
@@ -241,6 +215,8 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
               .withColumn("bucket", F.pmod(F.xxhash64(*key), F.lit(n_parts)))
               .groupBy("bucket").applyInPandas(_window_walk(info, config.dedup_window_ms), WALK_DDL)
               .persist(StorageLevel.MEMORY_AND_DISK))
+    walked.count()
+    phases.mark("bots, window pre-filter and walk")
     accepted = clear.unionByName(walked.where(~F.col("in_window")).drop("in_window"))
 
     def rejects(rows: Any, reason: Any, disposition: str) -> Any:
@@ -272,19 +248,23 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
             F.count(F.lit(1)).alias("n"),
             F.sum(F.when(F.col("reasons").startswith("duplicate_within_window"), 1).otherwise(0)).alias("window"),
         ).collect()
+        phases.mark("outcomes (union persisted) and counts")
         fails = {r["rule"]: int(r["n"]) for r in final.where(F.col("outcome") == "contract")
                  .select(F.explode(F.split("reasons", "; ")).alias("rule")).groupBy("rule").count()
                  .withColumnRenamed("count", "n").collect()}
         bot_rows = [] if bad is None else [r.asDict() for r in bad.orderBy(*session).collect()]
+        phases.mark("rule failures and bot sessions")
         s = spark_write(spark, store, silver, final.where(F.col("outcome") == "accepted").select(*SILVER_SCHEMA.names),
                         commit_properties={"run_id": run_id, "bronze_version": bronze_version, "engine": "spark"},
                         partition_by=["ingest_date"], replace_partitions=days)
+        phases.mark("silver write")
         q = spark_write(spark, store, quarantine,
                         final.where(F.col("outcome").isin("contract", "duplicate", "bot")).select(*REJECT_SCHEMA.names),
                         commit_properties={"run_id": run_id, "engine": "spark"},
                         partition_by=["ingest_date"], replace_partitions=days)
+        phases.mark("quarantine write")
     finally:
-        for frame in (final, walked, users, staged, bad):
+        for frame in (final, walked, users, bad):
             if frame is not None:
                 frame.unpersist()
     per: dict[int, dict[str, int]] = {i: {"accepted": 0, "contract": 0, "duplicate": 0, "bot": 0, "bot_session": 0,
@@ -306,6 +286,7 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
         per_batch.append({"ingest_dates": f"{bd[0]}..{bd[-1]}", "days": len(bd), **c,
                           "reconciles": n_in == p["accepted"] + p["contract"] + p["duplicate"] + p["bot"],
                           "silver_unchanged": False})
+    log.info("silver (spark) phases: %s", phases.summary())
     window = sum(p["window"] for p in per.values())
     bots = pd.DataFrame([{**{c: r[c] for c in BOT_SESSION_COLUMNS},
                           "ingest_date": f"{batches[r['batch']][0]}..{batches[r['batch']][-1]}"} for r in bot_rows])
@@ -316,4 +297,4 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
                              quarantine_version=q.version)
 
 
-__all__ = ["CONTRACT_CHUNK_ROWS", "DOCS_SAMPLE_ROWS", "SparkRefineResult", "refine_on_spark"]
+__all__ = ["DOCS_SAMPLE_ROWS", "SparkRefineResult", "refine_on_spark"]
