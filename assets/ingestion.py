@@ -8,6 +8,8 @@ a day changes nothing downstream.
 """
 
 import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 import time
@@ -26,6 +28,7 @@ from ingestion.refine import RefineConfig
 from ingestion.sources import CATALOG_NEGATIVES, SIMULATOR_DEFAULTS
 from assets.config import Knob, dataclass_config, to_dataclass
 from assets.resources import ArtifactsResource, LakeResource
+from ground.phases import Phases
 from ground.settings import Settings
 
 BRONZE = "bronze_events"
@@ -40,7 +43,8 @@ SOURCE_CODE = source_version(__file__, "ingestion/simulator.py", "ingestion/movi
                              "ingestion/catalog.py", "ingestion/sources.py", "data_contracts/schema.py",
                              "compliance/exclusion.py")
 REFINE_CODE = source_version(__file__, "ingestion/refine.py", "ingestion/refine_spark.py", "ingestion/bots.py", "ingestion/dedup.py",
-                             "data_contracts/events.py")
+                             "data_contracts/events.py", "data_contracts/event_rules.py",
+                             "data_contracts/event_rules_spark.py")
 LABELS_CODE = source_version(__file__, "ingestion/labels.py", "ingestion/labels_spark.py", "compliance/exclusion.py")
 
 
@@ -345,23 +349,34 @@ def _silver_on_spark(context: AssetExecutionContext, config: RefineSettings, sto
     rc = to_dataclass(config, RefineConfig)
     end_of_range = int(pd.Timestamp(days[-1], tz="UTC").value // 1_000_000) + DAY_MS
     now_ms = min(int(time.time() * 1000), end_of_range)
-    spark = SparkResource().session()
-    day_counts = {d: store.count_rows(BRONZE, "ingest_date", [d]) for d in days}
-    batches = backfill_batches(days, np.repeat(np.array(days, dtype=object), [day_counts[d] for d in days]))
-    out = refine_on_spark(spark, store, BRONZE, SILVER, QUARANTINE, pin.version, days, batches, context.run_id, now_ms,
-                          rc, config.dedup_lookback_days)
+    phases = Phases("silver_events (spark)", logging.getLogger("kairos.spark"))
+
+    def data_docs() -> Any:  # GX, the validator of record, on a sample of the first day: the report's data docs
+        sample = store.read(BRONZE, version=pin.version, filters=[("ingest_date", "in", days[:1])])
+        sample = sample.head(DOCS_SAMPLE_ROWS).drop(columns=["ingest_date"])
+        if not len(sample):
+            return None
+        return build_data_docs(validate_events(sample, run_id=context.run_id, now_ms=now_ms,
+                                               max_future_skew_ms=rc.max_future_skew_ms),
+                               artifacts.path("data_docs", context.run_id))
+
+    # the data docs' GX run (driver Python) overlaps the JVM's start and the Spark jobs (the JVM's cores)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-docs") as pool:
+        docs_run = pool.submit(data_docs)
+        spark = SparkResource().session()
+        phases.mark("Spark session")
+        day_counts = {d: store.count_rows(BRONZE, "ingest_date", [d]) for d in days}
+        batches = backfill_batches(days, np.repeat(np.array(days, dtype=object), [day_counts[d] for d in days]))
+        phases.mark("bronze day counts")
+        out = refine_on_spark(spark, store, BRONZE, SILVER, QUARANTINE, pin.version, days, batches, context.run_id,
+                              now_ms, rc, config.dedup_lookback_days)
+        phases.mark("refine_on_spark")
+        docs = docs_run.result() if out.totals["in"] else None
+        phases.mark("data docs (wait)")
     totals = out.totals
     rules = event_rules(now_ms, rc.max_future_skew_ms)
     failures = {r.name: int(out.expectation_failures.get(r.name, 0)) for r in rules}
-    context.log.info(f"silver (spark): {totals}")
-    docs = None
-    if totals["in"]:  # GX data docs of a sample of the first day; the counts above cover every row
-        sample = store.read(BRONZE, version=pin.version, filters=[("ingest_date", "in", days[:1])])
-        sample = sample.head(DOCS_SAMPLE_ROWS).drop(columns=["ingest_date"])
-        if len(sample):
-            docs = build_data_docs(validate_events(sample, run_id=context.run_id, now_ms=now_ms,
-                                                   max_future_skew_ms=rc.max_future_skew_ms),
-                                   artifacts.path("data_docs", context.run_id))
+    context.log.info(f"silver (spark): {totals}; {phases.summary()}")
     yield from _silver_results(store, config, artifacts, context.run_id, engine="spark", days=days,
                                bronze_version=pin.version, totals=totals, silver_version=out.silver_version,
                                quarantine_version=out.quarantine_version, failures=failures,

@@ -86,6 +86,10 @@ def main() -> int:
     parser.add_argument("--one-engine", default="pandas", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        logging.getLogger("kairos.spark").setLevel(logging.INFO)
         print(json.dumps(_one(args.one, args.one_engine)))
         return 0
     rows = []
@@ -101,6 +105,9 @@ def main() -> int:
                 return out.returncode
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
+            for line in out.stderr.splitlines():  # the Spark steps' phase timings (ground.phases)
+                if "phases:" in line or "; Spark session" in line:
+                    print(f"[bench]   {line[line.find('silver'):][:600]}", flush=True)
             print(f"[bench] done: {r['events']:,} events in {r['ingest_run_s'] + r['labels_s']:.1f}s", flush=True)
     print("\nIngest + validate + dedup + bots + label (Dagster runs, Delta on local disk, 2 cores)")
     print(f"{'engine':>6} {'events':>10} {'days':>4} {'bronze s/M':>10} {'silver s/M':>10} {'labels s/M':>10} {'total s/M':>9} "

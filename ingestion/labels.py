@@ -21,6 +21,7 @@ from data_contracts.schema import HOUR_MS
 EVENT_WEIGHTS: dict[str, float] = {"purchase": 1.0, "share": 0.8, "skip": -0.1, "add_to_cart": 0.0, "impression": 0.0}
 CLICK_DWELL_WEIGHTS: tuple[tuple[int, float], ...] = ((30_000, 0.6), (5_000, 0.3), (0, 0.1))  # (min dwell ms, score)
 ENGAGEMENT_EVENT_TYPES: tuple[str, ...] = ("click", "add_to_cart", "purchase", "share", "skip")
+ENGAGEMENT_KEYS: tuple[str, ...] = ("user_id", "item_id", "timestamp")  # an engagement counts only with all three
 LABEL_MIN, LABEL_MAX = -0.1, 1.0
 
 LABEL_COLUMNS: list[str] = ["event_id", "user_id", "item_id", "session_id", "timestamp", "position", "device_type",
@@ -80,7 +81,7 @@ def _empty_labels() -> pd.DataFrame:
 
 def item_engagements(events: pd.DataFrame) -> pd.Series:
     """Engagements per item (the catalog negatives' popularity): over events as `build_labels` reads them."""
-    ev = events[events["user_id"].notna() & events["item_id"].notna() & events["timestamp"].notna()]
+    ev = events[np.logical_and.reduce([events[c].notna().to_numpy() for c in ENGAGEMENT_KEYS])]
     return ev.loc[ev["event_type"].isin(ENGAGEMENT_EVENT_TYPES).to_numpy(), "item_id"].value_counts()
 
 
@@ -283,6 +284,6 @@ def untrainable_reason_of(types: dict[str, int], n_labels: int, click_is_positiv
     return f"no positive labels from {n_labels} labeled impressions (events: {seen}): {hint}"
 
 
-__all__ = ["CLICK_DWELL_WEIGHTS", "ENGAGEMENT_EVENT_TYPES", "EVENT_WEIGHTS", "LABEL_COLUMNS", "LabelConfig",
+__all__ = ["CLICK_DWELL_WEIGHTS", "ENGAGEMENT_EVENT_TYPES", "ENGAGEMENT_KEYS", "EVENT_WEIGHTS", "LABEL_COLUMNS", "LabelConfig",
            "build_labels", "engagement_score", "item_engagements", "engagement_scores", "label_summary", "sample_easy_negatives",
            "summary_of_counts", "untrainable_reason", "untrainable_reason_of"]

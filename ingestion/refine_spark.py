@@ -1,49 +1,56 @@
 """Bronze → silver on Spark: the same rules as `refine_batch`, run on executors, memory bounded per partition.
 
 One rule set, two engines. The pandas engine (`refine_batch`) judges a batch in one process; this one runs the
-same rules on Spark executors, with two full shuffles and one Python pass over every row (the contract):
+same rules on Spark executors, with one full shuffle (by user) and Python only for the few keys with a repeat
+inside the dedup window:
 
-1. contract: bronze partitions stream through `validate_events` (Great Expectations, pandas execution engine,
-   inside the Python worker) in chunks of `CONTRACT_CHUNK_ROWS`; the driver sees no row.
-2. shuffle 1, by event_id: repeated event ids over the whole range (row_number by arrival, the rule the pandas
-   contract applies with `duplicated(keep="first")` on rows sorted by arrival), and ids already in silver
-   (earlier ingest days, within the lookback): a join, per batch's event-day range.
-3. shuffle 2, by user_id (the prior silver rows with them): bots as Spark expressions built from `BotConfig`
+1. contract: `event_rules` compiled to Spark column expressions (data_contracts.event_rules_spark: the same rule
+   definitions GX's suite is built from, read the way GX reads a row), so each row's verdict and reasons are
+   computed in the JVM; the judged bronze is persisted and the first job reads it once (per-day counts and
+   event-time ranges). The driver sees no row.
+2. repeated event ids over the whole range (first arrival wins, the pandas contract's `duplicated(keep="first")`
+   on rows sorted by arrival): an aggregate over the ids alone finds the repeated ones (broadcast when they are
+   up to `BROADCAST_IDS`), and only their rows are ranked by arrival; ids already in silver (earlier ingest days,
+   within the lookback): a join, per batch's event-day range.
+3. the shuffle, by user_id (the prior silver rows with them): bots as Spark expressions built from `BotConfig`
    (a range window counts clicks per session, `median` dwell, `bot_reason_format`), no exchange of their own.
 4. repeats within the dedup window: a window over DEDUP_KEY by time finds the keys with two events closer than
    the window (`window_duplicates`' own pre-filter); only those go to Python (`_window_walk`: the same
    `window_duplicates`, batch by batch, against the key's prior silver and what its earlier batches kept, exactly
    what `_prior_silver` hands the pandas engine); every other row is accepted without leaving the JVM.
 5. silver and quarantine are written by the executors (`lake.spark.spark_write`, replacing the run's days);
-   only file lists, counts and the bot sessions reach the driver.
+   only file lists, counts and the bot sessions reach the driver. The rejects (few) are persisted for their
+   counts and their write; the accepted rows are counted and written from the frames persisted above.
 
-Why GX runs on its pandas engine inside the workers rather than on its Spark execution engine: the row-level
-verdict (which row failed which rule) is GX's `unexpected_index_list`, which its Spark engine can only give by
-collecting every failing row's key on the driver; per chunk in the worker the same suite is evaluated by the
-same code as the pandas engine, so both engines quarantine the same rows with the same reasons. The data docs
-are rendered from a `DOCS_SAMPLE_ROWS` sample run on the driver; per-rule failure counts cover the whole range.
+GX stays the validator of record for the report: the data docs are rendered from a `DOCS_SAMPLE_ROWS` sample
+validated by GX on the driver (assets.ingestion); the per-rule failure counts cover the whole range. Each phase's
+wall time is logged (`ground.phases`, logger kairos.spark).
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from data_contracts.event_rules import event_rules
+from data_contracts.event_rules_spark import contract_columns
 from data_contracts.schema import DAY_MS, EVENT_COLUMNS, EVENT_SCHEMA
 from ingestion.bots import BOT_SESSION_COLUMNS, bot_reason_format
 from ingestion.dedup import DEDUP_KEY, window_duplicates
+from ground.phases import Phases
 from ingestion.refine import REJECT_SCHEMA, SEEN_BEFORE_REASON, SILVER_SCHEMA, RefineConfig, event_dates, window_reason
 
-CONTRACT_CHUNK_ROWS = 200_000  # rows GX judges at once in a worker: bounds a task's memory
+log = logging.getLogger("kairos.spark")
+
+BROADCAST_IDS = 1_000_000      # repeated event ids up to this many are broadcast (no shuffle of the rows)
 USER_PARTITION_ROWS = 500_000  # about this many events per partition of users (the windows' and writers' tasks)
 DOCS_SAMPLE_ROWS = 20_000      # bronze rows the data docs are rendered from on the driver (a second GX run there)
 _INT = {f.name for f in EVENT_SCHEMA if str(f.type) == "int64"}
 _EVENT_DDL = ", ".join(f"{c} {'long' if c in _INT else 'string'}" for c in EVENT_COLUMNS)
-STAGE_DDL = (f"{_EVENT_DDL}, received_at long, ingest_date string, role string, reasons string, "
-             f"raw_payload string, quarantined_at long")
-
 
 @dataclass
 class SparkRefineResult:
@@ -55,48 +62,6 @@ class SparkRefineResult:
     silver_version: int
     quarantine_version: int
     sample: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)  # bronze rows for the data docs
-
-
-def _contract_chunks(run_id: str, now_ms: int, skew_ms: int, chunk_rows: int):
-    def judge(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from data_contracts.events import validate_events
-
-        def run(chunk: pd.DataFrame) -> pd.DataFrame:
-            chunk = chunk.reset_index(drop=True)
-            day, received = chunk["ingest_date"].to_numpy(dtype=object), chunk["received_at"]
-            c = validate_events(chunk.drop(columns=["ingest_date"]), run_id=run_id, now_ms=now_ms,
-                                max_future_skew_ms=skew_ms, dedup=False)
-            acc, bad = c.positions["accepted"], c.positions["quarantined"]
-            a = c.accepted.assign(received_at=received.to_numpy()[acc], ingest_date=day[acc], role="valid",
-                                  reasons=None, raw_payload=None, quarantined_at=None)
-            q = c.quarantined.drop(columns=["run_id"]).assign(received_at=received.to_numpy()[bad],
-                                                              ingest_date=day[bad], role="contract")
-            out = pd.concat([a, q], ignore_index=True)
-            return _typed_stage(out)
-
-        buffer: list[pd.DataFrame] = []
-        n = 0
-        for frame in frames:
-            buffer.append(frame)
-            n += len(frame)
-            if n >= chunk_rows:
-                yield run(pd.concat(buffer, ignore_index=True))
-                buffer, n = [], 0
-        if buffer:
-            yield run(pd.concat(buffer, ignore_index=True))
-    return judge
-
-
-def _typed_stage(frame: pd.DataFrame) -> pd.DataFrame:
-    cols = [c.strip().split(" ")[0] for c in STAGE_DDL.split(",")]
-    out = {}
-    for c in cols:
-        s = frame[c]
-        if c in _INT or c in ("received_at", "quarantined_at"):
-            out[c] = pd.to_numeric(s, errors="coerce").astype("Int64")
-        else:
-            out[c] = s.astype(object).where(s.notna(), None)
-    return pd.DataFrame(out)
 
 
 WALK_DDL = f"{_EVENT_DDL}, received_at long, ingest_date string, batch int, event_date string, in_window boolean"
@@ -141,7 +106,7 @@ def _window_walk(info: dict[int, tuple[str | None, str | None]], window_ms: int)
 
 def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine: str, bronze_version: int,
                     days: list[str], batches: list[list[str]], run_id: str, now_ms: int, config: RefineConfig,
-                    lookback_days: int, chunk_rows: int = CONTRACT_CHUNK_ROWS) -> SparkRefineResult:
+                    lookback_days: int) -> SparkRefineResult:
     """Judge the run's bronze days on Spark and write silver + quarantine (module docstring)."""
     from pyspark import StorageLevel
     from pyspark.sql import Window
@@ -150,14 +115,30 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
     from lake.spark_read import spark_read
     from lake.spark_write import spark_write
 
+    phases = Phases("silver (spark)", log)
     # (the parquet reader infers a `ingest_date=YYYY-MM-DD` folder as a date: the lake's type is a string)
     raw = (spark_read(spark, store, bronze, bronze_version).withColumn("ingest_date", F.col("ingest_date").cast("string"))
            .where(F.col("ingest_date").isin(days)))
-    stats = {r["ingest_date"]: r for r in raw.groupBy("ingest_date").agg(
+    batch_of = {d: i for i, bd in enumerate(batches) for d in bd}
+    batch_map = F.create_map(*[x for d, i in batch_of.items() for x in (F.lit(d), F.lit(i))])
+    # the contract: event_rules compiled to Spark expressions (data_contracts.event_rules_spark), judged in the JVM
+    values, reasons = contract_columns(raw, event_rules(now_ms, config.max_future_skew_ms))
+    received = [c for c in raw.columns if c != "ingest_date"]  # what was received: a contract reject's raw_payload
+    rejected = F.col("reasons").isNotNull()
+    staged = (raw.select(*[values[c].alias(c) for c in EVENT_COLUMNS], F.col("received_at").cast("long"),
+                         "ingest_date", reasons.alias("reasons"),
+                         F.when(reasons.isNotNull(), F.to_json(F.struct(*[F.col(c) for c in received]),
+                                                               {"ignoreNullFields": "false"})).alias("raw_payload"))
+              .withColumn("role", F.when(rejected, F.lit("contract")).otherwise(F.lit("valid")))
+              .withColumn("quarantined_at", F.when(rejected, F.lit(int(time.time() * 1000))).cast("long"))
+              .withColumn("batch", batch_map[F.col("ingest_date")].cast("int"))
+              .persist(StorageLevel.MEMORY_AND_DISK))
+    # the first job reads bronze once and judges it (staged is persisted): per day, its rows and event time range
+    stats = {r["ingest_date"]: r for r in staged.groupBy("ingest_date").agg(
         F.count(F.lit(1)).alias("n"),
         F.min(F.when(F.col("timestamp") > 0, F.col("timestamp"))).alias("lo"),
         F.max(F.when(F.col("timestamp") > 0, F.col("timestamp"))).alias("hi")).collect()}
-    batch_of = {d: i for i, bd in enumerate(batches) for d in bd}
+    phases.mark("bronze read, contract, day stats")
     info: dict[int, tuple[str | None, str | None]] = {}
     for i, bd in enumerate(batches):
         los = [int(stats[d]["lo"]) for d in bd if d in stats and stats[d]["lo"] is not None]
@@ -165,17 +146,21 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
         info[i] = (None, None) if not los else (
             str(event_dates(np.array([min(los) - lookback_days * DAY_MS]))[0]),
             str(event_dates(np.array([max(his) + DAY_MS]))[0]))
-    batch_map = F.create_map(*[x for d, i in batch_of.items() for x in (F.lit(d), F.lit(i))])
     lo_map = F.create_map(*[x for i, (lo, _) in info.items() for x in (F.lit(i), F.lit(lo))])
     hi_map = F.create_map(*[x for i, (_, hi) in info.items() for x in (F.lit(i), F.lit(hi))])
 
-    staged = (raw.mapInPandas(_contract_chunks(run_id, now_ms, config.max_future_skew_ms, chunk_rows), STAGE_DDL)
-              .withColumn("batch", batch_map[F.col("ingest_date")].cast("int"))
-              .persist(StorageLevel.MEMORY_AND_DISK))
-    # shuffle 1, by event_id: repeated event ids over the whole range (first arrival wins) and ids already in silver
+    # repeated event ids over the whole range (first arrival wins): only the ids are shuffled to find the repeats
+    # (an aggregate), then only the rows of a repeated id are shuffled by event_id to rank their arrivals
+    good = staged.where(F.col("role") == "valid")
+    repeated = (good.groupBy("event_id").agg(F.count(F.lit(1)).alias("n")).where(F.col("n") > 1).select("event_id")
+                .persist(StorageLevel.MEMORY_AND_DISK))
+    few = repeated.count() <= BROADCAST_IDS
+    rep = F.broadcast(repeated) if few else repeated
     arrival = Window.partitionBy("event_id").orderBy("ingest_date", "received_at")
-    valid = (staged.where(F.col("role") == "valid")
-             .withColumn("role", F.when(F.row_number().over(arrival) > 1, F.lit("dup_id")).otherwise(F.lit("valid"))))
+    valid = good.join(rep, "event_id", "left_anti").unionByName(
+        good.join(rep, "event_id", "left_semi")
+        .withColumn("role", F.when(F.row_number().over(arrival) > 1, F.lit("dup_id")).otherwise(F.lit("valid"))))
+    phases.mark("repeated event ids")
     event_cols = [F.col(c) for c in EVENT_COLUMNS]
     lows = [lo for lo, _ in info.values() if lo is not None]
     prior = None
@@ -203,6 +188,8 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
     # item, type and session), so each window below runs on these partitions with no further exchange
     n_parts = max(spark.sparkContext.defaultParallelism, sum(int(r["n"]) for r in stats.values()) // USER_PARTITION_ROWS)
     users = rows = rows.repartition(n_parts, "user_id").persist(StorageLevel.MEMORY_AND_DISK)
+    users.count()
+    phases.mark("event-id ranks, lookback join, user shuffle")
     # bots (ingestion/bots.py, the same thresholds and reason text): per (batch, user, session), the most clicks
     # in any window_ms stretch (a range window) and the median click dwell
     session = ["batch", "user_id", "session_id"]
@@ -234,13 +221,16 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
     by_time = Window.partitionBy(*key).orderBy("timestamp")
     gap = F.least(F.col("timestamp") - F.lag("timestamp").over(by_time), F.lead("timestamp").over(by_time) - F.col("timestamp"))
     union = (union.withColumn("close", F.coalesce(gap < config.dedup_window_ms, F.lit(False)))
-             .withColumn("suspect", F.max("close").over(Window.partitionBy(*key))))
+             .withColumn("suspect", F.max("close").over(Window.partitionBy(*key)))
+             .persist(StorageLevel.MEMORY_AND_DISK))  # read twice: the keys walked in Python and the clear rest
     walk_cols = [c for c in WALK_COLUMNS if c != "in_window"]
     clear = union.where(~F.col("suspect") & (F.col("role") != "prior")).select(*walk_cols)
     walked = (union.where(F.col("suspect")).select(*walk_cols)
               .withColumn("bucket", F.pmod(F.xxhash64(*key), F.lit(n_parts)))
               .groupBy("bucket").applyInPandas(_window_walk(info, config.dedup_window_ms), WALK_DDL)
               .persist(StorageLevel.MEMORY_AND_DISK))
+    walked.count()
+    phases.mark("bots, window pre-filter and walk")
     accepted = clear.unionByName(walked.where(~F.col("in_window")).drop("in_window"))
 
     def rejects(rows: Any, reason: Any, disposition: str) -> Any:
@@ -254,37 +244,41 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
         *event_cols, "reasons", "raw_payload", F.lit(run_id).alias("run_id"), "quarantined_at",
         F.lit("contract").alias("disposition"), "ingest_date", F.lit(None).cast("string").alias("event_date"),
         F.lit("contract").alias("outcome"), "batch")
-    out = [accepted.select(*event_cols, *[F.lit(None).cast(t).alias(c) for c, t in
-                                          (("reasons", "string"), ("raw_payload", "string"), ("run_id", "string"),
-                                           ("quarantined_at", "long"), ("disposition", "string"))],
-                           "ingest_date", "event_date", F.lit("accepted").alias("outcome"), "batch"),
-           rejects(rows.where(F.col("role") == "dup_id"), F.lit("duplicate_event_id"), "duplicate"),
-           rejects(judged.where(F.col("bot_reason").isNotNull()), F.col("bot_reason"), "bot"),
-           rejects(humans.where(F.col("seen")), F.lit(SEEN_BEFORE_REASON), "duplicate"),
-           rejects(walked.where(F.col("in_window")), F.lit(window_reason(config)), "duplicate"),
-           contract_rows]
-    final = out[0]
-    for part in out[1:]:
-        final = final.unionByName(part)
-    final = final.coalesce(n_parts).persist(StorageLevel.MEMORY_AND_DISK)
+    kept = accepted.select(*SILVER_SCHEMA.names)
+    parts = [rejects(rows.where(F.col("role") == "dup_id"), F.lit("duplicate_event_id"), "duplicate"),
+             rejects(judged.where(F.col("bot_reason").isNotNull()), F.col("bot_reason"), "bot"),
+             rejects(humans.where(F.col("seen")), F.lit(SEEN_BEFORE_REASON), "duplicate"),
+             rejects(walked.where(F.col("in_window")), F.lit(window_reason(config)), "duplicate"),
+             contract_rows]
+    rejected_rows = parts[0]
+    for part in parts[1:]:
+        rejected_rows = rejected_rows.unionByName(part)
+    # the rejects are few: persisted once for their counts and their write; the accepted rows are counted and
+    # written straight from the persisted frames above (no copy of every row before the writes)
+    rejected_rows = rejected_rows.coalesce(n_parts).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        counts = final.groupBy("batch", "outcome").agg(
+        counts = [r.asDict() for r in rejected_rows.groupBy("batch", "outcome").agg(
             F.count(F.lit(1)).alias("n"),
             F.sum(F.when(F.col("reasons").startswith("duplicate_within_window"), 1).otherwise(0)).alias("window"),
-        ).collect()
-        fails = {r["rule"]: int(r["n"]) for r in final.where(F.col("outcome") == "contract")
+        ).collect()]
+        counts += [{"batch": r["batch"], "outcome": "accepted", "n": r["count"], "window": 0}
+                   for r in accepted.groupBy("batch").count().collect()]
+        phases.mark("outcome counts")
+        fails = {r["rule"]: int(r["n"]) for r in rejected_rows.where(F.col("outcome") == "contract")
                  .select(F.explode(F.split("reasons", "; ")).alias("rule")).groupBy("rule").count()
                  .withColumnRenamed("count", "n").collect()}
         bot_rows = [] if bad is None else [r.asDict() for r in bad.orderBy(*session).collect()]
-        s = spark_write(spark, store, silver, final.where(F.col("outcome") == "accepted").select(*SILVER_SCHEMA.names),
+        phases.mark("rule failures and bot sessions")
+        s = spark_write(spark, store, silver, kept.coalesce(n_parts),
                         commit_properties={"run_id": run_id, "bronze_version": bronze_version, "engine": "spark"},
                         partition_by=["ingest_date"], replace_partitions=days)
-        q = spark_write(spark, store, quarantine,
-                        final.where(F.col("outcome").isin("contract", "duplicate", "bot")).select(*REJECT_SCHEMA.names),
+        phases.mark("silver write")
+        q = spark_write(spark, store, quarantine, rejected_rows.select(*REJECT_SCHEMA.names),
                         commit_properties={"run_id": run_id, "engine": "spark"},
                         partition_by=["ingest_date"], replace_partitions=days)
+        phases.mark("quarantine write")
     finally:
-        for frame in (final, walked, users, staged, bad):
+        for frame in (rejected_rows, walked, union, users, repeated, staged, bad):
             if frame is not None:
                 frame.unpersist()
     per: dict[int, dict[str, int]] = {i: {"accepted": 0, "contract": 0, "duplicate": 0, "bot": 0, "bot_session": 0,
@@ -306,6 +300,7 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
         per_batch.append({"ingest_dates": f"{bd[0]}..{bd[-1]}", "days": len(bd), **c,
                           "reconciles": n_in == p["accepted"] + p["contract"] + p["duplicate"] + p["bot"],
                           "silver_unchanged": False})
+    log.info("silver (spark) phases: %s", phases.summary())
     window = sum(p["window"] for p in per.values())
     bots = pd.DataFrame([{**{c: r[c] for c in BOT_SESSION_COLUMNS},
                           "ingest_date": f"{batches[r['batch']][0]}..{batches[r['batch']][-1]}"} for r in bot_rows])
@@ -316,4 +311,4 @@ def refine_on_spark(spark: Any, store: Any, bronze: str, silver: str, quarantine
                              quarantine_version=q.version)
 
 
-__all__ = ["CONTRACT_CHUNK_ROWS", "DOCS_SAMPLE_ROWS", "SparkRefineResult", "refine_on_spark"]
+__all__ = ["DOCS_SAMPLE_ROWS", "SparkRefineResult", "refine_on_spark"]

@@ -306,3 +306,40 @@ def test_stream_and_batch_judge_an_event_by_the_same_rules() -> None:
         assert stream == batch[str(event["event_id"])], event
         field, reason = check_event(event, rules=rules)
         assert field in event and field in reason  # the answer names the field
+
+
+def test_spark_expressions_judge_a_row_as_gx_does() -> None:
+    """The Spark engine's verdict (event_rules compiled to Spark columns) names exactly the rules GX fails for each
+    row, on the same poison rows, with int columns as the lake holds them (longs) and as floats (NaN, inf, 1.5)."""
+    from pyspark.sql import functions as F
+
+    from data_contracts.event_rules_spark import contract_columns
+    from lake.spark import spark_session
+
+    good = {"event_id": "g", "user_id": "u", "item_id": "i", "event_type": "click", "timestamp": NOW - 1000,
+            "session_id": "s", "position": 1, "page_context": "home_feed", "device_type": "mobile",
+            "dwell_time_ms": 100, "schema_version": SCHEMA_VERSION, "source": "app"}
+    as_longs = [{"timestamp": 1_000}, {"timestamp": NOW + DAY_MS}, {"timestamp": None}, {"dwell_time_ms": -1},
+                {"dwell_time_ms": 3_600_001}, {"position": -3}, {"position": None}, {"schema_version": 2},
+                {"device_type": "toaster"}, {"device_type": None}, {"event_type": "teleport"}, {"event_type": ""},
+                {"user_id": ""}, {"item_id": None}, {"item_id": ""}, {"session_id": "x" * (MAX_ID_LENGTH + 1)},
+                {"source": ""}, {"user_id": None, "dwell_time_ms": -5, "device_type": "fridge"}]
+    as_floats = [{"timestamp": float("nan")}, {"timestamp": float("inf")}, {"timestamp": 1.5},
+                 {"dwell_time_ms": float("-inf")}, {"position": 2.0}, {"timestamp": float(NOW - 5)}]
+    rules = event_rules(NOW)
+    spark = spark_session("local[1]")
+    for poison, floats in ((as_longs, False), (as_floats, True)):
+        rows = pd.DataFrame([good] + [{**good, "event_id": f"p{k}", **bad} for k, bad in enumerate(poison)])
+        for col in ("timestamp", "position", "dwell_time_ms", "schema_version"):
+            rows[col] = rows[col].astype("float64") if floats else rows[col].astype("Int64")
+        gx = validate_events(rows, run_id="spark-agrees", now_ms=NOW)
+        expected = dict(zip(gx.quarantined["event_id"], gx.quarantined["reasons"]))
+        assert len(expected) >= len(poison) - 3  # (nulls in nullable columns, a blank `source`, whole floats pass)
+        frame = spark.createDataFrame(rows)
+        values, reasons = contract_columns(frame, rules)
+        got = {r["event_id"]: r["reasons"] for r in frame.select("event_id", reasons.alias("reasons"))
+               .where(F.col("reasons").isNotNull()).collect()}
+        assert got == expected, poison
+        typed = frame.select(*[values[c].alias(c) for c in EVENT_COLUMNS]).where(F.col("event_id").isin(
+            gx.accepted["event_id"].tolist())).toPandas()
+        assert sorted(typed["event_id"]) == sorted(gx.accepted["event_id"])  # the accepted values as GX's frame

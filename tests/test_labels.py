@@ -240,3 +240,41 @@ def test_labels_do_not_depend_on_the_order_events_are_read_in(small_world) -> No
     for other in (days_reversed, shuffled):
         got = build_labels(other, as_of, cfg, catalog_item_ids=catalog[::-1])
         pd.testing.assert_frame_equal(got, expected)
+
+
+def test_spark_labels_leave_out_forgotten_users_as_the_pandas_engine_does(small_world) -> None:
+    """labels_on_spark with an exclusion mask: the forgotten users' events leave in the JVM (one mask call per
+    distinct user, an anti-join), the popularity counts come from the JVM, and the rows equal build_labels on the
+    kept events (catalog negatives by popularity included)."""
+    from compliance.exclusion import forgotten_mask, user_hash
+    from data_contracts.schema import EVENT_COLUMNS
+    from ingestion.labels_spark import labels_on_spark
+    from lake.spark import spark_session
+
+    events = small_world.events
+    events = events[events["user_id"].notna() & events["item_id"].notna() & (events["timestamp"] > 0)]
+    events = events.drop_duplicates("event_id").reset_index(drop=True)[EVENT_COLUMNS]
+    key = b"k" * 32
+    gone = sorted(events["user_id"].unique())[:7]
+    hashes = frozenset(user_hash(key, u) for u in gone)
+    cfg = LabelConfig(attribution_window_ms=6 * HOUR_MS, easy_negative_ratio=1.0, negative_popularity_alpha=1.0)
+    kept = events[~events["user_id"].isin(gone)]
+    catalog = sorted(events["item_id"].unique())
+    expected = build_labels(kept, as_of_ms=int(kept["timestamp"].max()) + 1, config=cfg, catalog_item_ids=catalog)
+    spark = spark_session("local[2]")
+    out = labels_on_spark(spark, spark.createDataFrame(events.astype({"position": "float64",
+                                                                      "dwell_time_ms": "float64"})),
+                          cfg, catalog, lambda users: forgotten_mask(users, hashes, key).to_numpy())
+    got = out.frame.toPandas()
+    out.frame.unpersist()
+    assert out.forgotten == len(events) - len(kept) > 0 and out.n_events == len(kept)
+    assert out.as_of_ms == int(kept["timestamp"].max()) + 1
+    assert (got["negative_kind"] == "easy").any()
+
+    def canon(frame: pd.DataFrame) -> list[tuple]:
+        frame = frame.astype({"position": "Int64", "n_engagements": "int64", "label_binary": "int64"})
+        frame = frame.assign(label=frame["label"].round(9))
+        rows = frame[LABEL_COLUMNS].astype(object).where(frame[LABEL_COLUMNS].notna(), None)
+        return sorted(tuple(str(v) for v in r) for r in rows.itertuples(index=False))
+
+    assert canon(got) == canon(expected)
