@@ -16,6 +16,7 @@ import redis
 from dagster import AssetKey, DagsterEventType, DagsterInstance, RunsFilter
 
 from lake.delta import DeltaLake
+from serving.server import log_tail
 from streaming.job import COUNTS_KEY, GROUP, STREAM, publish
 from tests._env import fresh_home
 
@@ -85,12 +86,7 @@ def test_ingest_day_launched_through_the_run_launcher_succeeds(tmp_path: Path, r
         assert len(bronze) == len(silver) + len(quarantine) and len(silver) > 0
 
 
-def _tail(path: Path, n: int = 6000) -> str:
-    return path.read_bytes()[-n:].decode("utf-8", "replace") if path.exists() else "(no log)"
-
-
-def _wait_for_queue_daemon(instance: DagsterInstance, daemon: subprocess.Popen, log_path: Path,
-                           timeout_s: float = 300) -> None:
+def _wait_for_queue_daemon(instance: DagsterInstance, daemon: subprocess.Popen, timeout_s: float = 300) -> None:
     """Submit only once the daemon's run-queue thread heartbeats: a daemon that died or never came up fails here
     with its own log, not as a run that sits QUEUED until the launch times out."""
     import time
@@ -99,8 +95,8 @@ def _wait_for_queue_daemon(instance: DagsterInstance, daemon: subprocess.Popen, 
 
     deadline = time.monotonic() + timeout_s
     while not _queue_daemon_alive(instance, within_s=120):
-        assert daemon.poll() is None, f"dagster-daemon exited with {daemon.returncode}:\n{_tail(log_path)}"
-        assert time.monotonic() < deadline, f"no run-queue heartbeat after {timeout_s:.0f} s:\n{_tail(log_path)}"
+        assert daemon.poll() is None, f"dagster-daemon exited with {daemon.returncode}:\n{log_tail(daemon)}"
+        assert time.monotonic() < deadline, f"no run-queue heartbeat after {timeout_s:.0f} s:\n{log_tail(daemon)}"
         time.sleep(1)
 
 
@@ -122,14 +118,15 @@ def test_a_queued_run_is_launched_by_the_daemon(tmp_path: Path, redis_server) ->
         daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(WORKSPACE)],
                                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
                                   stdout=daemon_log.open("wb"), stderr=subprocess.STDOUT)
+        daemon.log_path = daemon_log  # type: ignore[attr-defined]  # what serving.server.log_tail reads
         try:
             with DagsterInstance.get() as instance:
                 assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
-                _wait_for_queue_daemon(instance, daemon, daemon_log)
+                _wait_for_queue_daemon(instance, daemon)
                 try:
                     run = launch_job("lake_maintenance_job", instance=instance, timeout_s=400, queued=True)
                 except (RuntimeError, TimeoutError) as exc:  # what the daemon said, beside what launch_job saw
-                    raise AssertionError(f"{exc}\n--- dagster-daemon log tail ---\n{_tail(daemon_log)}") from exc
+                    raise AssertionError(f"{exc}\n--- dagster-daemon log tail ---\n{log_tail(daemon)}") from exc
                 assert run.success, run.failure
                 stored = instance.get_run_by_id(run.run_id)
                 assert stored.remote_job_origin is not None and stored.job_name == "lake_maintenance_job"
@@ -147,7 +144,7 @@ def test_a_queued_run_is_launched_by_the_daemon(tmp_path: Path, redis_server) ->
                         "max_seconds": 120, "bronze_window_ms": 200, "reclaim_idle_ms": 1000}}}},
                         instance=instance, timeout_s=400, queued=True)
                 except (RuntimeError, TimeoutError) as exc:
-                    raise AssertionError(f"{exc}\n--- dagster-daemon log tail ---\n{_tail(daemon_log)}") from exc
+                    raise AssertionError(f"{exc}\n--- dagster-daemon log tail ---\n{log_tail(daemon)}") from exc
                 assert drain.success, drain.failure
                 assert client.hgetall(COUNTS_KEY) == {"applied": "40"}
                 assert len(lake.read("bronze_events")) == 40  # the dual write's own process, under the step process
